@@ -1,0 +1,89 @@
+"""Core attention on ``torch.nn.functional.scaled_dot_product_attention``.
+
+Drop-in for megatron's local ``DotProductAttention`` (same constructor and forward), which
+materialises the ``[b, np, s, s]`` scores in fp32 and is 4-5x slower on an H100
+(``design/gpu-baseline.md``). SDPA dispatches to cuDNN / flash attention on GPU and to a fused
+math kernel on CPU.
+"""
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+
+class SDPAttention(MegatronModule):
+    """Causal (or explicitly masked) attention with SDPA; supports GQA and attention dropout.
+
+    Shapes: query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]`` -> context ``[sq, b, np*hn]``
+    (np, ng: this rank's query heads and key/value groups).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError(
+                f"context_parallel_size={config.context_parallel_size} needs Transformer Engine "
+                f"attention: install transformer-engine or use context parallel size 1"
+            )
+        if config.apply_query_key_layer_scaling:
+            raise ValueError("apply_query_key_layer_scaling is not supported by SDPAttention: turn it off")
+        if config.softmax_type != "vanilla" or config.window_size is not None:
+            raise ValueError("SDPAttention supports vanilla softmax without sliding windows only")
+        tp_size = config.tensor_model_parallel_size
+        self.attn_mask_type = attn_mask_type
+        self.num_heads_per_partition = divide(config.num_attention_heads, tp_size)
+        self.num_groups_per_partition = divide(config.num_query_groups, tp_size)
+        self.head_dim = divide(config.kv_channels * config.num_attention_heads, config.num_attention_heads)
+        self.softmax_scale = softmax_scale if softmax_scale is not None else self.head_dim**-0.5
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("SDPAttention takes neither packed sequences nor an attention bias")
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        causal = mask_type == AttnMaskType.causal
+        # megatron masks are True where attention is forbidden; SDPA's bool masks the opposite
+        sdpa_mask = None if causal or attention_mask is None else ~attention_mask
+        seq_q, batch = query.shape[0], query.shape[1]
+        # [s, b, n, hn] -> [b, n, s, hn]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        dropout_p = self.dropout_p if self.training else 0.0
+        with self._rng_context(dropout_p):
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p, is_causal=causal,
+                scale=self.softmax_scale,
+                enable_gqa=self.num_heads_per_partition != self.num_groups_per_partition,
+            )
+        # [b, np, sq, hn] -> [sq, b, np, hn] -> [sq, b, np*hn]
+        return context.permute(2, 0, 1, 3).reshape(seq_q, batch, -1)
+
+    def _rng_context(self, dropout_p: float):
+        if dropout_p > 0.0 and not self.config.sequence_parallel:
+            return tensor_parallel.get_cuda_rng_tracker().fork()
+        return contextlib.nullcontext()

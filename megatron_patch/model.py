@@ -1,0 +1,140 @@
+"""PatchGPTModel: megatron.core's GPTModel with a runtime patch mode.
+
+Patch mode (K > 1) changes three things and adds no parameter:
+
+1. first pipeline stage: the ``[K*T, b, h]`` token embeddings are averaged into ``[T, b, h]``
+   patch embeddings (``aggregate_patches``) and fed to the decoder as ``decoder_input``; RoPE
+   then gives the patches positions 0..T-1, since megatron derives them from the decoder length;
+2. every stage: the decoder runs on T positions (pipeline schedules are given T, not K*T);
+3. last stage: the loss is the K-way cross-entropy against the K tokens of the next patch,
+   ``[b, T, K]`` per target (``compute_language_model_loss`` is the override).
+
+At K=1 ``forward`` is GPTModel's own, bit for bit. The sharded state dict is a GPTModel's, so a
+checkpoint written in patch mode loads into token mode (and into stock GPTModel) as is.
+"""
+
+from typing import Optional
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from megatron_patch.embedding import aggregate_patches
+from megatron_patch.loss import patch_targets, vocab_parallel_patch_cross_entropy
+from megatron_patch.specs import get_decoder_block_spec
+
+
+class PatchGPTModel(GPTModel):
+    """GPTModel whose patch size K is a runtime setting (``set_patch_size``); K=1 is stock GPT.
+
+    Takes GPTModel's constructor arguments plus ``patch_size`` (default 1).
+    """
+
+    def __init__(self, *args, patch_size: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.patch_size = 1
+        self.set_patch_size(patch_size)
+
+    def set_patch_size(self, patch_size: int) -> None:
+        """Switch between token mode (1) and patch mode (K > 1); weights are untouched."""
+        if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
+            raise ValueError(f"patch_size={patch_size!r} is invalid: use an integer K >= 1")
+        if patch_size > 1:
+            if self.position_embedding_type not in ("rope", "none"):
+                raise ValueError(
+                    f"patch mode needs rotary or no position embeddings, not "
+                    f"{self.position_embedding_type!r}: build the model with "
+                    f"position_embedding_type='rope'"
+                )
+            if self.config.mtp_num_layers:
+                raise ValueError("patch mode does not combine with multi-token prediction: set mtp_num_layers=None")
+        self.patch_size = patch_size
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: Optional[torch.Tensor],
+        attention_mask: Optional[torch.Tensor],
+        decoder_input: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Forward pass.
+
+        Args:
+            input_ids: ``[b, K*T]`` token ids (first stage).
+            position_ids: ``[b, K*T]`` or None; unused by RoPE.
+            attention_mask: None for causal attention (the usual case), else megatron's mask
+                over the decoder's positions (patches in patch mode).
+            decoder_input: ``[T, b, h]`` to skip the embedding (as in GPTModel).
+            labels: ``[b, K*T]`` token labels (tokens shifted by one), last stage.
+
+        Returns:
+            last stage with labels: fp32 losses ``[b, s]`` at K=1, ``[b, T, K]`` per target in
+            patch mode (targets from ``patch_targets``; the last patch's row is to be masked);
+            without labels: logits ``[b, T, V/tp]``; other stages: hidden states ``[T, b, h]``.
+        """
+        if self.patch_size == 1:
+            return super().forward(
+                input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels, **kwargs
+            )
+        if decoder_input is None and self.pre_process:
+            token_embeddings = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [K*T, b, h]
+            decoder_input = aggregate_patches(
+                token_embeddings, self.patch_size, sequence_parallel=self.config.sequence_parallel
+            )  # [T, b, h]
+        if labels is not None:
+            targets, _ = patch_targets(labels, None, self.patch_size)  # [T, b, K]
+            labels = targets.transpose(0, 1)  # [b, T, K], as GPTModel passes labels batch first
+        return super().forward(
+            input_ids, None, attention_mask, decoder_input=decoder_input, labels=labels, **kwargs
+        )
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Token mode: megatron's loss ``[b, s]``. Patch mode: labels ``[b, T, K]``, logits
+        ``[T, b, V/tp]`` -> per-target losses ``[b, T, K]``."""
+        if self.patch_size == 1:
+            return super().compute_language_model_loss(labels, logits)
+        losses = vocab_parallel_patch_cross_entropy(
+            logits, labels.transpose(0, 1), tp_group=self.pg_collection.tp
+        )  # [T, b, K]
+        return losses.transpose(0, 1).contiguous()  # [b, T, K]
+
+
+def build_patch_gpt_model(
+    config: TransformerConfig,
+    vocab_size: int,
+    seq_length: int,
+    *,
+    patch_size: int = 1,
+    pre_process: bool = True,
+    post_process: bool = True,
+    use_transformer_engine: Optional[bool] = None,
+    vp_stage: Optional[int] = None,
+) -> PatchGPTModel:
+    """A PatchGPTModel in the paper's architecture for this pipeline stage.
+
+    Args:
+        config: from ``presets.transformer_config``.
+        vocab_size: padded vocabulary (a multiple of the tensor-parallel size).
+        seq_length: T, positions the decoder sees.
+    """
+    if vocab_size % config.tensor_model_parallel_size:
+        raise ValueError(
+            f"vocabulary of {vocab_size} is not divisible by --tensor-model-parallel-size "
+            f"{config.tensor_model_parallel_size}: pad it (--make-vocab-size-divisible-by)"
+        )
+    return PatchGPTModel(
+        config=config,
+        transformer_layer_spec=get_decoder_block_spec(config, use_transformer_engine, vp_stage),
+        vocab_size=vocab_size,
+        max_sequence_length=seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=10000,
+        vp_stage=vp_stage,
+        patch_size=patch_size,
+    )

@@ -1,0 +1,80 @@
+"""Process groups: torch.distributed and megatron's model-parallel state, on GPU or CPU."""
+
+import logging
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_patch import cpu_mode
+
+logger = logging.getLogger(__name__)
+
+
+def init_distributed(cpu: bool, timeout_minutes: int = 30) -> None:
+    """Join the torchrun world (NCCL on GPU, gloo on CPU); a lone process forms a world of one.
+
+    On GPU each process takes ``cuda:LOCAL_RANK``. On CPU, CPU mode is enabled first.
+    """
+    if cpu:
+        cpu_mode.enable()
+    elif not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device found: run with --cpu for CPU mode (gloo), or on a GPU node")
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # plain `python script.py`: a world of one
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if not cpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(
+        backend="gloo" if cpu else "nccl", timeout=timedelta(minutes=timeout_minutes)
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_model_parallel(
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    virtual_pipeline_parallel: int = None,
+    seed: int = 1234,
+) -> None:
+    """(Re)build megatron's model-parallel groups and seed every RNG stream.
+
+    The world size must be a multiple of ``tensor_parallel * pipeline_parallel``; the rest is data
+    parallelism. Safe to call again with another layout (tests switch TP/PP inside one world).
+    """
+    world = dist.get_world_size()
+    if world % (tensor_parallel * pipeline_parallel):
+        raise ValueError(
+            f"world size {world} is not a multiple of tensor ({tensor_parallel}) x pipeline "
+            f"({pipeline_parallel}) parallel sizes: launch a multiple of "
+            f"{tensor_parallel * pipeline_parallel} processes"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
+    )
+    seed_all(seed)
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch (CPU and CUDA) and megatron's model-parallel RNG tracker."""
+    if cpu_mode.is_enabled():
+        cpu_mode.seed_model_parallel_rng(seed)
+    else:
+        torch.manual_seed(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -1,0 +1,166 @@
+"""Model presets: the paper's LLaMA-style models (Table in paper.md §4), larger ones, tiny CPU ones.
+
+Presets are data. ``transformer_config`` turns one into megatron's ``TransformerConfig`` with
+the paper's architecture: pre-norm RMSNorm (eps 1e-6), SwiGLU, RoPE (base 10000), no biases,
+untied embeddings, no dropout, init std 0.02.
+
+The ``layout`` of each preset is a starting point for 80 GB H100s (bf16, distributed optimizer,
+sequence length 2048): tensor- and pipeline-parallel sizes and a micro-batch size. The 370M
+layout was measured (benchmarks/RESULTS.md); the others follow the memory plan there and are
+to be confirmed on hardware.
+"""
+
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A recommended parallel layout: tensor/pipeline sizes and micro-batch (sequences)."""
+
+    tensor_parallel: int
+    pipeline_parallel: int
+    micro_batch_size: int
+    recompute: str = "none"  # "none" | "selective" | "full"
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """One model shape. ``seq_length`` is T, the positions the transformer sees."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    seq_length: int
+    layout: Layout
+    num_query_groups: int = 0  # 0 = multi-head attention (groups = heads), as in the paper
+
+    def parameter_count(self, vocab_size: int) -> int:
+        """Parameters with an untied ``vocab_size`` embedding and output layer."""
+        h, f, n_layers = self.hidden_size, self.ffn_hidden_size, self.num_layers
+        groups = self.num_query_groups or self.num_attention_heads
+        head_dim = h // self.num_attention_heads
+        attention = h * h + 2 * h * groups * head_dim + h * h
+        mlp = 3 * h * f
+        per_layer = attention + mlp + 2 * h
+        return n_layers * per_layer + h + 2 * vocab_size * h
+
+
+PRESETS: Dict[str, ModelPreset] = {
+    p.name: p
+    for p in (
+        # tests and the CPU quick start
+        ModelPreset("tiny", 4, 64, 176, 4, 64, Layout(1, 1, 4)),
+        ModelPreset("cpu-small", 4, 128, 352, 4, 128, Layout(1, 1, 8)),
+        # the paper's models (hidden, SwiGLU intermediate, layers, heads)
+        ModelPreset("370m", 24, 1024, 2752, 16, 2048, Layout(1, 1, 16)),
+        ModelPreset("780m", 24, 1536, 4128, 16, 2048, Layout(1, 1, 8)),
+        ModelPreset("1.3b", 24, 2048, 5504, 16, 2048, Layout(1, 1, 8, "selective")),
+        ModelPreset("2.7b", 32, 2560, 6880, 32, 2048, Layout(1, 1, 4, "selective")),
+        # scaling past 2.7B (LLaMA-7B / 13B shapes)
+        ModelPreset("6.7b", 32, 4096, 11008, 32, 2048, Layout(2, 1, 2, "selective")),
+        ModelPreset("13b", 40, 5120, 13824, 40, 2048, Layout(4, 1, 2, "selective")),
+    )
+}
+
+
+def get_preset(name: str) -> ModelPreset:
+    """The preset called ``name``; a one-line error listing the choices otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)}") from None
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    """Round the tokenizer's vocabulary up to a multiple of ``divisible_by * tensor_parallel``."""
+    if vocab_size < 1 or divisible_by < 1 or tensor_parallel < 1:
+        raise ValueError(
+            f"vocab_size={vocab_size}, divisible_by={divisible_by}, tensor_parallel={tensor_parallel}: "
+            f"all must be >= 1"
+        )
+    multiple = divisible_by * tensor_parallel
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config(
+    preset: ModelPreset,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    sequence_parallel: bool = False,
+    bf16: bool = False,
+    cpu: bool = False,
+    recompute: str = "none",
+    **overrides,
+) -> TransformerConfig:
+    """megatron ``TransformerConfig`` for ``preset`` in the paper's architecture.
+
+    Args:
+        tensor_parallel, pipeline_parallel: model-parallel sizes; must divide the heads and layers.
+        sequence_parallel: megatron sequence parallelism (needs tensor_parallel > 1).
+        bf16: bf16 parameters and compute (fp32 main weights live in the optimizer).
+        cpu: build weights on the CPU (CPU mode), which also makes tensor-parallel shards exact
+            slices of the unsplit weights.
+        recompute: "none", "selective" (attention core) or "full" (every layer).
+        overrides: any further ``TransformerConfig`` field.
+    """
+    heads, layers = preset.num_attention_heads, preset.num_layers
+    groups = preset.num_query_groups or heads
+    if heads % tensor_parallel or groups % tensor_parallel:
+        raise ValueError(
+            f"--tensor-model-parallel-size {tensor_parallel} does not divide the {heads} attention "
+            f"heads ({groups} groups) of preset {preset.name!r}: pick a divisor"
+        )
+    if layers % pipeline_parallel:
+        raise ValueError(
+            f"--pipeline-model-parallel-size {pipeline_parallel} does not divide the {layers} layers "
+            f"of preset {preset.name!r}: pick a divisor"
+        )
+    if sequence_parallel and tensor_parallel == 1:
+        raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1: drop the flag")
+    recompute_settings = {
+        "none": {},
+        "selective": {"recompute_granularity": "selective"},
+        "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+    }
+    if recompute not in recompute_settings:
+        raise ValueError(f"--recompute-granularity {recompute!r}: use none, selective or full")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    settings = dict(
+        num_layers=layers,
+        hidden_size=preset.hidden_size,
+        ffn_hidden_size=preset.ffn_hidden_size,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-6,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.02,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        sequence_parallel=sequence_parallel,
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=cpu,
+        **recompute_settings[recompute],
+    )
+    settings.update(overrides)
+    return TransformerConfig(**settings)

@@ -1,0 +1,32 @@
+"""megatron-patch: patch-level training for LLMs on Megatron-Core."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+def _requirements():
+    lines = Path(__file__).with_name("requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+setup(
+    name="megatron-patch",
+    version="0.1.0",
+    description="Patch-level training (Shao, Meng, Zhou 2024) as a Megatron-Core trainer",
+    long_description=Path(__file__).with_name("README.md").read_text() if Path("README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_patch", "megatron_patch.*"]),
+    python_requires=">=3.10",
+    install_requires=_requirements(),
+    extras_require={
+        "test": ["pytest>=8"],
+        "gpu": ["transformer-engine[pytorch]", "apex"],
+        "hf": ["transformers>=4.40", "safetensors"],
+    },
+    entry_points={
+        "console_scripts": [
+            "megatron-patch-pretrain=megatron_patch.training.cli:main",
+        ]
+    },
+)

@@ -1,0 +1,93 @@
+"""Shared test setup: CPU mode, one gloo world per pytest process, model-parallel layouts.
+
+``tests/unit`` and ``tests/data`` run in a plain pytest process (a world of one);
+``tests/dist`` and ``tests/dist4`` run under ``torchrun --nproc_per_node=2`` / ``4``.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def world():
+    """torch.distributed over gloo in CPU mode (or NCCL when CUDA is present); returns world size."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_patch import parallel
+
+    parallel.init_distributed(cpu=not torch.cuda.is_available(), timeout_minutes=3)
+    return dist.get_world_size()
+
+
+@pytest.fixture
+def model_parallel(world):
+    """Call ``model_parallel(tp, pp, seed=...)`` to (re)build megatron's groups inside the world."""
+    from megatron_patch import parallel
+
+    def init(tensor_parallel=1, pipeline_parallel=1, seed=1234):
+        if world % (tensor_parallel * pipeline_parallel):
+            pytest.skip(f"needs a world divisible by TP*PP={tensor_parallel * pipeline_parallel}")
+        parallel.init_model_parallel(tensor_parallel, pipeline_parallel, seed=seed)
+
+    yield init
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """``../shared/data`` beside the checkout; tests that need it skip without it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} not found (the shared corpora sit beside the checkout)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory, shared_data):
+    """A SentencePiece model (vocab 512) and a ``.bin/.idx`` prefix of the tiny corpus, built with the
+    project's own tools once per pytest process; in a torchrun world rank 0 builds, all ranks read."""
+    import torch.distributed as dist
+
+    def build():
+        from tools import preprocess_data, train_tokenizer
+
+        folder = tmp_path_factory.mktemp("corpus")
+        source = str(shared_data / "tiny.jsonl.xz")
+        assert train_tokenizer.main(["--input", source, "--vocab-size", "512",
+                                     "--output-prefix", str(folder / "tok")]) == 0
+        assert preprocess_data.main(["--input", source, "--output-prefix", str(folder / "tiny"),
+                                     "--tokenizer-model", str(folder / "tok.model"), "--append-eod",
+                                     "--workers", "1"]) == 0
+        return {"tokenizer": str(folder / "tok.model"), "prefix": str(folder / "tiny_text_document")}
+
+    if not dist.is_initialized():
+        return build()
+    holder = [build() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

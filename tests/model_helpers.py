@@ -1,0 +1,106 @@
+"""Helpers for model-level tests: build tiny models in any layout, run the trainer's schedule, and
+compare weights or gradients across layouts by resharding them through dist_checkpointing."""
+
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+from megatron_patch import parallel
+from megatron_patch.model import build_patch_gpt_model
+from megatron_patch.presets import get_preset, transformer_config
+from megatron_patch.training.builders import unwrap
+from megatron_patch.training.step import run_schedule
+
+VOCAB = 128
+SEQ = 16  # T, decoder positions
+
+
+def build(tp=1, pp=1, patch_size=4, sequence_parallel=False, seed=1234, ddp=True):
+    """A tiny PatchGPTModel for this rank in the TP/PP layout given (re-initialises megatron's groups)."""
+    parallel.init_model_parallel(tp, pp, seed=seed)
+    config = transformer_config(
+        get_preset("tiny"), tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=sequence_parallel,
+        cpu=True, calculate_per_token_loss=True,
+    )
+    model = build_patch_gpt_model(
+        config, VOCAB, SEQ, patch_size=patch_size,
+        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    if not ddp:
+        return model
+    config.finalize_model_grads_func = finalize_model_grads
+    wrapped = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    return [wrapped]
+
+
+def batches(patch_size, micro_batch_size=2, count=2, seed=7):
+    """``count`` micro-batches of ``[b, K*T]`` tokens/labels/loss_mask, the same on every rank."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        text = torch.randint(0, VOCAB, (micro_batch_size, patch_size * SEQ + 1), generator=generator)
+        loss_mask = (torch.rand(micro_batch_size, patch_size * SEQ, generator=generator) > 0.1).float()
+        out.append({"tokens": text[:, :-1], "labels": text[:, 1:], "loss_mask": loss_mask})
+    return out
+
+
+def train_forward_backward(model, micro_batches):
+    """The trainer's schedule on these micro-batches; returns the mean loss (every rank)."""
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    totals = run_schedule(model, iter(micro_batches), len(micro_batches), SEQ, micro_batches[0]["tokens"].shape[0], False)
+    return (totals[0] / totals[1]).item()
+
+
+def save_weights(model, path):
+    dist_checkpointing.save(unwrap(model[0]).sharded_state_dict(), _fresh(path))
+
+
+def load_weights(model, path):
+    inner = unwrap(model[0])
+    inner.load_state_dict(dist_checkpointing.load(inner.sharded_state_dict(), path), strict=True)
+
+
+def save_gradients(model, path):
+    """Save every parameter's gradient (DDP main_grad) under its parameter's sharded key, so
+    gradients of any layout can be compared in one global layout."""
+    grads = {id(p.data): p.main_grad for p in model[0].parameters()}
+    grads.update({id(p): p.main_grad for p in model[0].parameters()})
+
+    def swap(tree):
+        if isinstance(tree, dict):
+            return {k: swap(v) for k, v in tree.items()}
+        if isinstance(tree, (ShardedTensor, ShardedTensorFactory)) and id(tree.data) in grads:
+            return dataclasses.replace(tree, data=grads[id(tree.data)].to(tree.data.dtype))
+        return tree
+
+    dist_checkpointing.save(swap(unwrap(model[0]).sharded_state_dict()), _fresh(path))
+
+
+def plain(path):
+    """Every tensor of a checkpoint, unsharded (rank-local load of the whole thing)."""
+    return {k: v for k, v in dist_checkpointing.load_plain_tensors(path).items() if isinstance(v, torch.Tensor)}
+
+
+def _fresh(path):
+    if dist.get_rank() == 0:
+        os.makedirs(path, exist_ok=True)
+        for name in os.listdir(path):
+            full = os.path.join(path, name)
+            if os.path.isfile(full):
+                os.remove(full)
+    dist.barrier()
+    return path
+
+
+def shared_tmp(tmp_path_factory, name):
+    """A directory path that is the same on every rank (rank 0's tmp dir, broadcast)."""
+    holder = [str(tmp_path_factory.mktemp(name)) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

@@ -1,0 +1,160 @@
+"""PatchGPTModel on one rank: K=1 is stock GPTModel bit for bit, patch mode matches a plain
+re-computation, checkpoints cross modes without conversion, and bad settings fail clearly."""
+
+import copy
+
+import pytest
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.models.gpt import GPTModel
+
+from megatron_patch.embedding import aggregate_patches
+from megatron_patch.model import PatchGPTModel, build_patch_gpt_model
+from megatron_patch.presets import get_preset, padded_vocab_size, transformer_config
+from megatron_patch.specs import get_decoder_block_spec, get_local_layer_spec
+from tests import model_helpers as mh
+from tests.reference import reference_per_target_loss
+
+T = mh.SEQ
+
+
+def _tiny(model_parallel, patch_size, seed=1234):
+    model_parallel(1, 1, seed=seed)
+    return mh.build(1, 1, patch_size, seed=seed, ddp=False)
+
+
+def _stock(config, seed):
+    from megatron_patch import parallel
+
+    parallel.seed_all(seed)
+    return GPTModel(config=config, transformer_layer_spec=get_decoder_block_spec(config), vocab_size=mh.VOCAB,
+                    max_sequence_length=T, position_embedding_type="rope", share_embeddings_and_output_weights=False)
+
+
+def test_token_mode_equals_stock_gpt_bitwise(model_parallel):
+    patch_model = _tiny(model_parallel, patch_size=1, seed=5)
+    stock = _stock(patch_model.config, seed=5)
+    batch = mh.batches(1)[0]
+    for model in (patch_model, stock):
+        loss = model(batch["tokens"], None, None, labels=batch["labels"])
+        (loss * batch["loss_mask"]).sum().backward()
+    assert torch.equal(patch_model(batch["tokens"], None, None, labels=batch["labels"]),
+                       stock(batch["tokens"], None, None, labels=batch["labels"]))
+    stock_params = dict(stock.named_parameters())
+    for name, param in patch_model.named_parameters():
+        assert torch.equal(param, stock_params[name]), name
+        assert torch.equal(param.grad, stock_params[name].grad), name
+
+
+def test_patch_mode_matches_plain_recomputation(model_parallel):
+    """Aggregate by hand, run the decoder as stock GPT on T positions, score K targets in float64."""
+    model = _tiny(model_parallel, patch_size=4)
+    batch = mh.batches(4)[0]
+    losses = model(batch["tokens"], None, None, labels=batch["labels"])  # [b, T, K]
+    assert losses.shape == (2, T, 4)
+
+    embeddings = model.embedding(input_ids=batch["tokens"], position_ids=None)  # [4T, b, h]
+    manual = embeddings.view(T, 4, 2, -1).mean(1)
+    assert torch.equal(aggregate_patches(embeddings, 4), manual)
+    model.set_patch_size(1)
+    logits = model(None, None, None, decoder_input=manual)  # [b, T, V]
+    tokens = torch.cat([batch["tokens"], batch["labels"][:, -1:]], dim=1)  # x_0..x_{KT}
+    targets = torch.stack([tokens[:, (i + 1) * 4:(i + 2) * 4] for i in range(T - 1)], dim=1)  # [b, T-1, K]
+    expected = reference_per_target_loss(logits[:, : T - 1].transpose(0, 1).double(), targets.transpose(0, 1))
+    torch.testing.assert_close(losses[:, : T - 1].double(), expected.transpose(0, 1), rtol=1e-6, atol=1e-6)
+
+
+def test_patch_checkpoint_loads_into_token_mode_and_stock_gpt(model_parallel, tmp_path):
+    patch_model = _tiny(model_parallel, patch_size=4, seed=11)
+    dist_checkpointing.save(patch_model.sharded_state_dict(), str(tmp_path))
+    for target in (_tiny(model_parallel, patch_size=1, seed=12), _stock(patch_model.config, seed=12)):
+        target.load_state_dict(dist_checkpointing.load(target.sharded_state_dict(), str(tmp_path)), strict=True)
+        for (name, a), (_, b) in zip(patch_model.named_parameters(), target.named_parameters()):
+            assert torch.equal(a, b), name
+    assert set(dict(patch_model.named_parameters())) == set(dict(target.named_parameters()))
+
+
+def test_sdpa_spec_equals_megatron_local_attention(model_parallel):
+    """The SDPA core attention against megatron's own DotProductAttention (fp32, CPU)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    from megatron_patch.norm import RMSNorm
+
+    model = _tiny(model_parallel, patch_size=1, seed=3)
+    local = get_gpt_layer_local_spec(normalization="RMSNorm")
+    local.submodules.input_layernorm = RMSNorm
+    local.submodules.pre_mlp_layernorm = RMSNorm
+    model_parallel(1, 1, seed=3)
+    reference = GPTModel(config=model.config, transformer_layer_spec=TransformerBlockSubmodules(
+        layer_specs=[local] * model.config.num_layers, layer_norm=RMSNorm), vocab_size=mh.VOCAB,
+        max_sequence_length=T, position_embedding_type="rope")
+    reference.load_state_dict(model.state_dict(), strict=False)
+    batch = mh.batches(1)[0]
+    torch.testing.assert_close(model(batch["tokens"], None, None), reference(batch["tokens"], None, None),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_bad_settings_fail_with_one_line_errors(model_parallel):
+    model = _tiny(model_parallel, patch_size=4)
+    tokens = torch.zeros(2, 4 * T + 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"not a multiple of patch_size K=4") as error:
+        model(tokens, None, None)
+    assert "\n" not in str(error.value)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="integer K >= 1"):
+            model.set_patch_size(bad)
+    preset = get_preset("tiny")
+    with pytest.raises(ValueError, match="does not divide the 4 attention heads") as error:
+        transformer_config(preset, tensor_parallel=3)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="does not divide the 4 layers"):
+        transformer_config(preset, pipeline_parallel=3)
+    with pytest.raises(ValueError, match="not divisible by --tensor-model-parallel-size 2"):
+        build_patch_gpt_model(transformer_config(preset, tensor_parallel=2, cpu=True), 129, T)
+    assert padded_vocab_size(129, 128, 2) == 256
+    with pytest.raises(ValueError, match="unknown model preset 'huge'"):
+        get_preset("huge")
+
+
+def test_sdpa_spec_is_used_without_transformer_engine():
+    from megatron_patch.attention import SDPAttention
+    from megatron_patch.norm import RMSNorm
+
+    spec = get_local_layer_spec()
+    assert spec.submodules.self_attention.submodules.core_attention is SDPAttention
+    assert spec.submodules.input_layernorm is RMSNorm
+
+
+@pytest.mark.gpu
+def test_bf16_patch_model_forward_backward_on_gpu(model_parallel):
+    from megatron_patch.loss import masked_mean, patch_targets
+
+    model_parallel(1, 1)
+    config = transformer_config(get_preset("tiny"), bf16=True)
+    model = build_patch_gpt_model(config, mh.VOCAB, T, patch_size=4).cuda()
+    batch = {k: v.cuda() for k, v in mh.batches(4)[0].items()}
+    losses = model(batch["tokens"], None, None, labels=batch["labels"])
+    _, mask = patch_targets(batch["labels"], batch["loss_mask"], 4)
+    loss = masked_mean(losses, mask.transpose(0, 1))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.gpu
+def test_sdpa_attention_matches_local_attention_bf16_on_gpu(model_parallel):
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_patch.attention import SDPAttention
+
+    model_parallel(1, 1)
+    config = transformer_config(get_preset("370m"), bf16=True)
+    q, k, v = (torch.randn(512, 2, 16, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    sdpa = SDPAttention(config, 1, AttnMaskType.causal, "self")
+    local = DotProductAttention(config, 1, AttnMaskType.causal, "self").cuda()
+    mask = torch.triu(torch.ones(512, 512, dtype=torch.bool, device="cuda"), 1).view(1, 1, 512, 512)
+    expected = local(q, k, v, mask).float()
+    got = sdpa(q, k, v, None).float()
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 2e-2
