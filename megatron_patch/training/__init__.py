@@ -1,0 +1,1 @@
+"""The two-stage trainer: arguments, model/optimizer setup, steps, checkpoints and the loop."""

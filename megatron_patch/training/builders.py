@@ -1,0 +1,126 @@
+"""Model, optimizer and LR schedule for one rank, built from megatron.core's own pieces."""
+
+import argparse
+import logging
+from typing import List
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
+
+from megatron_patch.model import PatchGPTModel, build_patch_gpt_model
+from megatron_patch.presets import get_preset, padded_vocab_size, transformer_config
+
+logger = logging.getLogger(__name__)
+
+
+def model_config(args: argparse.Namespace):
+    """The TransformerConfig of this run (the preset plus parallel and precision flags)."""
+    config = transformer_config(
+        get_preset(args.model),
+        tensor_parallel=args.tensor_model_parallel_size,
+        pipeline_parallel=args.pipeline_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        bf16=args.bf16,
+        cpu=args.cpu,
+        recompute=args.recompute_granularity,
+        calculate_per_token_loss=True,  # the loss is the mean over every scored target of the global batch
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    return config
+
+
+def build_model(args: argparse.Namespace, vocab_size: int, patch_size: int) -> List[torch.nn.Module]:
+    """This rank's model chunk, wrapped as megatron trains it: [DDP(Float16Module?(PatchGPTModel))]."""
+    config = model_config(args)
+    use_te = {"auto": None, "local": False, "transformer_engine": True}[args.transformer_impl]
+    model = build_patch_gpt_model(
+        config,
+        padded_vocab_size(vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size),
+        args.seq_length,
+        patch_size=patch_size,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        use_transformer_engine=use_te,
+    )
+    if not args.cpu:
+        model.cuda(torch.cuda.current_device())
+    if args.bf16:
+        model = Float16Module(config, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    model = DistributedDataParallel(config, ddp_config, model)
+    model.broadcast_params()
+    return [model]
+
+
+def unwrap(model_chunk: torch.nn.Module) -> PatchGPTModel:
+    """The model inside megatron's DDP / Float16Module wrappers."""
+    while isinstance(model_chunk, (DistributedDataParallel, Float16Module)):
+        model_chunk = model_chunk.module
+    return model_chunk
+
+
+def build_optimizer(args: argparse.Namespace, model: List[torch.nn.Module]):
+    """megatron's Adam(W) (fused when TE/Apex are installed, else torch's), with grad clipping."""
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(config, model)
+
+
+def build_scheduler(args: argparse.Namespace, optimizer, stage_iters: int) -> OptimizerParamScheduler:
+    """A fresh warmup + decay over ``stage_iters`` steps (each stage gets its own, as in the paper)."""
+    warmup = min(args.lr_warmup_iters, stage_iters)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(stage_iters, warmup + 1),
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=max(stage_iters, 1),
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,
+        override_opt_param_scheduler=False,
+    )
+
+
+def sub_optimizers(optimizer) -> list:
+    """The megatron optimizers inside a ChainedOptimizer (or the optimizer itself)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def reset_optimizer_state(optimizer) -> None:
+    """Forget Adam's moments and step counts; keep the (fp32 main) weights.
+
+    Used at the stage switch: the paper restarts the optimizer from the patch-stage weights, and
+    keeping megatron's fp32 main weights avoids rounding them through the bf16 model copy.
+    """
+    for sub in sub_optimizers(optimizer):
+        sub.optimizer.state.clear()
+
+
+def optimizer_state_size(optimizer) -> int:
+    """Number of parameters with Adam state (0 right after ``reset_optimizer_state``)."""
+    return sum(len(sub.optimizer.state) for sub in sub_optimizers(optimizer))

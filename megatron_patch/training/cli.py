@@ -1,0 +1,72 @@
+"""``pretrain_patch_gpt``: the trainer's command line (run under torchrun, or alone for one process)."""
+
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from megatron_patch.training.arguments import ArgumentError, parse_args
+
+
+def _configure_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+    )
+    for noisy in ("megatron", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+_KNOWN_NOISE = (
+    ".*Apex is not installed.*",
+    ".*Transformer Engine and Apex are not installed.*",
+    ".*full scope is deprecated.*",
+)
+
+
+def _quiet_known_warnings() -> None:
+    """Hide megatron's one-line notices about optional accelerators (said once in the README)."""
+    import warnings
+
+    for message in _KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Train; returns 0 on success (or a SIGTERM-saved stop), 1 on a stopped run, 2 on bad input."""
+    rank = int(os.environ.get("RANK", "0"))
+    _configure_logging(rank)
+    _quiet_known_warnings()
+    try:
+        args = parse_args(argv)
+    except ArgumentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.cpu:
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+    import torch.distributed as dist
+
+    from megatron_patch import parallel
+    from megatron_patch.training.checkpoint import CheckpointError
+    from megatron_patch.training.loop import Trainer
+    from megatron_patch.training.step import NonFiniteLossError
+
+    owns_process_group = not dist.is_initialized()
+    try:
+        parallel.init_distributed(cpu=args.cpu)
+        parallel.init_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
+        Trainer(args).run()
+    except (CheckpointError, NonFiniteLossError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, (CheckpointError, ValueError)) else 1
+    finally:
+        if owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

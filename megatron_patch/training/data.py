@@ -1,0 +1,73 @@
+"""Micro-batch iterators over the stage datasets, resumable at any consumed-sample count.
+
+A global batch of G sequences is read as consecutive sample indices
+``[consumed, consumed + G)``; within it, micro-batch m of data-parallel rank r takes
+``consumed + m*b*dp + r*b + [0, b)`` (Megatron's pretraining sampler order), so the samples a
+step trains on do not depend on the parallel layout.
+"""
+
+from typing import Iterator, List
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class PretrainingBatchSampler(Sampler[List[int]]):
+    """Yields this data-parallel rank's micro-batches of sample indices, from ``consumed_samples`` on.
+
+    Args:
+        total_samples: samples in the dataset; reading past it is an error (the dataset is built
+            for the stage's budget).
+        consumed_samples: samples (all ranks together) already trained on.
+        micro_batch_size: b, sequences per micro-batch.
+        data_parallel_rank, data_parallel_size: this rank's place among the replicas.
+    """
+
+    def __init__(self, total_samples, consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size):
+        if not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(f"data_parallel_rank {data_parallel_rank} outside [0, {data_parallel_size})")
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.rank = data_parallel_rank
+        self.size = data_parallel_size
+
+    def __len__(self):
+        return (self.total_samples - self.consumed_samples) // (self.micro_batch_size * self.size)
+
+    def __iter__(self):
+        per_replica_step = self.micro_batch_size * self.size
+        start = self.consumed_samples
+        while start + per_replica_step <= self.total_samples:
+            first = start + self.rank * self.micro_batch_size
+            yield list(range(first, first + self.micro_batch_size))
+            start += per_replica_step
+
+
+def _collate(samples):
+    keys = ("tokens", "labels", "loss_mask")
+    return {key: torch.stack([torch.as_tensor(sample[key]) for sample in samples]) for key in keys}
+
+
+def micro_batches(
+    dataset: Dataset,
+    consumed_samples: int,
+    micro_batch_size: int,
+    data_parallel_rank: int,
+    data_parallel_size: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> Iterator[dict]:
+    """An iterator of ``{tokens, labels, loss_mask}`` micro-batches, each ``[b, L]`` (L tokens)."""
+    sampler = PretrainingBatchSampler(
+        len(dataset), consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+    return iter(loader)

@@ -1,0 +1,46 @@
+"""Model FLOPs of a training step, and MFU.
+
+FLOPs per decoder position, forward + backward (3x forward), Megatron's convention: every matmul
+counts 2 FLOPs per multiply-add; attention scores and values count the full s x s square (no
+causal discount); activation recompute is not counted (model FLOPs, not hardware FLOPs):
+
+    per layer, forward:  2*h*(h + 2*g*d)   QKV projection (g key/value groups of width d)
+                       + 2*h*h             attention output projection
+                       + 2*3*h*f           SwiGLU MLP (gate, up, down)
+                       + 2*2*s*h           QK^T and attention x V
+    output layer:        2*h*V
+    step FLOPs = 3 * (L * per_layer + output) * positions
+
+A patch-stage step feeds T patches per sample to the same decoder, so its FLOPs per token are
+1/K of the token stage's (patch averaging and the K-target gather are O(s*b*h), negligible).
+"""
+
+import time
+
+import torch
+
+from megatron_patch.presets import ModelPreset
+
+
+def flops_per_position(preset: ModelPreset, seq_length: int, vocab_size: int) -> float:
+    """Forward+backward FLOPs per decoder position (token or patch)."""
+    h, f, s = preset.hidden_size, preset.ffn_hidden_size, seq_length
+    groups = preset.num_query_groups or preset.num_attention_heads
+    head_dim = h // preset.num_attention_heads
+    per_layer = 2 * h * (h + 2 * groups * head_dim) + 2 * h * h + 2 * 3 * h * f + 2 * 2 * s * h
+    return 3.0 * (preset.num_layers * per_layer + 2 * h * vocab_size)
+
+
+def measure_bf16_matmul_tflops(size: int = 8192, repeats: int = 20) -> float:
+    """The measured bf16 matmul ceiling of the current GPU (TFLOP/s), the MFU denominator."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / repeats
+    return 2 * size**3 / seconds / 1e12

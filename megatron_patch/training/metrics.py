@@ -1,0 +1,126 @@
+"""Training logs: a console line per log interval, a JSON-lines metrics file, TensorBoard if installed.
+
+Only the rank that owns the writer (global rank 0) writes; every logged value is already reduced
+over the world. The patch-stage loss is labelled ``patch loss``: it is the mean of K
+cross-entropies against the next patch and is not comparable with the token loss; validation
+losses are always token level.
+"""
+
+import json
+import logging
+import math
+import os
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("megatron_patch.train")
+
+
+def _memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+class MetricsWriter:
+    """Console + ``<save>/metrics.jsonl`` (or ``--tensorboard-dir``) writer for one run."""
+
+    def __init__(self, args, enabled: bool):
+        self.enabled = enabled
+        self.file = None
+        self.tensorboard = None
+        self.summary_path = args.summary_json
+        self.last_valid_loss = None
+        if not enabled:
+            return
+        if args.save:
+            os.makedirs(args.save, exist_ok=True)
+            self.file = open(os.path.join(args.save, "metrics.jsonl"), "a")
+        if args.tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logger.warning("--tensorboard-dir given but tensorboard is not installed (pip install tensorboard)")
+            else:
+                self.tensorboard = SummaryWriter(log_dir=args.tensorboard_dir)
+
+    def _record(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def log_step(self, *, stage, iteration, stage_iteration, stage_iters, tokens, loss, lr, grad_norm,
+                 skipped, tokens_per_s, tflops, peak_tflops: Optional[float]) -> None:
+        if not self.enabled:
+            return
+        loss_name = "patch loss" if stage == "patch" else "loss"
+        mfu = tflops / peak_tflops if peak_tflops else None
+        parts = [
+            f"[{stage}] iter {stage_iteration}/{stage_iters} (global {iteration})",
+            f"tokens {tokens / 1e6:.3f}M",
+            f"{loss_name} {loss:.4f}",
+            f"lr {lr:.3e}",
+            f"grad norm {grad_norm:.3f}" if grad_norm is not None else "grad norm n/a",
+            f"skipped {skipped}",
+            f"{tokens_per_s:,.0f} tok/s",
+            (f"{tflops:.1f} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.2f} GFLOP/s")
+            + (f" MFU {100 * mfu:.1f}%" if mfu is not None else ""),
+            f"mem {_memory_gib():.2f} GiB",
+        ]
+        logger.info(" | ".join(parts))
+        record = {"kind": "train", "stage": stage, "iteration": iteration, "stage_iteration": stage_iteration,
+                  "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
+                  "tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": mfu, "memory_gib": _memory_gib()}
+        self._record(record)
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar(f"train/{stage}-{'patch-loss' if stage == 'patch' else 'loss'}", loss, iteration)
+            self.tensorboard.add_scalar("train/lr", lr, iteration)
+            self.tensorboard.add_scalar("train/tokens_per_s", tokens_per_s, iteration)
+            if grad_norm is not None:
+                self.tensorboard.add_scalar("train/grad_norm", grad_norm, iteration)
+
+    def log_valid(self, stage: str, iteration: int, loss: Optional[float]) -> None:
+        self.last_valid_loss = loss
+        if not self.enabled or loss is None:
+            return
+        ppl = math.exp(min(loss, 50.0))
+        logger.info("[%s] validation (token level) at global iter %d | loss %.4f | ppl %.2f", stage, iteration, loss, ppl)
+        self._record({"kind": "valid", "stage": stage, "iteration": iteration, "loss": loss, "ppl": ppl})
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar("valid/loss", loss, iteration)
+
+    def log_summary(self, summary: dict) -> None:
+        if not self.enabled:
+            return
+        lines = ["summary:"]
+        for name, stage in summary["stages"].items():
+            lines.append(
+                f"  {name:5s} stage: {stage['iterations']} steps, {stage['tokens'] / 1e6:.3f}M tokens, "
+                f"{stage['flops'] / 1e12:.3f} TFLOP, {stage['seconds']:.1f} s"
+                + (f", valid loss {stage['valid_loss']:.4f}" if stage["valid_loss"] is not None else "")
+            )
+        if summary["relative_flops_vs_token_only"] is not None:
+            lines.append(f"  FLOPs relative to token-only training of the same tokens: "
+                         f"{summary['relative_flops_vs_token_only']:.3f} "
+                         f"(theory lambda/K + 1 - lambda = {summary['theoretical_relative_cost']:.3f})")
+        if "relative_time_vs_token_only" in summary:
+            lines.append(f"  wall time relative to token-only at the token stage's speed: "
+                         f"{summary['relative_time_vs_token_only']:.3f}")
+        logger.info("\n".join(lines))
+        self._record({"kind": "summary", **summary})
+        if self.summary_path:
+            partial = self.summary_path + ".tmp"
+            with open(partial, "w") as f:
+                json.dump(summary, f, indent=1)
+            os.replace(partial, self.summary_path)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None

@@ -1,0 +1,41 @@
+"""Shared pieces of the trainer tests: the tiny two-stage command line and metrics reading."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ENTRY = str(REPO_ROOT / "examples" / "pretrain_patch_gpt.py")
+
+
+def trainer_args(corpus, save=None, *extra, train_iters=12):
+    """A tiny CPU run: K=4, lambda=2/3 -> 8 patch steps of 4 x 128 tokens, 4 token steps of 16 x 32."""
+    args = [
+        "--cpu", "--model", "tiny", "--seq-length", "32", "--micro-batch-size", "4",
+        "--global-batch-size", "16", "--train-iters", str(train_iters), "--lr", "3e-3",
+        "--lr-warmup-iters", "2", "--data-path", corpus["prefix"], "--split", "97,3,0",
+        "--tokenizer-model", corpus["tokenizer"], "--log-interval", "1", "--eval-iters", "1",
+    ]
+    if save:
+        args += ["--save", str(save)]
+    return args + list(extra)
+
+
+def train_records(save, kind="train"):
+    """metrics.jsonl records of ``kind``, the last record per global iteration (resumed runs repeat)."""
+    records = {}
+    with open(os.path.join(save, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if record["kind"] == kind:
+                records[record["iteration"]] = record
+    return records
+
+
+def launch(args, **kwargs):
+    """Start the trainer as its own process group (so a kill reaches every helper it started)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, ENTRY, *args], cwd=REPO_ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)

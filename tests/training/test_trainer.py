@@ -1,0 +1,137 @@
+"""The trainer in-process (a world of one): both stages, the stage switch, K=1 against stock
+GPTModel, NaN stops, and one-line errors for bad flags and bad checkpoints."""
+
+import json
+import os
+
+import pytest
+import torch
+from megatron.core.models.gpt import GPTModel
+
+from megatron_patch.training import builders, checkpoint, cli, loop
+from megatron_patch.training.arguments import parse_args
+from tests.training.common import train_records, trainer_args
+
+
+def _run(argv):
+    from megatron_patch import parallel
+
+    args = parse_args(argv, world_size=1)
+    parallel.init_model_parallel(1, 1, seed=args.seed)
+    trainer = loop.Trainer(args)
+    return trainer, trainer.run()
+
+
+@pytest.fixture
+def cpu_world(world, model_parallel):
+    model_parallel(1, 1)
+    return world
+
+
+def test_two_stages_train_and_switch_resets_optimizer_and_lr(cpu_world, tiny_corpus, tmp_path, monkeypatch):
+    resets = []
+    original_reset = loop.reset_optimizer_state
+
+    def spy_reset(optimizer):
+        before = builders.optimizer_state_size(optimizer)
+        original_reset(optimizer)
+        resets.append((before, builders.optimizer_state_size(optimizer)))
+
+    monkeypatch.setattr(loop, "reset_optimizer_state", spy_reset)
+    trainer, summary = _run(trainer_args(tiny_corpus, tmp_path / "run", "--eval-interval", "6", train_iters=24))
+    # patch stage starts from an empty state; the switch empties a full one
+    assert resets[0] == (0, 0) and resets[1][0] > 0 and resets[1][1] == 0
+    records = train_records(tmp_path / "run")
+    patch = [records[i] for i in range(1, 17)]
+    token = [records[i] for i in range(17, 25)]
+    assert {r["stage"] for r in patch} == {"patch"} and {r["stage"] for r in token} == {"token"}
+    # the LR warmup restarts: the first logged LR of each stage is lr/warmup
+    assert patch[0]["lr"] == pytest.approx(1.5e-3) and token[0]["lr"] == pytest.approx(1.5e-3)
+    assert patch[1]["lr"] == pytest.approx(3e-3) and token[1]["lr"] == pytest.approx(3e-3)
+    # both stages learn
+    assert sum(r["loss"] for r in patch[-3:]) < sum(r["loss"] for r in patch[:3])
+    assert sum(r["loss"] for r in token[-3:]) < sum(r["loss"] for r in token[:3])
+    valid = train_records(tmp_path / "run", kind="valid")
+    assert valid[6]["loss"] > valid[24]["loss"]
+    assert summary["relative_flops_vs_token_only"] == pytest.approx(0.5)
+    # each stage reads only its own documents
+    patch_docs = set(trainer.datasets.patch_train.indices.tolist())
+    token_docs = set(trainer.datasets.token_train.indices.tolist())
+    assert patch_docs and token_docs and not patch_docs & token_docs
+    # the boundary checkpoint and the final one are complete
+    assert checkpoint.read_tracker(str(tmp_path / "run")) == 24
+    meta = checkpoint.read_metadata(checkpoint.checkpoint_dir(str(tmp_path / "run"), 16))
+    assert meta["progress"]["stage"] == "patch" and meta["progress"]["stage_complete"]
+
+
+class StockGPT(GPTModel):
+    """megatron's GPTModel, unchanged, with the two attributes the loop reads."""
+
+    patch_size = 1
+
+    def set_patch_size(self, patch_size):
+        assert patch_size == 1
+
+
+def test_token_only_training_equals_stock_gpt_model(cpu_world, tiny_corpus, tmp_path, monkeypatch):
+    argv = ["--patch-size", "1", "--eval-iters", "0"]
+    _run(trainer_args(tiny_corpus, tmp_path / "patch_model", *argv, train_iters=6))
+
+    def build_stock(config, vocab_size, seq_length, *, patch_size, pre_process, post_process, use_transformer_engine):
+        from megatron_patch.specs import get_decoder_block_spec
+
+        return StockGPT(config=config, transformer_layer_spec=get_decoder_block_spec(config), vocab_size=vocab_size,
+                        max_sequence_length=seq_length, pre_process=pre_process, post_process=post_process,
+                        position_embedding_type="rope")
+
+    monkeypatch.setattr(builders, "build_patch_gpt_model", build_stock)
+    _run(trainer_args(tiny_corpus, tmp_path / "stock", *argv, train_iters=6))
+    ours, stock = train_records(tmp_path / "patch_model"), train_records(tmp_path / "stock")
+    assert [ours[i]["loss"] for i in range(1, 7)] == [stock[i]["loss"] for i in range(1, 7)]
+    assert [ours[i]["grad_norm"] for i in range(1, 7)] == [stock[i]["grad_norm"] for i in range(1, 7)]
+
+
+def test_nan_loss_stops_without_saving_the_bad_state(cpu_world, tiny_corpus, tmp_path, capsys):
+    save = tmp_path / "nan"
+    code = cli.main(trainer_args(tiny_corpus, save, "--lr", "1e30", "--lr-warmup-iters", "0",
+                                 "--clip-grad", "0", "--save-interval", "1", "--eval-iters", "0"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith("error: loss is ") and "resume from the last checkpoint" in err[0]
+    records = train_records(save)
+    last_good = max(records)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records.values())
+    assert checkpoint.read_tracker(str(save)) == last_good  # nothing written after the bad step
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "other_shape", "not_empty_save", "bad_flags"])
+def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_path, capsys, case):
+    run = tmp_path / "run"
+    if case != "missing" and case != "bad_flags":
+        assert cli.main(trainer_args(tiny_corpus, run, "--eval-iters", "0", train_iters=3)) == 0
+        capsys.readouterr()
+    if case == "missing":
+        argv = trainer_args(tiny_corpus, None, "--load", str(tmp_path / "nowhere"))
+        expected = "no such directory"
+    elif case == "corrupt":
+        ckpt_dir = checkpoint.checkpoint_dir(str(run), 3)
+        for name in os.listdir(ckpt_dir):
+            if name.endswith(".distcp"):
+                with open(os.path.join(ckpt_dir, name), "r+b") as f:
+                    f.truncate(100)
+        argv = trainer_args(tiny_corpus, run, "--load", str(run), train_iters=6)
+        expected = "could not be loaded"
+    elif case == "other_shape":
+        argv = trainer_args(tiny_corpus, None, "--load", str(run), train_iters=6)
+        argv[argv.index("tiny")] = "cpu-small"
+        expected = "another model shape"
+    elif case == "not_empty_save":
+        argv = trainer_args(tiny_corpus, run, train_iters=6)
+        expected = "already holds checkpoints"
+    else:
+        argv = trainer_args(tiny_corpus, None, "--global-batch-size", "8")
+        expected = "must be a multiple of K x micro-batch"
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and expected in err[0], err
