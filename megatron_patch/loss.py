@@ -56,7 +56,7 @@ def patch_targets(
     has_full_target = index[:, -1] <= tokens - 1  # [T]
     index = index.clamp(max=tokens - 1)
     # [b, K*T] -> [b, T, K] -> [T, b, K]
-    targets = labels[:, index].transpose(0, 1).contiguous()
+    targets = labels[:, index].long().transpose(0, 1).contiguous()
     mask = has_full_target.view(num_patches, 1, 1).to(torch.float32).expand(num_patches, batch, patch_size)
     if loss_mask is not None:
         if loss_mask.shape != labels.shape:
@@ -120,7 +120,7 @@ class _VocabParallelPatchCrossEntropy(torch.autograd.Function):
                 VocabParallelCrossEntropy.prepare_gradient_calculation_operands(softmax, target_mask)
             )
             grad_input = VocabParallelCrossEntropy.calculate_gradients(
-                grad_2d, arange_1d, local_targets.view(-1), softmax_update, grad_input,
+                grad_2d, arange_1d, local_targets.reshape(-1), softmax_update, grad_input,
                 grad_output.squeeze(-1),
             )
             return grad_input, None, None
@@ -173,4 +173,4 @@ def vocab_parallel_patch_cross_entropy(
                 f"target ids span [{low}, {high}] but the model vocabulary has {vocab_size} "
                 f"entries: the tokenizer and the model's --vocab-size disagree"
             )
-    return _VocabParallelPatchCrossEntropy.apply(vocab_parallel_logits, targets.long(), tp_group)
+    return _VocabParallelPatchCrossEntropy.apply(vocab_parallel_logits, targets.long().contiguous(), tp_group)

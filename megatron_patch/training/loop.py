@@ -60,6 +60,20 @@ class StageResult:
     extra: dict = field(default_factory=dict)
 
 
+PLAN_FLAGS = ("train_iters", "patch_size", "patch_data_fraction", "global_batch_size", "seq_length", "data_path", "split")
+
+
+def _check_same_plan(args, meta) -> None:
+    """A resumed run must keep the budget and the stage split the checkpoint was written under."""
+    saved = meta.get("args", {})
+    for name in PLAN_FLAGS:
+        if name in saved and saved[name] != getattr(args, name):
+            raise ckpt.CheckpointError(
+                f"--load checkpoint was written with --{name.replace('_', '-')} {saved[name]}, this run has "
+                f"{getattr(args, name)}: resume with the same value (start a new --save directory to change it)"
+            )
+
+
 class Trainer:
     """Runs the stages ``args`` asks for on this rank (distributed state already initialised)."""
 
@@ -194,6 +208,7 @@ class Trainer:
             logger.warning("--load %s holds no checkpoint yet: starting from scratch", args.load)
             return 0, 0, 0, results
         meta = ckpt.read_metadata(ckpt.resolve_checkpoint(args.load))
+        _check_same_plan(args, meta)
         progress = meta["progress"]
         names = [stage.name for stage in self.stages]
         if progress["stage"] not in names:

@@ -1,0 +1,111 @@
+"""Faults through the real entry point (a process of its own): kill -9 and resume gives the
+uninterrupted loss trajectory bit for bit; SIGTERM saves and exits 0; an interrupted save leaves
+the previous checkpoint loadable."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from megatron_patch.training import checkpoint
+from tests.training.common import launch, train_records, trainer_args
+
+ITERS = 12  # 8 patch steps (global 1-8), then 4 token steps (global 9-12)
+
+
+def _finish(process, timeout=240):
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output
+
+
+def _wait_for_iteration(process, save, iteration, timeout=120):
+    deadline = time.time() + timeout
+    path = os.path.join(save, "metrics.jsonl")
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"trainer ended early: {process.communicate()[0][-3000:]}")
+        if os.path.exists(path) and max(train_records(save), default=0) >= iteration:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"iteration {iteration} not reached")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_corpus, tmp_path_factory):
+    save = tmp_path_factory.mktemp("full") / "run"
+    code, output = _finish(launch(trainer_args(tiny_corpus, save, "--save-interval", "2", "--eval-iters", "0",
+                                               train_iters=ITERS)))
+    assert code == 0, output[-3000:]
+    return train_records(save)
+
+
+@pytest.mark.parametrize("kill_after", [3, 8, 10], ids=["patch-stage", "stage-switch", "token-stage"])
+def test_kill_9_then_resume_matches_uninterrupted_run(tiny_corpus, tmp_path, uninterrupted, kill_after):
+    save = tmp_path / "run"
+    args = trainer_args(tiny_corpus, save, "--save-interval", "2", "--eval-iters", "0", train_iters=ITERS)
+    process = launch(args)
+    _wait_for_iteration(process, save, kill_after)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    resumed_from = checkpoint.read_tracker(str(save))
+    code, output = _finish(launch(args + ["--load", str(save)]))
+    assert code == 0, output[-3000:]
+    records = train_records(save)
+    assert sorted(records) == list(range(1, ITERS + 1))
+    for iteration in range(1, ITERS + 1):
+        assert records[iteration]["loss"] == uninterrupted[iteration]["loss"], (iteration, resumed_from)
+        assert records[iteration]["lr"] == uninterrupted[iteration]["lr"], iteration
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(tiny_corpus, tmp_path, uninterrupted):
+    save = tmp_path / "run"
+    args = trainer_args(tiny_corpus, save, "--eval-iters", "0", train_iters=ITERS)  # no periodic saves
+    process = launch(args)
+    _wait_for_iteration(process, save, 4)
+    os.killpg(process.pid, signal.SIGTERM)
+    code, output = _finish(process)
+    assert code == 0, output[-3000:]
+    saved = checkpoint.read_tracker(str(save))
+    assert saved is not None and 4 <= saved < ITERS
+    assert "stopped by SIGTERM" in output
+    code, output = _finish(launch(args + ["--load", str(save)]))
+    assert code == 0, output[-3000:]
+    records = train_records(save)
+    assert [records[i]["loss"] for i in range(1, ITERS + 1)] == [uninterrupted[i]["loss"] for i in range(1, ITERS + 1)]
+
+
+def test_interrupted_save_leaves_previous_checkpoint(world, model_parallel, tiny_corpus, tmp_path, monkeypatch):
+    """A save that dies half-way (here: the writer raises after writing part of it) leaves the
+    tracker on the previous checkpoint, which still loads; the partial one is not mistaken for one."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_patch.training import cli
+
+    import shutil
+
+    save = tmp_path / "run"
+    args = trainer_args(tiny_corpus, save, "--eval-iters", "0", "--save-interval", "2", "--keep-last-checkpoints", "0",
+                        train_iters=6)
+    assert cli.main(args) == 0
+    # roll the run back to iteration 2, as if it had stopped there
+    for iteration in (4, 6):
+        shutil.rmtree(checkpoint.checkpoint_dir(str(save), iteration))
+    (save / checkpoint.TRACKER).write_text("2\n")
+    real_save = dist_checkpointing.save
+
+    def dying_save(state, directory, *args, **kwargs):
+        real_save(state, directory, *args, **kwargs)
+        open(os.path.join(directory, "partial.bin"), "wb").write(b"\0" * 10)
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(dist_checkpointing, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(args + ["--load", str(save)])
+    monkeypatch.setattr(dist_checkpointing, "save", real_save)
+    assert checkpoint.read_tracker(str(save)) == 2
+    assert os.path.isdir(checkpoint.checkpoint_dir(str(save), 4) + ".tmp"), os.listdir(save)
+    assert not os.path.exists(checkpoint.checkpoint_dir(str(save), 4))
+    # resuming loads iteration 2 and finishes, replacing the partial directory
+    assert cli.main(args + ["--load", str(save)]) == 0
+    assert checkpoint.read_tracker(str(save)) == 6
