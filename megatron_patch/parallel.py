@@ -24,6 +24,10 @@ def init_distributed(cpu: bool, timeout_minutes: int = 30) -> None:
         raise RuntimeError("no CUDA device found: run with --cpu for CPU mode (gloo), or on a GPU node")
     if dist.is_initialized():
         return
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
+        # `srun python ...`, one task per GPU: SLURM's variables name the rank
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ["SLURM_LOCALID"])
     if "RANK" not in os.environ:  # plain `python script.py`: a world of one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

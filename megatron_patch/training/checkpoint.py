@@ -132,7 +132,11 @@ def _rng_states() -> dict:
 def _sharded_state(model, optimizer=None, scheduler=None, with_rng=False, is_loading=False) -> dict:
     state = {"model": unwrap(model[0]).sharded_state_dict()}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading)
+        # dp_reshardable: every rank writes its own optimizer shard, no gather; a resume keeps the
+        # layout (conversions drop the optimizer), so resharding across data parallelism suffices
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state["model"], is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
+        )
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     if with_rng:

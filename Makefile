@@ -1,0 +1,23 @@
+# The two commands of the README. Both build .venv on first use (CPU torch 2.13.0 from the
+# machine's local wheel, megatron-core 0.16.1; see constraints-ci.txt) and reuse it after.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 1
+export TORCHDYNAMO_DISABLE := 1
+
+.PHONY: quickstart test test-unit test-dist
+
+quickstart: $(STAMP)
+	$(VENV)/bin/python examples/quickstart.py
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q tests/unit tests/data tests/training tests/tools tests/test_quickstart.py
+	$(VENV)/bin/python -m torch.distributed.run --standalone --nproc_per_node=4 -m pytest -q tests/dist4
+	$(VENV)/bin/python -m torch.distributed.run --standalone --nproc_per_node=2 -m pytest -q tests/dist
+
+$(STAMP): requirements.txt constraints-ci.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -c constraints-ci.txt -e '.[test]'
+	touch $(STAMP)

@@ -1,0 +1,66 @@
+"""The trainer end to end in a 2-rank world: both stages at DP=2, TP=2 (with and without sequence
+parallelism and the distributed optimizer) and PP=2 learn in both stages. Started from the same
+weights (the DP=2 run's boundary checkpoint, resharded on load), every layout's token stage follows
+the DP=2 run's trajectory, since the global batch and the data order do not depend on the layout.
+(Fresh initialisation does depend on it, so the patch stages are compared at the model level, in
+test_model_layouts.py.)"""
+
+import pytest
+import torch.distributed as dist
+
+from megatron_patch.training import cli
+from tests.model_helpers import shared_tmp
+from tests.training.common import train_records, trainer_args
+
+LAYOUTS = {
+    "dp2": [],
+    "tp2": ["--tensor-model-parallel-size", "2"],
+    "tp2-sp-distopt": ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer"],
+    "pp2": ["--pipeline-model-parallel-size", "2"],
+}
+ITERS = 18  # 12 patch steps, 6 token steps
+
+
+@pytest.fixture(scope="module")
+def trajectories(world, tiny_corpus, tmp_path_factory):
+    if world != 2:
+        pytest.skip("runs in a 2-rank world")
+    runs = {}
+    for name, layout in LAYOUTS.items():
+        save = shared_tmp(tmp_path_factory, name)
+        code = cli.main(trainer_args(tiny_corpus, save, *layout, "--micro-batch-size", "2", "--eval-iters", "1",
+                                     train_iters=ITERS))
+        assert code == 0, name
+        runs[name] = train_records(save) if dist.get_rank() == 0 else None
+        runs[name + "_save"] = save
+    return runs
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_both_stages_learn(trajectories, name):
+    if dist.get_rank() != 0:
+        return
+    records = trajectories[name]
+    patch = [records[i]["loss"] for i in range(1, 13)]
+    token = [records[i]["loss"] for i in range(13, 19)]
+    assert {records[i]["stage"] for i in range(1, 13)} == {"patch"}
+    assert sum(patch[-3:]) < sum(patch[:3]) and sum(token[-2:]) < sum(token[:2])
+
+
+@pytest.mark.parametrize("name", ["tp2", "tp2-sp-distopt", "pp2"])
+def test_token_stage_from_the_boundary_checkpoint_matches_data_parallel(trajectories, tiny_corpus, tmp_path_factory, name):
+    boundary = [None]
+    if dist.get_rank() == 0:
+        boundary[0] = trajectories["dp2_save"] + "/iter_0000012"
+    dist.broadcast_object_list(boundary, src=0)
+    save = shared_tmp(tmp_path_factory, name + "-token")
+    code = cli.main(trainer_args(tiny_corpus, save, *LAYOUTS[name], "--micro-batch-size", "2", "--eval-iters", "0",
+                                 "--stage", "token", "--pretrained-checkpoint", boundary[0], train_iters=ITERS))
+    assert code == 0
+    if dist.get_rank() != 0:
+        return
+    reference, other = trajectories["dp2"], train_records(save)
+    assert sorted(other) == list(range(13, ITERS + 1))
+    for iteration in range(13, ITERS + 1):
+        a, b = reference[iteration]["loss"], other[iteration]["loss"]
+        assert abs(a - b) <= 1e-5 * abs(a), (iteration, a, b)
