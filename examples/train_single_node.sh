@@ -19,8 +19,8 @@ case "$MODEL" in
   780m) TP=1 PP=1 MBS=8 ;;
   1.3b) TP=1 PP=1 MBS=8 ;;
   2.7b) TP=1 PP=1 MBS=4 ;;
-  6.7b) TP=2 PP=1 MBS=2 ;;
-  13b)  TP=4 PP=1 MBS=2 ;;
+  6.7b) TP=1 PP=1 MBS=1 ;;
+  13b)  TP=2 PP=1 MBS=1 ;;
   *) echo "unknown MODEL=$MODEL" >&2; exit 2 ;;
 esac
 

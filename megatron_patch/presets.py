@@ -5,9 +5,10 @@ the paper's architecture: pre-norm RMSNorm (eps 1e-6), SwiGLU, RoPE (base 10000)
 untied embeddings, no dropout, init std 0.02.
 
 The ``layout`` of each preset is a starting point for 80 GB H100s (bf16, distributed optimizer,
-sequence length 2048): tensor- and pipeline-parallel sizes and a micro-batch size. The 370M
-layout was measured (benchmarks/RESULTS.md); the others follow the memory plan there and are
-to be confirmed on hardware.
+8 or more GPUs, sequence length 2048): tensor- and pipeline-parallel sizes and a micro-batch
+size. The 370M micro-batch follows the bare-megatron H100 measurement in design/gpu-baseline.md;
+the others come from ``benchmarks/memory_plan.py``'s formula (the 6.7B one with a 64 GiB budget
+for headroom) and are to be confirmed with measured per-layer figures.
 """
 
 from dataclasses import dataclass
@@ -61,11 +62,11 @@ PRESETS: Dict[str, ModelPreset] = {
         # the paper's models (hidden, SwiGLU intermediate, layers, heads)
         ModelPreset("370m", 24, 1024, 2752, 16, 2048, Layout(1, 1, 16)),
         ModelPreset("780m", 24, 1536, 4128, 16, 2048, Layout(1, 1, 8)),
-        ModelPreset("1.3b", 24, 2048, 5504, 16, 2048, Layout(1, 1, 8, "selective")),
-        ModelPreset("2.7b", 32, 2560, 6880, 32, 2048, Layout(1, 1, 4, "selective")),
+        ModelPreset("1.3b", 24, 2048, 5504, 16, 2048, Layout(1, 1, 8)),
+        ModelPreset("2.7b", 32, 2560, 6880, 32, 2048, Layout(1, 1, 4)),
         # scaling past 2.7B (LLaMA-7B / 13B shapes)
-        ModelPreset("6.7b", 32, 4096, 11008, 32, 2048, Layout(2, 1, 2, "selective")),
-        ModelPreset("13b", 40, 5120, 13824, 40, 2048, Layout(4, 1, 2, "selective")),
+        ModelPreset("6.7b", 32, 4096, 11008, 32, 2048, Layout(1, 1, 1)),
+        ModelPreset("13b", 40, 5120, 13824, 40, 2048, Layout(2, 1, 1)),
     )
 }
 

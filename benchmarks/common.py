@@ -1,0 +1,124 @@
+"""Pieces shared by the benchmark scripts: environment record, trainer arguments, synthetic data,
+step timing and output helpers."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import shlex
+import time
+from typing import List
+
+
+# --------------------------------------------------------------------------- environment and output
+def environment(cpu: bool) -> dict:
+    import megatron.core
+    import torch
+
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "megatron_core": megatron.core.__version__,
+        "cuda": torch.version.cuda,
+        "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores)" if cpu else torch.cuda.get_device_name(),
+    }
+
+
+def command_line(script: str, argv: List[str]) -> str:
+    return (f"python benchmarks/{script} " + shlex.join(argv)).strip()
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Write under a temporary name, then rename: a half-written file never looks complete."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def fmt(value, spec: str, missing: str = "") -> str:
+    return missing if value is None else format(value, spec)
+
+
+# --------------------------------------------------------------------------- model and data
+def trainer_args(opts, recompute: str) -> argparse.Namespace:
+    """The trainer's own argument namespace (every optimizer/model default is the trainer's).
+
+    ``validate_args`` is not called: it wants a tokenizer file and a dataset, which the synthetic
+    benchmark does not read; the two placeholders below are never opened.
+    """
+    from megatron_patch.training.arguments import build_parser as trainer_parser
+
+    argv = ["--model", opts.model, "--seq-length", str(opts.seq_length),
+            "--micro-batch-size", str(opts.micro_batch_size[0]), "--global-batch-size", str(opts.micro_batch_size[0]),
+            "--train-iters", "1", "--lr", str(opts.lr), "--lr-decay-style", "constant", "--patch-size", "1",
+            "--recompute-granularity", recompute, "--transformer-impl", opts.transformer_impl,
+            "--data-path", "synthetic-not-read", "--tokenizer-model", "synthetic-not-read",
+            "--seed", str(opts.seed), "--cpu" if opts.cpu else "--bf16"]
+    if opts.use_distributed_optimizer:
+        argv.append("--use-distributed-optimizer")
+    args = trainer_parser().parse_args(argv)
+    args.world_size, args.data_parallel_size = 1, 1
+    return args
+
+
+def synthetic_batches(micro_batch_size: int, tokens: int, vocab_size: int, count: int, seed: int, pin: bool):
+    """``count`` micro-batches ``{tokens, labels, loss_mask}`` of ``[b, tokens]``, uniform random ids."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(0, vocab_size, (micro_batch_size, tokens + 1), generator=generator)  # [b, K*T + 1]
+        batch = {"tokens": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
+                 "loss_mask": torch.ones(micro_batch_size, tokens, dtype=torch.float32)}
+        batches.append({k: v.pin_memory() for k, v in batch.items()} if pin else batch)
+    return batches
+
+
+class StepTimer:
+    """Per-step times (s): CUDA events around each step on GPU, the host clock on CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.marks = cuda, []
+
+    def time(self, fn):
+        import torch
+
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = fn()
+            end.record()
+            self.marks.append((start, end))
+        else:
+            start = time.perf_counter()
+            result = fn()
+            self.marks.append((start, time.perf_counter()))
+        return result
+
+    def seconds(self):
+        """(per-step times, back-to-back mean from the first start to the last end)."""
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            per = [a.elapsed_time(b) / 1e3 for a, b in self.marks]
+            span = self.marks[0][0].elapsed_time(self.marks[-1][1]) / 1e3
+        else:
+            per = [b - a for a, b in self.marks]
+            span = self.marks[-1][1] - self.marks[0][0]
+        return per, span / len(self.marks)
+
+
+def free_memory(cuda: bool) -> None:
+    import torch
+
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
