@@ -104,7 +104,7 @@ def test_nan_loss_stops_without_saving_the_bad_state(cpu_world, tiny_corpus, tmp
     assert checkpoint.read_tracker(str(save)) == last_good  # nothing written after the bad step
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "other_shape", "not_empty_save", "bad_flags"])
+@pytest.mark.parametrize("case", ["missing", "corrupt", "other_shape", "changed_plan", "not_empty_save", "bad_flags"])
 def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_path, capsys, case):
     run = tmp_path / "run"
     if case != "missing" and case != "bad_flags":
@@ -119,14 +119,17 @@ def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_pat
             if name.endswith(".distcp"):
                 with open(os.path.join(ckpt_dir, name), "r+b") as f:
                     f.truncate(100)
-        argv = trainer_args(tiny_corpus, run, "--load", str(run), train_iters=6)
+        argv = trainer_args(tiny_corpus, run, "--load", str(run), train_iters=3)
         expected = "could not be loaded"
     elif case == "other_shape":
-        argv = trainer_args(tiny_corpus, None, "--load", str(run), train_iters=6)
+        argv = trainer_args(tiny_corpus, None, "--load", str(run), train_iters=3)
         argv[argv.index("tiny")] = "cpu-small"
         expected = "another model shape"
+    elif case == "changed_plan":
+        argv = trainer_args(tiny_corpus, run, "--load", str(run), train_iters=6)
+        expected = "written with --train-iters 3, this run has 6: resume with the same value"
     elif case == "not_empty_save":
-        argv = trainer_args(tiny_corpus, run, train_iters=6)
+        argv = trainer_args(tiny_corpus, run, train_iters=3)
         expected = "already holds checkpoints"
     else:
         argv = trainer_args(tiny_corpus, None, "--global-batch-size", "8")

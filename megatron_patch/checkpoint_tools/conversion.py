@@ -1,0 +1,227 @@
+"""Patch-stage checkpoint (any TP/PP) -> token-stage starting checkpoint (any TP/PP).
+
+Only the weights travel: the optimizer, the LR schedule and the RNG states are dropped, and the
+result is iteration 0 of the token stage (start it with ``--stage token --pretrained-checkpoint
+DST``). Patch mode adds no parameter, so the weights are a plain GPT's; resharding is megatron's
+own: the source is loaded into a model built at the target layout (dist_checkpointing reshards
+on load) and saved from there.
+
+Output layout (a ``--save`` root, readable by ``--pretrained-checkpoint`` and ``--load`` tools)::
+
+    DST/latest_checkpointed_iteration.txt     "0"
+    DST/iter_0000000/                          dist_checkpointing files, model weights only
+    DST/iter_0000000/megatron_patch.json       progress.stage "token", stage_iteration 0, and a
+                                               "conversion" entry (source, K, lambda, tokens, layout)
+
+The converted checkpoint checks itself before it is renamed into place: the logits of the
+source loaded at TP=1 PP=1 (the reference: every rank holds the whole model, in fp32) and the
+logits of the converted checkpoint re-read from disk at the target layout (fp32) must agree on a
+fixed batch within ``tolerance`` (max absolute difference).
+"""
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from megatron_patch.checkpoint_tools import source as src
+from megatron_patch.checkpoint_tools.common import ToolError, VerificationError
+from megatron_patch.checkpoint_tools.logits import fixed_tokens, forward_logits
+from megatron_patch.checkpoint_tools.output import StagedFolder, check_output_folder
+from megatron_patch.presets import padded_vocab_size
+from megatron_patch.training import checkpoint as ckpt
+
+logger = logging.getLogger(__name__)
+
+VERIFY_BATCH = 2
+VERIFY_MAX_LENGTH = 64  # tokens per verification sequence (capped by T)
+
+
+@dataclass
+class ConversionPlan:
+    """What to convert and where: target layout, output folder, check tolerance."""
+
+    source: src.CheckpointInfo
+    save: str  # absolute output folder
+    tensor_parallel: int
+    pipeline_parallel: int
+    tolerance: float = 1e-3
+    force: bool = False
+    make_vocab_size_divisible_by: Optional[int] = None  # default: the source run's
+    tokenizer_vocab_size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not self.tolerance >= 0:
+            raise ToolError(f"--tolerance {self.tolerance} must be >= 0 (max absolute logit difference)")
+        src.check_layout(self.source, self.tensor_parallel, self.pipeline_parallel)
+        self._check_vocabulary_padding()
+        source_root = os.path.dirname(self.source.path)
+        for protected in (self.source.path, source_root):
+            if os.path.abspath(protected) == self.save or os.path.abspath(protected).startswith(self.save + os.sep):
+                raise ToolError(f"--save {self.save} would replace the source checkpoint {self.source.path}: "
+                                f"choose another folder")
+
+    def _check_vocabulary_padding(self) -> None:
+        """The trainer at the target TP pads the tokenizer's vocabulary to a multiple of
+        ``divisible_by * TP``; that must give the source's rows, or the token stage cannot load it."""
+        if self.tokenizer_vocab_size is None:
+            return
+        divisible_by = self.make_vocab_size_divisible_by or self.source.divisible_by
+        target = padded_vocab_size(self.tokenizer_vocab_size, divisible_by, self.tensor_parallel)
+        if target != self.source.vocab_size:
+            raise ToolError(
+                f"--tensor-model-parallel-size {self.tensor_parallel} pads the tokenizer's {self.tokenizer_vocab_size} "
+                f"pieces to {target} rows (multiples of --make-vocab-size-divisible-by {divisible_by} x TP), but "
+                f"checkpoint {self.source.path} has {self.source.vocab_size}: pick a TP for which they agree, or "
+                f"pass a --make-vocab-size-divisible-by that gives {self.source.vocab_size} here and in the "
+                f"token-stage run"
+            )
+
+
+@dataclass
+class ConversionResult:
+    checkpoint: str  # the converted checkpoint directory (DST/iter_0000000)
+    max_abs_diff: float
+    tolerance: float
+    seconds: float
+    metadata: dict = field(default_factory=dict)
+
+
+def _metadata(plan: ConversionPlan, world_size: int) -> dict:
+    """The converted checkpoint's ``megatron_patch.json``."""
+    source = plan.source
+    progress = source.progress
+    tp, pp = plan.tensor_parallel, plan.pipeline_parallel
+    args = dict(source.args)
+    args.update(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, world_size=world_size,
+        data_parallel_size=world_size // (tp * pp), stage="token", pretrained_checkpoint=source.path,
+        load=None, save=plan.save,
+    )
+    if plan.make_vocab_size_divisible_by:
+        args["make_vocab_size_divisible_by"] = plan.make_vocab_size_divisible_by
+    conversion = {
+        "tool": "tools/convert_checkpoint.py",
+        "source": source.path,
+        "source_iteration": source.meta.get("iteration"),
+        "source_stage": progress.get("stage"),
+        "source_stage_complete": progress.get("stage_complete"),
+        "source_layout": source.layout,
+        "patch_size": progress.get("patch_size", source.args.get("patch_size")),
+        "patch_data_fraction": progress.get("patch_data_fraction", source.args.get("patch_data_fraction")),
+        "consumed_tokens": progress.get("consumed_tokens", {}),
+        "target_layout": {"pipeline": pp, "tensor": tp, "data": world_size // (tp * pp)},
+        "dropped": ["optimizer", "opt_param_scheduler", "rng_state"],
+        "previous_conversion": source.meta.get("conversion"),  # a chain of conversions stays traceable
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return {
+        "format_version": ckpt.FORMAT_VERSION,
+        "iteration": 0,
+        "progress": {
+            "stage": "token",
+            "stage_iteration": 0,
+            "stage_complete": False,
+            "consumed_samples": 0,
+            "patch_size": conversion["patch_size"],
+            "patch_data_fraction": conversion["patch_data_fraction"],
+            "consumed_tokens": dict(conversion["consumed_tokens"]),
+            "seconds": dict(progress.get("seconds", {})),
+        },
+        "model_shape": dict(source.shape),
+        "layout": conversion["target_layout"],
+        "args": args,
+        "conversion": conversion,
+    }
+
+
+def _verify(plan: ConversionPlan, converted: str) -> float:
+    """Max |logits(converted at target) - logits(source at TP=1 PP=1)| on a fixed batch (fp32)."""
+    source = plan.source
+    tokens = fixed_tokens(source.vocab_size, VERIFY_BATCH, min(source.seq_length, VERIFY_MAX_LENGTH))
+    reference_model = src.build_model(source, 1, 1, bf16=False)
+    src.load_weights(reference_model, source)
+    reference = forward_logits(reference_model, tokens, source.vocab_size)
+    del reference_model
+    target_model = src.build_model(source, plan.tensor_parallel, plan.pipeline_parallel, bf16=False)
+    src.load_weights(target_model, source, converted)
+    logits = forward_logits(target_model, tokens, source.vocab_size)
+    del target_model
+    difference = torch.tensor([(logits - reference).abs().max().item()], dtype=torch.float64)
+    dist.broadcast(difference, src=0)  # rank 0's comparison is the verdict on every rank
+    return difference.item()
+
+
+def convert(plan: ConversionPlan) -> ConversionResult:
+    """Reshard ``plan.source``'s weights to the target layout, check them, publish ``plan.save``.
+
+    Collective: every rank of the world calls it. Raises VerificationError (nothing written)
+    when the logits differ by more than the tolerance.
+    """
+    start = time.perf_counter()
+    world_size = dist.get_world_size()
+    src.check_world(world_size, plan.tensor_parallel, plan.pipeline_parallel)
+    source = plan.source
+    logger.info("converting %s (%s stage, TP=%s PP=%s, model %s) to TP=%d PP=%d in %s", source.path,
+                source.progress.get("stage"), source.layout.get("tensor"), source.layout.get("pipeline"),
+                source.preset.name, plan.tensor_parallel, plan.pipeline_parallel, plan.save)
+    if source.progress.get("stage") == "patch" and not source.progress.get("stage_complete", True):
+        logger.warning("%s is from the middle of the patch stage (iteration %s of it)", source.path,
+                       source.progress.get("stage_iteration"))
+    with StagedFolder(plan.save) as staged:
+        partial_ckpt = ckpt.checkpoint_dir(staged.path, 0)
+        if dist.get_rank() == 0:
+            os.makedirs(partial_ckpt)
+        dist.barrier()
+        model = src.build_model(source, plan.tensor_parallel, plan.pipeline_parallel)
+        src.load_weights(model, source)
+        dist_checkpointing.save({"model": src.inner(model).sharded_state_dict()}, partial_ckpt)
+        del model
+        dist.barrier()
+        meta = _metadata(plan, world_size)
+        if dist.get_rank() == 0:
+            ckpt._write_atomic(os.path.join(partial_ckpt, ckpt.METADATA), json.dumps(meta, indent=1, sort_keys=True))
+            ckpt._write_atomic(os.path.join(staged.path, ckpt.TRACKER), "0\n")
+        dist.barrier()
+        difference = _verify(plan, staged.path)
+        logger.info("max |logits(converted, TP=%d PP=%d) - logits(source, TP=1 PP=1)| = %.3e (tolerance %.1e)",
+                    plan.tensor_parallel, plan.pipeline_parallel, difference, plan.tolerance)
+        if not difference <= plan.tolerance:
+            raise VerificationError(
+                f"converted checkpoint disagrees with {source.path}: max absolute logit difference {difference:.3e} "
+                f"> --tolerance {plan.tolerance:.1e}; nothing was written to {plan.save}"
+            )
+        if dist.get_rank() == 0:  # record the check in the metadata before publishing
+            meta["conversion"].update(max_abs_logit_diff=difference, tolerance=plan.tolerance)
+            ckpt._write_atomic(os.path.join(partial_ckpt, ckpt.METADATA), json.dumps(meta, indent=1, sort_keys=True))
+        staged.commit()
+    return ConversionResult(ckpt.checkpoint_dir(plan.save, 0), difference, plan.tolerance,
+                            time.perf_counter() - start, meta)
+
+
+def plan_from_flags(load: str, save: str, tensor_parallel: int, pipeline_parallel: int, *, force: bool,
+                    tolerance: float, model: Optional[str] = None, tokenizer_model: Optional[str] = None,
+                    make_vocab_size_divisible_by: Optional[int] = None) -> ConversionPlan:
+    """Check the flags against the source checkpoint (no distributed call); ToolError/CheckpointError."""
+    from megatron_patch.data.tokenizer import SentencePieceTokenizer
+
+    info = src.read_checkpoint(load, "--load", model)
+    final = check_output_folder(save, force, "--save")
+    tokenizer_path = tokenizer_model or info.tokenizer_model
+    if not tokenizer_path:
+        raise ToolError(f"checkpoint {info.path} records no tokenizer: pass --tokenizer-model")
+    if make_vocab_size_divisible_by is not None and make_vocab_size_divisible_by < 1:
+        raise ToolError(f"--make-vocab-size-divisible-by {make_vocab_size_divisible_by} must be >= 1")
+    try:
+        vocab = SentencePieceTokenizer(tokenizer_path).vocab_size
+    except ValueError as error:
+        hint = "" if tokenizer_model else " (recorded in the checkpoint's args; pass --tokenizer-model if it moved)"
+        raise ToolError(f"{error}{hint}") from None
+    return ConversionPlan(info, final, tensor_parallel, pipeline_parallel, tolerance, force,
+                          make_vocab_size_divisible_by, vocab)

@@ -1,0 +1,81 @@
+"""Folder outputs (a converted checkpoint, a Hugging Face model) written under a temporary name.
+
+Every rank writes into ``PARENT/.NAME.partial-XXXXXX``; only when the tool has written *and
+checked* everything does rank 0 rename it to ``PARENT/NAME`` (replacing an existing folder only
+with ``--force``, and only at that last moment). On any failure the temporary folder is removed,
+so no half-written output that looks complete is ever left.
+"""
+
+import logging
+import os
+import shutil
+import tempfile
+
+import torch.distributed as dist
+
+from megatron_patch.checkpoint_tools.common import ToolError
+
+logger = logging.getLogger(__name__)
+
+
+def check_output_folder(path: str, force: bool, flag: str) -> str:
+    """The absolute output path; ToolError when it exists (without ``force``) or is a file."""
+    if not path:
+        raise ToolError(f"{flag} is empty: name the output folder")
+    final = os.path.abspath(path)
+    if os.path.exists(final) and not os.path.isdir(final):
+        raise ToolError(f"{flag} {path} is a file: name a folder to create")
+    if os.path.exists(final) and not force:
+        raise ToolError(f"{flag} {path} already exists: pass --force to replace it, or choose a new folder")
+    return final
+
+
+class StagedFolder:
+    """A temporary sibling of ``final`` that becomes ``final`` on :meth:`commit` (collective).
+
+    Use as a context manager on every rank; leaving the block without ``commit`` removes it.
+    """
+
+    def __init__(self, final: str) -> None:
+        self.final = final
+        self.committed = False
+        holder = [None]
+        if dist.get_rank() == 0:
+            parent = os.path.dirname(final)
+            try:
+                os.makedirs(parent, exist_ok=True)
+                holder[0] = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=parent)
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(holder[0], 0o777 & ~umask)  # mkdtemp makes it private; the output is not
+            except OSError as error:
+                holder[0] = ToolError(f"cannot write into {parent}: {error.strerror}; choose a writable folder")
+        dist.broadcast_object_list(holder, src=0)
+        if isinstance(holder[0], ToolError):
+            raise holder[0]
+        self.path = holder[0]
+
+    def commit(self) -> str:
+        """Rename the temporary folder to the final name (replacing an old one); returns it."""
+        dist.barrier()
+        if dist.get_rank() == 0:
+            old = None
+            if os.path.exists(self.final):
+                old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.final)}.replaced-",
+                                       dir=os.path.dirname(self.final))
+                os.rmdir(old)
+                os.replace(self.final, old)
+            os.replace(self.path, self.final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+                logger.info("replaced %s", self.final)
+        self.committed = True
+        dist.barrier()
+        return self.final
+
+    def __enter__(self) -> "StagedFolder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.committed and dist.get_rank() == 0:
+            shutil.rmtree(self.path, ignore_errors=True)

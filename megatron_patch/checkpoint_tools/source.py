@@ -1,0 +1,177 @@
+"""A checkpoint as the tools see it: its model, read from its metadata, built at any TP/PP.
+
+The model shape comes from the checkpoint's ``megatron_patch.json`` (``args.model`` names the
+preset, ``args.seq_length`` is T, ``model_shape.vocab_size`` the padded vocabulary), so the
+tools never ask for flags the checkpoint already records. A ``--model`` given anyway must agree.
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import List, Optional
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_patch import cpu_mode, parallel
+from megatron_patch.checkpoint_tools.common import ToolError
+from megatron_patch.model import PatchGPTModel, build_patch_gpt_model
+from megatron_patch.presets import ModelPreset, get_preset, transformer_config
+from megatron_patch.training import checkpoint as ckpt
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CheckpointInfo:
+    """What the tools need to know about one checkpoint directory.
+
+    Attributes:
+        path: the checkpoint directory (``ROOT/iter_N`` or a converted checkpoint's).
+        meta: its ``megatron_patch.json``.
+        preset: the model preset it was trained with.
+        seq_length: T, the positions the model saw in training (tokens at the token stage).
+        vocab_size: rows of the embedding and output layer (the padded vocabulary).
+        bf16: whether its weights are stored in bf16 (else fp32).
+    """
+
+    path: str
+    meta: dict
+    preset: ModelPreset
+    seq_length: int
+    vocab_size: int
+    bf16: bool
+
+    @property
+    def args(self) -> dict:
+        return self.meta.get("args", {})
+
+    @property
+    def shape(self) -> dict:
+        return self.meta["model_shape"]
+
+    @property
+    def progress(self) -> dict:
+        return self.meta.get("progress", {})
+
+    @property
+    def layout(self) -> dict:
+        return self.meta.get("layout", {})
+
+    @property
+    def tokenizer_model(self) -> Optional[str]:
+        return self.args.get("tokenizer_model")
+
+    @property
+    def divisible_by(self) -> int:
+        return int(self.args.get("make_vocab_size_divisible_by", 128))
+
+    @property
+    def transformer_impl(self) -> str:
+        return self.args.get("transformer_impl", "auto")
+
+
+def read_checkpoint(path: str, flag: str = "--load", model: Optional[str] = None) -> CheckpointInfo:
+    """Resolve ``path`` (a ``--save`` root or one checkpoint) and read its metadata.
+
+    Raises ``CheckpointError`` for a missing or corrupt checkpoint and for one of another model
+    shape than ``model`` (a preset name given on the command line), one line each.
+    """
+    if not path:
+        raise ToolError(f"{flag} is empty: name a checkpoint folder")
+    found = ckpt.resolve_checkpoint(path)
+    meta = ckpt.read_metadata(found)
+    file = os.path.join(found, ckpt.METADATA)
+    args, shape = meta.get("args"), meta.get("model_shape")
+    if not isinstance(args, dict) or not isinstance(shape, dict) or "model" not in args or "vocab_size" not in shape:
+        raise ckpt.CheckpointError(f"{file}: no args.model or model_shape.vocab_size; the checkpoint is corrupt "
+                                   f"or was not written by megatron_patch")
+    try:
+        preset = get_preset(args["model"])
+    except ValueError as error:
+        raise ckpt.CheckpointError(f"{file}: {error}") from None
+    vocab_size = int(shape["vocab_size"])
+    # the metadata must describe the preset it names (else it was edited or is corrupt)
+    ckpt.check_model_shape(found, meta, ckpt.model_shape(SimpleNamespace(model=preset.name), vocab_size))
+    if model is not None and model != preset.name:
+        expected = ckpt.model_shape(SimpleNamespace(model=model), vocab_size)  # ValueError for an unknown name
+        ckpt.check_model_shape(found, meta, expected)
+        logger.warning("--model %s has the shape of the checkpoint's preset %s", model, preset.name)
+    seq_length = int(args.get("seq_length") or preset.seq_length)
+    return CheckpointInfo(found, meta, preset, seq_length, vocab_size, bool(args.get("bf16", False)))
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def check_layout(info: CheckpointInfo, tensor_parallel: int, pipeline_parallel: int) -> None:
+    """ToolError unless TP divides the heads, query groups, FFN width and vocabulary and PP the layers."""
+    preset = info.preset
+    for flag, value in (("--tensor-model-parallel-size", tensor_parallel),
+                        ("--pipeline-model-parallel-size", pipeline_parallel)):
+        if value < 1:
+            raise ToolError(f"{flag} {value} must be >= 1")
+    groups = preset.num_query_groups or preset.num_attention_heads
+    counts = (("attention heads", preset.num_attention_heads), ("query groups", groups),
+              ("FFN hidden size", preset.ffn_hidden_size), ("vocabulary rows", info.vocab_size))
+    valid = [d for d in range(1, groups + 1) if all(count % d == 0 for _, count in counts)]
+    for what, count in counts:
+        if count % tensor_parallel:
+            raise ToolError(f"--tensor-model-parallel-size {tensor_parallel} does not divide the {count} {what} of "
+                            f"checkpoint {info.path} (model {preset.name!r}): use one of "
+                            f"{', '.join(map(str, valid))}")
+    if preset.num_layers % pipeline_parallel:
+        raise ToolError(f"--pipeline-model-parallel-size {pipeline_parallel} does not divide the {preset.num_layers} "
+                        f"layers of checkpoint {info.path} (model {preset.name!r}): use one of "
+                        f"{_divisors(preset.num_layers)}")
+
+
+def check_world(world_size: int, tensor_parallel: int, pipeline_parallel: int) -> None:
+    if world_size % (tensor_parallel * pipeline_parallel):
+        product = tensor_parallel * pipeline_parallel
+        raise ToolError(f"world size {world_size} is not a multiple of TP x PP = {product}: "
+                        f"launch a multiple of {product} processes with torchrun")
+
+
+def build_model(info: CheckpointInfo, tensor_parallel: int, pipeline_parallel: int,
+                bf16: Optional[bool] = None, seed: int = 1234) -> List[torch.nn.Module]:
+    """(Re)initialise megatron's groups at TP x PP and build this rank's chunk of the checkpoint's
+    model in token mode (K=1), in eval mode; ``bf16`` defaults to the checkpoint's dtype.
+
+    Returns ``[chunk]`` (a ``Float16Module`` around the model in bf16, as the trainer runs it).
+    """
+    from megatron.core.transformer.module import Float16Module
+
+    bf16 = info.bf16 if bf16 is None else bf16
+    parallel.init_model_parallel(tensor_parallel, pipeline_parallel, seed=seed)
+    config = transformer_config(
+        info.preset, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+        bf16=bf16, cpu=cpu_mode.is_enabled(), calculate_per_token_loss=True,
+    )
+    use_te = {"auto": None, "local": False, "transformer_engine": True}.get(info.transformer_impl)
+    model: torch.nn.Module = build_patch_gpt_model(
+        config, info.vocab_size, info.seq_length, patch_size=1,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        use_transformer_engine=use_te,
+    )
+    if not cpu_mode.is_enabled():
+        model.cuda(torch.cuda.current_device())
+    if bf16:
+        model = Float16Module(config, model)
+    model.eval()
+    return [model]
+
+
+def load_weights(model: List[torch.nn.Module], info: CheckpointInfo, path: Optional[str] = None) -> None:
+    """Load the model weights of ``path`` (default: ``info.path``) into ``model``, resharding
+    from whatever layout they were saved at (dist_checkpointing)."""
+    ckpt.load_checkpoint(path or info.path, model, info.shape, restore_rng=False)
+
+
+def inner(model: List[torch.nn.Module]) -> PatchGPTModel:
+    from megatron_patch.training.builders import unwrap
+
+    return unwrap(model[0])

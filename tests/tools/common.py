@@ -1,0 +1,59 @@
+"""Shared pieces of the checkpoint-tool tests: calling a tool's ``main``, an independent Megatron
+forward pass, plain tensors of a checkpoint."""
+
+import os
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+
+from megatron_patch import parallel
+from megatron_patch.model import build_patch_gpt_model
+from megatron_patch.presets import get_preset, transformer_config
+from megatron_patch.training.checkpoint import resolve_checkpoint
+
+VOCAB = 512  # pieces of the tiny_corpus tokenizer
+ROWS = 576  # the padded vocabulary of the trained fixture (tests/tools/conftest.py)
+SEQ = 32  # T of tests.training.common.trainer_args
+
+
+def call(tool, argv, capsys):
+    """``tool.main(argv)`` -> (exit code, stdout, stderr lines)."""
+    capsys.readouterr()
+    code = tool.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, [line for line in captured.err.splitlines() if line.strip()]
+
+
+def assert_one_line_error(code, err, expected, exit_code=2):
+    assert code == exit_code, (code, err)
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert expected in err[0], err[0]
+
+
+def leftovers(folder):
+    """Hidden partial outputs the tools may have left in ``folder``."""
+    return [name for name in os.listdir(folder) if ".partial-" in name or ".replaced-" in name or name.endswith(".tmp")]
+
+
+def megatron_model(checkpoint, vocab=ROWS, seq=SEQ):
+    """The tiny model of ``checkpoint`` at TP=1 PP=1 (fp32), loaded with dist_checkpointing directly."""
+    parallel.init_model_parallel(1, 1, seed=5)
+    config = transformer_config(get_preset("tiny"), cpu=True, calculate_per_token_loss=True)
+    model = build_patch_gpt_model(config, vocab, seq, patch_size=1, pre_process=True, post_process=True)
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, resolve_checkpoint(str(checkpoint)))
+    model.load_state_dict(state["model"], strict=True)
+    model.eval()
+    assert parallel_state.get_tensor_model_parallel_world_size() == 1
+    return model
+
+
+@torch.no_grad()
+def megatron_logits(model, tokens):
+    """``[b, s, V]`` fp32 logits (GPTModel without labels, TP=1)."""
+    return model(tokens, None, None).float()
+
+
+def model_tensors(checkpoint):
+    """The model's tensors of a checkpoint, unsharded (optimizer state left out)."""
+    tensors = dist_checkpointing.load_plain_tensors(resolve_checkpoint(str(checkpoint)))
+    return {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor) and not k.startswith("optimizer.")}

@@ -1,0 +1,26 @@
+"""A tiny two-stage run, trained once per pytest process by the trainer itself (in-process)."""
+
+import pytest
+
+from megatron_patch.training import checkpoint, cli
+from tests.training.common import trainer_args
+
+ITERS = 6  # K=4, lambda=2/3: 4 patch steps (checkpoint iter 4), then 2 token steps (iter 6)
+PAD_TO = 96  # --make-vocab-size-divisible-by: the 512 pieces are padded to 576 rows (at TP 1 and 2)
+
+
+@pytest.fixture(scope="session")
+def trained(world, tiny_corpus, tmp_path_factory):
+    """``{root, patch, final, corpus}``: the run's --save root, its patch-stage boundary checkpoint
+    (TP=1 PP=1) and its final token-stage checkpoint. The vocabulary is padded (576 rows for 512
+    pieces), so that the tools' handling of padding is exercised."""
+    root = tmp_path_factory.mktemp("trained") / "run"
+    code = cli.main(trainer_args(tiny_corpus, root, "--eval-iters", "0", "--keep-last-checkpoints", "0",
+                                 "--make-vocab-size-divisible-by", str(PAD_TO), train_iters=ITERS))
+    assert code == 0
+    return {
+        "root": str(root),
+        "patch": checkpoint.checkpoint_dir(str(root), 4),
+        "final": checkpoint.checkpoint_dir(str(root), ITERS),
+        "corpus": tiny_corpus,
+    }

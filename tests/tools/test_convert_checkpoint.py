@@ -1,0 +1,122 @@
+"""tools/convert_checkpoint.py in a world of one: a patch-stage checkpoint becomes a token-stage
+start (weights bit for bit, metadata recorded, optimizer dropped); every bad input is one line,
+exit 2, and leaves nothing behind; a failed self-check exits 1 and leaves nothing either.
+(Resharding across TP/PP and the token stage started from the result: tests/dist.)"""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from megatron.core import dist_checkpointing
+
+from megatron_patch.checkpoint_tools import conversion
+from megatron_patch.training import checkpoint
+from tests.tools.common import assert_one_line_error, call, leftovers, model_tensors
+from tools import convert_checkpoint
+
+
+def test_patch_checkpoint_becomes_a_token_stage_start(trained, tmp_path, capsys):
+    save = tmp_path / "token-start"
+    code, out, err = call(convert_checkpoint, ["--cpu", "--load", trained["patch"], "--save", save,
+                                               "--tolerance", "1e-6"], capsys)
+    assert code == 0, err
+    assert "max absolute difference 0.000e+00" in out  # same layout: the very same weights
+    assert checkpoint.read_tracker(str(save)) == 0
+    converted = checkpoint.resolve_checkpoint(str(save))
+    meta = checkpoint.read_metadata(converted)
+    source = checkpoint.read_metadata(trained["patch"])
+    assert meta["iteration"] == 0
+    assert meta["progress"]["stage"] == "token" and meta["progress"]["stage_iteration"] == 0
+    assert meta["model_shape"] == source["model_shape"]
+    info = meta["conversion"]
+    assert info["source"] == trained["patch"] and info["source_stage"] == "patch"
+    assert info["patch_size"] == 4 and info["patch_data_fraction"] == pytest.approx(2 / 3)
+    assert info["consumed_tokens"] == source["progress"]["consumed_tokens"] and info["consumed_tokens"]["patch"] > 0
+    assert info["source_layout"] == {"data": 1, "pipeline": 1, "tensor": 1}
+    assert info["max_abs_logit_diff"] == 0.0
+    # weights only, bit for bit
+    keys = set(dist_checkpointing.load_tensors_metadata(converted))
+    assert not any(k.startswith("optimizer") for k in keys)
+    before, after = model_tensors(trained["patch"]), model_tensors(converted)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not leftovers(tmp_path)
+
+
+def test_force_replaces_an_existing_folder(trained, tmp_path, capsys):
+    save = tmp_path / "out"
+    save.mkdir()
+    (save / "stale.txt").write_text("old")
+    code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["root"], "--save", save, "--force"], capsys)
+    assert code == 0, err
+    assert not (save / "stale.txt").exists()
+    # --load of a --save root takes its latest checkpoint (the final, token-stage one)
+    assert json.load(open(save / "iter_0000000" / "megatron_patch.json"))["conversion"]["source"] == trained["final"]
+    assert not leftovers(tmp_path)
+
+
+def _corrupt_copy(trained, tmp_path, what):
+    copy = tmp_path / "bad"
+    shutil.copytree(trained["patch"], copy)
+    if what == "tensors":
+        for name in os.listdir(copy):
+            if name.endswith(".distcp"):
+                with open(copy / name, "r+b") as f:
+                    f.truncate(100)
+    else:
+        (copy / checkpoint.METADATA).write_text("{not json")
+    return copy
+
+
+BAD = {
+    "missing": (lambda t, p: ["--load", p / "nowhere"], "no such directory"),
+    "corrupt-tensors": (lambda t, p: ["--load", _corrupt_copy(t, p, "tensors")], "could not be loaded"),
+    "corrupt-metadata": (lambda t, p: ["--load", _corrupt_copy(t, p, "metadata")], "unreadable checkpoint metadata"),
+    "tp-heads": (lambda t, p: ["--load", t["patch"], "--tensor-model-parallel-size", "3"],
+                 "--tensor-model-parallel-size 3 does not divide the 4 attention heads"),
+    "pp-layers": (lambda t, p: ["--load", t["patch"], "--pipeline-model-parallel-size", "3"],
+                  "--pipeline-model-parallel-size 3 does not divide the 4 layers"),
+    "vocab-padding": (lambda t, p: ["--load", t["patch"], "--tensor-model-parallel-size", "4"],
+                      "pads the tokenizer's 512 pieces to 768 rows"),
+    "world-size": (lambda t, p: ["--load", t["patch"], "--tensor-model-parallel-size", "2"],
+                   "world size 1 is not a multiple of TP x PP = 2"),
+    "other-shape": (lambda t, p: ["--load", t["patch"], "--model", "cpu-small"], "another model shape"),
+    "bad-flag": (lambda t, p: ["--load", t["patch"], "--tensor-model-parallel-size", "two"], "invalid int value"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_and_leaves_nothing(trained, tmp_path, capsys, case):
+    make_argv, expected = BAD[case]
+    save = tmp_path / "out"
+    code, _, err = call(convert_checkpoint, ["--cpu", "--save", save, *make_argv(trained, tmp_path)], capsys)
+    assert_one_line_error(code, err, expected)
+    assert not save.exists() and not leftovers(tmp_path)
+
+
+def test_existing_output_needs_force(trained, tmp_path, capsys):
+    save = tmp_path / "out"
+    save.mkdir()
+    (save / "keep.txt").write_text("mine")
+    code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["patch"], "--save", save], capsys)
+    assert_one_line_error(code, err, "already exists: pass --force")
+    assert os.listdir(save) == ["keep.txt"] and not leftovers(tmp_path)
+
+
+def test_output_may_not_replace_the_source(trained, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(trained["patch"], copy / "iter_0000004")
+    code, _, err = call(convert_checkpoint, ["--cpu", "--load", copy / "iter_0000004", "--save", copy, "--force"],
+                        capsys)
+    assert_one_line_error(code, err, "would replace the source checkpoint")
+    assert os.path.isdir(copy / "iter_0000004")
+
+
+def test_failed_self_check_exits_1_and_leaves_nothing(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(conversion, "_verify", lambda plan, converted: 0.5)
+    save = tmp_path / "out"
+    code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["patch"], "--save", save], capsys)
+    assert_one_line_error(code, err, "max absolute logit difference 5.000e-01", exit_code=1)
+    assert not save.exists() and not leftovers(tmp_path)

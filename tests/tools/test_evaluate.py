@@ -1,0 +1,137 @@
+"""tools/evaluate.py against a float64 oracle written here from the definition: the token stream
+(EOD, each document, EOD), each target scored once in the window that first holds it, fp32 logits
+of the model (megatron's GPTModel, called directly), cross-entropy in float64
+(tests/reference.py). Bad inputs give one-line errors."""
+
+import json
+import lzma
+import math
+
+import pytest
+import torch
+
+from tests.reference import reference_per_target_loss
+from tests.tools.common import SEQ, assert_one_line_error, call, leftovers, megatron_logits, megatron_model
+from tools import evaluate, train_tokenizer
+
+TEXTS = [
+    "It was the best of times, it was the worst of times.",
+    "Émile paid 12 € for 3 croissants — très bien!\nNew line, same document.",
+    "",  # skipped, as in preprocessing
+    "Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing "
+    "to do: once or twice she had peeped into the book her sister was reading, but it had no pictures "
+    "or conversations in it.",
+]
+
+
+def _write_jsonl(path, texts):
+    with open(path, "w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    return path
+
+
+def reference(checkpoint, tokenizer_path, texts, seq_length, stride):
+    """(loss sum in nats, targets, bytes) by the definition, in float64."""
+    import sentencepiece
+
+    processor = sentencepiece.SentencePieceProcessor(model_file=tokenizer_path)
+    eod = processor.eos_id()
+    stream = [eod]
+    for text in texts:
+        if text:
+            stream += processor.encode(text) + [eod]
+    model = megatron_model(checkpoint)
+    total, targets = 0.0, len(stream) - 1
+    cache = {}
+    for t in range(1, targets + 1):  # target x[t], predicted from x[begin:t]
+        k = max(0, math.ceil((t - seq_length) / stride))  # the first window (begin k*stride) that holds it
+        begin = k * stride
+        if k not in cache:
+            window = torch.tensor([stream[begin: begin + seq_length]])
+            cache[k] = megatron_logits(model, window)[0]  # [s, V]
+        logits = cache[k][t - 1 - begin]  # position t-1-begin predicts x[t]
+        total += reference_per_target_loss(logits.view(1, 1, -1), torch.tensor([[[stream[t]]]]))[0, 0, 0].item()
+    return total, targets, sum(len(text.encode("utf-8")) for text in texts)
+
+
+@pytest.mark.parametrize("window", [["--window", "non-overlapping"], ["--window", "sliding", "--stride", "12"]],
+                         ids=["non-overlapping", "sliding"])
+def test_loss_equals_float64_reference(trained, tmp_path, capsys, window):
+    data = _write_jsonl(tmp_path / "eval.jsonl", TEXTS)
+    output = tmp_path / "result.json"
+    code, out, err = call(evaluate, ["--cpu", "--load", trained["final"], "--input", data, "--output-json", output,
+                                     "--micro-batch-size", "3", *window], capsys)
+    assert code == 0, err
+    result = json.load(open(output))
+    stride = 12 if "sliding" in window else SEQ
+    loss_sum, targets, text_bytes = reference(trained["final"], trained["corpus"]["tokenizer"], TEXTS, SEQ, stride)
+    assert result["tokens"] == targets and result["documents"] == 3 and result["bytes"] == text_bytes
+    assert result["empty_documents_skipped"] == 1
+    assert result["window"] == window[1] and result["stride"] == stride
+    assert abs(result["loss"] - loss_sum / targets) <= 1e-6 * loss_sum / targets
+    assert result["perplexity"] == pytest.approx(math.exp(loss_sum / targets), rel=1e-6)
+    assert result["bits_per_byte"] == pytest.approx(loss_sum / math.log(2) / text_bytes, rel=1e-6)
+    assert window[1] in out and f"loss {result['loss']:.4f}" in out
+    assert not leftovers(tmp_path)
+
+
+def test_prefix_and_jsonl_of_the_same_documents_agree(trained, shared_data, tmp_path, capsys):
+    with lzma.open(shared_data / "tiny.jsonl.xz", "rt", encoding="utf-8") as f:
+        first = [json.loads(next(f))["text"] for _ in range(2)]
+    data = _write_jsonl(tmp_path / "first.jsonl", first)
+    results = []
+    for source in (["--input", data], ["--data-path", trained["corpus"]["prefix"], "--max-documents", "2"]):
+        output = tmp_path / "r.json"
+        code, _, err = call(evaluate, ["--cpu", "--load", trained["root"], *source, "--output-json", output,
+                                       "--micro-batch-size", "8"], capsys)
+        assert code == 0, err
+        results.append(json.load(open(output)))
+    jsonl, prefix = results
+    assert jsonl["tokens"] == prefix["tokens"] and jsonl["documents"] == prefix["documents"] == 2
+    assert jsonl["loss_sum_nats"] == pytest.approx(prefix["loss_sum_nats"], rel=1e-12)
+    assert jsonl["bytes"] == prefix["bytes"]  # detokenizing gives the text back
+
+
+def _tokenizer(tmp_path, texts, vocab):
+    corpus = _write_jsonl(tmp_path / f"tok{vocab}.jsonl", texts)
+    prefix = tmp_path / f"tok{vocab}"
+    argv = ["--input", str(corpus), "--vocab-size", str(vocab), "--output-prefix", str(prefix)]
+    assert train_tokenizer.main(argv) == 0
+    return f"{prefix}.model"
+
+
+@pytest.fixture(scope="module")
+def other_texts(shared_data):
+    with lzma.open(shared_data / "tiny.jsonl.xz", "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in list(f)[-8:]]
+
+
+BAD = {
+    "missing-checkpoint": (lambda t, p, o: ["--load", p / "nowhere", "--input", p / "d.jsonl"], "no such directory"),
+    "missing-data": (lambda t, p, o: ["--load", t["final"], "--data-path", p / "nothing"], "data prefix"),
+    "bad-jsonl": (lambda t, p, o: ["--load", t["final"], "--input", p / "broken.jsonl"], "broken.jsonl, line 2"),
+    "tokenizer-size": (lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl",
+                                        "--tokenizer-model", _tokenizer(p, o, 700)],
+                       "has 700 pieces (padded: 768) but checkpoint"),
+    "tokenizer-pieces": (lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl",
+                                          "--tokenizer-model", _tokenizer(p, o, 512)], "another vocabulary"),
+    "stride-without-sliding": (lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl", "--stride", "4"],
+                               "--stride 4 needs --window sliding"),
+    "tp-heads": (lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl", "--tensor-model-parallel-size", "3"],
+                 "does not divide the 4 attention heads"),
+    "other-shape": (lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl", "--model", "cpu-small"],
+                    "another model shape"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line(trained, tmp_path, capsys, other_texts, case):
+    _write_jsonl(tmp_path / "d.jsonl", TEXTS)
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    make_argv, expected = BAD[case]
+    output = tmp_path / "out.json"
+    argv = ["--cpu", "--output-json", output, *make_argv(trained, tmp_path, other_texts)]
+    code, _, err = call(evaluate, argv, capsys)
+    assert_one_line_error(code, err, expected)
+    assert not output.exists() and not leftovers(tmp_path)

@@ -1,0 +1,79 @@
+"""Convert a patch-stage checkpoint (any TP/PP) into a token-stage starting checkpoint (any TP/PP).
+
+Weights only: iteration 0 of the token stage, optimizer and LR schedule dropped, the source path,
+K, lambda, consumed tokens and source layout recorded in ``megatron_patch.json``. The model shape
+is read from the source's metadata. Run it at the target world size (any multiple of TP x PP)::
+
+    torchrun --nproc_per_node=2 tools/convert_checkpoint.py --load runs/patch --save runs/token-start \\
+        --tensor-model-parallel-size 1 --pipeline-model-parallel-size 2
+
+    python tools/convert_checkpoint.py --cpu --load runs/patch --save runs/token-start   # TP=1 PP=1
+
+then start the token stage with ``--stage token --pretrained-checkpoint runs/token-start``. The tool
+checks its output (logits of the converted checkpoint at the target layout against the source's
+at TP=1 PP=1; max absolute difference printed, exit 1 beyond ``--tolerance``) before renaming it
+into place. Exit codes: 0 ok, 1 check failed, 2 bad input.
+"""
+
+import os
+import sys
+from typing import List, Optional
+
+if __package__ in (None, ""):  # run as `python tools/convert_checkpoint.py` from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser():
+    from megatron_patch.checkpoint_tools.common import ToolArgumentParser
+
+    parser = ToolArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)
+    parser.add_argument("--load", required=True, help="source: a --save root (its latest checkpoint) or one checkpoint")
+    parser.add_argument("--save", required=True, help="output folder (created; see --force)")
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1, help="target TP")
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="target PP")
+    parser.add_argument("--force", action="store_true", help="replace an existing --save folder")
+    parser.add_argument("--cpu", action="store_true", help="CPU mode over gloo")
+    parser.add_argument("--tolerance", type=float, default=1e-3,
+                        help="max absolute logit difference accepted by the self-check (fp32)")
+    parser.add_argument("--model", default=None, help="optional guard: the preset the checkpoint must have")
+    parser.add_argument("--tokenizer-model", default=None,
+                        help="SentencePiece model (default: the one the source was trained with); used to "
+                             "check the target TP pads the vocabulary as the source did")
+    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
+                        help="as given to the token-stage trainer (default: the source run's)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from megatron_patch.checkpoint_tools import common
+
+    common.configure("convert_checkpoint")
+
+    def body():
+        args = build_parser().parse_args(argv)
+        from megatron_patch.checkpoint_tools import conversion
+
+        with common.tool_world(args.cpu):
+            plan = conversion.plan_from_flags(
+                args.load, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                force=args.force, tolerance=args.tolerance, model=args.model, tokenizer_model=args.tokenizer_model,
+                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            )
+            result = conversion.convert(plan)
+            if common.rank() == 0:
+                info = result.metadata["conversion"]
+                layout = info["source_layout"]
+                print(f"converted {info['source']} ({info['source_stage']} stage, iteration "
+                      f"{info['source_iteration']}, TP={layout.get('tensor')} PP={layout.get('pipeline')})")
+                print(f"to {result.checkpoint} (token stage, iteration 0, TP={plan.tensor_parallel} "
+                      f"PP={plan.pipeline_parallel}, weights only)")
+                print(f"logits check: max absolute difference {result.max_abs_diff:.3e} "
+                      f"(tolerance {result.tolerance:.1e}) in {result.seconds:.1f} s")
+                print(f"next: --stage token --pretrained-checkpoint {plan.save}")
+
+    return common.run_tool(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Token-level evaluation of a checkpoint: loss, perplexity and bits per byte, at any TP/PP.
+
+Data: a ``.bin/.idx`` prefix (``--data-path``, as written by tools/preprocess_data.py) or
+JSONL / text files (``--input``, one line = one document, .gz/.xz/.zst allowed, text under
+``--json-keys``). Documents are concatenated in order, each followed by EOD (as in training),
+after one leading EOD; every token is scored once. Windows of ``--seq-length`` tokens (default:
+the checkpoint's T): ``--window non-overlapping`` (default) or ``--window sliding --stride S``.
+Bits per byte count the UTF-8 bytes of the evaluated text (for a prefix: of the detokenized
+documents). Example::
+
+    python tools/evaluate.py --cpu --load runs/final --input ../shared/data/wikitext103_test.jsonl.xz \\
+        --output-json wikitext.json
+
+Exit codes: 0 ok, 1 self-check failed, 2 bad input.
+"""
+
+import os
+import sys
+from typing import List, Optional
+
+if __package__ in (None, ""):  # run as `python tools/evaluate.py` from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser():
+    from megatron_patch.checkpoint_tools.common import ToolArgumentParser
+
+    parser = ToolArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--load", required=True, help="a --save root (its latest checkpoint) or one checkpoint")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data-path", default=None, help="a .bin/.idx prefix (without the extension)")
+    data.add_argument("--input", nargs="+", default=None, help="JSONL or text files, or quoted globs")
+    parser.add_argument("--json-keys", nargs="+", default=["text"], help="the JSON key holding the text (one)")
+    parser.add_argument("--tokenizer-model", default=None,
+                        help="SentencePiece model (default: the one the checkpoint was trained with)")
+    parser.add_argument("--max-documents", type=int, default=None, help="evaluate only the first N documents")
+    parser.add_argument("--seq-length", type=int, default=None, help="T, tokens per window (default: the checkpoint's)")
+    parser.add_argument("--micro-batch-size", type=int, default=4, help="windows per micro-batch")
+    parser.add_argument("--window", choices=["non-overlapping", "sliding"], default="non-overlapping")
+    parser.add_argument("--stride", type=int, default=None, help="sliding windows: tokens between window starts "
+                                                                 "(default T/2); each scores its last S tokens")
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parser.add_argument("--fp32", action="store_true", help="run a bf16 checkpoint in fp32")
+    parser.add_argument("--cpu", action="store_true", help="CPU mode over gloo")
+    parser.add_argument("--model", default=None, help="optional guard: the preset the checkpoint must have")
+    parser.add_argument("--output-json", default=None, help="also write the results here (JSON)")
+    return parser
+
+
+def _run(args) -> None:
+    import json
+    import logging
+
+    from megatron_patch.checkpoint_tools import common, evaluation, source, token_stream
+    from megatron_patch.checkpoint_tools.common import ToolError
+    from megatron_patch.data.tokenizer import SentencePieceTokenizer
+    from megatron_patch.training.checkpoint import _write_atomic
+
+    if len(args.json_keys) != 1:
+        raise ToolError(f"--json-keys {' '.join(args.json_keys)}: evaluate one key at a time")
+    if args.max_documents is not None and args.max_documents < 1:
+        raise ToolError(f"--max-documents {args.max_documents} must be >= 1")
+    if args.output_json and not os.path.isdir(os.path.dirname(os.path.abspath(args.output_json))):
+        raise ToolError(f"--output-json {args.output_json}: its folder does not exist; create it first")
+    info = source.read_checkpoint(args.load, "--load", args.model)
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    source.check_layout(info, tp, pp)
+    settings = evaluation.EvalSettings(args.seq_length or info.seq_length, args.micro_batch_size, args.window,
+                                       args.stride)
+    if settings.seq_length > info.seq_length:
+        logging.getLogger("megatron_patch.tools.evaluate").warning(
+            "--seq-length %d is longer than the %d positions the model was trained on", settings.seq_length,
+            info.seq_length)
+    tokenizer_path = args.tokenizer_model or info.tokenizer_model
+    if not tokenizer_path:
+        raise ToolError(f"checkpoint {info.path} records no tokenizer: pass --tokenizer-model")
+    tokenizer = SentencePieceTokenizer(tokenizer_path)
+    trained_tp = int(info.args.get("tensor_model_parallel_size", info.layout.get("tensor", 1)))
+    evaluation.check_tokenizer(tokenizer, info.vocab_size, info.divisible_by, trained_tp, info.path,
+                               info.tokenizer_model)
+    if args.data_path:
+        corpus = token_stream.corpus_from_prefix(args.data_path, tokenizer, args.max_documents)
+        described = {"data_path": args.data_path}
+    else:
+        corpus = token_stream.corpus_from_files(args.input, tokenizer, args.json_keys[0], args.max_documents)
+        described = {"input": args.input, "json_key": args.json_keys[0]}
+    with common.tool_world(args.cpu) as world_size:
+        source.check_world(world_size, tp, pp)
+        model = source.build_model(info, tp, pp, bf16=False if args.fp32 else None)
+        source.load_weights(model, info)
+        result = evaluation.evaluate(model, corpus, settings, pad=tokenizer.eod)
+        if common.rank() != 0:
+            return
+        report = {
+            "checkpoint": info.path, "iteration": info.meta.get("iteration"), "stage": info.progress.get("stage"),
+            "model": info.preset.name, **described, "tokenizer_model": tokenizer.model_path,
+            "layout": {"tensor": tp, "pipeline": pp, "data": world_size // (tp * pp)},
+            "dtype": "float32" if args.fp32 or not info.bf16 else "bfloat16",
+            **result.to_dict(),
+            "bytes_counted": "UTF-8 bytes of the documents' text" if args.input else
+                             "UTF-8 bytes of the detokenized documents",
+            "scoring": "documents in order, each followed by EOD, after one leading EOD; every token (EODs "
+                       "included) scored once",
+        }
+        if args.output_json:
+            _write_atomic(args.output_json, json.dumps(report, indent=1) + "\n")
+        window = "non-overlapping"
+        if result.window == "sliding":
+            context = result.seq_length - result.stride + 1
+            window = f"sliding, stride {result.stride} (at least {context} tokens of context)"
+        print(f"checkpoint: {info.path} ({report['stage']} stage, iteration {report['iteration']}, "
+              f"model {info.preset.name})")
+        print(f"data: {args.data_path or ' '.join(args.input)}: {result.documents} documents, {result.bytes} bytes "
+              f"({report['bytes_counted']})")
+        print(f"windows: {window}, {result.seq_length} tokens; TP={tp} PP={pp} DP={report['layout']['data']}")
+        print(f"tokens scored: {result.tokens} (EODs included) in {result.seconds:.1f} s")
+        print(f"loss {result.loss:.4f} nats/token | perplexity {result.perplexity:.3f} | "
+              f"bits per byte {result.bits_per_byte:.4f}")
+        if args.output_json:
+            print(f"wrote {args.output_json}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from megatron_patch.checkpoint_tools import common
+
+    common.configure("evaluate")
+
+    def body():
+        _run(build_parser().parse_args(argv))
+
+    return common.run_tool(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

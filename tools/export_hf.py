@@ -1,0 +1,130 @@
+"""Export a token-level checkpoint (any TP/PP) to a Hugging Face ``LlamaForCausalLM`` folder.
+
+Writes config.json, generation_config.json, model.safetensors (the checkpoint's dtype), the
+SentencePiece tokenizer (tokenizer.model, tokenizer_config.json, special_tokens_map.json) and
+megatron_patch_export.json (provenance). The tensors are read unsharded without building a
+model. The padded vocabulary is kept (the exported model computes exactly Megatron's
+distribution); ``--trim-vocab`` cuts it to the tokenizer's pieces. Only the paper's LLaMA-style
+architecture is accepted. Example::
+
+    python tools/export_hf.py --cpu --load runs/final --save hf/patch-370m --verify-logits
+
+The tool reads its safetensors file back and, with ``--verify-logits`` (needs transformers),
+compares transformers' logits with Megatron's on a fixed batch. Exit codes: 0 ok, 1 check
+failed, 2 bad input.
+"""
+
+import os
+import sys
+from typing import List, Optional
+
+if __package__ in (None, ""):  # run as `python tools/export_hf.py` from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser():
+    from megatron_patch.checkpoint_tools.common import ToolArgumentParser
+
+    parser = ToolArgumentParser(prog="export_hf.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--load", required=True, help="a --save root (its latest checkpoint) or one checkpoint")
+    parser.add_argument("--save", required=True, help="output folder (created; see --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --save folder")
+    parser.add_argument("--tokenizer-model", default=None,
+                        help="SentencePiece model (default: the one the checkpoint was trained with)")
+    parser.add_argument("--trim-vocab", action="store_true",
+                        help="cut the padded vocabulary to the tokenizer's pieces (default: keep it)")
+    parser.add_argument("--verify-logits", action="store_true",
+                        help="compare transformers' logits with Megatron's (TP=1 PP=1, fp32) on a fixed batch")
+    parser.add_argument("--tolerance", type=float, default=1e-3, help="max absolute logit difference (--verify-logits)")
+    parser.add_argument("--model", default=None, help="optional guard: the preset the checkpoint must have")
+    parser.add_argument("--cpu", action="store_true", help="CPU mode over gloo")
+    return parser
+
+
+def _run(args) -> None:
+    import logging
+    import time
+
+    import torch
+
+    from megatron_patch.checkpoint_tools import common, hf_export, source
+    from megatron_patch.checkpoint_tools.common import ToolError, VerificationError
+    from megatron_patch.checkpoint_tools.evaluation import check_tokenizer
+    from megatron_patch.checkpoint_tools.logits import fixed_tokens, forward_logits
+    from megatron_patch.checkpoint_tools.output import StagedFolder, check_output_folder
+    from megatron_patch.data.tokenizer import SentencePieceTokenizer
+
+    logger = logging.getLogger("megatron_patch.tools.export_hf")
+    start = time.perf_counter()
+    if not args.tolerance >= 0:
+        raise ToolError(f"--tolerance {args.tolerance} must be >= 0")
+    info = source.read_checkpoint(args.load, "--load", args.model)
+    hf_export.check_architecture_args(info)
+    final = check_output_folder(args.save, args.force, "--save")
+    tokenizer_path = args.tokenizer_model or info.tokenizer_model
+    if not tokenizer_path:
+        raise ToolError(f"checkpoint {info.path} records no tokenizer: pass --tokenizer-model")
+    tokenizer = SentencePieceTokenizer(tokenizer_path)
+    trained_tp = int(info.args.get("tensor_model_parallel_size", info.layout.get("tensor", 1)))
+    check_tokenizer(tokenizer, info.vocab_size, info.divisible_by, trained_tp, info.path, info.tokenizer_model)
+    if info.progress.get("stage") == "patch":
+        logger.warning("%s is a patch-stage checkpoint: its weights predict the next patch, not the next token; "
+                       "export the final token-stage checkpoint", info.path)
+    vocab_size = tokenizer.vocab_size if args.trim_vocab else info.vocab_size
+    with common.tool_world(args.cpu):
+        tensors = hf_export.read_tensors(info)
+        weights = hf_export.to_llama(info, tensors, vocab_size)
+        del tensors
+        dtype = weights["lm_head.weight"].dtype
+        config = hf_export.llama_config(info, tokenizer, vocab_size, dtype)
+        provenance = {"source": info.path, "iteration": info.meta.get("iteration"), "progress": info.progress,
+                      "source_layout": info.layout, "model": info.preset.name, "tokenizer_model": tokenizer.model_path,
+                      "vocab": "trimmed to the tokenizer" if args.trim_vocab else "padded, as trained",
+                      "padded_vocab_size": info.vocab_size, "tokenizer_vocab_size": tokenizer.vocab_size}
+        with StagedFolder(final) as staged:
+            hf_export.rank_zero_first(hf_export.write_folder, staged.path, weights, config, tokenizer,
+                                      info.seq_length, provenance)
+            difference = None
+            if args.verify_logits:
+                tokens = fixed_tokens(tokenizer.vocab_size, 2, min(info.seq_length, 64))
+                model = source.build_model(info, 1, 1, bf16=False)
+                source.load_weights(model, info)
+                reference = forward_logits(model, tokens, info.vocab_size)[..., :vocab_size]
+                del model
+                hf_logits = hf_export.rank_zero_first(hf_export.transformers_logits, staged.path, tokens)
+                result = [None]
+                if common.rank() == 0:
+                    result[0] = (hf_logits - reference).abs().max().item()
+                torch.distributed.broadcast_object_list(result, src=0)
+                difference = result[0]
+                logger.info("max |logits(transformers) - logits(megatron)| = %.3e", difference)
+                if not difference <= args.tolerance:
+                    raise VerificationError(f"transformers' logits differ from Megatron's by {difference:.3e} > "
+                                            f"--tolerance {args.tolerance:.1e}; nothing was written to {args.save}")
+            staged.commit()
+    if common.rank() == 0:
+        parameters = sum(t.numel() for t in weights.values())
+        print(f"exported {info.path} ({info.progress.get('stage')} stage, iteration {info.meta.get('iteration')}, "
+              f"model {info.preset.name}) to {final}")
+        print(f"LlamaForCausalLM: {parameters:,} parameters, {str(dtype).replace('torch.', '')}, vocabulary "
+              f"{vocab_size} ({'trimmed to the tokenizer' if args.trim_vocab else 'padded, as trained'}; "
+              f"tokenizer {tokenizer.vocab_size} pieces)")
+        if difference is not None:
+            print(f"logits check: max absolute difference transformers vs Megatron {difference:.3e} "
+                  f"(tolerance {args.tolerance:.1e})")
+        print(f"done in {time.perf_counter() - start:.1f} s")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from megatron_patch.checkpoint_tools import common
+
+    common.configure("export_hf")
+
+    def body():
+        _run(build_parser().parse_args(argv))
+
+    return common.run_tool(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
