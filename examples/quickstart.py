@@ -14,6 +14,7 @@ import json
 import lzma
 import math
 import os
+import random
 import subprocess
 import sys
 import time
@@ -21,7 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "examples" / "data" / "tiny.jsonl.xz"
-HELD_OUT_EVERY = 10  # every 10th document is held out for evaluation
+HELD_OUT_EVERY = 10  # every 10th document (after a seeded shuffle) is held out for evaluation
+SEED = 1234
 PATCH_SIZE, PATCH_FRACTION = 4, 2 / 3
 
 
@@ -51,12 +53,16 @@ def _split_corpus(work: Path) -> None:
         return
     with lzma.open(CORPUS, "rt", encoding="utf-8") as f:
         lines = [line for line in f if line.strip()]
+    # the bundled corpus is in reading order (book by book); shuffle the documents, as a real
+    # training mix is, so that the patch stage's first lambda and the rest hold the same mix
+    random.Random(SEED).shuffle(lines)
     for path, keep in ((train, lambda i: i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1),
                        (held_out, lambda i: i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1)):
         partial = path.with_suffix(".tmp")
         partial.write_text("".join(line for i, line in enumerate(lines) if keep(i)), encoding="utf-8")
         partial.replace(path)
-    print(f"== corpus: {len(lines)} documents, every {HELD_OUT_EVERY}th held out for evaluation", flush=True)
+    print(f"== corpus: {len(lines)} documents shuffled (seed {SEED}), every {HELD_OUT_EVERY}th held out for "
+          f"evaluation", flush=True)
 
 
 def _torchrun(nproc: int) -> list:
