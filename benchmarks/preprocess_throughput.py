@@ -4,8 +4,9 @@ Usage::
 
     python benchmarks/preprocess_throughput.py                       # train.jsonl.xz, workers 1 2
     python benchmarks/preprocess_throughput.py --tokenizer-model m.model --workers 1 2
+    python benchmarks/preprocess_throughput.py --quiet-load 0.5      # on a shared machine
 
-Steps: (1) decompress the input once to count its uncompressed bytes (the MB in MB/s are these
+Steps: (1) decompress the input once to count its uncompressed bytes (the MB of MB/s are these
 bytes of JSON Lines, 1 MB = 1e6 bytes); (2) unless ``--tokenizer-model`` is given, train a
 SentencePiece BPE tokenizer with ``tools/train_tokenizer.py`` (``--vocab-size``, on a sample of
 ``--tokenizer-sample-lines`` lines); (3) run ``tools/preprocess_data.py --append-eod --workers W``
@@ -15,20 +16,25 @@ as a subprocess for each W and report:
   of tokens/s and MB/s;
 * ``wall s``: wall time of the whole subprocess, including Python and megatron.core imports;
 * ``cpu s``: user + system CPU seconds of the subprocess and its worker processes;
-* ``load``: the 1-minute load average just before the run (other jobs on the machine skew it;
-  ``--quiet-load 0.3`` waits for a quiet machine first).
+* ``load``: the 1-minute load average just before the run (other jobs on the machine skew the
+  figures; ``--quiet-load X`` first waits, up to ``--quiet-timeout`` s, for a load below X).
 
-The outputs of all worker counts are compared byte for byte. Figures are printed, never stored.
+The outputs of all worker counts are compared byte for byte. Figures are printed (and written
+with ``--output-json``), never stored in this script. Bad flags: one ``error:`` line, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import filecmp
+import json
 import os
 import platform
 import re
 import resource
+import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,45 +42,57 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 DEFAULT_INPUT = REPO_ROOT.parent / "shared" / "data" / "train.jsonl.xz"
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--input", default=str(DEFAULT_INPUT))
-    parser.add_argument("--tokenizer-model", help="skip training and use this .model")
-    parser.add_argument("--vocab-size", type=int, default=32000)
-    parser.add_argument("--tokenizer-sample-lines", type=int, default=300_000)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--work-dir", help="keep outputs here (default: a temporary folder)")
-    parser.add_argument("--quiet-load", type=float, default=None,
-                        help="before each run, wait until the 1-minute load average is below this")
-    parser.add_argument("--quiet-timeout", type=float, default=900,
-                        help="seconds to wait for --quiet-load before running anyway")
-    return parser.parse_args()
+class UsageError(Exception):
+    """A bad flag; reported as one line, exit code 2."""
 
 
-def wait_for_quiet(threshold: float | None, timeout: float) -> None:
-    """Wait (up to ``timeout`` s) for other jobs on a shared machine to finish."""
-    if threshold is None:
-        return
-    deadline = time.time() + timeout
-    while os.getloadavg()[0] >= threshold and time.time() < deadline:
-        time.sleep(5)
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
 
 
-def environment() -> str:
+def parse_options(argv: list[str]) -> argparse.Namespace:
+    p = _Parser(prog="benchmarks/preprocess_throughput.py", allow_abbrev=False,
+                description=__doc__.split("\n")[0])
+    p.add_argument("--input", default=str(DEFAULT_INPUT), help="corpus (default train.jsonl.xz)")
+    p.add_argument("--tokenizer-model", help="use this .model instead of training one")
+    p.add_argument("--vocab-size", type=int, default=32000, help="of the trained tokenizer")
+    p.add_argument("--tokenizer-sample-lines", type=int, default=300_000,
+                   help="lines sampled to train the tokenizer")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to run")
+    p.add_argument("--work-dir",
+                   help="keep the outputs here (default: a temporary folder, removed at the end)")
+    p.add_argument("--quiet-load", type=float, help="wait for a 1-minute load average below this")
+    p.add_argument("--quiet-timeout", type=float, default=900, help="longest wait, seconds")
+    p.add_argument("--output-json", help="also write every figure here")
+    opts = p.parse_args(argv)
+    if not os.path.isfile(opts.input):
+        raise UsageError(f"--input {opts.input} does not exist")
+    if opts.tokenizer_model and not os.path.isfile(opts.tokenizer_model):
+        raise UsageError(f"--tokenizer-model {opts.tokenizer_model} does not exist")
+    if min(opts.workers) < 1:
+        raise UsageError(f"--workers {opts.workers}: every count must be >= 1")
+    return opts
+
+
+def environment() -> dict:
     import megatron.core
     import numpy
     import sentencepiece
     import torch
 
-    return (
-        f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, megatron-core {megatron.core.__version__}, "
-        f"sentencepiece {sentencepiece.__version__}, numpy {numpy.__version__}"
-    )
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores), no GPU used",
+        "python": platform.python_version(), "torch": torch.__version__,
+        "megatron_core": megatron.core.__version__, "sentencepiece": sentencepiece.__version__,
+        "numpy": numpy.__version__,
+    }
 
 
 def uncompressed_size(path: str) -> tuple[int, int]:
@@ -99,65 +117,101 @@ def run_tool(name: str, args: list[str]) -> tuple[str, float, float]:
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
-        sys.exit(f"tools/{name}.py failed ({done.returncode}):\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"tools/{name}.py failed ({done.returncode}): {done.stderr[-2000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return done.stdout, wall, cpu
 
 
-def main() -> int:
-    args = parse_args()
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="preprocess-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {environment()}")
-    print(f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}")
-    size, lines = uncompressed_size(args.input)
-    print(f"input: {args.input}, {size / 1e6:.1f} MB uncompressed, {lines} lines")
+def wait_for_quiet(threshold: float | None, timeout: float) -> None:
+    """Wait (up to ``timeout`` s) for other jobs on a shared machine to finish."""
+    deadline = time.time() + timeout
+    while threshold is not None and os.getloadavg()[0] >= threshold and time.time() < deadline:
+        time.sleep(5)
 
-    model = args.tokenizer_model
-    if model is None:
-        prefix = work / f"spm{args.vocab_size}"
-        _, wall, _ = run_tool("train_tokenizer", [
-            "--input", args.input, "--vocab-size", str(args.vocab_size),
-            "--input-sentence-size", str(args.tokenizer_sample_lines),
-            "--output-prefix", str(prefix)])
-        model = f"{prefix}.model"
-        print(f"tokenizer: trained BPE vocab {args.vocab_size} on {args.tokenizer_sample_lines} "
-              f"sampled lines in {wall:.1f} s (wall, incl. start-up)")
-    else:
-        print(f"tokenizer: {model}")
 
+def measure(opts, work: Path, size: int) -> tuple[dict, list[dict], bool]:
+    """Train (or take) the tokenizer, run every worker count; returns (tokenizer, rows, same)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    rows, outputs = [], []
-    for workers in args.workers:
+    tokenizer = {"model": opts.tokenizer_model, "trained": opts.tokenizer_model is None}
+    if opts.tokenizer_model is None:
+        prefix = work / f"spm{opts.vocab_size}"
+        _, wall, _ = run_tool("train_tokenizer", [
+            "--input", opts.input, "--vocab-size", str(opts.vocab_size),
+            "--input-sentence-size", str(opts.tokenizer_sample_lines),
+            "--output-prefix", str(prefix)])
+        tokenizer.update(model=f"{prefix}.model", vocab_size=opts.vocab_size,
+                         sample_lines=opts.tokenizer_sample_lines, train_wall_s=wall)
+    rows, prefixes = [], []
+    for workers in opts.workers:
         folder = work / f"workers{workers}"
         folder.mkdir(exist_ok=True)
-        wait_for_quiet(args.quiet_load, args.quiet_timeout)
+        wait_for_quiet(opts.quiet_load, opts.quiet_timeout)
         load = os.getloadavg()[0]
         stdout, wall, cpu = run_tool("preprocess_data", [
-            "--input", args.input, "--tokenizer-model", model, "--append-eod",
+            "--input", opts.input, "--tokenizer-model", tokenizer["model"], "--append-eod",
             "--workers", str(workers), "--output-prefix", str(folder / "bench"),
             "--log-interval", "100000000"])
-        tool_seconds = float(re.search(r"^time: ([0-9.]+) s", stdout, re.M).group(1))
-        prefix = str(folder / "bench_text_document")
-        dataset = IndexedDataset(prefix)
+        seconds = float(re.search(r"^time: ([0-9.]+) s", stdout, re.M).group(1))
+        prefixes.append(str(folder / "bench_text_document"))
+        dataset = IndexedDataset(prefixes[-1])
         tokens = int(dataset.sequence_lengths.sum(dtype="int64"))
         del dataset
-        outputs.append(prefix)
-        rows.append((workers, tokens, tool_seconds, wall, cpu, load))
+        rows.append({"workers": workers, "tokens": tokens, "tool_s": seconds, "wall_s": wall,
+                     "cpu_s": cpu, "tokens_per_s": tokens / seconds,
+                     "mb_per_s": size / seconds / 1e6, "load_before": load})
+    same = all(filecmp.cmp(prefixes[0] + ext, other + ext, shallow=False)
+               for other in prefixes[1:] for ext in (".bin", ".idx"))
+    return tokenizer, rows, same
 
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+    try:
+        opts = parse_options(argv)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    work = Path(opts.work_dir or tempfile.mkdtemp(prefix="preprocess-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    size, lines = uncompressed_size(opts.input)
+    try:
+        tokenizer, rows, same = measure(opts, work, size)
+    finally:
+        if not opts.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print("python benchmarks/preprocess_throughput.py " + shlex.join(argv))
+    print(f"{env['date_utc']}; {env['device']}; Python {env['python']}, torch {env['torch']}, "
+          f"megatron-core {env['megatron_core']}, sentencepiece {env['sentencepiece']}, "
+          f"numpy {env['numpy']}")
+    print(f"input: {opts.input}, {size / 1e6:.1f} MB uncompressed, {lines} lines")
+    if tokenizer["trained"]:
+        print(f"tokenizer: BPE, vocab {tokenizer['vocab_size']}, trained on "
+              f"{tokenizer['sample_lines']} sampled lines in {tokenizer['train_wall_s']:.1f} s "
+              f"(wall, incl. start-up)")
+    else:
+        print(f"tokenizer: {tokenizer['model']}")
     print()
     print("| workers | tokens | tool s | wall s | cpu s | tokens/s | MB/s | load before |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for workers, tokens, tool_seconds, wall, cpu, load in rows:
-        print(f"| {workers} | {tokens} | {tool_seconds:.1f} | {wall:.1f} | {cpu:.1f} | "
-              f"{tokens / tool_seconds:,.0f} | {size / tool_seconds / 1e6:.2f} | {load:.2f} |")
-    identical = all(
-        filecmp.cmp(outputs[0] + ext, other + ext, shallow=False)
-        for other in outputs[1:] for ext in (".bin", ".idx"))
-    print(f"\noutputs byte-identical across worker counts: {identical}")
-    print(f"work dir: {work}")
-    return 0 if identical else 1
+    for r in rows:
+        print(f"| {r['workers']} | {r['tokens']} | {r['tool_s']:.1f} | {r['wall_s']:.1f} | "
+              f"{r['cpu_s']:.1f} | {r['tokens_per_s']:,.0f} | {r['mb_per_s']:.2f} | "
+              f"{r['load_before']:.2f} |")
+    print(f"\noutputs byte-identical across worker counts: {same}")
+    if opts.output_json:
+        payload = {"command": argv, "environment": env, "input_bytes": size, "input_lines": lines,
+                   "tokenizer": tokenizer, "rows": rows, "identical_outputs": same}
+        temp = f"{opts.output_json}.tmp{os.getpid()}"
+        with open(temp, "w") as stream:
+            json.dump(payload, stream, indent=1)
+        os.replace(temp, opts.output_json)
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

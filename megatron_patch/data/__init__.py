@@ -1,0 +1,14 @@
+"""Data for patch-level training: tokenizer, corpus preprocessing, stage-split datasets.
+
+Modules (import them directly; this package root imports nothing, so that the tools start fast):
+
+* :mod:`~megatron_patch.data.tokenizer` -- ``SentencePieceTokenizer``, a megatron.core tokenizer.
+* :mod:`~megatron_patch.data.datasets` -- ``StageDataConfig``, ``build_stage_datasets``: the
+  patch-stage / token-stage / validation datasets over megatron's ``GPTDataset``.
+* :mod:`~megatron_patch.data.split` -- the per-prefix document ranges of each stage (λ rule).
+* :mod:`~megatron_patch.data.preprocess` -- the engine of ``tools/preprocess_data.py``.
+* :mod:`~megatron_patch.data.inputs` -- reading JSONL / text inputs (globs, gz/xz/zst).
+* :mod:`~megatron_patch.data.indexed` -- ``.bin``/``.idx`` naming, checks and merging.
+* :mod:`~megatron_patch.data.staging` -- atomic outputs (temporary names, rename when complete).
+* :mod:`~megatron_patch.data.errors` -- ``DataError``, the one-line user error of the tools.
+"""

@@ -1,0 +1,228 @@
+"""Reading corpus files for the data tools: globs, JSON Lines or plain text, optional compression.
+
+Unit: **one line of an input file is one document**.
+
+* ``.jsonl`` and ``.json`` are JSON Lines (as in Megatron's ``preprocess_data.py``): each line is a
+  JSON object, and the text of a document is the string under a key such as ``text``. A blank
+  line is an empty document.
+* ``.txt`` is plain text: each line (without its line break) is one document, stored under the
+  first ``--json-keys`` key.
+* Any of these may be compressed: ``.gz`` (gzip), ``.xz`` (lzma), ``.zst`` (zstandard; needs the
+  ``zstandard`` module).
+
+Files are read as bytes and decoded per line (strict UTF-8), so an invalid byte is reported with
+its file and line number. :func:`parse_line` runs in the worker processes of the preprocessing
+tool; everything else runs in the main process.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import lzma
+import os
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator, Sequence
+
+from megatron_patch.data.errors import DataError
+
+FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text"}
+COMPRESSIONS = (".gz", ".xz", ".zst")
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input file: its path, format (``json`` or ``text``), compression and size in bytes."""
+
+    path: str
+    format: str
+    compression: str | None
+    size: int
+
+
+class BadLineError(Exception):
+    """A line that cannot be used: ``reason`` says what is wrong, ``fix`` how to repair the file."""
+
+    def __init__(self, reason: str, fix: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.fix = fix
+
+
+def describe_file(path: str) -> InputFile:
+    """Classify ``path`` by its suffixes (``name.jsonl.xz`` -> json, xz); DataError if unknown."""
+    name = os.path.basename(path).lower()
+    compression = next((c for c in COMPRESSIONS if name.endswith(c)), None)
+    stem = name[: -len(compression)] if compression else name
+    fmt = next((f for suffix, f in FORMATS.items() if stem.endswith(suffix)), None)
+    if fmt is None:
+        raise DataError(
+            f"input '{path}' has an unknown format; name it *.jsonl, *.json or *.txt, optionally "
+            f"followed by .gz, .xz or .zst"
+        )
+    return InputFile(path, fmt, compression, os.path.getsize(path))
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[InputFile]:
+    """Expand files and globs (``data/*.jsonl.xz``, ``**`` allowed) in the order given.
+
+    Each glob's matches are sorted by name. A missing file, a directory, or a glob that matches
+    no file is a :class:`DataError`.
+    """
+    if not patterns:
+        raise DataError("no input given; pass --input FILE [FILE ...] (files or quoted globs)")
+    files: list[InputFile] = []
+    for pattern in patterns:
+        if _GLOB_CHARS & set(pattern):
+            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise DataError(
+                    f"--input glob '{pattern}' matches no file; check the folder and the pattern "
+                    f"(quote it so that the shell does not expand it)"
+                )
+        elif os.path.isdir(pattern):
+            raise DataError(
+                f"--input '{pattern}' is a folder; pass its files or a glob such as "
+                f"'{os.path.join(pattern, '*.jsonl')}'"
+            )
+        elif not os.path.exists(pattern):
+            raise DataError(f"--input file '{pattern}' does not exist; fix the path")
+        else:
+            matches = [pattern]
+        files.extend(describe_file(path) for path in matches)
+    return files
+
+
+def open_binary(file: InputFile) -> tuple[BinaryIO, BinaryIO]:
+    """Open ``file`` for reading decompressed bytes.
+
+    Returns ``(stream, raw)``: ``stream`` yields the decompressed bytes line by line, ``raw`` is
+    the file on disk, whose ``tell()`` (in bytes of ``file.size``) measures progress.
+    """
+    try:
+        raw = open(file.path, "rb")
+    except OSError as err:
+        raise DataError(f"cannot open input '{file.path}': {err.strerror}; check the permissions")
+    if file.compression is None:
+        return raw, raw
+    if file.compression == ".gz":
+        return gzip.GzipFile(fileobj=raw, mode="rb"), raw
+    if file.compression == ".xz":
+        return lzma.LZMAFile(raw, mode="rb"), raw
+    try:
+        import zstandard
+    except ImportError:
+        raw.close()
+        raise DataError(
+            f"input '{file.path}' is zstd-compressed but the 'zstandard' module is not installed; "
+            f"run 'pip install zstandard' or decompress it first (zstd -d '{file.path}')"
+        ) from None
+    reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    return io.BufferedReader(reader), raw
+
+
+def iter_lines(files: Sequence[InputFile]) -> Iterator[tuple[int, int, bytes, int]]:
+    """Yield ``(file index, line number from 1, raw line bytes, bytes read from disk so far)``.
+
+    The last field sums the on-disk (compressed) bytes of the files before plus the read position
+    in the current file, to compare with the sum of ``InputFile.size``.
+    """
+    done = 0
+    for index, file in enumerate(files):
+        stream, raw = open_binary(file)
+        line_number = 0
+        try:
+            for line_number, line in enumerate(stream, start=1):
+                yield index, line_number, line, done + raw.tell()
+        except Exception as err:
+            _raise_if_read_error(file, f" after line {line_number}", err)
+            raise
+        finally:
+            stream.close()
+            raw.close()
+        done += file.size
+
+
+def count_lines(files: Sequence[InputFile]) -> int:
+    """Number of lines (= documents) in ``files``, read in 1 MiB blocks after decompression."""
+    total = 0
+    for file in files:
+        stream, raw = open_binary(file)
+        last = b"\n"
+        try:
+            while block := stream.read(1 << 20):
+                total += block.count(b"\n")
+                last = block[-1:]
+        except Exception as err:
+            _raise_if_read_error(file, "", err)
+            raise
+        finally:
+            stream.close()
+            raw.close()
+        total += last != b"\n"  # a last line without a line break
+    return total
+
+
+def _raise_if_read_error(file: InputFile, where: str, err: Exception) -> None:
+    """Turn a decompression or I/O error while reading ``file`` into a DataError."""
+    # zstandard.ZstdError is not an OSError, so it is recognised by its module
+    if isinstance(err, (OSError, EOFError, lzma.LZMAError)) or type(err).__module__.startswith(
+        "zstandard"
+    ):
+        raise DataError(
+            f"cannot read '{file.path}'{where}: {err}; the file looks truncated or corrupt, "
+            f"re-create or re-download it"
+        ) from None
+
+
+def parse_line(raw: bytes, fmt: str, keys: Sequence[str]) -> dict[str, str]:
+    """Decode one line into ``{key: text}``; :class:`BadLineError` if it cannot be used.
+
+    ``fmt`` is ``json`` or ``text`` (then ``keys`` holds one key). Empty texts are returned as
+    ``""``; deciding what to do with them is the caller's business.
+    """
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadLineError(
+            f"invalid UTF-8 (byte 0x{raw[err.start]:02x} at byte {err.start} of the line)",
+            "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+        ) from None
+    if fmt == "text":
+        return {keys[0]: line.rstrip("\r\n")}
+    line = line.rstrip("\r\n")
+    if not line.strip():
+        return {key: "" for key in keys}
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise BadLineError(
+            f"malformed JSON ({err.msg} at column {err.colno})",
+            "fix or remove the line",
+        ) from None
+    if not isinstance(record, dict):
+        raise BadLineError(
+            f"a JSON {type(record).__name__} where an object was expected",
+            "write one JSON object per line",
+        )
+    texts = {}
+    for key in keys:
+        if key not in record:
+            present = ", ".join(f"'{k}'" for k in list(record)[:8]) or "none"
+            raise BadLineError(
+                f"missing key '{key}' (keys present: {present})",
+                "set --json-keys to the key that holds the text",
+            )
+        value = record[key]
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            raise BadLineError(
+                f"key '{key}' holds a JSON {type(value).__name__}, not a string",
+                "store the text as a JSON string",
+            )
+        texts[key] = value
+    return texts

@@ -1,0 +1,352 @@
+"""Tokenize a corpus into megatron.core ``IndexedDataset`` files (the engine of
+``tools/preprocess_data.py``).
+
+Pipeline: the main process reads lines (one line = one document, see
+:mod:`megatron_patch.data.inputs`), groups them into chunks of about ``chunk_bytes`` bytes of
+one file, and hands the chunks to a ``multiprocessing.Pool`` (``workers`` > 1) or encodes them
+itself (``workers`` = 1). Results are taken back **in submission order** through a bounded window
+of ``4 * workers`` chunks in flight, so the output is byte-identical for any worker count and
+memory stays bounded for any input size. Each document becomes one sequence of token ids
+(``+ [eod]`` with ``append_eod``) written with ``IndexedDatasetBuilder`` in the dtype
+``DType.optimal_dtype(vocab_size)`` (uint16 below 65500 pieces, else int32).
+
+With ``partitions`` = N > 1 the lines are counted first and line ``j`` of ``L`` goes to shard
+``j * N // L`` (contiguous, in order); each shard is its own pair, and the shards are then merged
+into the unsharded pair (unless ``merge_partitions`` is False), which equals a run with N = 1
+byte for byte. Everything is staged in a temporary folder and renamed only once complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy
+from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+from megatron_patch.data.errors import DataError
+from megatron_patch.data.indexed import dataset_prefix, merge_datasets, verify_dataset
+from megatron_patch.data.inputs import BadLineError, count_lines, expand_inputs, iter_lines
+from megatron_patch.data.inputs import parse_line
+from megatron_patch.data.staging import StagedOutputs, output_folder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreprocessConfig:
+    """Options of :func:`preprocess`; the names match the flags of ``tools/preprocess_data.py``."""
+
+    input: list[str]
+    output_prefix: str
+    tokenizer_model: str
+    json_keys: list[str] = field(default_factory=lambda: ["text"])
+    workers: int = 1
+    append_eod: bool = False
+    log_interval: int = 1000
+    partitions: int = 1
+    merge_partitions: bool = True
+    skip_bad_lines: bool = False
+    chunk_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise DataError(f"--workers {self.workers} must be >= 1 (e.g. the number of cores)")
+        if self.partitions < 1:
+            raise DataError(f"--partitions {self.partitions} must be >= 1")
+        if self.log_interval < 1:
+            raise DataError(f"--log-interval {self.log_interval} must be >= 1 (documents)")
+        if not self.json_keys or len(set(self.json_keys)) != len(self.json_keys):
+            raise DataError(f"--json-keys {self.json_keys} must be non-empty and distinct")
+
+
+@dataclass
+class KeyReport:
+    """Per-key counts: documents and tokens written (tokens include EODs), empty texts skipped."""
+
+    documents: int = 0
+    tokens: int = 0
+    empty_skipped: int = 0
+
+
+@dataclass
+class PreprocessReport:
+    """What :func:`preprocess` did; ``input_bytes`` counts uncompressed line bytes."""
+
+    lines: int = 0
+    bad_lines_skipped: int = 0
+    input_bytes: int = 0
+    seconds: float = 0.0
+    keys: dict[str, KeyReport] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
+
+
+class _Encoder:
+    """Worker-side state: a SentencePiece processor and the options; encodes one chunk."""
+
+    def __init__(self, model_path: str, keys: list[str], append_eod: bool, dtype_name: str):
+        import sentencepiece
+
+        self.processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        self.eod = self.processor.eos_id()
+        self.keys = keys
+        self.append_eod = append_eod
+        self.dtype = numpy.dtype(dtype_name)
+
+    def encode(self, fmt: str, lines: list[bytes]) -> list[tuple]:
+        """Per line: ``("ok", [ids per key as numpy arrays])`` or ``("bad", reason, fix)``."""
+        results: list[tuple] = []
+        texts: list[str] = []
+        for raw in lines:
+            try:
+                record = parse_line(raw, fmt, self.keys)
+            except BadLineError as err:
+                results.append(("bad", err.reason, err.fix))
+                continue
+            results.append(("ok", len(texts)))
+            texts.extend(record[key] for key in self.keys)
+        ids = self._encode_texts(texts)
+        out = []
+        for result in results:
+            if result[0] == "bad":
+                out.append(result)
+                continue
+            first = result[1]
+            parts = ids[first : first + len(self.keys)]
+            if any(p is None for p in parts):
+                out.append(("bad", "text holds an invalid Unicode escape", "fix or remove it"))
+                continue
+            arrays = []
+            for part in parts:
+                if part and self.append_eod:
+                    part = part + [self.eod]
+                arrays.append(numpy.asarray(part, dtype=self.dtype))
+            out.append(("ok", arrays))
+        return out
+
+    def _encode_texts(self, texts: list[str]) -> list[list[int] | None]:
+        """Token ids per text; None for a text that cannot be encoded (lone surrogates)."""
+        try:
+            return self.processor.encode(texts, out_type=int, num_threads=1)
+        except (UnicodeEncodeError, TypeError, RuntimeError):
+            out = []
+            for text in texts:
+                try:
+                    out.append(self.processor.encode(text, out_type=int))
+                except (UnicodeEncodeError, TypeError, RuntimeError):
+                    out.append(None)
+            return out
+
+
+_WORKER_ENCODER: _Encoder | None = None
+
+
+def _init_worker(*args) -> None:
+    global _WORKER_ENCODER
+    _WORKER_ENCODER = _Encoder(*args)
+
+
+def _encode_in_worker(fmt: str, lines: list[bytes]) -> list[tuple]:
+    return _WORKER_ENCODER.encode(fmt, lines)
+
+
+def _ordered(chunks: Iterator, encoder_args: tuple, workers: int) -> Iterator:
+    """Yield ``(meta, encoded chunk)`` in input order, encoding in ``workers`` processes."""
+    if workers == 1:
+        encoder = _Encoder(*encoder_args)
+        for meta, fmt, lines in chunks:
+            yield meta, encoder.encode(fmt, lines)
+        return
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=encoder_args) as pool:
+        pending: deque = deque()
+        for meta, fmt, lines in chunks:
+            pending.append((meta, pool.apply_async(_encode_in_worker, (fmt, lines))))
+            if len(pending) >= 4 * workers:
+                meta, result = pending.popleft()
+                yield meta, result.get()
+        while pending:
+            meta, result = pending.popleft()
+            yield meta, result.get()
+
+
+def _chunks(files, chunk_bytes: int) -> Iterator:
+    """Group lines of one file into chunks of about ``chunk_bytes`` uncompressed bytes.
+
+    Yields ``((file index, first line number, disk bytes read, chunk bytes), fmt, [lines])``.
+    """
+    lines: list[bytes] = []
+    size = 0
+    meta: list[int] = []
+    for index, line_number, raw, disk_bytes in iter_lines(files):
+        if lines and (index != meta[0] or size >= chunk_bytes):
+            yield tuple(meta), files[meta[0]].format, lines
+            lines, size = [], 0
+        if not lines:
+            meta = [index, line_number, disk_bytes, 0]
+        lines.append(raw)
+        size += len(raw)
+        meta[2], meta[3] = disk_bytes, size
+    if lines:
+        yield tuple(meta), files[meta[0]].format, lines
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(0.0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class _Progress:
+    """Progress line every ``interval`` documents: docs, MB/s, tokens/s, ETA from disk bytes."""
+
+    def __init__(self, interval: int, total_disk_bytes: int) -> None:
+        self.interval = interval
+        self.total = total_disk_bytes
+        self.start = time.time()
+        self.next = interval
+
+    def update(self, report: "PreprocessReport", disk_bytes: int) -> None:
+        if report.lines < self.next:
+            return
+        self.next = (report.lines // self.interval + 1) * self.interval
+        elapsed = max(time.time() - self.start, 1e-9)
+        tokens = sum(k.tokens for k in report.keys.values())
+        eta = ""
+        if self.total > 0 and disk_bytes > 0:
+            fraction = min(disk_bytes / self.total, 1.0)
+            eta = f", {100 * fraction:.0f}% read, ETA {_format_eta(elapsed / fraction - elapsed)}"
+        logger.info(
+            "%d documents, %.2f MB/s, %.0f tokens/s%s",
+            report.lines, report.input_bytes / elapsed / 1e6, tokens / elapsed, eta,
+        )
+
+
+class _Writers:
+    """One ``IndexedDatasetBuilder`` per (shard, key), writing into the staging folder."""
+
+    def __init__(self, staged: StagedOutputs, config: PreprocessConfig, shards: list, dtype):
+        self.staged = staged
+        self.config = config
+        self.shards = shards
+        self.prefixes: dict[tuple, str] = {}
+        self.builders: dict[tuple, IndexedDatasetBuilder] = {}
+        self.counts: dict[tuple, list[int]] = {}
+        for shard in shards:
+            for key in config.json_keys:
+                prefix = dataset_prefix(config.output_prefix, key, shard)
+                self.prefixes[shard, key] = self._stage(prefix)
+                self.builders[shard, key] = IndexedDatasetBuilder(
+                    self.prefixes[shard, key] + ".bin", dtype=dtype
+                )
+                self.counts[shard, key] = [0, 0]
+
+    def _stage(self, prefix: str) -> str:
+        """Stage ``prefix.bin`` then ``prefix.idx`` (renamed in this order); returns the staged
+        prefix."""
+        staged_bin = self.staged.path(prefix + ".bin")
+        self.staged.path(prefix + ".idx")
+        return staged_bin[: -len(".bin")]
+
+    def add(self, shard, key: str, ids: numpy.ndarray) -> None:
+        """Append one document of ``ids.size`` tokens."""
+        self.builders[shard, key].add_document(ids, [ids.size])
+        self.counts[shard, key][0] += 1
+        self.counts[shard, key][1] += ids.size
+
+    def close(self) -> None:
+        """Close the open ``.bin`` files (after an error; ``finalize`` closes them otherwise)."""
+        for builder in self.builders.values():
+            builder.data_file.close()
+
+    def finish(self, report: PreprocessReport) -> None:
+        """Write the indices, read every pair back, and merge the shards when asked to."""
+        for (shard, key), builder in self.builders.items():
+            builder.finalize(self.prefixes[shard, key] + ".idx")
+            verify_dataset(self.prefixes[shard, key], *self.counts[shard, key])
+        if len(self.shards) > 1 and self.config.merge_partitions:
+            for key, stats in report.keys.items():
+                merged = self._stage(dataset_prefix(self.config.output_prefix, key))
+                parts = [self.prefixes[shard, key] for shard in self.shards]
+                merge_datasets(parts, merged + ".bin", merged + ".idx")
+                verify_dataset(merged, stats.documents, stats.tokens)
+
+
+def _load_tokenizer(model_path: str):
+    from megatron_patch.data.tokenizer import SentencePieceTokenizer
+
+    try:
+        return SentencePieceTokenizer(model_path)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+
+
+def preprocess(config: PreprocessConfig) -> PreprocessReport:
+    """Tokenize ``config.input`` into ``{output_prefix}_{key}_document.{bin,idx}`` (see module doc).
+
+    Raises:
+        DataError: bad input (missing file, bad line without ``skip_bad_lines``, missing output
+            folder, unreadable tokenizer, no document with text). Nothing is left behind then.
+    """
+    start = time.time()
+    tokenizer = _load_tokenizer(config.tokenizer_model)
+    folder = output_folder(config.output_prefix)
+    files = expand_inputs(config.input)
+    if any(f.format == "text" for f in files) and len(config.json_keys) > 1:
+        raise DataError("plain-text inputs hold one text per line; pass a single --json-keys key")
+    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    total_lines = count_lines(files) if config.partitions > 1 else 0
+    if config.partitions > 1 and config.partitions > total_lines:
+        raise DataError(
+            f"--partitions {config.partitions} exceeds the {total_lines} input lines; "
+            f"use at most {total_lines} partitions"
+        )
+    shards = list(range(config.partitions)) if config.partitions > 1 else [None]
+    report = PreprocessReport(keys={key: KeyReport() for key in config.json_keys})
+    progress = _Progress(config.log_interval, sum(f.size for f in files))
+    encoder_args = (config.tokenizer_model, config.json_keys, config.append_eod, dtype.__name__)
+    with StagedOutputs(folder, "preprocess") as staged:
+        writers = _Writers(staged, config, shards, dtype)
+        results = _ordered(_chunks(files, config.chunk_bytes), encoder_args, config.workers)
+        try:
+            for (file_index, first_line, disk_bytes, size), encoded in results:
+                for offset, result in enumerate(encoded):
+                    # line j of L goes to shard j * N // L (contiguous, in order)
+                    shard = shards[report.lines * len(shards) // total_lines if total_lines else 0]
+                    report.lines += 1
+                    if result[0] == "bad":
+                        if not config.skip_bad_lines:
+                            raise DataError(
+                                f"{files[file_index].path}:{first_line + offset}: {result[1]}; "
+                                f"{result[2]}, or pass --skip-bad-lines to skip such lines"
+                            )
+                        report.bad_lines_skipped += 1
+                        continue
+                    for key, ids in zip(config.json_keys, result[1]):
+                        stats = report.keys[key]
+                        if ids.size == 0:
+                            stats.empty_skipped += 1
+                            continue
+                        writers.add(shard, key, ids)
+                        stats.documents += 1
+                        stats.tokens += int(ids.size)
+                    progress.update(report, disk_bytes)
+                report.input_bytes += size
+        except BaseException:
+            writers.close()
+            raise
+        finally:
+            results.close()
+        for key, stats in report.keys.items():
+            if stats.documents == 0:
+                raise DataError(
+                    f"no document with text under key '{key}' in {report.lines} input lines "
+                    f"({stats.empty_skipped} empty, {report.bad_lines_skipped} bad); check "
+                    f"--input and --json-keys"
+                )
+        writers.finish(report)
+        report.outputs = staged.commit()
+    report.seconds = time.time() - start
+    return report

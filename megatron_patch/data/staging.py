@@ -1,0 +1,88 @@
+"""Atomic outputs for the data tools: write under temporary names, rename when complete.
+
+A tool writes every output file into a hidden temporary folder inside the output folder (same
+file system, so the final ``os.replace`` is atomic per file) and moves them into place only after
+all of them are complete. On any failure, including Ctrl-C, the temporary folder is removed and
+no output that looks complete is left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+
+from megatron_patch.data.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+def output_folder(prefix: str, flag: str = "--output-prefix") -> str:
+    """The folder of an output prefix (``out/corpus`` -> ``out``); DataError if it is missing."""
+    folder = os.path.dirname(os.path.abspath(prefix))
+    if os.path.basename(prefix) in ("", ".", ".."):
+        raise DataError(
+            f"{flag} '{prefix}' names a folder; add a file name prefix, e.g. out/corpus"
+        )
+    if not os.path.isdir(folder):
+        raise DataError(
+            f"output folder '{folder}' of {flag} '{prefix}' does not exist; create it first "
+            f"(mkdir -p '{folder}') or fix {flag}"
+        )
+    return folder
+
+
+class StagedOutputs:
+    """Context manager that stages output files and moves them into place on :meth:`commit`.
+
+    Usage::
+
+        with StagedOutputs(folder, "preprocess") as staged:
+            tmp = staged.path("/out/corpus_text_document.bin")   # write here
+            ...
+            staged.commit()   # renames every staged file to its final path, in staging order
+    """
+
+    def __init__(self, folder: str, tag: str) -> None:
+        try:
+            self.temp_dir = tempfile.mkdtemp(prefix=f".{tag}-", suffix=".tmp", dir=folder)
+        except OSError as err:
+            raise DataError(
+                f"cannot write to output folder '{folder}': {err.strerror}; choose a writable "
+                f"folder for the outputs"
+            ) from None
+        self.folder = folder
+        self._final_paths: list[str] = []
+        self._committed = False
+
+    def path(self, final_path: str) -> str:
+        """The temporary path to write instead of ``final_path`` (which must be in the folder)."""
+        final_path = os.path.abspath(final_path)
+        if os.path.dirname(final_path) != os.path.abspath(self.folder):
+            raise ValueError(f"{final_path} is not in the staged folder {self.folder}")
+        if final_path in self._final_paths:
+            raise ValueError(f"{final_path} is staged twice")
+        self._final_paths.append(final_path)
+        return os.path.join(self.temp_dir, os.path.basename(final_path))
+
+    def commit(self) -> list[str]:
+        """Move all staged files into place (in staging order); returns their final paths."""
+        for final_path in self._final_paths:
+            temp_path = os.path.join(self.temp_dir, os.path.basename(final_path))
+            if not os.path.isfile(temp_path):
+                raise RuntimeError(f"staged output {temp_path} was never written")
+        for final_path in self._final_paths:
+            if os.path.exists(final_path):
+                logger.info("replacing %s", final_path)
+            os.replace(os.path.join(self.temp_dir, os.path.basename(final_path)), final_path)
+        self._committed = True
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return list(self._final_paths)
+
+    def __enter__(self) -> "StagedOutputs":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._committed:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -1,0 +1,176 @@
+"""Bad input to the data tools: one-line `error: ...` naming value, file:line and fix; exit code
+2; no traceback; no .bin/.idx (nor staging folder) left behind."""
+
+import importlib.util
+import lzma
+
+import numpy
+import pytest
+
+from tests.data.conftest import write_jsonl
+
+GOOD = {"text": "A perfectly good document.", "source": "test"}
+
+
+def fails(capsys, code: int, *needles: str) -> str:
+    """Check a user-error exit and return the error line."""
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def assert_no_outputs(folder) -> None:
+    left = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".idx", ".tmp")]
+    assert left == []
+
+
+@pytest.fixture
+def preprocess(tools, tokenizer_model, tmp_path):
+    """Run preprocess_data.main on ``inputs`` into tmp_path/out/x; returns the exit code."""
+    (tmp_path / "out").mkdir()
+
+    def run(*inputs, extra=(), model=tokenizer_model, prefix=None):
+        argv = ["--input", *map(str, inputs), "--tokenizer-model", str(model),
+                "--output-prefix", str(prefix or tmp_path / "out" / "x"), *extra]
+        return tools.preprocess_data.main(argv)
+
+    return run
+
+
+def write_lines(path, lines: list[bytes]):
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_malformed_json_names_file_and_line(preprocess, tmp_path, capsys, workers):
+    path = write_jsonl(tmp_path / "c.jsonl", [GOOD] * 5)
+    with open(path, "a") as stream:
+        stream.write('{"text": "unterminated\n')
+    write_jsonl(tmp_path / "d.jsonl", [GOOD])
+    code = preprocess(path, tmp_path / "d.jsonl", extra=["--workers", workers])
+    fails(capsys, code, f"{path}:6:", "malformed JSON", "--skip-bad-lines")
+    assert_no_outputs(tmp_path / "out")
+
+
+def test_skip_bad_lines_counts_and_reports(preprocess, tmp_path, capsys):
+    path = write_lines(tmp_path / "c.jsonl", [b'{"text": "good one"}', b"{broken", b"[1, 2]",
+                                              b'{"other": "x"}', b'{"text": "bad \xff byte"}',
+                                              b'{"text": "good two"}'])
+    assert preprocess(path, extra=["--skip-bad-lines"]) == 0
+    out = capsys.readouterr().out
+    assert "lines read: 6, bad lines skipped: 4" in out and "2 documents" in out
+
+
+def test_missing_key(preprocess, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "c.jsonl", [GOOD, {"body": "no text key", "source": "s"}])
+    fails(capsys, preprocess(path), f"{path}:2:", "missing key 'text'", "'body'", "--json-keys")
+    assert_no_outputs(tmp_path / "out")
+
+
+def test_text_that_is_not_a_string(preprocess, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "c.jsonl", [GOOD, GOOD, {"text": 17}])
+    fails(capsys, preprocess(path), f"{path}:3:", "key 'text' holds a JSON int")
+    assert_no_outputs(tmp_path / "out")
+
+
+def test_invalid_utf8_names_file_and_line(preprocess, tmp_path, capsys):
+    path = write_lines(tmp_path / "c.jsonl", [b'{"text": "ok"}'] * 3 + [b'{"text": "caf\xe9"}'])
+    fails(capsys, preprocess(path), f"{path}:4:", "invalid UTF-8", "0xe9", "iconv")
+    assert_no_outputs(tmp_path / "out")
+
+
+def test_empty_documents_are_skipped_not_errors(preprocess, tmp_path, capsys):
+    path = write_lines(tmp_path / "c.jsonl", [b'{"text": "one"}', b'{"text": ""}', b"",
+                                              b'{"text": null}', b'{"text": "two"}'])
+    assert preprocess(path) == 0
+    out = capsys.readouterr().out
+    assert "2 documents" in out and "3 empty skipped" in out
+
+
+def test_only_empty_documents_is_an_error(preprocess, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": ""}] * 3)
+    fails(capsys, preprocess(path), "no document with text under key 'text'", "3 empty")
+    assert_no_outputs(tmp_path / "out")
+
+
+def test_missing_input_and_empty_glob(preprocess, tmp_path, capsys):
+    fails(capsys, preprocess(tmp_path / "nope.jsonl"), "--input file", "nope.jsonl",
+          "does not exist")
+    fails(capsys, preprocess(str(tmp_path / "*.jsonl.xz")), "--input glob", "*.jsonl.xz",
+          "matches no file")
+    write_jsonl(tmp_path / "c.csv", [GOOD])
+    fails(capsys, preprocess(tmp_path / "c.csv"), "c.csv", "unknown format", "*.jsonl")
+    assert_no_outputs(tmp_path / "out")
+
+
+def test_missing_output_folder(preprocess, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "c.jsonl", [GOOD])
+    missing = tmp_path / "no" / "such"
+    fails(capsys, preprocess(path, prefix=missing / "x"), f"output folder '{missing}'",
+          "does not exist", "mkdir -p")
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("content", [None, b"\x00garbage"])
+def test_unreadable_tokenizer_model(preprocess, tmp_path, capsys, content):
+    path = write_jsonl(tmp_path / "c.jsonl", [GOOD])
+    model = tmp_path / "bad.model"
+    if content is not None:
+        model.write_bytes(content)
+    fails(capsys, preprocess(path, model=model), str(model), "tools/train_tokenizer.py")
+    assert_no_outputs(tmp_path / "out")
+
+
+def test_truncated_xz(preprocess, tmp_path, capsys, tiny_records):
+    data = lzma.compress("".join(f'{{"text": "{i}"}}\n' for i in range(5000)).encode())
+    path = tmp_path / "c.jsonl.xz"
+    path.write_bytes(data[: len(data) // 2])
+    fails(capsys, preprocess(path), str(path), "truncated or corrupt")
+    assert_no_outputs(tmp_path / "out")
+
+
+def test_zstd_without_zstandard(preprocess, tmp_path, capsys):
+    if importlib.util.find_spec("zstandard") is not None:
+        pytest.skip("zstandard is installed; the missing-module error cannot happen")
+    path = tmp_path / "c.jsonl.zst"
+    path.write_bytes(b"\x28\xb5\x2f\xfd")
+    fails(capsys, preprocess(path), str(path), "pip install zstandard")
+    assert_no_outputs(tmp_path / "out")
+
+
+def test_too_many_partitions(preprocess, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "c.jsonl", [GOOD] * 2)
+    fails(capsys, preprocess(path, extra=["--partitions", "3"]), "--partitions 3", "2 input lines")
+    assert_no_outputs(tmp_path / "out")
+
+
+def test_merge_errors(tools, tmp_path, capsys, corpus_prefix):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    merge = tools.merge_datasets.main
+    out = str(tmp_path / "m")
+    fails(capsys, merge(["--input", str(tmp_path / "absent"), "--output-prefix", out]),
+          "absent", "not found", "tools/preprocess_data.py")
+    fails(capsys, merge(["--input", corpus_prefix, "--output-prefix", str(tmp_path / "x" / "m")]),
+          "does not exist")
+    builder = IndexedDatasetBuilder(str(tmp_path / "wide.bin"), dtype=numpy.int32)
+    builder.add_document(numpy.arange(5), [5])
+    builder.finalize(str(tmp_path / "wide.idx"))
+    fails(capsys, merge(["--input", corpus_prefix, str(tmp_path / "wide"), "--output-prefix", out]),
+          "int32", "uint16", "same tokenizer")
+    assert not list(tmp_path.glob("m.*")) and not list(tmp_path.glob(".merge*"))
+
+
+def test_bad_flags_are_one_line_errors(tools, tmp_path, capsys):
+    fails(capsys, tools.preprocess_data.main(["--input", "x.jsonl"]), "--tokenizer-model",
+          "--help")
+    fails(capsys, tools.merge_datasets.main(["--input", "a", "--output-prefix", "b", "--bogus"]),
+          "--bogus", "tools/merge_datasets.py --help")
+    fails(capsys, tools.train_tokenizer.main(["--input", "x", "--output-prefix", "y",
+                                              "--vocab-size", "many"]), "--vocab-size", "many")

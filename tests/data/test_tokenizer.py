@@ -1,0 +1,87 @@
+"""SentencePieceTokenizer and tools/train_tokenizer.py."""
+
+import pickle
+
+import pytest
+
+from tests.data.conftest import TOKENIZER_VOCAB, write_jsonl
+
+
+def test_special_ids_and_megatron_interface(tokenizer):
+    from megatron.core.tokenizers import MegatronTokenizerBase
+
+    assert isinstance(tokenizer, MegatronTokenizerBase)
+    assert tokenizer.vocab_size == TOKENIZER_VOCAB == len(tokenizer.vocab)
+    assert (tokenizer.unk, tokenizer.bos, tokenizer.eod, tokenizer.pad) == (0, 1, 2, 3)
+    assert [tokenizer.piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
+    assert tokenizer.eos == tokenizer.eod
+    assert tokenizer.vocab["</s>"] == tokenizer.eod
+
+
+def test_round_trip_and_byte_fallback(tokenizer, tiny_records):
+    text = tiny_records[50]["text"][:3000]
+    ids = tokenizer.tokenize(text)
+    assert all(0 <= i < tokenizer.vocab_size for i in ids)
+    assert tokenizer.eod not in ids and tokenizer.pad not in ids
+    assert tokenizer.detokenize(ids) == text
+    rare = "naïve café 1234 — ✓ 漢字\n\tindent"
+    assert tokenizer.detokenize(tokenizer.tokenize(rare)) == rare
+    digits = [tokenizer.detokenize([i]) for i in tokenizer.tokenize("1234567890 2024")]
+    assert all(sum(c.isdigit() for c in piece) <= 1 for piece in digits)  # digits split
+
+
+def test_unique_identifiers_hold_class_and_sha256(tokenizer, tokenizer_model):
+    import hashlib
+
+    ids = tokenizer.unique_identifiers
+    assert "SentencePieceTokenizer" in ids["class"]
+    assert ids["sha256"] == hashlib.sha256(tokenizer_model.read_bytes()).hexdigest()
+
+
+def test_pickle_round_trip(tokenizer):
+    clone = pickle.loads(pickle.dumps(tokenizer))
+    assert clone.tokenize("Hello world") == tokenizer.tokenize("Hello world")
+    assert clone.unique_identifiers == tokenizer.unique_identifiers
+
+
+@pytest.mark.parametrize("content", [None, b"not a sentencepiece model"])
+def test_unreadable_model_is_a_value_error_naming_the_path(tmp_path, content):
+    from megatron_patch.data.tokenizer import SentencePieceTokenizer
+
+    path = tmp_path / "broken.model"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        SentencePieceTokenizer(str(path))
+    message = str(info.value)
+    assert str(path) in message and "tools/train_tokenizer.py" in message
+    assert "\n" not in message
+
+
+def test_training_is_deterministic_and_atomic(tmp_path, tiny_records, tools, tokenizer_model):
+    corpus = write_jsonl(tmp_path / "slice.jsonl", tiny_records[:40])
+    argv = ["--input", str(corpus), "--vocab-size", str(TOKENIZER_VOCAB),
+            "--input-sentence-size", "12000", "--seed", "7"]
+    assert tools.train_tokenizer.main(argv + ["--output-prefix", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again.model").read_bytes() == tokenizer_model.read_bytes()
+    assert (tmp_path / "again.vocab").read_text(encoding="utf-8").splitlines()[2] == "</s>\t0"
+    # another seed samples other lines, hence another model
+    assert tools.train_tokenizer.main(
+        argv[:-1] + ["8", "--output-prefix", str(tmp_path / "other")]) == 0
+    assert (tmp_path / "other.model").read_bytes() != tokenizer_model.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "again.model", "again.vocab", "other.model", "other.vocab", "slice.jsonl"]
+
+
+def test_training_errors_are_one_line(tmp_path, tools, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "a b c"}])
+    code = tools.train_tokenizer.main(["--input", str(tmp_path / "missing.jsonl"),
+                                       "--output-prefix", str(tmp_path / "t")])
+    assert code == 2
+    code = tools.train_tokenizer.main(["--input", str(corpus), "--vocab-size", "100",
+                                       "--output-prefix", str(tmp_path / "t")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: --input file") and "missing.jsonl" in err[0]
+    assert err[1].startswith("error: --vocab-size 100 is too small")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]

@@ -1,0 +1,89 @@
+"""Merge IndexedDataset pairs (.bin + .idx) into one pair, in the order given.
+
+Examples::
+
+    python tools/merge_datasets.py --input data/train_0_text_document data/train_1_text_document \\
+        --output-prefix data/train_text_document
+    python tools/merge_datasets.py --input data/shards/ --output-prefix data/all_text_document
+
+``--input`` takes prefixes (without .bin/.idx) or one folder, whose pairs are merged in natural
+name order (``x_2`` before ``x_10``). ``--output-prefix`` is the full prefix of the merged pair;
+its folder must exist. The merged pair is written under temporary names and renamed when
+complete. Documents keep their order, so merging the shards of
+``tools/preprocess_data.py --partitions N`` gives the same bytes as a run without partitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+
+if __package__ in (None, ""):  # run as `python tools/merge_datasets.py` from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_patch.data.errors import EXIT_USER_ERROR, ArgumentParser, DataError  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = ArgumentParser(prog="tools/merge_datasets.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--input", nargs="+", required=True, help="prefixes, or one folder")
+    parser.add_argument("--output-prefix", required=True, help="prefix of the merged .bin/.idx")
+    return parser.parse_args(argv)
+
+
+def resolve_inputs(inputs: list[str], output_prefix: str) -> list[str]:
+    """Prefixes to merge: the given ones, or the pairs found in one folder (minus the output)."""
+    from megatron_patch.data.indexed import check_prefix, prefixes_in_folder
+
+    if len(inputs) == 1 and os.path.isdir(inputs[0]):
+        output = os.path.abspath(output_prefix)
+        prefixes = [p for p in prefixes_in_folder(inputs[0]) if os.path.abspath(p) != output]
+        if not prefixes:
+            raise DataError(
+                f"folder '{inputs[0]}' holds no .bin/.idx pair to merge; check --input"
+            )
+        return prefixes
+    for prefix in inputs:
+        if prefix.endswith((".bin", ".idx")):
+            raise DataError(f"--input '{prefix}': give the prefix without .bin/.idx")
+        check_prefix(prefix)
+    return list(inputs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+    try:
+        args = parse_args(argv)
+        from megatron_patch.data.indexed import merge_datasets, verify_dataset
+        from megatron_patch.data.staging import StagedOutputs, output_folder
+
+        start = time.time()
+        folder = output_folder(args.output_prefix)
+        prefixes = resolve_inputs(args.input, args.output_prefix)
+        with StagedOutputs(folder, "merge_datasets") as staged:
+            bin_path = staged.path(args.output_prefix + ".bin")
+            idx_path = staged.path(args.output_prefix + ".idx")
+            documents, tokens = merge_datasets(prefixes, bin_path, idx_path)
+            verify_dataset(bin_path[: -len(".bin")], documents, tokens)
+            paths = staged.commit()
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as err:  # e.g. a full disk while writing; the partial outputs are removed
+        print(f"error: {err.filename or 'I/O'}: {err.strerror or err}; check the free space and "
+              f"permissions of the output folder", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(f"merged {len(prefixes)} datasets: {documents} documents, {tokens} tokens")
+    for prefix in prefixes:
+        print(f"  from {prefix}")
+    print(f"wrote {' and '.join(paths)} in {time.time() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Tokenize JSONL / text corpora into megatron.core IndexedDataset files (.bin + .idx).
+
+Example (Megatron's flag names)::
+
+    python tools/preprocess_data.py --input /work/shared/data/train.jsonl.xz \\
+        --tokenizer-model tokenizers/spm32k.model --output-prefix data/train \\
+        --append-eod --workers 2
+
+writes ``data/train_text_document.bin`` and ``.idx`` (one pair per ``--json-keys`` key). One
+input line is one document; empty documents are skipped and counted. With ``--partitions N``
+the input is cut into N contiguous shards, written as ``{prefix}_{i}_{key}_document``, and merged
+into ``{prefix}_{key}_document`` (skip the merge with ``--no-merge-partitions``). Outputs are
+written under temporary names and renamed only when complete; on any error nothing is left.
+See ``megatron_patch/data/preprocess.py`` for the details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+if __package__ in (None, ""):  # run as `python tools/preprocess_data.py` from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_patch.data.errors import EXIT_USER_ERROR, ArgumentParser, DataError  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = ArgumentParser(prog="tools/preprocess_data.py", description=__doc__.split("\n")[0])
+    group = parser.add_argument_group("input")
+    group.add_argument("--input", nargs="+", required=True, help="files or quoted globs")
+    group.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys to tokenize")
+    group.add_argument("--skip-bad-lines", action="store_true",
+                       help="skip (and count) malformed lines instead of stopping")
+    group = parser.add_argument_group("tokenizer")
+    group.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
+    group.add_argument("--append-eod", action="store_true", help="end each document with </s>")
+    group = parser.add_argument_group("output")
+    group.add_argument("--output-prefix", required=True,
+                       help="writes PREFIX_{key}_document.bin/.idx; its folder must exist")
+    group.add_argument("--partitions", type=int, default=1, help="number of output shards")
+    group.add_argument("--no-merge-partitions", dest="merge_partitions", action="store_false",
+                       help="with --partitions > 1, keep only the shards")
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    group.add_argument("--log-interval", type=int, default=1000, help="documents per progress line")
+    group.add_argument("--chunk-bytes", type=int, default=1 << 20,
+                       help="bytes of text per worker task (does not change the output)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("megatron_patch").setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+    try:
+        args = parse_args(argv)
+        from megatron_patch.data.preprocess import PreprocessConfig, preprocess
+
+        report = preprocess(PreprocessConfig(**vars(args)))
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as err:  # e.g. a full disk while writing; the partial outputs are removed
+        print(f"error: {err.filename or 'I/O'}: {err.strerror or err}; check the free space and "
+              f"permissions of the output folder", file=sys.stderr)
+        return EXIT_USER_ERROR
+    tokens = sum(k.tokens for k in report.keys.values())
+    seconds = max(report.seconds, 1e-9)
+    print(f"lines read: {report.lines}, bad lines skipped: {report.bad_lines_skipped}")
+    for key, stats in report.keys.items():
+        print(
+            f"key '{key}': {stats.documents} documents, {stats.tokens} tokens"
+            f"{' (with EOD)' if args.append_eod else ''}, {stats.empty_skipped} empty skipped"
+        )
+    print(
+        f"time: {report.seconds:.2f} s, {report.input_bytes / seconds / 1e6:.2f} MB/s of text, "
+        f"{tokens / seconds:.0f} tokens/s, {args.workers} worker(s)"
+    )
+    for path in report.outputs:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

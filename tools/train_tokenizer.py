@@ -1,0 +1,222 @@
+"""Train a SentencePiece tokenizer (BPE by default, byte fallback, digits split) on a corpus.
+
+Example::
+
+    python tools/train_tokenizer.py --input /work/shared/data/train.jsonl.xz \\
+        --vocab-size 32000 --output-prefix tokenizers/spm32k
+
+writes ``tokenizers/spm32k.model`` and ``tokenizers/spm32k.vocab`` (both atomically). Special ids:
+0 ``<unk>``, 1 ``<s>``, 2 ``</s>`` (end of document, the tokenizer's ``eod``), 3 ``<pad>``;
+see ``megatron_patch/data/tokenizer.py``.
+
+Training sentences are the non-empty lines of the documents; lines longer than 4192 bytes
+(SentencePiece's sentence limit) are left out and counted. When there are more than
+``--input-sentence-size`` lines, a uniform sample of that many is drawn with ``--seed``
+(reservoir sampling, so memory stays bounded).
+Normalisation is the identity and whitespace is kept as is, so ``detokenize(tokenize(text))``
+gives back ``text`` (up to a leading space).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import logging
+import os
+import random
+import sys
+import time
+
+if __package__ in (None, ""):  # run as `python tools/train_tokenizer.py` from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_patch.data.errors import EXIT_USER_ERROR, ArgumentParser, DataError  # noqa: E402
+from megatron_patch.data.inputs import (  # noqa: E402
+    BadLineError,
+    expand_inputs,
+    iter_lines,
+    parse_line,
+)
+from megatron_patch.data.staging import StagedOutputs, output_folder  # noqa: E402
+
+logger = logging.getLogger("train_tokenizer")
+
+MAX_SENTENCE_BYTES = 4192
+"""SentencePiece's ``max_sentence_length``: longer training lines are left out (and counted)."""
+
+SPECIAL_PIECES = {"unk": (0, "<unk>"), "bos": (1, "<s>"), "eos": (2, "</s>"), "pad": (3, "<pad>")}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = ArgumentParser(prog="tools/train_tokenizer.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--input", nargs="+", required=True, help="files or quoted globs")
+    parser.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys of the text")
+    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.model, PREFIX.vocab")
+    parser.add_argument(
+        "--input-sentence-size",
+        type=int,
+        default=2_000_000,
+        help="sample at most this many lines for training (0: use all)",
+    )
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    parser.add_argument("--character-coverage", type=float, default=0.9995)
+    parser.add_argument("--num-threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--skip-bad-lines", action="store_true", help="skip unusable lines")
+    args = parser.parse_args(argv)
+    if args.vocab_size < 300:
+        raise DataError(
+            f"--vocab-size {args.vocab_size} is too small: 256 byte pieces and 4 special pieces "
+            f"are always in the vocabulary; use at least 300 (e.g. 32000)"
+        )
+    if args.input_sentence_size < 0:
+        raise DataError(f"--input-sentence-size {args.input_sentence_size} must be >= 0")
+    return args
+
+
+def sample_sentences(args: argparse.Namespace) -> tuple[list[str], int, int]:
+    """Reservoir-sample training lines.
+
+    Returns (sentences, lines eligible, bad input lines skipped, lines too long for SentencePiece).
+    """
+    files = expand_inputs(args.input)
+    if any(f.format == "text" for f in files) and len(args.json_keys) > 1:
+        raise DataError("plain-text inputs hold one text per line; pass a single --json-keys key")
+    rng = random.Random(args.seed)
+    cap = args.input_sentence_size
+    reservoir: list[str] = []
+    seen = bad = too_long = 0
+    for index, line_number, raw, _ in iter_lines(files):
+        try:
+            texts = parse_line(raw, files[index].format, args.json_keys)
+        except BadLineError as err:
+            if not args.skip_bad_lines:
+                raise DataError(
+                    f"{files[index].path}:{line_number}: {err.reason}; {err.fix}, "
+                    f"or pass --skip-bad-lines"
+                ) from None
+            bad += 1
+            continue
+        for text in texts.values():
+            for sentence in text.splitlines():
+                if not sentence.strip():
+                    continue
+                if len(sentence) * 4 > MAX_SENTENCE_BYTES and (
+                    len(sentence.encode("utf-8")) > MAX_SENTENCE_BYTES
+                ):
+                    too_long += 1  # the trainer would drop it; count it here instead
+                    continue
+                seen += 1
+                if cap == 0 or len(reservoir) < cap:
+                    reservoir.append(sentence)
+                else:
+                    slot = rng.randrange(seen)
+                    if slot < cap:
+                        reservoir[slot] = sentence
+    if not reservoir:
+        raise DataError(
+            f"no text found in {len(files)} input file(s); check --input and --json-keys"
+        )
+    return reservoir, seen, bad, too_long
+
+
+def train(args: argparse.Namespace, sentences: list[str]) -> bytes:
+    """Run the SentencePiece trainer; returns the serialized model.
+
+    The model is written to memory (``model_writer``), not to a ``model_prefix``: SentencePiece
+    records the prefix in the model, which would make the file depend on its temporary name.
+    """
+    import sentencepiece
+
+    sentencepiece.set_random_generator_seed(args.seed)
+    ids = {f"{name}_id": i for name, (i, _) in SPECIAL_PIECES.items()}
+    pieces = {f"{name}_piece": piece for name, (_, piece) in SPECIAL_PIECES.items()}
+    model = io.BytesIO()
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=model,
+            model_type=args.model_type,
+            vocab_size=args.vocab_size,
+            character_coverage=args.character_coverage,
+            byte_fallback=True,
+            split_digits=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            input_sentence_size=0,
+            max_sentence_length=MAX_SENTENCE_BYTES,
+            shuffle_input_sentence=False,
+            num_threads=max(1, args.num_threads),
+            minloglevel=2,
+            **ids,
+            **pieces,
+        )
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise DataError(
+            f"SentencePiece training failed: {reason}; lower --vocab-size or give more text"
+        ) from None
+    return model.getvalue()
+
+
+def check_model(proto: bytes, sentences: list[str]):
+    """Load the trained model; check its special pieces and a round trip. Returns the processor."""
+    import sentencepiece
+
+    processor = sentencepiece.SentencePieceProcessor(model_proto=proto)
+    for name, (expected, piece) in SPECIAL_PIECES.items():
+        got = getattr(processor, f"{name}_id")()
+        if got != expected or processor.id_to_piece(got) != piece:
+            raise RuntimeError(f"trained model has {name} id {got}, expected {expected} ({piece})")
+    sample = sentences[0].strip()
+    if processor.decode(processor.encode(sample)).strip() != sample:
+        raise RuntimeError(f"trained model does not round-trip the text {sample[:60]!r}")
+    return processor
+
+
+def write_outputs(staged: StagedOutputs, prefix: str, proto: bytes, processor) -> None:
+    """Stage PREFIX.model (the proto) and PREFIX.vocab (``piece<TAB>score`` per line, as spm)."""
+    with open(staged.path(prefix + ".model"), "wb") as stream:
+        stream.write(proto)
+    with open(staged.path(prefix + ".vocab"), "w", encoding="utf-8") as stream:
+        for i in range(processor.get_piece_size()):
+            stream.write(f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    start = time.time()
+    try:
+        args = parse_args(argv)
+        folder = output_folder(args.output_prefix)
+        sentences, seen, bad, too_long = sample_sentences(args)
+        logger.info("training on %d of %d lines", len(sentences), seen)
+        proto = train(args, sentences)
+        processor = check_model(proto, sentences)
+        with StagedOutputs(folder, "train_tokenizer") as staged:
+            write_outputs(staged, args.output_prefix, proto, processor)
+            paths = staged.commit()
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as err:  # e.g. a full disk while writing; the partial outputs are removed
+        print(f"error: {err.filename or 'I/O'}: {err.strerror or err}; check the free space and "
+              f"permissions of the output folder", file=sys.stderr)
+        return EXIT_USER_ERROR
+    special = " ".join(f"{piece}={i}" for i, piece in SPECIAL_PIECES.values())
+    print(
+        f"tokenizer: {args.model_type}, vocab {processor.get_piece_size()}, {special} "
+        f"(eod = </s>), sha256 {hashlib.sha256(proto).hexdigest()[:12]}"
+    )
+    print(f"trained on {len(sentences)} of {seen} lines ({bad} bad input lines skipped, "
+          f"{too_long} lines over {MAX_SENTENCE_BYTES} bytes left out)")
+    print(f"wrote {' and '.join(paths)} in {time.time() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
