@@ -20,9 +20,10 @@ setup(
     python_requires=">=3.10",
     install_requires=_requirements(),
     extras_require={
-        "test": ["pytest>=8"],
+        # transformers, safetensors and protobuf let the suite check the Hugging Face export
+        "test": ["pytest>=8", "transformers>=4.40", "safetensors", "protobuf"],
         "gpu": ["transformer-engine[pytorch]", "apex"],
-        "hf": ["transformers>=4.40", "safetensors"],
+        "hf": ["transformers>=4.40", "safetensors", "protobuf"],
     },
     entry_points={
         "console_scripts": [

@@ -28,23 +28,19 @@ def init_distributed(cpu: bool, timeout_minutes: int = 30) -> None:
         # `srun python ...`, one task per GPU: SLURM's variables name the rank
         os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
                           LOCAL_RANK=os.environ["SLURM_LOCALID"])
-    if "RANK" not in os.environ:  # plain `python script.py`: a world of one
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    backend = "gloo" if cpu else "nccl"
+    timeout = timedelta(minutes=timeout_minutes)
+    if "RANK" not in os.environ:
+        # plain `python script.py`: a world of one on a private store (the environment is left
+        # alone, so processes this one starts do not inherit a rendezvous meant for it)
+        if not cpu:
+            torch.cuda.set_device(0)
+        store = dist.HashStore()
+        dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
+        return
     if not cpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(
-        backend="gloo" if cpu else "nccl", timeout=timedelta(minutes=timeout_minutes)
-    )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    dist.init_process_group(backend=backend, timeout=timeout)
 
 
 def init_model_parallel(
