@@ -25,6 +25,7 @@ the largest loss error and the relative gradient error (bf16 rounding of the gra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -272,25 +273,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     import megatron.core
     import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state
 
     from megatron_patch import parallel
 
-    owns_process_group = not dist.is_initialized()
-    try:
-        parallel.init_distributed(cpu=opts.cpu)
-    except RuntimeError as error:  # no GPU without --cpu, or --cpu beside a GPU
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(parallel.distributed_world(cpu=opts.cpu))
+        except RuntimeError as error:  # no GPU without --cpu, or --cpu beside a GPU
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         parallel.init_model_parallel(1, 1, seed=opts.seed)
         rows = run(opts)
-    finally:
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-        if owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
     env = {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "megatron_core": megatron.core.__version__,

@@ -35,6 +35,7 @@ Two or more micro-batch sizes give the per-sequence slope of that peak.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -270,20 +271,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if opts.cpu:
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    import torch.distributed as dist
-    from megatron.core import parallel_state
 
     from megatron_patch import parallel
     from megatron_patch.presets import get_preset
     from megatron_patch.training.flops import measure_bf16_matmul_tflops
 
-    owns_process_group = not dist.is_initialized()
-    try:
-        parallel.init_distributed(cpu=opts.cpu)
-    except RuntimeError as error:  # no GPU without --cpu, or --cpu beside a GPU
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(parallel.distributed_world(cpu=opts.cpu))
+        except RuntimeError as error:  # no GPU without --cpu, or --cpu beside a GPU
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         parallel.init_model_parallel(1, 1, seed=opts.seed)
         env = environment(opts.cpu)
         payload = {"schema": SCHEMA, "command": command_line("throughput.py", argv), "environment": env,
@@ -301,11 +299,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             payload["results"] = run_throughput(opts, peak)
             table = throughput_table(payload["results"])
             title = f"Throughput: {opts.model}, T={opts.seq_length}, {'fp32 (CPU smoke)' if opts.cpu else 'bf16'}"
-    finally:
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-        if owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
     if opts.output_json:
         write_json(opts.output_json, payload)
     print(f"\n### {title}\n")

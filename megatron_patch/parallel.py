@@ -1,8 +1,10 @@
 """Process groups: torch.distributed and megatron's model-parallel state, on GPU or CPU."""
 
+import contextlib
 import logging
 import os
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -78,3 +80,25 @@ def seed_all(seed: int) -> None:
     else:
         torch.manual_seed(seed)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+@contextlib.contextmanager
+def distributed_world(cpu: bool, timeout_minutes: int = 30) -> Iterator[int]:
+    """Join (or form) the process group for a command's lifetime; yields the world size.
+
+    A group this call created is torn down at the end, megatron's model-parallel state with it; a
+    group that already existed (a test session, a tool called from another tool) is left alone.
+    Raises RuntimeError when the world cannot be formed (no GPU without CPU mode, CPU mode beside
+    a GPU).
+    """
+    owns_process_group = not dist.is_initialized()
+    if cpu:
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    init_distributed(cpu=cpu, timeout_minutes=timeout_minutes)
+    try:
+        yield dist.get_world_size()
+    finally:
+        if owns_process_group and dist.is_initialized():
+            if parallel_state.model_parallel_is_initialized():
+                parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()

@@ -82,25 +82,14 @@ def configure(name: str) -> None:
 def tool_world(cpu: bool) -> Iterator[int]:
     """Join the torchrun world (or form a world of one); yields the world size. A process group
     this call created is destroyed at the end; one that already existed (tests) is left alone."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
     from megatron_patch import parallel
 
-    owns_process_group = not dist.is_initialized()
-    if cpu:
-        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    try:
-        parallel.init_distributed(cpu=cpu)
-    except RuntimeError as error:
-        raise ToolError(str(error)) from None
-    try:
-        yield dist.get_world_size()
-    finally:
-        if owns_process_group and dist.is_initialized():
-            if parallel_state.model_parallel_is_initialized():
-                parallel_state.destroy_model_parallel()
-            dist.destroy_process_group()
+    with contextlib.ExitStack() as stack:
+        try:
+            size = stack.enter_context(parallel.distributed_world(cpu=cpu))
+        except RuntimeError as error:  # no GPU without --cpu, or --cpu beside a GPU
+            raise ToolError(str(error)) from None
+        yield size
 
 
 def run_tool(body: Callable[[], Optional[int]]) -> int:

@@ -44,27 +44,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ArgumentError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.cpu:
-        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-
-    import torch.distributed as dist
-
     from megatron_patch import parallel
     from megatron_patch.training.checkpoint import CheckpointError
     from megatron_patch.training.loop import Trainer
     from megatron_patch.training.step import NonFiniteLossError
 
-    owns_process_group = not dist.is_initialized()
     try:
-        parallel.init_distributed(cpu=args.cpu)
-        parallel.init_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
-        Trainer(args).run()
-    except (CheckpointError, NonFiniteLossError, ValueError) as error:
+        with parallel.distributed_world(cpu=args.cpu):
+            parallel.init_model_parallel(
+                args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed
+            )
+            Trainer(args).run()
+    except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, (CheckpointError, ValueError)) else 1
-    finally:
-        if owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
+        return 1
+    except (CheckpointError, ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
