@@ -59,6 +59,8 @@ PRESETS: Dict[str, ModelPreset] = {
         # tests and the CPU quick start
         ModelPreset("tiny", 4, 64, 176, 4, 64, Layout(1, 1, 4)),
         ModelPreset("cpu-small", 4, 128, 352, 4, 128, Layout(1, 1, 8)),
+        # sized for the ~30 M-token corpus of the small-scale reproduction (examples/reproduce_small.py)
+        ModelPreset("repro-34m", 8, 512, 1376, 8, 1024, Layout(1, 1, 32)),
         # the paper's models (hidden, SwiGLU intermediate, layers, heads)
         ModelPreset("370m", 24, 1024, 2752, 16, 2048, Layout(1, 1, 16)),
         ModelPreset("780m", 24, 1536, 4128, 16, 2048, Layout(1, 1, 8)),

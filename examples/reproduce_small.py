@@ -1,0 +1,142 @@
+"""Small-scale reproduction of the paper's claim: token-only training against patch training
+(K=4, lambda in {1/2, 2/3, 4/5}) on the same tokens, evaluated on held-out data and WikiText-103.
+
+    python examples/reproduce_small.py --workdir repro_out            # one GPU (bf16)
+    python examples/reproduce_small.py --workdir /tmp/r --reduced --cpu   # CPU smoke run
+
+Data: ``../shared/data/train.jsonl.xz`` (about 30 M tokens) for training, ``valid.jsonl.xz`` and
+``wikitext103_test.jsonl.xz`` for evaluation only. Every step is a project command run as a
+subprocess (tools/*.py, examples/pretrain_patch_gpt.py under torchrun); a step whose output exists
+is skipped. The report (``report.md``) has a table of held-out loss / perplexity / wall time per
+run and a PNG of the token-level validation loss against training tokens (matplotlib, if installed).
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+PATCH_SIZE = 4
+FRACTIONS = {"lambda-1_2": 0.5, "lambda-2_3": 2 / 3, "lambda-4_5": 0.8}
+
+
+def _settings(reduced: bool, cpu: bool) -> dict:
+    if reduced:
+        return {"model": "tiny", "seq_length": 64, "vocab": 1000, "gbs": 16, "mbs": 4, "train_tokens": 16 * 64 * 24,
+                "warmup": 4, "lr": "2e-3", "eval_interval": 8, "max_documents": 20, "sample_lines": 2000}
+    return {"model": "repro-34m", "seq_length": 1024, "vocab": 8000, "gbs": 32, "mbs": 8 if cpu else 32,
+            "train_tokens": None, "warmup": 100, "lr": "1e-3", "eval_interval": 50, "max_documents": None,
+            "sample_lines": 300000}
+
+
+def _run(step: str, command: list, done: Path) -> None:
+    if done.exists():
+        print(f"== {step}: done already", flush=True)
+        return
+    print(f"== {step}: {' '.join(str(c) for c in command)}", flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    start = time.perf_counter()
+    if subprocess.run([str(c) for c in command], cwd=REPO, env=env).returncode != 0:
+        sys.exit(f"reproduce_small: step '{step}' failed; fix the error above and re-run")
+    print(f"== {step}: {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def _training_tokens(prefix: Path) -> int:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(prefix))
+    return int(dataset.sequence_lengths.sum())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default=str(REPO / "repro_out"))
+    parser.add_argument("--reduced", action="store_true", help="tiny model and budget (smoke test)")
+    parser.add_argument("--cpu", action="store_true", help="CPU mode (fp32, gloo) instead of one GPU in bf16")
+    parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run")
+    args = parser.parse_args(argv)
+    s = _settings(args.reduced, args.cpu)
+    work = Path(args.workdir).resolve()
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    train_file = SHARED / "train.jsonl.xz"
+    tokenizer = work / "tokenizer.model"
+    _run("tokenizer", [py, "tools/train_tokenizer.py", "--input", train_file, "--vocab-size", s["vocab"],
+                       "--input-sentence-size", s["sample_lines"], "--output-prefix", work / "tokenizer"], tokenizer)
+    prefix = work / "data" / "train_text_document"
+    _run("preprocess", [py, "tools/preprocess_data.py", "--input", train_file, "--output-prefix",
+                        work / "data" / "train", "--tokenizer-model", tokenizer, "--append-eod",
+                        "--workers", str(max(1, (os.cpu_count() or 2) - 1))], Path(str(prefix) + ".idx"))
+    # one pass over the training split (--split 99,1,0 keeps 1% of the documents for in-run validation)
+    train_tokens = s["train_tokens"] or int(_training_tokens(prefix) * 0.99)
+    common = ["--model", s["model"], "--seq-length", s["seq_length"], "--micro-batch-size", s["mbs"],
+              "--global-batch-size", s["gbs"], "--train-tokens", train_tokens, "--lr", s["lr"], "--min-lr", "0",
+              "--lr-warmup-iters", s["warmup"], "--data-path", prefix, "--split", "99,1,0",
+              "--tokenizer-model", tokenizer, "--eval-interval", s["eval_interval"], "--eval-iters", "4",
+              "--log-interval", "10", "--seed", "1"]
+    common += ["--cpu"] if args.cpu else ["--bf16"]
+    runs = {"token-only": ["--patch-size", "1"]}
+    runs.update({name: ["--patch-size", PATCH_SIZE, "--patch-data-fraction", fraction]
+                 for name, fraction in FRACTIONS.items()})
+    launcher = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    for name, extra in runs.items():
+        save = work / name
+        _run(f"train {name}", launcher + ["examples/pretrain_patch_gpt.py"] + common + extra +
+             ["--save", save, "--summary-json", save / "summary.json"], save / "summary.json")
+        for data_name, data_file in (("valid", SHARED / "valid.jsonl.xz"), ("wikitext103", SHARED / "wikitext103_test.jsonl.xz")):
+            output = work / f"eval_{name}_{data_name}.json"
+            command = [py, "tools/evaluate.py", "--load", save, "--input", data_file, "--tokenizer-model", tokenizer,
+                       "--output-json", output] + (["--cpu"] if args.cpu else [])
+            if s["max_documents"]:
+                command += ["--max-documents", s["max_documents"]]
+            _run(f"evaluate {name} on {data_name}", command, output)
+    _report(work, list(runs))
+    return 0
+
+
+def _report(work: Path, names: list) -> None:
+    lines = ["| run | cost (theory) | wall s | valid loss | valid ppl | WikiText-103 loss | WikiText-103 ppl |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    curves = {}
+    for name in names:
+        summary = json.loads((work / name / "summary.json").read_text())
+        seconds = sum(stage["seconds"] for stage in summary["stages"].values())
+        valid = json.loads((work / f"eval_{name}_valid.json").read_text())
+        wiki = json.loads((work / f"eval_{name}_wikitext103.json").read_text())
+        lines.append(f"| {name} | {summary['theoretical_relative_cost']:.3f} | {seconds:.0f} | {valid['loss']:.4f} | "
+                     f"{math.exp(valid['loss']):.2f} | {wiki['loss']:.4f} | {math.exp(wiki['loss']):.2f} |")
+        records = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+        curves[name] = [(r["iteration"], r["loss"]) for r in records if r["kind"] == "valid"]
+    table = "\n".join(lines)
+    print("\n" + table)
+    report = [f"# Small-scale reproduction ({time.strftime('%Y-%m-%d')})", "", table, ""]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        report.append("(matplotlib not installed: no plot)")
+    else:
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        for name, points in curves.items():
+            if points:
+                axis.plot([p[0] for p in points], [p[1] for p in points], label=name)
+        axis.set_xlabel("step (both stages consume the same tokens per step)")
+        axis.set_ylabel("validation loss, token level (nats)")
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(work / "loss_curves.png", dpi=120)
+        report.append("![validation loss](loss_curves.png)")
+    (work / "report.md").write_text("\n".join(report) + "\n")
+    print(f"report: {work / 'report.md'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
