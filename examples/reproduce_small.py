@@ -60,12 +60,18 @@ def main(argv=None) -> int:
     parser.add_argument("--reduced", action="store_true", help="tiny model and budget (smoke test)")
     parser.add_argument("--cpu", action="store_true", help="CPU mode (fp32, gloo) instead of one GPU in bf16")
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run")
+    parser.add_argument("--data-dir", default=str(SHARED),
+                        help="folder with train/valid/wikitext103_test .jsonl.xz (default ../shared/data)")
     args = parser.parse_args(argv)
     s = _settings(args.reduced, args.cpu)
     work = Path(args.workdir).resolve()
     (work / "data").mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    train_file = SHARED / "train.jsonl.xz"
+    data_dir = Path(args.data_dir).resolve()
+    for name in ("train.jsonl.xz", "valid.jsonl.xz", "wikitext103_test.jsonl.xz"):
+        if not (data_dir / name).is_file():
+            sys.exit(f"reproduce_small: {data_dir / name} not found: pass --data-dir with the shared corpora")
+    train_file = data_dir / "train.jsonl.xz"
     tokenizer = work / "tokenizer.model"
     _run("tokenizer", [py, "tools/train_tokenizer.py", "--input", train_file, "--vocab-size", s["vocab"],
                        "--input-sentence-size", s["sample_lines"], "--output-prefix", work / "tokenizer"], tokenizer)
@@ -89,7 +95,8 @@ def main(argv=None) -> int:
         save = work / name
         _run(f"train {name}", launcher + ["examples/pretrain_patch_gpt.py"] + common + extra +
              ["--save", save, "--summary-json", save / "summary.json"], save / "summary.json")
-        for data_name, data_file in (("valid", SHARED / "valid.jsonl.xz"), ("wikitext103", SHARED / "wikitext103_test.jsonl.xz")):
+        for data_name, data_file in (("valid", data_dir / "valid.jsonl.xz"),
+                                     ("wikitext103", data_dir / "wikitext103_test.jsonl.xz")):
             output = work / f"eval_{name}_{data_name}.json"
             command = [py, "tools/evaluate.py", "--load", save, "--input", data_file, "--tokenizer-model", tokenizer,
                        "--output-json", output] + (["--cpu"] if args.cpu else [])
