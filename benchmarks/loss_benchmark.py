@@ -26,12 +26,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
-import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -39,8 +35,11 @@ from pathlib import Path
 from typing import List, Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and common.py beside this file
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from common import command_line, environment, write_json  # noqa: E402
 
 KNOWN_NOISE = (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*")
 CHECK_ROWS = 64  # sequence positions used for the agreement check
@@ -271,9 +270,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if opts.cpu:
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    import megatron.core
-    import torch
-
     from megatron_patch import parallel
 
     with contextlib.ExitStack() as stack:
@@ -284,17 +280,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         parallel.init_model_parallel(1, 1, seed=opts.seed)
         rows = run(opts)
-    env = {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "megatron_core": megatron.core.__version__,
-           "device": (f"CPU ({platform.machine()}, {os.cpu_count()} cores)" if opts.cpu
-                      else torch.cuda.get_device_name())}
-    command = ("python benchmarks/loss_benchmark.py " + shlex.join(argv)).strip()
+    env = environment(opts.cpu)
+    command = command_line("loss_benchmark.py", argv)
     if opts.output_json:
-        tmp = f"{opts.output_json}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"command": command, "environment": env, "settings": vars(opts), "results": rows}, f, indent=1)
-        os.replace(tmp, opts.output_json)
+        write_json(opts.output_json, {"command": command, "environment": env, "settings": vars(opts), "results": rows})
     print(f"\n### Loss: [s={opts.seq_length}, b={opts.micro_batch_size}, V] bf16 logits, forward + backward\n")
     print(f"Command: `{command}`  ")
     print(f"Date: {env['date_utc']}; device: {env['device']}; Python {env['python']}, torch {env['torch']} "
