@@ -13,7 +13,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from megatron_patch.loss import masked_mean, vocab_parallel_patch_cross_entropy
+from megatron_patch.loss import vocab_parallel_patch_cross_entropy
+from tests.loss_helpers import loss_and_grad
 from tests.reference import reference_patch_loss_grad, reference_per_target_grad, relative_error
 
 TP = 2
@@ -90,14 +91,7 @@ def _same_on_all_ranks(tensor):
 
 
 def _run(logits, targets, upstream=None, mask=None, tp_group=None):
-    leaf = logits.detach().clone().requires_grad_(True)
-    losses = vocab_parallel_patch_cross_entropy(leaf.clone(), targets, tp_group=tp_group)
-    if mask is not None:
-        loss = masked_mean(losses, mask)
-        loss.backward()
-        return loss.detach(), leaf.grad
-    losses.backward(upstream)
-    return losses.detach(), leaf.grad
+    return loss_and_grad(logits.detach().clone().requires_grad_(True), targets, upstream, mask, tp_group)
 
 
 def _grad_tol(dtype):

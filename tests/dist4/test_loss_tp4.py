@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_patch.loss import masked_mean, vocab_parallel_patch_cross_entropy
+from tests.loss_helpers import loss_and_grad
 from tests.reference import reference_patch_loss_grad, reference_per_target_grad, relative_error
 
 TP = 4
@@ -53,14 +53,7 @@ def _gather(tensor):
 def _run(full, targets, upstream=None, mask=None):
     rank = parallel_state.get_tensor_model_parallel_rank()
     # [s, b, V] -> [s, b, V/tp]
-    leaf = full.chunk(TP, dim=-1)[rank].contiguous().requires_grad_(True)
-    losses = vocab_parallel_patch_cross_entropy(leaf.clone(), targets)
-    if mask is not None:
-        loss = masked_mean(losses, mask)
-        loss.backward()
-        return loss.detach(), leaf.grad
-    losses.backward(upstream)
-    return losses.detach(), leaf.grad
+    return loss_and_grad(full.chunk(TP, dim=-1)[rank].contiguous().requires_grad_(True), targets, upstream, mask)
 
 
 def test_tp4_losses_and_gradients_match_reference(model_parallel):

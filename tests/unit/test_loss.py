@@ -13,7 +13,8 @@ import pytest
 import torch
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from megatron_patch.loss import masked_mean, vocab_parallel_patch_cross_entropy
+from megatron_patch.loss import vocab_parallel_patch_cross_entropy
+from tests.loss_helpers import loss_and_grad
 from tests.reference import (
     reference_patch_loss_grad,
     reference_per_target_grad,
@@ -51,14 +52,7 @@ def _upstream(seed, shape):
 
 def _run(logits, targets, upstream=None, mask=None):
     """Our loss on a fresh copy of ``logits`` (fp32 inputs are clobbered); returns loss, grad."""
-    leaf = logits.detach().clone().requires_grad_(True)
-    losses = vocab_parallel_patch_cross_entropy(leaf.clone(), targets)
-    if mask is not None:
-        loss = masked_mean(losses, mask)
-        loss.backward()
-        return loss.detach(), leaf.grad
-    losses.backward(upstream)
-    return losses.detach(), leaf.grad
+    return loss_and_grad(logits.detach().clone().requires_grad_(True), targets, upstream, mask)
 
 
 def _grad_tol(dtype):

@@ -1,0 +1,18 @@
+"""Runs the K-way cross-entropy the way every loss test does, on a leaf it can differentiate."""
+
+from megatron_patch.loss import masked_mean, vocab_parallel_patch_cross_entropy
+
+
+def loss_and_grad(leaf, targets, upstream=None, mask=None, tp_group=None):
+    """Our loss on a copy of ``leaf`` (fp32 inputs are clobbered), then backward.
+
+    With ``mask``: the masked patch loss (a scalar) and d loss / d leaf. Without: the per-target
+    losses ``[s, b, K]`` and their gradient against ``upstream``.
+    """
+    losses = vocab_parallel_patch_cross_entropy(leaf.clone(), targets, tp_group=tp_group)
+    if mask is not None:
+        loss = masked_mean(losses, mask)
+        loss.backward()
+        return loss.detach(), leaf.grad
+    losses.backward(upstream)
+    return losses.detach(), leaf.grad
