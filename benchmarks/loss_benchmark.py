@@ -39,9 +39,9 @@ for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and co
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from megatron_patch import quiet_known_notices  # noqa: E402
 from common import command_line, environment, write_json  # noqa: E402
 
-KNOWN_NOISE = (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*")
 CHECK_ROWS = 64  # sequence positions used for the agreement check
 
 
@@ -259,10 +259,7 @@ def table(rows: List[dict]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    import warnings
-
-    for message in KNOWN_NOISE:
-        warnings.filterwarnings("ignore", message=message)
+    quiet_known_notices()
     try:
         opts = parse_options(argv)
     except UsageError as error:

@@ -50,14 +50,13 @@ for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and co
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from megatron_patch import quiet_known_notices  # noqa: E402
 from common import (  # noqa: E402
     StepTimer, command_line, environment, fmt, free_memory, synthetic_batches, trainer_args, write_json,
 )
 
 RECOMPUTE_CHOICES = ("none", "selective", "full")
 SCHEMA = "megatron_patch.throughput/1"
-KNOWN_NOISE = (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*",
-               ".*full scope is deprecated.*")
 
 
 class UsageError(Exception):
@@ -260,10 +259,7 @@ def throughput_table(rows: List[dict]) -> str:
 # --------------------------------------------------------------------------- main
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    import warnings
-
-    for message in KNOWN_NOISE:  # megatron's notices about optional accelerators
-        warnings.filterwarnings("ignore", message=message)
+    quiet_known_notices()
     try:
         opts = parse_options(argv)
     except UsageError as error:

@@ -15,6 +15,8 @@ import sys
 import warnings
 from typing import Callable, Iterator, Optional
 
+from megatron_patch import quiet_known_notices
+
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
@@ -49,16 +51,6 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-_KNOWN_NOISE = (
-    ".*Apex is not installed.*",
-    ".*Transformer Engine and Apex are not installed.*",
-    ".*full scope is deprecated.*",
-    ".*`load_state_dict` is deprecated.*",
-    ".*`save_state_dict` is deprecated.*",
-    ".*Please use DTensor instead.*",
-)
-
-
 def configure(name: str) -> None:
     """Logging to stdout (INFO on rank 0, WARNING elsewhere) and megatron's optional-accelerator
     notices silenced, so that stderr carries only real errors."""
@@ -72,8 +64,7 @@ def configure(name: str) -> None:
     logging.getLogger("megatron_patch").setLevel(logging.INFO if current == 0 else logging.WARNING)
     for noisy in ("megatron", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    for message in _KNOWN_NOISE:
-        warnings.filterwarnings("ignore", message=message)
+    quiet_known_notices()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
 

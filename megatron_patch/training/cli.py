@@ -5,6 +5,7 @@ import os
 import sys
 from typing import List, Optional
 
+from megatron_patch import quiet_known_notices
 from megatron_patch.training.arguments import ArgumentError, parse_args
 
 
@@ -19,26 +20,11 @@ def _configure_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-_KNOWN_NOISE = (
-    ".*Apex is not installed.*",
-    ".*Transformer Engine and Apex are not installed.*",
-    ".*full scope is deprecated.*",
-)
-
-
-def _quiet_known_warnings() -> None:
-    """Hide megatron's one-line notices about optional accelerators (said once in the README)."""
-    import warnings
-
-    for message in _KNOWN_NOISE:
-        warnings.filterwarnings("ignore", message=message)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """Train; returns 0 on success (or a SIGTERM-saved stop), 1 on a stopped run, 2 on bad input."""
     rank = int(os.environ.get("RANK", "0"))
     _configure_logging(rank)
-    _quiet_known_warnings()
+    quiet_known_notices()
     try:
         args = parse_args(argv)
     except ArgumentError as error:
