@@ -63,14 +63,47 @@ def init_model_parallel(
             f"({pipeline_parallel}) parallel sizes: launch a multiple of "
             f"{tensor_parallel * pipeline_parallel} processes"
         )
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
     )
     seed_all(seed)
+
+
+def destroy_model_parallel() -> None:
+    """Tear down megatron's model-parallel state and the process groups it created.
+
+    ``parallel_state.destroy_model_parallel`` only forgets its groups; each gloo group keeps its
+    threads polling until the process ends, so a process that rebuilds layouts (tests, tools
+    called from tools) would otherwise pile up hundreds of them. The default group is kept.
+    """
+    if not parallel_state.model_parallel_is_initialized():
+        return
+    groups = _megatron_process_groups()
+    parallel_state.destroy_model_parallel()
+    for group in groups:
+        try:
+            dist.destroy_process_group(group)
+        except ValueError:  # an alias of a group destroyed just before
+            pass
+
+
+def _megatron_process_groups() -> list:
+    """Every process group held by megatron's parallel_state (singly, in lists or in dicts)."""
+    found = {}
+    pending = list(vars(parallel_state).values())
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dist.ProcessGroup):
+            found[id(value)] = value
+        elif isinstance(value, (list, tuple)):
+            pending.extend(value)
+        elif isinstance(value, dict):
+            pending.extend(value.values())
+    found.pop(id(dist.group.WORLD), None)
+    return list(found.values())
 
 
 def seed_all(seed: int) -> None:
@@ -99,6 +132,5 @@ def distributed_world(cpu: bool, timeout_minutes: int = 30) -> Iterator[int]:
         yield dist.get_world_size()
     finally:
         if owns_process_group and dist.is_initialized():
-            if parallel_state.model_parallel_is_initialized():
-                parallel_state.destroy_model_parallel()
+            destroy_model_parallel()
             dist.destroy_process_group()

@@ -54,10 +54,7 @@ def model_parallel(world):
         parallel.init_model_parallel(tensor_parallel, pipeline_parallel, seed=seed)
 
     yield init
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    parallel.destroy_model_parallel()
 
 
 @pytest.fixture(scope="session")

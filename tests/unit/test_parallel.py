@@ -56,3 +56,16 @@ def test_slurm_variables_name_the_rank():
     """, SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29731")
     assert result.returncode == 0, result.stderr
     assert "rank 0 of 1" in result.stdout
+
+
+def test_rebuilding_the_layout_releases_the_old_groups(model_parallel):
+    """Each gloo group keeps native threads; rebuilding TP/PP must not pile them up."""
+    if not os.path.isdir("/proc/self/task"):
+        import pytest
+
+        pytest.skip("counts threads through /proc (Linux)")
+    model_parallel(1, 1)
+    threads_after_first = len(os.listdir("/proc/self/task"))
+    for _ in range(3):
+        model_parallel(1, 1)
+    assert len(os.listdir("/proc/self/task")) <= threads_after_first
