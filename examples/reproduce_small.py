@@ -4,8 +4,8 @@
     python examples/reproduce_small.py --workdir repro_out            # one GPU (bf16)
     python examples/reproduce_small.py --workdir /tmp/r --reduced --cpu   # CPU smoke run
 
-Data: ``../shared/data/train.jsonl.xz`` (about 30 M tokens) for training, ``valid.jsonl.xz`` and
-``wikitext103_test.jsonl.xz`` for evaluation only. Every step is a project command run as a
+Data: ``../shared/data/train.jsonl.xz`` (about 30 M tokens) for training (``tiny.jsonl.xz``, 0.6 M
+tokens, with ``--reduced``), ``valid.jsonl.xz`` and ``wikitext103_test.jsonl.xz`` for evaluation only. Every step is a project command run as a
 subprocess (tools/*.py, examples/pretrain_patch_gpt.py under torchrun); a step whose output exists
 is skipped. The report (``report.md``) has a table of held-out loss / perplexity / wall time per
 run and a PNG of the token-level validation loss against training tokens (matplotlib, if installed).
@@ -29,10 +29,11 @@ FRACTIONS = {"lambda-1_2": 0.5, "lambda-2_3": 2 / 3, "lambda-4_5": 0.8}
 def _settings(reduced: bool, cpu: bool) -> dict:
     if reduced:
         return {"model": "tiny", "seq_length": 64, "vocab": 1000, "gbs": 16, "mbs": 4, "train_tokens": 16 * 64 * 24,
-                "warmup": 4, "lr": "2e-3", "eval_interval": 8, "max_documents": 20, "sample_lines": 2000}
+                "warmup": 4, "lr": "2e-3", "eval_interval": 8, "max_documents": 4, "sample_lines": 2000,
+                "train_file": "tiny.jsonl.xz"}
     return {"model": "repro-34m", "seq_length": 1024, "vocab": 8000, "gbs": 32, "mbs": 8 if cpu else 32,
             "train_tokens": None, "warmup": 100, "lr": "1e-3", "eval_interval": 50, "max_documents": None,
-            "sample_lines": 300000}
+            "sample_lines": 300000, "train_file": "train.jsonl.xz"}
 
 
 def _run(step: str, command: list, done: Path) -> None:
@@ -68,10 +69,10 @@ def main(argv=None) -> int:
     (work / "data").mkdir(parents=True, exist_ok=True)
     py = sys.executable
     data_dir = Path(args.data_dir).resolve()
-    for name in ("train.jsonl.xz", "valid.jsonl.xz", "wikitext103_test.jsonl.xz"):
+    for name in (s["train_file"], "valid.jsonl.xz", "wikitext103_test.jsonl.xz"):
         if not (data_dir / name).is_file():
             sys.exit(f"reproduce_small: {data_dir / name} not found: pass --data-dir with the shared corpora")
-    train_file = data_dir / "train.jsonl.xz"
+    train_file = data_dir / s["train_file"]
     tokenizer = work / "tokenizer.model"
     _run("tokenizer", [py, "tools/train_tokenizer.py", "--input", train_file, "--vocab-size", s["vocab"],
                        "--input-sentence-size", s["sample_lines"], "--output-prefix", work / "tokenizer"], tokenizer)

@@ -1,4 +1,4 @@
-"""The small-scale reproduction script, reduced (tiny model, 24 steps, CPU), so the GPU session
+"""The small-scale reproduction script, reduced (tiny model and corpus, 24 steps, CPU), so the GPU session
 that runs it in full finds a working pipeline: four runs, eight evaluations, one report."""
 
 import subprocess
