@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -186,9 +187,8 @@ def run_throughput(opts, peak_tflops: Optional[float]) -> List[dict]:
                 unwrap(chunk).set_patch_size(K)
             data = itertools.cycle(synthetic_batches(b, K * opts.seq_length, opts.vocab_size, 4,
                                                      opts.seed + K, pin=cuda))
-
-            def step():
-                return train_step(model, optimizer, scheduler, data, opts.num_microbatches, opts.seq_length, b)
+            step = functools.partial(train_step, model, optimizer, scheduler, data, opts.num_microbatches,
+                                     opts.seq_length, b)
 
             free_memory(cuda)
             try:

@@ -4,11 +4,12 @@
     python examples/reproduce_small.py --workdir repro_out            # one GPU (bf16)
     python examples/reproduce_small.py --workdir /tmp/r --reduced --cpu   # CPU smoke run
 
-Data: ``../shared/data/train.jsonl.xz`` (about 30 M tokens) for training (``tiny.jsonl.xz``, 0.6 M
-tokens, with ``--reduced``), ``valid.jsonl.xz`` and ``wikitext103_test.jsonl.xz`` for evaluation only. Every step is a project command run as a
-subprocess (tools/*.py, examples/pretrain_patch_gpt.py under torchrun); a step whose output exists
-is skipped. The report (``report.md``) has a table of held-out loss / perplexity / wall time per
-run and a PNG of the token-level validation loss against training tokens (matplotlib, if installed).
+Data: ``../shared/data/train.jsonl.xz`` (about 30 M tokens) for training (``tiny.jsonl.xz``,
+0.6 M tokens, with ``--reduced``), ``valid.jsonl.xz`` and ``wikitext103_test.jsonl.xz`` for
+evaluation only. Every step is a project command run as a subprocess (tools/*.py,
+examples/pretrain_patch_gpt.py under torchrun); a step whose output exists is skipped. The report
+(``report.md``) has a table of held-out loss / perplexity / wall time per run and a PNG of the
+token-level validation loss against training tokens (matplotlib, if installed).
 """
 
 import argparse

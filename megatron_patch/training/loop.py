@@ -5,9 +5,7 @@ warmup) starts, the data continues on the token stage's disjoint documents, and 
 is written. ``--load`` resumes inside either stage or at the boundary.
 """
 
-import json
 import logging
-import math
 import os
 import signal
 import time
@@ -232,7 +230,6 @@ class Trainer:
 
     # ----------------------------------------------------------------- run
     def run(self) -> dict:
-        args = self.args
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             start_index, stage_iteration, consumed, results = self._resume()

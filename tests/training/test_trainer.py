@@ -1,7 +1,6 @@
 """The trainer in-process (a world of one): both stages, the stage switch, K=1 against stock
 GPTModel, NaN stops, and one-line errors for bad flags and bad checkpoints."""
 
-import json
 import os
 
 import pytest

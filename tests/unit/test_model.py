@@ -1,7 +1,6 @@
 """PatchGPTModel on one rank: K=1 is stock GPTModel bit for bit, patch mode matches a plain
 re-computation, checkpoints cross modes without conversion, and bad settings fail clearly."""
 
-import copy
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.models.gpt import GPTModel
 
 from megatron_patch.embedding import aggregate_patches
-from megatron_patch.model import PatchGPTModel, build_patch_gpt_model
+from megatron_patch.model import build_patch_gpt_model
 from megatron_patch.presets import get_preset, padded_vocab_size, transformer_config
 from megatron_patch.specs import get_decoder_block_spec, get_local_layer_spec
 from tests import model_helpers as mh
