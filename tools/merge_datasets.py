@@ -25,7 +25,8 @@ import warnings
 if __package__ in (None, ""):  # run as `python tools/merge_datasets.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_patch.data.errors import EXIT_USER_ERROR, ArgumentParser, DataError  # noqa: E402
+from megatron_patch.data.errors import (  # noqa: E402
+    EXIT_USER_ERROR, ArgumentParser, DataError, user_error_line)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,12 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             documents, tokens = merge_datasets(prefixes, bin_path, idx_path)
             verify_dataset(bin_path[: -len(".bin")], documents, tokens)
             paths = staged.commit()
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except OSError as err:  # e.g. a full disk while writing; the partial outputs are removed
-        print(f"error: {err.filename or 'I/O'}: {err.strerror or err}; check the free space and "
-              f"permissions of the output folder", file=sys.stderr)
+    except (DataError, OSError) as err:
+        print(user_error_line(err), file=sys.stderr)
         return EXIT_USER_ERROR
     print(f"merged {len(prefixes)} datasets: {documents} documents, {tokens} tokens")
     for prefix in prefixes:

@@ -31,7 +31,8 @@ import time
 if __package__ in (None, ""):  # run as `python tools/train_tokenizer.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_patch.data.errors import EXIT_USER_ERROR, ArgumentParser, DataError  # noqa: E402
+from megatron_patch.data.errors import (  # noqa: E402
+    EXIT_USER_ERROR, ArgumentParser, DataError, user_error_line)
 from megatron_patch.data.inputs import (  # noqa: E402
     BadLineError,
     expand_inputs,
@@ -200,12 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         with StagedOutputs(folder, "train_tokenizer") as staged:
             write_outputs(staged, args.output_prefix, proto, processor)
             paths = staged.commit()
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except OSError as err:  # e.g. a full disk while writing; the partial outputs are removed
-        print(f"error: {err.filename or 'I/O'}: {err.strerror or err}; check the free space and "
-              f"permissions of the output folder", file=sys.stderr)
+    except (DataError, OSError) as err:
+        print(user_error_line(err), file=sys.stderr)
         return EXIT_USER_ERROR
     special = " ".join(f"{piece}={i}" for i, piece in SPECIAL_PIECES.values())
     print(
