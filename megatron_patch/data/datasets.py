@@ -27,7 +27,9 @@ stage its own documents:
   split never reuses stale indices, and the tokenizer's sha256. With torch.distributed
   initialised, rank 0 builds (and caches) every dataset first, then a barrier, then the other
   ranks load them (``BlendedMegatronDatasetBuilder.build_generic_dataset``); without it, the
-  datasets are built in this process.
+  datasets are built in this process. The largest token id of each ``.bin`` is checked against
+  the tokenizer once per file, by rank 0, and recorded in the same cache folder
+  (:mod:`megatron_patch.data.vocab_check`).
 """
 
 from __future__ import annotations
@@ -36,10 +38,8 @@ import dataclasses
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass, field
 
-import numpy
 import torch
 from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -52,6 +52,7 @@ from torch.utils.data import Dataset
 from megatron_patch.data.errors import DataError
 from megatron_patch.data.indexed import check_prefix
 from megatron_patch.data.split import PrefixSplit, parse_data_path, parse_split, split_prefix
+from megatron_patch.data.vocab_check import check_vocab
 
 logger = logging.getLogger(__name__)
 
@@ -139,28 +140,17 @@ def plan_stage_split(
     return splits
 
 
-def check_vocab(prefix: str, dataset: IndexedDataset, vocab_size: int) -> None:
-    """DataError when a token id in ``prefix.bin`` is >= ``vocab_size`` (scans the whole file)."""
-    start = time.time()
-    tokens = numpy.memmap(prefix + ".bin", dtype=dataset.index.dtype, mode="r")
-    step = 1 << 24
-    largest = max((int(tokens[i : i + step].max()) for i in range(0, len(tokens), step)), default=0)
-    del tokens
-    log_single_rank(logger, logging.INFO, f"{prefix}: max token id {largest} "
-                    f"({time.time() - start:.2f} s to scan)")
-    if largest >= vocab_size:
-        raise DataError(
-            f"'{prefix}' holds token id {largest} but the tokenizer has only {vocab_size} ids; "
-            f"use the tokenizer the data was preprocessed with, or re-run tools/preprocess_data.py"
-        )
+def index_cache_folder(config: StageDataConfig, prefix: str) -> str:
+    """Where megatron caches the sample indices of ``prefix``'s datasets (and where the
+    vocabulary check records the largest token id)."""
+    if config.cache_dir:
+        return config.cache_dir
+    return os.path.join(prefix, "cache", f"{StageGPTDataset.__name__}_indices")
 
 
 def check_cache_folder(config: StageDataConfig) -> None:
     """DataError when megatron could not write its index cache (a read-only data folder)."""
-    folders = ([config.cache_dir] if config.cache_dir else
-               [os.path.join(p, "cache", f"{StageGPTDataset.__name__}_indices")
-                for p in config.prefixes])
-    for folder in folders:
+    for folder in dict.fromkeys(index_cache_folder(config, prefix) for prefix in config.prefixes):
         existing = folder
         while not os.path.exists(existing) and os.path.dirname(existing) != existing:
             existing = os.path.dirname(existing)
@@ -309,7 +299,7 @@ def build_stage_datasets(config: StageDataConfig, tokenizer, num_samples: dict[s
     }
     splits = plan_stage_split(config, low_level)
     for prefix, dataset in low_level.items():
-        check_vocab(prefix, dataset, tokenizer.vocab_size)
+        check_vocab(prefix, dataset.index.dtype, tokenizer.vocab_size, index_cache_folder(config, prefix))
     for split in splits:
         log_single_rank(
             logger, logging.INFO,
