@@ -20,10 +20,12 @@ setup(
     python_requires=">=3.10",
     install_requires=_requirements(),
     extras_require={
-        # transformers, safetensors and protobuf let the suite check the Hugging Face export
-        "test": ["pytest>=8", "transformers>=4.40", "safetensors", "protobuf"],
+        # transformers, safetensors and protobuf let the suite check the Hugging Face export;
+        # matplotlib, the reproduction's loss plot
+        "test": ["pytest>=8", "transformers>=4.40", "safetensors", "protobuf", "matplotlib"],
         "gpu": ["transformer-engine[pytorch]", "apex"],
         "hf": ["transformers>=4.40", "safetensors", "protobuf"],
+        "plot": ["matplotlib"],
     },
     entry_points={
         "console_scripts": [

@@ -9,7 +9,8 @@ Data: ``../shared/data/train.jsonl.xz`` (about 30 M tokens) for training (``tiny
 evaluation only. Every step is a project command run as a subprocess (tools/*.py,
 examples/pretrain_patch_gpt.py under torchrun); a step whose output exists is skipped. The report
 (``report.md``) has a table of held-out loss / perplexity / wall time per run and a PNG of the
-token-level validation loss against training tokens (matplotlib, if installed).
+token-level validation loss against training tokens and against training compute (matplotlib, if
+installed: the ``plot`` extra); ``curves.json`` holds the plotted points.
 """
 
 import argparse
@@ -109,6 +110,29 @@ def main(argv=None) -> int:
     return 0
 
 
+def _validation_curve(summary: dict, records: list) -> list:
+    """(training tokens, model FLOPs, validation loss) at each validation of a run.
+
+    Both stages consume the same tokens per step; a patch-stage step costs the FLOPs the
+    trainer's summary gives per patch iteration (about 1/K of a token-stage step).
+    """
+    stages = summary["stages"]
+    tokens_per_step = summary["total_tokens"] / sum(stage["iterations"] for stage in stages.values())
+    patch = stages.get("patch", {"iterations": 0, "flops": 0.0})
+    patch_step_flops = patch["flops"] / max(patch["iterations"], 1)
+    token = stages.get("token", {"iterations": 0, "flops": 0.0})
+    token_step_flops = token["flops"] / max(token["iterations"], 1)
+    curve = []
+    for record in records:
+        if record["kind"] != "valid":
+            continue
+        step = record["iteration"]
+        patch_steps = min(step, patch["iterations"])
+        flops = patch_steps * patch_step_flops + (step - patch_steps) * token_step_flops
+        curve.append((step * tokens_per_step, flops, record["loss"]))
+    return curve
+
+
 def _report(work: Path, names: list) -> None:
     lines = ["| run | cost (theory) | wall s | valid loss | valid ppl | WikiText-103 loss | WikiText-103 ppl |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -121,9 +145,12 @@ def _report(work: Path, names: list) -> None:
         lines.append(f"| {name} | {summary['theoretical_relative_cost']:.3f} | {seconds:.0f} | {valid['loss']:.4f} | "
                      f"{math.exp(valid['loss']):.2f} | {wiki['loss']:.4f} | {math.exp(wiki['loss']):.2f} |")
         records = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
-        curves[name] = [(r["iteration"], r["loss"]) for r in records if r["kind"] == "valid"]
+        curves[name] = _validation_curve(summary, records)
     table = "\n".join(lines)
     print("\n" + table)
+    (work / "curves.json").write_text(json.dumps(
+        {name: [{"tokens": t, "flops": f, "valid_loss": loss} for t, f, loss in points]
+         for name, points in curves.items()}, indent=1))
     report = [f"# Small-scale reproduction ({time.strftime('%Y-%m-%d')})", "", table, ""]
     try:
         import matplotlib
@@ -133,13 +160,15 @@ def _report(work: Path, names: list) -> None:
     except ImportError:
         report.append("(matplotlib not installed: no plot)")
     else:
-        figure, axis = plt.subplots(figsize=(7, 4.5))
+        figure, (by_tokens, by_flops) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
         for name, points in curves.items():
             if points:
-                axis.plot([p[0] for p in points], [p[1] for p in points], label=name)
-        axis.set_xlabel("step (both stages consume the same tokens per step)")
-        axis.set_ylabel("validation loss, token level (nats)")
-        axis.legend()
+                by_tokens.plot([p[0] / 1e6 for p in points], [p[2] for p in points], marker=".", label=name)
+                by_flops.plot([p[1] / 1e15 for p in points], [p[2] for p in points], marker=".", label=name)
+        by_tokens.set_xlabel("training tokens (millions)")
+        by_flops.set_xlabel("training compute (model PFLOP)")
+        by_tokens.set_ylabel("validation loss, token level (nats)")
+        by_flops.legend()
         figure.tight_layout()
         figure.savefig(work / "loss_curves.png", dpi=120)
         report.append("![validation loss](loss_curves.png)")
