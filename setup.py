@@ -21,11 +21,12 @@ setup(
     install_requires=_requirements(),
     extras_require={
         # transformers, safetensors and protobuf let the suite check the Hugging Face export;
-        # matplotlib, the reproduction's loss plot
-        "test": ["pytest>=8", "transformers>=4.40", "safetensors", "protobuf", "matplotlib"],
+        # matplotlib, the reproduction's loss plot; tensorboard, the trainer's event files
+        "test": ["pytest>=8", "transformers>=4.40", "safetensors", "protobuf", "matplotlib", "tensorboard"],
         "gpu": ["transformer-engine[pytorch]", "apex"],
         "hf": ["transformers>=4.40", "safetensors", "protobuf"],
         "plot": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
     },
     entry_points={
         "console_scripts": [

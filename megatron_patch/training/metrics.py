@@ -75,12 +75,13 @@ class MetricsWriter:
                   "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
                   "tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": mfu, "memory_gib": _memory_gib()}
         self._record(record)
-        if self.tensorboard is not None:
-            self.tensorboard.add_scalar(f"train/{stage}-{'patch-loss' if stage == 'patch' else 'loss'}", loss, iteration)
-            self.tensorboard.add_scalar("train/lr", lr, iteration)
-            self.tensorboard.add_scalar("train/tokens_per_s", tokens_per_s, iteration)
-            if grad_norm is not None:
-                self.tensorboard.add_scalar("train/grad_norm", grad_norm, iteration)
+        if self.tensorboard is not None:  # x axis: the global iteration (tokens per step are equal)
+            scalars = {"train/patch-loss" if stage == "patch" else "train/loss": loss, "train/lr": lr,
+                       "train/grad_norm": grad_norm, "train/skipped": skipped, "train/tokens_per_s": tokens_per_s,
+                       "train/tflops": tflops, "train/mfu": mfu, "train/memory_gib": record["memory_gib"]}
+            for tag, value in scalars.items():
+                if value is not None:
+                    self.tensorboard.add_scalar(tag, value, iteration)
 
     def log_valid(self, stage: str, iteration: int, loss: Optional[float]) -> None:
         self.last_valid_loss = loss

@@ -21,6 +21,14 @@ def _run(argv):
     return trainer, trainer.run()
 
 
+def _tensorboard_scalars(folder):
+    """{tag: [(step, value), ...]} of the event files in ``folder`` (skips without tensorboard)."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = accumulator.EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 @pytest.fixture
 def cpu_world(world, model_parallel):
     model_parallel(1, 1)
@@ -37,7 +45,8 @@ def test_two_stages_train_and_switch_resets_optimizer_and_lr(cpu_world, tiny_cor
         resets.append((before, builders.optimizer_state_size(optimizer)))
 
     monkeypatch.setattr(loop, "reset_optimizer_state", spy_reset)
-    trainer, summary = _run(trainer_args(tiny_corpus, tmp_path / "run", "--eval-interval", "6", train_iters=24))
+    trainer, summary = _run(trainer_args(tiny_corpus, tmp_path / "run", "--eval-interval", "6",
+                                         "--tensorboard-dir", str(tmp_path / "tb"), train_iters=24))
     # patch stage starts from an empty state; the switch empties a full one
     assert resets[0] == (0, 0) and resets[1][0] > 0 and resets[1][1] == 0
     records = train_records(tmp_path / "run")
@@ -61,6 +70,13 @@ def test_two_stages_train_and_switch_resets_optimizer_and_lr(cpu_world, tiny_cor
     assert checkpoint.read_tracker(str(tmp_path / "run")) == 24
     meta = checkpoint.read_metadata(checkpoint.checkpoint_dir(str(tmp_path / "run"), 16))
     assert meta["progress"]["stage"] == "patch" and meta["progress"]["stage_complete"]
+    # TensorBoard (last: skips without it) holds the same curves as metrics.jsonl
+    events = _tensorboard_scalars(tmp_path / "tb")
+    assert [step for step, _ in events["train/patch-loss"]] == list(range(1, 17))
+    assert [step for step, _ in events["train/loss"]] == list(range(17, 25))
+    assert events["train/loss"][-1][1] == pytest.approx(records[24]["loss"], rel=1e-6)
+    assert dict(events["valid/loss"])[24] == pytest.approx(valid[24]["loss"], rel=1e-6)
+    assert {"train/lr", "train/grad_norm", "train/skipped", "train/tokens_per_s", "train/tflops"} <= set(events)
 
 
 class StockGPT(GPTModel):
