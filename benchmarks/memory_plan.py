@@ -78,6 +78,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from megatron_patch import quiet_known_notices  # noqa: E402
+
+quiet_known_notices()  # the presets import megatron.core, whose import prints them
 from megatron_patch.presets import PRESETS, ModelPreset, get_preset, padded_vocab_size  # noqa: E402
 
 GIB = 2**30

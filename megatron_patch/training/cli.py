@@ -6,7 +6,6 @@ import sys
 from typing import List, Optional
 
 from megatron_patch import quiet_known_notices
-from megatron_patch.training.arguments import ArgumentError, parse_args
 
 
 def _configure_logging(rank: int) -> None:
@@ -24,12 +23,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Train; returns 0 on success (or a SIGTERM-saved stop), 1 on a stopped run, 2 on bad input."""
     rank = int(os.environ.get("RANK", "0"))
     _configure_logging(rank)
-    quiet_known_notices()
+    quiet_known_notices()  # before the first import of megatron.core (some notices fire on import)
+    from megatron_patch.training.arguments import ArgumentError, parse_args
+
     try:
         args = parse_args(argv)
     except ArgumentError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    # megatron's recommendation for its TP/SP communication overlap, read when CUDA starts (a
+    # value set by the launcher wins; on CPU it only silences megatron's reminder)
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     from megatron_patch import parallel
     from megatron_patch.training.checkpoint import CheckpointError
     from megatron_patch.training.loop import Trainer
