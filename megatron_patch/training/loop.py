@@ -29,7 +29,7 @@ from megatron_patch.training.builders import (
 )
 from megatron_patch.training.data import micro_batches
 from megatron_patch.training.flops import flops_per_position, measure_bf16_matmul_tflops
-from megatron_patch.training.metrics import MetricsWriter
+from megatron_patch.training.metrics import MetricsWriter, peak_memory_gib, reset_peak_memory
 from megatron_patch.training.step import evaluate, train_step
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class StageResult:
     seconds: float = 0.0
     last_loss: float = float("nan")
     valid_loss: Optional[float] = None
+    peak_memory_gib: Optional[float] = None  # of this process's part of the stage (not kept on resume)
     extra: dict = field(default_factory=dict)
 
 
@@ -253,6 +254,7 @@ class Trainer:
         """Train ``stage`` from ``stage_iteration``; returns True when stopped by SIGTERM."""
         args = self.args
         self._set_patch_size(stage.patch_size)
+        reset_peak_memory()
         if not resumed:
             reset_optimizer_state(self.optimizer)
             self.scheduler = build_scheduler(args, self.optimizer, stage.iters)
@@ -270,6 +272,7 @@ class Trainer:
                 self.model, self.optimizer, self.scheduler, iterator, num_microbatches,
                 args.seq_length, args.micro_batch_size,
             )
+            result.peak_memory_gib = peak_memory_gib()
             stage_iteration += 1
             consumed += stage.global_batch_size
             skipped += int(was_skipped)
@@ -314,7 +317,8 @@ class Trainer:
         summary = {
             "interrupted": interrupted,
             "stages": {r.name: {"iterations": r.iterations, "tokens": r.tokens, "flops": r.flops,
-                                "seconds": r.seconds, "last_loss": r.last_loss, "valid_loss": r.valid_loss}
+                                "seconds": r.seconds, "last_loss": r.last_loss, "valid_loss": r.valid_loss,
+                                "peak_memory_gib": r.peak_memory_gib}
                        for r in results},
             "total_tokens": total_tokens,
             "relative_flops_vs_token_only": total_flops / token_only_flops if token_only_flops else None,

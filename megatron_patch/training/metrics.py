@@ -17,12 +17,21 @@ import torch
 logger = logging.getLogger("megatron_patch.train")
 
 
-def _memory_gib() -> float:
+def peak_memory_gib() -> float:
+    """Peak memory of this process: on GPU the CUDA allocator's peak since the last
+    :func:`reset_peak_memory` (weights, gradients, optimizer state and activations); on CPU the
+    peak resident set since the process started (the kernel's figure cannot be reset)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    import psutil
+    import resource
 
-    return psutil.Process().memory_info().rss / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak (GPU): each stage reports its own."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
 
 class MetricsWriter:
@@ -68,17 +77,17 @@ class MetricsWriter:
             f"{tokens_per_s:,.0f} tok/s",
             (f"{tflops:.1f} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.2f} GFLOP/s")
             + (f" MFU {100 * mfu:.1f}%" if mfu is not None else ""),
-            f"mem {_memory_gib():.2f} GiB",
+            f"peak mem {peak_memory_gib():.2f} GiB",
         ]
         logger.info(" | ".join(parts))
         record = {"kind": "train", "stage": stage, "iteration": iteration, "stage_iteration": stage_iteration,
                   "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
-                  "tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": mfu, "memory_gib": _memory_gib()}
+                  "tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": mfu, "peak_memory_gib": peak_memory_gib()}
         self._record(record)
         if self.tensorboard is not None:  # x axis: the global iteration (tokens per step are equal)
             scalars = {"train/patch-loss" if stage == "patch" else "train/loss": loss, "train/lr": lr,
                        "train/grad_norm": grad_norm, "train/skipped": skipped, "train/tokens_per_s": tokens_per_s,
-                       "train/tflops": tflops, "train/mfu": mfu, "train/memory_gib": record["memory_gib"]}
+                       "train/tflops": tflops, "train/mfu": mfu, "train/peak_memory_gib": record["peak_memory_gib"]}
             for tag, value in scalars.items():
                 if value is not None:
                     self.tensorboard.add_scalar(tag, value, iteration)
@@ -101,6 +110,7 @@ class MetricsWriter:
             lines.append(
                 f"  {name:5s} stage: {stage['iterations']} steps, {stage['tokens'] / 1e6:.3f}M tokens, "
                 f"{stage['flops'] / 1e12:.3f} TFLOP, {stage['seconds']:.1f} s"
+                + (f", peak memory {stage['peak_memory_gib']:.2f} GiB" if stage.get("peak_memory_gib") else "")
                 + (f", valid loss {stage['valid_loss']:.4f}" if stage["valid_loss"] is not None else "")
             )
         if summary["relative_flops_vs_token_only"] is not None:
