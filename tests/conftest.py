@@ -88,3 +88,19 @@ def tiny_corpus(tmp_path_factory, shared_data):
     holder = [build() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+@pytest.fixture
+def counted_scans(monkeypatch):
+    """The .bin paths the vocabulary check scans during a test (the scan itself still runs)."""
+    from megatron_patch.data import vocab_check
+
+    calls = []
+    scan = vocab_check.scan_max_token_id
+
+    def counted(bin_path, dtype):
+        calls.append(bin_path)
+        return scan(bin_path, dtype)
+
+    monkeypatch.setattr(vocab_check, "scan_max_token_id", counted)
+    return calls

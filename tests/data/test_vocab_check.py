@@ -27,31 +27,18 @@ def _true_max(prefix):
     return int(numpy.fromfile(prefix + ".bin", dtype=dataset.index.dtype).max()), dataset.index.dtype
 
 
-def _counting_scans(monkeypatch):
-    calls = []
-    scan = vocab_check.scan_max_token_id
-
-    def counted(bin_path, dtype):
-        calls.append(bin_path)
-        return scan(bin_path, dtype)
-
-    monkeypatch.setattr(vocab_check, "scan_max_token_id", counted)
-    return calls
-
-
-def test_scanned_once_then_read_from_the_record(prefix, tmp_path, monkeypatch):
+def test_scanned_once_then_read_from_the_record(prefix, tmp_path, counted_scans):
     largest, dtype = _true_max(prefix)
     cache = str(tmp_path / "cache")
-    scans = _counting_scans(monkeypatch)
     assert vocab_check.max_token_id(prefix, dtype, cache) == largest
     assert vocab_check.max_token_id(prefix, dtype, cache) == largest
-    assert len(scans) == 1
+    assert len(counted_scans) == 1
     assert [name for name in os.listdir(cache) if name.endswith(vocab_check.RECORD_SUFFIX)]
 
     stat = os.stat(prefix + ".bin")  # the same file rewritten: a new record, a new scan
     os.utime(prefix + ".bin", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert vocab_check.max_token_id(prefix, dtype, cache) == largest
-    assert len(scans) == 2
+    assert len(counted_scans) == 2
 
 
 def test_a_changed_file_is_scanned_again(prefix, tmp_path):
@@ -71,27 +58,26 @@ def test_a_changed_file_is_scanned_again(prefix, tmp_path):
     vocab_check.check_vocab(prefix, dtype, largest + 8, cache)
 
 
-def test_a_corrupt_or_unwritable_record_only_costs_a_scan(prefix, tmp_path, monkeypatch):
+def test_a_corrupt_or_unwritable_record_only_costs_a_scan(prefix, tmp_path, counted_scans):
     largest, dtype = _true_max(prefix)
     cache = str(tmp_path / "cache")
     vocab_check.max_token_id(prefix, dtype, cache)
     (record,) = [os.path.join(cache, n) for n in os.listdir(cache)]
     with open(record, "w") as handle:
         handle.write("{not json")
-    scans = _counting_scans(monkeypatch)
     assert vocab_check.max_token_id(prefix, dtype, cache) == largest
-    assert len(scans) == 1
+    assert len(counted_scans) == 2
     with open(record) as handle:  # a record of another file under this name is not trusted
         stranger = json.load(handle)
     stranger.update(bin="/elsewhere/other.bin", max_token_id=0)
     with open(record, "w") as handle:
         json.dump(stranger, handle)
     assert vocab_check.max_token_id(prefix, dtype, cache) == largest
-    assert len(scans) == 2
+    assert len(counted_scans) == 3
     blocked = tmp_path / "a_file"
     blocked.write_text("")
     assert vocab_check.max_token_id(prefix, dtype, str(blocked / "cache")) == largest  # makedirs fails
-    assert len(scans) == 3
+    assert len(counted_scans) == 4
 
 
 def test_the_scan_reads_in_windows(prefix, monkeypatch):

@@ -9,20 +9,8 @@ from megatron_patch.data.errors import DataError
 from tests.model_helpers import shared_tmp
 
 
-@pytest.fixture
-def scans(monkeypatch):
-    calls = []
-    scan = vocab_check.scan_max_token_id
-
-    def counted(bin_path, dtype):
-        calls.append(bin_path)
-        return scan(bin_path, dtype)
-
-    monkeypatch.setattr(vocab_check, "scan_max_token_id", counted)
-    return calls
-
-
-def test_rank_zero_scans_once_and_every_rank_gets_the_error(world, tiny_corpus, tmp_path_factory, scans):
+def test_rank_zero_scans_once_and_every_rank_gets_the_error(world, tiny_corpus, tmp_path_factory,
+                                                            counted_scans):
     if world != 2:
         pytest.skip("runs in a 2-rank world")
     prefix = tiny_corpus["prefix"]
@@ -31,7 +19,7 @@ def test_rank_zero_scans_once_and_every_rank_gets_the_error(world, tiny_corpus, 
     vocab_check.check_vocab(prefix, dtype, 512, cache)
     with pytest.raises(DataError, match="holds token id"):
         vocab_check.check_vocab(prefix, dtype, 10, cache)
-    assert len(scans) == (1 if dist.get_rank() == 0 else 0)
+    assert len(counted_scans) == (1 if dist.get_rank() == 0 else 0)
 
 
 def test_a_failure_on_rank_zero_reaches_every_rank(world, tiny_corpus, tmp_path_factory, monkeypatch):
