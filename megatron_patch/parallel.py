@@ -77,7 +77,8 @@ def destroy_model_parallel() -> None:
 
     ``parallel_state.destroy_model_parallel`` only forgets its groups; each gloo group keeps its
     threads polling until the process ends, so a process that rebuilds layouts (tests, tools
-    called from tools) would otherwise pile up hundreds of them. The default group is kept.
+    called from tools) would otherwise pile up hundreds of them. The default group is kept. Every
+    rank destroys the groups in the same order (that of parallel_state's attributes).
     """
     if not parallel_state.model_parallel_is_initialized():
         return
@@ -132,5 +133,8 @@ def distributed_world(cpu: bool, timeout_minutes: int = 30) -> Iterator[int]:
         yield dist.get_world_size()
     finally:
         if owns_process_group and dist.is_initialized():
-            destroy_model_parallel()
+            # destroying the world shuts every group down, in torch's own order (NCCL's abort was
+            # collective in some versions), so megatron's groups are only forgotten here
+            if parallel_state.model_parallel_is_initialized():
+                parallel_state.destroy_model_parallel()
             dist.destroy_process_group()
