@@ -4,14 +4,36 @@ step timing and output helpers."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
 import os
 import platform
 import shlex
+import sys
 import time
 from typing import List
+
+
+# --------------------------------------------------------------------------- world
+def enter_one_rank_world(stack: contextlib.ExitStack, cpu: bool, seed: int) -> bool:
+    """Enter, on ``stack``, a world of one process at TP=PP=1 (CPU mode over gloo with ``cpu``).
+
+    Returns False, after printing the one-line error, when the world cannot be formed (no GPU
+    without --cpu, or --cpu beside a GPU).
+    """
+    if cpu:
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    from megatron_patch import parallel
+
+    try:
+        stack.enter_context(parallel.distributed_world(cpu=cpu))
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return False
+    parallel.init_model_parallel(1, 1, seed=seed)
+    return True
 
 
 # --------------------------------------------------------------------------- environment and output

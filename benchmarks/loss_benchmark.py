@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import os
 import statistics
 import sys
 import time
@@ -40,7 +39,7 @@ for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and co
         sys.path.insert(0, str(path))
 
 from megatron_patch import quiet_known_notices  # noqa: E402
-from common import command_line, environment, write_json  # noqa: E402
+from common import command_line, enter_one_rank_world, environment, write_json  # noqa: E402
 
 CHECK_ROWS = 64  # sequence positions used for the agreement check
 
@@ -265,17 +264,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if opts.cpu:
-        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    from megatron_patch import parallel
-
     with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(parallel.distributed_world(cpu=opts.cpu))
-        except RuntimeError as error:  # no GPU without --cpu, or --cpu beside a GPU
-            print(f"error: {error}", file=sys.stderr)
+        if not enter_one_rank_world(stack, opts.cpu, opts.seed):
             return 2
-        parallel.init_model_parallel(1, 1, seed=opts.seed)
         rows = run(opts)
     env = environment(opts.cpu)
     command = command_line("loss_benchmark.py", argv)

@@ -40,7 +40,6 @@ import dataclasses
 import functools
 import itertools
 import math
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -53,7 +52,8 @@ for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and co
 
 from megatron_patch import quiet_known_notices  # noqa: E402
 from common import (  # noqa: E402
-    StepTimer, command_line, environment, fmt, free_memory, synthetic_batches, trainer_args, write_json,
+    StepTimer, command_line, enter_one_rank_world, environment, fmt, free_memory, synthetic_batches, trainer_args,
+    write_json,
 )
 
 RECOMPUTE_CHOICES = ("none", "selective", "full")
@@ -265,20 +265,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if opts.cpu:
-        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-
-    from megatron_patch import parallel
-    from megatron_patch.presets import get_preset
-    from megatron_patch.training.flops import measure_bf16_matmul_tflops
-
     with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(parallel.distributed_world(cpu=opts.cpu))
-        except RuntimeError as error:  # no GPU without --cpu, or --cpu beside a GPU
-            print(f"error: {error}", file=sys.stderr)
+        if not enter_one_rank_world(stack, opts.cpu, opts.seed):
             return 2
-        parallel.init_model_parallel(1, 1, seed=opts.seed)
+        from megatron_patch.presets import get_preset
+        from megatron_patch.training.flops import measure_bf16_matmul_tflops
+
         env = environment(opts.cpu)
         payload = {"schema": SCHEMA, "command": command_line("throughput.py", argv), "environment": env,
                    "settings": dict(vars(opts)),
