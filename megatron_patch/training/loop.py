@@ -272,7 +272,6 @@ class Trainer:
                 self.model, self.optimizer, self.scheduler, iterator, num_microbatches,
                 args.seq_length, args.micro_batch_size,
             )
-            result.peak_memory_gib = peak_memory_gib()
             stage_iteration += 1
             consumed += stage.global_batch_size
             skipped += int(was_skipped)
@@ -300,6 +299,7 @@ class Trainer:
                 self._save(iteration, stage, stage_iteration, consumed, self.results)
             if stop:
                 logger.warning("stopped by SIGTERM at iteration %d; resume with --load %s", iteration, args.save)
+                result.peak_memory_gib = peak_memory_gib()
                 return True
         last_iteration = stage.first_iteration + stage.iters
         if not (args.eval_interval and last_iteration % args.eval_interval == 0):
@@ -307,6 +307,7 @@ class Trainer:
             self.metrics.log_valid(stage.name, last_iteration, result.valid_loss)
         else:
             result.valid_loss = self.metrics.last_valid_loss
+        result.peak_memory_gib = peak_memory_gib()  # the peak only grows within a stage: read it once
         return False
 
     def _summary(self, results, interrupted: bool) -> dict:
