@@ -153,7 +153,9 @@ def _verify(plan: ConversionPlan, converted: str) -> float:
     src.load_weights(target_model, source, converted)
     logits = forward_logits(target_model, tokens, source.vocab_size)
     del target_model
-    difference = torch.tensor([(logits - reference).abs().max().item()], dtype=torch.float64)
+    # NCCL, the GPU backend, reduces only CUDA tensors (forward_logits returns CPU logits)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    difference = torch.tensor([(logits - reference).abs().max().item()], dtype=torch.float64, device=device)
     dist.broadcast(difference, src=0)  # rank 0's comparison is the verdict on every rank
     return difference.item()
 
