@@ -26,16 +26,36 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 PATCH_SIZE = 4
 FRACTIONS = {"lambda-1_2": 0.5, "lambda-2_3": 2 / 3, "lambda-4_5": 0.8}
+RUN_NAMES = ("token-only",) + tuple(FRACTIONS)
 
 
-def _settings(reduced: bool, cpu: bool) -> dict:
+def settings(reduced: bool, cpu: bool) -> dict:
+    """Model, tokenizer, batch and budget of the reproduction (``reduced``: the CPU smoke run).
+
+    The global batch is 32 sequences of 1024 tokens in every run; the micro-batch of 8 lets the
+    patch stage split it as GBS/K = 8 sequences of K*T tokens (the trainer requires K x mbs | GBS).
+    """
     if reduced:
         return {"model": "tiny", "seq_length": 64, "vocab": 1000, "gbs": 16, "mbs": 4, "train_tokens": 16 * 64 * 24,
                 "warmup": 4, "lr": "2e-3", "eval_interval": 8, "max_documents": 4, "sample_lines": 2000,
                 "train_file": "tiny.jsonl.xz"}
-    return {"model": "repro-34m", "seq_length": 1024, "vocab": 8000, "gbs": 32, "mbs": 8 if cpu else 32,
+    return {"model": "repro-34m", "seq_length": 1024, "vocab": 8000, "gbs": 32, "mbs": 8,
             "train_tokens": None, "warmup": 100, "lr": "1e-3", "eval_interval": 50, "max_documents": None,
             "sample_lines": 300000, "train_file": "train.jsonl.xz"}
+
+
+def trainer_arguments(s: dict, prefix: Path, tokenizer: Path, train_tokens: int, cpu: bool) -> dict:
+    """Trainer flags of every run, by name: the same model, data, budget and schedule; only K and lambda differ."""
+    common = ["--model", s["model"], "--seq-length", s["seq_length"], "--micro-batch-size", s["mbs"],
+              "--global-batch-size", s["gbs"], "--train-tokens", train_tokens, "--lr", s["lr"], "--min-lr", "0",
+              "--lr-warmup-iters", s["warmup"], "--data-path", prefix, "--split", "99,1,0",
+              "--tokenizer-model", tokenizer, "--eval-interval", s["eval_interval"], "--eval-iters", "4",
+              "--log-interval", "10", "--seed", "1"]
+    common += ["--cpu"] if cpu else ["--bf16"]
+    runs = {"token-only": common + ["--patch-size", 1]}
+    runs.update({name: common + ["--patch-size", PATCH_SIZE, "--patch-data-fraction", fraction]
+                 for name, fraction in FRACTIONS.items()})
+    return runs
 
 
 def _run(step: str, command: list, done: Path) -> None:
@@ -65,8 +85,20 @@ def main(argv=None) -> int:
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run")
     parser.add_argument("--data-dir", default=str(SHARED),
                         help="folder with train/valid/wikitext103_test .jsonl.xz (default ../shared/data)")
+    parser.add_argument("--runs", default=",".join(RUN_NAMES),
+                        help=f"comma list of runs to train, evaluate and report (default all: {','.join(RUN_NAMES)}); "
+                             "a run whose outputs are in --workdir is reported without training again")
     args = parser.parse_args(argv)
-    s = _settings(args.reduced, args.cpu)
+    selected = [name for name in args.runs.split(",") if name]
+    unknown = sorted(set(selected) - set(RUN_NAMES))
+    if unknown or not selected:
+        parser.error(f"--runs {args.runs!r}: unknown run {', '.join(unknown) or '(none given)'}; "
+                     f"choose from {','.join(RUN_NAMES)}")
+    s = settings(args.reduced, args.cpu)
+    if s["gbs"] % (PATCH_SIZE * s["mbs"] * args.nproc):
+        parser.error(f"--nproc {args.nproc}: the global batch of {s['gbs']} sequences must split into K={PATCH_SIZE} x "
+                     f"micro-batch {s['mbs']} x {args.nproc} processes; use --nproc dividing "
+                     f"{s['gbs'] // (PATCH_SIZE * s['mbs'])}")
     work = Path(args.workdir).resolve()
     (work / "data").mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -84,19 +116,12 @@ def main(argv=None) -> int:
                         "--workers", str(max(1, (os.cpu_count() or 2) - 1))], Path(str(prefix) + ".idx"))
     # one pass over the training split (--split 99,1,0 keeps 1% of the documents for in-run validation)
     train_tokens = s["train_tokens"] or int(_training_tokens(prefix) * 0.99)
-    common = ["--model", s["model"], "--seq-length", s["seq_length"], "--micro-batch-size", s["mbs"],
-              "--global-batch-size", s["gbs"], "--train-tokens", train_tokens, "--lr", s["lr"], "--min-lr", "0",
-              "--lr-warmup-iters", s["warmup"], "--data-path", prefix, "--split", "99,1,0",
-              "--tokenizer-model", tokenizer, "--eval-interval", s["eval_interval"], "--eval-iters", "4",
-              "--log-interval", "10", "--seed", "1"]
-    common += ["--cpu"] if args.cpu else ["--bf16"]
-    runs = {"token-only": ["--patch-size", "1"]}
-    runs.update({name: ["--patch-size", PATCH_SIZE, "--patch-data-fraction", fraction]
-                 for name, fraction in FRACTIONS.items()})
+    runs = trainer_arguments(s, prefix, tokenizer, train_tokens, args.cpu)
+    runs = {name: runs[name] for name in dict.fromkeys(selected)}  # in the order given
     launcher = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-    for name, extra in runs.items():
+    for name, flags in runs.items():
         save = work / name
-        _run(f"train {name}", launcher + ["examples/pretrain_patch_gpt.py"] + common + extra +
+        _run(f"train {name}", launcher + ["examples/pretrain_patch_gpt.py"] + flags +
              ["--save", save, "--summary-json", save / "summary.json"], save / "summary.json")
         for data_name, data_file in (("valid", data_dir / "valid.jsonl.xz"),
                                      ("wikitext103", data_dir / "wikitext103_test.jsonl.xz")):
