@@ -3,6 +3,7 @@
 
     python examples/reproduce_small.py --workdir repro_out            # one GPU (bf16)
     python examples/reproduce_small.py --workdir /tmp/r --reduced --cpu   # CPU smoke run
+    python examples/reproduce_small.py --workdir repro_out --runs token-only,lambda-2_3   # a subset
 
 Data: ``../shared/data/train.jsonl.xz`` (about 30 M tokens) for training (``tiny.jsonl.xz``,
 0.6 M tokens, with ``--reduced``), ``valid.jsonl.xz`` and ``wikitext103_test.jsonl.xz`` for
