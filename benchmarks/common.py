@@ -84,6 +84,8 @@ def trainer_args(opts, recompute: str) -> argparse.Namespace:
             "--seed", str(opts.seed), "--cpu" if opts.cpu else "--bf16"]
     if opts.use_distributed_optimizer:
         argv.append("--use-distributed-optimizer")
+    if opts.bias_swiglu_fusion:
+        argv.append("--bias-swiglu-fusion")
     args = trainer_parser().parse_args(argv)
     args.world_size, args.data_parallel_size = 1, 1
     return args

@@ -105,6 +105,7 @@ def build_parser() -> _Parser:
     p.add_argument("--vocab-size", type=int, default=None,
                    help="tokenizer vocabulary; the model pads it like the trainer (default 32000; 512 with --cpu)")
     p.add_argument("--use-distributed-optimizer", action="store_true")
+    p.add_argument("--bias-swiglu-fusion", action="store_true", help="as in the trainer: megatron's fused SwiGLU")
     p.add_argument("--recompute-granularity", type=_recompute_list, default=None,
                    help="none, selective or full; a comma list sweeps (default: the preset's layout)")
     p.add_argument("--transformer-impl", choices=["auto", "local", "transformer_engine"], default="auto")

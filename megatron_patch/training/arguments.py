@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="layer implementation: TE when it imports (auto), or megatron's local spec with SDPA")
     model.add_argument("--recompute-granularity", choices=["none", "selective", "full"], default=None,
                        help="activation recompute; default: the preset's layout")
+    model.add_argument("--bias-swiglu-fusion", action="store_true",
+                       help="megatron's fused SwiGLU (torch.compile'd; saves only the MLP input for "
+                            "backward); off by default until measured on GPU (benchmarks/RESULTS.md)")
 
     patch = parser.add_argument_group("patch-level training")
     patch.add_argument("--patch-size", type=int, default=4, help="K, tokens per patch (1 = token-only training)")

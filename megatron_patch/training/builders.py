@@ -29,6 +29,7 @@ def model_config(args: argparse.Namespace):
         cpu=args.cpu,
         recompute=args.recompute_granularity,
         calculate_per_token_loss=True,  # the loss is the mean over every scored target of the global batch
+        bias_activation_fusion=args.bias_swiglu_fusion,  # megatron's fused SwiGLU (no bias in this architecture)
     )
     config.finalize_model_grads_func = finalize_model_grads
     return config

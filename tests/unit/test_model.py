@@ -125,6 +125,41 @@ def test_sdpa_spec_is_used_without_transformer_engine():
     assert spec.submodules.input_layernorm is RMSNorm
 
 
+def test_fused_swiglu_flag_gives_the_unfused_loss_and_gradients(model_parallel, monkeypatch):
+    """--bias-swiglu-fusion switches megatron's fused SwiGLU on through the trainer's builders; the
+    patch loss and every gradient equal the unfused model's (fp32, CPU; the kernel is compiled)."""
+    from megatron.core.transformer import mlp
+
+    from megatron_patch.loss import masked_mean, patch_targets
+    from megatron_patch.training.arguments import build_parser
+    from megatron_patch.training.builders import build_model, model_config, unwrap
+
+    argv = ["--model", "tiny", "--cpu", "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1",
+            "--lr", "1e-3", "--data-path", "unused", "--tokenizer-model", "unused", "--recompute-granularity", "none"]
+    fused_calls = []
+    fused_swiglu = mlp.bias_swiglu_impl
+    monkeypatch.setattr(mlp, "bias_swiglu_impl", lambda *a, **k: fused_calls.append(1) or fused_swiglu(*a, **k))
+    results = {}
+    for fused in (False, True):
+        args = build_parser().parse_args(argv + (["--bias-swiglu-fusion"] if fused else []))
+        assert model_config(args).bias_activation_fusion is fused
+        model_parallel(1, 1, seed=11)
+        model = unwrap(build_model(args, mh.VOCAB, patch_size=4)[0])
+        batch = mh.batches(4)[0]
+        losses = model(batch["tokens"], None, None, labels=batch["labels"])  # [b, T, K]
+        _, mask = patch_targets(batch["labels"], batch["loss_mask"], 4)
+        loss = masked_mean(losses, mask.transpose(0, 1))
+        loss.backward()
+        results[fused] = (loss.detach(), {name: param.main_grad.clone() if param.grad is None else param.grad.clone()
+                                          for name, param in model.named_parameters()})
+        assert len(fused_calls) == (model.config.num_layers if fused else 0)  # one fused SwiGLU per layer
+    (loss_plain, grads_plain), (loss_fused, grads_fused) = results[False], results[True]
+    assert torch.allclose(loss_fused, loss_plain, rtol=1e-6, atol=0)
+    for name, grad in grads_plain.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads_fused[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.mark.gpu
 def test_bf16_patch_model_forward_backward_on_gpu(model_parallel):
     from megatron_patch.loss import masked_mean, patch_targets
