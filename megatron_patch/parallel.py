@@ -107,6 +107,14 @@ def _megatron_process_groups() -> list:
     return list(found.values())
 
 
+def collective_device() -> torch.device:
+    """Where a tensor must live to enter a collective of the world's backend: the current CUDA
+    device under NCCL (which has no CPU tensors), the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def seed_all(seed: int) -> None:
     """Seed torch (CPU and CUDA) and megatron's model-parallel RNG tracker."""
     if cpu_mode.is_enabled():

@@ -34,6 +34,7 @@ from megatron_patch.checkpoint_tools import source as src
 from megatron_patch.checkpoint_tools.common import ToolError, VerificationError
 from megatron_patch.checkpoint_tools.logits import fixed_tokens, forward_logits
 from megatron_patch.checkpoint_tools.output import StagedFolder, check_output_folder
+from megatron_patch.parallel import collective_device
 from megatron_patch.presets import padded_vocab_size
 from megatron_patch.training import checkpoint as ckpt
 
@@ -153,9 +154,8 @@ def _verify(plan: ConversionPlan, converted: str) -> float:
     src.load_weights(target_model, source, converted)
     logits = forward_logits(target_model, tokens, source.vocab_size)
     del target_model
-    # NCCL, the GPU backend, reduces only CUDA tensors (forward_logits returns CPU logits)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    difference = torch.tensor([(logits - reference).abs().max().item()], dtype=torch.float64, device=device)
+    difference = torch.tensor([(logits - reference).abs().max().item()], dtype=torch.float64,
+                              device=collective_device())  # forward_logits returns CPU logits
     dist.broadcast(difference, src=0)  # rank 0's comparison is the verdict on every rank
     return difference.item()
 

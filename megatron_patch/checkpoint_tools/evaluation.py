@@ -24,6 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_patch.checkpoint_tools.common import ToolError, VerificationError
 from megatron_patch.checkpoint_tools.token_stream import EvalCorpus, micro_batch, windows
+from megatron_patch.parallel import collective_device
 from megatron_patch.presets import padded_vocab_size
 
 logger = logging.getLogger(__name__)
@@ -151,8 +152,7 @@ def evaluate(model: List[torch.nn.Module], corpus: EvalCorpus, settings: EvalSet
     """Score ``corpus`` with ``model`` (this rank's chunk, token mode). Collective."""
     start = time.perf_counter()
     totals = _schedule(model, corpus, settings, pad)
-    reduce_device = next(model[0].parameters()).device if dist.get_backend() == "nccl" else torch.device("cpu")
-    totals = totals.to(reduce_device)
+    totals = totals.to(collective_device())
     dist.all_reduce(totals)
     loss_sum, count = totals[0].item(), int(round(totals[1].item()))
     if count != corpus.targets:

@@ -13,6 +13,8 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megatron_patch.parallel import collective_device
+
 
 def fixed_tokens(vocab_size: int, batch: int, length: int, seed: int = 20240607) -> torch.Tensor:
     """``[b, s]`` token ids in ``[0, vocab_size)`` from a fixed seed (the same on every rank)."""
@@ -52,7 +54,6 @@ def forward_logits(model: List[torch.nn.Module], tokens: torch.Tensor, vocab_siz
     if (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
             and parallel_state.get_data_parallel_rank() == 0):
         logits = collected[0]
-    reduce_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    logits = logits.to(reduce_device)
+    logits = logits.to(collective_device())
     dist.all_reduce(logits)
     return logits.cpu()

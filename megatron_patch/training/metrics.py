@@ -67,6 +67,7 @@ class MetricsWriter:
             return
         loss_name = "patch loss" if stage == "patch" else "loss"
         mfu = tflops / peak_tflops if peak_tflops else None
+        peak_memory = peak_memory_gib()
         parts = [
             f"[{stage}] iter {stage_iteration}/{stage_iters} (global {iteration})",
             f"tokens {tokens / 1e6:.3f}M",
@@ -77,17 +78,17 @@ class MetricsWriter:
             f"{tokens_per_s:,.0f} tok/s",
             (f"{tflops:.1f} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.2f} GFLOP/s")
             + (f" MFU {100 * mfu:.1f}%" if mfu is not None else ""),
-            f"peak mem {peak_memory_gib():.2f} GiB",
+            f"peak mem {peak_memory:.2f} GiB",
         ]
         logger.info(" | ".join(parts))
         record = {"kind": "train", "stage": stage, "iteration": iteration, "stage_iteration": stage_iteration,
                   "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
-                  "tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": mfu, "peak_memory_gib": peak_memory_gib()}
+                  "tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": mfu, "peak_memory_gib": peak_memory}
         self._record(record)
         if self.tensorboard is not None:  # x axis: the global iteration (tokens per step are equal)
             scalars = {"train/patch-loss" if stage == "patch" else "train/loss": loss, "train/lr": lr,
                        "train/grad_norm": grad_norm, "train/skipped": skipped, "train/tokens_per_s": tokens_per_s,
-                       "train/tflops": tflops, "train/mfu": mfu, "train/peak_memory_gib": record["peak_memory_gib"]}
+                       "train/tflops": tflops, "train/mfu": mfu, "train/peak_memory_gib": peak_memory}
             for tag, value in scalars.items():
                 if value is not None:
                     self.tensorboard.add_scalar(tag, value, iteration)
