@@ -4,6 +4,10 @@ Drop-in for megatron's local ``DotProductAttention`` (same constructor and forwa
 materialises the ``[b, np, s, s]`` scores in fp32 and is 4-5x slower on an H100
 (``design/gpu-baseline.md``). SDPA dispatches to cuDNN / flash attention on GPU and to a fused
 math kernel on CPU.
+
+With ``rotary_base`` it also applies RoPE (``rope.apply_rotary``, one fused kernel) to the query and
+key of positions 0..s-1; the model is then built without megatron's RoPE
+(``position_embedding_type="none"``), which would apply it unfused before this module.
 """
 
 import contextlib
@@ -12,10 +16,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+
+from megatron_patch.rope import apply_rotary
 
 
 class SDPAttention(MegatronModule):
@@ -23,6 +30,11 @@ class SDPAttention(MegatronModule):
 
     Shapes: query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]`` -> context ``[sq, b, np*hn]``
     (np, ng: this rank's query heads and key/value groups).
+
+    ``rotary_base``: rotate query and key here (fused RoPE over the whole head dimension, positions
+    0..s-1, megatron's frequencies for this base); None leaves positions to the caller. Bind it
+    with ``functools.partial`` in the layer spec (megatron calls the core-attention builder with
+    its own keyword arguments only).
     """
 
     def __init__(
@@ -35,6 +47,7 @@ class SDPAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        rotary_base: Optional[float] = None,
     ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -53,6 +66,16 @@ class SDPAttention(MegatronModule):
         self.head_dim = divide(config.kv_channels * config.num_attention_heads, config.num_attention_heads)
         self.softmax_scale = softmax_scale if softmax_scale is not None else self.head_dim**-0.5
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.rotary = None
+        if rotary_base is not None:
+            if attention_type != "self":
+                raise ValueError(
+                    f"rotary_base with attention_type={attention_type!r}: fused RoPE is for self-attention only"
+                )
+            self.rotary = RotaryEmbedding(
+                kv_channels=self.head_dim, rotary_percent=1.0, rotary_base=rotary_base,
+                use_cpu_initialization=config.use_cpu_initialization,
+            )
 
     def forward(
         self,
@@ -71,6 +94,11 @@ class SDPAttention(MegatronModule):
         # megatron masks are True where attention is forbidden; SDPA's bool masks the opposite
         sdpa_mask = None if causal or attention_mask is None else ~attention_mask
         seq_q, batch = query.shape[0], query.shape[1]
+        if self.rotary is not None:
+            if key.shape[0] != seq_q:
+                raise ValueError(f"fused RoPE needs the key's {key.shape[0]} positions to be the query's {seq_q}")
+            freqs = self.rotary(seq_q)  # [s, 1, 1, hn] fp32, cached per length
+            query, key = apply_rotary(query, key, freqs)
         # [s, b, n, hn] -> [b, n, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout_p = self.dropout_p if self.training else 0.0

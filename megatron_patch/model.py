@@ -23,6 +23,7 @@ from megatron_patch.embedding import aggregate_patches
 from megatron_patch.loss import patch_targets, vocab_parallel_patch_cross_entropy
 from megatron_patch.specs import get_decoder_block_spec
 
+ROPE_BASE = 10000  # the paper's (LLaMA's) rotary base
 
 class PatchGPTModel(GPTModel):
     """GPTModel whose patch size K is a runtime setting (``set_patch_size``); K=1 is stock GPT.
@@ -111,6 +112,7 @@ def build_patch_gpt_model(
     post_process: bool = True,
     use_transformer_engine: Optional[bool] = None,
     vp_stage: Optional[int] = None,
+    fused_rope: bool = False,
 ) -> PatchGPTModel:
     """A PatchGPTModel in the paper's architecture for this pipeline stage.
 
@@ -118,6 +120,9 @@ def build_patch_gpt_model(
         config: from ``presets.transformer_config``.
         vocab_size: padded vocabulary (a multiple of the tensor-parallel size).
         seq_length: T, positions the decoder sees.
+        fused_rope: apply RoPE inside the SDPA core attention as one fused kernel
+            (``rope.apply_rotary``) instead of megatron's unfused RoPE in ``SelfAttention``; the
+            same function of the same weights (local spec only; checkpoints are interchangeable).
     """
     if vocab_size % config.tensor_model_parallel_size:
         raise ValueError(
@@ -126,15 +131,17 @@ def build_patch_gpt_model(
         )
     return PatchGPTModel(
         config=config,
-        transformer_layer_spec=get_decoder_block_spec(config, use_transformer_engine, vp_stage),
+        transformer_layer_spec=get_decoder_block_spec(
+            config, use_transformer_engine, vp_stage, fused_rope_base=ROPE_BASE if fused_rope else None
+        ),
         vocab_size=vocab_size,
         max_sequence_length=seq_length,
         pre_process=pre_process,
         post_process=post_process,
         parallel_output=True,
         share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
-        rotary_base=10000,
+        position_embedding_type="none" if fused_rope else "rope",  # fused: the core attention rotates
+        rotary_base=ROPE_BASE,
         vp_stage=vp_stage,
         patch_size=patch_size,
     )

@@ -3,9 +3,12 @@
 With Transformer Engine importable, megatron's TE spec (fused norm+linear, TE attention). Without
 it, megatron's local spec with two modules swapped through the spec (nothing patched): the core
 attention becomes ``SDPAttention`` and every norm, the final one included, ``RMSNorm`` (which,
-unlike torch's wrapped norm, supports sequence parallelism).
+unlike torch's wrapped norm, supports sequence parallelism). With ``fused_rope_base`` the local
+spec's core attention also applies RoPE itself, fused (``SDPAttention(rotary_base=...)``); the
+model must then be built without megatron's own RoPE (``model.build_patch_gpt_model`` does this).
 """
 
+import functools
 import logging
 from typing import Optional
 
@@ -35,41 +38,61 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def get_local_layer_spec() -> ModuleSpec:
-    """megatron's local GPT layer spec with SDPA core attention and sequence-parallel RMSNorm."""
+def get_local_layer_spec(fused_rope_base: Optional[float] = None) -> ModuleSpec:
+    """megatron's local GPT layer spec with SDPA core attention and sequence-parallel RMSNorm.
+
+    ``fused_rope_base``: the core attention applies fused RoPE with this base (see module doc).
+    """
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    core_attention = SDPAttention
+    if fused_rope_base is not None:
+        core_attention = functools.partial(SDPAttention, rotary_base=fused_rope_base)
+    spec.submodules.self_attention.submodules.core_attention = core_attention
     return spec
 
 
-def get_layer_spec(use_transformer_engine: Optional[bool] = None) -> ModuleSpec:
-    """The transformer-layer spec: TE when available (or asked for), else the local SDPA spec."""
+def resolve_transformer_engine(use_transformer_engine: Optional[bool]) -> bool:
+    """True for TE's spec: when asked for (and importable) or, given None, when it imports."""
     if use_transformer_engine is None:
-        use_transformer_engine = transformer_engine_available()
-    if use_transformer_engine:
-        if not transformer_engine_available():
-            raise RuntimeError(
-                "use_transformer_engine=True but transformer_engine does not import: install "
-                "transformer-engine[pytorch] or use the local spec"
+        return transformer_engine_available()
+    if use_transformer_engine and not transformer_engine_available():
+        raise RuntimeError(
+            "use_transformer_engine=True but transformer_engine does not import: install "
+            "transformer-engine[pytorch] or use the local spec"
+        )
+    return use_transformer_engine
+
+
+def get_layer_spec(
+    use_transformer_engine: Optional[bool] = None, fused_rope_base: Optional[float] = None
+) -> ModuleSpec:
+    """The transformer-layer spec: TE when available (or asked for), else the local SDPA spec."""
+    if resolve_transformer_engine(use_transformer_engine):
+        if fused_rope_base is not None:
+            raise ValueError(
+                "fused RoPE in the core attention is for the local spec; with Transformer Engine set "
+                "megatron's apply_rope_fusion instead"
             )
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_local_layer_spec()
+    return get_local_layer_spec(fused_rope_base)
 
 
 def get_decoder_block_spec(
     config: TransformerConfig,
     use_transformer_engine: Optional[bool] = None,
     vp_stage: Optional[int] = None,
+    fused_rope_base: Optional[float] = None,
 ):
     """The decoder spec for this pipeline stage: the layer spec and the final norm.
 
     TE's layer spec is returned as is (megatron picks TE's final norm). The local one is wrapped in
     ``TransformerBlockSubmodules`` so that the final norm is ``RMSNorm`` as well.
     """
-    layer_spec = get_layer_spec(use_transformer_engine)
-    if layer_spec.submodules.self_attention.submodules.core_attention is not SDPAttention:
+    use_transformer_engine = resolve_transformer_engine(use_transformer_engine)
+    layer_spec = get_layer_spec(use_transformer_engine, fused_rope_base)
+    if use_transformer_engine:
         return layer_spec
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=RMSNorm)

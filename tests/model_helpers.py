@@ -21,7 +21,7 @@ VOCAB = 128
 SEQ = 16  # T, decoder positions
 
 
-def build(tp=1, pp=1, patch_size=4, sequence_parallel=False, seed=1234, ddp=True):
+def build(tp=1, pp=1, patch_size=4, sequence_parallel=False, seed=1234, ddp=True, fused_rope=False):
     """A tiny PatchGPTModel for this rank in the TP/PP layout given (re-initialises megatron's groups)."""
     parallel.init_model_parallel(tp, pp, seed=seed)
     config = transformer_config(
@@ -31,6 +31,7 @@ def build(tp=1, pp=1, patch_size=4, sequence_parallel=False, seed=1234, ddp=True
     model = build_patch_gpt_model(
         config, VOCAB, SEQ, patch_size=patch_size,
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+        fused_rope=fused_rope,
     )
     if not ddp:
         return model

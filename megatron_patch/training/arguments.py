@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--bias-swiglu-fusion", action="store_true",
                        help="megatron's fused SwiGLU (torch.compile'd; saves only the MLP input for "
                             "backward); off by default until measured on GPU (benchmarks/RESULTS.md)")
+    model.add_argument("--rope-fusion", action="store_true",
+                       help="apply RoPE inside the SDPA core attention as one torch.compile'd kernel "
+                            "instead of megatron's unfused RoPE (local spec; same model and checkpoints); "
+                            "off by default until measured on GPU (benchmarks/RESULTS.md)")
 
     patch = parser.add_argument_group("patch-level training")
     patch.add_argument("--patch-size", type=int, default=4, help="K, tokens per patch (1 = token-only training)")
@@ -127,6 +131,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
               f"a multiple of {tp * pp} processes or change --tensor/--pipeline-model-parallel-size")
     args.world_size = world_size
     args.data_parallel_size = dp = world_size // (tp * pp)
+    if args.rope_fusion and args.transformer_impl == "transformer_engine":
+        _fail("--rope-fusion is for --transformer-impl local (Transformer Engine fuses RoPE itself): drop one")
     if args.sequence_parallel and tp == 1:
         _fail("--sequence-parallel needs --tensor-model-parallel-size > 1: drop the flag")
     if args.sequence_parallel and args.seq_length % tp:

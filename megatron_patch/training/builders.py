@@ -47,6 +47,7 @@ def build_model(args: argparse.Namespace, vocab_size: int, patch_size: int) -> L
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         use_transformer_engine=use_te,
+        fused_rope=args.rope_fusion,
     )
     if not args.cpu:
         model.cuda(torch.cuda.current_device())

@@ -1,4 +1,5 @@
-"""PatchGPTModel at K=4 across layouts (2 ranks): TP=2 equals TP=1, PP=2 equals PP=1, SP equals no SP.
+"""PatchGPTModel at K=4 across layouts (2 ranks): TP=2 equals TP=1, PP=2 equals PP=1, SP equals no SP,
+and TP=2 with SP and fused RoPE in the core attention equals TP=1 with megatron's RoPE.
 
 Weights move between layouts through dist_checkpointing (megatron's resharding); gradients are
 compared the same way, each saved under its parameter's key and read back unsharded.
@@ -33,14 +34,19 @@ def _compare_gradients(tmp, name):
         assert error < 1e-5, f"{key}: relative gradient error {error:.2e}"
 
 
-@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2), dict(tp=2, sequence_parallel=True)], ids=["tp2", "pp2", "tp2-sp"])
+@pytest.mark.parametrize(
+    "layout",
+    [dict(tp=2), dict(pp=2), dict(tp=2, sequence_parallel=True), dict(tp=2, sequence_parallel=True, fused_rope=True)],
+    ids=["tp2", "pp2", "tp2-sp", "tp2-sp-fused-rope"],
+)
 def test_patch_mode_layout_equals_single_rank(world, tmp_path_factory, layout):
     if world != 2:
         pytest.skip("runs in a 2-rank world")
     tmp = mh.shared_tmp(tmp_path_factory, "layout")
     reference_loss = _reference(tmp)
     model = mh.build(layout.get("tp", 1), layout.get("pp", 1), PATCH_SIZE,
-                     sequence_parallel=layout.get("sequence_parallel", False), seed=999)
+                     sequence_parallel=layout.get("sequence_parallel", False), seed=999,
+                     fused_rope=layout.get("fused_rope", False))
     mh.load_weights(model, os.path.join(tmp, "weights"))
     loss = mh.train_forward_backward(model, mh.batches(PATCH_SIZE))
     assert abs(loss - reference_loss) <= 1e-6 * abs(reference_loss), (loss, reference_loss)

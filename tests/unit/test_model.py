@@ -127,7 +127,8 @@ def test_sdpa_spec_is_used_without_transformer_engine():
 
 def test_fused_swiglu_flag_gives_the_unfused_loss_and_gradients(model_parallel, monkeypatch):
     """--bias-swiglu-fusion switches megatron's fused SwiGLU on through the trainer's builders; the
-    patch loss and every gradient equal the unfused model's (fp32, CPU; the kernel is compiled)."""
+    patch loss and every gradient equal the unfused model's (fp32, CPU). megatron's jit_fuser runs
+    the fused function eagerly here: the tests set TORCHDYNAMO_DISABLE=1 (tests/conftest.py)."""
     from megatron.core.transformer import mlp
 
     from megatron_patch.loss import masked_mean, patch_targets
