@@ -20,6 +20,15 @@ peak memory = ``torch.cuda.max_memory_allocated`` since a reset just before the 
 includes weights, gradient buffers and optimizer state; and the patch/token tokens/s ratio at equal b.
 A configuration that runs out of memory is reported as OOM and the sweep goes on.
 
+``--phase-times`` (off by default, so the headline figures never include the hooks) also breaks each
+timed step into megatron-core's own timed phases: ``phase_timers.PhaseTimers`` is set as ``timers``
+on the model's TransformerConfig and on every sub-optimizer's OptimizerConfig (the objects megatron's
+schedule, ``finalize_model_grads`` and optimizers read), records a CUDA event at each start and stop
+(host clock on CPU; no synchronisation inside the step), and is removed again after the sweep. Per
+row: the median over the timed steps of each phase's per-step total, and the step median minus the
+top-level phases (forward-backward and the optimizer phases; phase_timers.py says which nest inside
+which). The warm-up steps run with the hooks too, so they run the same code as the timed steps.
+
 ``--measure-layer-activations`` instead measures activation memory for ``memory_plan.py``. The model
 is the trainer's (``build_patch_gpt_model`` with ``builders.model_config``, wrapped in megatron's
 Float16Module for bf16; no DDP or optimizer, which hold no activations), optionally cut to
@@ -55,6 +64,7 @@ from common import (  # noqa: E402
     StepTimer, command_line, enter_one_rank_world, environment, fmt, free_memory, synthetic_batches, trainer_args,
     write_json,
 )
+from phase_timers import PhaseTimers, installed, outside_ms, phase_medians, phase_table  # noqa: E402
 
 RECOMPUTE_CHOICES = ("none", "selective", "full")
 SCHEMA = "megatron_patch.throughput/1"
@@ -106,6 +116,7 @@ def build_parser() -> _Parser:
                    help="tokenizer vocabulary; the model pads it like the trainer (default 32000; 512 with --cpu)")
     p.add_argument("--use-distributed-optimizer", action="store_true")
     p.add_argument("--bias-swiglu-fusion", action="store_true", help="as in the trainer: megatron's fused SwiGLU")
+    p.add_argument("--rope-fusion", action="store_true", help="as in the trainer: fused RoPE in the core attention")
     p.add_argument("--recompute-granularity", type=_recompute_list, default=None,
                    help="none, selective or full; a comma list sweeps (default: the preset's layout)")
     p.add_argument("--transformer-impl", choices=["auto", "local", "transformer_engine"], default="auto")
@@ -115,6 +126,9 @@ def build_parser() -> _Parser:
                    help="measure activation bytes per layer (for memory_plan.py) instead of throughput")
     p.add_argument("--layers", type=int, default=None,
                    help="with --measure-layer-activations: build this many layers of the preset's width")
+    p.add_argument("--phase-times", action="store_true",
+                   help="also time megatron's own step phases (forward-backward, optimizer, ...) through its "
+                        "config.timers hooks; off by default so the headline figures run without the hooks")
     p.add_argument("--output-json", default=None, help="also write every figure here")
     p.add_argument("--cpu", action="store_true", help="smoke mode: CPU mode (gloo), fp32, tiny preset, no MFU")
     return p
@@ -142,6 +156,8 @@ def parse_options(argv: Optional[List[str]]) -> argparse.Namespace:
         raise UsageError(f"--warmup {opts.warmup} must be >= 0")
     if opts.layers is not None and not opts.measure_layer_activations:
         raise UsageError("--layers is for --measure-layer-activations (throughput runs the whole preset)")
+    if opts.phase_times and opts.measure_layer_activations:
+        raise UsageError("--phase-times times throughput steps; drop it with --measure-layer-activations")
     if opts.layers is not None and not 1 <= opts.layers <= preset.num_layers:
         raise UsageError(f"--layers {opts.layers} must lie in 1..{preset.num_layers} (the preset's layers)")
     if not math.isfinite(opts.lr) or opts.lr <= 0:
@@ -160,12 +176,11 @@ def rates(flops_per_position: float, positions: int, tokens: int, seconds: float
 
 
 def run_throughput(opts, peak_tflops: Optional[float]) -> List[dict]:
-    import torch
+    from megatron.core.utils import get_model_config
 
     from megatron_patch.presets import get_preset, padded_vocab_size
-    from megatron_patch.training.builders import build_model, build_optimizer, build_scheduler, unwrap
+    from megatron_patch.training.builders import build_model, build_optimizer, build_scheduler, sub_optimizers, unwrap
     from megatron_patch.training.flops import flops_per_position
-    from megatron_patch.training.step import NonFiniteLossError, train_step
 
     cuda = not opts.cpu
     preset = get_preset(opts.model)
@@ -178,49 +193,78 @@ def run_throughput(opts, peak_tflops: Optional[float]) -> List[dict]:
         optimizer = build_optimizer(args, model)
         total_steps = len(opts.micro_batch_size) * len(opts.patch_sizes) * (opts.warmup + opts.steps)
         scheduler = build_scheduler(args, optimizer, total_steps)
-        for b, K in itertools.product(opts.micro_batch_size, opts.patch_sizes):
-            row = {"recompute": recompute, "micro_batch_size": b, "patch_size": K,
-                   "stage": "token" if K == 1 else "patch", "num_microbatches": opts.num_microbatches,
-                   "tokens_per_step": opts.num_microbatches * b * K * opts.seq_length,
-                   "positions_per_step": opts.num_microbatches * b * opts.seq_length,
-                   "flops_per_position": per_position}
-            for chunk in model:
-                unwrap(chunk).set_patch_size(K)
-            data = itertools.cycle(synthetic_batches(b, K * opts.seq_length, opts.vocab_size, 4,
-                                                     opts.seed + K, pin=cuda))
-            step = functools.partial(train_step, model, optimizer, scheduler, data, opts.num_microbatches,
-                                     opts.seq_length, b)
-
-            free_memory(cuda)
-            try:
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                for _ in range(opts.warmup):
-                    step()
-                timer = StepTimer(cuda)
-                losses = [timer.time(step)[0] for _ in range(opts.steps)]
-                per, mean = timer.seconds()
-            except torch.OutOfMemoryError as error:
-                row["error"] = "OOM: " + str(error).split("\n")[0][:160]
-            except NonFiniteLossError as error:
-                row["error"] = f"non-finite loss ({error})"[:200]
-            else:
-                median = statistics.median(per)
-                row.update(step_s_median=median, step_s_mean=mean, step_s_min=min(per), step_s_max=max(per),
-                           **rates(per_position, row["positions_per_step"], row["tokens_per_step"], median,
-                                   peak_tflops),
-                           peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                           peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-                           loss_first=losses[0], loss_last=losses[-1])
-            if "error" in row:  # leave the model and optimizer clean for the next configuration
-                for chunk in model:
-                    chunk.zero_grad_buffer()
-                optimizer.zero_grad()
-            rows.append(row)
-            print(f"  {_row_line(row)}", flush=True)
+        phases = PhaseTimers(cuda) if opts.phase_times else None
+        # megatron reads config.timers from get_model_config(chunk) in its schedules and finalize_model_grads
+        # (the TransformerConfig the model was built with) and from each optimizer's own OptimizerConfig
+        configs = ([get_model_config(chunk) for chunk in model] + [unwrap(chunk).config for chunk in model]
+                   + [sub.config for sub in sub_optimizers(optimizer)])
+        with installed(phases, configs) if phases is not None else contextlib.nullcontext():
+            rows += _sweep(opts, model, optimizer, scheduler, recompute, per_position, peak_tflops, phases)
         del model, optimizer, scheduler
         free_memory(cuda)
     _add_ratios(rows)
+    return rows
+
+
+def _sweep(opts, model, optimizer, scheduler, recompute, per_position, peak_tflops, phases) -> List[dict]:
+    """Every (b, K) row of one model, optimizer and schedule; ``phases`` (or None) is already installed."""
+    import torch
+
+    from megatron_patch.training.builders import unwrap
+    from megatron_patch.training.step import NonFiniteLossError, train_step
+
+    cuda = not opts.cpu
+    rows = []
+    for b, K in itertools.product(opts.micro_batch_size, opts.patch_sizes):
+        row = {"recompute": recompute, "micro_batch_size": b, "patch_size": K,
+               "stage": "token" if K == 1 else "patch", "num_microbatches": opts.num_microbatches,
+               "tokens_per_step": opts.num_microbatches * b * K * opts.seq_length,
+               "positions_per_step": opts.num_microbatches * b * opts.seq_length,
+               "flops_per_position": per_position}
+        for chunk in model:
+            unwrap(chunk).set_patch_size(K)
+        data = itertools.cycle(synthetic_batches(b, K * opts.seq_length, opts.vocab_size, 4,
+                                                 opts.seed + K, pin=cuda))
+        step = functools.partial(train_step, model, optimizer, scheduler, data, opts.num_microbatches,
+                                 opts.seq_length, b)
+
+        free_memory(cuda)
+        try:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(opts.warmup):
+                step()
+            timer, losses = StepTimer(cuda), []
+            if phases is not None:
+                phases.clear()  # drop the warm-up's intervals
+            for _ in range(opts.steps):
+                losses.append(timer.time(step)[0])
+                if phases is not None:
+                    phases.end_step()  # no synchronisation: the events are read after timer.seconds()
+            per, mean = timer.seconds()
+        except torch.OutOfMemoryError as error:
+            row["error"] = "OOM: " + str(error).split("\n")[0][:160]
+        except NonFiniteLossError as error:
+            row["error"] = f"non-finite loss ({error})"[:200]
+        else:
+            median = statistics.median(per)
+            row.update(step_s_median=median, step_s_mean=mean, step_s_min=min(per), step_s_max=max(per),
+                       **rates(per_position, row["positions_per_step"], row["tokens_per_step"], median,
+                               peak_tflops),
+                       peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                       peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+                       loss_first=losses[0], loss_last=losses[-1])
+            if phases is not None:  # after timer.seconds(), which synchronised: every event has completed
+                row["phases_ms"] = phase_medians(phases.per_step_ms(), phases.names)
+                row["phases_outside_ms"] = outside_ms(1e3 * median, row["phases_ms"])
+        if "error" in row:  # leave the model and optimizer clean for the next configuration
+            for chunk in model:
+                chunk.zero_grad_buffer()
+            optimizer.zero_grad()
+        if phases is not None:
+            phases.clear()
+        rows.append(row)
+        print(f"  {_row_line(row)}", flush=True)
     return rows
 
 
@@ -301,6 +345,14 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"micro-batch(es) per step, synthetic uniform token ids, vocab {opts.vocab_size}  ")
     print()
     print(table)
+    if opts.phase_times:
+        print("\n### Step phases (median ms per step)\n")
+        print("megatron-core's own timers (`--phase-times`). forward-compute, backward-compute, all-grads-sync "
+              "and the *-grads-all-reduce phases run inside forward-backward; the optimizer-* phases and "
+              "params-all-gather after it. Outside timed phases = step median - forward-backward - the "
+              "optimizer phases (differences of medians): zero_grad, the loss all-reduce, the chained "
+              "optimizer's grad norm and clipping, the LR step.\n")
+        print(phase_table(payload["results"]))
     return 0
 
 

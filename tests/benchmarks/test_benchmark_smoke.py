@@ -25,6 +25,7 @@ def _load(name):
 throughput = _load("throughput")
 loss_benchmark = _load("loss_benchmark")
 memory_plan = _load("memory_plan")
+phase_timers = _load("phase_timers")
 
 
 def _positive(value):
@@ -41,6 +42,7 @@ def test_throughput_cpu_smoke(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| recompute | stage | K | b | step ms (median) |" in printed
     assert "python benchmarks/throughput.py --cpu" in printed and "megatron-core" in printed
+    assert "Step phases" not in printed  # --phase-times is off by default
     payload = json.loads(out.read_text())
     assert payload["environment"]["torch"] == torch.__version__
     rows = payload["results"]
@@ -50,6 +52,7 @@ def test_throughput_cpu_smoke(tmp_path, capsys):
 
     for r in rows:
         assert "error" not in r, r
+        assert "phases_ms" not in r
         for key in ("step_s_median", "step_s_mean", "tokens_per_s", "tflops", "loss_first", "loss_last"):
             assert _positive(r[key]), (key, r[key])
         assert r["tokens_per_step"] == 2 * r["patch_size"] * 64  # b x K x T
@@ -58,6 +61,75 @@ def test_throughput_cpu_smoke(tmp_path, capsys):
         expected = flops_per_position(get_preset("tiny"), 64, 512) * 2 * 64 / r["step_s_median"] / 1e12
         assert r["tflops"] == pytest.approx(expected, rel=1e-12)
     assert _positive(rows[1]["ratio_vs_token"])
+
+
+@CPU_ONLY
+def test_throughput_phase_times_from_megatron_timers(tmp_path, capsys):
+    out = tmp_path / "tp.json"
+    code = throughput.main(["--cpu", "--phase-times", "--micro-batch-size", "2", "--patch-sizes", "1,4", "--steps", "2",
+                            "--warmup", "1", "--output-json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "### Step phases (median ms per step)" in printed
+    assert "| recompute | K | b | step ms (median) | forward-backward |" in printed
+    assert "outside timed phases |" in printed
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 2
+    for r in rows:
+        assert "error" not in r, r
+        phases = r["phases_ms"]
+        for name in ("forward-backward", "forward-compute", "backward-compute", "all-grads-sync",
+                     "optimizer-inner-step"):
+            assert _positive(phases[name]), (name, phases)
+        # nesting (megatron-core 0.16.1): compute and the grad sync lie inside forward-backward, which
+        # with the optimizer phases lies inside the step (medians of 2 steps: a small tolerance)
+        inner = phases["forward-compute"] + phases["backward-compute"] + phases["all-grads-sync"]
+        assert inner <= phases["forward-backward"] * 1.01 + 0.05, phases
+        step_ms = 1e3 * r["step_s_median"]
+        assert phases["forward-backward"] < step_ms
+        top = sum(phases.get(name, 0.0) for name in phase_timers.TOP_LEVEL_PHASES)
+        assert r["phases_outside_ms"] == pytest.approx(step_ms - top)
+
+
+def test_phase_timers_sum_intervals_per_step_and_uninstall():
+    import types
+
+    timers = phase_timers.PhaseTimers(cuda=False)
+    model_config, optimizer_config = types.SimpleNamespace(timers=None), types.SimpleNamespace(timers=None)
+    with phase_timers.installed(timers, [model_config, model_config, optimizer_config]):
+        assert model_config.timers is timers and optimizer_config.timers is timers
+        for _ in range(2):  # megatron's calls: a log level and barrier= on start, a bare stop
+            model_config.timers("forward-backward", log_level=1).start(barrier=True)
+            for _ in range(3):  # one interval per micro-batch, summed per step
+                model_config.timers("forward-compute", log_level=2).start()
+                model_config.timers("forward-compute").stop()
+            model_config.timers("forward-backward").stop()
+            optimizer_config.timers("some-new-phase", log_level=1).start(barrier=False)
+            optimizer_config.timers("some-new-phase").stop()
+            timers.end_step()
+        with pytest.raises(RuntimeError, match="started twice"):
+            timers("x").start()
+            timers("x").start()
+    assert model_config.timers is None and optimizer_config.timers is None
+    steps = timers.per_step_ms()
+    assert [sorted(step) for step in steps] == [["forward-backward", "forward-compute", "some-new-phase"]] * 2
+    assert all(step["forward-compute"] <= step["forward-backward"] for step in steps)
+    medians = phase_timers.phase_medians(steps, ["forward-backward", "forward-compute", "some-new-phase", "unseen"])
+    assert list(medians) == ["forward-backward", "forward-compute", "some-new-phase"]
+    assert phase_timers.outside_ms(10.0, {"forward-backward": 6.0, "forward-compute": 5.0,
+                                          "optimizer-inner-step": 1.5}) == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("flags", [[], ["--bias-swiglu-fusion"], ["--rope-fusion"], ["--bias-swiglu-fusion", "--rope-fusion"]])
+def test_fusion_flags_reach_the_trainers_arguments(flags):
+    """The A/B flags of throughput.py are the trainer's own (builders then build what the trainer does)."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from common import trainer_args
+
+    opts = throughput.parse_options(["--cpu"] + flags)
+    args = trainer_args(opts, "none")
+    assert args.bias_swiglu_fusion is ("--bias-swiglu-fusion" in flags)
+    assert args.rope_fusion is ("--rope-fusion" in flags)
 
 
 def test_rates_are_the_flops_formula():
@@ -201,6 +273,7 @@ def test_loss_benchmark_cpu_smoke(tmp_path, capsys):
     ("throughput", ["--patch-sizes", "0"]),
     ("throughput", ["--model", "nope"]),
     ("throughput", ["--layers", "2"]),
+    ("throughput", ["--phase-times", "--measure-layer-activations"]),
     ("loss_benchmark", ["--vocab-sizes", "x"]),
     ("memory_plan", ["--budget-gib", "90"]),
     ("memory_plan", ["--measured", "/nonexistent.json"]),
@@ -228,6 +301,13 @@ def test_scripts_on_gpu_tiny(tmp_path):
                             "--warmup", "1", "--output-json", str(out)]) == 0
     for r in json.loads(out.read_text())["results"]:
         assert _positive(r["tflops"]) and _positive(r["mfu"]) and _positive(r["peak_memory_gib"])
+        assert "phases_ms" not in r  # off by default
+    assert throughput.main(["--model", "tiny", "--micro-batch-size", "2", "--patch-sizes", "1", "--steps", "2",
+                            "--warmup", "1", "--phase-times", "--output-json", str(out)]) == 0
+    for r in json.loads(out.read_text())["results"]:  # CUDA events around megatron's phases
+        phases = r["phases_ms"]
+        assert _positive(phases["forward-backward"]) and _positive(phases["optimizer-inner-step"])
+        assert phases["forward-compute"] + phases["backward-compute"] <= phases["forward-backward"] * 1.01 + 0.05
     out = tmp_path / "loss.json"
     assert loss_benchmark.main(["--seq-length", "128", "--micro-batch-size", "2", "--vocab-sizes", "1024",
                                 "--patch-sizes", "1,4", "--repeats", "2", "--output-json", str(out)]) == 0
