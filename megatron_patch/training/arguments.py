@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     par.add_argument("--sequence-parallel", action="store_true")
     par.add_argument("--use-distributed-optimizer", action="store_true")
+    par.add_argument("--overlap-grad-reduce", action="store_true",
+                     help="overlap the data-parallel gradient all-reduce (reduce-scatter with "
+                          "--use-distributed-optimizer) with the backward of the last micro-batch, "
+                          "bucket by bucket (megatron DDP); the same gradients")
     par.add_argument("--cpu", action="store_true", help="CPU mode over gloo (tests, quick start)")
 
     batch = parser.add_argument_group("batch and budget")

@@ -55,10 +55,14 @@ def build_model(args: argparse.Namespace, vocab_size: int, patch_size: int) -> L
         model = Float16Module(config, model)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=args.overlap_grad_reduce,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
     model = DistributedDataParallel(config, ddp_config, model)
+    if args.overlap_grad_reduce:
+        # megatron's schedules run every micro-batch but the last inside no_sync, so the bucket
+        # reductions start only once a bucket's gradients are complete (in the last backward)
+        config.no_sync_func = model.no_sync
     model.broadcast_params()
     return [model]
 

@@ -1,5 +1,7 @@
 """The trainer end to end in a 2-rank world: both stages at DP=2, TP=2 (with and without sequence
-parallelism and the distributed optimizer) and PP=2 learn in both stages. Started from the same
+parallelism and the distributed optimizer) and PP=2 learn in both stages. DP=2 with the gradient
+reduction overlapped with backward (plain and distributed optimizer), and PP=2 with it, follow the
+trajectory of the same layout without it in both stages. Started from the same
 weights (the DP=2 run's boundary checkpoint, resharded on load), every layout's token stage follows
 the DP=2 run's trajectory, since the global batch and the data order do not depend on the layout.
 (Fresh initialisation does depend on it, so the patch stages are compared at the model level, in
@@ -17,6 +19,9 @@ LAYOUTS = {
     "tp2": ["--tensor-model-parallel-size", "2"],
     "tp2-sp-distopt": ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer"],
     "pp2": ["--pipeline-model-parallel-size", "2"],
+    "dp2-overlap": ["--overlap-grad-reduce"],
+    "dp2-distopt-overlap": ["--use-distributed-optimizer", "--overlap-grad-reduce"],
+    "pp2-overlap": ["--pipeline-model-parallel-size", "2", "--overlap-grad-reduce"],
 }
 ITERS = 18  # 12 patch steps, 6 token steps
 
@@ -45,6 +50,21 @@ def test_both_stages_learn(trajectories, name):
     token = [records[i]["loss"] for i in range(13, 19)]
     assert {records[i]["stage"] for i in range(1, 13)} == {"patch"}
     assert sum(patch[-3:]) < sum(patch[:3]) and sum(token[-2:]) < sum(token[:2])
+
+
+@pytest.mark.parametrize("name, reference", [("dp2-overlap", "dp2"), ("dp2-distopt-overlap", "dp2"),
+                                             ("pp2-overlap", "pp2")])
+def test_overlapped_gradient_reduction_follows_the_same_layout_without_it(trajectories, name, reference):
+    """At DP=2 the token stage accumulates 4 micro-batches per replica (8 at PP=2), so the
+    reductions must wait for the last one (megatron's no_sync); the patch stage has 1 (2)."""
+    if dist.get_rank() != 0:
+        return
+    reference, other = trajectories[reference], trajectories[name]
+    assert sorted(other) == sorted(reference) == list(range(1, ITERS + 1))
+    for iteration in range(1, ITERS + 1):
+        for key in ("loss", "grad_norm"):
+            a, b = reference[iteration][key], other[iteration][key]
+            assert abs(a - b) <= 1e-5 * abs(a), (iteration, key, a, b)
 
 
 @pytest.mark.parametrize("name", ["tp2", "tp2-sp-distopt", "pp2"])

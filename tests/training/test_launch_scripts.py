@@ -1,0 +1,76 @@
+"""The launch scripts in examples/ start a command that passes the trainer's validation, for every
+preset they list, at the world size they start: 8 GPUs on one node (torchrun) and 8 nodes of 8
+(SLURM). The scripts run for real under bash with stand-ins for torchrun, srun and scontrol on
+PATH that record the command line instead of starting anything."""
+
+import os
+import re
+import stat
+import subprocess
+
+import pytest
+
+from megatron_patch.training.arguments import parse_args
+from tests.training.common import REPO_ROOT
+
+PRESETS = ("370m", "780m", "1.3b", "2.7b", "6.7b", "13b")
+LAYOUT_LINE = re.compile(r"([\w.]+)\)\s+TP=(\d+) PP=(\d+) MBS=(\d+)")
+RECORDER = '#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$LAUNCH_RECORD"\n'
+SCRIPTS = {  # script: (world size, the environment its launcher would give it)
+    "train_single_node.sh": (8, {"GPUS": "8"}),
+    "train_multi_node.sbatch": (64, {"SLURM_NTASKS": "64", "SLURM_JOB_NODELIST": "node[001-008]"}),
+}
+
+
+def _stand_ins(folder):
+    for name, body in (("torchrun", RECORDER), ("srun", RECORDER), ("scontrol", "#!/usr/bin/env bash\necho node001\n")):
+        path = folder / name
+        path.write_text(body)
+        path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def _launched_trainer_argv(script, model, tmp_path, environment):
+    bin_dir, record = tmp_path / "bin", tmp_path / f"{model}.argv"
+    bin_dir.mkdir(exist_ok=True)
+    _stand_ins(bin_dir)
+    tokenizer = tmp_path / "spm.model"
+    tokenizer.write_bytes(b"not read by validation")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", LAUNCH_RECORD=str(record), MODEL=model,
+               DATA="data/train_text_document", TOKENIZER=str(tokenizer), SAVE=str(tmp_path / model), **environment)
+    done = subprocess.run(["bash", str(REPO_ROOT / "examples" / script)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    words = record.read_text().split("\0")[:-1]
+    return words[words.index("examples/pretrain_patch_gpt.py") + 1:]
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_every_listed_preset_launches_a_valid_trainer_command(script, tmp_path):
+    world_size, environment = SCRIPTS[script]
+    layouts = {model: (int(tp), int(pp), int(mbs))
+               for model, tp, pp, mbs in LAYOUT_LINE.findall((REPO_ROOT / "examples" / script).read_text())}
+    assert sorted(layouts) == sorted(PRESETS)
+    for model in PRESETS:
+        args = parse_args(_launched_trainer_argv(script, model, tmp_path, environment), world_size=world_size)
+        tp, pp, mbs = layouts[model]
+        assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (tp, pp), model
+        assert 1 <= args.micro_batch_size <= mbs, model  # the SLURM script may lower it for many ranks
+        assert args.bf16 and args.use_distributed_optimizer and args.overlap_grad_reduce, model
+        assert args.global_batch_size * args.seq_length == 1024 * 2048, model  # 2M tokens per step, as the paper
+
+
+def test_the_slurm_script_lowers_the_micro_batch_to_what_the_patch_stage_gives_each_rank(tmp_path):
+    """370m at 64 ranks: the patch stage has 1024/4 = 256 sequences per step, 4 per rank, so the
+    preset's micro-batch of 16 becomes 4; at 8 ranks (32 per rank) it stays 16."""
+    world_size, environment = SCRIPTS["train_multi_node.sbatch"]
+    argv = _launched_trainer_argv("train_multi_node.sbatch", "370m", tmp_path, environment)
+    assert argv[argv.index("--micro-batch-size") + 1] == "4"
+    argv = _launched_trainer_argv("train_multi_node.sbatch", "370m", tmp_path, dict(environment, SLURM_NTASKS="8"))
+    assert argv[argv.index("--micro-batch-size") + 1] == "16"
+    env = dict(os.environ, MODEL="370m", DATA="d", TOKENIZER="t", SAVE=str(tmp_path / "x"), **environment)
+    env["SLURM_NTASKS"] = "2048"  # 256 patch-stage sequences cannot feed 2048 ranks
+    done = subprocess.run(["bash", str(REPO_ROOT / "examples" / "train_multi_node.sbatch")], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("2048 GPUs leave no patch-stage sequence per data-parallel rank at GBS=1024: "
+                                   "use fewer nodes")
