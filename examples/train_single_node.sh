@@ -26,7 +26,7 @@ esac
 
 mkdir -p "$SAVE"
 exec torchrun --standalone --nproc_per_node="$GPUS" examples/pretrain_patch_gpt.py \
-  --model "$MODEL" --bf16 --use-distributed-optimizer --overlap-grad-reduce \
+  --model "$MODEL" --bf16 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
   --micro-batch-size "$MBS" --global-batch-size 1024 --seq-length 2048 \
   --train-tokens "${TRAIN_TOKENS:-360000000000}" \

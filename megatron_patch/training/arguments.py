@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="overlap the data-parallel gradient all-reduce (reduce-scatter with "
                           "--use-distributed-optimizer) with the backward of the last micro-batch, "
                           "bucket by bucket (megatron DDP); the same gradients")
+    par.add_argument("--overlap-param-gather", action="store_true",
+                     help="with --use-distributed-optimizer and --overlap-grad-reduce: all-gather the "
+                          "updated weights bucket by bucket during the next forward instead of after "
+                          "the optimizer step (megatron DDP); the same weights")
     par.add_argument("--cpu", action="store_true", help="CPU mode over gloo (tests, quick start)")
 
     batch = parser.add_argument_group("batch and budget")
@@ -137,6 +141,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     args.data_parallel_size = dp = world_size // (tp * pp)
     if args.rope_fusion and args.transformer_impl == "transformer_engine":
         _fail("--rope-fusion is for --transformer-impl local (Transformer Engine fuses RoPE itself): drop one")
+    if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
+        _fail("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce: add them")
     if args.sequence_parallel and tp == 1:
         _fail("--sequence-parallel needs --tensor-model-parallel-size > 1: drop the flag")
     if args.sequence_parallel and args.seq_length % tp:

@@ -56,6 +56,7 @@ def build_model(args: argparse.Namespace, vocab_size: int, patch_size: int) -> L
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
     model = DistributedDataParallel(config, ddp_config, model)
@@ -65,6 +66,15 @@ def build_model(args: argparse.Namespace, vocab_size: int, patch_size: int) -> L
         config.no_sync_func = model.no_sync
     model.broadcast_params()
     return [model]
+
+
+def gather_updated_parameters(model: List[torch.nn.Module]) -> None:
+    """Finish the weight all-gather that ``--overlap-param-gather`` defers to the next training
+    forward, so every rank holds the updated weights before they are read outside one (validation,
+    checkpoints). A no-op without the flag."""
+    for chunk in model:
+        if chunk.ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
 
 
 def unwrap(model_chunk: torch.nn.Module) -> PatchGPTModel:
@@ -125,6 +135,48 @@ def reset_optimizer_state(optimizer) -> None:
     """
     for sub in sub_optimizers(optimizer):
         sub.optimizer.state.clear()
+
+
+def _torch_adam_under_distributed_optimizer(optimizer) -> list:
+    """The DistributedOptimizers of ``optimizer`` that run torch's Adam(W) (no TE or Apex)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return []
+    return [sub for sub in sub_optimizers(optimizer) if isinstance(sub, distrib_optimizer.DistributedOptimizer)]
+
+
+def prepare_optimizer_state_for_loading(optimizer) -> None:
+    """Give a fresh distributed optimizer over torch's Adam a state to be loaded into.
+
+    megatron-core 0.16.1 builds the load template of a DistributedOptimizer from ``state_dict()``,
+    which, with torch's Adam (no TE or Apex), asserts that every parameter's state holds the same
+    ``step``: it fails on an optimizer that has not stepped, i.e. on every resume. megatron's own
+    remedy (used for its FSDP path) is a step with zero gradients on the inner optimizer: it
+    touches only the fp32 main-weight shards and Adam's moments, which the load then overwrites.
+    """
+    for sub in _torch_adam_under_distributed_optimizer(optimizer):
+        if len(sub.optimizer.state) == 0:
+            sub._init_optimizer_states_with_dummy_values()
+
+
+def restore_adam_step_counters(optimizer) -> None:
+    """After a distributed-optimizer load, set every parameter's Adam ``step`` to the loaded one.
+
+    megatron-core 0.16.1's ``DistributedOptimizer`` (torch's Adam, no TE or Apex) saves the step
+    count once, in its parameter groups, and on load (a) gives every parameter's state one shared
+    ``step`` tensor, which torch's Adam then advances once per parameter per step, and (b) copies
+    the load template's per-parameter ``step`` (the pre-load value) over it again with the moments.
+    Both leave the bias corrections of the resumed run wrong; each parameter gets its own counter
+    holding its group's loaded step.
+    """
+    for sub in _torch_adam_under_distributed_optimizer(optimizer):
+        for group in sub.optimizer.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                if param in sub.optimizer.state:
+                    sub.optimizer.state[param]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
 
 def optimizer_state_size(optimizer) -> int:

@@ -23,7 +23,11 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_patch.training.builders import unwrap
+from megatron_patch.training.builders import (
+    prepare_optimizer_state_for_loading,
+    restore_adam_step_counters,
+    unwrap,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +216,8 @@ def load_checkpoint(path, model, shape, optimizer=None, scheduler=None, restore_
     check_model_shape(ckpt, meta, shape)
     same_layout = meta.get("layout") == dict(zip(("pipeline", "tensor", "data"), _layout()))
     with_rng = restore_rng and same_layout
+    if optimizer is not None:
+        prepare_optimizer_state_for_loading(optimizer)
     request = _sharded_state(model, optimizer, scheduler, with_rng=with_rng, is_loading=True)
     try:
         state = dist_checkpointing.load(request, ckpt)
@@ -222,7 +228,9 @@ def load_checkpoint(path, model, shape, optimizer=None, scheduler=None, restore_
                               f"or incomplete; load an earlier one") from None
     unwrap(model[0]).load_state_dict(state["model"], strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():  # the distributed optimizer copies into views of fp32 weights in place
+            optimizer.load_state_dict(state["optimizer"])
+        restore_adam_step_counters(optimizer)
     if scheduler is not None:
         scheduler.load_state_dict(state["opt_param_scheduler"])
     if with_rng:

@@ -24,6 +24,7 @@ from megatron_patch.training.builders import (
     build_model,
     build_optimizer,
     build_scheduler,
+    gather_updated_parameters,
     reset_optimizer_state,
     unwrap,
 )
@@ -152,6 +153,7 @@ class Trainer:
     def _validate(self) -> Optional[float]:
         if self.datasets.valid is None or not self.args.eval_iters:
             return None
+        gather_updated_parameters(self.model)
         return evaluate(
             self.model,
             lambda: self._iterator(self.datasets.valid, 0),
@@ -174,6 +176,7 @@ class Trainer:
             "consumed_tokens": {r.name: r.tokens for r in results},
             "seconds": {r.name: r.seconds for r in results},
         }
+        gather_updated_parameters(self.model)
         ckpt.save_checkpoint(
             self.args.save, iteration, self.model, self.optimizer, self.scheduler, progress, self.args,
             self.shape, self.args.keep_last_checkpoints,

@@ -1,7 +1,8 @@
 """The trainer end to end in a 2-rank world: both stages at DP=2, TP=2 (with and without sequence
 parallelism and the distributed optimizer) and PP=2 learn in both stages. DP=2 with the gradient
-reduction overlapped with backward (plain and distributed optimizer), and PP=2 with it, follow the
-trajectory of the same layout without it in both stages. Started from the same
+reduction overlapped with backward (plain, and distributed optimizer with the weight all-gather
+overlapped with forward), and PP=2 with it, follow the trajectory and validation losses of the
+same layout without it in both stages. Started from the same
 weights (the DP=2 run's boundary checkpoint, resharded on load), every layout's token stage follows
 the DP=2 run's trajectory, since the global batch and the data order do not depend on the layout.
 (Fresh initialisation does depend on it, so the patch stages are compared at the model level, in
@@ -11,16 +12,18 @@ import pytest
 import torch.distributed as dist
 
 from megatron_patch.training import cli
+from tests import model_helpers as mh
 from tests.model_helpers import shared_tmp
 from tests.training.common import train_records, trainer_args
 
 LAYOUTS = {
-    "dp2": [],
+    "dp2": ["--save-interval", "5", "--keep-last-checkpoints", "0"],
     "tp2": ["--tensor-model-parallel-size", "2"],
     "tp2-sp-distopt": ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer"],
     "pp2": ["--pipeline-model-parallel-size", "2"],
     "dp2-overlap": ["--overlap-grad-reduce"],
-    "dp2-distopt-overlap": ["--use-distributed-optimizer", "--overlap-grad-reduce"],
+    "dp2-distopt-overlap": ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+                            "--save-interval", "5", "--keep-last-checkpoints", "0"],
     "pp2-overlap": ["--pipeline-model-parallel-size", "2", "--overlap-grad-reduce"],
 }
 ITERS = 18  # 12 patch steps, 6 token steps
@@ -37,6 +40,7 @@ def trajectories(world, tiny_corpus, tmp_path_factory):
                                      train_iters=ITERS))
         assert code == 0, name
         runs[name] = train_records(save) if dist.get_rank() == 0 else None
+        runs[name + "_valid"] = train_records(save, "valid") if dist.get_rank() == 0 else None
         runs[name + "_save"] = save
     return runs
 
@@ -56,15 +60,47 @@ def test_both_stages_learn(trajectories, name):
                                              ("pp2-overlap", "pp2")])
 def test_overlapped_gradient_reduction_follows_the_same_layout_without_it(trajectories, name, reference):
     """At DP=2 the token stage accumulates 4 micro-batches per replica (8 at PP=2), so the
-    reductions must wait for the last one (megatron's no_sync); the patch stage has 1 (2)."""
+    reductions must wait for the last one (megatron's no_sync); the patch stage has 1 (2). With
+    --overlap-param-gather the validations (after a step, before the next forward) must see the
+    updated weights."""
     if dist.get_rank() != 0:
         return
-    reference, other = trajectories[reference], trajectories[name]
-    assert sorted(other) == sorted(reference) == list(range(1, ITERS + 1))
-    for iteration in range(1, ITERS + 1):
-        for key in ("loss", "grad_norm"):
-            a, b = reference[iteration][key], other[iteration][key]
-            assert abs(a - b) <= 1e-5 * abs(a), (iteration, key, a, b)
+    for kind in ("", "_valid"):
+        expected, observed = trajectories[reference + kind], trajectories[name + kind]
+        assert sorted(observed) == sorted(expected)
+        assert len(expected) == (ITERS if kind == "" else 2)  # validation at the boundary and the end
+        for iteration, record in expected.items():
+            for key in ("loss", "grad_norm") if kind == "" else ("loss",):
+                a, b = record[key], observed[iteration][key]
+                assert abs(a - b) <= 1e-5 * abs(a), (kind, iteration, key, a, b)
+
+
+def test_a_checkpoint_with_no_forward_before_it_holds_the_updated_weights(trajectories, tiny_corpus,
+                                                                          tmp_path_factory):
+    """--overlap-param-gather leaves the weight all-gather to the next forward. Iteration 5 is saved
+    with no validation (no forward) after its step: its weights are the DP=2 run's at iteration 5,
+    and resuming from it follows the run."""
+    name = "dp2-distopt-overlap"
+    saves = [[trajectories[run + "_save"] + "/iter_0000005" for run in (name, "dp2")] if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(saves, src=0)
+    source, reference = saves[0]
+    saved, expected = ({key: tensor for key, tensor in mh.plain(path).items() if not key.startswith("optimizer")}
+                       for path in (source, reference))  # the model's weights
+    assert sorted(saved) == sorted(expected) and len(expected) > 5
+    for key, tensor in expected.items():
+        error = ((saved[key] - tensor).abs().max() / tensor.abs().max()).item()
+        assert error < 1e-5, (key, error)
+    source = [source]
+    save = shared_tmp(tmp_path_factory, name + "-resumed")
+    code = cli.main(trainer_args(tiny_corpus, save, *LAYOUTS[name], "--micro-batch-size", "2", "--eval-iters", "1",
+                                 "--load", source[0], train_iters=ITERS))
+    assert code == 0
+    if dist.get_rank() != 0:
+        return
+    uninterrupted, resumed = trajectories[name], train_records(save)
+    assert sorted(resumed) == list(range(6, ITERS + 1))
+    for iteration in resumed:
+        assert resumed[iteration]["loss"] == uninterrupted[iteration]["loss"], iteration
 
 
 @pytest.mark.parametrize("name", ["tp2", "tp2-sp-distopt", "pp2"])

@@ -55,7 +55,8 @@ def test_every_listed_preset_launches_a_valid_trainer_command(script, tmp_path):
         tp, pp, mbs = layouts[model]
         assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (tp, pp), model
         assert 1 <= args.micro_batch_size <= mbs, model  # the SLURM script may lower it for many ranks
-        assert args.bf16 and args.use_distributed_optimizer and args.overlap_grad_reduce, model
+        assert args.bf16 and args.use_distributed_optimizer, model
+        assert args.overlap_grad_reduce and args.overlap_param_gather, model
         assert args.global_batch_size * args.seq_length == 1024 * 2048, model  # 2M tokens per step, as the paper
 
 
