@@ -3,6 +3,8 @@
 import logging
 import os
 import sys
+import traceback
+from pathlib import Path
 from typing import List, Optional
 
 from megatron_patch import quiet_known_notices
@@ -19,8 +21,27 @@ def _configure_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+CPU_MODE_SHIM = PACKAGE_DIR / "cpu_mode.py"  # passes every torch call through in CPU mode
+
+
+def _origin(error: BaseException) -> Optional[traceback.FrameSummary]:
+    """The innermost frame that raised ``error``, the CPU-mode pass-through skipped."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if Path(f.filename).resolve() != CPU_MODE_SHIM]
+    return frames[-1] if frames else None
+
+
+def _raised_by_this_package(error: BaseException) -> bool:
+    """True when ``error`` comes from megatron_patch code: one of its own checks, whose message
+    already says what to change. Anything else (torch, megatron, NCCL) is a failure to be shown
+    with its traceback."""
+    origin = _origin(error)
+    return origin is not None and Path(origin.filename).resolve().is_relative_to(PACKAGE_DIR)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Train; returns 0 on success (or a SIGTERM-saved stop), 1 on a stopped run, 2 on bad input."""
+    """Train; returns 0 on success (or a SIGTERM-saved stop), 1 on a stopped run or an unexpected
+    failure (printed with its traceback), 2 on bad input (one line)."""
     rank = int(os.environ.get("RANK", "0"))
     _configure_logging(rank)
     quiet_known_notices()  # before the first import of megatron.core (some notices fire on import)
@@ -49,8 +70,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except (CheckpointError, ValueError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        if isinstance(error, CheckpointError) or _raised_by_this_package(error):
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        origin = _origin(error)
+        where = f" in {origin.filename}:{origin.lineno}" if origin is not None else ""
+        first_line = (str(error).splitlines() or [""])[0]
+        print(f"error: unexpected {type(error).__name__}{where}: {first_line} (traceback above)", file=sys.stderr)
+        return 1
     return 0
 
 

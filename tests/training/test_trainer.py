@@ -156,3 +156,17 @@ def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and expected in err[0], err
+
+
+def test_a_failure_outside_this_package_shows_its_traceback(cpu_world, tiny_corpus, tmp_path, capsys, monkeypatch):
+    """Our own checks end in one line (exit 2); an error raised in torch or megatron is not bad input
+    and keeps its traceback (exit 1)."""
+    def run(self):
+        torch.zeros(2).view(3)  # a RuntimeError from torch itself
+
+    monkeypatch.setattr(loop.Trainer, "run", run)
+    code = cli.main(trainer_args(tiny_corpus, tmp_path / "run", train_iters=3))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1, err
+    assert err[0] == "Traceback (most recent call last):" and any("torch.zeros(2).view(3)" in line for line in err)
+    assert err[-1].startswith("error: unexpected RuntimeError in ") and "test_trainer.py:" in err[-1], err[-1]
