@@ -72,8 +72,8 @@ def get_layer_spec(
     if resolve_transformer_engine(use_transformer_engine):
         if fused_rope_base is not None:
             raise ValueError(
-                "fused RoPE in the core attention is for the local spec; with Transformer Engine set "
-                "megatron's apply_rope_fusion instead"
+                "fused RoPE in the core attention (--rope-fusion) is for the local spec: add "
+                "--transformer-impl local, or drop --rope-fusion with Transformer Engine"
             )
         return get_gpt_layer_with_transformer_engine_spec()
     return get_local_layer_spec(fused_rope_base)
