@@ -23,8 +23,6 @@ def enter_one_rank_world(stack: contextlib.ExitStack, cpu: bool, seed: int) -> b
     Returns False, after printing the one-line error, when the world cannot be formed (no GPU
     without --cpu, or --cpu beside a GPU).
     """
-    if cpu:
-        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     from megatron_patch import parallel
 
     try:

@@ -179,7 +179,7 @@ def run_throughput(opts, peak_tflops: Optional[float]) -> List[dict]:
     from megatron.core.utils import get_model_config
 
     from megatron_patch.presets import get_preset, padded_vocab_size
-    from megatron_patch.training.builders import build_model, build_optimizer, build_scheduler, sub_optimizers, unwrap
+    from megatron_patch.training.builders import build_model, build_optimizer, build_scheduler, sub_optimizers
     from megatron_patch.training.flops import flops_per_position
 
     cuda = not opts.cpu
@@ -196,8 +196,7 @@ def run_throughput(opts, peak_tflops: Optional[float]) -> List[dict]:
         phases = PhaseTimers(cuda) if opts.phase_times else None
         # megatron reads config.timers from get_model_config(chunk) in its schedules and finalize_model_grads
         # (the TransformerConfig the model was built with) and from each optimizer's own OptimizerConfig
-        configs = ([get_model_config(chunk) for chunk in model] + [unwrap(chunk).config for chunk in model]
-                   + [sub.config for sub in sub_optimizers(optimizer)])
+        configs = [get_model_config(chunk) for chunk in model] + [sub.config for sub in sub_optimizers(optimizer)]
         with installed(phases, configs) if phases is not None else contextlib.nullcontext():
             rows += _sweep(opts, model, optimizer, scheduler, recompute, per_position, peak_tflops, phases)
         del model, optimizer, scheduler

@@ -40,6 +40,18 @@ def build(tp=1, pp=1, patch_size=4, sequence_parallel=False, seed=1234, ddp=True
     return [wrapped]
 
 
+def trainer_model_args(*flags):
+    """The trainer's argument namespace for the tiny preset on CPU, plus ``flags`` (model-building
+    only: the data and tokenizer paths are never read)."""
+    from megatron_patch.training.arguments import build_parser
+
+    return build_parser().parse_args([
+        "--model", "tiny", "--cpu", "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1",
+        "--lr", "1e-3", "--data-path", "unused", "--tokenizer-model", "unused", "--recompute-granularity", "none",
+        *flags,
+    ])
+
+
 def batches(patch_size, micro_batch_size=2, count=2, seed=7):
     """``count`` micro-batches of ``[b, K*T]`` tokens/labels/loss_mask, the same on every rank."""
     generator = torch.Generator().manual_seed(seed)

@@ -31,11 +31,9 @@ def _origin(error: BaseException) -> Optional[traceback.FrameSummary]:
     return frames[-1] if frames else None
 
 
-def _raised_by_this_package(error: BaseException) -> bool:
-    """True when ``error`` comes from megatron_patch code: one of its own checks, whose message
-    already says what to change. Anything else (torch, megatron, NCCL) is a failure to be shown
-    with its traceback."""
-    origin = _origin(error)
+def _in_this_package(origin: Optional[traceback.FrameSummary]) -> bool:
+    """True for megatron_patch code: one of its own checks, whose message already says what to
+    change. Anything else (torch, megatron, NCCL) is a failure to be shown with its traceback."""
     return origin is not None and Path(origin.filename).resolve().is_relative_to(PACKAGE_DIR)
 
 
@@ -70,11 +68,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except (CheckpointError, ValueError, RuntimeError) as error:
-        if isinstance(error, CheckpointError) or _raised_by_this_package(error):
+        origin = _origin(error)
+        if isinstance(error, CheckpointError) or _in_this_package(origin):
             print(f"error: {error}", file=sys.stderr)
             return 2
         traceback.print_exc()
-        origin = _origin(error)
         where = f" in {origin.filename}:{origin.lineno}" if origin is not None else ""
         first_line = (str(error).splitlines() or [""])[0]
         print(f"error: unexpected {type(error).__name__}{where}: {first_line} (traceback above)", file=sys.stderr)

@@ -132,17 +132,14 @@ def test_fused_swiglu_flag_gives_the_unfused_loss_and_gradients(model_parallel, 
     from megatron.core.transformer import mlp
 
     from megatron_patch.loss import masked_mean, patch_targets
-    from megatron_patch.training.arguments import build_parser
     from megatron_patch.training.builders import build_model, model_config, unwrap
 
-    argv = ["--model", "tiny", "--cpu", "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1",
-            "--lr", "1e-3", "--data-path", "unused", "--tokenizer-model", "unused", "--recompute-granularity", "none"]
     fused_calls = []
     fused_swiglu = mlp.bias_swiglu_impl
     monkeypatch.setattr(mlp, "bias_swiglu_impl", lambda *a, **k: fused_calls.append(1) or fused_swiglu(*a, **k))
     results = {}
     for fused in (False, True):
-        args = build_parser().parse_args(argv + (["--bias-swiglu-fusion"] if fused else []))
+        args = mh.trainer_model_args(*(["--bias-swiglu-fusion"] if fused else []))
         assert model_config(args).bias_activation_fusion is fused
         model_parallel(1, 1, seed=11)
         model = unwrap(build_model(args, mh.VOCAB, patch_size=4)[0])

@@ -93,17 +93,14 @@ def test_rope_fusion_flag_builds_the_same_model(model_parallel, monkeypatch):
     same parameters and state-dict keys, and the unfused model's loss and gradients (K=4 and K=1)."""
     from megatron_patch import attention
     from megatron_patch.loss import masked_mean, patch_targets
-    from megatron_patch.training.arguments import build_parser
     from megatron_patch.training.builders import build_model, unwrap
 
-    argv = ["--model", "tiny", "--cpu", "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1",
-            "--lr", "1e-3", "--data-path", "unused", "--tokenizer-model", "unused", "--recompute-granularity", "none"]
     fused_calls = []
     eager_rotary = attention.apply_rotary
     monkeypatch.setattr(attention, "apply_rotary", lambda *a: fused_calls.append(1) or eager_rotary(*a))
     results = {}
     for fused in (False, True):
-        args = build_parser().parse_args(argv + (["--rope-fusion"] if fused else []))
+        args = mh.trainer_model_args(*(["--rope-fusion"] if fused else []))
         model_parallel(1, 1, seed=11)
         chunk = build_model(args, mh.VOCAB, patch_size=4)[0]  # DDP accumulates gradients into main_grad
         model = unwrap(chunk)
