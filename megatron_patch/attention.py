@@ -99,6 +99,7 @@ class SDPAttention(MegatronModule):
                 raise ValueError(f"fused RoPE needs the key's {key.shape[0]} positions to be the query's {seq_q}")
             freqs = self.rotary(seq_q)  # [s, 1, 1, hn] fp32, cached per length
             query, key = apply_rotary(query, key, freqs)
+        value = value_in_own_storage(value, query, key)
         # [s, b, n, hn] -> [b, n, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout_p = self.dropout_p if self.training else 0.0
@@ -115,3 +116,23 @@ class SDPAttention(MegatronModule):
         if dropout_p > 0.0 and not self.config.sequence_parallel:
             return tensor_parallel.get_cuda_rng_tracker().fork()
         return contextlib.nullcontext()
+
+
+def value_in_own_storage(value: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """``value`` copied out of megatron's fused QKV projection output once query and key have left it.
+
+    megatron's ``SelfAttention`` splits one ``[s, b, ng, (np/ng + 2) * hn]`` buffer into query, key
+    and value views. RoPE gives query and key new tensors, so only the value view still points into
+    the buffer; SDPA saves its inputs for backward, and that view would keep the whole buffer alive
+    until the layer's backward: ``(np/ng + 2) / 1`` times the value's bytes (3x with one group per
+    head, 4h bytes per token and layer more in bf16). The copy costs one write of the value.
+
+    Shapes: value ``[sk, b, ng, hn]`` (returned unchanged when it owns its storage or when query or key
+    still share it), query ``[sq, b, np, hn]``, key ``[sk, b, ng, hn]``.
+    """
+    storage = value.untyped_storage()
+    if storage.nbytes() == value.numel() * value.element_size():
+        return value
+    if any(t.untyped_storage().data_ptr() == storage.data_ptr() for t in (query, key)):
+        return value
+    return value.clone(memory_format=torch.contiguous_format)

@@ -125,6 +125,46 @@ def test_sdpa_spec_is_used_without_transformer_engine():
     assert spec.submodules.input_layernorm is RMSNorm
 
 
+@pytest.mark.parametrize("fused_rope", [False, True], ids=["megatron-rope", "fused-rope"])
+def test_attention_saves_no_fused_qkv_buffer_for_backward(model_parallel, fused_rope):
+    """After RoPE only the value still points into megatron's fused QKV output; SDPA must not keep
+    that whole buffer (3x the value here) alive until backward, with either RoPE path. The loss and
+    gradients are unchanged: token mode stays bit-equal to stock GPT (test above)."""
+    model_parallel(1, 1, seed=2)
+    model = mh.build(1, 1, patch_size=1, ddp=False, fused_rope=fused_rope)
+    qkv_outputs = []  # the buffers themselves, held so that no later tensor can reuse their addresses
+    for layer in model.decoder.layers:
+        layer.self_attention.linear_qkv.register_forward_hook(
+            lambda module, inputs, output: qkv_outputs.append(output[0].untyped_storage()))
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    batch = mh.batches(1)[0]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(batch["tokens"], None, None, labels=batch["labels"]).sum()
+    assert len(qkv_outputs) == model.config.num_layers and saved
+    assert not {storage.data_ptr() for storage in qkv_outputs} & set(saved)
+    loss.backward()
+
+
+def test_value_leaves_the_fused_buffer_only_when_query_and_key_have():
+    from megatron_patch.attention import value_in_own_storage
+
+    mixed = torch.randn(5, 2, 4, 3 * 8, requires_grad=True)  # [s, b, ng, 3 hn]: one group per head
+    query, key, value = torch.split(mixed, 8, dim=-1)  # views [s, b, ng, hn]
+    assert value_in_own_storage(value, query, key) is value  # no RoPE: query and key still use the buffer
+    rotated_query, rotated_key = query * 2, key * 2  # new storages, as RoPE makes them
+    own = value_in_own_storage(value, rotated_query, rotated_key)
+    assert own.untyped_storage().data_ptr() != mixed.untyped_storage().data_ptr() and torch.equal(own, value)
+    assert own.is_contiguous() and value_in_own_storage(own, rotated_query, rotated_key) is own
+    (own * torch.arange(8.0)).sum().backward()
+    assert torch.equal(mixed.grad[..., 16:], torch.arange(8.0).expand(5, 2, 4, 8))
+    assert torch.equal(mixed.grad[..., :16], torch.zeros(5, 2, 4, 16))
+
+
 def test_fused_swiglu_flag_gives_the_unfused_loss_and_gradients(model_parallel, monkeypatch):
     """--bias-swiglu-fusion switches megatron's fused SwiGLU on through the trainer's builders; the
     patch loss and every gradient equal the unfused model's (fp32, CPU). megatron's jit_fuser runs
