@@ -30,14 +30,14 @@ sequence (b = 1), 2 bytes per element:
 
 * norms: each of the two keeps its bf16 input: 2 x 2sh (the fused ``torch.rms_norm`` of CUDA; its fp32
   rstd, 4s, is ignored)
-* attention: QKV input 2sh; Q and K after RoPE 2sh + 2sgd; V is a view of the fused QKV output, which
-  therefore stays alive whole: 2s(h + 2gd); SDPA (flash/cuDNN) keeps its output 2sh, which is also
+* attention: QKV input 2sh; Q and K after RoPE 2sh + 2sgd; V 2sgd (``SDPAttention`` copies it out of
+  the fused QKV output, which would otherwise stay alive whole through the view: 2s(h + 2gd)); SDPA (flash/cuDNN) keeps its output 2sh, which is also
   the projection's input (SDPA lays its output out like the query, ``[s, b, n, d]``, so the reshape is
   a view), and an fp32 log-sum-exp 4as. No ``5 a s^2`` score term: SDPA never stores the scores
   (Korthikanti's term is for unfused attention). RoPE's batch-independent cos/sin tables are ignored
 * SwiGLU MLP: fc1 input 2sh; gate|up output 4sf; SiLU output and megatron's ``up + offset`` copy 4sf;
   fc2 input 2sf
-* together, for multi-head attention (gd = h): 20sh + 10sf + 4as bytes per layer
+* together, for multi-head attention (gd = h): 16sh + 10sf + 4as bytes per layer
   (46.9 sh for the 370M shape, against Korthikanti's 34 sh for a GeLU 4h MLP with dropout)
 * selective recompute (megatron's ``core_attn``): the log-sum-exp is recomputed, -4as; SDPA's output
   stays (the projection keeps it)
@@ -116,8 +116,8 @@ def formula_activations(preset: ModelPreset, seq_length: int, vocab_size: int, r
     gd = (preset.num_query_groups or a) * (h // a)  # key/value width
     norms = 2 * BF16 * s * h
     lse = 4 * a * s  # SDPA's fp32 log-sum-exp
-    # QKV input, Q and K after RoPE, the fused QKV output (alive through V), SDPA output = projection input
-    attention = BF16 * (s * h + (s * h + s * gd) + s * (h + 2 * gd) + s * h) + lse
+    # QKV input, Q and K after RoPE, V (copied out of the fused QKV output), SDPA output = projection input
+    attention = BF16 * (s * h + (s * h + s * gd) + s * gd + s * h) + lse
     mlp = BF16 * (s * h + 2 * s * f + 2 * s * f + s * f)  # fc1 input, gate|up, SiLU and up copies, fc2 input
     full_layer = norms + attention + mlp
     logits_working = BF16 * s * vocab_size

@@ -213,26 +213,26 @@ def test_memory_plan_matches_a_hand_computation():
     split = memory_plan.stage_parameters(tiny, V, 2, 2)
     assert split == {"first": 2 * (25088 + 128) + 512 * 64 / 2, "last": 2 * (25088 + 128) + 512 * 64 / 2 + 64}
 
-    # activations per sequence, bf16, s=64: layer 20sh + 10sf + 4as = 81920 + 112640 + 1024
+    # activations per sequence, bf16, s=64: layer 16sh + 10sf + 4as = 65536 + 112640 + 1024
     acts = memory_plan.formula_activations(tiny, 64, V, "none", patch_size=4)
-    assert acts.layer == 195584
+    assert acts.layer == 179200
     assert acts.pre == 8 * 4 * 64  # int64 token ids, K tokens per position
     assert acts.post == 4 * 64 * 64 + 4 * 64 * 512  # two bf16 [s, h] inputs + the fp32 softmax
     assert acts.working == 2 * 64 * 512  # bf16 logits
     selective = memory_plan.formula_activations(tiny, 64, V, "selective")
-    assert selective.layer == 195584 - 4 * 4 * 64  # the fp32 log-sum-exp is recomputed
+    assert selective.layer == 179200 - 4 * 4 * 64  # the fp32 log-sum-exp is recomputed
     full = memory_plan.formula_activations(tiny, 64, V, "full")
-    assert full.layer == 2 * 64 * 64 and full.working == 2 * 64 * 512 + 195584
+    assert full.layer == 2 * 64 * 64 and full.working == 2 * 64 * 512 + 179200
 
     layout = memory_plan.Layout(tp=1, pp=1, dp=1, micro_batch_size=2, recompute="none")
     memory = memory_plan.stage_memory(tiny, V, layout, acts, distributed_optimizer=False)["first"]
-    assert memory["activation_bytes"] == 2 * (4 * 195584 + 2048 + 147456 + 65536)
-    assert memory["total_bytes"] == 18 * 266816 + 2 * (4 * 195584 + 2048 + 147456 + 65536)
+    assert memory["activation_bytes"] == 2 * (4 * 179200 + 2048 + 147456 + 65536)
+    assert memory["total_bytes"] == 18 * 266816 + 2 * (4 * 179200 + 2048 + 147456 + 65536)
     # 1F1B with PP=2, TP=2 (sequence parallel): the first stage holds 2 micro-batches of its 2 layers
     layout = memory_plan.Layout(tp=2, pp=2, dp=1, micro_batch_size=1, recompute="none")
     memory = memory_plan.stage_memory(tiny, V, layout, acts, distributed_optimizer=False)
-    assert memory["first"]["activation_bytes"] == (2 * (2 * 195584 + 2048) + 65536) / 2
-    assert memory["last"]["activation_bytes"] == (2 * 195584 + 147456 + 65536) / 2
+    assert memory["first"]["activation_bytes"] == (2 * (2 * 179200 + 2048) + 65536) / 2
+    assert memory["last"]["activation_bytes"] == (2 * 179200 + 147456 + 65536) / 2
 
 
 def test_memory_plan_prefers_least_model_parallelism(capsys, tmp_path):
