@@ -79,7 +79,7 @@ def trainer_args(opts, recompute: str) -> argparse.Namespace:
             "--train-iters", "1", "--lr", str(opts.lr), "--lr-decay-style", "constant", "--patch-size", "1",
             "--recompute-granularity", recompute, "--transformer-impl", opts.transformer_impl,
             "--data-path", "synthetic-not-read", "--tokenizer-model", "synthetic-not-read",
-            "--seed", str(opts.seed), "--cpu" if opts.cpu else "--bf16"]
+            "--seed", str(opts.seed), "--torch-adam-impl", opts.torch_adam_impl, "--cpu" if opts.cpu else "--bf16"]
     if opts.use_distributed_optimizer:
         argv.append("--use-distributed-optimizer")
     if opts.bias_swiglu_fusion:

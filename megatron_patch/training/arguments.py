@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--adam-beta1", type=float, default=0.9)
     opt.add_argument("--adam-beta2", type=float, default=0.95)
     opt.add_argument("--adam-eps", type=float, default=1e-8)
+    opt.add_argument("--torch-adam-impl", choices=["foreach", "fused"], default="foreach",
+                     help="kernel of torch's AdamW, which megatron falls back to without Transformer Engine "
+                          "or Apex (their FusedAdam is used when installed, and this flag then does "
+                          "nothing): foreach (megatron's choice, several passes over the fp32 state) or "
+                          "fused (one pass); off by default until measured on GPU (benchmarks/RESULTS.md)")
     opt.add_argument("--bf16", action="store_true", help="bf16 parameters and compute, fp32 main weights")
     opt.add_argument("--seed", type=int, default=1234)
 

@@ -85,7 +85,8 @@ def unwrap(model_chunk: torch.nn.Module) -> PatchGPTModel:
 
 
 def build_optimizer(args: argparse.Namespace, model: List[torch.nn.Module]):
-    """megatron's Adam(W) (fused when TE/Apex are installed, else torch's), with grad clipping."""
+    """megatron's Adam(W) (FusedAdam when TE/Apex are installed, else torch's AdamW, foreach or fused
+    per ``--torch-adam-impl``), with grad clipping."""
     config = OptimizerConfig(
         optimizer="adam",
         lr=args.lr,
@@ -99,7 +100,35 @@ def build_optimizer(args: argparse.Namespace, model: List[torch.nn.Module]):
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
-    return get_megatron_optimizer(config, model)
+    optimizer = get_megatron_optimizer(config, model)
+    if args.torch_adam_impl == "fused":
+        use_fused_torch_adam(optimizer)
+    return optimizer
+
+
+def _torch_adams(optimizer) -> list:
+    """The torch Adam(W)s inside ``optimizer``: megatron's fallback without TE or Apex (their
+    FusedAdam is not a ``torch.optim.Adam``)."""
+    return [sub.optimizer for sub in sub_optimizers(optimizer) if isinstance(sub.optimizer, torch.optim.Adam)]
+
+
+def use_fused_torch_adam(optimizer) -> int:
+    """Run megatron's fallback torch AdamW with torch's fused kernel instead of its foreach one.
+
+    megatron constructs ``torch.optim.AdamW`` without choosing a kernel, so torch takes the foreach
+    implementation: about ten passes over the fp32 weights and moments per step. ``fused`` is a
+    documented option of every parameter group (set here before the first step; torch creates
+    Adam's state to match it, step counters on the parameters' device) and does the same update in
+    one pass. Returns how many optimizers were switched (0 when TE or Apex provide FusedAdam).
+    """
+    adams = _torch_adams(optimizer)
+    for adam in adams:
+        if adam.state:
+            raise RuntimeError("use_fused_torch_adam must run before the optimizer's first step")
+        adam.defaults.update(fused=True, foreach=False)
+        for group in adam.param_groups:
+            group.update(fused=True, foreach=False)
+    return len(adams)
 
 
 def build_scheduler(args: argparse.Namespace, optimizer, stage_iters: int) -> OptimizerParamScheduler:
@@ -174,9 +203,13 @@ def restore_adam_step_counters(optimizer) -> None:
         for group in sub.optimizer.param_groups:
             if "step" not in group:
                 continue
+            # where torch's Adam keeps the counter: on the parameter's device for the fused and
+            # capturable kernels, on the host otherwise
+            on_device = group.get("fused") or group.get("capturable")
             for param in group["params"]:
                 if param in sub.optimizer.state:
-                    sub.optimizer.state[param]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+                    sub.optimizer.state[param]["step"] = torch.tensor(
+                        float(group["step"]), dtype=torch.float32, device=param.device if on_device else "cpu")
 
 
 def optimizer_state_size(optimizer) -> int:

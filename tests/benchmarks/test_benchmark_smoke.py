@@ -120,7 +120,8 @@ def test_phase_timers_sum_intervals_per_step_and_uninstall():
                                           "optimizer-inner-step": 1.5}) == pytest.approx(2.5)
 
 
-@pytest.mark.parametrize("flags", [[], ["--bias-swiglu-fusion"], ["--rope-fusion"], ["--bias-swiglu-fusion", "--rope-fusion"]])
+@pytest.mark.parametrize("flags", [[], ["--bias-swiglu-fusion"], ["--rope-fusion"], ["--bias-swiglu-fusion", "--rope-fusion"],
+                                   ["--torch-adam-impl", "fused"]])
 def test_fusion_flags_reach_the_trainers_arguments(flags):
     """The A/B flags of throughput.py are the trainer's own (builders then build what the trainer does)."""
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -130,6 +131,7 @@ def test_fusion_flags_reach_the_trainers_arguments(flags):
     args = trainer_args(opts, "none")
     assert args.bias_swiglu_fusion is ("--bias-swiglu-fusion" in flags)
     assert args.rope_fusion is ("--rope-fusion" in flags)
+    assert args.torch_adam_impl == ("fused" if "fused" in flags else "foreach")
 
 
 def test_rates_are_the_flops_formula():

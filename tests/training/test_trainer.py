@@ -79,6 +79,30 @@ def test_two_stages_train_and_switch_resets_optimizer_and_lr(cpu_world, tiny_cor
     assert {"train/lr", "train/grad_norm", "train/skipped", "train/tokens_per_s", "train/tflops"} <= set(events)
 
 
+def test_fused_torch_adam_follows_foreach_and_resumes_bit_for_bit(cpu_world, tiny_corpus, tmp_path):
+    """--torch-adam-impl fused switches megatron's fallback torch AdamW (no TE/Apex here) to torch's
+    fused kernel: the trajectory is foreach's up to rounding, and a distributed-optimizer run resumed
+    from its iteration-5 checkpoint (mid patch stage) repeats it exactly (Adam's step counters and
+    moments restored)."""
+    common = ["--use-distributed-optimizer", "--eval-iters", "0", "--save-interval", "5",
+              "--keep-last-checkpoints", "0"]
+    _run(trainer_args(tiny_corpus, tmp_path / "foreach", *common, train_iters=12))
+    trainer, _ = _run(trainer_args(tiny_corpus, tmp_path / "fused", *common, "--torch-adam-impl", "fused",
+                                   train_iters=12))
+    adams = builders._torch_adams(trainer.optimizer)
+    assert adams and all(group["fused"] and not group["foreach"] for adam in adams for group in adam.param_groups)
+    assert all(state["step"].item() == 4 for adam in adams for state in adam.state.values())  # token steps
+    _run(trainer_args(tiny_corpus, tmp_path / "resumed", *common, "--torch-adam-impl", "fused",
+                      "--load", str(tmp_path / "fused" / "iter_0000005"), train_iters=12))
+    foreach, fused, resumed = (train_records(tmp_path / run) for run in ("foreach", "fused", "resumed"))
+    assert sorted(resumed) == list(range(6, 13))
+    for iteration in range(1, 13):
+        assert fused[iteration]["loss"] == pytest.approx(foreach[iteration]["loss"], rel=1e-5), iteration
+        if iteration >= 6:
+            assert resumed[iteration]["loss"] == fused[iteration]["loss"], iteration
+    assert any(fused[i]["loss"] != foreach[i]["loss"] for i in range(2, 13))  # a different kernel ran
+
+
 class StockGPT(GPTModel):
     """megatron's GPTModel, unchanged, with the two attributes the loop reads."""
 
