@@ -103,6 +103,23 @@ def test_fused_torch_adam_follows_foreach_and_resumes_bit_for_bit(cpu_world, tin
     assert any(fused[i]["loss"] != foreach[i]["loss"] for i in range(2, 13))  # a different kernel ran
 
 
+@pytest.mark.gpu
+def test_fused_torch_adam_resumes_on_gpu(world, model_parallel, tiny_corpus, tmp_path):
+    """On CUDA torch's fused AdamW keeps each step counter on the parameter's device; a bf16
+    distributed-optimizer run resumed mid token stage (iteration 10) must put them there again, one
+    per parameter, holding the stage's step count (2 + the 2 steps after the resume)."""
+    model_parallel(1, 1)
+    argv = [arg for arg in trainer_args(tiny_corpus, tmp_path / "run", "--bf16", "--use-distributed-optimizer",
+                                        "--torch-adam-impl", "fused", "--eval-iters", "0", "--save-interval", "5",
+                                        "--keep-last-checkpoints", "0", train_iters=12) if arg != "--cpu"]
+    _run(argv)
+    trainer, _ = _run(argv + ["--load", str(tmp_path / "run" / "iter_0000010")])
+    states = [(param, state) for adam in builders._torch_adams(trainer.optimizer) for param, state in adam.state.items()]
+    assert states and len({id(state["step"]) for _, state in states}) == len(states)
+    for param, state in states:
+        assert state["step"].device == param.device and param.is_cuda and state["step"].item() == 4
+
+
 class StockGPT(GPTModel):
     """megatron's GPTModel, unchanged, with the two attributes the loop reads."""
 
