@@ -86,6 +86,8 @@ def trainer_args(opts, recompute: str) -> argparse.Namespace:
         argv.append("--bias-swiglu-fusion")
     if opts.rope_fusion:
         argv.append("--rope-fusion")
+    if opts.cross_entropy_fusion:
+        argv.append("--cross-entropy-fusion")
     args = trainer_parser().parse_args(argv)
     args.world_size, args.data_parallel_size = 1, 1
     return args

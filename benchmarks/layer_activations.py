@@ -82,7 +82,8 @@ def run_layer_activations(opts) -> List[dict]:
             config = dataclasses.replace(config, num_layers=opts.layers)
         use_te = {"auto": None, "local": False, "transformer_engine": True}[args.transformer_impl]
         vocab = padded_vocab_size(opts.vocab_size, args.make_vocab_size_divisible_by, 1)
-        model = build_patch_gpt_model(config, vocab, opts.seq_length, use_transformer_engine=use_te)
+        model = build_patch_gpt_model(config, vocab, opts.seq_length, use_transformer_engine=use_te,
+                                      fused_rope=args.rope_fusion, fused_cross_entropy=args.cross_entropy_fusion)
         if cuda:
             model.cuda(device)
         if args.bf16:

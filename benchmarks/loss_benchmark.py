@@ -12,6 +12,8 @@ random targets, each method runs forward + backward (``losses.sum().backward()``
   stage's loss; the reference);
 * ``patch CE``: ``megatron_patch.loss.vocab_parallel_patch_cross_entropy`` with K targets per
   position (one softmax, K gathered target logits);
+* ``fused patch CE``: the same with ``fused=True`` (``megatron_patch.fused_cross_entropy``, the
+  trainer's ``--cross-entropy-fusion``: no fp32 softmax buffer, compiled element-wise passes);
 * ``K x megatron CE``: K calls of megatron's CE, one per target, stacked.
 
 Time: CUDA events around each repeat (host clock on CPU), median over ``--repeats`` after
@@ -102,6 +104,13 @@ def patch_ce(logits, targets):
     from megatron_patch.loss import vocab_parallel_patch_cross_entropy
 
     return vocab_parallel_patch_cross_entropy(logits, targets)
+
+
+def fused_patch_ce(logits, targets):
+    """The fused K-way CE: ``[s, b, K]``."""
+    from megatron_patch.loss import vocab_parallel_patch_cross_entropy
+
+    return vocab_parallel_patch_cross_entropy(logits, targets, fused=True)
 
 
 def k_megatron_ce(logits, targets):
@@ -196,7 +205,8 @@ def run(opts) -> List[dict]:
         logits_bytes = logits.numel() * logits.element_size()
         configs = [("token CE (megatron)", 1, token_ce)]
         for K in opts.patch_sizes:
-            configs += [("patch CE", K, patch_ce), ("K x megatron CE", K, k_megatron_ce)]
+            configs += [("patch CE", K, patch_ce), ("fused patch CE", K, fused_patch_ce),
+                        ("K x megatron CE", K, k_megatron_ce)]
         for name, K, method in configs:
             targets = all_targets[..., :K].contiguous()
             row = {"vocab_size": V, "patch_size": K, "method": name, "seq_length": s, "micro_batch_size": b,

@@ -117,6 +117,8 @@ def build_parser() -> _Parser:
     p.add_argument("--use-distributed-optimizer", action="store_true")
     p.add_argument("--bias-swiglu-fusion", action="store_true", help="as in the trainer: megatron's fused SwiGLU")
     p.add_argument("--rope-fusion", action="store_true", help="as in the trainer: fused RoPE in the core attention")
+    p.add_argument("--cross-entropy-fusion", action="store_true",
+                   help="as in the trainer: the fused K-way cross-entropy in both stages")
     p.add_argument("--torch-adam-impl", choices=["foreach", "fused"], default="foreach",
                    help="as in the trainer: the kernel of torch's AdamW (megatron's fallback without TE/Apex)")
     p.add_argument("--recompute-granularity", type=_recompute_list, default=None,

@@ -16,6 +16,8 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 from megatron.core.tensor_parallel.utils import VocabUtility
 
+from megatron_patch.fused_cross_entropy import FusedVocabParallelPatchCrossEntropy
+
 
 def patch_targets(
     labels: torch.Tensor, loss_mask: Optional[torch.Tensor], patch_size: int
@@ -139,16 +141,21 @@ def vocab_parallel_patch_cross_entropy(
     vocab_parallel_logits: torch.Tensor,
     targets: torch.Tensor,
     tp_group: Optional[dist.ProcessGroup] = None,
+    *,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Per-target cross-entropy of K targets against one vocab-parallel softmax per position.
 
     Args:
         vocab_parallel_logits: ``[s, b, V/tp]`` fp32 or bf16 logits, this rank's vocabulary shard.
-            Like megatron's CE, an fp32 tensor is overwritten in place (it becomes the softmax
-            kept for backward); clone it first if you need it again. bf16 logits are copied
-            once to fp32 and left untouched.
+            Unfused, like megatron's CE, an fp32 tensor is overwritten in place (it becomes the
+            softmax kept for backward); clone it first if you need it again. bf16 logits are
+            copied once to fp32 and left untouched. Fused, nothing is modified.
         targets: ``[s, b, K]`` global vocabulary ids (duplicates allowed).
         tp_group: tensor-parallel group; default megatron's current one.
+        fused: ``fused_cross_entropy``'s variant, which keeps the logits instead of an fp32
+            softmax buffer and reads them in fewer passes; the same losses, and gradients within
+            rounding (at K=1 the unfused one equals megatron's CE bit for bit, this one does not).
 
     Returns:
         ``[s, b, K]`` fp32 losses, ``loss_k = logsumexp(z) - z[target_k]``.
@@ -173,4 +180,5 @@ def vocab_parallel_patch_cross_entropy(
                 f"target ids span [{low}, {high}] but the model vocabulary has {vocab_size} "
                 f"entries: the tokenizer and the model's --vocab-size disagree"
             )
-    return _VocabParallelPatchCrossEntropy.apply(vocab_parallel_logits, targets.long().contiguous(), tp_group)
+    function = FusedVocabParallelPatchCrossEntropy if fused else _VocabParallelPatchCrossEntropy
+    return function.apply(vocab_parallel_logits, targets.long().contiguous(), tp_group)

@@ -28,13 +28,15 @@ ROPE_BASE = 10000  # the paper's (LLaMA's) rotary base
 class PatchGPTModel(GPTModel):
     """GPTModel whose patch size K is a runtime setting (``set_patch_size``); K=1 is stock GPT.
 
-    Takes GPTModel's constructor arguments plus ``patch_size`` (default 1).
+    Takes GPTModel's constructor arguments plus ``patch_size`` (default 1) and
+    ``fused_cross_entropy`` (default False: megatron's CE at K=1, the unfused K-way CE above).
     """
 
-    def __init__(self, *args, patch_size: int = 1, **kwargs):
+    def __init__(self, *args, patch_size: int = 1, fused_cross_entropy: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.patch_size = 1
         self.set_patch_size(patch_size)
+        self.fused_cross_entropy = fused_cross_entropy
 
     def set_patch_size(self, patch_size: int) -> None:
         """Switch between token mode (1) and patch mode (K > 1); weights are untouched."""
@@ -92,14 +94,18 @@ class PatchGPTModel(GPTModel):
         )
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Token mode: megatron's loss ``[b, s]``. Patch mode: labels ``[b, T, K]``, logits
+        """Token mode: labels ``[b, s]``, logits ``[s, b, V/tp]`` -> losses ``[b, s]`` (megatron's
+        own CE unless ``fused_cross_entropy``). Patch mode: labels ``[b, T, K]``, logits
         ``[T, b, V/tp]`` -> per-target losses ``[b, T, K]``."""
-        if self.patch_size == 1:
+        if self.patch_size == 1 and not self.fused_cross_entropy:
             return super().compute_language_model_loss(labels, logits)
+        # [b, s] -> [b, s, 1] at K=1
+        targets = labels.unsqueeze(-1) if self.patch_size == 1 else labels
         losses = vocab_parallel_patch_cross_entropy(
-            logits, labels.transpose(0, 1), tp_group=self.pg_collection.tp
+            logits, targets.transpose(0, 1), tp_group=self.pg_collection.tp, fused=self.fused_cross_entropy
         )  # [T, b, K]
-        return losses.transpose(0, 1).contiguous()  # [b, T, K]
+        losses = losses.transpose(0, 1).contiguous()  # [b, T, K]
+        return losses.squeeze(-1) if self.patch_size == 1 else losses
 
 
 def build_patch_gpt_model(
@@ -113,6 +119,7 @@ def build_patch_gpt_model(
     use_transformer_engine: Optional[bool] = None,
     vp_stage: Optional[int] = None,
     fused_rope: bool = False,
+    fused_cross_entropy: bool = False,
 ) -> PatchGPTModel:
     """A PatchGPTModel in the paper's architecture for this pipeline stage.
 
@@ -123,6 +130,8 @@ def build_patch_gpt_model(
         fused_rope: apply RoPE inside the SDPA core attention as one fused kernel
             (``rope.apply_rotary``) instead of megatron's unfused RoPE in ``SelfAttention``; the
             same function of the same weights (local spec only; checkpoints are interchangeable).
+        fused_cross_entropy: score with ``fused_cross_entropy``'s K-way CE in both modes (no fp32
+            logits-sized buffer; at K=1 instead of megatron's CE, equal to it within rounding).
     """
     if vocab_size % config.tensor_model_parallel_size:
         raise ValueError(
@@ -144,4 +153,5 @@ def build_patch_gpt_model(
         rotary_base=ROPE_BASE,
         vp_stage=vp_stage,
         patch_size=patch_size,
+        fused_cross_entropy=fused_cross_entropy,
     )

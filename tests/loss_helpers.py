@@ -3,13 +3,14 @@
 from megatron_patch.loss import masked_mean, vocab_parallel_patch_cross_entropy
 
 
-def loss_and_grad(leaf, targets, upstream=None, mask=None, tp_group=None):
+def loss_and_grad(leaf, targets, upstream=None, mask=None, tp_group=None, fused=False):
     """Our loss on a copy of ``leaf`` (fp32 inputs are clobbered), then backward.
 
     With ``mask``: the masked patch loss (a scalar) and d loss / d leaf. Without: the per-target
-    losses ``[s, b, K]`` and their gradient against ``upstream``.
+    losses ``[s, b, K]`` and their gradient against ``upstream``. ``fused``: the fused variant
+    (``--cross-entropy-fusion``).
     """
-    losses = vocab_parallel_patch_cross_entropy(leaf.clone(), targets, tp_group=tp_group)
+    losses = vocab_parallel_patch_cross_entropy(leaf.clone(), targets, tp_group=tp_group, fused=fused)
     if mask is not None:
         loss = masked_mean(losses, mask)
         loss.backward()

@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="apply RoPE inside the SDPA core attention as one torch.compile'd kernel "
                             "instead of megatron's unfused RoPE (local spec; same model and checkpoints); "
                             "off by default until measured on GPU (benchmarks/RESULTS.md)")
+    model.add_argument("--cross-entropy-fusion", action="store_true",
+                       help="score both stages with the K-way cross-entropy that keeps the bf16 logits "
+                            "instead of an fp32 softmax buffer and reads them in fewer, torch.compile'd "
+                            "passes (the token stage then leaves megatron's CE: equal within rounding, "
+                            "not bit for bit); off by default until measured on GPU (benchmarks/RESULTS.md)")
 
     patch = parser.add_argument_group("patch-level training")
     patch.add_argument("--patch-size", type=int, default=4, help="K, tokens per patch (1 = token-only training)")

@@ -48,6 +48,7 @@ def build_model(args: argparse.Namespace, vocab_size: int, patch_size: int) -> L
         post_process=parallel_state.is_pipeline_last_stage(),
         use_transformer_engine=use_te,
         fused_rope=args.rope_fusion,
+        fused_cross_entropy=args.cross_entropy_fusion,
     )
     if not args.cpu:
         model.cuda(torch.cuda.current_device())

@@ -121,7 +121,7 @@ def test_phase_timers_sum_intervals_per_step_and_uninstall():
 
 
 @pytest.mark.parametrize("flags", [[], ["--bias-swiglu-fusion"], ["--rope-fusion"], ["--bias-swiglu-fusion", "--rope-fusion"],
-                                   ["--torch-adam-impl", "fused"]])
+                                   ["--torch-adam-impl", "fused"], ["--cross-entropy-fusion"]])
 def test_fusion_flags_reach_the_trainers_arguments(flags):
     """The A/B flags of throughput.py are the trainer's own (builders then build what the trainer does)."""
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -132,6 +132,21 @@ def test_fusion_flags_reach_the_trainers_arguments(flags):
     assert args.bias_swiglu_fusion is ("--bias-swiglu-fusion" in flags)
     assert args.rope_fusion is ("--rope-fusion" in flags)
     assert args.torch_adam_impl == ("fused" if "fused" in flags else "foreach")
+    assert args.cross_entropy_fusion is ("--cross-entropy-fusion" in flags)
+
+
+def test_activation_measurement_builds_the_model_the_flags_ask_for(monkeypatch, capsys):
+    """--measure-layer-activations builds its own (unwrapped) model: the fusion flags must reach it."""
+    from megatron_patch import model as model_module
+
+    built = []
+    original = model_module.build_patch_gpt_model
+    monkeypatch.setattr(model_module, "build_patch_gpt_model",
+                        lambda *a, **k: built.append(k) or original(*a, **k))
+    assert throughput.main(["--cpu", "--measure-layer-activations", "--layers", "1", "--micro-batch-size", "1",
+                            "--patch-sizes", "1", "--recompute-granularity", "none", "--rope-fusion",
+                            "--cross-entropy-fusion"]) == 0
+    assert [(k["fused_rope"], k["fused_cross_entropy"]) for k in built] == [(True, True)]
 
 
 def test_rates_are_the_flops_formula():
@@ -261,7 +276,8 @@ def test_loss_benchmark_cpu_smoke(tmp_path, capsys):
     assert "| V | K | method | fwd+bwd ms (median) |" in capsys.readouterr().out
     rows = json.loads(out.read_text())["results"]
     assert [(r["method"], r["patch_size"]) for r in rows] == [
-        ("token CE (megatron)", 1), ("patch CE", 1), ("K x megatron CE", 1), ("patch CE", 4), ("K x megatron CE", 4)]
+        ("token CE (megatron)", 1), ("patch CE", 1), ("fused patch CE", 1), ("K x megatron CE", 1),
+        ("patch CE", 4), ("fused patch CE", 4), ("K x megatron CE", 4)]
     for r in rows:
         assert "error" not in r
         assert _positive(r["ms_median"]) and _positive(r["time_vs_token"])

@@ -23,6 +23,7 @@ SHARD = VOCAB // TP
 FP32_TOL = 1e-6
 BF16_GRAD_TOL = 2.0**-8 + FP32_TOL
 DTYPES = [torch.float32, torch.bfloat16]
+BOTH_VARIANTS = pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 
 
 @pytest.fixture(scope="module")
@@ -90,23 +91,26 @@ def _same_on_all_ranks(tensor):
     return all(torch.equal(part, tensor) for part in parts)
 
 
-def _run(logits, targets, upstream=None, mask=None, tp_group=None):
-    return loss_and_grad(logits.detach().clone().requires_grad_(True), targets, upstream, mask, tp_group)
+def _run(logits, targets, upstream=None, mask=None, tp_group=None, fused=False):
+    return loss_and_grad(logits.detach().clone().requires_grad_(True), targets, upstream, mask, tp_group, fused)
 
 
 def _grad_tol(dtype):
     return FP32_TOL if dtype == torch.float32 else BF16_GRAD_TOL
 
 
+@BOTH_VARIANTS
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("patch_size", [1, 2, 4, 8])
-def test_tp2_per_target_matches_reference_and_tp1(tp2, single_rank_group, patch_size, dtype):
+def test_tp2_per_target_matches_reference_and_tp1(tp2, single_rank_group, patch_size, dtype, fused):
     full = _full_logits(1, dtype)
     targets = _targets(2, patch_size)
+    if patch_size > 1:
+        targets[3, 2, :2] = torch.tensor([0, SHARD])  # local id 0 on both ranks: where off-rank targets sit
     upstream = _upstream(3, targets.shape)
-    tp1_losses, tp1_grad = _run(full, targets, upstream, tp_group=single_rank_group)
+    tp1_losses, tp1_grad = _run(full, targets, upstream, tp_group=single_rank_group, fused=fused)
 
-    losses, grad_shard = _run(_shard(full), targets, upstream)
+    losses, grad_shard = _run(_shard(full), targets, upstream, fused=fused)
     assert losses.shape == (SEQ, BATCH, patch_size) and grad_shard.shape == (SEQ, BATCH, SHARD)
     assert torch.isfinite(losses).all() and torch.isfinite(grad_shard).all()
     assert _same_on_all_ranks(losses)
@@ -119,12 +123,13 @@ def test_tp2_per_target_matches_reference_and_tp1(tp2, single_rank_group, patch_
     assert relative_error(grad, tp1_grad) <= _grad_tol(dtype)
 
 
+@BOTH_VARIANTS
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("patch_size", [1, 2, 4, 8])
-def test_tp2_masked_patch_loss_with_duplicates(tp2, single_rank_group, patch_size, dtype):
+def test_tp2_masked_patch_loss_with_duplicates(tp2, single_rank_group, patch_size, dtype, fused):
     full = _full_logits(4, dtype)
     # few ids on both shards, so the K targets of a position repeat ids held by either rank
-    id_pool = torch.tensor([1, 2, SHARD + 1, SHARD + 2])
+    id_pool = torch.tensor([0, 2, SHARD, SHARD + 2])  # 0 and SHARD: local id 0, where off-rank targets sit
     targets = id_pool[_targets(5, patch_size, ids=len(id_pool))]
     targets[3, 0] = SHARD + 1  # every target of this position on the same id of shard 1
     gen = torch.Generator().manual_seed(6)
@@ -133,8 +138,8 @@ def test_tp2_masked_patch_loss_with_duplicates(tp2, single_rank_group, patch_siz
     mask[3, 1, 0] = 0.0
     _assert_spans_both_shards(targets[mask == 1])
 
-    tp1_loss, tp1_grad = _run(full, targets, mask=mask, tp_group=single_rank_group)
-    loss, grad_shard = _run(_shard(full), targets, mask=mask)
+    tp1_loss, tp1_grad = _run(full, targets, mask=mask, tp_group=single_rank_group, fused=fused)
+    loss, grad_shard = _run(_shard(full), targets, mask=mask, fused=fused)
     assert _same_on_all_ranks(loss)
     grad = _gather_vocab(grad_shard)
 

@@ -134,10 +134,10 @@ def test_token_only_training_equals_stock_gpt_model(cpu_world, tiny_corpus, tmp_
     _run(trainer_args(tiny_corpus, tmp_path / "patch_model", *argv, train_iters=6))
 
     def build_stock(config, vocab_size, seq_length, *, patch_size, pre_process, post_process, use_transformer_engine,
-                    fused_rope):
+                    fused_rope, fused_cross_entropy):
         from megatron_patch.specs import get_decoder_block_spec
 
-        assert not fused_rope  # stock megatron applies RoPE itself
+        assert not fused_rope and not fused_cross_entropy  # stock megatron applies RoPE and scores itself
 
         return StockGPT(config=config, transformer_layer_spec=get_decoder_block_spec(config), vocab_size=vocab_size,
                         max_sequence_length=seq_length, pre_process=pre_process, post_process=post_process,

@@ -27,6 +27,7 @@ BF16_GRAD_TOL = 2.0**-8 + FP32_TOL
 SEQ, BATCH, VOCAB = 5, 3, 64
 PATCH_SIZES = [1, 2, 4, 8]
 DTYPES = [torch.float32, torch.bfloat16]
+BOTH_VARIANTS = pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 
 
 @pytest.fixture
@@ -50,9 +51,9 @@ def _upstream(seed, shape):
     return torch.rand(*shape, generator=gen) * 2.0 - 0.5
 
 
-def _run(logits, targets, upstream=None, mask=None):
+def _run(logits, targets, upstream=None, mask=None, fused=False):
     """Our loss on a fresh copy of ``logits`` (fp32 inputs are clobbered); returns loss, grad."""
-    return loss_and_grad(logits.detach().clone().requires_grad_(True), targets, upstream, mask)
+    return loss_and_grad(logits.detach().clone().requires_grad_(True), targets, upstream, mask, fused=fused)
 
 
 def _grad_tol(dtype):
@@ -77,12 +78,13 @@ def test_reference_agrees_with_torch_cross_entropy():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("patch_size", PATCH_SIZES)
-def test_per_target_loss_and_grad_match_reference(tp1, patch_size, dtype):
+@BOTH_VARIANTS
+def test_per_target_loss_and_grad_match_reference(tp1, patch_size, dtype, fused):
     logits = _logits(1, dtype)
     targets = _targets(2, patch_size)
     targets_before = targets.clone()
     upstream = _upstream(3, targets.shape)
-    losses, grad = _run(logits, targets, upstream)
+    losses, grad = _run(logits, targets, upstream, fused=fused)
     assert losses.shape == (SEQ, BATCH, patch_size) and losses.dtype == torch.float32
     assert grad.dtype == dtype
     ref_losses, ref_grad = reference_per_target_grad(logits, targets, upstream)
@@ -93,23 +95,25 @@ def test_per_target_loss_and_grad_match_reference(tp1, patch_size, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("patch_size", PATCH_SIZES)
-def test_masked_patch_loss_and_grad_match_reference(tp1, patch_size, dtype):
+@BOTH_VARIANTS
+def test_masked_patch_loss_and_grad_match_reference(tp1, patch_size, dtype, fused):
     logits = _logits(4, dtype)
     targets = _targets(5, patch_size)
     gen = torch.Generator().manual_seed(6)
     mask = (torch.rand(SEQ, BATCH, patch_size, generator=gen) > 0.3).float()
     mask[0, 0, 0] = 1.0
-    loss, grad = _run(logits, targets, mask=mask)
+    loss, grad = _run(logits, targets, mask=mask, fused=fused)
     assert loss.dim() == 0 and loss.dtype == torch.float32
     ref_loss, ref_grad = reference_patch_loss_grad(logits, targets, mask)
     assert relative_error(loss, ref_loss) <= FP32_TOL
     assert relative_error(grad, ref_grad) <= _grad_tol(dtype)
 
 
-def test_bf16_logits_are_left_untouched(tp1):
+@BOTH_VARIANTS
+def test_bf16_logits_are_left_untouched(tp1, fused):
     logits = _logits(7, torch.bfloat16).requires_grad_(True)
     before = logits.detach().clone()
-    losses = vocab_parallel_patch_cross_entropy(logits, _targets(8, 4))
+    losses = vocab_parallel_patch_cross_entropy(logits, _targets(8, 4), fused=fused)
     losses.backward(_upstream(9, losses.shape))
     torch.testing.assert_close(logits.detach(), before, rtol=0, atol=0)
 
@@ -119,13 +123,14 @@ def test_bf16_logits_are_left_untouched(tp1):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("patch_size", [2, 4, 8])
-def test_all_targets_equal_counts_every_duplicate(tp1, patch_size, dtype):
+@BOTH_VARIANTS
+def test_all_targets_equal_counts_every_duplicate(tp1, patch_size, dtype, fused):
     logits = _logits(10, dtype)
     gen = torch.Generator().manual_seed(11)
     one_id = torch.randint(0, VOCAB, (SEQ, BATCH, 1), generator=gen)
     targets = one_id.expand(SEQ, BATCH, patch_size).contiguous()
     upstream = _upstream(12, targets.shape)
-    losses, grad = _run(logits, targets, upstream)
+    losses, grad = _run(logits, targets, upstream, fused=fused)
     ref_losses, ref_grad = reference_per_target_grad(logits, targets, upstream)
     assert relative_error(losses, ref_losses) <= FP32_TOL
     assert relative_error(grad, ref_grad) <= _grad_tol(dtype)
@@ -137,31 +142,33 @@ def test_all_targets_equal_counts_every_duplicate(tp1, patch_size, dtype):
 
 
 @pytest.mark.parametrize("patch_size", [2, 4, 8])
-def test_many_duplicates_with_masks_match_reference(tp1, patch_size):
+@BOTH_VARIANTS
+def test_many_duplicates_with_masks_match_reference(tp1, patch_size, fused):
     logits = _logits(13)
     targets = _targets(14, patch_size, vocab=3)  # ids 0..2 only: most rows repeat ids
     gen = torch.Generator().manual_seed(15)
     mask = (torch.rand(SEQ, BATCH, patch_size, generator=gen) > 0.4).float()
     mask[0, 0, 0] = 1.0
-    loss, grad = _run(logits, targets, mask=mask)
+    loss, grad = _run(logits, targets, mask=mask, fused=fused)
     ref_loss, ref_grad = reference_patch_loss_grad(logits, targets, mask)
     assert relative_error(loss, ref_loss) <= FP32_TOL
     assert relative_error(grad, ref_grad) <= FP32_TOL
 
 
 @pytest.mark.parametrize("patch_size", [1, 4])
-def test_masked_targets_contribute_nothing(tp1, patch_size):
+@BOTH_VARIANTS
+def test_masked_targets_contribute_nothing(tp1, patch_size, fused):
     logits = _logits(16)
     targets = _targets(17, patch_size)
     mask = torch.ones(SEQ, BATCH, patch_size)
     mask[1, 0, :] = 0.0
     mask[2, 2, -1] = 0.0
     mask[4, 1, 0] = 0.0
-    loss, grad = _run(logits, targets, mask=mask)
+    loss, grad = _run(logits, targets, mask=mask, fused=fused)
     # another id in every masked slot: the patch loss and the gradient do not move, bit for bit
     moved = targets.clone()
     moved[mask == 0] = (moved[mask == 0] + 17) % VOCAB
-    moved_loss, moved_grad = _run(logits, moved, mask=mask)
+    moved_loss, moved_grad = _run(logits, moved, mask=mask, fused=fused)
     assert torch.equal(loss, moved_loss) and torch.equal(grad, moved_grad)
     # a fully masked position gets no gradient at all
     assert torch.count_nonzero(grad[1, 0]) == 0
@@ -170,8 +177,9 @@ def test_masked_targets_contribute_nothing(tp1, patch_size):
     assert relative_error(grad, ref_grad) <= FP32_TOL
 
 
-def test_everything_masked_gives_zero_loss_and_grad(tp1):
-    loss, grad = _run(_logits(18), _targets(19, 4), mask=torch.zeros(SEQ, BATCH, 4))
+@BOTH_VARIANTS
+def test_everything_masked_gives_zero_loss_and_grad(tp1, fused):
+    loss, grad = _run(_logits(18), _targets(19, 4), mask=torch.zeros(SEQ, BATCH, 4), fused=fused)
     assert loss.item() == 0.0
     assert torch.count_nonzero(grad) == 0
 
@@ -192,13 +200,14 @@ def _large_logits(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-def test_large_logits_are_finite_and_match_reference(tp1, dtype):
+@BOTH_VARIANTS
+def test_large_logits_are_finite_and_match_reference(tp1, dtype, fused):
     logits = _large_logits(dtype)
     targets = _targets(21, 4, shape=(4, 2))
     targets[2, 0] = torch.tensor([5, 5, 6, 0])  # the spike itself, twice, and two others
     targets[3, 0, 0] = 40
     upstream = _upstream(22, targets.shape)
-    losses, grad = _run(logits, targets, upstream)
+    losses, grad = _run(logits, targets, upstream, fused=fused)
     assert torch.isfinite(losses).all() and torch.isfinite(grad).all()
     ref_losses, ref_grad = reference_per_target_grad(logits, targets, upstream)
     assert relative_error(losses, ref_losses) <= FP32_TOL
@@ -209,7 +218,7 @@ def test_large_logits_are_finite_and_match_reference(tp1, dtype):
 
     mask = torch.ones_like(losses)
     mask[0, 1] = 0.0
-    loss, grad = _run(logits, targets, mask=mask)
+    loss, grad = _run(logits, targets, mask=mask, fused=fused)
     ref_loss, ref_grad = reference_patch_loss_grad(logits, targets, mask)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert relative_error(loss, ref_loss) <= FP32_TOL
@@ -245,13 +254,14 @@ def test_k1_equals_megatron_vocab_parallel_cross_entropy(tp1, dtype):
         4,
     ],
 )
-def test_non_contiguous_targets(tp1, patch_size):
+@BOTH_VARIANTS
+def test_non_contiguous_targets(tp1, patch_size, fused):
     logits = _logits(26)
     # [b, s, K] -> [s, b, K]: the layout megatron's [b, s] labels have before .contiguous()
     targets = _targets(27, patch_size, shape=(BATCH, SEQ)).transpose(0, 1)
     assert not targets.is_contiguous()
     upstream = _upstream(28, targets.shape)
-    losses, grad = _run(logits, targets, upstream)
+    losses, grad = _run(logits, targets, upstream, fused=fused)
     ref_losses, ref_grad = reference_per_target_grad(logits, targets, upstream)
     assert relative_error(losses, ref_losses) <= FP32_TOL
     assert relative_error(grad, ref_grad) <= FP32_TOL
@@ -304,6 +314,98 @@ def test_fp32_saves_no_logits_sized_tensor_but_the_input(tp1, patch_size):
     losses.backward(_upstream(34, losses.shape))
 
 
+# ---------------------------------------------------------------- the fused variant
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("patch_size", [1, 4])
+def test_fused_keeps_only_the_logits_and_modifies_nothing(tp1, patch_size, dtype):
+    """No fp32 logits-sized buffer: the one logits-sized tensor kept for backward is the input
+    itself, unchanged through forward and backward; the rest is per-row or per-target."""
+    logits = _logits(50, dtype).requires_grad_(True)
+    before = logits.detach().clone()
+    targets = _targets(51, patch_size)
+    losses, saved = _saved_during(lambda: vocab_parallel_patch_cross_entropy(logits, targets, fused=True))
+    logits_sized = [t for t in saved if t.numel() >= SEQ * BATCH * VOCAB]
+    assert [(t.data_ptr(), t.dtype) for t in logits_sized] == [(logits.data_ptr(), dtype)]
+    assert all(t.numel() <= SEQ * BATCH * patch_size for t in saved if t is not logits_sized[0])
+    losses.backward(_upstream(52, losses.shape))
+    assert torch.equal(logits.detach(), before)
+
+
+@BOTH_VARIANTS
+@pytest.mark.parametrize("patch_size", [1, 4])
+def test_bf16_gradient_at_confident_targets_keeps_fp32_accuracy(tp1, patch_size, fused):
+    """Where the softmax nearly equals the weight on the target (a confident prediction, all K
+    targets on one id), softmax * sum(g) - sum(g) nearly cancels. Both variants subtract in fp32
+    before rounding to bf16, so each gradient element at a target is within half a bf16 ulp of the
+    float64 value (relative 2**-8); rounding first would leave errors of the order of the result."""
+    logits = _logits(53, torch.bfloat16)
+    one_id = _targets(54, 1)
+    logits.scatter_(-1, one_id, 16.0)  # softmax at the target: ~0.999
+    targets = one_id.expand(SEQ, BATCH, patch_size).contiguous()
+    upstream = _upstream(55, targets.shape)
+    _, grad = _run(logits, targets, upstream, fused=fused)
+    _, ref_grad = reference_per_target_grad(logits, targets, upstream)
+    at_target, ref_at_target = (torch.gather(g.double(), -1, one_id) for g in (grad, ref_grad))  # [s, b, 1]
+    assert ((at_target - ref_at_target).abs() <= 2.0**-8 * ref_at_target.abs()).all()
+    assert relative_error(grad, ref_grad) <= BF16_GRAD_TOL
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_fused_k1_matches_megatron_within_rounding(tp1, dtype):
+    """Not bit for bit (the unfused variant is): the same losses to fp32 rounding, gradients to
+    the gradient dtype's rounding."""
+    logits = _logits(56, dtype)
+    target = _targets(57, 1).squeeze(-1)  # [s, b]
+    upstream = _upstream(58, target.shape)
+    ours, ours_grad = _run(logits, target.unsqueeze(-1), upstream.unsqueeze(-1), fused=True)
+    theirs_leaf = logits.clone().requires_grad_(True)
+    theirs = vocab_parallel_cross_entropy(theirs_leaf.clone(), target)
+    theirs.backward(upstream)
+    assert relative_error(ours.squeeze(-1), theirs) <= FP32_TOL
+    assert relative_error(ours_grad, theirs_leaf.grad) <= _grad_tol(dtype)
+
+
+def test_compiled_fused_kernels_match_eager(tp1, monkeypatch):
+    """Outside the tests (which run with dynamo off) megatron's jit_fuser compiles the fused
+    variant's element-wise parts; compiled explicitly here, they give the eager results to fp32
+    rounding before the bf16 cast."""
+    from megatron_patch import fused_cross_entropy
+
+    logits, targets = _logits(59, torch.bfloat16), _targets(60, 4)
+    upstream = _upstream(61, targets.shape)
+    eager_losses, eager_grad = _run(logits, targets, upstream, fused=True)
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    torch._dynamo.reset()
+    for name in ("_row_max", "_row_sum_exp", "_scaled_exp"):
+        monkeypatch.setattr(fused_cross_entropy, name, torch.compile(getattr(fused_cross_entropy, name)))
+    compiled_losses, compiled_grad = _run(logits, targets, upstream, fused=True)
+    assert relative_error(compiled_losses, eager_losses) <= FP32_TOL
+    assert relative_error(compiled_grad, eager_grad) <= 2.0**-8  # at most a flipped last bf16 bit
+    _, ref_grad = reference_per_target_grad(logits, targets, upstream)
+    assert relative_error(compiled_grad, ref_grad) <= BF16_GRAD_TOL
+
+
+@pytest.mark.gpu
+def test_fused_on_gpu_compiled_matches_reference(tp1, monkeypatch):
+    """The fused variant as it runs in GPU training: bf16 logits at a 32k vocabulary, compiled."""
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    torch._dynamo.reset()
+    from megatron_patch import fused_cross_entropy
+
+    for name in ("_row_max", "_row_sum_exp", "_scaled_exp"):
+        monkeypatch.setattr(fused_cross_entropy, name, torch.compile(getattr(fused_cross_entropy, name)))
+    logits = _logits(62, torch.bfloat16, shape=(64, 2, 32000)).cuda()
+    targets = _targets(63, 4, vocab=32000, shape=(64, 2)).cuda()
+    upstream = _upstream(64, targets.shape).cuda()
+    losses, grad = _run(logits, targets, upstream, fused=True)
+    unfused_losses, unfused_grad = _run(logits, targets, upstream)
+    ref_losses, ref_grad = reference_per_target_grad(logits, targets, upstream)
+    assert relative_error(losses, ref_losses) <= FP32_TOL and relative_error(grad, ref_grad) <= BF16_GRAD_TOL
+    assert relative_error(grad, unfused_grad) <= BF16_GRAD_TOL and grad.dtype == torch.bfloat16
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -313,26 +415,28 @@ def _one_line(excinfo) -> str:
     return message
 
 
+@BOTH_VARIANTS
 @pytest.mark.parametrize("bad_id", [-3, VOCAB, VOCAB + 7])
-def test_target_outside_vocabulary_is_rejected(tp1, bad_id):
+def test_target_outside_vocabulary_is_rejected(tp1, bad_id, fused):
     logits = _logits(35)
     before = logits.clone()
     targets = _targets(36, 4)
     targets[2, 1, 3] = bad_id
     low, high = int(targets.min()), int(targets.max())
     with pytest.raises(ValueError) as excinfo:
-        vocab_parallel_patch_cross_entropy(logits, targets)
+        vocab_parallel_patch_cross_entropy(logits, targets, fused=fused)
     message = _one_line(excinfo)
     assert f"[{low}, {high}]" in message and str(VOCAB) in message, message
     # rejected before anything is computed: the fp32 logits are not clobbered
     torch.testing.assert_close(logits, before, rtol=0, atol=0)
 
 
-def test_targets_at_the_vocabulary_edges_are_accepted(tp1):
+@BOTH_VARIANTS
+def test_targets_at_the_vocabulary_edges_are_accepted(tp1, fused):
     targets = _targets(37, 2)
     targets[0, 0] = torch.tensor([0, VOCAB - 1])
     upstream = _upstream(38, targets.shape)
-    losses, grad = _run(_logits(39), targets, upstream)
+    losses, grad = _run(_logits(39), targets, upstream, fused=fused)
     ref_losses, ref_grad = reference_per_target_grad(_logits(39), targets, upstream)
     assert relative_error(losses, ref_losses) <= FP32_TOL
     assert relative_error(grad, ref_grad) <= FP32_TOL

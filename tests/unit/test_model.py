@@ -12,7 +12,7 @@ from megatron_patch.model import build_patch_gpt_model
 from megatron_patch.presets import get_preset, padded_vocab_size, transformer_config
 from megatron_patch.specs import get_decoder_block_spec, get_local_layer_spec
 from tests import model_helpers as mh
-from tests.reference import reference_per_target_loss
+from tests.reference import reference_per_target_loss, relative_error
 
 T = mh.SEQ
 
@@ -196,6 +196,43 @@ def test_fused_swiglu_flag_gives_the_unfused_loss_and_gradients(model_parallel, 
     for name, grad in grads_plain.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grads_fused[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_cross_entropy_fusion_flag_scores_both_modes_with_the_fused_loss(model_parallel, monkeypatch):
+    """--cross-entropy-fusion through the trainer's builders: both modes (K=4 and K=1, where the
+    unfused model uses megatron's CE) score with the fused K-way CE, giving the unfused model's
+    losses ([b, T, K] and [b, s]) and gradients within fp32 rounding (relative to each gradient's largest element)."""
+    from megatron_patch import fused_cross_entropy
+    from megatron_patch.training.builders import build_model, unwrap
+
+    fused_calls = []
+    original = fused_cross_entropy.FusedVocabParallelPatchCrossEntropy.forward
+    monkeypatch.setattr(fused_cross_entropy.FusedVocabParallelPatchCrossEntropy, "forward",
+                        staticmethod(lambda *a: fused_calls.append(1) or original(*a)))
+    results = {}
+    for fused in (False, True):
+        args = mh.trainer_model_args(*(["--cross-entropy-fusion"] if fused else []))
+        model_parallel(1, 1, seed=13)
+        chunk = build_model(args, mh.VOCAB, patch_size=4)[0]
+        model = unwrap(chunk)
+        runs = {}
+        for patch_size in (4, 1):
+            model.set_patch_size(patch_size)
+            chunk.zero_grad_buffer()
+            batch = mh.batches(patch_size)[0]
+            losses = model(batch["tokens"], None, None, labels=batch["labels"])
+            assert losses.shape == ((2, T, 4) if patch_size == 4 else (2, T))
+            (losses * torch.linspace(0.5, 1.5, losses.numel()).view(losses.shape)).sum().backward()
+            runs[patch_size] = (losses.detach(), {name: (param.main_grad if param.grad is None else param.grad).clone()
+                                                  for name, param in model.named_parameters()})
+        results[fused] = runs
+        assert len(fused_calls) == (2 if fused else 0)
+    for patch_size in (4, 1):
+        (losses_plain, grads_plain), (losses_fused, grads_fused) = results[False][patch_size], results[True][patch_size]
+        torch.testing.assert_close(losses_fused, losses_plain, rtol=1e-6, atol=1e-6)
+        for name, grad in grads_plain.items():
+            assert grad.abs().sum() > 0, name
+            assert relative_error(grads_fused[name], grad) <= 1e-5, (patch_size, name)
 
 
 @pytest.mark.gpu
