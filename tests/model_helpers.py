@@ -117,3 +117,23 @@ def shared_tmp(tmp_path_factory, name):
     holder = [str(tmp_path_factory.mktemp(name)) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def compile_fused_kernels(monkeypatch):
+    """Compile the opt-in fusions' element-wise kernels for the rest of a test, as megatron's
+    ``jit_fuser`` (``torch.compile``) does outside the tests. The test processes import everything
+    with ``TORCHDYNAMO_DISABLE=1`` (tests/conftest.py), which leaves every ``jit_fuser`` function
+    eager for good; each is replaced here by ``torch.compile`` of itself, with dynamo back on:
+    megatron's SwiGLU forward/backward, the fused RoPE and the fused cross-entropy's three passes.
+    """
+    from megatron.core.fusions import fused_bias_swiglu
+
+    from megatron_patch import attention, fused_cross_entropy
+
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # so a test can count what compiles from here on
+    for module, name in ((fused_bias_swiglu, "swiglu"), (fused_bias_swiglu, "swiglu_back"),
+                         (attention, "apply_rotary"), (fused_cross_entropy, "_row_max"),
+                         (fused_cross_entropy, "_row_sum_exp"), (fused_cross_entropy, "_scaled_exp")):
+        monkeypatch.setattr(module, name, torch.compile(getattr(module, name)))

@@ -14,6 +14,7 @@ import torch
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from megatron_patch.loss import vocab_parallel_patch_cross_entropy
+from tests import model_helpers as mh
 from tests.loss_helpers import loss_and_grad
 from tests.reference import (
     reference_patch_loss_grad,
@@ -371,16 +372,12 @@ def test_compiled_fused_kernels_match_eager(tp1, monkeypatch):
     """Outside the tests (which run with dynamo off) megatron's jit_fuser compiles the fused
     variant's element-wise parts; compiled explicitly here, they give the eager results to fp32
     rounding before the bf16 cast."""
-    from megatron_patch import fused_cross_entropy
-
     logits, targets = _logits(59, torch.bfloat16), _targets(60, 4)
     upstream = _upstream(61, targets.shape)
     eager_losses, eager_grad = _run(logits, targets, upstream, fused=True)
-    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
-    torch._dynamo.reset()
-    for name in ("_row_max", "_row_sum_exp", "_scaled_exp"):
-        monkeypatch.setattr(fused_cross_entropy, name, torch.compile(getattr(fused_cross_entropy, name)))
+    mh.compile_fused_kernels(monkeypatch)
     compiled_losses, compiled_grad = _run(logits, targets, upstream, fused=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3
     assert relative_error(compiled_losses, eager_losses) <= FP32_TOL
     assert relative_error(compiled_grad, eager_grad) <= 2.0**-8  # at most a flipped last bf16 bit
     _, ref_grad = reference_per_target_grad(logits, targets, upstream)
@@ -390,12 +387,7 @@ def test_compiled_fused_kernels_match_eager(tp1, monkeypatch):
 @pytest.mark.gpu
 def test_fused_on_gpu_compiled_matches_reference(tp1, monkeypatch):
     """The fused variant as it runs in GPU training: bf16 logits at a 32k vocabulary, compiled."""
-    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
-    torch._dynamo.reset()
-    from megatron_patch import fused_cross_entropy
-
-    for name in ("_row_max", "_row_sum_exp", "_scaled_exp"):
-        monkeypatch.setattr(fused_cross_entropy, name, torch.compile(getattr(fused_cross_entropy, name)))
+    mh.compile_fused_kernels(monkeypatch)
     logits = _logits(62, torch.bfloat16, shape=(64, 2, 32000)).cuda()
     targets = _targets(63, 4, vocab=32000, shape=(64, 2)).cuda()
     upstream = _upstream(64, targets.shape).cuda()

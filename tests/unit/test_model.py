@@ -251,6 +251,33 @@ def test_bf16_patch_model_forward_backward_on_gpu(model_parallel):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_all_opt_in_fusions_compiled_match_the_unfused_model(model_parallel, monkeypatch, device):
+    """--bias-swiglu-fusion, --rope-fusion and --cross-entropy-fusion together, their kernels
+    compiled as in GPU training, bf16: the unfused model's losses at K=4 and K=1 within bf16
+    rounding, finite gradients."""
+    import dataclasses
+
+    mh.compile_fused_kernels(monkeypatch)
+    model_parallel(1, 1)
+    config = transformer_config(get_preset("tiny"), bf16=True, cpu=device == "cpu")
+    plain = build_patch_gpt_model(config, mh.VOCAB, T, patch_size=4).to(device)
+    fused = build_patch_gpt_model(dataclasses.replace(config, bias_activation_fusion=True), mh.VOCAB, T,
+                                  patch_size=4, fused_rope=True, fused_cross_entropy=True).to(device)
+    fused.load_state_dict(plain.state_dict())
+    for patch_size in (4, 1):
+        batch = {k: v.to(device) for k, v in mh.batches(patch_size)[0].items()}
+        losses = {}
+        for name, model in (("plain", plain), ("fused", fused)):
+            model.set_patch_size(patch_size)
+            out = model(batch["tokens"], None, None, labels=batch["labels"]).float()
+            out.mean().backward()
+            assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+            losses[name] = out.detach()
+        assert relative_error(losses["fused"], losses["plain"]) < 2e-2, patch_size
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 6  # every kernel above ran compiled
+
+
 @pytest.mark.gpu
 def test_sdpa_attention_matches_local_attention_bf16_on_gpu(model_parallel):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
