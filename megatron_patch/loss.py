@@ -174,7 +174,7 @@ def vocab_parallel_patch_cross_entropy(
         )
     vocab_size = vocab_parallel_logits.size(-1) * dist.get_world_size(group=tp_group)
     if targets.numel() > 0:
-        low, high = int(targets.min()), int(targets.max())
+        low, high = torch.stack(torch.aminmax(targets)).tolist()  # one device-to-host copy
         if low < 0 or high >= vocab_size:
             raise ValueError(
                 f"target ids span [{low}, {high}] but the model vocabulary has {vocab_size} "
