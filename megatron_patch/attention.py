@@ -124,8 +124,8 @@ def value_in_own_storage(value: torch.Tensor, query: torch.Tensor, key: torch.Te
     megatron's ``SelfAttention`` splits one ``[s, b, ng, (np/ng + 2) * hn]`` buffer into query, key
     and value views. RoPE gives query and key new tensors, so only the value view still points into
     the buffer; SDPA saves its inputs for backward, and that view would keep the whole buffer alive
-    until the layer's backward: ``(np/ng + 2) / 1`` times the value's bytes (3x with one group per
-    head, 4h bytes per token and layer more in bf16). The copy costs one write of the value.
+    until the layer's backward: ``np/ng + 2`` times the value's bytes (3x with one group per head:
+    4h bytes more per token and layer in bf16). The copy costs one write of the value.
 
     Shapes: value ``[sk, b, ng, hn]`` (returned unchanged when it owns its storage or when query or key
     still share it), query ``[sq, b, np, hn]``, key ``[sk, b, ng, hn]``.
