@@ -137,3 +137,35 @@ def compile_fused_kernels(monkeypatch):
                          (attention, "apply_rotary"), (fused_cross_entropy, "_row_max"),
                          (fused_cross_entropy, "_row_sum_exp"), (fused_cross_entropy, "_scaled_exp")):
         monkeypatch.setattr(module, name, torch.compile(getattr(module, name)))
+
+
+def runs_through_trainer_builders(model_parallel, flags, seed):
+    """Build the tiny model as the trainer does (``build_model`` with ``flags``) and run one
+    micro-batch at K=4 and at K=1, each from zeroed gradients.
+
+    Returns ``(model, runs)``: the unwrapped model and ``runs[K] = (losses, loss, gradients)`` with
+    the model's losses (``[b, T, K]``, or ``[b, s]`` at K=1), the masked patch loss that was
+    back-propagated, and ``{name: gradient}`` (megatron's DDP accumulates into ``main_grad``).
+    """
+    from megatron_patch.loss import masked_mean, patch_targets
+    from megatron_patch.training.builders import build_model
+
+    model_parallel(1, 1, seed=seed)
+    chunk = build_model(trainer_model_args(*flags), VOCAB, patch_size=4)[0]
+    model = unwrap(chunk)
+    runs = {}
+    for patch_size in (4, 1):
+        model.set_patch_size(patch_size)
+        chunk.zero_grad_buffer()
+        batch = batches(patch_size)[0]
+        losses = model(batch["tokens"], None, None, labels=batch["labels"])
+        if patch_size > 1:
+            _, mask = patch_targets(batch["labels"], batch["loss_mask"], patch_size)
+            loss = masked_mean(losses, mask.transpose(0, 1))
+        else:
+            loss = masked_mean(losses, batch["loss_mask"])
+        loss.backward()
+        runs[patch_size] = (losses.detach(), loss.detach(),
+                            {name: (param.main_grad if param.grad is None else param.grad).clone()
+                             for name, param in model.named_parameters()})
+    return model, runs

@@ -167,43 +167,35 @@ def test_value_leaves_the_fused_buffer_only_when_query_and_key_have():
 
 def test_fused_swiglu_flag_gives_the_unfused_loss_and_gradients(model_parallel, monkeypatch):
     """--bias-swiglu-fusion switches megatron's fused SwiGLU on through the trainer's builders; the
-    patch loss and every gradient equal the unfused model's (fp32, CPU). megatron's jit_fuser runs
+    loss and every gradient equal the unfused model's at K=4 and K=1 (fp32, CPU). megatron's jit_fuser runs
     the fused function eagerly here: the tests set TORCHDYNAMO_DISABLE=1 (tests/conftest.py)."""
     from megatron.core.transformer import mlp
 
-    from megatron_patch.loss import masked_mean, patch_targets
-    from megatron_patch.training.builders import build_model, model_config, unwrap
+    from megatron_patch.training.builders import model_config
 
     fused_calls = []
     fused_swiglu = mlp.bias_swiglu_impl
     monkeypatch.setattr(mlp, "bias_swiglu_impl", lambda *a, **k: fused_calls.append(1) or fused_swiglu(*a, **k))
     results = {}
     for fused in (False, True):
-        args = mh.trainer_model_args(*(["--bias-swiglu-fusion"] if fused else []))
-        assert model_config(args).bias_activation_fusion is fused
-        model_parallel(1, 1, seed=11)
-        model = unwrap(build_model(args, mh.VOCAB, patch_size=4)[0])
-        batch = mh.batches(4)[0]
-        losses = model(batch["tokens"], None, None, labels=batch["labels"])  # [b, T, K]
-        _, mask = patch_targets(batch["labels"], batch["loss_mask"], 4)
-        loss = masked_mean(losses, mask.transpose(0, 1))
-        loss.backward()
-        results[fused] = (loss.detach(), {name: param.main_grad.clone() if param.grad is None else param.grad.clone()
-                                          for name, param in model.named_parameters()})
-        assert len(fused_calls) == (model.config.num_layers if fused else 0)  # one fused SwiGLU per layer
-    (loss_plain, grads_plain), (loss_fused, grads_fused) = results[False], results[True]
-    assert torch.allclose(loss_fused, loss_plain, rtol=1e-6, atol=0)
-    for name, grad in grads_plain.items():
-        assert grad.abs().sum() > 0, name
-        torch.testing.assert_close(grads_fused[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+        flags = ["--bias-swiglu-fusion"] if fused else []
+        assert model_config(mh.trainer_model_args(*flags)).bias_activation_fusion is fused
+        model, results[fused] = mh.runs_through_trainer_builders(model_parallel, flags, seed=11)
+        assert len(fused_calls) == (2 * model.config.num_layers if fused else 0)  # per layer, per forward
+    for patch_size in (4, 1):
+        (_, loss_plain, grads_plain), (_, loss_fused, grads_fused) = results[False][patch_size], results[True][patch_size]
+        assert torch.allclose(loss_fused, loss_plain, rtol=1e-6, atol=0), patch_size
+        for name, grad in grads_plain.items():
+            assert grad.abs().sum() > 0, name
+            torch.testing.assert_close(grads_fused[name], grad, rtol=1e-5, atol=1e-7, msg=f"K={patch_size} {name}")
 
 
 def test_cross_entropy_fusion_flag_scores_both_modes_with_the_fused_loss(model_parallel, monkeypatch):
     """--cross-entropy-fusion through the trainer's builders: both modes (K=4 and K=1, where the
     unfused model uses megatron's CE) score with the fused K-way CE, giving the unfused model's
-    losses ([b, T, K] and [b, s]) and gradients within fp32 rounding (relative to each gradient's largest element)."""
+    losses ([b, T, K] and [b, s]) and gradients within fp32 rounding (relative to each gradient's
+    largest element)."""
     from megatron_patch import fused_cross_entropy
-    from megatron_patch.training.builders import build_model, unwrap
 
     fused_calls = []
     original = fused_cross_entropy.FusedVocabParallelPatchCrossEntropy.forward
@@ -211,24 +203,12 @@ def test_cross_entropy_fusion_flag_scores_both_modes_with_the_fused_loss(model_p
                         staticmethod(lambda *a: fused_calls.append(1) or original(*a)))
     results = {}
     for fused in (False, True):
-        args = mh.trainer_model_args(*(["--cross-entropy-fusion"] if fused else []))
-        model_parallel(1, 1, seed=13)
-        chunk = build_model(args, mh.VOCAB, patch_size=4)[0]
-        model = unwrap(chunk)
-        runs = {}
-        for patch_size in (4, 1):
-            model.set_patch_size(patch_size)
-            chunk.zero_grad_buffer()
-            batch = mh.batches(patch_size)[0]
-            losses = model(batch["tokens"], None, None, labels=batch["labels"])
-            assert losses.shape == ((2, T, 4) if patch_size == 4 else (2, T))
-            (losses * torch.linspace(0.5, 1.5, losses.numel()).view(losses.shape)).sum().backward()
-            runs[patch_size] = (losses.detach(), {name: (param.main_grad if param.grad is None else param.grad).clone()
-                                                  for name, param in model.named_parameters()})
-        results[fused] = runs
+        _, results[fused] = mh.runs_through_trainer_builders(
+            model_parallel, ["--cross-entropy-fusion"] if fused else [], seed=13)
         assert len(fused_calls) == (2 if fused else 0)
     for patch_size in (4, 1):
-        (losses_plain, grads_plain), (losses_fused, grads_fused) = results[False][patch_size], results[True][patch_size]
+        (losses_plain, _, grads_plain), (losses_fused, _, grads_fused) = results[False][patch_size], results[True][patch_size]
+        assert losses_fused.shape == ((2, T, 4) if patch_size == 4 else (2, T))
         torch.testing.assert_close(losses_fused, losses_plain, rtol=1e-6, atol=1e-6)
         for name, grad in grads_plain.items():
             assert grad.abs().sum() > 0, name

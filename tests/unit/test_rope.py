@@ -100,25 +100,8 @@ def test_rope_fusion_flag_builds_the_same_model(model_parallel, monkeypatch):
     monkeypatch.setattr(attention, "apply_rotary", lambda *a: fused_calls.append(1) or eager_rotary(*a))
     results = {}
     for fused in (False, True):
-        args = mh.trainer_model_args(*(["--rope-fusion"] if fused else []))
-        model_parallel(1, 1, seed=11)
-        chunk = build_model(args, mh.VOCAB, patch_size=4)[0]  # DDP accumulates gradients into main_grad
-        model = unwrap(chunk)
+        model, runs = mh.runs_through_trainer_builders(model_parallel, ["--rope-fusion"] if fused else [], seed=11)
         assert (getattr(model, "rotary_pos_emb", None) is None) is fused
-        runs = {}
-        for patch_size in (4, 1):
-            model.set_patch_size(patch_size)
-            chunk.zero_grad_buffer()
-            batch = mh.batches(patch_size)[0]
-            losses = model(batch["tokens"], None, None, labels=batch["labels"])
-            if patch_size > 1:
-                _, mask = patch_targets(batch["labels"], batch["loss_mask"], patch_size)
-                loss = masked_mean(losses, mask.transpose(0, 1))
-            else:
-                loss = masked_mean(losses, batch["loss_mask"])
-            loss.backward()
-            runs[patch_size] = (loss.detach(), {name: (param.main_grad if param.grad is None else param.grad).clone()
-                                                for name, param in model.named_parameters()})
         results[fused] = (runs, {name: param.detach().clone() for name, param in model.named_parameters()},
                           sorted(model.state_dict()))
         assert len(fused_calls) == (2 * model.config.num_layers if fused else 0)  # per layer, per forward
@@ -127,7 +110,7 @@ def test_rope_fusion_flag_builds_the_same_model(model_parallel, monkeypatch):
     for name, param in params_plain.items():
         assert torch.equal(params_fused[name], param), name
     for patch_size in (4, 1):
-        (loss_plain, grads_plain), (loss_fused, grads_fused) = runs_plain[patch_size], runs_fused[patch_size]
+        (_, loss_plain, grads_plain), (_, loss_fused, grads_fused) = runs_plain[patch_size], runs_fused[patch_size]
         assert torch.allclose(loss_fused, loss_plain, rtol=1e-6, atol=0), patch_size
         for name, grad in grads_plain.items():
             assert grad.abs().sum() > 0, name
