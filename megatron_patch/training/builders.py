@@ -169,11 +169,11 @@ def reset_optimizer_state(optimizer) -> None:
 
 def _torch_adam_under_distributed_optimizer(optimizer) -> list:
     """The DistributedOptimizers of ``optimizer`` that run torch's Adam(W) (no TE or Apex)."""
-    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return []
-    return [sub for sub in sub_optimizers(optimizer) if isinstance(sub, distrib_optimizer.DistributedOptimizer)]
+    adams = _torch_adams(optimizer)
+    return [sub for sub in sub_optimizers(optimizer)
+            if isinstance(sub, DistributedOptimizer) and any(sub.optimizer is adam for adam in adams)]
 
 
 def prepare_optimizer_state_for_loading(optimizer) -> None:
