@@ -54,12 +54,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         from megatron_patch.checkpoint_tools import conversion
 
+        # The flags are checked against the files before joining the world (as evaluate.py and
+        # export_hf.py do), so a wrong --load is reported even where the device is missing too.
+        plan = conversion.plan_from_flags(
+            args.load, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+            force=args.force, tolerance=args.tolerance, model=args.model, tokenizer_model=args.tokenizer_model,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        )
         with common.tool_world(args.cpu):
-            plan = conversion.plan_from_flags(
-                args.load, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                force=args.force, tolerance=args.tolerance, model=args.model, tokenizer_model=args.tokenizer_model,
-                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-            )
             result = conversion.convert(plan)
             if common.rank() == 0:
                 info = result.metadata["conversion"]

@@ -96,6 +96,14 @@ def test_bad_input_is_one_line_and_leaves_nothing(trained, tmp_path, capsys, cas
     assert not save.exists() and not leftovers(tmp_path)
 
 
+def test_missing_source_is_reported_before_the_device(tmp_path, capsys):
+    # Without --cpu a CPU-only machine also lacks the CUDA device; the --load error comes first.
+    save = tmp_path / "out"
+    code, _, err = call(convert_checkpoint, ["--load", tmp_path / "nowhere", "--save", save], capsys)
+    assert_one_line_error(code, err, "no such directory")
+    assert not save.exists() and not leftovers(tmp_path)
+
+
 def test_existing_output_needs_force(trained, tmp_path, capsys):
     save = tmp_path / "out"
     save.mkdir()
