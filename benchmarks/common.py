@@ -1,5 +1,5 @@
-"""Pieces shared by the benchmark scripts: environment record, trainer arguments, synthetic data,
-step timing and output helpers."""
+"""Pieces shared by the benchmark scripts: one-line flag errors, environment record, trainer
+arguments, synthetic data, step timing and output helpers."""
 
 from __future__ import annotations
 
@@ -14,6 +14,29 @@ import shlex
 import sys
 import time
 from typing import List
+
+
+# --------------------------------------------------------------------------- flags
+class UsageError(Exception):
+    """A bad flag; each script reports it as one ``error: ...`` line and exits with code 2."""
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` instead of printing its usage block and exiting."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def positive_int_list(text: str) -> List[int]:
+    """``"8,16"`` -> ``[8, 16]``; argparse ``type`` for flags that sweep; every value >= 1."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be an integer >= 1")
+    return values
 
 
 # --------------------------------------------------------------------------- world

@@ -41,37 +41,20 @@ for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and co
         sys.path.insert(0, str(path))
 
 from megatron_patch import quiet_known_notices  # noqa: E402
-from common import command_line, enter_one_rank_world, environment, write_json  # noqa: E402
+from common import (  # noqa: E402
+    FlagParser, UsageError, command_line, enter_one_rank_world, environment, positive_int_list, write_json,
+)
 
 CHECK_ROWS = 64  # sequence positions used for the agreement check
 
 
-class UsageError(Exception):
-    """A bad flag; reported as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
-def _int_list(text: str) -> List[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: every value must be >= 1")
-    return values
-
-
 def parse_options(argv: Optional[List[str]]) -> argparse.Namespace:
-    p = _Parser(prog="benchmarks/loss_benchmark.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = FlagParser(prog="benchmarks/loss_benchmark.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--seq-length", type=int, default=None, help="s, positions (default 2048; 64 with --cpu)")
     p.add_argument("--micro-batch-size", type=int, default=None, help="b (default 8; 2 with --cpu)")
-    p.add_argument("--vocab-sizes", type=_int_list, default=None,
+    p.add_argument("--vocab-sizes", type=positive_int_list, default=None,
                    help="V values (default 32000,128000; 512,2048 with --cpu)")
-    p.add_argument("--patch-sizes", type=_int_list, default=[1, 2, 4, 8], help="K values")
+    p.add_argument("--patch-sizes", type=positive_int_list, default=[1, 2, 4, 8], help="K values")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 20; 3 with --cpu)")
     p.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 3; 1 with --cpu)")
     p.add_argument("--seed", type=int, default=1234)

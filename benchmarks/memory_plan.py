@@ -67,18 +67,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and common.py beside this file
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 from megatron_patch import quiet_known_notices  # noqa: E402
+from common import FlagParser, UsageError, command_line, write_json  # noqa: E402
 
 quiet_known_notices()  # the presets import megatron.core, whose import prints them
 from megatron_patch.presets import PRESETS, ModelPreset, get_preset, padded_vocab_size  # noqa: E402
@@ -86,15 +86,6 @@ from megatron_patch.presets import PRESETS, ModelPreset, get_preset, padded_voca
 GIB = 2**30
 RECOMPUTE_ORDER = ("none", "selective", "full")
 BF16 = 2
-
-
-class UsageError(Exception):
-    """A bad flag; reported as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
 
 
 # --------------------------------------------------------------------------- model arithmetic
@@ -251,7 +242,7 @@ def _list(kind):
 
 
 def parse_options(argv: Optional[List[str]]) -> argparse.Namespace:
-    p = _Parser(prog="benchmarks/memory_plan.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = FlagParser(prog="benchmarks/memory_plan.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--model", type=_list(str), default=["6.7b", "13b"], help="presets, comma-separated")
     p.add_argument("--gpus", type=_list(int), default=[8, 64], help="world sizes to plan for")
     p.add_argument("--gpus-per-node", type=int, default=8, help="TP stays inside a node")
@@ -361,7 +352,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     print(f"### Memory plan: {opts.budget_gib:g} GiB of {opts.gpu_memory_gib:g} GiB per GPU, "
           f"{'distributed' if opts.distributed_optimizer else 'plain'} optimizer, bf16, vocab {opts.vocab_size}\n")
-    print(f"Command: `{' '.join(['python benchmarks/memory_plan.py', shlex.join(argv)]).strip()}`\n")
+    print(f"Command: `{command_line('memory_plan.py', argv)}`\n")
     print(plan_table(chosen))
     if notes:
         print()
@@ -371,11 +362,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("\nAll layouts considered (preference order):\n")
         print(plan_table([dict(r, activations_from=("fits" if r["feasible"] else "over budget")) for r in considered]))
     if opts.output_json:
-        tmp = f"{opts.output_json}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"command": argv, "budget_gib": opts.budget_gib, "chosen": chosen, "considered": considered,
-                       "notes": notes}, f, indent=1)
-        os.replace(tmp, opts.output_json)
+        write_json(opts.output_json, {"command": command_line("memory_plan.py", argv), "budget_gib": opts.budget_gib,
+                                      "chosen": chosen, "considered": considered, "notes": notes})
     return 0
 
 

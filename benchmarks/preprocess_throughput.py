@@ -28,12 +28,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import filecmp
-import json
 import os
 import platform
 import re
 import resource
-import shlex
 import shutil
 import subprocess
 import sys
@@ -42,23 +40,18 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and common.py beside this file
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from common import FlagParser, UsageError, command_line, write_json  # noqa: E402
+
 DEFAULT_INPUT = REPO_ROOT.parent / "shared" / "data" / "train.jsonl.xz"
 
 
-class UsageError(Exception):
-    """A bad flag; reported as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
 def parse_options(argv: list[str]) -> argparse.Namespace:
-    p = _Parser(prog="benchmarks/preprocess_throughput.py", allow_abbrev=False,
-                description=__doc__.split("\n")[0])
+    p = FlagParser(prog="benchmarks/preprocess_throughput.py", allow_abbrev=False,
+                   description=__doc__.split("\n")[0])
     p.add_argument("--input", default=str(DEFAULT_INPUT), help="corpus (default train.jsonl.xz)")
     p.add_argument("--tokenizer-model", help="use this .model instead of training one")
     p.add_argument("--vocab-size", type=int, default=32000, help="of the trained tokenizer")
@@ -185,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         if not opts.work_dir:
             shutil.rmtree(work, ignore_errors=True)
 
-    print("python benchmarks/preprocess_throughput.py " + shlex.join(argv))
+    print(command_line("preprocess_throughput.py", argv))
     print(f"{env['date_utc']}; {env['device']}; Python {env['python']}, torch {env['torch']}, "
           f"megatron-core {env['megatron_core']}, sentencepiece {env['sentencepiece']}, "
           f"numpy {env['numpy']}")
@@ -205,12 +198,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['load_before']:.2f} |")
     print(f"\noutputs byte-identical across worker counts: {same}")
     if opts.output_json:
-        payload = {"command": argv, "environment": env, "input_bytes": size, "input_lines": lines,
-                   "tokenizer": tokenizer, "rows": rows, "identical_outputs": same}
-        temp = f"{opts.output_json}.tmp{os.getpid()}"
-        with open(temp, "w") as stream:
-            json.dump(payload, stream, indent=1)
-        os.replace(temp, opts.output_json)
+        write_json(opts.output_json, {"command": command_line("preprocess_throughput.py", argv), "environment": env,
+                                      "input_bytes": size, "input_lines": lines, "tokenizer": tokenizer,
+                                      "rows": rows, "identical_outputs": same})
     return 0 if same else 1
 
 

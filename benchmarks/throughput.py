@@ -61,32 +61,13 @@ for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and co
 
 from megatron_patch import quiet_known_notices  # noqa: E402
 from common import (  # noqa: E402
-    StepTimer, command_line, enter_one_rank_world, environment, fmt, free_memory, synthetic_batches, trainer_args,
-    write_json,
+    FlagParser, StepTimer, UsageError, command_line, enter_one_rank_world, environment, fmt, free_memory,
+    positive_int_list, synthetic_batches, trainer_args, write_json,
 )
 from phase_timers import PhaseTimers, installed, outside_ms, phase_medians, phase_table  # noqa: E402
 
 RECOMPUTE_CHOICES = ("none", "selective", "full")
 SCHEMA = "megatron_patch.throughput/1"
-
-
-class UsageError(Exception):
-    """A bad flag; reported as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print the usage block and exit; we want one line
-        raise UsageError(message)
-
-
-def _int_list(text: str) -> List[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: every value must be an integer >= 1")
-    return values
 
 
 def _recompute_list(text: str) -> List[str]:
@@ -101,14 +82,14 @@ def _flatten(lists):
     return None if lists is None else [v for values in lists for v in values]
 
 
-def build_parser() -> _Parser:
-    p = _Parser(prog="benchmarks/throughput.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+def build_parser() -> FlagParser:
+    p = FlagParser(prog="benchmarks/throughput.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--model", default=None, help="preset (default 370m; tiny with --cpu)")
-    p.add_argument("--micro-batch-size", type=_int_list, nargs="+", default=None,
+    p.add_argument("--micro-batch-size", type=positive_int_list, nargs="+", default=None,
                    help="b, sequences per micro-batch; a list sweeps (default 8,16; 2 with --cpu; "
                         "1,2 with --measure-layer-activations)")
     p.add_argument("--seq-length", type=int, default=None, help="T, decoder positions (default: the preset's)")
-    p.add_argument("--patch-sizes", type=_int_list, default=[1, 2, 4, 8], help="K values; 1 = token stage")
+    p.add_argument("--patch-sizes", type=positive_int_list, default=[1, 2, 4, 8], help="K values; 1 = token stage")
     p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 20; 3 with --cpu)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; 1 with --cpu)")
     p.add_argument("--num-microbatches", type=int, default=1, help="micro-batches per optimizer step")
