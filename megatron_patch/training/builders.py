@@ -107,10 +107,15 @@ def build_optimizer(args: argparse.Namespace, model: List[torch.nn.Module]):
     return optimizer
 
 
+def _runs_torch_adam(sub) -> bool:
+    """Whether megatron optimizer ``sub`` steps torch's Adam(W): megatron's fallback without TE or
+    Apex (their FusedAdam is not a ``torch.optim.Adam``)."""
+    return isinstance(sub.optimizer, torch.optim.Adam)
+
+
 def _torch_adams(optimizer) -> list:
-    """The torch Adam(W)s inside ``optimizer``: megatron's fallback without TE or Apex (their
-    FusedAdam is not a ``torch.optim.Adam``)."""
-    return [sub.optimizer for sub in sub_optimizers(optimizer) if isinstance(sub.optimizer, torch.optim.Adam)]
+    """The torch Adam(W)s inside ``optimizer``."""
+    return [sub.optimizer for sub in sub_optimizers(optimizer) if _runs_torch_adam(sub)]
 
 
 def use_fused_torch_adam(optimizer) -> int:
@@ -171,9 +176,7 @@ def _torch_adam_under_distributed_optimizer(optimizer) -> list:
     """The DistributedOptimizers of ``optimizer`` that run torch's Adam(W) (no TE or Apex)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    adams = _torch_adams(optimizer)
-    return [sub for sub in sub_optimizers(optimizer)
-            if isinstance(sub, DistributedOptimizer) and any(sub.optimizer is adam for adam in adams)]
+    return [sub for sub in sub_optimizers(optimizer) if isinstance(sub, DistributedOptimizer) and _runs_torch_adam(sub)]
 
 
 def prepare_optimizer_state_for_loading(optimizer) -> None:
