@@ -46,7 +46,7 @@ def enter_one_rank_world(stack: contextlib.ExitStack, cpu: bool, seed: int) -> b
     Returns False, after printing the one-line error, when the world cannot be formed (no GPU
     without --cpu, or --cpu beside a GPU).
     """
-    from megatron_patch import parallel
+    from megatron_patch.runtime import parallel
 
     try:
         stack.enter_context(parallel.distributed_world(cpu=cpu))

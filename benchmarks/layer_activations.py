@@ -69,7 +69,7 @@ def run_layer_activations(opts) -> List[dict]:
     from megatron.core.transformer.module import Float16Module
 
     from megatron_patch.model import build_patch_gpt_model
-    from megatron_patch.presets import padded_vocab_size
+    from megatron_patch.architecture.presets import padded_vocab_size
     from megatron_patch.training.builders import model_config
 
     cuda = not opts.cpu

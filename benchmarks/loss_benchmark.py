@@ -12,7 +12,7 @@ random targets, each method runs forward + backward (``losses.sum().backward()``
   stage's loss; the reference);
 * ``patch CE``: ``megatron_patch.loss.vocab_parallel_patch_cross_entropy`` with K targets per
   position (one softmax, K gathered target logits);
-* ``fused patch CE``: the same with ``fused=True`` (``megatron_patch.fused_cross_entropy``, the
+* ``fused patch CE``: the same with ``fused=True`` (``megatron_patch.architecture.fused_cross_entropy``, the
   trainer's ``--cross-entropy-fusion``: no fp32 softmax buffer, compiled element-wise passes);
 * ``K x megatron CE``: K calls of megatron's CE, one per target, stacked.
 
@@ -40,7 +40,7 @@ for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and co
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from megatron_patch import quiet_known_notices  # noqa: E402
+from megatron_patch import quiet_known_notices# noqa: E402
 from common import (  # noqa: E402
     FlagParser, UsageError, command_line, enter_one_rank_world, environment, positive_int_list, write_json,
 )

@@ -77,11 +77,11 @@ for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and co
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from megatron_patch import quiet_known_notices  # noqa: E402
+from megatron_patch import quiet_known_notices# noqa: E402
 from common import FlagParser, UsageError, command_line, write_json  # noqa: E402
 
 quiet_known_notices()  # the presets import megatron.core, whose import prints them
-from megatron_patch.presets import PRESETS, ModelPreset, get_preset, padded_vocab_size  # noqa: E402
+from megatron_patch.architecture.presets import PRESETS, ModelPreset, get_preset, padded_vocab_size  # noqa: E402
 
 GIB = 2**30
 RECOMPUTE_ORDER = ("none", "selective", "full")

@@ -59,7 +59,7 @@ for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and co
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from megatron_patch import quiet_known_notices  # noqa: E402
+from megatron_patch import quiet_known_notices# noqa: E402
 from common import (  # noqa: E402
     FlagParser, StepTimer, UsageError, command_line, enter_one_rank_world, environment, fmt, free_memory,
     positive_int_list, synthetic_batches, trainer_args, write_json,
@@ -121,7 +121,7 @@ def build_parser() -> FlagParser:
 
 def parse_options(argv: Optional[List[str]]) -> argparse.Namespace:
     opts = build_parser().parse_args(argv)
-    from megatron_patch.presets import PRESETS, get_preset
+    from megatron_patch.architecture.presets import PRESETS, get_preset
 
     opts.model = opts.model or ("tiny" if opts.cpu else "370m")
     if opts.model not in PRESETS:
@@ -163,7 +163,7 @@ def rates(flops_per_position: float, positions: int, tokens: int, seconds: float
 def run_throughput(opts, peak_tflops: Optional[float]) -> List[dict]:
     from megatron.core.utils import get_model_config
 
-    from megatron_patch.presets import get_preset, padded_vocab_size
+    from megatron_patch.architecture.presets import get_preset, padded_vocab_size
     from megatron_patch.training.builders import build_model, build_optimizer, build_scheduler, sub_optimizers
     from megatron_patch.training.flops import flops_per_position
 
@@ -297,7 +297,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with contextlib.ExitStack() as stack:
         if not enter_one_rank_world(stack, opts.cpu, opts.seed):
             return 2
-        from megatron_patch.presets import get_preset
+        from megatron_patch.architecture.presets import get_preset
         from megatron_patch.training.flops import measure_bf16_matmul_tflops
 
         env = environment(opts.cpu)

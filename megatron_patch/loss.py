@@ -16,7 +16,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 from megatron.core.tensor_parallel.utils import VocabUtility
 
-from megatron_patch.fused_cross_entropy import FusedVocabParallelPatchCrossEntropy
+from megatron_patch.architecture.fused_cross_entropy import FusedVocabParallelPatchCrossEntropy
 
 
 def patch_targets(

@@ -21,7 +21,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_patch.embedding import aggregate_patches
 from megatron_patch.loss import patch_targets, vocab_parallel_patch_cross_entropy
-from megatron_patch.specs import get_decoder_block_spec
+from megatron_patch.architecture.specs import get_decoder_block_spec
 
 ROPE_BASE = 10000  # the paper's (LLaMA's) rotary base
 

@@ -37,7 +37,7 @@ def world():
     import torch
     import torch.distributed as dist
 
-    from megatron_patch import parallel
+    from megatron_patch.runtime import parallel
 
     parallel.init_distributed(cpu=not torch.cuda.is_available(), timeout_minutes=3)
     return dist.get_world_size()
@@ -46,7 +46,7 @@ def world():
 @pytest.fixture
 def model_parallel(world):
     """Call ``model_parallel(tp, pp, seed=...)`` to (re)build megatron's groups inside the world."""
-    from megatron_patch import parallel
+    from megatron_patch.runtime import parallel
 
     def init(tensor_parallel=1, pipeline_parallel=1, seed=1234):
         if world % (tensor_parallel * pipeline_parallel):

@@ -11,9 +11,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-from megatron_patch import parallel
+from megatron_patch.runtime import parallel
 from megatron_patch.model import build_patch_gpt_model
-from megatron_patch.presets import get_preset, transformer_config
+from megatron_patch.architecture.presets import get_preset, transformer_config
 from megatron_patch.training.builders import unwrap
 from megatron_patch.training.step import run_schedule
 
@@ -128,7 +128,7 @@ def compile_fused_kernels(monkeypatch):
     """
     from megatron.core.fusions import fused_bias_swiglu
 
-    from megatron_patch import attention, fused_cross_entropy
+    from megatron_patch.architecture import attention, fused_cross_entropy
 
     monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
     torch._dynamo.reset()

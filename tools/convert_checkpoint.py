@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as `python tools/convert_checkpoint.py` fro
 
 
 def build_parser():
-    from megatron_patch.checkpoint_tools.common import ToolArgumentParser
+    from megatron_patch.runtime.tool import ToolArgumentParser
 
     parser = ToolArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n")[0],
                                 allow_abbrev=False)
@@ -46,24 +46,24 @@ def build_parser():
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from megatron_patch.checkpoint_tools import common
+    from megatron_patch.runtime import tool
 
-    common.configure("convert_checkpoint")
+    tool.configure("convert_checkpoint")
 
     def body():
         args = build_parser().parse_args(argv)
-        from megatron_patch.checkpoint_tools import conversion
+        from megatron_patch.conversion import reshard
 
         # The flags are checked against the files before joining the world (as evaluate.py and
         # export_hf.py do), so a wrong --load is reported even where the device is missing too.
-        plan = conversion.plan_from_flags(
+        plan = reshard.plan_from_flags(
             args.load, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
             force=args.force, tolerance=args.tolerance, model=args.model, tokenizer_model=args.tokenizer_model,
             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         )
-        with common.tool_world(args.cpu):
-            result = conversion.convert(plan)
-            if common.rank() == 0:
+        with tool.tool_world(args.cpu):
+            result = reshard.convert(plan)
+            if tool.rank() == 0:
                 info = result.metadata["conversion"]
                 layout = info["source_layout"]
                 print(f"converted {info['source']} ({info['source_stage']} stage, iteration "
@@ -74,7 +74,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       f"(tolerance {result.tolerance:.1e}) in {result.seconds:.1f} s")
                 print(f"next: --stage token --pretrained-checkpoint {plan.save}")
 
-    return common.run_tool(body)
+    return tool.run_tool(body)
 
 
 if __name__ == "__main__":

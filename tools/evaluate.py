@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as `python tools/evaluate.py` from a checko
 
 
 def build_parser():
-    from megatron_patch.checkpoint_tools.common import ToolArgumentParser
+    from megatron_patch.runtime.tool import ToolArgumentParser
 
     parser = ToolArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--load", required=True, help="a --save root (its latest checkpoint) or one checkpoint")
@@ -52,10 +52,12 @@ def _run(args) -> None:
     import json
     import logging
 
-    from megatron_patch.checkpoint_tools import common, evaluation, source, token_stream
-    from megatron_patch.checkpoint_tools.common import ToolError
+    from megatron_patch.runtime import tool
+    from megatron_patch.evaluation import perplexity, token_stream
+    from megatron_patch.checkpoint import info as checkpoint_info
+    from megatron_patch.runtime.tool import ToolError
     from megatron_patch.data.tokenizer import SentencePieceTokenizer
-    from megatron_patch.training.checkpoint import _write_atomic
+    from megatron_patch.checkpoint.store import _write_atomic
 
     if len(args.json_keys) != 1:
         raise ToolError(f"--json-keys {' '.join(args.json_keys)}: evaluate one key at a time")
@@ -63,10 +65,10 @@ def _run(args) -> None:
         raise ToolError(f"--max-documents {args.max_documents} must be >= 1")
     if args.output_json and not os.path.isdir(os.path.dirname(os.path.abspath(args.output_json))):
         raise ToolError(f"--output-json {args.output_json}: its folder does not exist; create it first")
-    info = source.read_checkpoint(args.load, "--load", args.model)
+    info = checkpoint_info.read_checkpoint(args.load, "--load", args.model)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    source.check_layout(info, tp, pp)
-    settings = evaluation.EvalSettings(args.seq_length or info.seq_length, args.micro_batch_size, args.window,
+    checkpoint_info.check_layout(info, tp, pp)
+    settings = perplexity.EvalSettings(args.seq_length or info.seq_length, args.micro_batch_size, args.window,
                                        args.stride)
     if settings.seq_length > info.seq_length:
         logging.getLogger("megatron_patch.tools.evaluate").warning(
@@ -77,7 +79,7 @@ def _run(args) -> None:
         raise ToolError(f"checkpoint {info.path} records no tokenizer: pass --tokenizer-model")
     tokenizer = SentencePieceTokenizer(tokenizer_path)
     trained_tp = int(info.args.get("tensor_model_parallel_size", info.layout.get("tensor", 1)))
-    evaluation.check_tokenizer(tokenizer, info.vocab_size, info.divisible_by, trained_tp, info.path,
+    perplexity.check_tokenizer(tokenizer, info.vocab_size, info.divisible_by, trained_tp, info.path,
                                info.tokenizer_model)
     if args.data_path:
         corpus = token_stream.corpus_from_prefix(args.data_path, tokenizer, args.max_documents)
@@ -85,12 +87,12 @@ def _run(args) -> None:
     else:
         corpus = token_stream.corpus_from_files(args.input, tokenizer, args.json_keys[0], args.max_documents)
         described = {"input": args.input, "json_key": args.json_keys[0]}
-    with common.tool_world(args.cpu) as world_size:
-        source.check_world(world_size, tp, pp)
-        model = source.build_model(info, tp, pp, bf16=False if args.fp32 else None)
-        source.load_weights(model, info)
-        result = evaluation.evaluate(model, corpus, settings, pad=tokenizer.eod)
-        if common.rank() != 0:
+    with tool.tool_world(args.cpu) as world_size:
+        checkpoint_info.check_world(world_size, tp, pp)
+        model = checkpoint_info.build_model(info, tp, pp, bf16=False if args.fp32 else None)
+        checkpoint_info.load_weights(model, info)
+        result = perplexity.evaluate(model, corpus, settings, pad=tokenizer.eod)
+        if tool.rank() != 0:
             return
         report = {
             "checkpoint": info.path, "iteration": info.meta.get("iteration"), "stage": info.progress.get("stage"),
@@ -122,14 +124,14 @@ def _run(args) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from megatron_patch.checkpoint_tools import common
+    from megatron_patch.runtime import tool
 
-    common.configure("evaluate")
+    tool.configure("evaluate")
 
     def body():
         _run(build_parser().parse_args(argv))
 
-    return common.run_tool(body)
+    return tool.run_tool(body)
 
 
 if __name__ == "__main__":

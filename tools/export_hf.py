@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as `python tools/export_hf.py` from a check
 
 
 def build_parser():
-    from megatron_patch.checkpoint_tools.common import ToolArgumentParser
+    from megatron_patch.runtime.tool import ToolArgumentParser
 
     parser = ToolArgumentParser(prog="export_hf.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--load", required=True, help="a --save root (its latest checkpoint) or one checkpoint")
@@ -47,18 +47,20 @@ def _run(args) -> None:
 
     import torch
 
-    from megatron_patch.checkpoint_tools import common, hf_export, source
-    from megatron_patch.checkpoint_tools.common import ToolError, VerificationError
-    from megatron_patch.checkpoint_tools.evaluation import check_tokenizer
-    from megatron_patch.checkpoint_tools.logits import fixed_tokens, forward_logits
-    from megatron_patch.checkpoint_tools.output import StagedFolder, check_output_folder
+    from megatron_patch.runtime import tool
+    from megatron_patch.conversion import hf_export
+    from megatron_patch.checkpoint import info as checkpoint_info
+    from megatron_patch.runtime.tool import ToolError, VerificationError
+    from megatron_patch.evaluation.perplexity import check_tokenizer
+    from megatron_patch.evaluation.logits import fixed_tokens, forward_logits
+    from megatron_patch.runtime.staged_folder import StagedFolder, check_output_folder
     from megatron_patch.data.tokenizer import SentencePieceTokenizer
 
     logger = logging.getLogger("megatron_patch.tools.export_hf")
     start = time.perf_counter()
     if not args.tolerance >= 0:
         raise ToolError(f"--tolerance {args.tolerance} must be >= 0")
-    info = source.read_checkpoint(args.load, "--load", args.model)
+    info = checkpoint_info.read_checkpoint(args.load, "--load", args.model)
     hf_export.check_architecture_args(info)
     final = check_output_folder(args.save, args.force, "--save")
     tokenizer_path = args.tokenizer_model or info.tokenizer_model
@@ -71,7 +73,7 @@ def _run(args) -> None:
         logger.warning("%s is a patch-stage checkpoint: its weights predict the next patch, not the next token; "
                        "export the final token-stage checkpoint", info.path)
     vocab_size = tokenizer.vocab_size if args.trim_vocab else info.vocab_size
-    with common.tool_world(args.cpu):
+    with tool.tool_world(args.cpu):
         tensors = hf_export.read_tensors(info)
         weights = hf_export.to_llama(info, tensors, vocab_size)
         del tensors
@@ -87,13 +89,13 @@ def _run(args) -> None:
             difference = None
             if args.verify_logits:
                 tokens = fixed_tokens(tokenizer.vocab_size, 2, min(info.seq_length, 64))
-                model = source.build_model(info, 1, 1, bf16=False)
-                source.load_weights(model, info)
+                model = checkpoint_info.build_model(info, 1, 1, bf16=False)
+                checkpoint_info.load_weights(model, info)
                 reference = forward_logits(model, tokens, info.vocab_size)[..., :vocab_size]
                 del model
                 hf_logits = hf_export.rank_zero_first(hf_export.transformers_logits, staged.path, tokens)
                 result = [None]
-                if common.rank() == 0:
+                if tool.rank() == 0:
                     result[0] = (hf_logits - reference).abs().max().item()
                 torch.distributed.broadcast_object_list(result, src=0)
                 difference = result[0]
@@ -102,7 +104,7 @@ def _run(args) -> None:
                     raise VerificationError(f"transformers' logits differ from Megatron's by {difference:.3e} > "
                                             f"--tolerance {args.tolerance:.1e}; nothing was written to {args.save}")
             staged.commit()
-    if common.rank() == 0:
+    if tool.rank() == 0:
         parameters = sum(t.numel() for t in weights.values())
         print(f"exported {info.path} ({info.progress.get('stage')} stage, iteration {info.meta.get('iteration')}, "
               f"model {info.preset.name}) to {final}")
@@ -116,14 +118,14 @@ def _run(args) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from megatron_patch.checkpoint_tools import common
+    from megatron_patch.runtime import tool
 
-    common.configure("export_hf")
+    tool.configure("export_hf")
 
     def body():
         _run(build_parser().parse_args(argv))
 
-    return common.run_tool(body)
+    return tool.run_tool(body)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import math
 import os
 from typing import List, Optional
 
-from megatron_patch.presets import PRESETS, get_preset
+from megatron_patch.architecture.presets import PRESETS, get_preset
 
 
 class ArgumentError(ValueError):

@@ -13,7 +13,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from megatron_patch.model import PatchGPTModel, build_patch_gpt_model
-from megatron_patch.presets import get_preset, padded_vocab_size, transformer_config
+from megatron_patch.architecture.presets import get_preset, padded_vocab_size, transformer_config
 
 logger = logging.getLogger(__name__)
 

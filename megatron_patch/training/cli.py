@@ -22,7 +22,7 @@ def _configure_logging(rank: int) -> None:
 
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
-CPU_MODE_SHIM = PACKAGE_DIR / "cpu_mode.py"  # passes every torch call through in CPU mode
+CPU_MODE_SHIM = PACKAGE_DIR / "runtime" / "cpu_mode.py"  # passes every torch call through in CPU mode
 
 
 def _origin(error: BaseException) -> Optional[traceback.FrameSummary]:
@@ -53,8 +53,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # megatron's recommendation for its TP/SP communication overlap, read when CUDA starts (a
     # value set by the launcher wins; on CPU it only silences megatron's reminder)
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    from megatron_patch import parallel
-    from megatron_patch.training.checkpoint import CheckpointError
+    from megatron_patch.runtime import parallel
+    from megatron_patch.checkpoint.store import CheckpointError
     from megatron_patch.training.loop import Trainer
     from megatron_patch.training.step import NonFiniteLossError
 

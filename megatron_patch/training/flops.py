@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from megatron_patch.presets import ModelPreset
+from megatron_patch.architecture.presets import ModelPreset
 
 
 def flops_per_position(preset: ModelPreset, seq_length: int, vocab_size: int) -> float:

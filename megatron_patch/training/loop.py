@@ -18,8 +18,8 @@ from megatron.core import parallel_state
 
 from megatron_patch.data.datasets import StageDataConfig, build_stage_datasets
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
-from megatron_patch.presets import get_preset, padded_vocab_size
-from megatron_patch.training import checkpoint as ckpt
+from megatron_patch.architecture.presets import get_preset, padded_vocab_size
+from megatron_patch.checkpoint import store as ckpt
 from megatron_patch.training.builders import (
     build_model,
     build_optimizer,

@@ -47,7 +47,7 @@ def test_throughput_cpu_smoke(tmp_path, capsys):
     assert payload["environment"]["torch"] == torch.__version__
     rows = payload["results"]
     assert [(r["stage"], r["patch_size"]) for r in rows] == [("token", 1), ("patch", 4)]
-    from megatron_patch.presets import get_preset
+    from megatron_patch.architecture.presets import get_preset
     from megatron_patch.training.flops import flops_per_position
 
     for r in rows:
@@ -150,7 +150,7 @@ def test_activation_measurement_builds_the_model_the_flags_ask_for(monkeypatch, 
 
 
 def test_rates_are_the_flops_formula():
-    from megatron_patch.presets import get_preset
+    from megatron_patch.architecture.presets import get_preset
     from megatron_patch.training.flops import flops_per_position
 
     preset = get_preset("370m")
@@ -189,7 +189,7 @@ def test_measured_layer_activations_feed_the_planner(tmp_path, capsys):
     # the meter counts exactly the formula's tensors, in fp32 here, with what the CPU adds: its unfused
     # rms_norm keeps fp32 input and output (8sh) and rstd (4s) per norm, and the four RoPE cos/sin
     # tables (4 x s x d x 4 bytes) do not depend on b. tiny: s=64, h=64, d=16, 4 heads.
-    from megatron_patch.presets import get_preset
+    from megatron_patch.architecture.presets import get_preset
 
     s, h, d, lse = 64, 64, 16, 4 * 4 * 64
     formula = memory_plan.formula_activations(get_preset("tiny"), s, 512, "none").layer
@@ -215,7 +215,7 @@ def test_measured_layer_activations_feed_the_planner(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- memory_plan.py
 def test_memory_plan_matches_a_hand_computation():
-    from megatron_patch.presets import get_preset
+    from megatron_patch.architecture.presets import get_preset
 
     tiny = get_preset("tiny")  # L=4, h=64, f=176, 4 heads, T=64
     V = 512

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_patch.training import checkpoint, cli
+from megatron_patch.checkpoint import store as checkpoint
+from megatron_patch.training import cli
 from tests.model_helpers import shared_tmp
 from tests.training.common import train_records, trainer_args
 from tools import convert_checkpoint, evaluate

@@ -2,7 +2,8 @@
 
 import pytest
 
-from megatron_patch.training import checkpoint, cli
+from megatron_patch.checkpoint import store as checkpoint
+from megatron_patch.training import cli
 from tests.training.common import trainer_args
 
 ITERS = 6  # K=4, lambda=2/3: 4 patch steps (checkpoint iter 4), then 2 token steps (iter 6)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from megatron.core import dist_checkpointing
 
-from megatron_patch.checkpoint_tools import conversion
-from megatron_patch.training import checkpoint
+from megatron_patch.conversion import reshard
+from megatron_patch.checkpoint import store as checkpoint
 from tests.tools.common import assert_one_line_error, call, leftovers, model_tensors
 from tools import convert_checkpoint
 
@@ -123,7 +123,7 @@ def test_output_may_not_replace_the_source(trained, tmp_path, capsys):
 
 
 def test_failed_self_check_exits_1_and_leaves_nothing(trained, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(conversion, "_verify", lambda plan, converted: 0.5)
+    monkeypatch.setattr(reshard, "_verify", lambda plan, converted: 0.5)
     save = tmp_path / "out"
     code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["patch"], "--save", save], capsys)
     assert_one_line_error(code, err, "max absolute logit difference 5.000e-01", exit_code=1)

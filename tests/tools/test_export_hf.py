@@ -11,7 +11,7 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-from megatron_patch.training import checkpoint
+from megatron_patch.checkpoint import store as checkpoint
 from tests.tools.common import (
     ROWS, VOCAB, assert_one_line_error, call, leftovers, megatron_logits, megatron_model, model_tensors,
 )

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from megatron_patch.training import checkpoint
+from megatron_patch.checkpoint import store as checkpoint
 from tests.training.common import launch, train_records, trainer_args
 
 ITERS = 12  # 8 patch steps (global 1-8), then 4 token steps (global 9-12)

@@ -7,13 +7,14 @@ import pytest
 import torch
 from megatron.core.models.gpt import GPTModel
 
-from megatron_patch.training import builders, checkpoint, cli, loop
+from megatron_patch.training import builders, cli, loop
+from megatron_patch.checkpoint import store as checkpoint
 from megatron_patch.training.arguments import parse_args
 from tests.training.common import train_records, trainer_args
 
 
 def _run(argv):
-    from megatron_patch import parallel
+    from megatron_patch.runtime import parallel
 
     args = parse_args(argv, world_size=1)
     parallel.init_model_parallel(1, 1, seed=args.seed)
@@ -135,7 +136,7 @@ def test_token_only_training_equals_stock_gpt_model(cpu_world, tiny_corpus, tmp_
 
     def build_stock(config, vocab_size, seq_length, *, patch_size, pre_process, post_process, use_transformer_engine,
                     fused_rope, fused_cross_entropy):
-        from megatron_patch.specs import get_decoder_block_spec
+        from megatron_patch.architecture.specs import get_decoder_block_spec
 
         assert not fused_rope and not fused_cross_entropy  # stock megatron applies RoPE and scores itself
 

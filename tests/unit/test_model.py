@@ -9,8 +9,8 @@ from megatron.core.models.gpt import GPTModel
 
 from megatron_patch.embedding import aggregate_patches
 from megatron_patch.model import build_patch_gpt_model
-from megatron_patch.presets import get_preset, padded_vocab_size, transformer_config
-from megatron_patch.specs import get_decoder_block_spec, get_local_layer_spec
+from megatron_patch.architecture.presets import get_preset, padded_vocab_size, transformer_config
+from megatron_patch.architecture.specs import get_decoder_block_spec, get_local_layer_spec
 from tests import model_helpers as mh
 from tests.reference import reference_per_target_loss, relative_error
 
@@ -23,7 +23,7 @@ def _tiny(model_parallel, patch_size, seed=1234):
 
 
 def _stock(config, seed):
-    from megatron_patch import parallel
+    from megatron_patch.runtime import parallel
 
     parallel.seed_all(seed)
     return GPTModel(config=config, transformer_layer_spec=get_decoder_block_spec(config), vocab_size=mh.VOCAB,
@@ -78,7 +78,7 @@ def test_sdpa_spec_equals_megatron_local_attention(model_parallel):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    from megatron_patch.norm import RMSNorm
+    from megatron_patch.architecture.norm import RMSNorm
 
     model = _tiny(model_parallel, patch_size=1, seed=3)
     local = get_gpt_layer_local_spec(normalization="RMSNorm")
@@ -117,8 +117,8 @@ def test_bad_settings_fail_with_one_line_errors(model_parallel):
 
 
 def test_sdpa_spec_is_used_without_transformer_engine():
-    from megatron_patch.attention import SDPAttention
-    from megatron_patch.norm import RMSNorm
+    from megatron_patch.architecture.attention import SDPAttention
+    from megatron_patch.architecture.norm import RMSNorm
 
     spec = get_local_layer_spec()
     assert spec.submodules.self_attention.submodules.core_attention is SDPAttention
@@ -151,7 +151,7 @@ def test_attention_saves_no_fused_qkv_buffer_for_backward(model_parallel, fused_
 
 
 def test_value_leaves_the_fused_buffer_only_when_query_and_key_have():
-    from megatron_patch.attention import value_in_own_storage
+    from megatron_patch.architecture.attention import value_in_own_storage
 
     mixed = torch.randn(5, 2, 4, 3 * 8, requires_grad=True)  # [s, b, ng, 3 hn]: one group per head
     query, key, value = torch.split(mixed, 8, dim=-1)  # views [s, b, ng, hn]
@@ -195,7 +195,7 @@ def test_cross_entropy_fusion_flag_scores_both_modes_with_the_fused_loss(model_p
     unfused model uses megatron's CE) score with the fused K-way CE, giving the unfused model's
     losses ([b, T, K] and [b, s]) and gradients within fp32 rounding (relative to each gradient's
     largest element)."""
-    from megatron_patch import fused_cross_entropy
+    from megatron_patch.architecture import fused_cross_entropy
 
     fused_calls = []
     original = fused_cross_entropy.FusedVocabParallelPatchCrossEntropy.forward
@@ -263,7 +263,7 @@ def test_sdpa_attention_matches_local_attention_bf16_on_gpu(model_parallel):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_patch.attention import SDPAttention
+    from megatron_patch.architecture.attention import SDPAttention
 
     model_parallel(1, 1)
     config = transformer_config(get_preset("370m"), bf16=True)

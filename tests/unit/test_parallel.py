@@ -21,7 +21,7 @@ def test_cpu_mode_is_opt_in_and_refuses_a_gpu():
     result = _python("""
         import torch
         import megatron_patch.model, megatron_patch.training.loop
-        from megatron_patch import cpu_mode
+        from megatron_patch.runtime import cpu_mode
         assert not cpu_mode.is_enabled()          # importing enables nothing
         assert torch.cuda.current_device.__module__ == "torch.cuda"  # not replaced
         torch.cuda.is_available = lambda: True
@@ -32,13 +32,13 @@ def test_cpu_mode_is_opt_in_and_refuses_a_gpu():
         assert not cpu_mode.is_enabled()
     """)
     assert result.returncode == 0, result.stderr
-    assert "refused: megatron_patch.cpu_mode.enable() refused: CUDA is available" in result.stdout
+    assert "refused: megatron_patch.runtime.cpu_mode.enable() refused: CUDA is available" in result.stdout
 
 
 def test_cpu_mode_sends_cuda_allocations_to_the_cpu():
     result = _python("""
         import torch
-        from megatron_patch import cpu_mode
+        from megatron_patch.runtime import cpu_mode
         cpu_mode.enable()
         x = torch.zeros(3, device="cuda")
         assert x.device.type == "cpu" and x.cuda() is x and x.type() == "torch.cuda.FloatTensor"
@@ -50,7 +50,7 @@ def test_cpu_mode_sends_cuda_allocations_to_the_cpu():
 def test_slurm_variables_name_the_rank():
     result = _python("""
         import torch.distributed as dist
-        from megatron_patch import parallel
+        from megatron_patch.runtime import parallel
         parallel.init_distributed(cpu=True)
         print("rank", dist.get_rank(), "of", dist.get_world_size())
     """, SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29731")

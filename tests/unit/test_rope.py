@@ -11,8 +11,8 @@ import torch
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-from megatron_patch import rope
-from megatron_patch.presets import get_preset, transformer_config
+from megatron_patch.architecture import rope
+from megatron_patch.architecture.presets import get_preset, transformer_config
 from tests import model_helpers as mh
 
 SEQ, HEAD_DIM = 24, 16
@@ -91,7 +91,7 @@ def test_compiled_apply_rotary_in_bf16_is_as_accurate_as_megatrons(world, monkey
 def test_rope_fusion_flag_builds_the_same_model(model_parallel, monkeypatch):
     """--rope-fusion through the trainer's builders: no megatron RoPE, one fused call per layer, the
     same parameters and state-dict keys, and the unfused model's loss and gradients (K=4 and K=1)."""
-    from megatron_patch import attention
+    from megatron_patch.architecture import attention
     from megatron_patch.loss import masked_mean, patch_targets
     from megatron_patch.training.builders import build_model, unwrap
 

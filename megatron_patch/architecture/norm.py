@@ -23,7 +23,7 @@ class RMSNorm(torch.nn.Module):
         super().__init__()
         if config.normalization != "RMSNorm":
             raise ValueError(
-                f"normalization={config.normalization!r} with megatron_patch.norm.RMSNorm: "
+                f"normalization={config.normalization!r} with megatron_patch.architecture.norm.RMSNorm: "
                 f"set normalization='RMSNorm' (the paper's architecture)"
             )
         self.hidden_size = hidden_size

@@ -73,7 +73,7 @@ def configure(name: str) -> None:
 def tool_world(cpu: bool) -> Iterator[int]:
     """Join the torchrun world (or form a world of one); yields the world size. A process group
     this call created is destroyed at the end; one that already existed (tests) is left alone."""
-    from megatron_patch import parallel
+    from megatron_patch.runtime import parallel
 
     with contextlib.ExitStack() as stack:
         try:
@@ -86,7 +86,7 @@ def tool_world(cpu: bool) -> Iterator[int]:
 def run_tool(body: Callable[[], Optional[int]]) -> int:
     """Run a tool's body and turn its failures into one-line errors and exit codes."""
     from megatron_patch.data.errors import DataError
-    from megatron_patch.training.checkpoint import CheckpointError
+    from megatron_patch.checkpoint.store import CheckpointError
 
     try:
         code = body()

@@ -110,7 +110,7 @@ def enable() -> None:
         return
     if torch.cuda.is_available():
         raise RuntimeError(
-            "megatron_patch.cpu_mode.enable() refused: CUDA is available; run on the GPU "
+            "megatron_patch.runtime.cpu_mode.enable() refused: CUDA is available; run on the GPU "
             "(drop --cpu / cpu_mode.enable()) or hide the GPUs with CUDA_VISIBLE_DEVICES=''"
         )
     from megatron.core.tensor_parallel import random as mrandom

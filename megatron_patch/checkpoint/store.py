@@ -84,7 +84,7 @@ def read_metadata(ckpt: str) -> dict:
 
 def model_shape(args, vocab_size: int) -> dict:
     """What must agree between a checkpoint and the model loading it."""
-    from megatron_patch.presets import get_preset
+    from megatron_patch.architecture.presets import get_preset
 
     preset = get_preset(args.model)
     return {

@@ -32,7 +32,7 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
-from megatron_patch.checkpoint_tools.common import ToolError
+from megatron_patch.runtime.tool import ToolError
 from megatron_patch.data.errors import DataError
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-from megatron_patch.rope import apply_rotary
+from megatron_patch.architecture.rope import apply_rotary
 
 
 class SDPAttention(MegatronModule):

@@ -30,13 +30,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from megatron_patch.checkpoint_tools import source as src
-from megatron_patch.checkpoint_tools.common import ToolError, VerificationError
-from megatron_patch.checkpoint_tools.logits import fixed_tokens, forward_logits
-from megatron_patch.checkpoint_tools.output import StagedFolder, check_output_folder
-from megatron_patch.parallel import collective_device
-from megatron_patch.presets import padded_vocab_size
-from megatron_patch.training import checkpoint as ckpt
+from megatron_patch.checkpoint import info as checkpoint_info
+from megatron_patch.runtime.tool import ToolError, VerificationError
+from megatron_patch.evaluation.logits import fixed_tokens, forward_logits
+from megatron_patch.runtime.staged_folder import StagedFolder, check_output_folder
+from megatron_patch.runtime.parallel import collective_device
+from megatron_patch.architecture.presets import padded_vocab_size
+from megatron_patch.checkpoint import store as ckpt
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ VERIFY_MAX_LENGTH = 64  # tokens per verification sequence (capped by T)
 class ConversionPlan:
     """What to convert and where: target layout, output folder, check tolerance."""
 
-    source: src.CheckpointInfo
+    source: checkpoint_info.CheckpointInfo
     save: str  # absolute output folder
     tensor_parallel: int
     pipeline_parallel: int
@@ -60,7 +60,7 @@ class ConversionPlan:
     def __post_init__(self) -> None:
         if not self.tolerance >= 0:
             raise ToolError(f"--tolerance {self.tolerance} must be >= 0 (max absolute logit difference)")
-        src.check_layout(self.source, self.tensor_parallel, self.pipeline_parallel)
+        checkpoint_info.check_layout(self.source, self.tensor_parallel, self.pipeline_parallel)
         self._check_vocabulary_padding()
         source_root = os.path.dirname(self.source.path)
         for protected in (self.source.path, source_root):
@@ -146,12 +146,12 @@ def _verify(plan: ConversionPlan, converted: str) -> float:
     """Max |logits(converted at target) - logits(source at TP=1 PP=1)| on a fixed batch (fp32)."""
     source = plan.source
     tokens = fixed_tokens(source.vocab_size, VERIFY_BATCH, min(source.seq_length, VERIFY_MAX_LENGTH))
-    reference_model = src.build_model(source, 1, 1, bf16=False)
-    src.load_weights(reference_model, source)
+    reference_model = checkpoint_info.build_model(source, 1, 1, bf16=False)
+    checkpoint_info.load_weights(reference_model, source)
     reference = forward_logits(reference_model, tokens, source.vocab_size)
     del reference_model
-    target_model = src.build_model(source, plan.tensor_parallel, plan.pipeline_parallel, bf16=False)
-    src.load_weights(target_model, source, converted)
+    target_model = checkpoint_info.build_model(source, plan.tensor_parallel, plan.pipeline_parallel, bf16=False)
+    checkpoint_info.load_weights(target_model, source, converted)
     logits = forward_logits(target_model, tokens, source.vocab_size)
     del target_model
     difference = torch.tensor([(logits - reference).abs().max().item()], dtype=torch.float64,
@@ -168,7 +168,7 @@ def convert(plan: ConversionPlan) -> ConversionResult:
     """
     start = time.perf_counter()
     world_size = dist.get_world_size()
-    src.check_world(world_size, plan.tensor_parallel, plan.pipeline_parallel)
+    checkpoint_info.check_world(world_size, plan.tensor_parallel, plan.pipeline_parallel)
     source = plan.source
     logger.info("converting %s (%s stage, TP=%s PP=%s, model %s) to TP=%d PP=%d in %s", source.path,
                 source.progress.get("stage"), source.layout.get("tensor"), source.layout.get("pipeline"),
@@ -181,9 +181,9 @@ def convert(plan: ConversionPlan) -> ConversionResult:
         if dist.get_rank() == 0:
             os.makedirs(partial_ckpt)
         dist.barrier()
-        model = src.build_model(source, plan.tensor_parallel, plan.pipeline_parallel)
-        src.load_weights(model, source)
-        dist_checkpointing.save({"model": src.inner(model).sharded_state_dict()}, partial_ckpt)
+        model = checkpoint_info.build_model(source, plan.tensor_parallel, plan.pipeline_parallel)
+        checkpoint_info.load_weights(model, source)
+        dist_checkpointing.save({"model": checkpoint_info.inner(model).sharded_state_dict()}, partial_ckpt)
         del model
         dist.barrier()
         meta = _metadata(plan, world_size)
@@ -213,7 +213,7 @@ def plan_from_flags(load: str, save: str, tensor_parallel: int, pipeline_paralle
     """Check the flags against the source checkpoint (no distributed call); ToolError/CheckpointError."""
     from megatron_patch.data.tokenizer import SentencePieceTokenizer
 
-    info = src.read_checkpoint(load, "--load", model)
+    info = checkpoint_info.read_checkpoint(load, "--load", model)
     final = check_output_folder(save, force, "--save")
     tokenizer_path = tokenizer_model or info.tokenizer_model
     if not tokenizer_path:

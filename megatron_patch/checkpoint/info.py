@@ -14,11 +14,11 @@ from typing import List, Optional
 import torch
 from megatron.core import parallel_state
 
-from megatron_patch import cpu_mode, parallel
-from megatron_patch.checkpoint_tools.common import ToolError
+from megatron_patch.runtime import cpu_mode, parallel
+from megatron_patch.runtime.tool import ToolError
 from megatron_patch.model import PatchGPTModel, build_patch_gpt_model
-from megatron_patch.presets import ModelPreset, get_preset, transformer_config
-from megatron_patch.training import checkpoint as ckpt
+from megatron_patch.architecture.presets import ModelPreset, get_preset, transformer_config
+from megatron_patch.checkpoint import store as ckpt
 
 logger = logging.getLogger(__name__)
 

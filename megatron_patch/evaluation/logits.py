@@ -13,7 +13,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from megatron_patch.parallel import collective_device
+from megatron_patch.runtime.parallel import collective_device
 
 
 def fixed_tokens(vocab_size: int, batch: int, length: int, seed: int = 20240607) -> torch.Tensor:

@@ -44,8 +44,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from megatron_patch.checkpoint_tools.common import ToolError, VerificationError
-from megatron_patch.checkpoint_tools.source import CheckpointInfo
+from megatron_patch.runtime.tool import ToolError, VerificationError
+from megatron_patch.checkpoint.info import CheckpointInfo
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import tempfile
 
 import torch.distributed as dist
 
-from megatron_patch.checkpoint_tools.common import ToolError
+from megatron_patch.runtime.tool import ToolError
 
 logger = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_patch.checkpoint_tools.common import ToolError, VerificationError
-from megatron_patch.checkpoint_tools.token_stream import EvalCorpus, micro_batch, windows
-from megatron_patch.parallel import collective_device
-from megatron_patch.presets import padded_vocab_size
+from megatron_patch.runtime.tool import ToolError, VerificationError
+from megatron_patch.evaluation.token_stream import EvalCorpus, micro_batch, windows
+from megatron_patch.runtime.parallel import collective_device
+from megatron_patch.architecture.presets import padded_vocab_size
 
 logger = logging.getLogger(__name__)
 

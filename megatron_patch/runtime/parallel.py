@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_patch import cpu_mode
+from megatron_patch.runtime import cpu_mode
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_patch.attention import SDPAttention
-from megatron_patch.norm import RMSNorm
+from megatron_patch.architecture.attention import SDPAttention
+from megatron_patch.architecture.norm import RMSNorm
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,7 @@
+"""Runtime: how a process of the project runs, apart from what it computes.
+
+* :mod:`~megatron_patch.runtime.parallel` -- torch.distributed and megatron's model-parallel groups.
+* :mod:`~megatron_patch.runtime.cpu_mode` -- the explicit opt-in that runs megatron.core on CPU.
+* :mod:`~megatron_patch.runtime.tool` -- logging and the distributed world of a command-line tool.
+* :mod:`~megatron_patch.runtime.staged_folder` -- folder outputs renamed into place when complete.
+"""
