@@ -2,12 +2,16 @@
 
 Example (Megatron's flag names)::
 
-    python tools/preprocess_data.py --input /work/shared/data/train.jsonl.xz \\
+    python tools/preprocess_data.py --input corpus/train.jsonl.xz \\
         --tokenizer-model tokenizers/spm32k.model --output-prefix data/train \\
         --append-eod --workers 2
 
 writes ``data/train_text_document.bin`` and ``.idx`` (one pair per ``--json-keys`` key). One
-input line is one document; empty documents are skipped and counted. With ``--partitions N``
+input line is one document. The pair is byte-identical to Megatron-LM's ``tools/preprocess_data.py``
+with the same SentencePiece model, also for empty documents (a text that encodes to no token): as
+there, each keeps an entry in the index's document list that holds no sequence and no token (no
+EOD either), which GPT training never samples; ``--skip-empty-documents`` leaves them out of the
+index. Empty documents are counted either way. With ``--partitions N``
 the input is cut into N contiguous shards, written as ``{prefix}_{i}_{key}_document``, and merged
 into ``{prefix}_{key}_document`` (skip the merge with ``--no-merge-partitions``). Outputs are
 written under temporary names and renamed only when complete; on any error nothing is left.
@@ -36,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys to tokenize")
     group.add_argument("--skip-bad-lines", action="store_true",
                        help="skip (and count) malformed lines instead of stopping")
+    group.add_argument("--skip-empty-documents", action="store_true",
+                       help="leave documents without a token out of the index (by default each "
+                            "keeps an empty entry, as Megatron-LM's preprocess_data.py writes)")
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
     group.add_argument("--append-eod", action="store_true", help="end each document with </s>")
@@ -71,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, stats in report.keys.items():
         print(
             f"key '{key}': {stats.documents} documents, {stats.tokens} tokens"
-            f"{' (with EOD)' if args.append_eod else ''}, {stats.empty_skipped} empty skipped"
+            f"{' (with EOD)' if args.append_eod else ''}, {stats.empty} empty "
+            f"{'skipped' if args.skip_empty_documents else 'kept as empty index entries'}"
         )
     print(
         f"time: {report.seconds:.2f} s, {report.input_bytes / seconds / 1e6:.2f} MB/s of text, "

@@ -93,13 +93,16 @@ def merge_datasets(prefixes: list[str], bin_path: str, idx_path: str) -> tuple[i
     return len(builder.sequence_lengths), tokens
 
 
-def verify_dataset(prefix: str, documents: int, tokens: int) -> None:
-    """Re-open ``prefix`` with megatron's reader and check its document and token counts."""
-    dataset = IndexedDataset(prefix)
-    got_documents = len(dataset)
-    got_tokens = int(numpy.sum(dataset.sequence_lengths, dtype=numpy.int64))
-    if (got_documents, got_tokens) != (documents, tokens):
+def verify_dataset(prefix: str, sequences: int, tokens: int, documents: int | None = None) -> None:
+    """Re-open ``prefix`` with megatron's reader and check its counts: ``sequences`` (entries of
+    ``sequence_lengths``, one per document with text), ``tokens`` and, when given, ``documents``
+    (entries of ``document_indices`` minus one, empty documents included)."""
+    dataset = IndexedDataset(prefix, mmap=False)  # mmap cannot open the empty .bin of 0 tokens
+    got = (len(dataset), int(numpy.sum(dataset.sequence_lengths, dtype=numpy.int64)),
+           len(dataset.document_indices) - 1)
+    want = (sequences, tokens, got[2] if documents is None else documents)
+    if got != want:
         raise RuntimeError(
-            f"{prefix}: wrote {documents} documents / {tokens} tokens but read back "
-            f"{got_documents} / {got_tokens}"
+            f"{prefix}: wrote {want[0]} sequences / {want[1]} tokens / {want[2]} documents but "
+            f"read back {got[0]} / {got[1]} / {got[2]}"
         )

@@ -10,6 +10,12 @@ memory stays bounded for any input size. Each document becomes one sequence of t
 (``+ [eod]`` with ``append_eod``) written with ``IndexedDatasetBuilder`` in the dtype
 ``DType.optimal_dtype(vocab_size)`` (uint16 below 65500 pieces, else int32).
 
+Empty documents (a text that encodes to no token; it gets no EOD either) are kept as Megatron-LM's
+``tools/preprocess_data.py`` keeps them: an entry in the index's ``document_indices`` that holds
+no sequence (no ``sequence_lengths`` entry, no bytes in ``.bin``), so the pair is byte-identical
+to Megatron-LM's. GPT datasets index sequences, so such an entry is never sampled. With
+``skip_empty_documents`` the index has no entry for them. Either way they are counted.
+
 With ``partitions`` = N > 1 the lines are counted first and line ``j`` of ``L`` goes to shard
 ``j * N // L`` (contiguous, in order); each shard is its own pair, and the shards are then merged
 into the unsharded pair (unless ``merge_partitions`` is False), which equals a run with N = 1
@@ -51,6 +57,7 @@ class PreprocessConfig:
     partitions: int = 1
     merge_partitions: bool = True
     skip_bad_lines: bool = False
+    skip_empty_documents: bool = False
     chunk_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
@@ -66,11 +73,13 @@ class PreprocessConfig:
 
 @dataclass
 class KeyReport:
-    """Per-key counts: documents and tokens written (tokens include EODs), empty texts skipped."""
+    """Per-key counts: ``documents`` with text (one sequence each) and their ``tokens`` (EODs
+    included); ``empty`` documents (kept as index entries, or skipped with
+    ``skip_empty_documents``)."""
 
     documents: int = 0
     tokens: int = 0
-    empty_skipped: int = 0
+    empty: int = 0
 
 
 @dataclass
@@ -241,7 +250,7 @@ class _Writers:
                 self.builders[shard, key] = IndexedDatasetBuilder(
                     self.prefixes[shard, key] + ".bin", dtype=dtype
                 )
-                self.counts[shard, key] = [0, 0]
+                self.counts[shard, key] = [0, 0, 0]  # sequences, tokens, index documents
 
     def _stage(self, prefix: str) -> str:
         """Stage ``prefix.bin`` then ``prefix.idx`` (renamed in this order); returns the staged
@@ -251,10 +260,13 @@ class _Writers:
         return staged_bin[: -len(".bin")]
 
     def add(self, shard, key: str, ids: numpy.ndarray) -> None:
-        """Append one document of ``ids.size`` tokens."""
-        self.builders[shard, key].add_document(ids, [ids.size])
-        self.counts[shard, key][0] += 1
-        self.counts[shard, key][1] += ids.size
+        """Append one document of ``ids.size`` tokens: one sequence, or none when it is empty
+        (Megatron-LM's tool passes no sequence length for an empty document)."""
+        self.builders[shard, key].add_document(ids, [ids.size] if ids.size else [])
+        counts = self.counts[shard, key]
+        counts[0] += 1 if ids.size else 0
+        counts[1] += ids.size
+        counts[2] += 1
 
     def close(self) -> None:
         """Close the open ``.bin`` files (after an error; ``finalize`` closes them otherwise)."""
@@ -271,7 +283,8 @@ class _Writers:
                 merged = self._stage(dataset_prefix(self.config.output_prefix, key))
                 parts = [self.prefixes[shard, key] for shard in self.shards]
                 merge_datasets(parts, merged + ".bin", merged + ".idx")
-                verify_dataset(merged, stats.documents, stats.tokens)
+                documents = sum(self.counts[shard, key][2] for shard in self.shards)
+                verify_dataset(merged, stats.documents, stats.tokens, documents)
 
 
 def _load_tokenizer(model_path: str):
@@ -327,10 +340,11 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
                     for key, ids in zip(config.json_keys, result[1]):
                         stats = report.keys[key]
                         if ids.size == 0:
-                            stats.empty_skipped += 1
-                            continue
+                            stats.empty += 1
+                            if config.skip_empty_documents:
+                                continue
                         writers.add(shard, key, ids)
-                        stats.documents += 1
+                        stats.documents += 1 if ids.size else 0
                         stats.tokens += int(ids.size)
                     progress.update(report, disk_bytes)
                 report.input_bytes += size
@@ -343,7 +357,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
             if stats.documents == 0:
                 raise DataError(
                     f"no document with text under key '{key}' in {report.lines} input lines "
-                    f"({stats.empty_skipped} empty, {report.bad_lines_skipped} bad); check "
+                    f"({stats.empty} empty, {report.bad_lines_skipped} bad); check "
                     f"--input and --json-keys"
                 )
         writers.finish(report)

@@ -85,12 +85,12 @@ def test_invalid_utf8_names_file_and_line(preprocess, tmp_path, capsys):
     assert_no_outputs(tmp_path / "out")
 
 
-def test_empty_documents_are_skipped_not_errors(preprocess, tmp_path, capsys):
+def test_empty_documents_are_counted_not_errors(preprocess, tmp_path, capsys):
     path = write_lines(tmp_path / "c.jsonl", [b'{"text": "one"}', b'{"text": ""}', b"",
                                               b'{"text": null}', b'{"text": "two"}'])
     assert preprocess(path) == 0
     out = capsys.readouterr().out
-    assert "2 documents" in out and "3 empty skipped" in out
+    assert "2 documents" in out and "3 empty kept as empty index entries" in out
 
 
 def test_only_empty_documents_is_an_error(preprocess, tmp_path, capsys):

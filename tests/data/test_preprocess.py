@@ -101,7 +101,7 @@ def test_report_counts_empty_documents(tmp_path, corpus_file, tokenizer_model, t
                "--output-prefix", tmp_path / "c") == 0
     out = capsys.readouterr().out
     assert "lines read: 30, bad lines skipped: 0" in out
-    assert "28 documents" in out and "2 empty skipped" in out
+    assert "28 documents" in out and "2 empty kept as empty index entries" in out
 
 
 def test_progress_lines(tmp_path, corpus_file, tokenizer_model, tools, caplog):
