@@ -21,12 +21,16 @@ setup(
     install_requires=_requirements(),
     extras_require={
         # transformers, safetensors and protobuf let the suite check the Hugging Face export;
-        # matplotlib, the reproduction's loss plot; tensorboard, the trainer's event files
-        "test": ["pytest>=8", "transformers>=4.40", "safetensors", "protobuf", "matplotlib", "tensorboard"],
+        # matplotlib, the reproduction's loss plot; tensorboard, the trainer's event files;
+        # wandb, offline W&B runs
+        "test": ["pytest>=8", "transformers>=4.40", "safetensors", "protobuf", "matplotlib", "tensorboard",
+                 "wandb>=0.31"],
         "gpu": ["transformer-engine[pytorch]", "apex"],
         "hf": ["transformers>=4.40", "safetensors", "protobuf"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
+        # --wandb-project: Weights & Biases runs (training/tracking.py)
+        "wandb": ["wandb>=0.31"],
     },
     entry_points={
         "console_scripts": [
