@@ -5,15 +5,25 @@ Layout of ``--save DIR``::
     DIR/latest_checkpointed_iteration.txt   the tracker: the newest complete checkpoint
     DIR/iter_0000100/                        one checkpoint (dist_checkpointing files)
     DIR/iter_0000100/megatron_patch.json     progress, model shape and arguments (plain JSON)
+    DIR/iter_0000100/manifest.json           every file's size and CRC-32 (``manifest.py``)
 
 A checkpoint is written to ``iter_N.tmp`` and renamed to ``iter_N`` only after every rank has
 finished; the tracker is then replaced atomically. An interrupted save therefore leaves the
-previous checkpoint and a tracker pointing to it. Existing checkpoints are never overwritten.
+previous checkpoint and a tracker pointing to it; a kill between the rename and the tracker
+write leaves a complete ``iter_N`` newer than the tracker, which resuming takes (and the next
+save's tracker write names). Existing complete checkpoints are never overwritten. Loading checks
+the files against the manifest first (``verify=False`` skips that).
+
+Saving runs in this process: megatron's torch_dist writer would otherwise collect its results
+through a ``multiprocessing`` Manager process that a SIGTERM to the process group kills, which
+made the save on the pre-emption path fail (``_in_process_write_results``).
 """
 
 import json
 import logging
 import os
+import queue
+import re
 import shutil
 from typing import Optional
 
@@ -21,8 +31,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_patch.checkpoint import manifest
 from megatron_patch.training.builders import (
     prepare_optimizer_state_for_loading,
     restore_adam_step_counters,
@@ -34,6 +46,10 @@ logger = logging.getLogger(__name__)
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "megatron_patch.json"
 FORMAT_VERSION = 1
+# what dist_checkpointing's torch_dist format needs besides the ranks' __R_I.distcp shards
+REQUIRED_FILES = ("common.pt", "metadata.json", ".metadata")
+_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+_WARNED = set()  # (root, tracker, newest) already reported by read_tracker
 
 
 class CheckpointError(RuntimeError):
@@ -44,15 +60,41 @@ def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def read_tracker(root: str) -> Optional[int]:
-    """The iteration the tracker names, or None when ``root`` holds no checkpoint yet."""
+def tracker_value(root: str) -> Optional[int]:
+    """The iteration written in ``root``'s tracker file, or None when there is none."""
     path = os.path.join(root, TRACKER)
     if not os.path.exists(path):
         return None
-    text = open(path).read().strip()
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: unreadable tracker ({error}); fix or delete it") from None
     if not text.isdigit():
-        raise CheckpointError(f"{path}: tracker holds {text!r}, not an iteration number; fix or delete it")
+        raise CheckpointError(f"{path}: tracker holds {text[:40]!r}, not an iteration number; fix or delete it")
     return int(text)
+
+
+def newest_complete(root: str) -> Optional[int]:
+    """The highest N with a complete ``root/iter_N`` (renamed into place, so it holds its metadata)."""
+    if not os.path.isdir(root):
+        return None
+    found = [int(m.group(1)) for m in map(_ITER_DIR.match, os.listdir(root))
+             if m and os.path.isfile(os.path.join(root, m.group(0), METADATA))]
+    return max(found, default=None)
+
+
+def read_tracker(root: str) -> Optional[int]:
+    """The iteration to resume from: the tracker's, or a newer complete checkpoint's where a kill
+    came between renaming it into place and writing the tracker; None when ``root`` holds none."""
+    named, newest = tracker_value(root), newest_complete(root)
+    if newest is not None and (named is None or newest > named):
+        if (root, named, newest) not in _WARNED:
+            _WARNED.add((root, named, newest))
+            logger.warning("%s: %s names %s but %s is complete and newer (the save was interrupted before the "
+                           "tracker write): using it", root, TRACKER, named, checkpoint_dir(root, newest))
+        return newest
+    return named
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -153,8 +195,7 @@ def save_checkpoint(root, iteration, model, optimizer, scheduler, progress, args
     (the checkpoint this run resumed from, identical by construction)."""
     final = checkpoint_dir(root, iteration)
     rank = dist.get_rank()
-    if os.path.exists(final):
-        logger.info("checkpoint %s exists (resumed from it); not writing it again", final)
+    if os.path.exists(final) and _existing(root, final, iteration):
         return final
     partial_dir = final + ".tmp"
     if rank == 0:
@@ -162,6 +203,7 @@ def save_checkpoint(root, iteration, model, optimizer, scheduler, progress, args
         shutil.rmtree(partial_dir, ignore_errors=True)
         os.makedirs(partial_dir)
     dist.barrier()
+    _in_process_write_results()
     dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, with_rng=True), partial_dir)
     dist.barrier()
     if rank == 0:
@@ -174,12 +216,45 @@ def save_checkpoint(root, iteration, model, optimizer, scheduler, progress, args
             "args": {key: value for key, value in vars(args).items() if _is_plain(value)},
         }
         _write_atomic(os.path.join(partial_dir, METADATA), json.dumps(meta, indent=1, sort_keys=True))
+    manifest.write_manifest(partial_dir)  # collective: every rank checksums its own shards
+    if rank == 0:
         os.replace(partial_dir, final)
         _write_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
         _prune(root, keep_last)
     dist.barrier()
     logger.info("saved checkpoint %s", final)
     return final
+
+
+def _existing(root: str, final: str, iteration: int) -> bool:
+    """True when ``final`` is a complete checkpoint (then the tracker is made to name the newest
+    complete one); an incomplete ``final`` (no metadata: not written by this code) is an error."""
+    if not os.path.exists(os.path.join(final, METADATA)):
+        raise CheckpointError(f"{final} exists but holds no {METADATA} (not a complete checkpoint): move it away "
+                              f"or delete it, then resume")
+    if dist.get_rank() == 0:
+        named, newest = tracker_value(root), newest_complete(root)
+        if named != newest:
+            _write_atomic(os.path.join(root, TRACKER), f"{newest}\n")
+            logger.warning("%s named %s; now names %s, the newest complete checkpoint", TRACKER, named, newest)
+    dist.barrier()
+    logger.info("checkpoint %s exists and is complete; not writing it again", final)
+    return True
+
+
+def _in_process_write_results() -> None:
+    """Give megatron's torch_dist writer an in-process queue for its results.
+
+    megatron-core 0.16.1 (``strategies/filesystem_async.py``) collects each save's write results
+    through a queue of a ``multiprocessing`` Manager that it spawns at the first save and that
+    lives, in the trainer's process group, until the trainer exits. A SIGTERM to the group
+    (scancel, a time limit, torchrun's forwarding) kills it, and the save on the pre-emption path
+    then fails with BrokenPipeError; a kill -9 of the trainer leaves it running. Synchronous saves
+    put and get the results in this process (the forked writers report through a queue of their
+    own), so a plain queue serves and no helper process exists.
+    """
+    if not isinstance(filesystem_async._results_queue, queue.SimpleQueue):
+        filesystem_async._results_queue = queue.SimpleQueue()
 
 
 def _is_plain(value) -> bool:
@@ -208,12 +283,39 @@ def _prune(root: str, keep_last: int) -> None:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def load_checkpoint(path, model, shape, optimizer=None, scheduler=None, restore_rng=True) -> dict:
+def check_files(ckpt: str, verify: bool = True) -> None:
+    """CheckpointError (one line, on every rank alike) unless ``ckpt`` holds the files
+    dist_checkpointing reads and, with ``verify``, every file matches the checkpoint's manifest
+    (sizes, and CRC-32 split over the ranks). Collective when ``verify`` is set."""
+    if verify:
+        try:
+            manifest.verify(ckpt)
+        except manifest.ManifestError as error:
+            raise CheckpointError(str(error)) from None
+    for name in REQUIRED_FILES:
+        if not os.path.isfile(os.path.join(ckpt, name)):
+            raise CheckpointError(f"{os.path.join(ckpt, name)} is missing (deleted or never written): the checkpoint "
+                                  f"is incomplete; load an earlier one")
+
+
+def last_line(error: BaseException) -> str:
+    """The last non-empty line of an exception's message (torch's are many lines long), cut to 200 characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:200] if lines else type(error).__name__
+
+
+def load_checkpoint(path, model, shape, optimizer=None, scheduler=None, restore_rng=True, verify=True) -> dict:
     """Load model weights (and, when given, optimizer, scheduler and RNG) from ``path`` (a ``--save``
-    root or one checkpoint). Returns the checkpoint's metadata (``progress`` and ``args``)."""
+    root or one checkpoint). Returns the checkpoint's metadata (``progress`` and ``args``).
+
+    With ``verify`` (the default) every file is first checked against the checkpoint's manifest
+    (``manifest.py``: sizes and CRC-32, about 0.5 s per GB on the slowest rank), so a truncated or
+    overwritten shard is named before dist_checkpointing reads it; ``verify=False`` skips that (the
+    tools' ``--no-checkpoint-verify``). A checkpoint without a manifest loads with a warning."""
     ckpt = resolve_checkpoint(path)
     meta = read_metadata(ckpt)
     check_model_shape(ckpt, meta, shape)
+    check_files(ckpt, verify)
     same_layout = meta.get("layout") == dict(zip(("pipeline", "tensor", "data"), _layout()))
     with_rng = restore_rng and same_layout
     if optimizer is not None:
@@ -222,9 +324,7 @@ def load_checkpoint(path, model, shape, optimizer=None, scheduler=None, restore_
     try:
         state = dist_checkpointing.load(request, ckpt)
     except (Exception, CheckpointException) as error:  # torch's CheckpointException is a BaseException
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        cause = lines[-1][:200] if lines else type(error).__name__
-        raise CheckpointError(f"checkpoint {ckpt} could not be loaded ({cause}): it is corrupt "
+        raise CheckpointError(f"checkpoint {ckpt} could not be loaded ({last_line(error)}): it is corrupt "
                               f"or incomplete; load an earlier one") from None
     unwrap(model[0]).load_state_dict(state["model"], strict=True)
     if optimizer is not None:

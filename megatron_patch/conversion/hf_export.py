@@ -43,7 +43,9 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_patch.checkpoint import store as ckpt
 from megatron_patch.runtime.tool import ToolError, VerificationError
 from megatron_patch.checkpoint.info import CheckpointInfo
 
@@ -84,15 +86,28 @@ def check_architecture_args(info: CheckpointInfo) -> None:
             raise _refuse(info, f"args.{name} = {info.args[name]!r}, Llama needs {expected!r}")
 
 
-def read_tensors(info: CheckpointInfo) -> Dict[str, torch.Tensor]:
-    """The model tensors of ``info.path``, unsharded (optimizer state is not read). Collective."""
-    metadata = dist_checkpointing.load_tensors_metadata(info.path)
+def read_tensors(info: CheckpointInfo, verify: bool = True) -> Dict[str, torch.Tensor]:
+    """The model tensors of ``info.path``, unsharded (optimizer state is not read). Collective.
+
+    The checkpoint's files are checked first (``store.check_files``: present, and with ``verify``
+    of the sizes and CRC-32s its manifest records); CheckpointError (one line) otherwise, also for
+    a file dist_checkpointing then fails to read."""
+    ckpt.check_files(info.path, verify)
+    try:
+        metadata = dist_checkpointing.load_tensors_metadata(info.path)
+    except (Exception, CheckpointException) as error:  # torch's CheckpointException is a BaseException
+        raise ckpt.CheckpointError(f"checkpoint {info.path}: its tensor index could not be read "
+                                   f"({ckpt.last_line(error)}): it is corrupt; export an earlier one") from None
     model_keys = [key for key in metadata if not key.startswith(("optimizer.", "rng_state"))]
     unknown = [key for key in model_keys if not _known(key)]
     if unknown:
         raise _refuse(info, f"unexpected tensor {unknown[0]!r}")
     request = {key: metadata[key] for key in model_keys if not key.endswith("_extra_state")}
-    return dist_checkpointing.load(request, info.path, validate_access_integrity=False)
+    try:
+        return dist_checkpointing.load(request, info.path, validate_access_integrity=False)
+    except (Exception, CheckpointException) as error:
+        raise ckpt.CheckpointError(f"checkpoint {info.path} could not be loaded ({ckpt.last_line(error)}): it is "
+                                   f"corrupt or incomplete; export an earlier one") from None
 
 
 def _known(key: str) -> bool:

@@ -58,7 +58,13 @@ def micro_batches(
     num_workers: int = 0,
     pin_memory: bool = False,
 ) -> Iterator[dict]:
-    """An iterator of ``{tokens, labels, loss_mask}`` micro-batches, each ``[b, L]`` (L tokens)."""
+    """An iterator of ``{tokens, labels, loss_mask}`` micro-batches, each ``[b, L]`` (L tokens).
+
+    The loader gets a generator of its own: creating an iterator draws a base seed for the worker
+    processes, and drawing it from the global CPU generator would leave a resumed run's RNG one
+    draw away from the uninterrupted run's (the samples do not depend on it: the sampler is
+    deterministic and the datasets do no random augmentation).
+    """
     sampler = PretrainingBatchSampler(
         len(dataset), consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size
     )
@@ -69,5 +75,6 @@ def micro_batches(
         collate_fn=_collate,
         pin_memory=pin_memory,
         persistent_workers=False,
+        generator=torch.Generator().manual_seed(0),
     )
     return iter(loader)

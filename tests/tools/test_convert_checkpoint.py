@@ -72,7 +72,7 @@ def _corrupt_copy(trained, tmp_path, what):
 
 BAD = {
     "missing": (lambda t, p: ["--load", p / "nowhere"], "no such directory"),
-    "corrupt-tensors": (lambda t, p: ["--load", _corrupt_copy(t, p, "tensors")], "could not be loaded"),
+    "corrupt-tensors": (lambda t, p: ["--load", _corrupt_copy(t, p, "tensors")], "manifest.json says"),
     "corrupt-metadata": (lambda t, p: ["--load", _corrupt_copy(t, p, "metadata")], "unreadable checkpoint metadata"),
     "tp-heads": (lambda t, p: ["--load", t["patch"], "--tensor-model-parallel-size", "3"],
                  "--tensor-model-parallel-size 3 does not divide the 4 attention heads"),

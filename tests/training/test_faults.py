@@ -1,14 +1,19 @@
 """Faults through the real entry point (a process of its own): kill -9 and resume gives the
-uninterrupted loss trajectory bit for bit; SIGTERM saves and exits 0; an interrupted save leaves
-the previous checkpoint loadable."""
+uninterrupted run's losses bit for bit and its whole final checkpoint (RNG states included);
+SIGTERM to the process group after a save saves and exits 0, leaving no process behind; a kill
+between renaming a checkpoint into place and writing the tracker resumes from the newest one
+and leaves the tracker naming the newest; an interrupted save leaves the previous checkpoint
+loadable."""
 
 import os
+import shutil
 import signal
 import time
 
 import pytest
 
 from megatron_patch.checkpoint import store as checkpoint
+from megatron_patch.checkpoint.compare import differences
 from tests.training.common import launch, train_records, trainer_args
 
 ITERS = 12  # 8 patch steps (global 1-8), then 4 token steps (global 9-12)
@@ -31,18 +36,40 @@ def _wait_for_iteration(process, save, iteration, timeout=120):
     raise AssertionError(f"iteration {iteration} not reached")
 
 
+def _group_gone(process) -> bool:
+    """True when no process of ``process``'s group (the trainer and all it started) is left."""
+    try:
+        os.killpg(process.pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _final_checkpoint_equal(save, reference_save):
+    final = checkpoint.checkpoint_dir(str(save), ITERS)
+    assert checkpoint.tracker_value(str(save)) == ITERS
+    assert differences(checkpoint.checkpoint_dir(str(reference_save), ITERS), final) == []
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_corpus, tmp_path_factory):
+def uninterrupted_run(tiny_corpus, tmp_path_factory):
+    """The run's --save folder (every checkpoint kept: iterations 2, 4, ..., 12)."""
     save = tmp_path_factory.mktemp("full") / "run"
     code, output = _finish(launch(trainer_args(tiny_corpus, save, "--save-interval", "2", "--eval-iters", "0",
-                                               train_iters=ITERS)))
+                                               "--keep-last-checkpoints", "0", train_iters=ITERS)))
     assert code == 0, output[-3000:]
     assert "Warning" not in output, output  # megatron's known notices stay out of the entry point's log
-    return train_records(save)
+    return save
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+    return train_records(uninterrupted_run)
 
 
 @pytest.mark.parametrize("kill_after", [3, 8, 10], ids=["patch-stage", "stage-switch", "token-stage"])
-def test_kill_9_then_resume_matches_uninterrupted_run(tiny_corpus, tmp_path, uninterrupted, kill_after):
+def test_kill_9_then_resume_matches_uninterrupted_run(tiny_corpus, tmp_path, uninterrupted, uninterrupted_run,
+                                                      kill_after):
     save = tmp_path / "run"
     args = trainer_args(tiny_corpus, save, "--save-interval", "2", "--eval-iters", "0", train_iters=ITERS)
     process = launch(args)
@@ -57,23 +84,52 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tiny_corpus, tmp_path, uni
     for iteration in range(1, ITERS + 1):
         assert records[iteration]["loss"] == uninterrupted[iteration]["loss"], (iteration, resumed_from)
         assert records[iteration]["lr"] == uninterrupted[iteration]["lr"], iteration
+        assert records[iteration]["grad_norm"] == uninterrupted[iteration]["grad_norm"], iteration
+    _final_checkpoint_equal(save, uninterrupted_run)  # weights, Adam state, scheduler and RNG states
 
 
-def test_sigterm_saves_and_exits_zero_then_resumes(tiny_corpus, tmp_path, uninterrupted):
+def test_resume_takes_a_complete_checkpoint_newer_than_the_tracker(tiny_corpus, tmp_path, uninterrupted,
+                                                                   uninterrupted_run):
+    """A kill between renaming iter_10 into place and writing the tracker (still naming 8)."""
     save = tmp_path / "run"
-    args = trainer_args(tiny_corpus, save, "--eval-iters", "0", train_iters=ITERS)  # no periodic saves
+    shutil.copytree(uninterrupted_run, save, ignore=shutil.ignore_patterns("iter_0000012", "metrics.jsonl"))
+    (save / checkpoint.TRACKER).write_text("8\n")
+    args = trainer_args(tiny_corpus, save, "--save-interval", "2", "--eval-iters", "0", "--keep-last-checkpoints",
+                        "0", train_iters=ITERS)
+    code, output = _finish(launch(args + ["--load", str(save)]))
+    assert code == 0, output[-3000:]
+    assert "names 8 but" in output and "iter_0000010 is complete and newer" in output, output[-3000:]
+    assert "loaded full state from " + checkpoint.checkpoint_dir(str(save), 10) in output
+    records = train_records(save)
+    assert sorted(records) == [11, 12]  # only the steps after the newest checkpoint ran
+    for iteration in (11, 12):
+        assert records[iteration]["loss"] == uninterrupted[iteration]["loss"], iteration
+    _final_checkpoint_equal(save, uninterrupted_run)
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(tiny_corpus, tmp_path, uninterrupted, uninterrupted_run):
+    """SIGTERM to the whole process group after the first periodic save: megatron's checkpoint
+    writer has run by then, so whatever it started got the signal too (before the fix a
+    Manager process died of it and the stop-save failed with BrokenPipeError, 3 of 3 tries)."""
+    save = tmp_path / "run"
+    args = trainer_args(tiny_corpus, save, "--eval-iters", "0", "--save-interval", "2", "--keep-last-checkpoints", "0",
+                        train_iters=ITERS)
     process = launch(args)
-    _wait_for_iteration(process, save, 4)
+    _wait_for_iteration(process, save, 3)
     os.killpg(process.pid, signal.SIGTERM)
     code, output = _finish(process)
     assert code == 0, output[-3000:]
-    saved = checkpoint.read_tracker(str(save))
-    assert saved is not None and 4 <= saved < ITERS
     assert "stopped by SIGTERM" in output
+    assert _group_gone(process)  # no helper process outlives the trainer
+    saved = checkpoint.tracker_value(str(save))
+    assert saved is not None and 3 <= saved < ITERS and "stopped by SIGTERM at iteration %d" % saved in output
+    assert not [name for name in os.listdir(save) if name.endswith(".tmp")], os.listdir(save)
+    checkpoint.check_files(checkpoint.checkpoint_dir(str(save), saved))  # complete, matches its manifest
     code, output = _finish(launch(args + ["--load", str(save)]))
     assert code == 0, output[-3000:]
     records = train_records(save)
     assert [records[i]["loss"] for i in range(1, ITERS + 1)] == [uninterrupted[i]["loss"] for i in range(1, ITERS + 1)]
+    _final_checkpoint_equal(save, uninterrupted_run)
 
 
 def test_interrupted_save_leaves_previous_checkpoint(world, model_parallel, tiny_corpus, tmp_path, monkeypatch):

@@ -1,0 +1,110 @@
+"""Checkpoint integrity as every tool sees it: a truncated shard, 4 KiB zeroed inside a shard (same
+size), a deleted common.pt or .metadata and an unreadable manifest are each refused by
+convert_checkpoint, evaluate and export_hf with one line that names the file, before
+dist_checkpointing reads it; nothing is left behind. A checkpoint without a manifest (written
+before manifests existed) still loads, with a warning."""
+
+import json
+import logging
+import os
+import shutil
+
+import pytest
+
+from megatron_patch.checkpoint import manifest
+from megatron_patch.checkpoint import store as checkpoint
+from tests.tools.common import assert_one_line_error, call, leftovers
+from tools import convert_checkpoint, evaluate, export_hf
+
+
+def _shard(folder):
+    return sorted(name for name in os.listdir(folder) if name.endswith(".distcp"))[0]
+
+
+def _truncate(folder):
+    name = _shard(folder)
+    with open(os.path.join(folder, name), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(folder, name)) // 2)
+    return name, "bytes, manifest.json says"
+
+
+def _zero_4k(folder):
+    name = _shard(folder)
+    path = os.path.join(folder, name)
+    assert os.path.getsize(path) > 3 * 4096
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        f.write(b"\0" * 4096)
+    return name, "CRC-32"
+
+
+def _delete(name):
+    def damage(folder):
+        os.remove(os.path.join(folder, name))
+        return name, "is missing"
+    return damage
+
+
+def _garble_manifest(folder):
+    with open(os.path.join(folder, manifest.MANIFEST), "w") as f:
+        f.write('{"files": ')
+    return manifest.MANIFEST, "unreadable manifest"
+
+
+DAMAGE = {"truncated-shard": _truncate, "zeroed-4KiB": _zero_4k, "no-common.pt": _delete("common.pt"),
+          "no-.metadata": _delete(".metadata"), "bad-manifest": _garble_manifest}
+
+
+def _damaged_copy(trained, tmp_path, how):
+    copy = tmp_path / "damaged"
+    shutil.copytree(trained["final"], copy)
+    name, expected = DAMAGE[how](str(copy))
+    return copy, name, expected
+
+
+def _argv(tool, source, tmp_path):
+    out = tmp_path / "out"
+    if tool is evaluate:
+        (tmp_path / "d.jsonl").write_text(json.dumps({"text": "It was the best of times."}) + "\n")
+        return ["--cpu", "--load", source, "--input", tmp_path / "d.jsonl", "--output-json", out], out
+    return ["--cpu", "--load", source, "--save", out], out
+
+
+@pytest.mark.parametrize("tool", [convert_checkpoint, evaluate, export_hf], ids=lambda t: t.__name__.split(".")[-1])
+@pytest.mark.parametrize("how", list(DAMAGE))
+def test_damaged_checkpoint_is_one_line_naming_the_file(trained, tmp_path, capsys, tool, how):
+    if tool is export_hf:
+        pytest.importorskip("safetensors")
+    source, name, expected = _damaged_copy(trained, tmp_path, how)
+    argv, out = _argv(tool, source, tmp_path)
+    code, _, err = call(tool, argv, capsys)
+    assert_one_line_error(code, err, expected)
+    assert os.path.join(str(source), name) in err[0]
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+def test_every_file_of_a_saved_checkpoint_is_in_its_manifest(trained):
+    folder = trained["final"]
+    files = manifest.read_manifest(folder)
+    assert sorted(files) == sorted(name for name in os.listdir(folder) if name != manifest.MANIFEST)
+    for name, entry in files.items():
+        assert manifest.check_file(folder, name, entry) is None
+
+
+def test_checkpoint_without_manifest_loads_with_a_warning(trained, tmp_path, capsys, caplog):
+    copy = tmp_path / "old"
+    shutil.copytree(trained["final"], copy)
+    os.remove(copy / manifest.MANIFEST)
+    _zero_4k(str(copy))  # undetectable without a manifest: shows the check is really skipped
+    with caplog.at_level(logging.WARNING):
+        checkpoint.check_files(str(copy))
+    assert "has no manifest.json" in caplog.text
+
+
+def test_verify_false_skips_the_checksums(trained, tmp_path):
+    copy = tmp_path / "zeroed"
+    shutil.copytree(trained["final"], copy)
+    _zero_4k(str(copy))
+    checkpoint.check_files(str(copy), verify=False)  # the flag --no-checkpoint-verify passes
+    with pytest.raises(checkpoint.CheckpointError, match="CRC-32"):
+        checkpoint.check_files(str(copy))

@@ -1,0 +1,96 @@
+"""Pre-emption under torchrun: SIGTERM to the whole process group (launcher, workers and whatever
+they started, as scancel or a SLURM time limit delivers it) right after the first periodic save
+makes every rank save at the current step and exit 0, leaves a complete checkpoint that matches
+its manifest, no ``iter_*.tmp`` and no process; the run then resumes to the end. Also the signal
+names ``preemption.parse_signals`` accepts and the handler ``StopSignals`` installs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megatron_patch.checkpoint import store as checkpoint
+from megatron_patch.training.preemption import StopSignals, parse_signals
+from tests.training.common import ENTRY, REPO_ROOT, train_records, trainer_args
+
+ITERS = 12
+
+
+def _torchrun(args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ENTRY, *args]
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_iteration(process, save, iteration, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"trainer ended early: {process.communicate()[0][-3000:]}")
+        if os.path.exists(os.path.join(save, "metrics.jsonl")) and max(train_records(save), default=0) >= iteration:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"iteration {iteration} not reached")
+
+
+def test_group_sigterm_under_torchrun_saves_on_every_rank(tiny_corpus, tmp_path):
+    save = tmp_path / "run"
+    args = trainer_args(tiny_corpus, save, "--eval-iters", "0", "--save-interval", "2",
+                        "--tensor-model-parallel-size", "2", train_iters=ITERS)
+    process = _torchrun(args)
+    _wait_for_iteration(process, save, 3)  # the save at iteration 2 is done
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=240)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)  # nothing of the job is left
+    for rank in (0, 1):  # each worker stopped on its own signal handler and returned normally
+        assert f"[rank {rank}] stopped by SIGTERM at iteration" in output, output[-3000:]
+    assert "BrokenPipeError" not in output and "ChildFailedError" not in output, output[-3000:]
+    # torchrun itself got the signal too: it re-raises it once its workers are done (exit status 1)
+    assert process.returncode in (0, 1), output[-3000:]
+    saved = checkpoint.tracker_value(str(save))
+    assert saved is not None and saved >= 3 and f"stopped by SIGTERM at iteration {saved}" in output
+    assert not [name for name in os.listdir(save) if name.endswith(".tmp")], os.listdir(save)
+    checkpoint.check_files(checkpoint.checkpoint_dir(str(save), saved))
+    resumed = _torchrun(args + ["--load", str(save)])
+    output, _ = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, output[-3000:]
+    assert f"loaded full state from {checkpoint.checkpoint_dir(str(save), saved)}" in output
+    assert sorted(train_records(save)) == list(range(1, ITERS + 1))
+    assert checkpoint.tracker_value(str(save)) == ITERS
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("SIGTERM,SIGUSR1", (signal.SIGTERM, signal.SIGUSR1)),
+    ("usr1", (signal.SIGUSR1,)),
+    ("TERM, TERM", (signal.SIGTERM,)),
+    (str(int(signal.SIGUSR2)), (signal.SIGUSR2,)),
+])
+def test_parse_signals(text, expected):
+    assert parse_signals(text) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("SIGFOO", "'SIGFOO' is not a signal name"),
+    ("KILL", "SIGKILL cannot be caught"),
+    (" , ", "names no signal"),
+])
+def test_parse_signals_refuses_with_one_line(text, message):
+    with pytest.raises(ValueError, match=message) as error:
+        parse_signals(text)
+    assert "\n" not in str(error.value)
+
+
+def test_stop_signals_set_the_flag_and_restore_the_handlers():
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopSignals(parse_signals("SIGTERM,SIGUSR1")) as stop:
+        assert stop.requested is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal keeps the first one's name
+        time.sleep(0.01)
+        assert stop.requested == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is before
