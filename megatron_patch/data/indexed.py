@@ -45,7 +45,8 @@ def index_dtype(prefix: str) -> type[numpy.number]:
 
 
 def check_prefix(prefix: str) -> None:
-    """DataError naming the prefix and the fix when ``prefix.bin`` or ``prefix.idx`` is missing."""
+    """DataError naming the prefix and the fix when ``prefix.bin`` or ``prefix.idx`` is missing,
+    or when the pair does not agree (``check_pair``)."""
     missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
     if missing:
         raise DataError(
@@ -53,6 +54,58 @@ def check_prefix(prefix: str) -> None:
             f"without .bin/.idx, as written by tools/preprocess_data.py "
             f"(e.g. out/corpus_text_document), or run that tool first"
         )
+    check_pair(prefix)
+
+
+# .idx layout (megatron.core IndexedDatasetBuilder.finalize): header, version <Q, dtype code <B,
+# sequence count S <Q, document count D <Q, then int32 lengths[S], int64 byte offsets[S],
+# int64 document indices[D] and, for multimodal sets only, int8 modes[S]
+_FIXED_BYTES = len(_INDEX_HEADER) + 8 + 1 + 8 + 8
+_REMAKE = "re-create the pair with tools/preprocess_data.py (or copy both files again)"
+
+
+def check_pair(prefix: str) -> None:
+    """DataError (one line, naming the file) unless ``prefix.idx`` is a well-formed megatron index
+    and ``prefix.bin`` has exactly the bytes it describes: the offsets follow from the lengths,
+    the document indices run from 0 to the sequence count, and the .bin ends where the last
+    sequence ends. Reads the index only (time proportional to it, not to the data): a truncated
+    or extended .bin, a truncated, empty or random .idx are caught; tokens overwritten inside the
+    .bin are not (the vocabulary check scans those)."""
+    idx, bin_path = prefix + ".idx", prefix + ".bin"
+    size = os.path.getsize(idx)
+    with open(idx, "rb") as stream:
+        head = stream.read(_FIXED_BYTES)
+        if len(head) < _FIXED_BYTES or head[: len(_INDEX_HEADER)] != _INDEX_HEADER:
+            raise DataError(f"{idx} is not a megatron index file ({size} bytes, no {_INDEX_HEADER!r} header); {_REMAKE}")
+        version, code, sequences, documents = struct.unpack("<QBQQ", head[len(_INDEX_HEADER):])
+        if version != 1:
+            raise DataError(f"{idx}: index version {version}, megatron-core reads version 1; {_REMAKE}")
+        try:
+            itemsize = numpy.dtype(DType.dtype_from_code(code)).itemsize
+        except (KeyError, ValueError):
+            raise DataError(f"{idx}: unknown token dtype code {code}; the index is corrupt; {_REMAKE}") from None
+        expected = _FIXED_BYTES + 12 * sequences + 8 * documents
+        if size not in (expected, expected + sequences):
+            raise DataError(f"{idx} has {size} bytes but its header's {sequences} sequences and {documents} "
+                            f"documents need {expected}: truncated or corrupt; {_REMAKE}")
+        lengths = numpy.fromfile(stream, dtype=numpy.int32, count=sequences).astype(numpy.int64)
+        offsets = numpy.fromfile(stream, dtype=numpy.int64, count=sequences)
+        document_indices = numpy.fromfile(stream, dtype=numpy.int64, count=documents)
+    starts = numpy.concatenate(([0], numpy.cumsum(lengths * itemsize)))  # [S + 1] byte offsets
+    bad = numpy.flatnonzero((lengths < 0) | (offsets != starts[:-1]))
+    if bad.size:
+        raise DataError(f"{idx}: sequence {bad[0]} has length {lengths[bad[0]]} and byte offset {offsets[bad[0]]}, "
+                        f"which do not follow from the sequences before it; the index is corrupt; {_REMAKE}")
+    if documents < 1 or document_indices[0] != 0 or document_indices[-1] != sequences or \
+            numpy.any(numpy.diff(document_indices) < 0):
+        raise DataError(f"{idx}: its document indices do not run from 0 to its {sequences} sequences; "
+                        f"the index is corrupt; {_REMAKE}")
+    end = int(starts[-1])
+    bin_size = os.path.getsize(bin_path)
+    if bin_size != end:
+        state = "truncated" if bin_size < end else "longer than its index says"
+        raise DataError(f"{bin_path} has {bin_size} bytes but {idx} says its {sequences} sequences end at byte "
+                        f"{end}: {state}; {_REMAKE}")
 
 
 def natural_key(text: str) -> list:

@@ -174,3 +174,74 @@ def test_bad_flags_are_one_line_errors(tools, tmp_path, capsys):
           "--bogus", "tools/merge_datasets.py --help")
     fails(capsys, tools.train_tokenizer.main(["--input", "x", "--output-prefix", "y",
                                               "--vocab-size", "many"]), "--vocab-size", "many")
+
+
+def _copy_pair(prefix, folder):
+    import shutil
+
+    copy = str(folder / "copy_text_document")
+    for ext in (".bin", ".idx"):
+        shutil.copyfile(prefix + ext, copy + ext)
+    return copy
+
+
+def _cut(path, keep):
+    with open(path, "r+b") as stream:
+        stream.truncate(keep(len(open(path, "rb").read())))
+
+
+def _shifted_offset(idx):
+    """Overwrite sequence 3's byte offset (int64 after the 34-byte header and S int32 lengths)."""
+    import struct
+
+    data = bytearray(open(idx, "rb").read())
+    (sequences,) = struct.unpack("<Q", data[18:26])
+    at = 34 + 4 * sequences + 8 * 3
+    data[at:at + 8] = struct.pack("<q", struct.unpack("<q", data[at:at + 8])[0] + 2)
+    open(idx, "wb").write(bytes(data))
+
+
+PAIR_DAMAGE = {
+    "truncated-bin": (lambda p: _cut(p + ".bin", lambda n: n - 100), ".bin has", "truncated"),
+    "extended-bin": (lambda p: open(p + ".bin", "ab").write(b"\0\0"), ".bin has", "longer than its index"),
+    "empty-idx": (lambda p: open(p + ".idx", "wb").close(), ".idx is not a megatron index file (0 bytes"),
+    "random-idx": (lambda p: open(p + ".idx", "wb").write(numpy.random.default_rng(3).bytes(2048)),
+                   ".idx is not a megatron index file"),
+    "truncated-idx": (lambda p: _cut(p + ".idx", lambda n: n - 8), ".idx has", "header's"),
+    "shifted-offset": (lambda p: _shifted_offset(p + ".idx"), ".idx: sequence 3 has length"),
+}
+
+
+@pytest.mark.parametrize("case", list(PAIR_DAMAGE))
+def test_damaged_pair_is_refused_by_merge_and_check_prefix(tools, tmp_path, capsys, corpus_prefix, case):
+    """One line naming the damaged file and the fix, from the check every reader of a prefix
+    runs first (merge here; the trainer's datasets and evaluate through the same check_prefix)."""
+    from megatron_patch.data.errors import DataError
+    from megatron_patch.data.indexed import check_prefix
+
+    damage, *needles = PAIR_DAMAGE[case]
+    copy = _copy_pair(corpus_prefix, tmp_path)
+    damage(copy)
+    with pytest.raises(DataError) as error:
+        check_prefix(copy)
+    assert "\n" not in str(error.value) and copy in str(error.value)
+    out = str(tmp_path / "m")
+    line = fails(capsys, tools.merge_datasets.main(["--input", corpus_prefix, copy, "--output-prefix", out]),
+                 *needles, "tools/preprocess_data.py")
+    assert copy in line
+    assert not list(tmp_path.glob("m.*")) and not list(tmp_path.glob(".m*"))
+
+
+def test_intact_pairs_pass_the_check(corpus_prefix, tmp_path):
+    """The check accepts what preprocessing and megatron's builder write, empty documents included."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_patch.data.indexed import check_prefix
+
+    check_prefix(corpus_prefix)
+    builder = IndexedDatasetBuilder(str(tmp_path / "e.bin"), dtype=numpy.uint16)
+    builder.add_document(numpy.arange(5), [5])
+    builder.end_document()  # an empty document: an index entry without a sequence
+    builder.add_document(numpy.arange(3), [3])
+    builder.finalize(str(tmp_path / "e.idx"))
+    check_prefix(str(tmp_path / "e"))

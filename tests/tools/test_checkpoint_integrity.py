@@ -108,3 +108,35 @@ def test_verify_false_skips_the_checksums(trained, tmp_path):
     checkpoint.check_files(str(copy), verify=False)  # the flag --no-checkpoint-verify passes
     with pytest.raises(checkpoint.CheckpointError, match="CRC-32"):
         checkpoint.check_files(str(copy))
+
+
+def _truncated_corpus(trained, tmp_path):
+    copy = str(tmp_path / "cut_text_document")
+    for ext in (".bin", ".idx"):
+        shutil.copyfile(trained["corpus"]["prefix"] + ext, copy + ext)
+    with open(copy + ".bin", "r+b") as f:
+        f.truncate(os.path.getsize(copy + ".bin") - 1000)
+    return copy
+
+
+def test_evaluate_names_a_truncated_bin(trained, tmp_path, capsys):
+    copy = _truncated_corpus(trained, tmp_path)
+    out = tmp_path / "out.json"
+    code, _, err = call(evaluate, ["--cpu", "--load", trained["final"], "--data-path", copy, "--output-json", out],
+                        capsys)
+    assert_one_line_error(code, err, f"{copy}.bin has")
+    assert "truncated" in err[0] and not out.exists()
+
+
+def test_trainer_names_a_truncated_bin_before_training(trained, tmp_path, capsys):
+    from megatron_patch.training import cli
+    from tests.training.common import trainer_args
+
+    copy = _truncated_corpus(trained, tmp_path)
+    corpus = dict(trained["corpus"], prefix=copy)
+    save = tmp_path / "run"
+    code, _, err = call(cli, trainer_args(corpus, save, "--eval-iters", "0", train_iters=2), capsys)
+    assert code == 2, err
+    errors = [line for line in err if line.startswith("error: ")]
+    assert len(errors) == 1 and f"{copy}.bin has" in errors[0], err
+    assert "Traceback" not in "\n".join(err)
