@@ -25,6 +25,7 @@ import io
 import logging
 import os
 import random
+import re
 import sys
 import time
 
@@ -72,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"--vocab-size {args.vocab_size} is too small: 256 byte pieces and 4 special pieces "
             f"are always in the vocabulary; use at least 300 (e.g. 32000)"
         )
+    if not 0.98 <= args.character_coverage <= 1.0:
+        raise DataError(f"--character-coverage {args.character_coverage} is outside SentencePiece's range "
+                        f"[0.98, 1]; e.g. 0.9995 (the default) or 1.0 for a small alphabet")
     if args.input_sentence_size < 0:
         raise DataError(f"--input-sentence-size {args.input_sentence_size} must be >= 0")
     return args
@@ -157,6 +161,14 @@ def train(args: argparse.Namespace, sentences: list[str]) -> bytes:
         )
     except RuntimeError as err:
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        too_few = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", reason)
+        if too_few:
+            raise DataError(
+                f"--vocab-size {args.vocab_size} is too small for the corpus: its characters at "
+                f"--character-coverage {args.character_coverage} need {too_few.group(2)} pieces (with the "
+                f"special ones); raise --vocab-size above that, or lower --character-coverage (down to "
+                f"0.98) so that the rarest characters are encoded as bytes instead"
+            ) from None
         raise DataError(
             f"SentencePiece training failed: {reason}; lower --vocab-size or give more text"
         ) from None
@@ -194,11 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         folder = output_folder(args.output_prefix)
-        sentences, seen, bad, too_long = sample_sentences(args)
-        logger.info("training on %d of %d lines", len(sentences), seen)
-        proto = train(args, sentences)
-        processor = check_model(proto, sentences)
+        # staged before training, so an unwritable folder is reported at once, not after it
         with StagedOutputs(folder, "train_tokenizer") as staged:
+            sentences, seen, bad, too_long = sample_sentences(args)
+            logger.info("training on %d of %d lines", len(sentences), seen)
+            proto = train(args, sentences)
+            processor = check_model(proto, sentences)
             write_outputs(staged, args.output_prefix, proto, processor)
             paths = staged.commit()
     except (DataError, OSError) as err:

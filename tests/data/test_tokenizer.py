@@ -85,3 +85,39 @@ def test_training_errors_are_one_line(tmp_path, tools, capsys):
     assert err[0].startswith("error: --input file") and "missing.jsonl" in err[0]
     assert err[1].startswith("error: --vocab-size 100 is too small")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
+
+
+def test_too_many_characters_for_the_vocabulary_says_raise_it(tmp_path, tools, capsys):
+    """300 common CJK characters and 2700 that occur once (1.3% of the text) cannot all have a
+    piece in a vocabulary of 600 at --character-coverage 1: the advice is to raise --vocab-size
+    or lower the coverage (lowering the vocabulary, as it said before, cannot help), and lowering
+    the coverage to 0.98 then trains."""
+    import random
+
+    rng = random.Random(0)
+    common = ["".join(chr(0x4E00 + rng.randrange(300)) for _ in range(100)) for _ in range(2000)]
+    rare = ["".join(chr(0x5000 + 30 * line + i) for i in range(30)) for line in range(90)]
+    corpus = write_jsonl(tmp_path / "cjk.jsonl", [{"text": text} for text in common + rare])
+    argv = ["--input", str(corpus), "--vocab-size", "600", "--output-prefix", str(tmp_path / "t")]
+    assert tools.train_tokenizer.main(argv + ["--character-coverage", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --vocab-size 600 is too small for the corpus"), err
+    assert "raise --vocab-size" in err[0] and "lower --character-coverage" in err[0], err[0]
+    assert int(err[0].split(" need ")[1].split()[0]) > 2900  # the characters, as SentencePiece counts them
+    assert tools.train_tokenizer.main(argv + ["--character-coverage", "0.98"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cjk.jsonl", "t.model", "t.vocab"]
+    assert tools.train_tokenizer.main(argv + ["--character-coverage", "0.5"]) == 2
+    assert "outside SentencePiece's range [0.98, 1]" in capsys.readouterr().err
+
+
+def test_unwritable_output_folder_is_reported_before_training(tmp_path, tools, capsys, monkeypatch):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "some text"}])
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("read the corpus before checking the output folder")
+
+    monkeypatch.setattr(tools.train_tokenizer, "sample_sentences", no_training)
+    code = tools.train_tokenizer.main(["--input", str(corpus), "--output-prefix", "/proc/tokenizer"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write to output folder '/proc'" in err[0], err
