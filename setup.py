@@ -22,13 +22,15 @@ setup(
     extras_require={
         # transformers, safetensors and protobuf let the suite check the Hugging Face export;
         # matplotlib, the reproduction's loss plot; tensorboard, the trainer's event files;
-        # wandb, offline W&B runs
+        # lm-eval, the zero-shot tool on the shipped task; wandb, offline W&B runs
         "test": ["pytest>=8", "transformers>=4.40", "safetensors", "protobuf", "matplotlib", "tensorboard",
-                 "wandb>=0.31"],
+                 "lm-eval[hf]>=0.4.13,<0.5", "wandb>=0.31"],
         "gpu": ["transformer-engine[pytorch]", "apex"],
         "hf": ["transformers>=4.40", "safetensors", "protobuf"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
+        # tools/evaluate_zero_shot.py: lm-evaluation-harness with its Hugging Face model (accelerate)
+        "eval": ["lm-eval[hf]>=0.4.13,<0.5", "transformers>=4.40", "safetensors", "protobuf"],
         # --wandb-project: Weights & Biases runs (training/tracking.py)
         "wandb": ["wandb>=0.31"],
     },

@@ -1,0 +1,237 @@
+"""Zero-shot accuracy of a Hugging Face export with lm-evaluation-harness (``pip install -e .[eval]``).
+
+The paper (Shao, Meng, Zhou 2024, Table 1) reports zero-shot accuracy on six tasks, run with
+lm-evaluation-harness; :data:`PAPER_TASKS` names them as the harness does and the metric each is
+reported in here. The paper calls all six "normalized accuracy"; the harness has a
+length-normalised accuracy (``acc_norm``: each choice's log-likelihood divided by its length in
+bytes) only for HellaSwag, PIQA, ARC-Easy and ARC-Challenge. MMLU's choices are the single
+letters A-D (normalising changes nothing) and WinoGrande scores one shared suffix after two
+prefixes, so both report plain ``acc``.
+
+The harness loads the export with ``transformers`` (its ``hf`` model, ``HFLM``) and scores each
+choice of a multiple-choice item by its summed log-likelihood after the item's context. The
+harness ships task definitions only: it downloads each task's data set from the Hugging Face Hub
+on first use (or reads it from the Hugging Face cache); :data:`TASKS_DIR` holds the project's own
+task over local files, ``tiny_next_sentence``, for machines without that access.
+"""
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+from megatron_patch.errors import ArgumentError, DataError, UserError
+
+logger = logging.getLogger(__name__)
+
+PAPER_TASKS: Dict[str, str] = {
+    "mmlu": "acc", "hellaswag": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
+    "arc_easy": "acc_norm", "arc_challenge": "acc_norm",
+}
+"""The paper's six zero-shot tasks (harness names, Table 1's column order) -> the metric reported."""
+
+TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
+"""Task definitions shipped with the project, always added to the harness's own."""
+
+INSTALL_HINT = "pip install -e .[eval]"
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """One task's result. Accuracies are fractions of the items (0-1); ``items`` is the number of
+    items scored (fewer than the task's with ``limit``)."""
+
+    task: str
+    metric: str
+    value: float
+    stderr: Optional[float]
+    items: Optional[int]
+    acc: Optional[float]
+    acc_norm: Optional[float]
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder and a rename,
+    so that ``path`` is either absent, the old file or the complete new one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, partial = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(partial, 0o644)
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.unlink(partial)
+        raise
+
+
+def import_harness():
+    """The ``lm_eval`` module with its Hugging Face model class importable; one line otherwise."""
+    try:
+        import lm_eval
+        import lm_eval.models.huggingface  # noqa: F401  (needs accelerate: the harness's [hf] extra)
+        from lm_eval.tasks import TaskManager  # noqa: F401
+    except ImportError as error:
+        raise UserError(f"zero-shot evaluation needs lm-evaluation-harness with its Hugging Face model "
+                        f"({error.name or error} is not installed): run '{INSTALL_HINT}'") from None
+    return lm_eval
+
+
+def task_manager(include_paths: Sequence[str] = ()):
+    """A harness TaskManager over its own tasks, :data:`TASKS_DIR` and ``include_paths`` (folders of
+    task YAML files, e.g. local copies of the paper's tasks)."""
+    for path in include_paths:
+        if not os.path.isdir(path):
+            raise ArgumentError(f"--include-path {path} is not a folder: pass a folder holding task YAML files")
+    import_harness()
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[TASKS_DIR, *[os.path.abspath(p) for p in include_paths]])
+
+
+def check_task_names(manager, tasks: Sequence[str]) -> None:
+    """ArgumentError naming the first task (or group) the harness does not know."""
+    import lm_eval
+
+    known = set(manager.all_tasks)
+    for name in tasks:
+        if name not in known:
+            raise ArgumentError(
+                f"--tasks {name}: lm-evaluation-harness {lm_eval.__version__} knows no task or group of that "
+                f"name; 'lm-eval ls tasks' lists them, and a task of your own goes in a folder passed with "
+                f"--include-path")
+
+
+def _offline_error(error: Exception) -> DataError:
+    offline = os.environ.get("HF_DATASETS_OFFLINE") or os.environ.get("HF_HUB_OFFLINE")
+    why = "HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
+        "this machine cannot reach the Hugging Face Hub"
+    return DataError(
+        f"a task's data set is not reachable: {error} ({why}); run the same command once on a machine with "
+        f"network access, copy its Hugging Face cache (HF_HOME, default ~/.cache/huggingface) here and set "
+        f"HF_DATASETS_OFFLINE=1, or point a task YAML at local files and pass its folder with --include-path")
+
+
+def _is_unreachable(error: Exception) -> bool:
+    """A data set that could not be fetched (datasets raises ConnectionError; huggingface_hub its
+    own offline/not-in-cache errors)."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return isinstance(error, ConnectionError) or bool(
+        names & {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "DatasetNotFoundError"})
+
+
+def metric_for(task: str, result: dict) -> str:
+    """The metric reported for ``task``: :data:`PAPER_TASKS`' choice, else ``acc_norm`` where the
+    harness computed it, else ``acc``, else the first metric of the result (sorted by name)."""
+    available = sorted(key.split(",")[0] for key in result
+                       if "," in key and "_stderr" not in key and isinstance(result[key], (int, float)))
+    for metric in (PAPER_TASKS.get(task), "acc_norm", "acc"):
+        if metric in available:
+            return metric
+    if not available:
+        raise UserError(f"task {task}: the harness returned no numeric metric ({sorted(result)})")
+    return available[0]
+
+
+def _score(task: str, result: dict, items: Optional[int]) -> TaskScore:
+    metric = metric_for(task, result)
+
+    def value(name):
+        found = result.get(f"{name},none")
+        return float(found) if isinstance(found, (int, float)) else None
+
+    return TaskScore(task, metric, value(metric), value(f"{metric}_stderr"), items, value("acc"), value("acc_norm"))
+
+
+class _CountTruncations(logging.Filter):
+    """Counts (and drops) the harness's one warning per request whose context was cut from the left
+    to fit the model's positions; the count is reported once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "exceeds model's maximum length" in record.getMessage():
+            self.count += 1
+            return False
+        return True
+
+
+def evaluate(hf_folder: str, tasks: Sequence[str], *, include_paths: Sequence[str] = (), manager=None,
+             batch_size: int = 16, device: Optional[str] = None, dtype: str = "float32",
+             limit: Optional[int] = None, num_fewshot: int = 0, seed: int = 1234) -> dict:
+    """Run the harness on the LlamaForCausalLM folder ``hf_folder``; returns the report (JSON-able):
+    ``scores`` (one :class:`TaskScore` dict per task), ``average`` (the mean of the reported metrics,
+    as the paper's "Avg" column; None for one task), ``truncated_requests`` (choices whose context
+    was cut from the left to fit the model's positions), the versions and the settings. ``manager``:
+    a :func:`task_manager` over ``include_paths`` already built."""
+    lm_eval = import_harness()
+    manager = manager or task_manager(include_paths)
+    check_task_names(manager, tasks)
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # stderr carries errors (the harness's own bars stay)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    truncations = _CountTruncations()
+    harness_logger = logging.getLogger("lm_eval.models.huggingface")
+    harness_logger.addFilter(truncations)
+    start = time.perf_counter()
+    try:
+        output = lm_eval.simple_evaluate(
+            model="hf", model_args={"pretrained": hf_folder, "dtype": dtype}, tasks=list(tasks),
+            num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit, task_manager=manager,
+            log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+            fewshot_random_seed=seed)
+    except Exception as error:
+        if _is_unreachable(error):
+            raise _offline_error(error) from None
+        raise
+    finally:
+        harness_logger.removeFilter(truncations)
+    seconds = time.perf_counter() - start
+    if truncations.count:
+        logger.warning("%d requests were longer than the model's positions: their context was cut from the left",
+                       truncations.count)
+    results, counts = output["results"], output.get("n-samples", {})
+    scores = []
+    for task in tasks:
+        items = counts.get(task, {}).get("effective")
+        if items is None and task in output.get("group_subtasks", {}):
+            items = sum(counts.get(sub, {}).get("effective", 0) for sub in output["group_subtasks"][task])
+        scores.append(_score(task, results[task], items))
+    return {
+        "model": os.path.abspath(hf_folder),
+        "scores": [asdict(score) for score in scores],
+        "average": sum(s.value for s in scores) / len(scores) if len(scores) > 1 else None,
+        "truncated_requests": truncations.count,
+        "settings": {"tasks": list(tasks), "num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size,
+                     "device": device, "dtype": dtype, "seed": seed,
+                     "include_paths": [TASKS_DIR, *[os.path.abspath(p) for p in include_paths]]},
+        "versions": {"lm_eval": lm_eval.__version__, "transformers": transformers.__version__,
+                     "torch": torch.__version__},
+        "seconds": seconds,
+    }
+
+
+def table(report: dict) -> str:
+    """The scores as a Markdown table, accuracies in percent (as in the paper)."""
+    lines = ["| task | metric | accuracy (%) | ± stderr | items |", "| --- | --- | ---: | ---: | ---: |"]
+    for score in report["scores"]:
+        stderr = "" if score["stderr"] is None else f"{100 * score['stderr']:.1f}"
+        items = "" if score["items"] is None else str(score["items"])
+        lines.append(f"| {score['task']} | {score['metric']} | {100 * score['value']:.1f} | {stderr} | {items} |")
+    if report["average"] is not None:
+        lines.append(f"| average | | {100 * report['average']:.1f} | | |")
+    return "\n".join(lines)
+
+
+def default_tasks() -> List[str]:
+    """The paper's six tasks, in Table 1's order."""
+    return list(PAPER_TASKS)

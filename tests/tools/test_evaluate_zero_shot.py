@@ -1,0 +1,134 @@
+"""tools/evaluate_zero_shot.py: a checkpoint the tests train, exported and scored by
+lm-evaluation-harness on the shipped task, scores differently from a one-step checkpoint; the
+shipped task is what its script builds; bad inputs are refused with one line."""
+
+import json
+import os
+import sys
+
+import pytest
+
+from megatron_patch.evaluation import zero_shot
+from megatron_patch.evaluation.next_sentence import split_sentences
+from megatron_patch.training import cli
+from tests.tools.common import assert_one_line_error, call
+from tests.training.common import trainer_args
+from tools import build_zero_shot_task, evaluate_zero_shot
+
+TASK = "tiny_next_sentence"
+SHIPPED = os.path.join(zero_shot.TASKS_DIR, TASK, f"{TASK}.jsonl")
+SEQ = 128  # T of the models here: the task's longest choice is 85 tokens of the tests' 512-piece tokenizer
+
+
+def _train(tiny_corpus, root, *extra, iters):
+    assert cli.main(trainer_args(tiny_corpus, root, "--seq-length", str(SEQ), "--eval-iters", "0", *extra,
+                                 train_iters=iters)) == 0
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def models(world, tiny_corpus, tmp_path_factory):
+    """``{trained, one_step}``: a two-stage run (K=4, lambda=2/3, 24 steps of 16 x 128 tokens) and a
+    token-level run of one step at lr 1e-5 (all but untrained), T=128."""
+    folder = tmp_path_factory.mktemp("zero_shot")
+    return {"trained": _train(tiny_corpus, folder / "trained", iters=24),
+            "one_step": _train(tiny_corpus, folder / "one_step", "--patch-size", "1", "--lr", "1e-5", iters=1)}
+
+
+@pytest.fixture(scope="module")
+def exported(models, tmp_path_factory, world):
+    """The one-step model exported once (for the tests of bad inputs, which need a model folder)."""
+    from tools import export_hf
+
+    folder = tmp_path_factory.mktemp("exported") / "hf"
+    assert export_hf.main(["--cpu", "--load", models["one_step"], "--save", str(folder)]) == 0
+    return str(folder)
+
+
+def _evaluate(checkpoint, output, capsys):
+    code, out, err = call(evaluate_zero_shot, ["--cpu", "--load", checkpoint, "--tasks", TASK,
+                                               "--batch-size", "32", "--output-json", output], capsys)
+    assert code == 0, err
+    return json.load(open(output)), out
+
+
+def test_trained_model_scores_differently_from_an_untrained_one(models, tmp_path, capsys):
+    items = sum(1 for _ in open(SHIPPED))
+    scores = {}
+    for name in ("trained", "one_step"):
+        report, out = _evaluate(models[name], tmp_path / f"{name}.json", capsys)
+        assert report["checkpoint"].startswith(models[name]) and report["stage"] == "token"
+        [score] = report["scores"]
+        assert score["task"] == TASK and score["metric"] == "acc_norm" and score["items"] == items
+        assert score["value"] == score["acc_norm"] and 0 <= score["acc"] <= 1 and 0 < score["stderr"] < 0.1
+        assert f"| {TASK} | acc_norm | {100 * score['value']:.1f} |" in out, out
+        scores[name] = (score["acc"], score["acc_norm"])
+    assert scores["trained"] != scores["one_step"], scores
+    assert sorted(os.listdir(tmp_path)) == ["one_step.json", "trained.json"]  # no temporary files left
+
+
+def test_the_shipped_task_is_what_its_script_builds(tmp_path, capsys):
+    output = tmp_path / "rebuilt.jsonl"
+    code, out, err = call(build_zero_shot_task, ["--output", output], capsys)
+    assert code == 0, err
+    assert output.read_bytes() == open(SHIPPED, "rb").read()
+    from megatron_patch.data.inputs import expand_inputs, iter_lines, parse_line
+
+    [corpus] = expand_inputs([build_zero_shot_task.DEFAULT_INPUT])
+    documents = [" ".join(parse_line(raw, corpus.format, ["text"])["text"].split())
+                 for _, _, raw, _ in iter_lines([corpus])]
+    for line in open(SHIPPED):
+        item = json.loads(line)
+        assert len(item["choices"]) == 4 and len(set(item["choices"])) == 4
+        # the labelled choice is the sentence that follows the passage in its document; no other is
+        assert f"{item['context']} {item['choices'][item['label']]}" in documents[item["document"]], item["id"]
+        others = [c for i, c in enumerate(item["choices"]) if i != item["label"]]
+        assert not any(f"{item['context']} {c}" in documents[item["document"]] for c in others), item["id"]
+
+
+def test_sentence_split():
+    text = "Mr. Elliot said \"No!\"  He left.\nIt was 3 p.m. when Mrs. Smith came? Yes."
+    assert split_sentences(text) == ['Mr. Elliot said "No!"', "He left.", "It was 3 p.m. when Mrs. Smith came?",
+                                     "Yes."]
+
+
+def test_bad_inputs_are_one_line(models, tmp_path, capsys, monkeypatch):
+    output = tmp_path / "out.json"
+    code, _, err = call(evaluate_zero_shot, ["--cpu", "--load", models["one_step"], "--tasks", "no_such_task",
+                                             "--output-json", output], capsys)
+    assert_one_line_error(code, err, "--tasks no_such_task")
+    code, _, err = call(evaluate_zero_shot, ["--hf-model", tmp_path, "--output-json", output], capsys)
+    assert_one_line_error(code, err, "holds no config.json")
+    code, _, err = call(evaluate_zero_shot, ["--cpu", "--load", models["one_step"], "--include-path", tmp_path / "nope",
+                                             "--output-json", output], capsys)
+    assert_one_line_error(code, err, "--include-path")
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
+    code, _, err = call(evaluate_zero_shot, ["--cpu", "--load", models["one_step"], "--output-json", output], capsys)
+    assert_one_line_error(code, err, "pip install -e .[eval]")
+    assert not os.path.exists(output) and os.listdir(tmp_path) == []
+
+
+def test_unreachable_hub_dataset_is_one_line(exported, tmp_path, capsys, monkeypatch):
+    """The paper's tasks read the Hub; offline (as on these machines) that is one line, not a traceback."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    output = tmp_path / "out.json"
+    code, _, err = call(evaluate_zero_shot, ["--hf-model", exported, "--tasks", "arc_easy",
+                                             "--limit", "2", "--output-json", output], capsys)
+    assert_one_line_error(code, err, "not reachable")
+    assert "HF_DATASETS_OFFLINE" in err[0] and "--include-path" in err[0]
+    assert not os.path.exists(output)
+
+
+def test_paper_tasks_are_the_default():
+    parser = evaluate_zero_shot.build_parser()
+    args = parser.parse_args(["--load", "x", "--output-json", "y"])
+    assert args.tasks == ["mmlu", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge"]
+    assert [zero_shot.PAPER_TASKS[t] for t in args.tasks] == ["acc", "acc_norm", "acc_norm", "acc", "acc_norm",
+                                                             "acc_norm"]
