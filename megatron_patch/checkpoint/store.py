@@ -232,14 +232,19 @@ def _existing(root: str, final: str, iteration: int) -> bool:
     if not os.path.exists(os.path.join(final, METADATA)):
         raise CheckpointError(f"{final} exists but holds no {METADATA} (not a complete checkpoint): move it away "
                               f"or delete it, then resume")
-    if dist.get_rank() == 0:
-        named, newest = tracker_value(root), newest_complete(root)
-        if named != newest:
-            _write_atomic(os.path.join(root, TRACKER), f"{newest}\n")
-            logger.warning("%s named %s; now names %s, the newest complete checkpoint", TRACKER, named, newest)
+    _repair_tracker(root)
     dist.barrier()
     logger.info("checkpoint %s exists and is complete; not writing it again", final)
     return True
+
+
+def _repair_tracker(root: str) -> None:
+    """Make ``root``'s tracker name its newest complete checkpoint (rank 0), where a kill between
+    the rename and the tracker write left it behind; a resumed run may save nothing more."""
+    named, newest = tracker_value(root), newest_complete(root)
+    if dist.get_rank() == 0 and newest is not None and named != newest:
+        _write_atomic(os.path.join(root, TRACKER), f"{newest}\n")
+        logger.warning("%s named %s; now names %s, the newest complete checkpoint", TRACKER, named, newest)
 
 
 def _in_process_write_results() -> None:
@@ -316,6 +321,8 @@ def load_checkpoint(path, model, shape, optimizer=None, scheduler=None, restore_
     meta = read_metadata(ckpt)
     check_model_shape(ckpt, meta, shape)
     check_files(ckpt, verify)
+    if optimizer is not None and ckpt != path:  # resuming from a --save root: its tracker names what it resumes
+        _repair_tracker(path)
     same_layout = meta.get("layout") == dict(zip(("pipeline", "tensor", "data"), _layout()))
     with_rng = restore_rng and same_layout
     if optimizer is not None:

@@ -166,3 +166,16 @@ def test_interrupted_save_leaves_previous_checkpoint(world, model_parallel, tiny
     # resuming loads iteration 2 and finishes, replacing the partial directory
     assert cli.main(args + ["--load", str(save)]) == 0
     assert checkpoint.read_tracker(str(save)) == 6
+
+
+def test_resume_of_a_finished_run_repairs_the_tracker(tiny_corpus, tmp_path, uninterrupted_run):
+    """A kill between renaming the last checkpoint into place and writing the tracker: the resumed
+    run has no step left to save, and still leaves the tracker naming the newest checkpoint."""
+    save = tmp_path / "run"
+    shutil.copytree(uninterrupted_run, save)
+    (save / checkpoint.TRACKER).write_text("10\n")
+    args = trainer_args(tiny_corpus, save, "--save-interval", "2", "--eval-iters", "0", train_iters=ITERS)
+    code, output = _finish(launch(args + ["--load", str(save)]))
+    assert code == 0, output[-3000:]
+    assert (save / checkpoint.TRACKER).read_text() == f"{ITERS}\n"
+    assert f"named 10; now names {ITERS}" in output
