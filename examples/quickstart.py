@@ -1,8 +1,14 @@
 """The whole method end to end on the bundled corpus, on CPU: tokenizer -> .bin/.idx -> patch stage
 (K=4, lambda=2/3, two processes at TP=2) -> checkpoint conversion -> token stage -> held-out
-evaluation -> the same tokens trained token-only as a baseline -> a closing table.
+evaluation -> two comparisons on the same data -> a closing table.
 
     python examples/quickstart.py [--workdir quickstart_out] [--reduced]
+
+The two comparisons: the *baseline* trains all the tokens token-only (the cost patch training
+saves), and the *control* trains the token stage alone from random initialisation on the same
+last 1-lambda of the tokens with the same schedule (``--stage token`` without
+``--pretrained-checkpoint``). control loss - (patch + token) loss is the transfer of the patch
+stage: positive means the patch stage helped the token stage, negative means it hurt.
 
 Every step is the project's real command (tools/*.py, torchrun examples/pretrain_patch_gpt.py)
 run as a subprocess; a step whose output already exists is skipped, so a re-run resumes.
@@ -27,23 +33,30 @@ SEED = 1234
 PATCH_SIZE, PATCH_FRACTION = 4, 2 / 3
 
 
-def _settings(reduced: bool) -> dict:
+def settings(reduced: bool) -> dict:
+    """Model, tokenizer vocabulary, T (tokens), steps of both stages together, warmup steps, peak lr."""
     if reduced:
         return {"model": "tiny", "seq_length": 64, "vocab": 1000, "train_iters": 24, "warmup": 4, "lr": "2e-3"}
     return {"model": "cpu-small", "seq_length": 128, "vocab": 2000, "train_iters": 300, "warmup": 20, "lr": "2e-3"}
 
 
-def _run(step: str, command: list, done: Path) -> None:
-    """Run one pipeline step unless its output ``done`` exists; stream its output."""
+def run_step(step: str, command: list, done: Path, log: Path = None) -> None:
+    """Run one pipeline step unless its output ``done`` exists; stream its output (or write it to ``log``)."""
     if done.exists():
         print(f"== {step}: done already ({done.relative_to(REPO) if done.is_relative_to(REPO) else done})", flush=True)
         return
     print(f"== {step}: {' '.join(str(c) for c in command)}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1")
     start = time.perf_counter()
-    result = subprocess.run([str(c) for c in command], cwd=REPO, env=env)
+    if log is None:
+        result = subprocess.run([str(c) for c in command], cwd=REPO, env=env)
+    else:
+        with open(log, "w", encoding="utf-8") as out:
+            result = subprocess.run([str(c) for c in command], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     if result.returncode != 0:
-        sys.exit(f"quickstart: step '{step}' failed with exit code {result.returncode}; fix the error above and re-run")
+        where = f" (output in {log})" if log else " above"
+        sys.exit(f"{Path(sys.argv[0]).stem}: step '{step}' failed with exit code {result.returncode}; fix the "
+                 f"error{where} and re-run")
     print(f"== {step}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
@@ -65,6 +78,32 @@ def _split_corpus(work: Path) -> None:
           f"evaluation", flush=True)
 
 
+def prepare_data(work: Path, s: dict) -> dict:
+    """Held-out split, tokenizer and ``.bin/.idx`` in ``work``: ``{tokenizer, prefix, heldout}`` paths."""
+    work.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    _split_corpus(work)
+    tokenizer = work / "tokenizer.model"
+    run_step("tokenizer", [py, "tools/train_tokenizer.py", "--input", work / "train.jsonl",
+                           "--vocab-size", s["vocab"], "--output-prefix", work / "tokenizer"], tokenizer)
+    prefix = work / "data" / "train_text_document"
+    (work / "data").mkdir(exist_ok=True)
+    run_step("preprocess", [py, "tools/preprocess_data.py", "--input", work / "train.jsonl",
+                            "--output-prefix", work / "data" / "train", "--tokenizer-model", tokenizer,
+                            "--append-eod", "--workers", "2"], Path(str(prefix) + ".idx"))
+    return {"tokenizer": tokenizer, "prefix": prefix, "heldout": work / "heldout.jsonl"}
+
+
+def training_flags(s: dict, data: dict, tensor_parallel: int, patch_fraction: float = PATCH_FRACTION) -> list:
+    """The trainer flags every quick-start run shares: model, data, batch (16 x T tokens), budget, schedule."""
+    return ["--cpu", "--model", s["model"], "--seq-length", s["seq_length"],
+            "--tensor-model-parallel-size", tensor_parallel, "--micro-batch-size", "4", "--global-batch-size", "16",
+            "--train-iters", s["train_iters"], "--lr", s["lr"], "--min-lr", "1e-4", "--lr-warmup-iters", s["warmup"],
+            "--data-path", data["prefix"], "--split", "100,0,0", "--eval-iters", "0",
+            "--tokenizer-model", data["tokenizer"], "--log-interval", max(1, s["train_iters"] // 15),
+            "--patch-data-fraction", patch_fraction]
+
+
 def _torchrun(nproc: int) -> list:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
@@ -74,74 +113,74 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=str(REPO / "quickstart_out"))
     parser.add_argument("--reduced", action="store_true", help="fewer steps, same pipeline (CI)")
     args = parser.parse_args(argv)
-    s = _settings(args.reduced)
+    s = settings(args.reduced)
     work = Path(args.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    py = sys.executable
-    _split_corpus(work)
-    tokenizer = work / "tokenizer.model"
-    _run("tokenizer", [py, "tools/train_tokenizer.py", "--input", work / "train.jsonl",
-                       "--vocab-size", s["vocab"], "--output-prefix", work / "tokenizer"], tokenizer)
-    prefix = work / "data" / "train_text_document"
-    (work / "data").mkdir(exist_ok=True)
-    _run("preprocess", [py, "tools/preprocess_data.py", "--input", work / "train.jsonl",
-                        "--output-prefix", work / "data" / "train", "--tokenizer-model", tokenizer,
-                        "--append-eod", "--workers", "2"], Path(str(prefix) + ".idx"))
-
-    common = ["--cpu", "--model", s["model"], "--seq-length", s["seq_length"], "--tensor-model-parallel-size", "2",
-              "--micro-batch-size", "4", "--global-batch-size", "16", "--train-iters", s["train_iters"],
-              "--lr", s["lr"], "--min-lr", "1e-4", "--lr-warmup-iters", s["warmup"], "--data-path", prefix,
-              "--split", "100,0,0", "--eval-iters", "0", "--tokenizer-model", tokenizer,
-              "--log-interval", max(1, s["train_iters"] // 15), "--patch-data-fraction", PATCH_FRACTION]
+    data = prepare_data(work, s)
+    common = training_flags(s, data, tensor_parallel=2)
     train = _torchrun(2) + ["examples/pretrain_patch_gpt.py"]
-    runs = {name: work / name for name in ("patch_stage", "token_init", "token_stage", "baseline")}
-    _run("patch stage (K=4, TP=2)", train + common + ["--patch-size", PATCH_SIZE, "--stage", "patch",
-                                                      "--save", runs["patch_stage"], "--summary-json",
-                                                      runs["patch_stage"] / "summary.json"],
-         runs["patch_stage"] / "summary.json")
-    _run("convert patch checkpoint -> token-stage start", _torchrun(2) + [
+    runs = {name: work / name for name in ("patch_stage", "token_init", "token_stage", "control", "baseline")}
+    run_step("patch stage (K=4, TP=2)", train + common + ["--patch-size", PATCH_SIZE, "--stage", "patch",
+                                                          "--save", runs["patch_stage"], "--summary-json",
+                                                          runs["patch_stage"] / "summary.json"],
+             runs["patch_stage"] / "summary.json")
+    run_step("convert patch checkpoint -> token-stage start", _torchrun(2) + [
         "tools/convert_checkpoint.py", "--cpu", "--load", runs["patch_stage"], "--save", runs["token_init"],
         "--tensor-model-parallel-size", "2"], runs["token_init"])
-    _run("token stage (TP=2)", train + common + ["--patch-size", PATCH_SIZE, "--stage", "token",
-                                                 "--pretrained-checkpoint", runs["token_init"],
-                                                 "--save", runs["token_stage"], "--summary-json",
-                                                 runs["token_stage"] / "summary.json"],
-         runs["token_stage"] / "summary.json")
-    _run("baseline: the same tokens token-only (TP=2)", train + common + [
+    run_step("token stage (TP=2)", train + common + ["--patch-size", PATCH_SIZE, "--stage", "token",
+                                                     "--pretrained-checkpoint", runs["token_init"],
+                                                     "--save", runs["token_stage"], "--summary-json",
+                                                     runs["token_stage"] / "summary.json"],
+             runs["token_stage"] / "summary.json")
+    # the same token stage (same documents, steps and schedule) from random initialisation
+    run_step("control: the token stage alone, from scratch (TP=2)", train + common + [
+        "--patch-size", PATCH_SIZE, "--stage", "token", "--save", runs["control"], "--summary-json",
+        runs["control"] / "summary.json"], runs["control"] / "summary.json")
+    run_step("baseline: the same tokens token-only (TP=2)", train + common + [
         "--patch-size", "1", "--save", runs["baseline"], "--summary-json", runs["baseline"] / "summary.json"],
         runs["baseline"] / "summary.json")
     evaluations = {}
-    for name in ("token_stage", "baseline"):
+    for name in ("token_stage", "control", "baseline"):
         output = work / f"eval_{name}.json"
-        _run(f"evaluate {name} on held-out documents (TP=2)", _torchrun(2) + [
-            "tools/evaluate.py", "--cpu", "--load", runs[name], "--input", work / "heldout.jsonl",
-            "--tokenizer-model", tokenizer, "--tensor-model-parallel-size", "2", "--output-json", output], output)
+        run_step(f"evaluate {name} on held-out documents (TP=2)", _torchrun(2) + [
+            "tools/evaluate.py", "--cpu", "--load", runs[name], "--input", data["heldout"],
+            "--tokenizer-model", data["tokenizer"], "--tensor-model-parallel-size", "2", "--output-json", output],
+            output)
         evaluations[name] = json.loads(output.read_text())
     _report(runs, evaluations)
     return 0
 
 
 def _report(runs: dict, evaluations: dict) -> None:
-    summary = {name: json.loads((runs[name] / "summary.json").read_text()) for name in ("patch_stage", "token_stage", "baseline")}
+    names = ("patch_stage", "token_stage", "control", "baseline")
+    summary = {name: json.loads((runs[name] / "summary.json").read_text()) for name in names}
     patch_seconds = summary["patch_stage"]["stages"]["patch"]["seconds"]
     token_seconds = summary["token_stage"]["stages"]["token"]["seconds"]
+    control_seconds = summary["control"]["stages"]["token"]["seconds"]
     baseline_seconds = summary["baseline"]["stages"]["token"]["seconds"]
     patch_flops = summary["patch_stage"]["stages"]["patch"]["flops"] + summary["token_stage"]["stages"]["token"]["flops"]
     baseline_flops = summary["baseline"]["stages"]["token"]["flops"]
     theory = PATCH_FRACTION / PATCH_SIZE + 1 - PATCH_FRACTION
     rows = [
-        ("patch (K=4, lambda=2/3) + token", evaluations["token_stage"], f"{patch_seconds:.1f} + {token_seconds:.1f}",
-         patch_seconds + token_seconds),
-        ("token-only baseline", evaluations["baseline"], f"{baseline_seconds:.1f}", baseline_seconds),
+        ("patch (K=4, lambda=2/3) + token", evaluations["token_stage"], f"{patch_seconds:.1f} + {token_seconds:.1f}"),
+        ("control: token stage from scratch", evaluations["control"], f"{control_seconds:.1f}"),
+        ("token-only baseline, all tokens", evaluations["baseline"], f"{baseline_seconds:.1f}"),
     ]
     print("\n== result (held-out documents, token level)")
     print(f"{'run':34s} {'loss':>8s} {'ppl':>9s} {'train s':>14s}")
-    for name, evaluation, seconds, _ in rows:
+    for name, evaluation, seconds in rows:
         print(f"{name:34s} {evaluation['loss']:8.4f} {math.exp(evaluation['loss']):9.2f} {seconds:>14s}")
+    transfer = evaluations["control"]["loss"] - evaluations["token_stage"]["loss"]
+    print(f"transfer of the patch stage = control - (patch + token) = {transfer:+.4f} nats")
     print(f"relative cost of patch training: measured wall time {(patch_seconds + token_seconds) / baseline_seconds:.3f}, "
           f"model FLOPs {patch_flops / baseline_flops:.3f}, theory lambda/K + 1 - lambda = {theory:.3f}")
-    print(f"(same {summary['baseline']['total_tokens']:,} training tokens in both runs; step times exclude start-up "
-          f"and checkpointing)")
+    print(f"(patch + token and the baseline train the same {summary['baseline']['total_tokens']:,} tokens, the "
+          f"control the last {summary['control']['total_tokens']:,} of them; step times exclude start-up and "
+          f"checkpointing)")
+    verdict = ("helped: the token stage ended better than the same token stage from scratch" if transfer > 0 else
+               "hurt: the token stage ended worse than the same token stage from scratch")
+    print(f"What this means: patch training is worth it when it beats the control at lower cost than the baseline. "
+          f"Here the patch stage {verdict}; the paper reports that patch training loses at small data sizes "
+          f"and wins only from hundreds of billions of tokens (README, 'What to expect').")
 
 
 if __name__ == "__main__":
