@@ -46,11 +46,12 @@ def enter_one_rank_world(stack: contextlib.ExitStack, cpu: bool, seed: int) -> b
     Returns False, after printing the one-line error, when the world cannot be formed (no GPU
     without --cpu, or --cpu beside a GPU).
     """
+    from megatron_patch.errors import UserError
     from megatron_patch.runtime import parallel
 
     try:
         stack.enter_context(parallel.distributed_world(cpu=cpu))
-    except RuntimeError as error:
+    except UserError as error:  # no GPU without --cpu, or --cpu beside a GPU
         print(f"error: {error}", file=sys.stderr)
         return False
     parallel.init_model_parallel(1, 1, seed=seed)
@@ -89,13 +90,12 @@ def fmt(value, spec: str, missing: str = "") -> str:
 
 
 # --------------------------------------------------------------------------- model and data
-def trainer_args(opts, recompute: str) -> argparse.Namespace:
-    """The trainer's own argument namespace (every optimizer/model default is the trainer's).
-
-    ``validate_args`` is not called: it wants a tokenizer file and a dataset, which the synthetic
-    benchmark does not read; the two placeholders below are never opened.
-    """
+def trainer_config(opts, recompute: str):
+    """The trainer's own configuration (every optimizer/model default is the trainer's) for a world
+    of one, with the benchmark's synthetic vocabulary of ``opts.vocab_size`` ids: the data path and
+    tokenizer below are never opened."""
     from megatron_patch.training.arguments import build_parser as trainer_parser
+    from megatron_patch.training.arguments import make_config
 
     argv = ["--model", opts.model, "--seq-length", str(opts.seq_length),
             "--micro-batch-size", str(opts.micro_batch_size[0]), "--global-batch-size", str(opts.micro_batch_size[0]),
@@ -111,9 +111,16 @@ def trainer_args(opts, recompute: str) -> argparse.Namespace:
         argv.append("--rope-fusion")
     if opts.cross_entropy_fusion:
         argv.append("--cross-entropy-fusion")
-    args = trainer_parser().parse_args(argv)
-    args.world_size, args.data_parallel_size = 1, 1
-    return args
+    return make_config(trainer_parser().parse_args(argv), world_size=1, tokenizer_vocab_size=opts.vocab_size)
+
+
+def step_plan(patch_size: int, micro_batch_size: int, num_microbatches: int, seq_length: int):
+    """One optimizer step of ``num_microbatches`` micro-batches of ``micro_batch_size`` samples of
+    K*T tokens on one rank, as the trainer's ``StagePlan``."""
+    from megatron_patch.training.plan import StagePlan
+
+    return StagePlan("token" if patch_size == 1 else "patch", patch_size, 1, 0, num_microbatches * micro_batch_size,
+                     seq_length, micro_batch_size, num_microbatches)
 
 
 def synthetic_batches(micro_batch_size: int, tokens: int, vocab_size: int, count: int, seed: int, pin: bool):

@@ -8,7 +8,7 @@ import itertools
 from collections import defaultdict
 from typing import List
 
-from common import fmt, free_memory, synthetic_batches, trainer_args
+from common import fmt, free_memory, synthetic_batches, trainer_config
 
 
 # --------------------------------------------------------------------------- activation measurement
@@ -68,35 +68,34 @@ def run_layer_activations(opts) -> List[dict]:
     import torch
     from megatron.core.transformer.module import Float16Module
 
+    from megatron_patch.architecture.build import TRANSFORMER_IMPLS
+    from megatron_patch.loss import patch_targets
     from megatron_patch.model import build_patch_gpt_model
-    from megatron_patch.architecture.presets import padded_vocab_size
-    from megatron_patch.training.builders import model_config
 
     cuda = not opts.cpu
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     records = []
     for recompute in opts.recompute_granularity:
-        args = trainer_args(opts, recompute)
-        config = model_config(args)
+        settings = trainer_config(opts, recompute).model
+        config = settings.transformer_config(cpu=not cuda)
         if opts.layers is not None:
             config = dataclasses.replace(config, num_layers=opts.layers)
-        use_te = {"auto": None, "local": False, "transformer_engine": True}[args.transformer_impl]
-        vocab = padded_vocab_size(opts.vocab_size, args.make_vocab_size_divisible_by, 1)
-        model = build_patch_gpt_model(config, vocab, opts.seq_length, use_transformer_engine=use_te,
-                                      fused_rope=args.rope_fusion, fused_cross_entropy=args.cross_entropy_fusion)
+        vocab = settings.padded_vocab_size
+        model = build_patch_gpt_model(config, vocab, opts.seq_length,
+                                      use_transformer_engine=TRANSFORMER_IMPLS[settings.transformer_impl],
+                                      fused_rope=settings.rope_fusion, fused_cross_entropy=settings.cross_entropy_fusion)
         if cuda:
             model.cuda(device)
-        if args.bf16:
+        if settings.bf16:
             model = Float16Module(config, model)
         model.train()
         for K, b in itertools.product(opts.patch_sizes, opts.micro_batch_size):
             record = {"model": opts.model, "seq_length": opts.seq_length, "vocab_size": vocab, "patch_size": K,
                       "micro_batch_size": b, "recompute": recompute, "layers_built": config.num_layers,
-                      "dtype": "bfloat16" if args.bf16 else "float32", "device": "cuda" if cuda else "cpu"}
-            inner = model.module if args.bf16 else model
-            inner.set_patch_size(K)
+                      "dtype": "bfloat16" if settings.bf16 else "float32", "device": "cuda" if cuda else "cpu"}
             batch = synthetic_batches(b, K * opts.seq_length, opts.vocab_size, 1, opts.seed, pin=False)[0]
-            tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
+            tokens = batch["tokens"].to(device)
+            labels, _ = patch_targets(batch["labels"].to(device), None, K)  # [b, T, K]
             try:
                 # (2) peak of one forward+backward above what is allocated before it, after one
                 # untimed pass at this shape (kernel workspaces and lazy buffers come first)
@@ -108,7 +107,7 @@ def run_layer_activations(opts) -> List[dict]:
                         torch.cuda.synchronize()
                         base = torch.cuda.memory_allocated()
                         torch.cuda.reset_peak_memory_stats()
-                    model(tokens, None, None, labels=labels).sum().backward()
+                    model(tokens, None, None, labels=labels, patch_size=K).sum().backward()
                 if cuda:
                     torch.cuda.synchronize()
                     record["peak_above_base_bytes"] = torch.cuda.max_memory_allocated() - base
@@ -120,7 +119,7 @@ def run_layer_activations(opts) -> List[dict]:
                 meter = SavedTensorMeter(model)
                 try:
                     with meter.hooks:
-                        output = model(tokens, None, None, labels=labels)
+                        output = model(tokens, None, None, labels=labels, patch_size=K)
                     saved = dict(meter.bytes)
                     del output
                 finally:

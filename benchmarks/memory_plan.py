@@ -81,7 +81,8 @@ from megatron_patch import quiet_known_notices# noqa: E402
 from common import FlagParser, UsageError, command_line, write_json  # noqa: E402
 
 quiet_known_notices()  # the presets import megatron.core, whose import prints them
-from megatron_patch.architecture.presets import PRESETS, ModelPreset, get_preset, padded_vocab_size  # noqa: E402
+from megatron_patch.architecture.build import padded_vocab_size  # noqa: E402
+from megatron_patch.architecture.presets import PRESETS, ModelPreset, get_preset  # noqa: E402
 
 GIB = 2**30
 RECOMPUTE_ORDER = ("none", "selective", "full")

@@ -62,7 +62,7 @@ for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and co
 from megatron_patch import quiet_known_notices# noqa: E402
 from common import (  # noqa: E402
     FlagParser, StepTimer, UsageError, command_line, enter_one_rank_world, environment, fmt, free_memory,
-    positive_int_list, synthetic_batches, trainer_args, write_json,
+    positive_int_list, step_plan, synthetic_batches, trainer_config, write_json,
 )
 from phase_timers import PhaseTimers, installed, outside_ms, phase_medians, phase_table  # noqa: E402
 
@@ -163,7 +163,7 @@ def rates(flops_per_position: float, positions: int, tokens: int, seconds: float
 def run_throughput(opts, peak_tflops: Optional[float]) -> List[dict]:
     from megatron.core.utils import get_model_config
 
-    from megatron_patch.architecture.presets import get_preset, padded_vocab_size
+    from megatron_patch.architecture.presets import get_preset
     from megatron_patch.training.builders import build_model, build_optimizer, build_scheduler, sub_optimizers
     from megatron_patch.training.flops import flops_per_position
 
@@ -171,13 +171,12 @@ def run_throughput(opts, peak_tflops: Optional[float]) -> List[dict]:
     preset = get_preset(opts.model)
     rows = []
     for recompute in opts.recompute_granularity:
-        args = trainer_args(opts, recompute)
-        vocab = padded_vocab_size(opts.vocab_size, args.make_vocab_size_divisible_by, 1)
-        per_position = flops_per_position(preset, opts.seq_length, vocab)
-        model = build_model(args, opts.vocab_size, patch_size=1)
-        optimizer = build_optimizer(args, model)
+        config = trainer_config(opts, recompute)
+        per_position = flops_per_position(preset, opts.seq_length, config.model.padded_vocab_size)
+        model = build_model(config)
+        optimizer = build_optimizer(config.optimizer, model)
         total_steps = len(opts.micro_batch_size) * len(opts.patch_sizes) * (opts.warmup + opts.steps)
-        scheduler = build_scheduler(args, optimizer, total_steps)
+        scheduler = build_scheduler(config.optimizer, optimizer, total_steps)
         phases = PhaseTimers(cuda) if opts.phase_times else None
         # megatron reads config.timers from get_model_config(chunk) in its schedules and finalize_model_grads
         # (the TransformerConfig the model was built with) and from each optimizer's own OptimizerConfig
@@ -194,8 +193,8 @@ def _sweep(opts, model, optimizer, scheduler, recompute, per_position, peak_tflo
     """Every (b, K) row of one model, optimizer and schedule; ``phases`` (or None) is already installed."""
     import torch
 
-    from megatron_patch.training.builders import unwrap
-    from megatron_patch.training.step import NonFiniteLossError, train_step
+    from megatron_patch.errors import NonFiniteLossError
+    from megatron_patch.training.step import train_step
 
     cuda = not opts.cpu
     rows = []
@@ -205,12 +204,9 @@ def _sweep(opts, model, optimizer, scheduler, recompute, per_position, peak_tflo
                "tokens_per_step": opts.num_microbatches * b * K * opts.seq_length,
                "positions_per_step": opts.num_microbatches * b * opts.seq_length,
                "flops_per_position": per_position}
-        for chunk in model:
-            unwrap(chunk).set_patch_size(K)
-        data = itertools.cycle(synthetic_batches(b, K * opts.seq_length, opts.vocab_size, 4,
-                                                 opts.seed + K, pin=cuda))
-        step = functools.partial(train_step, model, optimizer, scheduler, data, opts.num_microbatches,
-                                 opts.seq_length, b)
+        stage = step_plan(K, b, opts.num_microbatches, opts.seq_length)
+        data = itertools.cycle(synthetic_batches(b, stage.sample_tokens, opts.vocab_size, 4, opts.seed + K, pin=cuda))
+        step = functools.partial(train_step, model, optimizer, scheduler, data, stage)
 
         free_memory(cuda)
         try:

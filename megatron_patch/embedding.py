@@ -3,6 +3,12 @@
 import torch
 
 
+def check_patch_size(patch_size: int) -> None:
+    """ValueError unless ``patch_size`` is an integer K >= 1 (the one check of K's type)."""
+    if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
+        raise ValueError(f"patch_size={patch_size!r} is invalid: use an integer K >= 1")
+
+
 def aggregate_patches(
     embeddings: torch.Tensor, patch_size: int, sequence_parallel: bool = False
 ) -> torch.Tensor:
@@ -18,8 +24,7 @@ def aggregate_patches(
         ``[s, b, h]`` patch embeddings in the dtype of ``embeddings``: plain mean, no scaling,
         no parameters.
     """
-    if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
-        raise ValueError(f"patch_size={patch_size!r} is invalid: use an integer K >= 1")
+    check_patch_size(patch_size)
     if patch_size == 1:
         return embeddings
     tokens, batch, hidden = embeddings.shape

@@ -17,18 +17,19 @@ from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntrop
 from megatron.core.tensor_parallel.utils import VocabUtility
 
 from megatron_patch.architecture.fused_cross_entropy import FusedVocabParallelPatchCrossEntropy
+from megatron_patch.embedding import check_patch_size
 
 
 def patch_targets(
     labels: torch.Tensor, loss_mask: Optional[torch.Tensor], patch_size: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Build next-patch targets from Megatron GPT labels.
+    """Build next-patch targets from Megatron GPT labels, batch first.
 
     A Megatron sample of ``K*T + 1`` tokens x_0..x_{KT} gives ``tokens = x[:-1]`` and
     ``labels = x[1:]``, so ``labels[j] = x_{j+1}``. The output at patch i is scored against the K
     tokens of patch i+1, x_{(i+1)K+k} = ``labels[(i+1)K+k-1]`` for k in 0..K-1. A patch whose K
     targets do not all lie in the sample (the last one, when K > 1) is masked. At K=1 this is
-    exactly next-token prediction over all T positions.
+    exactly next-token prediction over all T positions (``targets[..., 0] == labels``).
 
     Args:
         labels: ``[b, K*T]`` token ids (tokens shifted by one).
@@ -36,11 +37,10 @@ def patch_targets(
         patch_size: K >= 1.
 
     Returns:
-        targets ``[T, b, K]`` (int64 token ids; masked entries hold a valid placeholder id) and
-        mask ``[T, b, K]`` (float32, 1 = scored).
+        targets ``[b, T, K]`` (int64 token ids; masked entries hold a valid placeholder id) and
+        mask ``[b, T, K]`` (float32, 1 = scored).
     """
-    if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
-        raise ValueError(f"patch_size={patch_size!r} is invalid: use an integer K >= 1")
+    check_patch_size(patch_size)
     batch, tokens = labels.shape
     if tokens % patch_size != 0:
         raise ValueError(
@@ -57,17 +57,15 @@ def patch_targets(
     )
     has_full_target = index[:, -1] <= tokens - 1  # [T]
     index = index.clamp(max=tokens - 1)
-    # [b, K*T] -> [b, T, K] -> [T, b, K]
-    targets = labels[:, index].long().transpose(0, 1).contiguous()
-    mask = has_full_target.view(num_patches, 1, 1).to(torch.float32).expand(num_patches, batch, patch_size)
+    targets = labels[:, index].long()  # [b, K*T] gathered at [T, K] -> [b, T, K]
+    mask = has_full_target.view(1, num_patches, 1).to(torch.float32).expand(batch, num_patches, patch_size)
     if loss_mask is not None:
         if loss_mask.shape != labels.shape:
             raise ValueError(
                 f"loss_mask shape {tuple(loss_mask.shape)} differs from labels shape "
                 f"{tuple(labels.shape)}: pass the sample's own loss_mask"
             )
-        # [b, K*T] -> [b, T, K] -> [T, b, K]
-        mask = mask * loss_mask[:, index].transpose(0, 1).to(torch.float32)
+        mask = mask * loss_mask[:, index].to(torch.float32)  # [b, K*T] gathered at [T, K] -> [b, T, K]
     return targets, mask.contiguous()
 
 
@@ -170,7 +168,7 @@ def vocab_parallel_patch_cross_entropy(
     if vocab_parallel_logits.shape[:2] != targets.shape[:2]:
         raise ValueError(
             f"logits {tuple(vocab_parallel_logits.shape)} and targets {tuple(targets.shape)} "
-            f"disagree on [s, b]: build targets with patch_targets() from the same batch"
+            f"disagree on [s, b]: pass patch_targets() of the same batch, transposed to [s, b, K]"
         )
     vocab_size = vocab_parallel_logits.size(-1) * dist.get_world_size(group=tp_group)
     if targets.numel() > 0:

@@ -1,16 +1,18 @@
-"""PatchGPTModel: megatron.core's GPTModel with a runtime patch mode.
+"""PatchGPTModel: megatron.core's GPTModel with a patch mode chosen per forward call.
 
-Patch mode (K > 1) changes three things and adds no parameter:
+Patch mode (``patch_size`` K > 1) changes three things and adds no parameter:
 
 1. first pipeline stage: the ``[K*T, b, h]`` token embeddings are averaged into ``[T, b, h]``
    patch embeddings (``aggregate_patches``) and fed to the decoder as ``decoder_input``; RoPE
    then gives the patches positions 0..T-1, since megatron derives them from the decoder length;
 2. every stage: the decoder runs on T positions (pipeline schedules are given T, not K*T);
-3. last stage: the loss is the K-way cross-entropy against the K tokens of the next patch,
-   ``[b, T, K]`` per target (``compute_language_model_loss`` is the override).
+3. last stage: the loss is the K-way cross-entropy of each position against the K tokens of the
+   next patch, ``[b, T, K]`` per target (``compute_language_model_loss`` is the override).
 
-At K=1 ``forward`` is GPTModel's own, bit for bit. The sharded state dict is a GPTModel's, so a
-checkpoint written in patch mode loads into token mode (and into stock GPTModel) as is.
+The caller builds the next-patch targets (``loss.patch_targets``) and passes them as ``labels``;
+the model never derives them. At K=1 ``forward`` is GPTModel's own, bit for bit. The sharded state
+dict is a GPTModel's, so a checkpoint written in patch mode loads into token mode (and into stock
+GPTModel) as is.
 """
 
 from typing import Optional
@@ -19,39 +21,37 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from megatron_patch.embedding import aggregate_patches
-from megatron_patch.loss import patch_targets, vocab_parallel_patch_cross_entropy
 from megatron_patch.architecture.specs import get_decoder_block_spec
+from megatron_patch.embedding import aggregate_patches, check_patch_size
+from megatron_patch.loss import vocab_parallel_patch_cross_entropy
 
 ROPE_BASE = 10000  # the paper's (LLaMA's) rotary base
 
-class PatchGPTModel(GPTModel):
-    """GPTModel whose patch size K is a runtime setting (``set_patch_size``); K=1 is stock GPT.
 
-    Takes GPTModel's constructor arguments plus ``patch_size`` (default 1) and
-    ``fused_cross_entropy`` (default False: megatron's CE at K=1, the unfused K-way CE above).
+class PatchGPTModel(GPTModel):
+    """GPTModel whose forward takes the patch size K of the batch (``patch_size=1``: stock GPT).
+
+    Takes GPTModel's constructor arguments plus ``fused_cross_entropy`` (default False: megatron's
+    CE at K=1 and the unfused K-way CE in patch mode).
     """
 
-    def __init__(self, *args, patch_size: int = 1, fused_cross_entropy: bool = False, **kwargs):
+    def __init__(self, *args, fused_cross_entropy: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.patch_size = 1
-        self.set_patch_size(patch_size)
         self.fused_cross_entropy = fused_cross_entropy
 
-    def set_patch_size(self, patch_size: int) -> None:
-        """Switch between token mode (1) and patch mode (K > 1); weights are untouched."""
-        if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
-            raise ValueError(f"patch_size={patch_size!r} is invalid: use an integer K >= 1")
-        if patch_size > 1:
-            if self.position_embedding_type not in ("rope", "none"):
-                raise ValueError(
-                    f"patch mode needs rotary or no position embeddings, not "
-                    f"{self.position_embedding_type!r}: build the model with "
-                    f"position_embedding_type='rope'"
-                )
-            if self.config.mtp_num_layers:
-                raise ValueError("patch mode does not combine with multi-token prediction: set mtp_num_layers=None")
-        self.patch_size = patch_size
+    def check_patch_mode(self, patch_size: int) -> None:
+        """ValueError unless this model can run at ``patch_size`` (RoPE or no position embedding,
+        no multi-token prediction when K > 1)."""
+        check_patch_size(patch_size)
+        if patch_size == 1:
+            return
+        if self.position_embedding_type not in ("rope", "none"):
+            raise ValueError(
+                f"patch mode needs rotary or no position embeddings, not {self.position_embedding_type!r}: "
+                f"build the model with position_embedding_type='rope'"
+            )
+        if self.config.mtp_num_layers:
+            raise ValueError("patch mode does not combine with multi-token prediction: set mtp_num_layers=None")
 
     def forward(
         self,
@@ -60,9 +60,11 @@ class PatchGPTModel(GPTModel):
         attention_mask: Optional[torch.Tensor],
         decoder_input: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
+        *,
+        patch_size: int = 1,
         **kwargs,
     ) -> torch.Tensor:
-        """Forward pass.
+        """Forward pass of a batch of samples of K*T tokens.
 
         Args:
             input_ids: ``[b, K*T]`` token ids (first stage).
@@ -70,42 +72,40 @@ class PatchGPTModel(GPTModel):
             attention_mask: None for causal attention (the usual case), else megatron's mask
                 over the decoder's positions (patches in patch mode).
             decoder_input: ``[T, b, h]`` to skip the embedding (as in GPTModel).
-            labels: ``[b, K*T]`` token labels (tokens shifted by one), last stage.
+            labels: last stage: ``[b, T, K]`` next-patch targets from ``loss.patch_targets`` (any
+                K, 1 included), or ``[b, s]`` token labels at K=1 as GPTModel takes them.
+            patch_size: K, tokens per decoder position of this batch.
 
         Returns:
-            last stage with labels: fp32 losses ``[b, s]`` at K=1, ``[b, T, K]`` per target in
-            patch mode (targets from ``patch_targets``; the last patch's row is to be masked);
-            without labels: logits ``[b, T, V/tp]``; other stages: hidden states ``[T, b, h]``.
+            last stage with labels: fp32 losses of the labels' shape (per target); without labels:
+            logits ``[b, T, V/tp]``; other stages: hidden states ``[T, b, h]``.
         """
-        if self.patch_size == 1:
-            return super().forward(
-                input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels, **kwargs
-            )
+        self.check_patch_mode(patch_size)
+        if patch_size == 1:
+            per_target = labels is not None and labels.dim() == 3
+            # [b, s, 1] -> [b, s]: GPTModel's own labels, so K=1 is stock megatron bit for bit
+            output = super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
+                                     labels=labels.squeeze(-1) if per_target else labels, **kwargs)
+            return output.unsqueeze(-1) if per_target and self.post_process else output  # [b, s] -> [b, s, 1]
         if decoder_input is None and self.pre_process:
             token_embeddings = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [K*T, b, h]
             decoder_input = aggregate_patches(
-                token_embeddings, self.patch_size, sequence_parallel=self.config.sequence_parallel
+                token_embeddings, patch_size, sequence_parallel=self.config.sequence_parallel
             )  # [T, b, h]
-        if labels is not None:
-            targets, _ = patch_targets(labels, None, self.patch_size)  # [T, b, K]
-            labels = targets.transpose(0, 1)  # [b, T, K], as GPTModel passes labels batch first
-        return super().forward(
-            input_ids, None, attention_mask, decoder_input=decoder_input, labels=labels, **kwargs
-        )
+        return super().forward(input_ids, None, attention_mask, decoder_input=decoder_input, labels=labels, **kwargs)
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Token mode: labels ``[b, s]``, logits ``[s, b, V/tp]`` -> losses ``[b, s]`` (megatron's
-        own CE unless ``fused_cross_entropy``). Patch mode: labels ``[b, T, K]``, logits
-        ``[T, b, V/tp]`` -> per-target losses ``[b, T, K]``."""
-        if self.patch_size == 1 and not self.fused_cross_entropy:
+        """Labels ``[b, s]`` (token mode) or ``[b, T, K]`` (patch mode), logits ``[T, b, V/tp]`` ->
+        per-target fp32 losses of the labels' shape. Token mode uses megatron's own CE unless
+        ``fused_cross_entropy``."""
+        if labels.dim() == 2 and not self.fused_cross_entropy:
             return super().compute_language_model_loss(labels, logits)
-        # [b, s] -> [b, s, 1] at K=1
-        targets = labels.unsqueeze(-1) if self.patch_size == 1 else labels
+        targets = labels if labels.dim() == 3 else labels.unsqueeze(-1)  # [b, s] -> [b, s, 1]
         losses = vocab_parallel_patch_cross_entropy(
             logits, targets.transpose(0, 1), tp_group=self.pg_collection.tp, fused=self.fused_cross_entropy
         )  # [T, b, K]
-        losses = losses.transpose(0, 1).contiguous()  # [b, T, K]
-        return losses.squeeze(-1) if self.patch_size == 1 else losses
+        losses = losses.transpose(0, 1)  # [b, T, K], batch first as GPTModel returns its losses
+        return losses if labels.dim() == 3 else losses.squeeze(-1)
 
 
 def build_patch_gpt_model(
@@ -113,7 +113,6 @@ def build_patch_gpt_model(
     vocab_size: int,
     seq_length: int,
     *,
-    patch_size: int = 1,
     pre_process: bool = True,
     post_process: bool = True,
     use_transformer_engine: Optional[bool] = None,
@@ -152,6 +151,5 @@ def build_patch_gpt_model(
         position_embedding_type="none" if fused_rope else "rope",  # fused: the core attention rotates
         rotary_base=ROPE_BASE,
         vp_stage=vp_stage,
-        patch_size=patch_size,
         fused_cross_entropy=fused_cross_entropy,
     )

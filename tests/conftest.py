@@ -66,7 +66,7 @@ def shared_data():
 
 
 @pytest.fixture(scope="session")
-def tiny_corpus(tmp_path_factory, shared_data):
+def tiny_corpus(tmp_path_factory):
     """A SentencePiece model (vocab 512) and a ``.bin/.idx`` prefix of the tiny corpus, built with the
     project's own tools once per pytest process; in a torchrun world rank 0 builds, all ranks read."""
     import torch.distributed as dist
@@ -75,7 +75,9 @@ def tiny_corpus(tmp_path_factory, shared_data):
         from tools import preprocess_data, train_tokenizer
 
         folder = tmp_path_factory.mktemp("corpus")
-        source = str(shared_data / "tiny.jsonl.xz")
+        source = REPO_ROOT / "examples" / "data" / "tiny.jsonl.xz"
+        assert source.is_file(), f"{source} is missing: it ships with the repository (git checkout it)"
+        source = str(source)
         assert train_tokenizer.main(["--input", source, "--vocab-size", "512",
                                      "--output-prefix", str(folder / "tok")]) == 0
         assert preprocess_data.main(["--input", source, "--output-prefix", str(folder / "tiny"),

@@ -11,17 +11,19 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-from megatron_patch.runtime import parallel
-from megatron_patch.model import build_patch_gpt_model
+from megatron_patch.architecture.build import unwrap
 from megatron_patch.architecture.presets import get_preset, transformer_config
-from megatron_patch.training.builders import unwrap
+from megatron_patch.loss import patch_targets
+from megatron_patch.model import build_patch_gpt_model
+from megatron_patch.runtime import parallel
+from megatron_patch.training.plan import StagePlan
 from megatron_patch.training.step import run_schedule
 
 VOCAB = 128
 SEQ = 16  # T, decoder positions
 
 
-def build(tp=1, pp=1, patch_size=4, sequence_parallel=False, seed=1234, ddp=True, fused_rope=False):
+def build(tp=1, pp=1, sequence_parallel=False, seed=1234, ddp=True, fused_rope=False):
     """A tiny PatchGPTModel for this rank in the TP/PP layout given (re-initialises megatron's groups)."""
     parallel.init_model_parallel(tp, pp, seed=seed)
     config = transformer_config(
@@ -29,7 +31,7 @@ def build(tp=1, pp=1, patch_size=4, sequence_parallel=False, seed=1234, ddp=True
         cpu=True, calculate_per_token_loss=True,
     )
     model = build_patch_gpt_model(
-        config, VOCAB, SEQ, patch_size=patch_size,
+        config, VOCAB, SEQ,
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
         fused_rope=fused_rope,
     )
@@ -40,16 +42,26 @@ def build(tp=1, pp=1, patch_size=4, sequence_parallel=False, seed=1234, ddp=True
     return [wrapped]
 
 
-def trainer_model_args(*flags):
-    """The trainer's argument namespace for the tiny preset on CPU, plus ``flags`` (model-building
-    only: the data and tokenizer paths are never read)."""
-    from megatron_patch.training.arguments import build_parser
+def trainer_config(*flags, tokenizer_model):
+    """The trainer's configuration for the tiny preset on CPU, plus ``flags`` (model-building only:
+    the data path is never read)."""
+    from megatron_patch.training.arguments import parse_args
 
-    return build_parser().parse_args([
-        "--model", "tiny", "--cpu", "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1",
-        "--lr", "1e-3", "--data-path", "unused", "--tokenizer-model", "unused", "--recompute-granularity", "none",
-        *flags,
-    ])
+    return parse_args([
+        "--model", "tiny", "--cpu", "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "4",
+        "--lr", "1e-3", "--data-path", "unused", "--tokenizer-model", tokenizer_model,
+        "--recompute-granularity", "none", "--make-vocab-size-divisible-by", str(VOCAB), *flags,
+    ], world_size=1)
+
+
+def forward_losses(model, batch, patch_size):
+    """The model's per-target losses of one micro-batch and their mask, of one shape: ``[b, T, K]``
+    next-patch targets at K > 1 (built as the trainer's step builds them), ``[b, s]`` token labels at
+    K=1 (GPTModel's own call)."""
+    if patch_size == 1:
+        return model(batch["tokens"], None, None, labels=batch["labels"]), batch["loss_mask"]
+    targets, mask = patch_targets(batch["labels"], batch["loss_mask"], patch_size)  # [b, T, K] each
+    return model(batch["tokens"], None, None, labels=targets, patch_size=patch_size), mask
 
 
 def batches(patch_size, micro_batch_size=2, count=2, seed=7):
@@ -63,11 +75,15 @@ def batches(patch_size, micro_batch_size=2, count=2, seed=7):
     return out
 
 
-def train_forward_backward(model, micro_batches):
-    """The trainer's schedule on these micro-batches; returns the mean loss (every rank)."""
+def train_forward_backward(model, micro_batches, patch_size):
+    """The trainer's schedule on these micro-batches (one data-parallel rank's share of a step at
+    K=``patch_size``); returns the mean loss (every rank)."""
     for chunk in model:
         chunk.zero_grad_buffer()
-    totals = run_schedule(model, iter(micro_batches), len(micro_batches), SEQ, micro_batches[0]["tokens"].shape[0], False)
+    b = micro_batches[0]["tokens"].shape[0]
+    stage = StagePlan("patch" if patch_size > 1 else "token", patch_size, 1, 0, b * len(micro_batches), SEQ, b,
+                      len(micro_batches))
+    totals = run_schedule(model, iter(micro_batches), stage, forward_only=False)
     return (totals[0] / totals[1]).item()
 
 
@@ -139,31 +155,25 @@ def compile_fused_kernels(monkeypatch):
         monkeypatch.setattr(module, name, torch.compile(getattr(module, name)))
 
 
-def runs_through_trainer_builders(model_parallel, flags, seed):
-    """Build the tiny model as the trainer does (``build_model`` with ``flags``) and run one
-    micro-batch at K=4 and at K=1, each from zeroed gradients.
+def runs_through_trainer_builders(model_parallel, flags, seed, tokenizer_model):
+    """Build the tiny model as the trainer does (``build_model`` of the trainer's configuration with
+    ``flags``) and run one micro-batch at K=4 and at K=1, each from zeroed gradients.
 
     Returns ``(model, runs)``: the unwrapped model and ``runs[K] = (losses, loss, gradients)`` with
     the model's losses (``[b, T, K]``, or ``[b, s]`` at K=1), the masked patch loss that was
     back-propagated, and ``{name: gradient}`` (megatron's DDP accumulates into ``main_grad``).
     """
-    from megatron_patch.loss import masked_mean, patch_targets
+    from megatron_patch.loss import masked_mean
     from megatron_patch.training.builders import build_model
 
     model_parallel(1, 1, seed=seed)
-    chunk = build_model(trainer_model_args(*flags), VOCAB, patch_size=4)[0]
+    chunk = build_model(trainer_config(*flags, tokenizer_model=tokenizer_model))[0]
     model = unwrap(chunk)
     runs = {}
     for patch_size in (4, 1):
-        model.set_patch_size(patch_size)
         chunk.zero_grad_buffer()
-        batch = batches(patch_size)[0]
-        losses = model(batch["tokens"], None, None, labels=batch["labels"])
-        if patch_size > 1:
-            _, mask = patch_targets(batch["labels"], batch["loss_mask"], patch_size)
-            loss = masked_mean(losses, mask.transpose(0, 1))
-        else:
-            loss = masked_mean(losses, batch["loss_mask"])
+        losses, mask = forward_losses(model, batches(patch_size)[0], patch_size)
+        loss = masked_mean(losses, mask)
         loss.backward()
         runs[patch_size] = (losses.detach(), loss.detach(),
                             {name: (param.main_grad if param.grad is None else param.grad).clone()

@@ -24,16 +24,17 @@ if __package__ in (None, ""):  # run as `python tools/convert_checkpoint.py` fro
 
 
 def build_parser():
-    from megatron_patch.runtime.tool import ToolArgumentParser
+    from megatron_patch.runtime.command import ArgumentParser
 
-    parser = ToolArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n")[0],
-                                allow_abbrev=False)
+    parser = ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n")[0])
     parser.add_argument("--load", required=True, help="source: a --save root (its latest checkpoint) or one checkpoint")
     parser.add_argument("--save", required=True, help="output folder (created; see --force)")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1, help="target TP")
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="target PP")
     parser.add_argument("--force", action="store_true", help="replace an existing --save folder")
     parser.add_argument("--cpu", action="store_true", help="CPU mode over gloo")
+    parser.add_argument("--no-checkpoint-verify", dest="checkpoint_verify", action="store_false",
+                        help="load without checking every file against the checkpoint's manifest")
     parser.add_argument("--tolerance", type=float, default=1e-3,
                         help="max absolute logit difference accepted by the self-check (fp32)")
     parser.add_argument("--model", default=None, help="optional guard: the preset the checkpoint must have")
@@ -46,9 +47,9 @@ def build_parser():
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from megatron_patch.runtime import tool
+    from megatron_patch.runtime import command
 
-    tool.configure("convert_checkpoint")
+    command.configure_logging("convert_checkpoint")
 
     def body():
         args = build_parser().parse_args(argv)
@@ -59,11 +60,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         plan = reshard.plan_from_flags(
             args.load, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
             force=args.force, tolerance=args.tolerance, model=args.model, tokenizer_model=args.tokenizer_model,
-            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, verify=args.checkpoint_verify,
         )
-        with tool.tool_world(args.cpu):
+        with command.command_world(args.cpu):
             result = reshard.convert(plan)
-            if tool.rank() == 0:
+            if command.rank() == 0:
                 info = result.metadata["conversion"]
                 layout = info["source_layout"]
                 print(f"converted {info['source']} ({info['source_stage']} stage, iteration "
@@ -74,7 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       f"(tolerance {result.tolerance:.1e}) in {result.seconds:.1f} s")
                 print(f"next: --stage token --pretrained-checkpoint {plan.save}")
 
-    return tool.run_tool(body)
+    return command.run_main(body)
 
 
 if __name__ == "__main__":

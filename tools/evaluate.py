@@ -8,7 +8,7 @@ the checkpoint's T): ``--window non-overlapping`` (default) or ``--window slidin
 Bits per byte count the UTF-8 bytes of the evaluated text (for a prefix: of the detokenized
 documents). Example::
 
-    python tools/evaluate.py --cpu --load runs/final --input ../shared/data/wikitext103_test.jsonl.xz \\
+    python tools/evaluate.py --cpu --load runs/final --input data/wikitext103_test.jsonl.xz \\
         --output-json wikitext.json
 
 Exit codes: 0 ok, 1 self-check failed, 2 bad input.
@@ -23,9 +23,9 @@ if __package__ in (None, ""):  # run as `python tools/evaluate.py` from a checko
 
 
 def build_parser():
-    from megatron_patch.runtime.tool import ToolArgumentParser
+    from megatron_patch.runtime.command import ArgumentParser
 
-    parser = ToolArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser = ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
     parser.add_argument("--load", required=True, help="a --save root (its latest checkpoint) or one checkpoint")
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--data-path", default=None, help="a .bin/.idx prefix (without the extension)")
@@ -43,6 +43,8 @@ def build_parser():
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     parser.add_argument("--fp32", action="store_true", help="run a bf16 checkpoint in fp32")
     parser.add_argument("--cpu", action="store_true", help="CPU mode over gloo")
+    parser.add_argument("--no-checkpoint-verify", dest="checkpoint_verify", action="store_false",
+                        help="load without checking every file against the checkpoint's manifest")
     parser.add_argument("--model", default=None, help="optional guard: the preset the checkpoint must have")
     parser.add_argument("--output-json", default=None, help="also write the results here (JSON)")
     return parser
@@ -52,19 +54,19 @@ def _run(args) -> None:
     import json
     import logging
 
-    from megatron_patch.runtime import tool
+    from megatron_patch.runtime import command
     from megatron_patch.evaluation import perplexity, token_stream
     from megatron_patch.checkpoint import info as checkpoint_info
-    from megatron_patch.runtime.tool import ToolError
+    from megatron_patch.errors import ArgumentError
     from megatron_patch.data.tokenizer import SentencePieceTokenizer
     from megatron_patch.checkpoint.store import _write_atomic
 
     if len(args.json_keys) != 1:
-        raise ToolError(f"--json-keys {' '.join(args.json_keys)}: evaluate one key at a time")
+        raise ArgumentError(f"--json-keys {' '.join(args.json_keys)}: evaluate one key at a time")
     if args.max_documents is not None and args.max_documents < 1:
-        raise ToolError(f"--max-documents {args.max_documents} must be >= 1")
+        raise ArgumentError(f"--max-documents {args.max_documents} must be >= 1")
     if args.output_json and not os.path.isdir(os.path.dirname(os.path.abspath(args.output_json))):
-        raise ToolError(f"--output-json {args.output_json}: its folder does not exist; create it first")
+        raise ArgumentError(f"--output-json {args.output_json}: its folder does not exist; create it first")
     info = checkpoint_info.read_checkpoint(args.load, "--load", args.model)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     checkpoint_info.check_layout(info, tp, pp)
@@ -76,7 +78,7 @@ def _run(args) -> None:
             info.seq_length)
     tokenizer_path = args.tokenizer_model or info.tokenizer_model
     if not tokenizer_path:
-        raise ToolError(f"checkpoint {info.path} records no tokenizer: pass --tokenizer-model")
+        raise ArgumentError(f"checkpoint {info.path} records no tokenizer: pass --tokenizer-model")
     tokenizer = SentencePieceTokenizer(tokenizer_path)
     trained_tp = int(info.args.get("tensor_model_parallel_size", info.layout.get("tensor", 1)))
     perplexity.check_tokenizer(tokenizer, info.vocab_size, info.divisible_by, trained_tp, info.path,
@@ -87,12 +89,12 @@ def _run(args) -> None:
     else:
         corpus = token_stream.corpus_from_files(args.input, tokenizer, args.json_keys[0], args.max_documents)
         described = {"input": args.input, "json_key": args.json_keys[0]}
-    with tool.tool_world(args.cpu) as world_size:
+    with command.command_world(args.cpu) as world_size:
         checkpoint_info.check_world(world_size, tp, pp)
         model = checkpoint_info.build_model(info, tp, pp, bf16=False if args.fp32 else None)
-        checkpoint_info.load_weights(model, info)
+        checkpoint_info.load_weights(model, info, verify=args.checkpoint_verify)
         result = perplexity.evaluate(model, corpus, settings, pad=tokenizer.eod)
-        if tool.rank() != 0:
+        if command.rank() != 0:
             return
         report = {
             "checkpoint": info.path, "iteration": info.meta.get("iteration"), "stage": info.progress.get("stage"),
@@ -124,14 +126,14 @@ def _run(args) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from megatron_patch.runtime import tool
+    from megatron_patch.runtime import command
 
-    tool.configure("evaluate")
+    command.configure_logging("evaluate")
 
     def body():
         _run(build_parser().parse_args(argv))
 
-    return tool.run_tool(body)
+    return command.run_main(body)
 
 
 if __name__ == "__main__":

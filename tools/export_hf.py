@@ -23,9 +23,9 @@ if __package__ in (None, ""):  # run as `python tools/export_hf.py` from a check
 
 
 def build_parser():
-    from megatron_patch.runtime.tool import ToolArgumentParser
+    from megatron_patch.runtime.command import ArgumentParser
 
-    parser = ToolArgumentParser(prog="export_hf.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser = ArgumentParser(prog="export_hf.py", description=__doc__.split("\n")[0])
     parser.add_argument("--load", required=True, help="a --save root (its latest checkpoint) or one checkpoint")
     parser.add_argument("--save", required=True, help="output folder (created; see --force)")
     parser.add_argument("--force", action="store_true", help="replace an existing --save folder")
@@ -38,6 +38,8 @@ def build_parser():
     parser.add_argument("--tolerance", type=float, default=1e-3, help="max absolute logit difference (--verify-logits)")
     parser.add_argument("--model", default=None, help="optional guard: the preset the checkpoint must have")
     parser.add_argument("--cpu", action="store_true", help="CPU mode over gloo")
+    parser.add_argument("--no-checkpoint-verify", dest="checkpoint_verify", action="store_false",
+                        help="load without checking every file against the checkpoint's manifest")
     return parser
 
 
@@ -47,10 +49,10 @@ def _run(args) -> None:
 
     import torch
 
-    from megatron_patch.runtime import tool
+    from megatron_patch.runtime import command
     from megatron_patch.conversion import hf_export
     from megatron_patch.checkpoint import info as checkpoint_info
-    from megatron_patch.runtime.tool import ToolError, VerificationError
+    from megatron_patch.errors import ArgumentError, VerificationError
     from megatron_patch.evaluation.perplexity import check_tokenizer
     from megatron_patch.evaluation.logits import fixed_tokens, forward_logits
     from megatron_patch.runtime.staged_folder import StagedFolder, check_output_folder
@@ -59,13 +61,13 @@ def _run(args) -> None:
     logger = logging.getLogger("megatron_patch.tools.export_hf")
     start = time.perf_counter()
     if not args.tolerance >= 0:
-        raise ToolError(f"--tolerance {args.tolerance} must be >= 0")
+        raise ArgumentError(f"--tolerance {args.tolerance} must be >= 0")
     info = checkpoint_info.read_checkpoint(args.load, "--load", args.model)
     hf_export.check_architecture_args(info)
     final = check_output_folder(args.save, args.force, "--save")
     tokenizer_path = args.tokenizer_model or info.tokenizer_model
     if not tokenizer_path:
-        raise ToolError(f"checkpoint {info.path} records no tokenizer: pass --tokenizer-model")
+        raise ArgumentError(f"checkpoint {info.path} records no tokenizer: pass --tokenizer-model")
     tokenizer = SentencePieceTokenizer(tokenizer_path)
     trained_tp = int(info.args.get("tensor_model_parallel_size", info.layout.get("tensor", 1)))
     check_tokenizer(tokenizer, info.vocab_size, info.divisible_by, trained_tp, info.path, info.tokenizer_model)
@@ -73,8 +75,8 @@ def _run(args) -> None:
         logger.warning("%s is a patch-stage checkpoint: its weights predict the next patch, not the next token; "
                        "export the final token-stage checkpoint", info.path)
     vocab_size = tokenizer.vocab_size if args.trim_vocab else info.vocab_size
-    with tool.tool_world(args.cpu):
-        tensors = hf_export.read_tensors(info)
+    with command.command_world(args.cpu):
+        tensors = hf_export.read_tensors(info, args.checkpoint_verify)
         weights = hf_export.to_llama(info, tensors, vocab_size)
         del tensors
         dtype = weights["lm_head.weight"].dtype
@@ -90,12 +92,12 @@ def _run(args) -> None:
             if args.verify_logits:
                 tokens = fixed_tokens(tokenizer.vocab_size, 2, min(info.seq_length, 64))
                 model = checkpoint_info.build_model(info, 1, 1, bf16=False)
-                checkpoint_info.load_weights(model, info)
+                checkpoint_info.load_weights(model, info, verify=False)  # checked by read_tensors above
                 reference = forward_logits(model, tokens, info.vocab_size)[..., :vocab_size]
                 del model
                 hf_logits = hf_export.rank_zero_first(hf_export.transformers_logits, staged.path, tokens)
                 result = [None]
-                if tool.rank() == 0:
+                if command.rank() == 0:
                     result[0] = (hf_logits - reference).abs().max().item()
                 torch.distributed.broadcast_object_list(result, src=0)
                 difference = result[0]
@@ -104,7 +106,7 @@ def _run(args) -> None:
                     raise VerificationError(f"transformers' logits differ from Megatron's by {difference:.3e} > "
                                             f"--tolerance {args.tolerance:.1e}; nothing was written to {args.save}")
             staged.commit()
-    if tool.rank() == 0:
+    if command.rank() == 0:
         parameters = sum(t.numel() for t in weights.values())
         print(f"exported {info.path} ({info.progress.get('stage')} stage, iteration {info.meta.get('iteration')}, "
               f"model {info.preset.name}) to {final}")
@@ -118,14 +120,14 @@ def _run(args) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from megatron_patch.runtime import tool
+    from megatron_patch.runtime import command
 
-    tool.configure("export_hf")
+    command.configure_logging("export_hf")
 
     def body():
         _run(build_parser().parse_args(argv))
 
-    return tool.run_tool(body)
+    return command.run_main(body)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # run as `python tools/merge_datasets.py` from a 
 
 from megatron_patch.data.errors import (  # noqa: E402
     EXIT_USER_ERROR, ArgumentParser, DataError, user_error_line)
+from megatron_patch.errors import UserError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -72,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             documents, tokens = merge_datasets(prefixes, bin_path, idx_path)
             verify_dataset(bin_path[: -len(".bin")], documents, tokens)
             paths = staged.commit()
-    except (DataError, OSError) as err:
+    except (UserError, OSError) as err:
         print(user_error_line(err), file=sys.stderr)
-        return EXIT_USER_ERROR
+        return getattr(err, "exit_code", EXIT_USER_ERROR)
     print(f"merged {len(prefixes)} datasets: {documents} documents, {tokens} tokens")
     for prefix in prefixes:
         print(f"  from {prefix}")

@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as `python tools/preprocess_data.py` from a
 
 from megatron_patch.data.errors import (  # noqa: E402
     EXIT_USER_ERROR, ArgumentParser, DataError, user_error_line)
+from megatron_patch.errors import UserError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_patch.data.preprocess import PreprocessConfig, preprocess
 
         report = preprocess(PreprocessConfig(**vars(args)))
-    except (DataError, OSError) as err:
+    except (UserError, OSError) as err:
         print(user_error_line(err), file=sys.stderr)
-        return EXIT_USER_ERROR
+        return getattr(err, "exit_code", EXIT_USER_ERROR)
     tokens = sum(k.tokens for k in report.keys.values())
     seconds = max(report.seconds, 1e-9)
     print(f"lines read: {report.lines}, bad lines skipped: {report.bad_lines_skipped}")

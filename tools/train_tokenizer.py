@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as `python tools/train_tokenizer.py` from a
 
 from megatron_patch.data.errors import (  # noqa: E402
     EXIT_USER_ERROR, ArgumentParser, DataError, user_error_line)
+from megatron_patch.errors import UserError  # noqa: E402
 from megatron_patch.data.inputs import (  # noqa: E402
     BadLineError,
     expand_inputs,
@@ -214,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             processor = check_model(proto, sentences)
             write_outputs(staged, args.output_prefix, proto, processor)
             paths = staged.commit()
-    except (DataError, OSError) as err:
+    except (UserError, OSError) as err:
         print(user_error_line(err), file=sys.stderr)
-        return EXIT_USER_ERROR
+        return getattr(err, "exit_code", EXIT_USER_ERROR)
     special = " ".join(f"{piece}={i}" for i, piece in SPECIAL_PIECES.values())
     print(
         f"tokenizer: {args.model_type}, vocab {processor.get_piece_size()}, {special} "

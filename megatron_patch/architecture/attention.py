@@ -1,9 +1,9 @@
 """Core attention on ``torch.nn.functional.scaled_dot_product_attention``.
 
 Drop-in for megatron's local ``DotProductAttention`` (same constructor and forward), which
-materialises the ``[b, np, s, s]`` scores in fp32 and is 4-5x slower on an H100
-(``design/gpu-baseline.md``). SDPA dispatches to cuDNN / flash attention on GPU and to a fused
-math kernel on CPU.
+materialises the ``[b, np, s, s]`` scores in fp32 and was 4-5x slower on an H100 (measured with
+megatron-core alone, before this project). SDPA dispatches to cuDNN / flash attention on GPU and to
+a fused math kernel on CPU.
 
 With ``rotary_base`` it also applies RoPE (``rope.apply_rotary``, one fused kernel) to the query and
 key of positions 0..s-1; the model is then built without megatron's RoPE

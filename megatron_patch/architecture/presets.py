@@ -1,4 +1,4 @@
-"""Model presets: the paper's LLaMA-style models (Table in paper.md §4), larger ones, tiny CPU ones.
+"""Model presets: the paper's LLaMA-style models (its model table: 370M to 2.7B), larger ones, tiny CPU ones.
 
 Presets are data. ``transformer_config`` turns one into megatron's ``TransformerConfig`` with
 the paper's architecture: pre-norm RMSNorm (eps 1e-6), SwiGLU, RoPE (base 10000), no biases,
@@ -6,7 +6,7 @@ untied embeddings, no dropout, init std 0.02.
 
 The ``layout`` of each preset is a starting point for 80 GB H100s (bf16, distributed optimizer,
 8 or more GPUs, sequence length 2048): tensor- and pipeline-parallel sizes and a micro-batch
-size. The 370M micro-batch follows the bare-megatron H100 measurement in design/gpu-baseline.md;
+size. The 370M micro-batch follows the H100 throughput measurement in benchmarks/RESULTS.md;
 the others come from ``benchmarks/memory_plan.py``'s formula (the 6.7B one with a 64 GiB budget
 for headroom) and are to be confirmed with measured per-layer figures.
 """
@@ -17,6 +17,8 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
+
+from megatron_patch.errors import ArgumentError
 
 
 @dataclass(frozen=True)
@@ -57,39 +59,36 @@ PRESETS: Dict[str, ModelPreset] = {
     p.name: p
     for p in (
         # tests and the CPU quick start
-        ModelPreset("tiny", 4, 64, 176, 4, 64, Layout(1, 1, 4)),
-        ModelPreset("cpu-small", 4, 128, 352, 4, 128, Layout(1, 1, 8)),
+        ModelPreset(name="tiny", num_layers=4, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4,
+                    seq_length=64, layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=4)),
+        ModelPreset(name="cpu-small", num_layers=4, hidden_size=128, ffn_hidden_size=352, num_attention_heads=4,
+                    seq_length=128, layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=8)),
         # sized for the ~30 M-token corpus of the small-scale reproduction (examples/reproduce_small.py)
-        ModelPreset("repro-34m", 8, 512, 1376, 8, 1024, Layout(1, 1, 32)),
-        # the paper's models (hidden, SwiGLU intermediate, layers, heads)
-        ModelPreset("370m", 24, 1024, 2752, 16, 2048, Layout(1, 1, 16)),
-        ModelPreset("780m", 24, 1536, 4128, 16, 2048, Layout(1, 1, 8)),
-        ModelPreset("1.3b", 24, 2048, 5504, 16, 2048, Layout(1, 1, 8)),
-        ModelPreset("2.7b", 32, 2560, 6880, 32, 2048, Layout(1, 1, 4)),
+        ModelPreset(name="repro-34m", num_layers=8, hidden_size=512, ffn_hidden_size=1376, num_attention_heads=8,
+                    seq_length=1024, layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=32)),
+        # the paper's models
+        ModelPreset(name="370m", num_layers=24, hidden_size=1024, ffn_hidden_size=2752, num_attention_heads=16,
+                    seq_length=2048, layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=16)),
+        ModelPreset(name="780m", num_layers=24, hidden_size=1536, ffn_hidden_size=4128, num_attention_heads=16,
+                    seq_length=2048, layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=8)),
+        ModelPreset(name="1.3b", num_layers=24, hidden_size=2048, ffn_hidden_size=5504, num_attention_heads=16,
+                    seq_length=2048, layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=8)),
+        ModelPreset(name="2.7b", num_layers=32, hidden_size=2560, ffn_hidden_size=6880, num_attention_heads=32,
+                    seq_length=2048, layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=4)),
         # scaling past 2.7B (LLaMA-7B / 13B shapes)
-        ModelPreset("6.7b", 32, 4096, 11008, 32, 2048, Layout(1, 1, 1)),
-        ModelPreset("13b", 40, 5120, 13824, 40, 2048, Layout(2, 1, 1)),
+        ModelPreset(name="6.7b", num_layers=32, hidden_size=4096, ffn_hidden_size=11008, num_attention_heads=32,
+                    seq_length=2048, layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=1)),
+        ModelPreset(name="13b", num_layers=40, hidden_size=5120, ffn_hidden_size=13824, num_attention_heads=40,
+                    seq_length=2048, layout=Layout(tensor_parallel=2, pipeline_parallel=1, micro_batch_size=1)),
     )
 }
-
 
 def get_preset(name: str) -> ModelPreset:
     """The preset called ``name``; a one-line error listing the choices otherwise."""
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)}") from None
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
-    """Round the tokenizer's vocabulary up to a multiple of ``divisible_by * tensor_parallel``."""
-    if vocab_size < 1 or divisible_by < 1 or tensor_parallel < 1:
-        raise ValueError(
-            f"vocab_size={vocab_size}, divisible_by={divisible_by}, tensor_parallel={tensor_parallel}: "
-            f"all must be >= 1"
-        )
-    multiple = divisible_by * tensor_parallel
-    return -(-vocab_size // multiple) * multiple
+        raise ArgumentError(f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)}") from None
 
 
 def transformer_config(
@@ -117,24 +116,24 @@ def transformer_config(
     heads, layers = preset.num_attention_heads, preset.num_layers
     groups = preset.num_query_groups or heads
     if heads % tensor_parallel or groups % tensor_parallel:
-        raise ValueError(
+        raise ArgumentError(
             f"--tensor-model-parallel-size {tensor_parallel} does not divide the {heads} attention "
             f"heads ({groups} groups) of preset {preset.name!r}: pick a divisor"
         )
     if layers % pipeline_parallel:
-        raise ValueError(
+        raise ArgumentError(
             f"--pipeline-model-parallel-size {pipeline_parallel} does not divide the {layers} layers "
             f"of preset {preset.name!r}: pick a divisor"
         )
     if sequence_parallel and tensor_parallel == 1:
-        raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1: drop the flag")
+        raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1: drop the flag")
     recompute_settings = {
         "none": {},
         "selective": {"recompute_granularity": "selective"},
         "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
     }
     if recompute not in recompute_settings:
-        raise ValueError(f"--recompute-granularity {recompute!r}: use none, selective or full")
+        raise ArgumentError(f"--recompute-granularity {recompute!r}: use none, selective or full")
     dtype = torch.bfloat16 if bf16 else torch.float32
     settings = dict(
         num_layers=layers,

@@ -4,9 +4,10 @@ megatron.core fuses RoPE only through Transformer Engine (``apply_rope_fusion``)
 ``SelfAttention`` runs the eager ``_apply_rotary_pos_emb_bshd`` on the query and on the key: a
 slice, two casts of cos/sin, three multiplications, a negation, two concatenations and an add per
 tensor, forward and backward, which was about 15% of the kernel time of a 370M step on an H100
-(``design/gpu-baseline.md``). ``apply_rotary`` is the same arithmetic written as one function for
-megatron's ``jit_fuser`` (``torch.compile``), so query and key are rotated, and their gradients
-un-rotated, in one generated kernel each way.
+(a profile of a bare megatron-core step, before this project; see benchmarks/RESULTS.md).
+``apply_rotary`` is the same arithmetic written as one function for megatron's ``jit_fuser``
+(``torch.compile``), so query and key are rotated, and their gradients un-rotated, in one generated
+kernel each way.
 
 The angles are megatron's: ``RotaryEmbedding`` (same inverse frequencies and positions 0..s-1,
 cached per length) gives ``freqs``. In eager mode ``apply_rotary`` equals megatron's unfused RoPE

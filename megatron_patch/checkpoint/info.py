@@ -8,17 +8,16 @@ tools never ask for flags the checkpoint already records. A ``--model`` given an
 import logging
 import os
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import List, Optional
 
 import torch
-from megatron.core import parallel_state
 
-from megatron_patch.runtime import cpu_mode, parallel
-from megatron_patch.runtime.tool import ToolError
-from megatron_patch.model import PatchGPTModel, build_patch_gpt_model
-from megatron_patch.architecture.presets import ModelPreset, get_preset, transformer_config
+from megatron_patch.architecture.build import ModelSettings
+from megatron_patch.architecture.build import build_model as build_model_chunk
+from megatron_patch.architecture.presets import ModelPreset, get_preset
 from megatron_patch.checkpoint import store as ckpt
+from megatron_patch.errors import ArgumentError, CheckpointError
+from megatron_patch.runtime import cpu_mode, parallel
 
 logger = logging.getLogger(__name__)
 
@@ -79,23 +78,26 @@ def read_checkpoint(path: str, flag: str = "--load", model: Optional[str] = None
     shape than ``model`` (a preset name given on the command line), one line each.
     """
     if not path:
-        raise ToolError(f"{flag} is empty: name a checkpoint folder")
+        raise ArgumentError(f"{flag} is empty: name a checkpoint folder")
     found = ckpt.resolve_checkpoint(path)
     meta = ckpt.read_metadata(found)
     file = os.path.join(found, ckpt.METADATA)
     args, shape = meta.get("args"), meta.get("model_shape")
     if not isinstance(args, dict) or not isinstance(shape, dict) or "model" not in args or "vocab_size" not in shape:
-        raise ckpt.CheckpointError(f"{file}: no args.model or model_shape.vocab_size; the checkpoint is corrupt "
+        raise CheckpointError(f"{file}: no args.model or model_shape.vocab_size; the checkpoint is corrupt "
                                    f"or was not written by megatron_patch")
     try:
         preset = get_preset(args["model"])
     except ValueError as error:
-        raise ckpt.CheckpointError(f"{file}: {error}") from None
+        raise CheckpointError(f"{file}: {error}") from None
     vocab_size = int(shape["vocab_size"])
     # the metadata must describe the preset it names (else it was edited or is corrupt)
-    ckpt.check_model_shape(found, meta, ckpt.model_shape(SimpleNamespace(model=preset.name), vocab_size))
+    ckpt.check_model_shape(found, meta, ckpt.model_shape(preset, vocab_size))
     if model is not None and model != preset.name:
-        expected = ckpt.model_shape(SimpleNamespace(model=model), vocab_size)  # ValueError for an unknown name
+        try:
+            expected = ckpt.model_shape(get_preset(model), vocab_size)
+        except ValueError as error:
+            raise ArgumentError(f"--model: {error}") from None
         ckpt.check_model_shape(found, meta, expected)
         logger.warning("--model %s has the shape of the checkpoint's preset %s", model, preset.name)
     seq_length = int(args.get("seq_length") or preset.seq_length)
@@ -107,23 +109,23 @@ def _divisors(n: int) -> str:
 
 
 def check_layout(info: CheckpointInfo, tensor_parallel: int, pipeline_parallel: int) -> None:
-    """ToolError unless TP divides the heads, query groups, FFN width and vocabulary and PP the layers."""
+    """ArgumentError unless TP divides the heads, query groups, FFN width and vocabulary and PP the layers."""
     preset = info.preset
     for flag, value in (("--tensor-model-parallel-size", tensor_parallel),
                         ("--pipeline-model-parallel-size", pipeline_parallel)):
         if value < 1:
-            raise ToolError(f"{flag} {value} must be >= 1")
+            raise ArgumentError(f"{flag} {value} must be >= 1")
     groups = preset.num_query_groups or preset.num_attention_heads
     counts = (("attention heads", preset.num_attention_heads), ("query groups", groups),
               ("FFN hidden size", preset.ffn_hidden_size), ("vocabulary rows", info.vocab_size))
     valid = [d for d in range(1, groups + 1) if all(count % d == 0 for _, count in counts)]
     for what, count in counts:
         if count % tensor_parallel:
-            raise ToolError(f"--tensor-model-parallel-size {tensor_parallel} does not divide the {count} {what} of "
+            raise ArgumentError(f"--tensor-model-parallel-size {tensor_parallel} does not divide the {count} {what} of "
                             f"checkpoint {info.path} (model {preset.name!r}): use one of "
                             f"{', '.join(map(str, valid))}")
     if preset.num_layers % pipeline_parallel:
-        raise ToolError(f"--pipeline-model-parallel-size {pipeline_parallel} does not divide the {preset.num_layers} "
+        raise ArgumentError(f"--pipeline-model-parallel-size {pipeline_parallel} does not divide the {preset.num_layers} "
                         f"layers of checkpoint {info.path} (model {preset.name!r}): use one of "
                         f"{_divisors(preset.num_layers)}")
 
@@ -131,47 +133,32 @@ def check_layout(info: CheckpointInfo, tensor_parallel: int, pipeline_parallel: 
 def check_world(world_size: int, tensor_parallel: int, pipeline_parallel: int) -> None:
     if world_size % (tensor_parallel * pipeline_parallel):
         product = tensor_parallel * pipeline_parallel
-        raise ToolError(f"world size {world_size} is not a multiple of TP x PP = {product}: "
+        raise ArgumentError(f"world size {world_size} is not a multiple of TP x PP = {product}: "
                         f"launch a multiple of {product} processes with torchrun")
 
 
 def build_model(info: CheckpointInfo, tensor_parallel: int, pipeline_parallel: int,
                 bf16: Optional[bool] = None, seed: int = 1234) -> List[torch.nn.Module]:
     """(Re)initialise megatron's groups at TP x PP and build this rank's chunk of the checkpoint's
-    model in token mode (K=1), in eval mode; ``bf16`` defaults to the checkpoint's dtype.
+    model (the trainer's builder), in eval mode; ``bf16`` defaults to the checkpoint's dtype.
 
     Returns ``[chunk]`` (a ``Float16Module`` around the model in bf16, as the trainer runs it).
     """
-    from megatron.core.transformer.module import Float16Module
-
-    bf16 = info.bf16 if bf16 is None else bf16
+    settings = ModelSettings(
+        preset=info.preset, seq_length=info.seq_length, padded_vocab_size=info.vocab_size,
+        tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+        bf16=info.bf16 if bf16 is None else bf16, transformer_impl=info.transformer_impl,
+    )
     parallel.init_model_parallel(tensor_parallel, pipeline_parallel, seed=seed)
-    config = transformer_config(
-        info.preset, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
-        bf16=bf16, cpu=cpu_mode.is_enabled(), calculate_per_token_loss=True,
-    )
-    use_te = {"auto": None, "local": False, "transformer_engine": True}.get(info.transformer_impl)
-    model: torch.nn.Module = build_patch_gpt_model(
-        config, info.vocab_size, info.seq_length, patch_size=1,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        use_transformer_engine=use_te,
-    )
-    if not cpu_mode.is_enabled():
-        model.cuda(torch.cuda.current_device())
-    if bf16:
-        model = Float16Module(config, model)
+    cpu = cpu_mode.is_enabled()
+    model = build_model_chunk(settings, settings.transformer_config(cpu), cpu)
     model.eval()
     return [model]
 
 
-def load_weights(model: List[torch.nn.Module], info: CheckpointInfo, path: Optional[str] = None) -> None:
+def load_weights(model: List[torch.nn.Module], info: CheckpointInfo, path: Optional[str] = None,
+                 verify: bool = True) -> None:
     """Load the model weights of ``path`` (default: ``info.path``) into ``model``, resharding
-    from whatever layout they were saved at (dist_checkpointing)."""
-    ckpt.load_checkpoint(path or info.path, model, info.shape, restore_rng=False)
-
-
-def inner(model: List[torch.nn.Module]) -> PatchGPTModel:
-    from megatron_patch.training.builders import unwrap
-
-    return unwrap(model[0])
+    from whatever layout they were saved at (dist_checkpointing); ``verify``: check the files
+    against the checkpoint's manifest first (``--no-checkpoint-verify`` turns it off)."""
+    ckpt.load_checkpoint(path or info.path, model, info.shape, restore_rng=False, verify=verify)

@@ -35,10 +35,12 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_patch.checkpoint import manifest
+
+from megatron_patch.architecture.build import unwrap
+from megatron_patch.errors import CheckpointError
 from megatron_patch.training.builders import (
     prepare_optimizer_state_for_loading,
     restore_adam_step_counters,
-    unwrap,
 )
 
 logger = logging.getLogger(__name__)
@@ -50,10 +52,6 @@ FORMAT_VERSION = 1
 REQUIRED_FILES = ("common.pt", "metadata.json", ".metadata")
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 _WARNED = set()  # (root, tracker, newest) already reported by read_tracker
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable or of another model (one-line message)."""
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
@@ -124,18 +122,15 @@ def read_metadata(ckpt: str) -> dict:
     return meta
 
 
-def model_shape(args, vocab_size: int) -> dict:
-    """What must agree between a checkpoint and the model loading it."""
-    from megatron_patch.architecture.presets import get_preset
-
-    preset = get_preset(args.model)
+def model_shape(preset, padded_vocab_size: int) -> dict:
+    """What must agree between a checkpoint and the model loading it (``preset``: a ModelPreset)."""
     return {
         "num_layers": preset.num_layers,
         "hidden_size": preset.hidden_size,
         "ffn_hidden_size": preset.ffn_hidden_size,
         "num_attention_heads": preset.num_attention_heads,
         "num_query_groups": preset.num_query_groups or preset.num_attention_heads,
-        "vocab_size": vocab_size,
+        "vocab_size": padded_vocab_size,
     }
 
 
@@ -190,7 +185,7 @@ def _sharded_state(model, optimizer=None, scheduler=None, with_rng=False, is_loa
     return state
 
 
-def save_checkpoint(root, iteration, model, optimizer, scheduler, progress, args, shape, keep_last) -> str:
+def save_checkpoint(root, iteration, model, optimizer, scheduler, progress, flags, shape, keep_last) -> str:
     """Write ``root/iter_N`` atomically on every rank; returns its path. Skips an existing ``iter_N``
     (the checkpoint this run resumed from, identical by construction)."""
     final = checkpoint_dir(root, iteration)
@@ -213,7 +208,7 @@ def save_checkpoint(root, iteration, model, optimizer, scheduler, progress, args
             "progress": progress,
             "model_shape": shape,
             "layout": dict(zip(("pipeline", "tensor", "data"), _layout())),
-            "args": {key: value for key, value in vars(args).items() if _is_plain(value)},
+            "args": {key: value for key, value in flags.items() if _is_plain(value)},
         }
         _write_atomic(os.path.join(partial_dir, METADATA), json.dumps(meta, indent=1, sort_keys=True))
     manifest.write_manifest(partial_dir)  # collective: every rank checksums its own shards

@@ -46,7 +46,7 @@ from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_patch.checkpoint import store as ckpt
-from megatron_patch.runtime.tool import ToolError, VerificationError
+from megatron_patch.errors import CheckpointError, UserError, VerificationError
 from megatron_patch.checkpoint.info import CheckpointInfo
 
 logger = logging.getLogger(__name__)
@@ -73,8 +73,8 @@ ARCHITECTURE_ARGS = {
 }
 
 
-def _refuse(info: CheckpointInfo, reason: str) -> ToolError:
-    return ToolError(f"checkpoint {info.path} is not the paper's LLaMA-style architecture ({reason}); "
+def _refuse(info: CheckpointInfo, reason: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {info.path} is not the paper's LLaMA-style architecture ({reason}); "
                      f"export_hf.py writes LlamaForCausalLM only (RMSNorm, SwiGLU, RoPE base 10000, no "
                      f"biases, untied embeddings)")
 
@@ -235,7 +235,7 @@ def write_folder(folder: str, weights: "OrderedDict[str, torch.Tensor]", config:
     try:
         from safetensors.torch import save_file
     except ImportError:
-        raise ToolError("export_hf.py needs the safetensors package: pip install safetensors "
+        raise UserError("export_hf.py needs the safetensors package: pip install safetensors "
                         "(or pip install -e .[hf])") from None
     path = os.path.join(folder, "model.safetensors")
     save_file(weights, path, metadata={"format": "pt"})
@@ -273,7 +273,7 @@ def transformers_logits(folder: str, tokens: torch.Tensor) -> torch.Tensor:
         import transformers
         from transformers import LlamaForCausalLM
     except ImportError:
-        raise ToolError("--verify-logits needs transformers: pip install transformers "
+        raise UserError("--verify-logits needs transformers: pip install transformers "
                         "(or pip install -e .[hf])") from None
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -290,7 +290,7 @@ def rank_zero_first(function, *args):
     if dist.get_rank() == 0:
         try:
             result = function(*args)
-        except (ToolError, VerificationError) as error:
+        except UserError as error:
             holder[0] = error
     dist.broadcast_object_list(holder, src=0)
     if holder[0] is not None:

@@ -31,11 +31,12 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megatron_patch.checkpoint import info as checkpoint_info
-from megatron_patch.runtime.tool import ToolError, VerificationError
+from megatron_patch.errors import ArgumentError, VerificationError
 from megatron_patch.evaluation.logits import fixed_tokens, forward_logits
 from megatron_patch.runtime.staged_folder import StagedFolder, check_output_folder
 from megatron_patch.runtime.parallel import collective_device
-from megatron_patch.architecture.presets import padded_vocab_size
+from megatron_patch.architecture.build import padded_vocab_size, unwrap
+from megatron_patch.checkpoint import manifest
 from megatron_patch.checkpoint import store as ckpt
 
 logger = logging.getLogger(__name__)
@@ -56,16 +57,17 @@ class ConversionPlan:
     force: bool = False
     make_vocab_size_divisible_by: Optional[int] = None  # default: the source run's
     tokenizer_vocab_size: Optional[int] = None
+    verify: bool = True  # check the source's files against its manifest before loading
 
     def __post_init__(self) -> None:
         if not self.tolerance >= 0:
-            raise ToolError(f"--tolerance {self.tolerance} must be >= 0 (max absolute logit difference)")
+            raise ArgumentError(f"--tolerance {self.tolerance} must be >= 0 (max absolute logit difference)")
         checkpoint_info.check_layout(self.source, self.tensor_parallel, self.pipeline_parallel)
         self._check_vocabulary_padding()
         source_root = os.path.dirname(self.source.path)
         for protected in (self.source.path, source_root):
             if os.path.abspath(protected) == self.save or os.path.abspath(protected).startswith(self.save + os.sep):
-                raise ToolError(f"--save {self.save} would replace the source checkpoint {self.source.path}: "
+                raise ArgumentError(f"--save {self.save} would replace the source checkpoint {self.source.path}: "
                                 f"choose another folder")
 
     def _check_vocabulary_padding(self) -> None:
@@ -76,7 +78,7 @@ class ConversionPlan:
         divisible_by = self.make_vocab_size_divisible_by or self.source.divisible_by
         target = padded_vocab_size(self.tokenizer_vocab_size, divisible_by, self.tensor_parallel)
         if target != self.source.vocab_size:
-            raise ToolError(
+            raise ArgumentError(
                 f"--tensor-model-parallel-size {self.tensor_parallel} pads the tokenizer's {self.tokenizer_vocab_size} "
                 f"pieces to {target} rows (multiples of --make-vocab-size-divisible-by {divisible_by} x TP), but "
                 f"checkpoint {self.source.path} has {self.source.vocab_size}: pick a TP for which they agree, or "
@@ -147,7 +149,7 @@ def _verify(plan: ConversionPlan, converted: str) -> float:
     source = plan.source
     tokens = fixed_tokens(source.vocab_size, VERIFY_BATCH, min(source.seq_length, VERIFY_MAX_LENGTH))
     reference_model = checkpoint_info.build_model(source, 1, 1, bf16=False)
-    checkpoint_info.load_weights(reference_model, source)
+    checkpoint_info.load_weights(reference_model, source, verify=False)  # checked when it was converted
     reference = forward_logits(reference_model, tokens, source.vocab_size)
     del reference_model
     target_model = checkpoint_info.build_model(source, plan.tensor_parallel, plan.pipeline_parallel, bf16=False)
@@ -182,10 +184,11 @@ def convert(plan: ConversionPlan) -> ConversionResult:
             os.makedirs(partial_ckpt)
         dist.barrier()
         model = checkpoint_info.build_model(source, plan.tensor_parallel, plan.pipeline_parallel)
-        checkpoint_info.load_weights(model, source)
-        dist_checkpointing.save({"model": checkpoint_info.inner(model).sharded_state_dict()}, partial_ckpt)
+        checkpoint_info.load_weights(model, source, verify=plan.verify)
+        dist_checkpointing.save({"model": unwrap(model[0]).sharded_state_dict()}, partial_ckpt)
         del model
         dist.barrier()
+        manifest.write_manifest(partial_ckpt)  # collective: each rank checksums its own shards
         meta = _metadata(plan, world_size)
         if dist.get_rank() == 0:
             ckpt._write_atomic(os.path.join(partial_ckpt, ckpt.METADATA), json.dumps(meta, indent=1, sort_keys=True))
@@ -209,21 +212,21 @@ def convert(plan: ConversionPlan) -> ConversionResult:
 
 def plan_from_flags(load: str, save: str, tensor_parallel: int, pipeline_parallel: int, *, force: bool,
                     tolerance: float, model: Optional[str] = None, tokenizer_model: Optional[str] = None,
-                    make_vocab_size_divisible_by: Optional[int] = None) -> ConversionPlan:
-    """Check the flags against the source checkpoint (no distributed call); ToolError/CheckpointError."""
+                    make_vocab_size_divisible_by: Optional[int] = None, verify: bool = True) -> ConversionPlan:
+    """Check the flags against the source checkpoint (no distributed call); ArgumentError/CheckpointError."""
     from megatron_patch.data.tokenizer import SentencePieceTokenizer
 
     info = checkpoint_info.read_checkpoint(load, "--load", model)
     final = check_output_folder(save, force, "--save")
     tokenizer_path = tokenizer_model or info.tokenizer_model
     if not tokenizer_path:
-        raise ToolError(f"checkpoint {info.path} records no tokenizer: pass --tokenizer-model")
+        raise ArgumentError(f"checkpoint {info.path} records no tokenizer: pass --tokenizer-model")
     if make_vocab_size_divisible_by is not None and make_vocab_size_divisible_by < 1:
-        raise ToolError(f"--make-vocab-size-divisible-by {make_vocab_size_divisible_by} must be >= 1")
+        raise ArgumentError(f"--make-vocab-size-divisible-by {make_vocab_size_divisible_by} must be >= 1")
     try:
         vocab = SentencePieceTokenizer(tokenizer_path).vocab_size
     except ValueError as error:
         hint = "" if tokenizer_model else " (recorded in the checkpoint's args; pass --tokenizer-model if it moved)"
-        raise ToolError(f"{error}{hint}") from None
+        raise ArgumentError(f"{error}{hint}") from None
     return ConversionPlan(info, final, tensor_parallel, pipeline_parallel, tolerance, force,
-                          make_vocab_size_divisible_by, vocab)
+                          make_vocab_size_divisible_by, vocab, verify)

@@ -61,13 +61,16 @@ STAGES = ("patch_train", "token_train", "valid")
 
 @dataclass
 class StageDataConfig:
-    """Data of a two-stage run. Lengths: ``seq_length`` T is in positions (patches in the patch
-    stage, tokens in the token stage); a patch sample holds K·T tokens."""
+    """Data of a two-stage run.
+
+    ``sample_tokens`` gives each dataset's tokens per sample (``RunPlan.dataset_sample_tokens``:
+    K·T for ``patch_train``, T for ``token_train`` and ``valid``). ``patch_data_fraction`` λ is
+    the patch stage's share of the training tokens; 0 means no patch stage (token-only training).
+    """
 
     data_path: list[str]
     split: str
-    seq_length: int
-    patch_size: int
+    sample_tokens: dict[str, int]
     patch_data_fraction: float
     seed: int = 1234
     cache_dir: str | None = None
@@ -75,15 +78,19 @@ class StageDataConfig:
     def __post_init__(self) -> None:
         self.prefixes, self.weights = parse_data_path(self.data_path)
         self.split_matrix = parse_split(self.split)
-        if not isinstance(self.seq_length, int) or self.seq_length < 1:
-            raise DataError(f"seq_length {self.seq_length!r} must be a positive int (--seq-length)")
-        if not isinstance(self.patch_size, int) or self.patch_size < 1:
-            raise DataError(f"patch_size {self.patch_size!r} must be an int >= 1 (1 = token only)")
-        if self.patch_size > 1 and not 0.0 < float(self.patch_data_fraction) < 1.0:
+        for stage in STAGES:
+            length = self.sample_tokens.get(stage)
+            if not isinstance(length, int) or length < 1:
+                raise DataError(f"sample_tokens[{stage!r}] = {length!r} must be a positive int (--seq-length)")
+        if not 0.0 <= float(self.patch_data_fraction) < 1.0:
             raise DataError(
-                f"patch_data_fraction {self.patch_data_fraction!r} must be in (0, 1) when "
-                f"patch_size > 1 (the paper uses 2/3); use patch_size 1 for token-only training"
+                f"patch_data_fraction {self.patch_data_fraction!r} must be in (0, 1) for a patch stage "
+                f"(the paper uses 2/3), or 0 for token-only training"
             )
+
+    @property
+    def has_patch_stage(self) -> bool:
+        return self.patch_data_fraction > 0
         if not isinstance(self.seed, int):
             raise DataError(f"seed {self.seed!r} must be an int")
 
@@ -133,8 +140,7 @@ def plan_stage_split(
         dataset = low_level[prefix] if low_level else IndexedDataset(prefix)
         splits.append(
             split_prefix(
-                prefix, dataset.sequence_lengths, config.split_matrix, config.patch_size,
-                config.patch_data_fraction,
+                prefix, dataset.sequence_lengths, config.split_matrix, config.patch_data_fraction,
             )
         )
     return splits
@@ -161,11 +167,6 @@ def check_cache_folder(config: StageDataConfig) -> None:
             )
 
 
-def _stage_length(config: StageDataConfig, stage: str) -> int:
-    """Tokens per sample: K·T for the patch stage, T otherwise."""
-    return config.seq_length * config.patch_size if stage == "patch_train" else config.seq_length
-
-
 def _attribute(stage: str) -> str:
     return {"patch_train": "patch", "token_train": "token", "valid": "valid"}[stage]
 
@@ -173,7 +174,7 @@ def _attribute(stage: str) -> str:
 def _gpt_config(config: StageDataConfig, tokenizer, stage: str, documents=(0, 0)):
     return StageGPTDatasetConfig(
         random_seed=config.seed,
-        sequence_length=_stage_length(config, stage),
+        sequence_length=config.sample_tokens[stage],
         blend=(config.prefixes, config.weights),
         split=config.split,
         path_to_cache=config.cache_dir,
@@ -192,10 +193,9 @@ def _check_tokens(stage: str, split: PrefixSplit, length: int, config: StageData
     if available < length + 1:
         raise DataError(
             f"{stage} stage of '{split.prefix}' has {available} tokens but one sample needs "
-            f"{length + 1} ({length} + 1 for the labels); add data, or lower seq_length "
-            f"({config.seq_length}, --seq-length)"
+            f"{length + 1} ({length} + 1 for the labels); add data, or lower --seq-length"
             + (f" or patch_data_fraction ({config.patch_data_fraction})"
-               if config.patch_size > 1 and stage != "valid" else "")
+               if config.has_patch_stage and stage != "valid" else "")
         )
 
 
@@ -211,13 +211,13 @@ def _members(config: StageDataConfig, stage: str, splits: list[PrefixSplit]) -> 
     members = [(s, w) for s, w in zip(splits, weights)
                if stage != "valid" or s.valid.documents > 0]
     for split, _ in members:
-        _check_tokens(stage, split, _stage_length(config, stage), config)
+        _check_tokens(stage, split, config.sample_tokens[stage], config)
     return members
 
 
 def _build_stage(config, tokenizer, stage, splits, low_level, num_samples) -> Dataset | None:
     """One stage: a StageGPTDataset per prefix, blended when there are several."""
-    length = _stage_length(config, stage)
+    length = config.sample_tokens[stage]
     index_split = Split.valid if stage == "valid" else Split.train
     members = _members(config, stage, splits)
     if not members:
@@ -267,7 +267,7 @@ def build_stage_datasets(config: StageDataConfig, tokenizer, num_samples: dict[s
             document ranges and counts stay the same.
 
     Returns:
-        StageDatasets: ``patch_train`` is None when K = 1 or not asked for; ``token_train`` and
+        StageDatasets: ``patch_train`` is None without a patch stage or when not asked for; ``token_train`` and
         ``valid`` are None when not asked for, ``valid`` also when the split gives validation no
         documents. Every rank gets the same datasets.
 
@@ -283,11 +283,11 @@ def build_stage_datasets(config: StageDataConfig, tokenizer, num_samples: dict[s
                 f"values ints >= 0 (samples to provide; 0: stage not run)"
             )
     stages = [stage for stage in STAGES if num_samples.get(stage, 0) > 0
-              and (stage != "patch_train" or config.patch_size > 1)]
+              and (stage != "patch_train" or config.has_patch_stage)]
     if not set(stages) - {"valid"}:
         raise DataError(
             f"num_samples {num_samples} asks for no training sample: give token_train > 0 "
-            f"(or patch_train > 0 when patch_size > 1)"
+            f"(or patch_train > 0 with a patch stage)"
         )
     for prefix in config.prefixes:
         check_prefix(prefix)

@@ -10,7 +10,7 @@ For one prefix with N documents of lengths ``sequence_lengths`` (tokens):
    document boundary where the cumulative token count reaches ``λ·W``. Documents before the cut
    go to the patch stage, the rest to the token stage. So the patch stage holds at least ``λ·W``
    tokens and less than ``λ·W + (longest training document)``: each stage's token share is λ
-   (resp. 1-λ) up to one document. With ``patch_size == 1`` every training document goes to the
+   (resp. 1-λ) up to one document. With ``patch_data_fraction == 0`` (no patch stage) every training document goes to the
    token stage.
 
 The test range is computed (so that it is never used for training) but no dataset is built on it.
@@ -126,7 +126,6 @@ def split_prefix(
     prefix: str,
     sequence_lengths: numpy.ndarray,
     split_matrix: list[tuple[float, float] | None],
-    patch_size: int,
     patch_data_fraction: float,
 ) -> PrefixSplit:
     """Document ranges of the patch stage, token stage, validation and test for one prefix.
@@ -134,8 +133,8 @@ def split_prefix(
     Args:
         sequence_lengths: [N] tokens per document (megatron's ``IndexedDataset.sequence_lengths``).
         split_matrix: from :func:`parse_split`.
-        patch_size: K; 1 sends every training document to the token stage.
-        patch_data_fraction: λ in (0, 1), the patch stage's share of the training tokens.
+        patch_data_fraction: λ in (0, 1), the patch stage's share of the training tokens; 0 (no
+            patch stage) sends every training document to the token stage.
     """
     lengths = numpy.asarray(sequence_lengths, dtype=numpy.int64)
     count = len(lengths)
@@ -150,7 +149,7 @@ def split_prefix(
             f"split leaves no training documents in '{prefix}' ({count} documents); raise the "
             f"first (train) share of the split, e.g. '949,50,1'"
         )
-    if patch_size == 1:
+    if patch_data_fraction == 0:
         cut = train_begin
     else:
         train = cumulative[train_begin + 1 : train_end + 1] - cumulative[train_begin]

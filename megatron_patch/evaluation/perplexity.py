@@ -22,10 +22,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_patch.runtime.tool import ToolError, VerificationError
+from megatron_patch.errors import ArgumentError, VerificationError
 from megatron_patch.evaluation.token_stream import EvalCorpus, micro_batch, windows
 from megatron_patch.runtime.parallel import collective_device
-from megatron_patch.architecture.presets import padded_vocab_size
+from megatron_patch.architecture.build import padded_vocab_size
 
 logger = logging.getLogger(__name__)
 
@@ -41,20 +41,20 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         if self.seq_length < 1:
-            raise ToolError(f"--seq-length {self.seq_length} must be >= 1")
+            raise ArgumentError(f"--seq-length {self.seq_length} must be >= 1")
         if self.micro_batch_size < 1:
-            raise ToolError(f"--micro-batch-size {self.micro_batch_size} must be >= 1")
+            raise ArgumentError(f"--micro-batch-size {self.micro_batch_size} must be >= 1")
         if self.window not in ("non-overlapping", "sliding"):
-            raise ToolError(f"--window {self.window!r}: use non-overlapping or sliding")
+            raise ArgumentError(f"--window {self.window!r}: use non-overlapping or sliding")
         if self.window == "non-overlapping":
             if self.stride not in (None, self.seq_length):
-                raise ToolError(f"--stride {self.stride} needs --window sliding (non-overlapping windows move by "
+                raise ArgumentError(f"--stride {self.stride} needs --window sliding (non-overlapping windows move by "
                                 f"--seq-length {self.seq_length})")
             self.stride = self.seq_length
         elif self.stride is None:
             self.stride = max(1, self.seq_length // 2)
         if not 1 <= self.stride <= self.seq_length:
-            raise ToolError(f"--stride {self.stride} must lie in [1, --seq-length {self.seq_length}]")
+            raise ArgumentError(f"--stride {self.stride} must lie in [1, --seq-length {self.seq_length}]")
 
 
 @dataclass
@@ -80,13 +80,13 @@ class EvalResult:
 
 def check_tokenizer(tokenizer, vocab_rows: int, divisible_by: int, tensor_parallel: int, checkpoint: str,
                     recorded: Optional[str]) -> None:
-    """ToolError unless ``tokenizer`` is the model's: its vocabulary pads to the model's rows and,
+    """ArgumentError unless ``tokenizer`` is the model's: its vocabulary pads to the model's rows and,
     when the checkpoint's own tokenizer file is at hand, its pieces are the same."""
     from megatron_patch.data.tokenizer import SentencePieceTokenizer
 
     padded = padded_vocab_size(tokenizer.vocab_size, divisible_by, tensor_parallel)
     if tokenizer.vocab_size > vocab_rows or padded != vocab_rows:
-        raise ToolError(f"tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} pieces (padded: {padded}) but "
+        raise ArgumentError(f"tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} pieces (padded: {padded}) but "
                         f"checkpoint {checkpoint} has {vocab_rows} vocabulary rows: pass the tokenizer the model "
                         f"was trained with{f' ({recorded})' if recorded else ''} as --tokenizer-model")
     if not recorded or recorded == tokenizer.model_path:
@@ -99,7 +99,7 @@ def check_tokenizer(tokenizer, vocab_rows: int, divisible_by: int, tensor_parall
     if original.sha256 != tokenizer.sha256 and original.vocab != tokenizer.vocab:
         differing = next((i for i in range(min(original.vocab_size, tokenizer.vocab_size))
                           if original.piece(i) != tokenizer.piece(i)), min(original.vocab_size, tokenizer.vocab_size))
-        raise ToolError(f"tokenizer {tokenizer.model_path} has another vocabulary than the one checkpoint {checkpoint} "
+        raise ArgumentError(f"tokenizer {tokenizer.model_path} has another vocabulary than the one checkpoint {checkpoint} "
                         f"was trained with ({recorded}; first difference at id {differing}): pass that one as "
                         f"--tokenizer-model")
 

@@ -32,8 +32,7 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
-from megatron_patch.runtime.tool import ToolError
-from megatron_patch.data.errors import DataError
+from megatron_patch.errors import ArgumentError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class EvalCorpus:
 
 def _assemble(documents: List[np.ndarray], eod: int, text_bytes: int, empty: int, what: str) -> EvalCorpus:
     if not documents:
-        raise ToolError(f"{what} holds no non-empty document to evaluate: check the file and --json-keys")
+        raise DataError(f"{what} holds no non-empty document to evaluate: check the file and --json-keys")
     stream = np.concatenate([np.array([eod], dtype=np.int64)] + documents)
     return EvalCorpus(stream, len(documents), text_bytes, empty)
 
@@ -78,7 +77,7 @@ def corpus_from_prefix(prefix: str, tokenizer, max_documents: Optional[int] = No
     try:
         dataset = IndexedDataset(prefix)
     except Exception as error:  # a truncated or foreign .idx
-        raise ToolError(f"--data-path {prefix}: unreadable ({type(error).__name__}: {error}); "
+        raise DataError(f"--data-path {prefix}: unreadable ({type(error).__name__}: {error}); "
                         f"re-create it with tools/preprocess_data.py") from None
     count = len(dataset) if max_documents is None else min(len(dataset), max_documents)
     documents, text_bytes, empty = [], 0, 0
@@ -89,7 +88,7 @@ def corpus_from_prefix(prefix: str, tokenizer, max_documents: Optional[int] = No
             empty += 1
             continue
         if ids.max() >= tokenizer.vocab_size:
-            raise ToolError(f"--data-path {prefix}: document {index} holds token id {int(ids.max())}, beyond the "
+            raise DataError(f"--data-path {prefix}: document {index} holds token id {int(ids.max())}, beyond the "
                             f"tokenizer's {tokenizer.vocab_size} pieces: it was preprocessed with another tokenizer; "
                             f"pass that one as --tokenizer-model")
         body = ids[:-1] if ids[-1] == eod else ids
@@ -135,7 +134,7 @@ class Window:
 def windows(num_targets: int, seq_length: int, stride: int) -> Iterator[Window]:
     """Windows that score each of ``num_targets`` targets exactly once (see the module docstring)."""
     if not 1 <= stride <= seq_length:
-        raise ToolError(f"--stride {stride} must lie in [1, --seq-length {seq_length}]")
+        raise ArgumentError(f"--stride {stride} must lie in [1, --seq-length {seq_length}]")
     scored_until, begin = 0, 0
     while scored_until < num_targets:
         end = min(begin + seq_length, num_targets)

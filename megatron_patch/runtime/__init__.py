@@ -2,6 +2,6 @@
 
 * :mod:`~megatron_patch.runtime.parallel` -- torch.distributed and megatron's model-parallel groups.
 * :mod:`~megatron_patch.runtime.cpu_mode` -- the explicit opt-in that runs megatron.core on CPU.
-* :mod:`~megatron_patch.runtime.tool` -- logging and the distributed world of a command-line tool.
+* :mod:`~megatron_patch.runtime.command` -- flags, logging, one-line errors and exit codes of every command.
 * :mod:`~megatron_patch.runtime.staged_folder` -- folder outputs renamed into place when complete.
 """

@@ -1,7 +1,8 @@
 """CPU mode: run megatron.core's GPT model, schedules, optimizer and dist_checkpointing on CPU.
 
 megatron-core 0.16.1 allocates on ``"cuda"`` in a handful of places even when every tensor
-lives on the CPU (the call sites are listed in ``design/megatron-core-on-cpu.md``). CPU mode is
+lives on the CPU (RNG state, grad-sync streams, ``Tensor.cuda()`` and ``device="cuda"`` arguments in
+its optimizer, schedules and checkpointing). CPU mode is
 an explicit, process-global opt-in for tests and the CPU quick start:
 
 * a ``TorchFunctionMode`` rewrites ``device="cuda"`` / integer devices to the CPU, makes
@@ -19,6 +20,8 @@ import contextlib
 import logging
 
 import torch
+
+from megatron_patch.errors import ArgumentError
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +112,7 @@ def enable() -> None:
     if _MODE is not None:
         return
     if torch.cuda.is_available():
-        raise RuntimeError(
+        raise ArgumentError(
             "megatron_patch.runtime.cpu_mode.enable() refused: CUDA is available; run on the GPU "
             "(drop --cpu / cpu_mode.enable()) or hide the GPUs with CUDA_VISIBLE_DEVICES=''"
         )

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from megatron_patch.errors import ArgumentError
 from megatron_patch.runtime import cpu_mode
 
 logger = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ def init_distributed(cpu: bool, timeout_minutes: int = 30) -> None:
     if cpu:
         cpu_mode.enable()
     elif not torch.cuda.is_available():
-        raise RuntimeError("no CUDA device found: run with --cpu for CPU mode (gloo), or on a GPU node")
+        raise ArgumentError("no CUDA device found: run with --cpu for CPU mode (gloo), or on a GPU node")
     if dist.is_initialized():
         return
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
@@ -58,7 +59,7 @@ def init_model_parallel(
     """
     world = dist.get_world_size()
     if world % (tensor_parallel * pipeline_parallel):
-        raise ValueError(
+        raise ArgumentError(
             f"world size {world} is not a multiple of tensor ({tensor_parallel}) x pipeline "
             f"({pipeline_parallel}) parallel sizes: launch a multiple of "
             f"{tensor_parallel * pipeline_parallel} processes"
@@ -130,7 +131,7 @@ def distributed_world(cpu: bool, timeout_minutes: int = 30) -> Iterator[int]:
 
     A group this call created is torn down at the end, megatron's model-parallel state with it; a
     group that already existed (a test session, a tool called from another tool) is left alone.
-    Raises RuntimeError when the world cannot be formed (no GPU without CPU mode, CPU mode beside
+    Raises ArgumentError when the world cannot be formed (no GPU without CPU mode, CPU mode beside
     a GPU).
     """
     owns_process_group = not dist.is_initialized()

@@ -13,20 +13,20 @@ import tempfile
 
 import torch.distributed as dist
 
-from megatron_patch.runtime.tool import ToolError
+from megatron_patch.errors import ArgumentError
 
 logger = logging.getLogger(__name__)
 
 
 def check_output_folder(path: str, force: bool, flag: str) -> str:
-    """The absolute output path; ToolError when it exists (without ``force``) or is a file."""
+    """The absolute output path; ArgumentError when it exists (without ``force``) or is a file."""
     if not path:
-        raise ToolError(f"{flag} is empty: name the output folder")
+        raise ArgumentError(f"{flag} is empty: name the output folder")
     final = os.path.abspath(path)
     if os.path.exists(final) and not os.path.isdir(final):
-        raise ToolError(f"{flag} {path} is a file: name a folder to create")
+        raise ArgumentError(f"{flag} {path} is a file: name a folder to create")
     if os.path.exists(final) and not force:
-        raise ToolError(f"{flag} {path} already exists: pass --force to replace it, or choose a new folder")
+        raise ArgumentError(f"{flag} {path} already exists: pass --force to replace it, or choose a new folder")
     return final
 
 
@@ -49,9 +49,9 @@ class StagedFolder:
                 os.umask(umask)
                 os.chmod(holder[0], 0o777 & ~umask)  # mkdtemp makes it private; the output is not
             except OSError as error:
-                holder[0] = ToolError(f"cannot write into {parent}: {error.strerror}; choose a writable folder")
+                holder[0] = ArgumentError(f"cannot write into {parent}: {error.strerror}; choose a writable folder")
         dist.broadcast_object_list(holder, src=0)
-        if isinstance(holder[0], ToolError):
+        if isinstance(holder[0], ArgumentError):
             raise holder[0]
         self.path = holder[0]
 

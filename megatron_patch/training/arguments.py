@@ -1,7 +1,9 @@
-"""Command-line arguments with Megatron's flag names, plus the flags patch training adds.
+"""Command-line flags with Megatron's names, plus the flags patch training adds.
 
-``parse_args`` validates flag combinations against each other and the world size and raises
-``ArgumentError`` with a one-line message that says what to change.
+``parse_args`` checks the flags against each other and the world size (one-line ``ArgumentError``
+saying what to change) and turns them into a frozen :class:`~megatron_patch.training.config.TrainerConfig`:
+the run plan (every batch, shape and step count) and one settings object per concern. Nothing is
+written back onto the parsed flags.
 """
 
 import argparse
@@ -9,18 +11,25 @@ import math
 import os
 from typing import List, Optional
 
+from megatron_patch.architecture.build import ModelSettings, padded_vocab_size
 from megatron_patch.architecture.presets import PRESETS, get_preset
+from megatron_patch.errors import ArgumentError, DataError
+from megatron_patch.runtime.command import ArgumentParser
+from megatron_patch.training.config import (
+    CheckpointSettings,
+    DataSettings,
+    LogSettings,
+    OptimizerSettings,
+    TrainerConfig,
+)
+from megatron_patch.training.plan import make_plan
+from megatron_patch.training.preemption import DEFAULT_SIGNALS, parse_signals
 
 
-class ArgumentError(ValueError):
-    """A bad flag or flag combination (reported as one line, exit code 2)."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="pretrain_patch_gpt",
         description="Patch-level then token-level pre-training of a GPT on Megatron-Core.",
-        allow_abbrev=False,
     )
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, choices=sorted(PRESETS), help="model preset")
@@ -32,17 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--recompute-granularity", choices=["none", "selective", "full"], default=None,
                        help="activation recompute; default: the preset's layout")
     model.add_argument("--bias-swiglu-fusion", action="store_true",
-                       help="megatron's fused SwiGLU (torch.compile'd; saves only the MLP input for "
-                            "backward); off by default until measured on GPU (benchmarks/RESULTS.md)")
+                       help="megatron's fused SwiGLU (torch.compile'd; saves only the MLP input for backward)")
     model.add_argument("--rope-fusion", action="store_true",
                        help="apply RoPE inside the SDPA core attention as one torch.compile'd kernel "
-                            "instead of megatron's unfused RoPE (local spec; same model and checkpoints); "
-                            "off by default until measured on GPU (benchmarks/RESULTS.md)")
+                            "instead of megatron's unfused RoPE (local spec; same model and checkpoints)")
     model.add_argument("--cross-entropy-fusion", action="store_true",
                        help="score both stages with the K-way cross-entropy that keeps the bf16 logits "
                             "instead of an fp32 softmax buffer and reads them in fewer, torch.compile'd "
                             "passes (the token stage then leaves megatron's CE: equal within rounding, "
-                            "not bit for bit); off by default until measured on GPU (benchmarks/RESULTS.md)")
+                            "not bit for bit)")
 
     patch = parser.add_argument_group("patch-level training")
     patch.add_argument("--patch-size", type=int, default=4, help="K, tokens per patch (1 = token-only training)")
@@ -92,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="kernel of torch's AdamW, which megatron falls back to without Transformer Engine "
                           "or Apex (their FusedAdam is used when installed, and this flag then does "
                           "nothing): foreach (megatron's choice, several passes over the fp32 state) or "
-                          "fused (one pass); off by default until measured on GPU (benchmarks/RESULTS.md)")
+                          "fused (one pass)")
     opt.add_argument("--bf16", action="store_true", help="bf16 parameters and compute, fp32 main weights")
     opt.add_argument("--seed", type=int, default=1234)
 
@@ -110,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--load", default=None, help="resume from the latest checkpoint in this directory")
     ckpt.add_argument("--save-interval", type=int, default=None, help="steps between checkpoints")
     ckpt.add_argument("--keep-last-checkpoints", type=int, default=2, help="checkpoints kept (0 = all)")
+    ckpt.add_argument("--no-checkpoint-verify", dest="checkpoint_verify", action="store_false",
+                      help="load without checking every file against the checkpoint's manifest (sizes, CRC-32)")
+    ckpt.add_argument("--exit-signal", default=DEFAULT_SIGNALS,
+                      help="signals that save a checkpoint at the current step and exit 0 (comma list; "
+                           "SLURM: --signal=USR1@90 sends SIGUSR1 ahead of the time limit)")
 
     log = parser.add_argument_group("logging and evaluation")
     log.add_argument("--log-interval", type=int, default=10)
@@ -117,103 +129,161 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--eval-iters", type=int, default=10, help="global batches per validation (0: none)")
     log.add_argument("--tensorboard-dir", default=None)
     log.add_argument("--summary-json", default=None, help="also write the final summary here (JSON)")
+    log.add_argument("--wandb-project", default=None, help="log to this Weights & Biases project (pip install -e .[wandb]; "
+                                                         "offline without an API key or with WANDB_MODE=offline)")
+    log.add_argument("--wandb-exp-name", default=None, help="the W&B run's name (needed with --wandb-project)")
+    log.add_argument("--wandb-save-dir", default=None, help="where W&B keeps the run's files (default: <--save>/wandb)")
     return parser
 
 
-def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
-    """Parse and validate; adds derived fields (data_parallel_size, stage iterations, ...)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None) -> TrainerConfig:
+    """Parse and check the flags (``world_size`` defaults to torchrun's WORLD_SIZE, else 1)."""
+    flags = build_parser().parse_args(argv)
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    validate_args(args, world_size)
-    return args
+    return make_config(flags, world_size)
 
 
-def _fail(message: str) -> None:
-    raise ArgumentError(message)
-
-
-def validate_args(args: argparse.Namespace, world_size: int) -> None:
-    preset = get_preset(args.model)
-    args.seq_length = args.seq_length or preset.seq_length
-    if args.recompute_granularity is None:
-        args.recompute_granularity = preset.layout.recompute
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+def make_config(flags: argparse.Namespace, world_size: int,
+                tokenizer_vocab_size: Optional[int] = None) -> TrainerConfig:
+    """The trainer's configuration from parsed ``flags`` (left unchanged). ``tokenizer_vocab_size``
+    defaults to the pieces of ``--tokenizer-model`` (benchmarks on synthetic ids give their own)."""
+    preset = get_preset(flags.model)
+    seq_length = flags.seq_length or preset.seq_length
+    recompute = flags.recompute_granularity or preset.layout.recompute
+    tp, pp = flags.tensor_model_parallel_size, flags.pipeline_model_parallel_size
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
-                 "global_batch_size", "seq_length", "patch_size", "log_interval"):
-        if getattr(args, name) < 1:
-            _fail(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+                 "global_batch_size", "patch_size", "log_interval"):
+        if getattr(flags, name) < 1:
+            raise ArgumentError(f"--{name.replace('_', '-')} {getattr(flags, name)} must be >= 1")
+    if seq_length < 1:
+        raise ArgumentError(f"--seq-length {seq_length} must be >= 1")
     if world_size % (tp * pp):
-        _fail(f"world size {world_size} is not a multiple of TP x PP = {tp * pp}: launch "
-              f"a multiple of {tp * pp} processes or change --tensor/--pipeline-model-parallel-size")
-    args.world_size = world_size
-    args.data_parallel_size = dp = world_size // (tp * pp)
-    if args.rope_fusion and args.transformer_impl == "transformer_engine":
-        _fail("--rope-fusion is for --transformer-impl local (Transformer Engine fuses RoPE itself): drop one")
-    if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
-        _fail("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce: add them")
-    if args.sequence_parallel and tp == 1:
-        _fail("--sequence-parallel needs --tensor-model-parallel-size > 1: drop the flag")
-    if args.sequence_parallel and args.seq_length % tp:
-        _fail(f"--sequence-parallel: --seq-length {args.seq_length} must be divisible by "
-              f"--tensor-model-parallel-size {tp} (each rank holds whole patches)")
+        raise ArgumentError(f"world size {world_size} is not a multiple of TP x PP = {tp * pp}: launch a multiple "
+                            f"of {tp * pp} processes or change --tensor/--pipeline-model-parallel-size")
+    _check_layout_fits_preset(preset, tp, pp)
+    dp = world_size // (tp * pp)
+    _check_flag_combinations(flags, seq_length)
+    plan = make_plan(
+        patch_size=flags.patch_size, patch_data_fraction=flags.patch_data_fraction, stages=flags.stage,
+        seq_length=seq_length, micro_batch_size=flags.micro_batch_size, global_batch_size=flags.global_batch_size,
+        data_parallel_size=dp, eval_iters=flags.eval_iters, train_iters=flags.train_iters,
+        train_tokens=flags.train_tokens,
+    )
+    if tokenizer_vocab_size is None:
+        tokenizer_vocab_size = _tokenizer_vocab_size(flags.tokenizer_model)
+    model = ModelSettings(
+        preset=preset, seq_length=seq_length,
+        padded_vocab_size=padded_vocab_size(tokenizer_vocab_size, flags.make_vocab_size_divisible_by, tp),
+        tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=flags.sequence_parallel, bf16=flags.bf16,
+        recompute=recompute, transformer_impl=flags.transformer_impl, bias_swiglu_fusion=flags.bias_swiglu_fusion,
+        rope_fusion=flags.rope_fusion, cross_entropy_fusion=flags.cross_entropy_fusion,
+    )
+    recorded = dict(vars(flags), seq_length=seq_length, recompute_granularity=recompute,
+                    train_iters=plan.train_iters, world_size=world_size, data_parallel_size=dp)
+    return TrainerConfig(
+        flags=recorded,
+        plan=plan,
+        model=model,
+        optimizer=OptimizerSettings(
+            lr=flags.lr, min_lr=flags.min_lr, warmup_iters=flags.lr_warmup_iters, decay_style=flags.lr_decay_style,
+            weight_decay=flags.weight_decay, clip_grad=flags.clip_grad, adam_beta1=flags.adam_beta1,
+            adam_beta2=flags.adam_beta2, adam_eps=flags.adam_eps, torch_adam_impl=flags.torch_adam_impl,
+            bf16=flags.bf16, distributed=flags.use_distributed_optimizer,
+        ),
+        data=DataSettings(
+            data_path=tuple(flags.data_path), split=flags.split, tokenizer_model=flags.tokenizer_model,
+            cache_dir=flags.data_cache_path, num_workers=flags.num_workers,
+        ),
+        checkpoints=CheckpointSettings(
+            save=flags.save, load=flags.load, save_interval=flags.save_interval,
+            keep_last=flags.keep_last_checkpoints, pretrained_checkpoint=flags.pretrained_checkpoint,
+            verify=flags.checkpoint_verify, exit_signals=_exit_signals(flags.exit_signal),
+        ),
+        logging=LogSettings(
+            log_interval=flags.log_interval, eval_interval=flags.eval_interval,
+            tensorboard_dir=flags.tensorboard_dir, summary_json=flags.summary_json,
+            wandb_project=flags.wandb_project, wandb_exp_name=flags.wandb_exp_name, wandb_save_dir=flags.wandb_save_dir,
+        ),
+        cpu=flags.cpu,
+        seed=flags.seed,
+        overlap_grad_reduce=flags.overlap_grad_reduce,
+        overlap_param_gather=flags.overlap_param_gather,
+    )
 
-    K = args.patch_size
-    if K == 1 and args.stage == "patch":
-        _fail("--stage patch needs --patch-size > 1 (K=1 is token-level training)")
-    if K > 1 and not 0.0 < args.patch_data_fraction < 1.0:
-        _fail(f"--patch-data-fraction {args.patch_data_fraction} must lie in (0, 1); the paper uses 2/3")
-    if args.pretrained_checkpoint and args.stage != "token":
-        _fail("--pretrained-checkpoint is for --stage token (the patch stage starts from scratch)")
-    if args.pretrained_checkpoint and args.load:
-        _fail("give --load (resume) or --pretrained-checkpoint (fresh token stage), not both")
 
-    per_step = args.micro_batch_size * dp
-    if args.global_batch_size % per_step:
-        _fail(f"--global-batch-size {args.global_batch_size} is not a multiple of micro-batch x "
-              f"data-parallel = {args.micro_batch_size} x {dp}: make it one")
-    if K > 1 and args.global_batch_size % (K * per_step):
-        _fail(f"--global-batch-size {args.global_batch_size} must be a multiple of K x micro-batch x "
-              f"data-parallel = {K} x {args.micro_batch_size} x {dp}, so the patch stage "
-              f"(GBS/K sequences of K*T tokens) keeps the token stage's tokens per step")
+def _exit_signals(text: str):
+    try:
+        return parse_signals(text)
+    except ValueError as error:
+        raise ArgumentError(str(error)) from None
 
-    tokens_per_step = args.global_batch_size * args.seq_length
-    if args.train_tokens is not None:
-        if args.train_tokens < tokens_per_step:
-            _fail(f"--train-tokens {args.train_tokens} is less than one step ({tokens_per_step} tokens)")
-        args.train_iters = args.train_tokens // tokens_per_step
-    if args.train_iters < 1:
-        _fail(f"--train-iters {args.train_iters} must be >= 1")
-    # the same budget split whichever stage runs: lambda*N patch steps, the rest token steps
-    args.patch_iters = round(args.patch_data_fraction * args.train_iters) if K > 1 else 0
-    args.token_iters = args.train_iters - args.patch_iters
-    if K > 1 and (args.patch_iters == 0 or args.token_iters == 0):
-        _fail(f"--train-iters {args.train_iters} with lambda={args.patch_data_fraction:.3f} leaves a stage "
-              f"with no steps: train longer")
-    args.tokens_per_step = tokens_per_step
 
-    if args.save_interval is not None and args.save_interval < 1:
-        _fail(f"--save-interval {args.save_interval} must be >= 1")
-    if args.save_interval and not args.save:
-        _fail("--save-interval needs --save DIR")
-    if args.eval_iters < 0:
-        _fail(f"--eval-iters {args.eval_iters} must be >= 0 (0 turns validation off)")
-    if args.eval_interval is not None and args.eval_interval < 1:
-        _fail(f"--eval-interval {args.eval_interval} must be >= 1")
-    if args.keep_last_checkpoints < 0:
-        _fail(f"--keep-last-checkpoints {args.keep_last_checkpoints} must be >= 0")
-    if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
-        _fail(f"--lr {args.lr} / --min-lr {args.min_lr}: need 0 <= min-lr <= lr and lr > 0")
-    if args.lr_warmup_iters < 0:
-        _fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be >= 0")
-    if not math.isfinite(args.clip_grad) or args.clip_grad < 0:
-        _fail(f"--clip-grad {args.clip_grad} must be >= 0 (0 disables clipping)")
-    if args.data_path and len(args.data_path) > 1 and len(args.data_path) % 2:
-        _fail(f"--data-path takes one prefix or weight/prefix pairs; got {len(args.data_path)} values")
-    if not os.path.isfile(args.tokenizer_model):
-        _fail(f"--tokenizer-model {args.tokenizer_model}: no such file (train one with tools/train_tokenizer.py)")
-    for path_flag in ("load", "pretrained_checkpoint"):
-        path = getattr(args, path_flag)
-        if path and not os.path.isdir(path):
-            _fail(f"--{path_flag.replace('_', '-')} {path}: no such directory")
+def _check_layout_fits_preset(preset, tp: int, pp: int) -> None:
+    heads, groups = preset.num_attention_heads, preset.num_query_groups or preset.num_attention_heads
+    if heads % tp or groups % tp:
+        raise ArgumentError(f"--tensor-model-parallel-size {tp} does not divide the {heads} attention heads "
+                            f"({groups} groups) of --model {preset.name}: pick a divisor")
+    if preset.num_layers % pp:
+        raise ArgumentError(f"--pipeline-model-parallel-size {pp} does not divide the {preset.num_layers} layers "
+                            f"of --model {preset.name}: pick a divisor")
+
+
+def _tokenizer_vocab_size(path: str) -> int:
+    from megatron_patch.data.tokenizer import SentencePieceTokenizer
+
+    if not os.path.isfile(path):
+        raise ArgumentError(f"--tokenizer-model {path}: no such file (train one with tools/train_tokenizer.py)")
+    try:
+        return SentencePieceTokenizer(path).vocab_size
+    except ValueError as error:
+        raise DataError(str(error)) from None
+
+
+def _check_flag_combinations(flags: argparse.Namespace, seq_length: int) -> None:
+    """One-line errors for flags that contradict each other (batch and budget: ``plan.make_plan``)."""
+    tp = flags.tensor_model_parallel_size
+    if flags.rope_fusion and flags.transformer_impl == "transformer_engine":
+        raise ArgumentError("--rope-fusion is for --transformer-impl local (Transformer Engine fuses RoPE itself): "
+                            "drop one")
+    if flags.overlap_param_gather and not (flags.use_distributed_optimizer and flags.overlap_grad_reduce):
+        raise ArgumentError("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce: "
+                            "add them")
+    if flags.sequence_parallel and tp == 1:
+        raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1: drop the flag")
+    if flags.sequence_parallel and seq_length % tp:
+        raise ArgumentError(f"--sequence-parallel: --seq-length {seq_length} must be divisible by "
+                            f"--tensor-model-parallel-size {tp} (each rank holds whole patches)")
+    K = flags.patch_size
+    if K == 1 and flags.stage == "patch":
+        raise ArgumentError("--stage patch needs --patch-size > 1 (K=1 is token-level training)")
+    if K > 1 and not 0.0 < flags.patch_data_fraction < 1.0:
+        raise ArgumentError(f"--patch-data-fraction {flags.patch_data_fraction} must lie in (0, 1); "
+                            f"the paper uses 2/3")
+    if flags.pretrained_checkpoint and flags.stage != "token":
+        raise ArgumentError("--pretrained-checkpoint is for --stage token (the patch stage starts from scratch)")
+    if flags.pretrained_checkpoint and flags.load:
+        raise ArgumentError("give --load (resume) or --pretrained-checkpoint (fresh token stage), not both")
+    if flags.wandb_project is not None and not flags.wandb_exp_name:
+        raise ArgumentError(f"--wandb-project {flags.wandb_project} needs --wandb-exp-name: name the run")
+    if flags.save_interval is not None and flags.save_interval < 1:
+        raise ArgumentError(f"--save-interval {flags.save_interval} must be >= 1")
+    if flags.save_interval and not flags.save:
+        raise ArgumentError("--save-interval needs --save DIR")
+    if flags.eval_iters < 0:
+        raise ArgumentError(f"--eval-iters {flags.eval_iters} must be >= 0 (0 turns validation off)")
+    if flags.eval_interval is not None and flags.eval_interval < 1:
+        raise ArgumentError(f"--eval-interval {flags.eval_interval} must be >= 1")
+    if flags.keep_last_checkpoints < 0:
+        raise ArgumentError(f"--keep-last-checkpoints {flags.keep_last_checkpoints} must be >= 0")
+    if flags.lr <= 0 or flags.min_lr < 0 or flags.min_lr > flags.lr:
+        raise ArgumentError(f"--lr {flags.lr} / --min-lr {flags.min_lr}: need 0 <= min-lr <= lr and lr > 0")
+    if flags.lr_warmup_iters < 0:
+        raise ArgumentError(f"--lr-warmup-iters {flags.lr_warmup_iters} must be >= 0")
+    if not math.isfinite(flags.clip_grad) or flags.clip_grad < 0:
+        raise ArgumentError(f"--clip-grad {flags.clip_grad} must be >= 0 (0 disables clipping)")
+    if flags.data_path and len(flags.data_path) > 1 and len(flags.data_path) % 2:
+        raise ArgumentError(f"--data-path takes one prefix or weight/prefix pairs; got {len(flags.data_path)} "
+                            f"values")
+    if flags.pretrained_checkpoint and not os.path.isdir(flags.pretrained_checkpoint):
+        raise ArgumentError(f"--pretrained-checkpoint {flags.pretrained_checkpoint}: no such directory")

@@ -1,70 +1,36 @@
-"""Model, optimizer and LR schedule for one rank, built from megatron.core's own pieces."""
+"""Model, optimizer and LR schedule of one trainer rank, built from megatron.core's own pieces."""
 
-import argparse
 import logging
 from typing import List
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.transformer.module import Float16Module
 
-from megatron_patch.model import PatchGPTModel, build_patch_gpt_model
-from megatron_patch.architecture.presets import get_preset, padded_vocab_size, transformer_config
+from megatron_patch.architecture.build import build_model as build_model_chunk
+from megatron_patch.training.config import OptimizerSettings, TrainerConfig
 
 logger = logging.getLogger(__name__)
 
 
-def model_config(args: argparse.Namespace):
-    """The TransformerConfig of this run (the preset plus parallel and precision flags)."""
-    config = transformer_config(
-        get_preset(args.model),
-        tensor_parallel=args.tensor_model_parallel_size,
-        pipeline_parallel=args.pipeline_model_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-        bf16=args.bf16,
-        cpu=args.cpu,
-        recompute=args.recompute_granularity,
-        calculate_per_token_loss=True,  # the loss is the mean over every scored target of the global batch
-        bias_activation_fusion=args.bias_swiglu_fusion,  # megatron's fused SwiGLU (no bias in this architecture)
-    )
-    config.finalize_model_grads_func = finalize_model_grads
-    return config
-
-
-def build_model(args: argparse.Namespace, vocab_size: int, patch_size: int) -> List[torch.nn.Module]:
+def build_model(config: TrainerConfig) -> List[torch.nn.Module]:
     """This rank's model chunk, wrapped as megatron trains it: [DDP(Float16Module?(PatchGPTModel))]."""
-    config = model_config(args)
-    use_te = {"auto": None, "local": False, "transformer_engine": True}[args.transformer_impl]
-    model = build_patch_gpt_model(
-        config,
-        padded_vocab_size(vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size),
-        args.seq_length,
-        patch_size=patch_size,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        use_transformer_engine=use_te,
-        fused_rope=args.rope_fusion,
-        fused_cross_entropy=args.cross_entropy_fusion,
-    )
-    if not args.cpu:
-        model.cuda(torch.cuda.current_device())
-    if args.bf16:
-        model = Float16Module(config, model)
+    transformer_config = config.model.transformer_config(config.cpu)
+    transformer_config.finalize_model_grads_func = finalize_model_grads
+    model = build_model_chunk(config.model, transformer_config, config.cpu)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=args.overlap_grad_reduce,
-        overlap_param_gather=args.overlap_param_gather,
-        use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_grad_reduce=config.overlap_grad_reduce,
+        overlap_param_gather=config.overlap_param_gather,
+        use_distributed_optimizer=config.optimizer.distributed,
     )
-    model = DistributedDataParallel(config, ddp_config, model)
-    if args.overlap_grad_reduce:
+    model = DistributedDataParallel(transformer_config, ddp_config, model)
+    if config.overlap_grad_reduce:
         # megatron's schedules run every micro-batch but the last inside no_sync, so the bucket
         # reductions start only once a bucket's gradients are complete (in the last backward)
-        config.no_sync_func = model.no_sync
+        transformer_config.no_sync_func = model.no_sync
     model.broadcast_params()
     return [model]
 
@@ -78,31 +44,24 @@ def gather_updated_parameters(model: List[torch.nn.Module]) -> None:
             chunk.start_param_sync(force_sync=True)
 
 
-def unwrap(model_chunk: torch.nn.Module) -> PatchGPTModel:
-    """The model inside megatron's DDP / Float16Module wrappers."""
-    while isinstance(model_chunk, (DistributedDataParallel, Float16Module)):
-        model_chunk = model_chunk.module
-    return model_chunk
-
-
-def build_optimizer(args: argparse.Namespace, model: List[torch.nn.Module]):
+def build_optimizer(settings: OptimizerSettings, model: List[torch.nn.Module]):
     """megatron's Adam(W) (FusedAdam when TE/Apex are installed, else torch's AdamW, foreach or fused
     per ``--torch-adam-impl``), with grad clipping."""
     config = OptimizerConfig(
         optimizer="adam",
-        lr=args.lr,
-        min_lr=args.min_lr,
-        weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
-        adam_eps=args.adam_eps,
-        clip_grad=args.clip_grad,
-        bf16=args.bf16,
-        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-        use_distributed_optimizer=args.use_distributed_optimizer,
+        lr=settings.lr,
+        min_lr=settings.min_lr,
+        weight_decay=settings.weight_decay,
+        adam_beta1=settings.adam_beta1,
+        adam_beta2=settings.adam_beta2,
+        adam_eps=settings.adam_eps,
+        clip_grad=settings.clip_grad,
+        bf16=settings.bf16,
+        params_dtype=torch.bfloat16 if settings.bf16 else torch.float32,
+        use_distributed_optimizer=settings.distributed,
     )
     optimizer = get_megatron_optimizer(config, model)
-    if args.torch_adam_impl == "fused":
+    if settings.torch_adam_impl == "fused":
         use_fused_torch_adam(optimizer)
     return optimizer
 
@@ -137,19 +96,19 @@ def use_fused_torch_adam(optimizer) -> int:
     return len(adams)
 
 
-def build_scheduler(args: argparse.Namespace, optimizer, stage_iters: int) -> OptimizerParamScheduler:
+def build_scheduler(settings: OptimizerSettings, optimizer, stage_iters: int) -> OptimizerParamScheduler:
     """A fresh warmup + decay over ``stage_iters`` steps (each stage gets its own, as in the paper)."""
-    warmup = min(args.lr_warmup_iters, stage_iters)
+    warmup = min(settings.warmup_iters, stage_iters)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
+        max_lr=settings.lr,
+        min_lr=settings.min_lr,
         lr_warmup_steps=warmup,
         lr_decay_steps=max(stage_iters, warmup + 1),
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
+        lr_decay_style=settings.decay_style,
+        start_wd=settings.weight_decay,
+        end_wd=settings.weight_decay,
         wd_incr_steps=max(stage_iters, 1),
         wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=True,
@@ -214,8 +173,3 @@ def restore_adam_step_counters(optimizer) -> None:
                 if param in sub.optimizer.state:
                     sub.optimizer.state[param]["step"] = torch.tensor(
                         float(group["step"]), dtype=torch.float32, device=param.device if on_device else "cpu")
-
-
-def optimizer_state_size(optimizer) -> int:
-    """Number of parameters with Adam state (0 right after ``reset_optimizer_state``)."""
-    return sum(len(sub.optimizer.state) for sub in sub_optimizers(optimizer))

@@ -35,26 +35,40 @@ def reset_peak_memory() -> None:
 
 
 class MetricsWriter:
-    """Console + ``<save>/metrics.jsonl`` (or ``--tensorboard-dir``) writer for one run."""
+    """Console + ``<save>/metrics.jsonl`` (+ ``--tensorboard-dir``, + W&B with ``--wandb-project``)
+    writer for one run.
 
-    def __init__(self, args, enabled: bool):
+    Args:
+        settings: the run's ``LogSettings``.
+        save: the ``--save`` folder (None: no metrics file).
+        enabled: whether this rank writes (global rank 0).
+        run_flags: the run's flags, stored as the W&B run's config.
+    """
+
+    def __init__(self, settings, save: Optional[str], enabled: bool, run_flags: Optional[dict] = None):
         self.enabled = enabled
         self.file = None
         self.tensorboard = None
-        self.summary_path = args.summary_json
+        self.wandb = None
+        self.summary_path = settings.summary_json
         self.last_valid_loss = None
         if not enabled:
             return
-        if args.save:
-            os.makedirs(args.save, exist_ok=True)
-            self.file = open(os.path.join(args.save, "metrics.jsonl"), "a")
-        if args.tensorboard_dir:
+        if save:
+            os.makedirs(save, exist_ok=True)
+            self.file = open(os.path.join(save, "metrics.jsonl"), "a")
+        if settings.tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 logger.warning("--tensorboard-dir given but tensorboard is not installed (pip install tensorboard)")
             else:
-                self.tensorboard = SummaryWriter(log_dir=args.tensorboard_dir)
+                self.tensorboard = SummaryWriter(log_dir=settings.tensorboard_dir)
+        if settings.wandb_project:
+            from megatron_patch.training.tracking import WandbWriter
+
+            save_dir = settings.wandb_save_dir or (os.path.join(save, "wandb") if save else "wandb")
+            self.wandb = WandbWriter(settings.wandb_project, settings.wandb_exp_name, save_dir, run_flags or {})
 
     def _record(self, record: dict) -> None:
         if self.file is not None:
@@ -85,13 +99,9 @@ class MetricsWriter:
                   "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
                   "tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": mfu, "peak_memory_gib": peak_memory}
         self._record(record)
-        if self.tensorboard is not None:  # x axis: the global iteration (tokens per step are equal)
-            scalars = {"train/patch-loss" if stage == "patch" else "train/loss": loss, "train/lr": lr,
+        self._scalars({"train/patch-loss" if stage == "patch" else "train/loss": loss, "train/lr": lr,
                        "train/grad_norm": grad_norm, "train/skipped": skipped, "train/tokens_per_s": tokens_per_s,
-                       "train/tflops": tflops, "train/mfu": mfu, "train/peak_memory_gib": peak_memory}
-            for tag, value in scalars.items():
-                if value is not None:
-                    self.tensorboard.add_scalar(tag, value, iteration)
+                       "train/tflops": tflops, "train/mfu": mfu, "train/peak_memory_gib": peak_memory}, iteration)
 
     def log_valid(self, stage: str, iteration: int, loss: Optional[float]) -> None:
         self.last_valid_loss = loss
@@ -100,8 +110,17 @@ class MetricsWriter:
         ppl = math.exp(min(loss, 50.0))
         logger.info("[%s] validation (token level) at global iter %d | loss %.4f | ppl %.2f", stage, iteration, loss, ppl)
         self._record({"kind": "valid", "stage": stage, "iteration": iteration, "loss": loss, "ppl": ppl})
+        self._scalars({"valid/loss": loss}, iteration)
+
+    def _scalars(self, scalars: dict, iteration: int) -> None:
+        """``{tag: value}`` to TensorBoard and W&B; x axis: the global iteration (tokens per step
+        are equal in both stages); None values are left out."""
         if self.tensorboard is not None:
-            self.tensorboard.add_scalar("valid/loss", loss, iteration)
+            for tag, value in scalars.items():
+                if value is not None:
+                    self.tensorboard.add_scalar(tag, value, iteration)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=iteration)
 
     def log_summary(self, summary: dict) -> None:
         if not self.enabled:
@@ -136,3 +155,6 @@ class MetricsWriter:
         if self.tensorboard is not None:
             self.tensorboard.close()
             self.tensorboard = None
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None

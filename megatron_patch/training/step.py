@@ -1,73 +1,61 @@
 """One training or evaluation step through megatron's pipeline schedules.
 
-The schedule is handed T (the positions the decoder sees), not the K*T tokens of a patch sample.
-Every loss is a sum over scored targets plus their count (``calculate_per_token_loss``), so the
-step's loss is the mean over every scored target of the global batch whatever the data-parallel
-and micro-batch split, and its gradient is that mean's.
+A micro-batch ``{tokens, labels, loss_mask}`` of ``[b, K*T]`` becomes next-patch targets and their
+mask, ``[b, T, K]`` each, once, here (``loss.patch_targets``); the model scores the targets and the
+loss function weighs its per-target losses with the mask. K and the batch shapes come from the
+stage's plan (``plan.StagePlan``), never from the model; the schedule is handed T, the positions
+the decoder sees. Every loss is a sum over scored targets plus their count
+(``calculate_per_token_loss``), so a step's loss is the mean over every scored target of the global
+batch whatever the data-parallel and micro-batch split, and its gradient is that mean's.
 """
 
 import math
 from functools import partial
-from typing import Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_patch.errors import NonFiniteLossError
 from megatron_patch.loss import patch_targets
-from megatron_patch.training.builders import unwrap
+from megatron_patch.training.plan import StagePlan
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss of a step was NaN or Inf; the step was not applied."""
-
-
-def _loss_func(patch_size: int, labels: torch.Tensor, loss_mask: torch.Tensor, output: torch.Tensor):
+def _loss_func(mask: torch.Tensor, losses: torch.Tensor):
     """Sum of per-target losses over scored targets, their count, and both for logging.
 
-    output: ``[b, s]`` (K=1) or ``[b, T, K]`` per-target fp32 losses from the model.
+    mask, losses: ``[b, T, K]`` (fp32 1/0, and the model's fp32 per-target losses).
     """
-    if patch_size == 1:
-        mask = loss_mask.to(torch.float32)  # [b, s]
-    else:
-        _, mask = patch_targets(labels, loss_mask, patch_size)  # [T, b, K]
-        mask = mask.transpose(0, 1)  # [b, T, K]
-    loss_sum = (output.float() * mask).sum()
+    loss_sum = (losses.float() * mask).sum()
     count = mask.sum().to(torch.int)
     return loss_sum, count, {"loss": torch.stack([loss_sum.detach().clone(), count.to(torch.float32)])}
 
 
-def forward_step(data_iterator: Iterator, model: torch.nn.Module):
-    """megatron ``forward_step_func``: one micro-batch ``{tokens, labels, loss_mask}`` of ``[b, K*T]``."""
+def forward_step(patch_size: int, data_iterator: Iterator, model: torch.nn.Module):
+    """megatron ``forward_step_func`` (bind ``patch_size`` first): one micro-batch of ``[b, K*T]``."""
     batch = next(data_iterator)
     device = next(model.parameters()).device
     tokens = batch["tokens"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
-    patch_size = unwrap(model).patch_size
-    output = model(tokens, None, None, labels=labels)
-    return output, partial(_loss_func, patch_size, labels, loss_mask)
+    targets, mask = patch_targets(labels, loss_mask, patch_size)  # [b, T, K] each
+    losses = model(tokens, None, None, labels=targets, patch_size=patch_size)  # [b, T, K] fp32
+    return losses, partial(_loss_func, mask)
 
 
-def run_schedule(
-    model: List[torch.nn.Module],
-    data_iterator: Iterator,
-    num_microbatches: int,
-    seq_length: int,
-    micro_batch_size: int,
-    forward_only: bool,
-) -> torch.Tensor:
-    """Forward (and backward) of one global batch. Returns ``[loss_sum, count]`` summed over the
-    whole world's data-parallel replicas, identical on every rank (fp32, on the model's device)."""
-    forward_backward = get_forward_backward_func()
-    losses: List[Dict[str, torch.Tensor]] = forward_backward(
-        forward_step_func=forward_step,
+def run_schedule(model: List[torch.nn.Module], data_iterator: Iterator, stage: StagePlan,
+                 forward_only: bool) -> torch.Tensor:
+    """Forward (and backward) of one global batch of ``stage``. Returns ``[loss_sum, count]`` summed
+    over the whole world's data-parallel replicas, identical on every rank (fp32, model's device)."""
+    losses: List[Dict[str, torch.Tensor]] = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, stage.patch_size),
         data_iterator=data_iterator,
         model=model,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
+        num_microbatches=stage.num_microbatches,
+        seq_length=stage.decoder_length,
+        micro_batch_size=stage.micro_batch_size,
         forward_only=forward_only,
     )
     device = next(model[0].parameters()).device
@@ -80,8 +68,9 @@ def run_schedule(
     return totals
 
 
-def train_step(model, optimizer, scheduler, data_iterator, num_microbatches, seq_length, micro_batch_size):
-    """One optimizer step. Raises ``NonFiniteLossError`` (before updating anything) on NaN/Inf.
+def train_step(model, optimizer, scheduler, data_iterator, stage: StagePlan):
+    """One optimizer step of ``stage``. Raises ``NonFiniteLossError`` (before updating anything) on
+    NaN/Inf.
 
     Returns ``(loss, grad_norm, skipped)``: the mean loss over scored targets, the gradient norm
     before clipping (None when unavailable) and whether the optimizer skipped the update.
@@ -89,7 +78,7 @@ def train_step(model, optimizer, scheduler, data_iterator, num_microbatches, seq
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    totals = run_schedule(model, data_iterator, num_microbatches, seq_length, micro_batch_size, False)
+    totals = run_schedule(model, data_iterator, stage, forward_only=False)
     loss = (totals[0] / totals[1].clamp(min=1.0)).item()
     if not math.isfinite(loss):
         raise NonFiniteLossError(
@@ -103,24 +92,16 @@ def train_step(model, optimizer, scheduler, data_iterator, num_microbatches, seq
 
 
 @torch.no_grad()
-def evaluate(model, data_iterator_factory, eval_iters, num_microbatches, seq_length, micro_batch_size) -> float:
-    """Token-level loss (K=1) over ``eval_iters`` global batches from a fresh validation iterator,
-    so both stages' validation curves are comparable; restores the model's patch size after."""
-    inner = [unwrap(chunk) for chunk in model]
-    saved_patch_size = inner[0].patch_size
+def evaluate(model, data_iterator_factory: Callable[[], Iterator], validation: StagePlan) -> float:
+    """Token-level loss (``validation.patch_size`` is 1) over ``validation.iterations`` global
+    batches from a fresh validation iterator, so both stages' validation curves are comparable."""
     for chunk in model:
         chunk.eval()
-    for m in inner:
-        m.set_patch_size(1)
     try:
         iterator = data_iterator_factory()
-        totals = None
-        for _ in range(eval_iters):
-            step_totals = run_schedule(model, iterator, num_microbatches, seq_length, micro_batch_size, True)
-            totals = step_totals if totals is None else totals + step_totals
+        totals = sum(run_schedule(model, iterator, validation, forward_only=True)
+                     for _ in range(validation.iterations))
     finally:
-        for m in inner:
-            m.set_patch_size(saved_patch_size)
         for chunk in model:
             chunk.train()
     return (totals[0] / totals[1].clamp(min=1.0)).item()

@@ -125,14 +125,14 @@ def test_phase_timers_sum_intervals_per_step_and_uninstall():
 def test_fusion_flags_reach_the_trainers_arguments(flags):
     """The A/B flags of throughput.py are the trainer's own (builders then build what the trainer does)."""
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    from common import trainer_args
+    from common import trainer_config
 
     opts = throughput.parse_options(["--cpu"] + flags)
-    args = trainer_args(opts, "none")
-    assert args.bias_swiglu_fusion is ("--bias-swiglu-fusion" in flags)
-    assert args.rope_fusion is ("--rope-fusion" in flags)
-    assert args.torch_adam_impl == ("fused" if "fused" in flags else "foreach")
-    assert args.cross_entropy_fusion is ("--cross-entropy-fusion" in flags)
+    config = trainer_config(opts, "none")
+    assert config.model.bias_swiglu_fusion is ("--bias-swiglu-fusion" in flags)
+    assert config.model.rope_fusion is ("--rope-fusion" in flags)
+    assert config.optimizer.torch_adam_impl == ("fused" if "fused" in flags else "foreach")
+    assert config.model.cross_entropy_fusion is ("--cross-entropy-fusion" in flags)
 
 
 def test_activation_measurement_builds_the_model_the_flags_ask_for(monkeypatch, capsys):

@@ -16,9 +16,13 @@ K, T, LAMBDA = 4, 64, 2 / 3
 SAMPLES = {"patch_train": 300, "token_train": 500, "valid": 20}
 
 
-def config(data_path, tmp_path, **overrides) -> StageDataConfig:
-    values = dict(data_path=data_path, split="90,8,2", seq_length=T, patch_size=K,
-                  patch_data_fraction=LAMBDA, seed=1234, cache_dir=str(tmp_path / "cache"))
+def config(data_path, tmp_path, seq_length=T, patch_size=K, **overrides) -> StageDataConfig:
+    """The test's data config: samples of K*T tokens for the patch stage, T otherwise (as the run
+    plan gives them)."""
+    values = dict(data_path=data_path, split="90,8,2", patch_data_fraction=LAMBDA, seed=1234,
+                  cache_dir=str(tmp_path / "cache"),
+                  sample_tokens={"patch_train": patch_size * seq_length, "token_train": seq_length,
+                                 "valid": seq_length})
     values.update(overrides)
     return StageDataConfig(**values)
 
@@ -252,7 +256,7 @@ def test_errors(corpus_prefix, tokenizer, tmp_path):
 @pytest.mark.parametrize("overrides, needle", [
     ({"patch_data_fraction": 1.5}, "patch_data_fraction 1.5 must be in (0, 1)"),
     ({"split": "a,b"}, "split 'a,b'"),
-    ({"seq_length": 0}, "seq_length 0"),
+    ({"seq_length": 0}, "sample_tokens['patch_train'] = 0"),
     ({"data_path": ["0.5", "p1", "x", "p2"]}, "alternate weight and prefix"),
     ({"data_path": []}, "non-empty list"),
 ])

@@ -18,9 +18,9 @@ PATCH_SIZE = 4
 
 def _reference(tmp, patch_size=PATCH_SIZE):
     """TP=1 PP=1 run: saves its initial weights and gradients, returns its loss."""
-    model = mh.build(1, 1, patch_size)
+    model = mh.build(1, 1)
     mh.save_weights(model, os.path.join(tmp, "weights"))
-    loss = mh.train_forward_backward(model, mh.batches(patch_size))
+    loss = mh.train_forward_backward(model, mh.batches(patch_size), patch_size)
     mh.save_gradients(model, os.path.join(tmp, "grads_ref"))
     return loss
 
@@ -44,11 +44,11 @@ def test_patch_mode_layout_equals_single_rank(world, tmp_path_factory, layout):
         pytest.skip("runs in a 2-rank world")
     tmp = mh.shared_tmp(tmp_path_factory, "layout")
     reference_loss = _reference(tmp)
-    model = mh.build(layout.get("tp", 1), layout.get("pp", 1), PATCH_SIZE,
+    model = mh.build(layout.get("tp", 1), layout.get("pp", 1),
                      sequence_parallel=layout.get("sequence_parallel", False), seed=999,
                      fused_rope=layout.get("fused_rope", False))
     mh.load_weights(model, os.path.join(tmp, "weights"))
-    loss = mh.train_forward_backward(model, mh.batches(PATCH_SIZE))
+    loss = mh.train_forward_backward(model, mh.batches(PATCH_SIZE), PATCH_SIZE)
     assert abs(loss - reference_loss) <= 1e-6 * abs(reference_loss), (loss, reference_loss)
     mh.save_gradients(model, os.path.join(tmp, "grads"))
     _compare_gradients(tmp, "grads")
@@ -61,10 +61,10 @@ def test_data_parallel_equals_single_rank(world, tmp_path_factory):
         pytest.skip("runs in a 2-rank world")
     tmp = mh.shared_tmp(tmp_path_factory, "dp")
     reference_loss = _reference(tmp)
-    model = mh.build(1, 1, PATCH_SIZE, seed=999)
+    model = mh.build(1, 1, seed=999)
     mh.load_weights(model, os.path.join(tmp, "weights"))
     mine = mh.batches(PATCH_SIZE)[dist.get_rank()]
-    loss = mh.train_forward_backward(model, [mine])
+    loss = mh.train_forward_backward(model, [mine], PATCH_SIZE)
     # the schedule's totals are summed over replicas, so the loss is the global mean
     assert abs(loss - reference_loss) <= 1e-6 * abs(reference_loss)
     torch.distributed.barrier()

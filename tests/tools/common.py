@@ -39,7 +39,7 @@ def megatron_model(checkpoint, vocab=ROWS, seq=SEQ):
     """The tiny model of ``checkpoint`` at TP=1 PP=1 (fp32), loaded with dist_checkpointing directly."""
     parallel.init_model_parallel(1, 1, seed=5)
     config = transformer_config(get_preset("tiny"), cpu=True, calculate_per_token_loss=True)
-    model = build_patch_gpt_model(config, vocab, seq, patch_size=1, pre_process=True, post_process=True)
+    model = build_patch_gpt_model(config, vocab, seq, pre_process=True, post_process=True)
     state = dist_checkpointing.load({"model": model.sharded_state_dict()}, resolve_checkpoint(str(checkpoint)))
     model.load_state_dict(state["model"], strict=True)
     model.eval()

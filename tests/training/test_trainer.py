@@ -22,6 +22,11 @@ def _run(argv):
     return trainer, trainer.run()
 
 
+def _optimizer_state_size(optimizer) -> int:
+    """Parameters with Adam state (0 right after the stage switch's reset)."""
+    return sum(len(sub.optimizer.state) for sub in builders.sub_optimizers(optimizer))
+
+
 def _tensorboard_scalars(folder):
     """{tag: [(step, value), ...]} of the event files in ``folder`` (skips without tensorboard)."""
     accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
@@ -41,9 +46,9 @@ def test_two_stages_train_and_switch_resets_optimizer_and_lr(cpu_world, tiny_cor
     original_reset = loop.reset_optimizer_state
 
     def spy_reset(optimizer):
-        before = builders.optimizer_state_size(optimizer)
+        before = _optimizer_state_size(optimizer)
         original_reset(optimizer)
-        resets.append((before, builders.optimizer_state_size(optimizer)))
+        resets.append((before, _optimizer_state_size(optimizer)))
 
     monkeypatch.setattr(loop, "reset_optimizer_state", spy_reset)
     trainer, summary = _run(trainer_args(tiny_corpus, tmp_path / "run", "--eval-interval", "6",
@@ -122,19 +127,20 @@ def test_fused_torch_adam_resumes_on_gpu(world, model_parallel, tiny_corpus, tmp
 
 
 class StockGPT(GPTModel):
-    """megatron's GPTModel, unchanged, with the two attributes the loop reads."""
+    """megatron's GPTModel, unchanged, behind the trainer's call: next-token targets ``[b, s, 1]``
+    in, per-target losses ``[b, s, 1]`` out."""
 
-    patch_size = 1
-
-    def set_patch_size(self, patch_size):
+    def forward(self, input_ids, position_ids, attention_mask, labels, patch_size):
         assert patch_size == 1
+        # [b, s, 1] -> [b, s] -> stock GPTModel -> [b, s] -> [b, s, 1]
+        return super().forward(input_ids, position_ids, attention_mask, labels=labels.squeeze(-1)).unsqueeze(-1)
 
 
 def test_token_only_training_equals_stock_gpt_model(cpu_world, tiny_corpus, tmp_path, monkeypatch):
     argv = ["--patch-size", "1", "--eval-iters", "0"]
     _run(trainer_args(tiny_corpus, tmp_path / "patch_model", *argv, train_iters=6))
 
-    def build_stock(config, vocab_size, seq_length, *, patch_size, pre_process, post_process, use_transformer_engine,
+    def build_stock(config, vocab_size, seq_length, *, pre_process, post_process, use_transformer_engine, vp_stage,
                     fused_rope, fused_cross_entropy):
         from megatron_patch.architecture.specs import get_decoder_block_spec
 
@@ -144,7 +150,9 @@ def test_token_only_training_equals_stock_gpt_model(cpu_world, tiny_corpus, tmp_
                         max_sequence_length=seq_length, pre_process=pre_process, post_process=post_process,
                         position_embedding_type="rope")
 
-    monkeypatch.setattr(builders, "build_patch_gpt_model", build_stock)
+    from megatron_patch.architecture import build
+
+    monkeypatch.setattr(build, "build_patch_gpt_model", build_stock)
     _run(trainer_args(tiny_corpus, tmp_path / "stock", *argv, train_iters=6))
     ours, stock = train_records(tmp_path / "patch_model"), train_records(tmp_path / "stock")
     assert [ours[i]["loss"] for i in range(1, 7)] == [stock[i]["loss"] for i in range(1, 7)]
@@ -171,7 +179,7 @@ def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_pat
         assert cli.main(trainer_args(tiny_corpus, run, "--eval-iters", "0", train_iters=3)) == 0
         capsys.readouterr()
     if case == "missing":
-        argv = trainer_args(tiny_corpus, None, "--load", str(tmp_path / "nowhere"))
+        argv = trainer_args(tiny_corpus, None, "--stage", "token", "--pretrained-checkpoint", str(tmp_path / "nowhere"))
         expected = "no such directory"
     elif case == "corrupt":
         ckpt_dir = checkpoint.checkpoint_dir(str(run), 3)
@@ -180,7 +188,7 @@ def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_pat
                 with open(os.path.join(ckpt_dir, name), "r+b") as f:
                     f.truncate(100)
         argv = trainer_args(tiny_corpus, run, "--load", str(run), train_iters=3)
-        expected = "could not be loaded"
+        expected = "the checkpoint is corrupt"
     elif case == "other_shape":
         argv = trainer_args(tiny_corpus, None, "--load", str(run), train_iters=3)
         argv[argv.index("tiny")] = "cpu-small"
@@ -198,6 +206,15 @@ def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and expected in err[0], err
+
+
+def test_load_of_a_folder_never_created_starts_fresh(cpu_world, tiny_corpus, tmp_path, caplog):
+    """A run killed during start-up never created its --save folder: a blind restart with --load
+    of it starts from scratch, as with an empty folder."""
+    run = tmp_path / "never-created"
+    assert cli.main(trainer_args(tiny_corpus, run, "--load", str(run), "--eval-iters", "0", train_iters=3)) == 0
+    assert checkpoint.read_tracker(str(run)) == 3
+    assert "holds no checkpoint yet: starting from scratch" in caplog.text
 
 
 def test_a_failure_outside_this_package_shows_its_traceback(cpu_world, tiny_corpus, tmp_path, capsys, monkeypatch):

@@ -9,7 +9,8 @@ from megatron.core.models.gpt import GPTModel
 
 from megatron_patch.embedding import aggregate_patches
 from megatron_patch.model import build_patch_gpt_model
-from megatron_patch.architecture.presets import get_preset, padded_vocab_size, transformer_config
+from megatron_patch.architecture.build import padded_vocab_size
+from megatron_patch.architecture.presets import get_preset, transformer_config
 from megatron_patch.architecture.specs import get_decoder_block_spec, get_local_layer_spec
 from tests import model_helpers as mh
 from tests.reference import reference_per_target_loss, relative_error
@@ -17,9 +18,9 @@ from tests.reference import reference_per_target_loss, relative_error
 T = mh.SEQ
 
 
-def _tiny(model_parallel, patch_size, seed=1234):
+def _tiny(model_parallel, seed=1234):
     model_parallel(1, 1, seed=seed)
-    return mh.build(1, 1, patch_size, seed=seed, ddp=False)
+    return mh.build(1, 1, seed=seed, ddp=False)
 
 
 def _stock(config, seed):
@@ -31,7 +32,7 @@ def _stock(config, seed):
 
 
 def test_token_mode_equals_stock_gpt_bitwise(model_parallel):
-    patch_model = _tiny(model_parallel, patch_size=1, seed=5)
+    patch_model = _tiny(model_parallel, seed=5)
     stock = _stock(patch_model.config, seed=5)
     batch = mh.batches(1)[0]
     for model in (patch_model, stock):
@@ -47,15 +48,14 @@ def test_token_mode_equals_stock_gpt_bitwise(model_parallel):
 
 def test_patch_mode_matches_plain_recomputation(model_parallel):
     """Aggregate by hand, run the decoder as stock GPT on T positions, score K targets in float64."""
-    model = _tiny(model_parallel, patch_size=4)
+    model = _tiny(model_parallel)
     batch = mh.batches(4)[0]
-    losses = model(batch["tokens"], None, None, labels=batch["labels"])  # [b, T, K]
+    losses, _ = mh.forward_losses(model, batch, 4)  # [b, T, K]
     assert losses.shape == (2, T, 4)
 
     embeddings = model.embedding(input_ids=batch["tokens"], position_ids=None)  # [4T, b, h]
     manual = embeddings.view(T, 4, 2, -1).mean(1)
     assert torch.equal(aggregate_patches(embeddings, 4), manual)
-    model.set_patch_size(1)
     logits = model(None, None, None, decoder_input=manual)  # [b, T, V]
     tokens = torch.cat([batch["tokens"], batch["labels"][:, -1:]], dim=1)  # x_0..x_{KT}
     targets = torch.stack([tokens[:, (i + 1) * 4:(i + 2) * 4] for i in range(T - 1)], dim=1)  # [b, T-1, K]
@@ -64,9 +64,9 @@ def test_patch_mode_matches_plain_recomputation(model_parallel):
 
 
 def test_patch_checkpoint_loads_into_token_mode_and_stock_gpt(model_parallel, tmp_path):
-    patch_model = _tiny(model_parallel, patch_size=4, seed=11)
+    patch_model = _tiny(model_parallel, seed=11)
     dist_checkpointing.save(patch_model.sharded_state_dict(), str(tmp_path))
-    for target in (_tiny(model_parallel, patch_size=1, seed=12), _stock(patch_model.config, seed=12)):
+    for target in (_tiny(model_parallel, seed=12), _stock(patch_model.config, seed=12)):
         target.load_state_dict(dist_checkpointing.load(target.sharded_state_dict(), str(tmp_path)), strict=True)
         for (name, a), (_, b) in zip(patch_model.named_parameters(), target.named_parameters()):
             assert torch.equal(a, b), name
@@ -80,7 +80,7 @@ def test_sdpa_spec_equals_megatron_local_attention(model_parallel):
 
     from megatron_patch.architecture.norm import RMSNorm
 
-    model = _tiny(model_parallel, patch_size=1, seed=3)
+    model = _tiny(model_parallel, seed=3)
     local = get_gpt_layer_local_spec(normalization="RMSNorm")
     local.submodules.input_layernorm = RMSNorm
     local.submodules.pre_mlp_layernorm = RMSNorm
@@ -95,14 +95,14 @@ def test_sdpa_spec_equals_megatron_local_attention(model_parallel):
 
 
 def test_bad_settings_fail_with_one_line_errors(model_parallel):
-    model = _tiny(model_parallel, patch_size=4)
+    model = _tiny(model_parallel)
     tokens = torch.zeros(2, 4 * T + 2, dtype=torch.long)
     with pytest.raises(ValueError, match=r"not a multiple of patch_size K=4") as error:
-        model(tokens, None, None)
+        model(tokens, None, None, patch_size=4)
     assert "\n" not in str(error.value)
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="integer K >= 1"):
-            model.set_patch_size(bad)
+            model(tokens, None, None, patch_size=bad)
     preset = get_preset("tiny")
     with pytest.raises(ValueError, match="does not divide the 4 attention heads") as error:
         transformer_config(preset, tensor_parallel=3)
@@ -131,7 +131,7 @@ def test_attention_saves_no_fused_qkv_buffer_for_backward(model_parallel, fused_
     that whole buffer (3x the value here) alive until backward, with either RoPE path. The loss and
     gradients are unchanged: token mode stays bit-equal to stock GPT (test above)."""
     model_parallel(1, 1, seed=2)
-    model = mh.build(1, 1, patch_size=1, ddp=False, fused_rope=fused_rope)
+    model = mh.build(1, 1, ddp=False, fused_rope=fused_rope)
     qkv_outputs = []  # the buffers themselves, held so that no later tensor can reuse their addresses
     for layer in model.decoder.layers:
         layer.self_attention.linear_qkv.register_forward_hook(
@@ -165,13 +165,11 @@ def test_value_leaves_the_fused_buffer_only_when_query_and_key_have():
     assert torch.equal(mixed.grad[..., :16], torch.zeros(5, 2, 4, 16))
 
 
-def test_fused_swiglu_flag_gives_the_unfused_loss_and_gradients(model_parallel, monkeypatch):
+def test_fused_swiglu_flag_gives_the_unfused_loss_and_gradients(model_parallel, monkeypatch, tiny_corpus):
     """--bias-swiglu-fusion switches megatron's fused SwiGLU on through the trainer's builders; the
     loss and every gradient equal the unfused model's at K=4 and K=1 (fp32, CPU). megatron's jit_fuser runs
     the fused function eagerly here: the tests set TORCHDYNAMO_DISABLE=1 (tests/conftest.py)."""
     from megatron.core.transformer import mlp
-
-    from megatron_patch.training.builders import model_config
 
     fused_calls = []
     fused_swiglu = mlp.bias_swiglu_impl
@@ -179,8 +177,9 @@ def test_fused_swiglu_flag_gives_the_unfused_loss_and_gradients(model_parallel, 
     results = {}
     for fused in (False, True):
         flags = ["--bias-swiglu-fusion"] if fused else []
-        assert model_config(mh.trainer_model_args(*flags)).bias_activation_fusion is fused
-        model, results[fused] = mh.runs_through_trainer_builders(model_parallel, flags, seed=11)
+        config = mh.trainer_config(*flags, tokenizer_model=tiny_corpus["tokenizer"])
+        assert config.model.transformer_config(cpu=True).bias_activation_fusion is fused
+        model, results[fused] = mh.runs_through_trainer_builders(model_parallel, flags, 11, tiny_corpus["tokenizer"])
         assert len(fused_calls) == (2 * model.config.num_layers if fused else 0)  # per layer, per forward
     for patch_size in (4, 1):
         (_, loss_plain, grads_plain), (_, loss_fused, grads_fused) = results[False][patch_size], results[True][patch_size]
@@ -190,7 +189,7 @@ def test_fused_swiglu_flag_gives_the_unfused_loss_and_gradients(model_parallel, 
             torch.testing.assert_close(grads_fused[name], grad, rtol=1e-5, atol=1e-7, msg=f"K={patch_size} {name}")
 
 
-def test_cross_entropy_fusion_flag_scores_both_modes_with_the_fused_loss(model_parallel, monkeypatch):
+def test_cross_entropy_fusion_flag_scores_both_modes_with_the_fused_loss(model_parallel, monkeypatch, tiny_corpus):
     """--cross-entropy-fusion through the trainer's builders: both modes (K=4 and K=1, where the
     unfused model uses megatron's CE) score with the fused K-way CE, giving the unfused model's
     losses ([b, T, K] and [b, s]) and gradients within fp32 rounding (relative to each gradient's
@@ -204,7 +203,7 @@ def test_cross_entropy_fusion_flag_scores_both_modes_with_the_fused_loss(model_p
     results = {}
     for fused in (False, True):
         _, results[fused] = mh.runs_through_trainer_builders(
-            model_parallel, ["--cross-entropy-fusion"] if fused else [], seed=13)
+            model_parallel, ["--cross-entropy-fusion"] if fused else [], 13, tiny_corpus["tokenizer"])
         assert len(fused_calls) == (2 if fused else 0)
     for patch_size in (4, 1):
         (losses_plain, _, grads_plain), (losses_fused, _, grads_fused) = results[False][patch_size], results[True][patch_size]
@@ -217,15 +216,14 @@ def test_cross_entropy_fusion_flag_scores_both_modes_with_the_fused_loss(model_p
 
 @pytest.mark.gpu
 def test_bf16_patch_model_forward_backward_on_gpu(model_parallel):
-    from megatron_patch.loss import masked_mean, patch_targets
+    from megatron_patch.loss import masked_mean
 
     model_parallel(1, 1)
     config = transformer_config(get_preset("tiny"), bf16=True)
-    model = build_patch_gpt_model(config, mh.VOCAB, T, patch_size=4).cuda()
+    model = build_patch_gpt_model(config, mh.VOCAB, T).cuda()
     batch = {k: v.cuda() for k, v in mh.batches(4)[0].items()}
-    losses = model(batch["tokens"], None, None, labels=batch["labels"])
-    _, mask = patch_targets(batch["labels"], batch["loss_mask"], 4)
-    loss = masked_mean(losses, mask.transpose(0, 1))
+    losses, mask = mh.forward_losses(model, batch, 4)
+    loss = masked_mean(losses, mask)
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
@@ -241,16 +239,15 @@ def test_all_opt_in_fusions_compiled_match_the_unfused_model(model_parallel, mon
     mh.compile_fused_kernels(monkeypatch)
     model_parallel(1, 1)
     config = transformer_config(get_preset("tiny"), bf16=True, cpu=device == "cpu")
-    plain = build_patch_gpt_model(config, mh.VOCAB, T, patch_size=4).to(device)
+    plain = build_patch_gpt_model(config, mh.VOCAB, T).to(device)
     fused = build_patch_gpt_model(dataclasses.replace(config, bias_activation_fusion=True), mh.VOCAB, T,
-                                  patch_size=4, fused_rope=True, fused_cross_entropy=True).to(device)
+                                  fused_rope=True, fused_cross_entropy=True).to(device)
     fused.load_state_dict(plain.state_dict())
     for patch_size in (4, 1):
         batch = {k: v.to(device) for k, v in mh.batches(patch_size)[0].items()}
         losses = {}
         for name, model in (("plain", plain), ("fused", fused)):
-            model.set_patch_size(patch_size)
-            out = model(batch["tokens"], None, None, labels=batch["labels"]).float()
+            out = mh.forward_losses(model, batch, patch_size)[0].float()
             out.mean().backward()
             assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
             losses[name] = out.detach()

@@ -27,7 +27,7 @@ def test_cpu_mode_is_opt_in_and_refuses_a_gpu():
         torch.cuda.is_available = lambda: True
         try:
             cpu_mode.enable()
-        except RuntimeError as error:
+        except ValueError as error:  # ArgumentError, a one-line UserError
             print("refused:", error)
         assert not cpu_mode.is_enabled()
     """)

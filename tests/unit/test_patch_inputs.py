@@ -134,10 +134,19 @@ def test_aggregate_ragged_sequence_parallel_chunk_names_tensor_parallel_size():
 # ---------------------------------------------------------------- patch_targets
 
 
+def _sequence_first(labels, loss_mask, patch_size):
+    """patch_targets' ``[b, T, K]`` targets and mask as ``[T, b, K]``, the layout the hand examples
+    below are written in (one position's patches of every sample side by side)."""
+    targets, mask = patch_targets(labels, loss_mask, patch_size)
+    assert targets.shape == mask.shape == (labels.shape[0], labels.shape[1] // patch_size, patch_size)
+    return targets.transpose(0, 1), mask.transpose(0, 1)  # [b, T, K] -> [T, b, K]
+
+
+
 def test_patch_targets_hand_example_k2():
     # two samples of K*T + 1 = 7 tokens, K=2, T=3: x = 10..16 and 20..26; labels = x[1:]
     labels = torch.tensor([[11, 12, 13, 14, 15, 16], [21, 22, 23, 24, 25, 26]])
-    targets, mask = patch_targets(labels, None, 2)
+    targets, mask = _sequence_first(labels, None, 2)
     assert targets.shape == (3, 2, 2) and mask.shape == (3, 2, 2)
     assert targets.dtype == torch.int64 and mask.dtype == torch.float32
     # patch 0 -> tokens of patch 1 (x2, x3); patch 1 -> x4, x5; patch 2 -> (x6, x7): x7 is past the
@@ -158,20 +167,20 @@ def test_patch_targets_hand_example_loss_mask_k2():
     # sample 1: label 0 (x1, never a target), label 4 (x5 = 25) -> patch 1, k=1, and label 5 (x6,
     #           in the unscored last patch anyway)
     loss_mask = torch.tensor([[1, 1, 0, 1, 1, 1], [0, 1, 1, 1, 0, 0]])
-    targets, mask = patch_targets(labels, loss_mask, 2)
+    targets, mask = _sequence_first(labels, loss_mask, 2)
     expected_mask = torch.tensor(
         [[[1.0, 0.0], [1.0, 1.0]], [[1.0, 1.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]]
     )
     torch.testing.assert_close(mask, expected_mask, rtol=0, atol=0)
     # the loss mask changes which targets count, never the target ids themselves
-    torch.testing.assert_close(targets, patch_targets(labels, None, 2)[0], rtol=0, atol=0)
+    torch.testing.assert_close(targets, _sequence_first(labels, None, 2)[0], rtol=0, atol=0)
 
 
 def test_patch_targets_hand_example_k4():
     # x = 100..108: 9 tokens, K=4, T=2; patch 0 -> x4..x7; patch 1 -> x8..x11 (not in the sample)
     labels = torch.arange(101, 109).unsqueeze(0)
     loss_mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0]])  # label 5 = x6 = 106
-    targets, mask = patch_targets(labels, loss_mask, 4)
+    targets, mask = _sequence_first(labels, loss_mask, 4)
     torch.testing.assert_close(targets[0, 0], torch.tensor([104, 105, 106, 107]))
     expected_mask = torch.tensor([[1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
     torch.testing.assert_close(mask[:, 0], expected_mask, rtol=0, atol=0)
@@ -180,14 +189,14 @@ def test_patch_targets_hand_example_k4():
 def test_patch_targets_k1_is_next_token_prediction():
     # x = 5, 6, 7, 8: at K=1 position i is scored against x_{i+1} = labels[i], the last one too
     labels = torch.tensor([[6, 7, 8]])
-    targets, mask = patch_targets(labels, None, 1)
+    targets, mask = _sequence_first(labels, None, 1)
     torch.testing.assert_close(targets, torch.tensor([[[6]], [[7]], [[8]]]))
     torch.testing.assert_close(mask, torch.ones(3, 1, 1), rtol=0, atol=0)
 
     gen = torch.Generator().manual_seed(7)
     labels = torch.randint(0, 50, (3, 9), generator=gen)
     loss_mask = (torch.rand(3, 9, generator=gen) > 0.3).float()
-    targets, mask = patch_targets(labels, loss_mask, 1)
+    targets, mask = _sequence_first(labels, loss_mask, 1)
     # [b, s] -> [s, b, 1]
     torch.testing.assert_close(targets, labels.t().unsqueeze(-1), rtol=0, atol=0)
     torch.testing.assert_close(mask, loss_mask.t().unsqueeze(-1), rtol=0, atol=0)
@@ -200,9 +209,9 @@ def test_patch_targets_match_loop_reference(patch_size):
     samples = torch.randint(0, 1000, (batch, patch_size * num_patches + 1), generator=gen)
     loss_mask = (torch.rand(batch, patch_size * num_patches, generator=gen) > 0.25).float()
     labels = samples[:, 1:]
-    targets, mask = patch_targets(labels, loss_mask, patch_size)
+    targets, mask = _sequence_first(labels, loss_mask, patch_size)
     assert targets.shape == (num_patches, batch, patch_size) == mask.shape
-    unmasked_targets, unmasked_mask = patch_targets(labels, None, patch_size)
+    unmasked_targets, unmasked_mask = _sequence_first(labels, None, patch_size)
     for b in range(batch):
         sample = samples[b].tolist()
         ref_targets, ref_mask = reference_patch_targets(sample, patch_size, loss_mask[b].tolist())
@@ -223,26 +232,26 @@ def test_patch_targets_match_loop_reference(patch_size):
 
 
 def test_patch_targets_are_int64_for_int32_labels():
-    targets, _ = patch_targets(torch.arange(1, 7, dtype=torch.int32).unsqueeze(0), None, 2)
+    targets, _ = _sequence_first(torch.arange(1, 7, dtype=torch.int32).unsqueeze(0), None, 2)
     assert targets.dtype == torch.int64
 
 
 @pytest.mark.parametrize("patch_size", BAD_PATCH_SIZES)
 def test_patch_targets_rejects_bad_patch_size(patch_size):
     with pytest.raises(ValueError) as excinfo:
-        patch_targets(torch.zeros(1, 4, dtype=torch.long), None, patch_size)
+        _sequence_first(torch.zeros(1, 4, dtype=torch.long), None, patch_size)
     assert "patch_size" in _one_line(excinfo)
 
 
 def test_patch_targets_rejects_ragged_length():
     with pytest.raises(ValueError) as excinfo:
-        patch_targets(torch.zeros(2, 14, dtype=torch.long), None, 4)
+        _sequence_first(torch.zeros(2, 14, dtype=torch.long), None, 4)
     message = _one_line(excinfo)
     assert _names_number(message, 14) and _names_number(message, 4), message
 
 
 def test_patch_targets_rejects_loss_mask_of_another_shape():
     with pytest.raises(ValueError) as excinfo:
-        patch_targets(torch.zeros(2, 8, dtype=torch.long), torch.ones(2, 6), 4)
+        _sequence_first(torch.zeros(2, 8, dtype=torch.long), torch.ones(2, 6), 4)
     message = _one_line(excinfo)
     assert "(2, 6)" in message and "(2, 8)" in message, message

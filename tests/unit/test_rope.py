@@ -88,19 +88,18 @@ def test_compiled_apply_rotary_in_bf16_is_as_accurate_as_megatrons(world, monkey
     assert fused_error < 0.02  # bf16 has 8 bits of mantissa; |values| stay below 4 here
 
 
-def test_rope_fusion_flag_builds_the_same_model(model_parallel, monkeypatch):
+def test_rope_fusion_flag_builds_the_same_model(model_parallel, monkeypatch, tiny_corpus):
     """--rope-fusion through the trainer's builders: no megatron RoPE, one fused call per layer, the
     same parameters and state-dict keys, and the unfused model's loss and gradients (K=4 and K=1)."""
     from megatron_patch.architecture import attention
-    from megatron_patch.loss import masked_mean, patch_targets
-    from megatron_patch.training.builders import build_model, unwrap
 
     fused_calls = []
     eager_rotary = attention.apply_rotary
     monkeypatch.setattr(attention, "apply_rotary", lambda *a: fused_calls.append(1) or eager_rotary(*a))
     results = {}
     for fused in (False, True):
-        model, runs = mh.runs_through_trainer_builders(model_parallel, ["--rope-fusion"] if fused else [], seed=11)
+        model, runs = mh.runs_through_trainer_builders(model_parallel, ["--rope-fusion"] if fused else [], 11,
+                                                       tiny_corpus["tokenizer"])
         assert (getattr(model, "rotary_pos_emb", None) is None) is fused
         results[fused] = (runs, {name: param.detach().clone() for name, param in model.named_parameters()},
                           sorted(model.state_dict()))
@@ -117,11 +116,11 @@ def test_rope_fusion_flag_builds_the_same_model(model_parallel, monkeypatch):
             torch.testing.assert_close(grads_fused[name], grad, rtol=1e-5, atol=1e-7, msg=f"K={patch_size} {name}")
 
 
-def test_rope_fusion_with_transformer_engine_is_refused(tmp_path):
-    from megatron_patch.training.arguments import ArgumentError, parse_args
+def test_rope_fusion_with_transformer_engine_is_refused(tiny_corpus):
+    from megatron_patch.errors import ArgumentError
+    from megatron_patch.training.arguments import parse_args
 
-    tokenizer = tmp_path / "tok.model"
-    tokenizer.write_bytes(b"x")
+    tokenizer = tiny_corpus["tokenizer"]
     argv = ["--model", "tiny", "--cpu", "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "4",
             "--lr", "1e-3", "--data-path", "unused", "--tokenizer-model", str(tokenizer), "--rope-fusion",
             "--transformer-impl", "transformer_engine"]

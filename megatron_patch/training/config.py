@@ -1,0 +1,81 @@
+"""The trainer's configuration: the run plan and one frozen settings object per concern.
+
+Built once from the checked flags by ``arguments.make_config``; the trainer, the builders, the
+data and the metrics read these, never the flags.
+"""
+
+import signal
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from megatron_patch.architecture.build import ModelSettings
+from megatron_patch.training.plan import RunPlan
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """Adam(W), its LR schedule (restarted in each stage) and gradient clipping."""
+
+    lr: float
+    min_lr: float
+    warmup_iters: int  # per stage
+    decay_style: str  # constant | linear | cosine | inverse-square-root
+    weight_decay: float
+    clip_grad: float  # 0: no clipping
+    adam_beta1: float
+    adam_beta2: float
+    adam_eps: float
+    torch_adam_impl: str  # foreach | fused (torch's AdamW, megatron's fallback without TE/Apex)
+    bf16: bool
+    distributed: bool  # megatron's distributed optimizer
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where the training text comes from."""
+
+    data_path: Tuple[str, ...]  # a prefix, or weight/prefix pairs
+    split: str  # train,valid,test shares of the documents
+    tokenizer_model: str
+    cache_dir: Optional[str]
+    num_workers: int
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    save: Optional[str]
+    load: Optional[str]
+    save_interval: Optional[int]  # steps
+    keep_last: int  # 0: keep all
+    pretrained_checkpoint: Optional[str]  # --stage token: initial weights only
+    verify: bool = True  # check every file against the manifest before loading
+    exit_signals: Tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)  # save, then exit 0
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    log_interval: int  # steps
+    eval_interval: Optional[int]  # steps
+    tensorboard_dir: Optional[str]
+    summary_json: Optional[str]
+    wandb_project: Optional[str] = None  # W&B on when given
+    wandb_exp_name: Optional[str] = None
+    wandb_save_dir: Optional[str] = None  # default: <--save>/wandb
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Everything one trainer process needs; ``flags`` are the flags as given plus the values they
+    resolved to (recorded in every checkpoint's metadata, read by the tools)."""
+
+    flags: dict
+    plan: RunPlan
+    model: ModelSettings
+    optimizer: OptimizerSettings
+    data: DataSettings
+    checkpoints: CheckpointSettings
+    logging: LogSettings
+    cpu: bool
+    seed: int
+    overlap_grad_reduce: bool
+    overlap_param_gather: bool

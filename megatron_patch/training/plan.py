@@ -1,0 +1,155 @@
+"""The run plan: every batch size, shape and step count of a two-stage run, computed once.
+
+This module is the one place where the patch size K changes a batch or a shape. With T the
+decoder length (``--seq-length``), G the token-stage global batch (``--global-batch-size``), N
+the steps of both stages (``--train-iters``, or ``--train-tokens`` / (G*T)) and λ the patch
+stage's share of the tokens::
+
+    patch stage:  round(λN) steps of G/K samples of K*T tokens (T patches each)
+    token stage:  N - round(λN) steps of G samples of T tokens
+    validation:   token level, G samples of T tokens per batch, --eval-iters batches
+
+Both training stages consume G*T tokens per step and the decoder always sees T positions, so the
+pipeline schedule is given T in either stage. The budget split is the same whichever stages a job
+runs (``--stage both|patch|token``).
+"""
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+from megatron_patch.errors import ArgumentError
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage's batches. Units: samples (sequences), tokens, decoder positions."""
+
+    name: str  # "patch" | "token" | "valid"
+    patch_size: int  # K: tokens averaged into one decoder position (1: token level)
+    iterations: int  # steps (global batches)
+    first_iteration: int  # global iteration number before the stage's first step
+    samples_per_step: int  # samples in one global batch
+    decoder_length: int  # T: positions the decoder sees per sample
+    micro_batch_size: int  # samples per micro-batch
+    num_microbatches: int  # micro-batches per step on each data-parallel rank
+
+    @property
+    def sample_tokens(self) -> int:
+        """Tokens per sample: K*T."""
+        return self.patch_size * self.decoder_length
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one global batch: (G/K) * K*T = G*T in both training stages."""
+        return self.samples_per_step * self.sample_tokens
+
+    @property
+    def positions_per_step(self) -> int:
+        """Decoder positions of one global batch (what model FLOPs scale with)."""
+        return self.samples_per_step * self.decoder_length
+
+    @property
+    def samples(self) -> int:
+        """Samples the whole stage reads."""
+        return self.iterations * self.samples_per_step
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The stages of one job and the budget they split (see the module docstring)."""
+
+    patch_size: int  # K of the patch stage (1: token-only training)
+    patch_data_fraction: float  # λ
+    seq_length: int  # T
+    global_batch_size: int  # G, token-stage samples per step
+    data_parallel_size: int
+    train_iters: int  # N, steps of both stages together
+    patch_iters: int  # round(λN) (0 at K=1)
+    stages: Tuple[StagePlan, ...]  # the stages this job runs, in order
+    validation: StagePlan
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_length
+
+    @property
+    def token_iters(self) -> int:
+        return self.train_iters - self.patch_iters
+
+    @property
+    def theoretical_relative_cost(self) -> float:
+        """λ/K + 1 - λ: model FLOPs of patch + token training over token-only training."""
+        if self.patch_size == 1:
+            return 1.0
+        return self.patch_data_fraction / self.patch_size + 1 - self.patch_data_fraction
+
+    def stage(self, name: str) -> StagePlan:
+        return next(stage for stage in self.stages if stage.name == name)
+
+    def dataset_samples(self) -> Dict[str, int]:
+        """Samples each dataset must provide (0: not built)."""
+        samples = {"patch_train": 0, "token_train": 0, "valid": self.validation.samples}
+        for stage in self.stages:
+            samples[f"{stage.name}_train"] = stage.samples
+        return samples
+
+    def dataset_sample_tokens(self) -> Dict[str, int]:
+        """Tokens per sample of each dataset: K*T for the patch stage, T otherwise."""
+        return {"patch_train": self.patch_size * self.seq_length, "token_train": self.seq_length,
+                "valid": self.seq_length}
+
+
+def make_plan(
+    *,
+    patch_size: int,
+    patch_data_fraction: float,
+    stages: str,
+    seq_length: int,
+    micro_batch_size: int,
+    global_batch_size: int,
+    data_parallel_size: int,
+    eval_iters: int,
+    train_iters: Optional[int] = None,
+    train_tokens: Optional[int] = None,
+) -> RunPlan:
+    """The plan of a job; ``stages`` is ``--stage`` (``both``, ``patch`` or ``token``).
+
+    Raises ``ArgumentError`` (one line naming the flags to change) for batches that do not split
+    into whole micro-batches on every data-parallel rank in both stages, and for budgets that
+    leave a stage without steps.
+    """
+    K, G, b, dp = patch_size, global_batch_size, micro_batch_size, data_parallel_size
+    if G % (b * dp):
+        raise ArgumentError(f"--global-batch-size {G} is not a multiple of micro-batch x data-parallel = "
+                            f"{b} x {dp}: make it one")
+    if K > 1 and G % (K * b * dp):
+        raise ArgumentError(f"--global-batch-size {G} must be a multiple of K x micro-batch x data-parallel = "
+                            f"{K} x {b} x {dp}, so the patch stage (G/K samples of K*T tokens) keeps the token "
+                            f"stage's tokens per step")
+    tokens_per_step = G * seq_length
+    if train_tokens is not None:
+        if train_tokens < tokens_per_step:
+            raise ArgumentError(f"--train-tokens {train_tokens} is less than one step ({tokens_per_step} tokens)")
+        train_iters = train_tokens // tokens_per_step
+    if train_iters is None or train_iters < 1:
+        raise ArgumentError(f"--train-iters {train_iters} must be >= 1")
+    patch_iters = round(patch_data_fraction * train_iters) if K > 1 else 0
+    if K > 1 and (patch_iters == 0 or patch_iters == train_iters):
+        raise ArgumentError(f"--train-iters {train_iters} with lambda={patch_data_fraction:.3f} leaves a stage "
+                            f"with no steps: train longer")
+
+    def stage(name: str, stage_patch_size: int, iterations: int, first_iteration: int) -> StagePlan:
+        samples = G // stage_patch_size
+        return StagePlan(name, stage_patch_size, iterations, first_iteration, samples, seq_length, b,
+                         samples // (b * dp))
+
+    planned = []
+    if K > 1 and stages in ("both", "patch"):
+        planned.append(stage("patch", K, patch_iters, 0))
+    if stages in ("both", "token"):
+        planned.append(stage("token", 1, train_iters - patch_iters, patch_iters))
+    return RunPlan(
+        patch_size=K, patch_data_fraction=patch_data_fraction, seq_length=seq_length, global_batch_size=G,
+        data_parallel_size=dp, train_iters=train_iters, patch_iters=patch_iters, stages=tuple(planned),
+        validation=stage("valid", 1, eval_iters, 0),
+    )
