@@ -1,7 +1,8 @@
 """The launch scripts in examples/ start a command that passes the trainer's validation, for every
 preset they list, at the world size they start: 8 GPUs on one node (torchrun) and 8 nodes of 8
-(SLURM). The scripts run for real under bash with stand-ins for torchrun, srun and scontrol on
-PATH that record the command line instead of starting anything."""
+(SLURM: one torchrun agent per node). The scripts run for real under bash with stand-ins for
+torchrun, srun and scontrol on PATH that record the command line instead of starting anything.
+tests/training/test_multi_node.py runs the SLURM script's command for real, on one machine."""
 
 import os
 import re
@@ -18,7 +19,7 @@ LAYOUT_LINE = re.compile(r"([\w.]+)\)\s+TP=(\d+) PP=(\d+) MBS=(\d+)")
 RECORDER = '#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$LAUNCH_RECORD"\n'
 SCRIPTS = {  # script: (world size, the environment its launcher would give it)
     "train_single_node.sh": (8, {"GPUS": "8"}),
-    "train_multi_node.sbatch": (64, {"SLURM_NTASKS": "64", "SLURM_JOB_NODELIST": "node[001-008]"}),
+    "train_multi_node.sbatch": (64, {"SLURM_NNODES": "8", "SLURM_JOB_NODELIST": "node[001-008]"}),
 }
 
 
@@ -29,7 +30,8 @@ def _stand_ins(folder):
         path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
-def _launched_trainer_argv(script, model, tmp_path, environment):
+def _launched_argv(script, model, tmp_path, environment, *extra):
+    """The whole command line the script starts (torchrun's, or srun's with torchrun in it)."""
     bin_dir, record = tmp_path / "bin", tmp_path / f"{model}.argv"
     bin_dir.mkdir(exist_ok=True)
     _stand_ins(bin_dir)
@@ -37,10 +39,14 @@ def _launched_trainer_argv(script, model, tmp_path, environment):
     tokenizer.write_bytes(b"not read by validation")
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", LAUNCH_RECORD=str(record), MODEL=model,
                DATA="data/train_text_document", TOKENIZER=str(tokenizer), SAVE=str(tmp_path / model), **environment)
-    done = subprocess.run(["bash", str(REPO_ROOT / "examples" / script)], cwd=REPO_ROOT, env=env,
+    done = subprocess.run(["bash", str(REPO_ROOT / "examples" / script), *extra], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    words = record.read_text().split("\0")[:-1]
+    return record.read_text().split("\0")[:-1]
+
+
+def _launched_trainer_argv(script, model, tmp_path, environment, *extra):
+    words = _launched_argv(script, model, tmp_path, environment, *extra)
     return words[words.index("examples/pretrain_patch_gpt.py") + 1:]
 
 
@@ -66,12 +72,32 @@ def test_the_slurm_script_lowers_the_micro_batch_to_what_the_patch_stage_gives_e
     world_size, environment = SCRIPTS["train_multi_node.sbatch"]
     argv = _launched_trainer_argv("train_multi_node.sbatch", "370m", tmp_path, environment)
     assert argv[argv.index("--micro-batch-size") + 1] == "4"
-    argv = _launched_trainer_argv("train_multi_node.sbatch", "370m", tmp_path, dict(environment, SLURM_NTASKS="8"))
+    argv = _launched_trainer_argv("train_multi_node.sbatch", "370m", tmp_path, dict(environment, SLURM_NNODES="1"))
     assert argv[argv.index("--micro-batch-size") + 1] == "16"
     env = dict(os.environ, MODEL="370m", DATA="d", TOKENIZER="t", SAVE=str(tmp_path / "x"), **environment)
-    env["SLURM_NTASKS"] = "2048"  # 256 patch-stage sequences cannot feed 2048 ranks
+    env["SLURM_NNODES"] = "256"  # 256 patch-stage sequences cannot feed 2048 ranks (8 per node)
     done = subprocess.run(["bash", str(REPO_ROOT / "examples" / "train_multi_node.sbatch")], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip() == ("2048 GPUs leave no patch-stage sequence per data-parallel rank at GBS=1024: "
                                    "use fewer nodes")
+
+
+def test_one_torchrun_agent_per_node_meets_at_a_c10d_rendezvous_on_the_first_node(tmp_path):
+    words = _launched_argv("train_multi_node.sbatch", "2.7b", tmp_path, SCRIPTS["train_multi_node.sbatch"][1])
+    launcher = words[:words.index("examples/pretrain_patch_gpt.py")]
+    assert launcher[:2] == ["--ntasks-per-node=1", "--kill-on-bad-exit=1"]  # srun's options
+    assert launcher[2:] == ["torchrun", "--nnodes=8", "--nproc-per-node=8", "--rdzv-backend=c10d",
+                            "--rdzv-endpoint=node001:29500", "--rdzv-id=patch-gpt"]
+
+
+def test_both_scripts_pass_the_same_trainer_flags_and_append_the_user_s(tmp_path):
+    """One node of 8 GPUs either way: the same layout, so the same flags (examples/train_args.sh);
+    flags after the script name come last, so argparse takes them."""
+    extra = ("--seq-length", "4096", "--lr", "1e-4")
+    single = _launched_trainer_argv("train_single_node.sh", "1.3b", tmp_path, {"GPUS": "8"}, *extra)
+    multi = _launched_trainer_argv("train_multi_node.sbatch", "1.3b", tmp_path,
+                                   dict(SCRIPTS["train_multi_node.sbatch"][1], SLURM_NNODES="1"), *extra)
+    assert single == multi
+    assert single[-4:] == list(extra)
+    assert single[single.index("--micro-batch-size") + 1] == "8"
