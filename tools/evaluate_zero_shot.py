@@ -43,6 +43,8 @@ def build_parser():
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="dtype the harness runs the model in")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--log-samples", action="store_true",
+                        help="also keep each item's choice log-likelihoods in the JSON (multiple-choice tasks)")
     parser.add_argument("--tokenizer-model", default=None,
                         help="--load: SentencePiece model (default: the one the checkpoint was trained with)")
     parser.add_argument("--cpu", action="store_true", help="--load: export in CPU mode over gloo")
@@ -81,8 +83,7 @@ def _run(args, argv: Optional[List[str]]) -> int:
     from megatron_patch.evaluation import zero_shot
 
     _check(args)
-    manager = zero_shot.task_manager(args.include_path)  # lm-eval, include paths and tasks: before the export
-    zero_shot.check_task_names(manager, args.tasks)
+    manager = zero_shot.task_manager(args.tasks, args.include_path)  # checked before the export
     with tempfile.TemporaryDirectory(prefix="zero-shot-export-") as scratch:
         folder = args.hf_model
         if args.load:
@@ -92,7 +93,8 @@ def _run(args, argv: Optional[List[str]]) -> int:
                 return code
         report = zero_shot.evaluate(folder, args.tasks, include_paths=args.include_path, manager=manager,
                                     batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                                    limit=args.limit, num_fewshot=args.num_fewshot, seed=args.seed)
+                                    limit=args.limit, num_fewshot=args.num_fewshot, seed=args.seed,
+                                    log_samples=args.log_samples)
         provenance_path = os.path.join(folder, "megatron_patch_export.json")
         provenance = json.load(open(provenance_path)) if os.path.isfile(provenance_path) else {}
     report["model"] = os.path.abspath(args.hf_model) if args.hf_model else None

@@ -4,7 +4,7 @@ The paper (Shao, Meng, Zhou 2024, Table 1) reports zero-shot accuracy on six tas
 lm-evaluation-harness; :data:`PAPER_TASKS` names them as the harness does and the metric each is
 reported in here. The paper calls all six "normalized accuracy"; the harness has a
 length-normalised accuracy (``acc_norm``: each choice's log-likelihood divided by its length in
-bytes) only for HellaSwag, PIQA, ARC-Easy and ARC-Challenge. MMLU's choices are the single
+characters) only for HellaSwag, PIQA, ARC-Easy and ARC-Challenge. MMLU's choices are the single
 letters A-D (normalising changes nothing) and WinoGrande scores one shared suffix after two
 prefixes, so both report plain ``acc``.
 
@@ -82,16 +82,35 @@ def import_harness():
     return lm_eval
 
 
-def task_manager(include_paths: Sequence[str] = ()):
-    """A harness TaskManager over its own tasks, :data:`TASKS_DIR` and ``include_paths`` (folders of
-    task YAML files, e.g. local copies of the paper's tasks)."""
+_MANAGERS: Dict[tuple, object] = {}  # (task folders, with the harness's own tasks) -> TaskManager
+
+
+def _manager(paths: tuple, defaults: bool):
+    """A TaskManager over ``paths`` (and the harness's ~15,000 own task files when ``defaults``;
+    indexing those takes seconds, so each index is built once per process)."""
+    if (paths, defaults) not in _MANAGERS:
+        from lm_eval.tasks import TaskManager
+
+        _MANAGERS[paths, defaults] = TaskManager(include_path=list(paths), include_defaults=defaults)
+    return _MANAGERS[paths, defaults]
+
+
+def task_manager(tasks: Sequence[str], include_paths: Sequence[str] = ()):
+    """A harness TaskManager that knows every name of ``tasks``: over :data:`TASKS_DIR` and
+    ``include_paths`` (folders of task YAML files, e.g. local copies of the paper's tasks) alone
+    when they hold all of them, else over the harness's own tasks as well. ArgumentError for a
+    folder that does not exist or a name no index knows."""
     for path in include_paths:
         if not os.path.isdir(path):
             raise ArgumentError(f"--include-path {path} is not a folder: pass a folder holding task YAML files")
     import_harness()
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager(include_path=[TASKS_DIR, *[os.path.abspath(p) for p in include_paths]])
+    paths = (TASKS_DIR, *[os.path.abspath(p) for p in include_paths])
+    local = _manager(paths, False)
+    if set(tasks) <= set(local.all_tasks):
+        return local
+    manager = _manager(paths, True)
+    check_task_names(manager, tasks)
+    return manager
 
 
 def check_task_names(manager, tasks: Sequence[str]) -> None:
@@ -165,15 +184,16 @@ class _CountTruncations(logging.Filter):
 
 def evaluate(hf_folder: str, tasks: Sequence[str], *, include_paths: Sequence[str] = (), manager=None,
              batch_size: int = 16, device: Optional[str] = None, dtype: str = "float32",
-             limit: Optional[int] = None, num_fewshot: int = 0, seed: int = 1234) -> dict:
+             limit: Optional[int] = None, num_fewshot: int = 0, seed: int = 1234, log_samples: bool = False) -> dict:
     """Run the harness on the LlamaForCausalLM folder ``hf_folder``; returns the report (JSON-able):
     ``scores`` (one :class:`TaskScore` dict per task), ``average`` (the mean of the reported metrics,
     as the paper's "Avg" column; None for one task), ``truncated_requests`` (choices whose context
     was cut from the left to fit the model's positions), the versions and the settings. ``manager``:
-    a :func:`task_manager` over ``include_paths`` already built."""
+    the :func:`task_manager` of ``tasks`` and ``include_paths``, already built. ``log_samples`` adds ``samples``:
+    per item, the task, ``doc_id``, the item's ``id`` where it has one, the ``target`` choice and
+    each choice's summed log-likelihood (nats) after the context."""
     lm_eval = import_harness()
-    manager = manager or task_manager(include_paths)
-    check_task_names(manager, tasks)
+    manager = manager or task_manager(tasks, include_paths)
     import torch
     import transformers
 
@@ -187,7 +207,7 @@ def evaluate(hf_folder: str, tasks: Sequence[str], *, include_paths: Sequence[st
         output = lm_eval.simple_evaluate(
             model="hf", model_args={"pretrained": hf_folder, "dtype": dtype}, tasks=list(tasks),
             num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit, task_manager=manager,
-            log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+            log_samples=log_samples, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
             fewshot_random_seed=seed)
     except Exception as error:
         if _is_unreachable(error):
@@ -206,7 +226,7 @@ def evaluate(hf_folder: str, tasks: Sequence[str], *, include_paths: Sequence[st
         if items is None and task in output.get("group_subtasks", {}):
             items = sum(counts.get(sub, {}).get("effective", 0) for sub in output["group_subtasks"][task])
         scores.append(_score(task, results[task], items))
-    return {
+    report = {
         "model": os.path.abspath(hf_folder),
         "scores": [asdict(score) for score in scores],
         "average": sum(s.value for s in scores) / len(scores) if len(scores) > 1 else None,
@@ -218,6 +238,20 @@ def evaluate(hf_folder: str, tasks: Sequence[str], *, include_paths: Sequence[st
                      "torch": torch.__version__},
         "seconds": seconds,
     }
+    if log_samples:
+        report["samples"] = [_sample(task, sample) for task in tasks for sample in output["samples"].get(task, [])]
+    return report
+
+
+def _sample(task: str, sample: dict) -> dict:
+    """One item of the harness's samples, as the report keeps it (``loglikelihoods`` None for an
+    item that is not scored by log-likelihoods, e.g. of a generation task)."""
+    doc = sample.get("doc") or {}
+    responses = sample.get("filtered_resps") or []
+    scored = all(isinstance(r, (tuple, list)) and r and isinstance(r[0], (int, float)) for r in responses)
+    return {"task": task, "doc_id": sample["doc_id"], "id": doc.get("id") if isinstance(doc, dict) else None,
+            "target": sample["target"],
+            "loglikelihoods": [float(r[0]) for r in responses] if responses and scored else None}
 
 
 def table(report: dict) -> str:

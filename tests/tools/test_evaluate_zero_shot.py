@@ -1,17 +1,21 @@
 """tools/evaluate_zero_shot.py: a checkpoint the tests train, exported and scored by
 lm-evaluation-harness on the shipped task, scores differently from a one-step checkpoint; the
-shipped task is what its script builds; bad inputs are refused with one line."""
+harness's log-likelihoods are Megatron's (float64 oracle); the shipped task is what its script
+builds; bad inputs are refused with one line."""
 
 import json
 import os
 import sys
 
 import pytest
+import torch
 
+from megatron_patch.checkpoint.store import read_metadata, resolve_checkpoint
+from megatron_patch.data.tokenizer import SentencePieceTokenizer
 from megatron_patch.evaluation import zero_shot
 from megatron_patch.evaluation.next_sentence import split_sentences
 from megatron_patch.training import cli
-from tests.tools.common import assert_one_line_error, call
+from tests.tools.common import assert_one_line_error, call, megatron_logits, megatron_model
 from tests.training.common import trainer_args
 from tools import build_zero_shot_task, evaluate_zero_shot
 
@@ -65,6 +69,42 @@ def test_trained_model_scores_differently_from_an_untrained_one(models, tmp_path
         scores[name] = (score["acc"], score["acc_norm"])
     assert scores["trained"] != scores["one_step"], scores
     assert sorted(os.listdir(tmp_path)) == ["one_step.json", "trained.json"]  # no temporary files left
+
+
+def test_harness_log_likelihoods_match_megatron_in_float64(models, tiny_corpus, tmp_path, capsys):
+    """Oracle: each choice's log-likelihood, recomputed from the Megatron checkpoint's logits in
+    float64 with the SentencePiece model it was trained on, as the harness defines it (choice
+    tokens = tokens of context + " " + choice after the context's; the last T+1 tokens kept), and
+    acc / acc_norm (argmax of the sum / of the sum per character of the choice) from those."""
+    output = tmp_path / "samples.json"
+    code, _, err = call(evaluate_zero_shot, ["--cpu", "--load", models["trained"], "--tasks", TASK, "--limit", "6",
+                                             "--log-samples", "--output-json", output], capsys)
+    assert code == 0, err
+    report = json.load(open(output))
+    items = [json.loads(line) for line in open(SHIPPED)]
+    tokenizer = SentencePieceTokenizer(tiny_corpus["tokenizer"])
+    rows = read_metadata(resolve_checkpoint(models["trained"]))["model_shape"]["vocab_size"]
+    model = megatron_model(models["trained"], vocab=rows, seq=SEQ)
+    hits, hits_norm = [], []
+    assert [sample["doc_id"] for sample in report["samples"]] == list(range(6))
+    for sample in report["samples"]:
+        item = items[sample["doc_id"]]
+        assert sample["id"] == item["id"] and sample["target"] == item["label"]
+        context = tokenizer.tokenize(item["context"])
+        oracle = []
+        for choice in item["choices"]:
+            continuation = tokenizer.tokenize(f"{item['context']} {choice}")[len(context):]
+            tokens = (context + continuation)[-(SEQ + 1):][:-1]
+            logits = megatron_logits(model, torch.tensor([tokens]))[0].double()  # [s, rows]
+            log_probs = torch.log_softmax(logits, dim=-1)[-len(continuation):]  # the choice's positions
+            oracle.append(log_probs.gather(1, torch.tensor(continuation)[:, None]).sum().item())
+        assert sample["loglikelihoods"] == pytest.approx(oracle, rel=1e-5, abs=1e-3), item["id"]
+        lengths = [len(choice) for choice in item["choices"]]
+        hits.append(max(range(4), key=lambda i: oracle[i]) == item["label"])
+        hits_norm.append(max(range(4), key=lambda i: oracle[i] / lengths[i]) == item["label"])
+    [score] = report["scores"]
+    assert score["items"] == 6
+    assert score["acc"] == pytest.approx(sum(hits) / 6) and score["acc_norm"] == pytest.approx(sum(hits_norm) / 6)
 
 
 def test_the_shipped_task_is_what_its_script_builds(tmp_path, capsys):
