@@ -5,6 +5,7 @@ warmup) starts, the data continues on the token stage's disjoint documents, and 
 is written. ``--load`` resumes inside either stage or at the boundary.
 """
 
+import contextlib
 import logging
 import os
 import time
@@ -16,6 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_patch.checkpoint import store as ckpt
+from megatron_patch.checkpoint.lock import SaveDirLock
 from megatron_patch.data.datasets import StageDataConfig, build_stage_datasets
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
 from megatron_patch.errors import CheckpointError
@@ -195,14 +197,40 @@ class Trainer:
     # ----------------------------------------------------------------- run
     def run(self) -> dict:
         """Train the planned stages; returns the summary (``interrupted`` after a stop signal)."""
-        with self.stop:
+        with self.stop, self._locked_save_folder():
             try:
                 return self._run_stages()
             finally:
                 self.metrics.close()
 
+    @contextlib.contextmanager
+    def _locked_save_folder(self):
+        """Rank 0 holds the ``--save`` folder's lock for the run (``checkpoint/lock.py``); every rank
+        raises the same one-line error when another trainer holds it. A folder this run created
+        and left empty (a failed start) is removed."""
+        save = self.config.checkpoints.save
+        lock, created, refusal = None, False, [None]
+        if save and self.rank == 0:
+            created = not os.path.exists(save)
+            try:
+                lock = SaveDirLock(save).acquire()
+            except CheckpointError as error:
+                refusal[0] = str(error)
+        if save and dist.get_world_size() > 1:
+            dist.broadcast_object_list(refusal, src=0)
+        if refusal[0] is not None:
+            raise CheckpointError(refusal[0])
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.release()
+                if created and not os.listdir(save):
+                    os.rmdir(save)
+
     def _run_stages(self) -> dict:
         start_index, stage_iteration, consumed, results = self._resume()
+        self.metrics.open(resumed_from=self.plan.stages[start_index].first_iteration + stage_iteration)
         self.results = results
         for index in range(start_index, len(self.plan.stages)):
             resumed = index == start_index and stage_iteration > 0

@@ -34,9 +34,35 @@ def reset_peak_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def _drop_records_after(path: str, iteration: int) -> None:
+    """Keep the records of ``path`` (JSON lines) up to global ``iteration``; summaries, which carry
+    no iteration, are kept; an unreadable line (a kill mid-write) is dropped."""
+    if not os.path.exists(path):
+        return
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if record.get("iteration", 0) <= iteration:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        partial = path + ".tmp"
+        with open(partial, "w") as f:
+            f.writelines(kept)
+        os.replace(partial, path)
+        logger.info("%s: dropped %d records after iteration %d (logged again by this run)", path, dropped, iteration)
+
+
 class MetricsWriter:
     """Console + ``<save>/metrics.jsonl`` (+ ``--tensorboard-dir``, + W&B with ``--wandb-project``)
-    writer for one run.
+    writer for one run. Nothing is created before :meth:`open`, which the trainer calls once the run
+    has started (or resumed) without error, so a failed start leaves no file behind.
 
     Args:
         settings: the run's ``LogSettings``.
@@ -47,16 +73,27 @@ class MetricsWriter:
 
     def __init__(self, settings, save: Optional[str], enabled: bool, run_flags: Optional[dict] = None):
         self.enabled = enabled
+        self.settings = settings
+        self.save = save
+        self.run_flags = run_flags or {}
         self.file = None
         self.tensorboard = None
         self.wandb = None
         self.summary_path = settings.summary_json
         self.last_valid_loss = None
-        if not enabled:
+
+    def open(self, resumed_from: int) -> None:
+        """Start writing, after global iteration ``resumed_from`` (0 for a fresh run): records of
+        later iterations that a killed run left in ``metrics.jsonl`` are dropped first (rewritten
+        under a temporary name), so a resumed run never logs a step twice."""
+        if not self.enabled:
             return
+        settings, save = self.settings, self.save
         if save:
             os.makedirs(save, exist_ok=True)
-            self.file = open(os.path.join(save, "metrics.jsonl"), "a")
+            path = os.path.join(save, "metrics.jsonl")
+            _drop_records_after(path, resumed_from)
+            self.file = open(path, "a")
         if settings.tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -68,7 +105,7 @@ class MetricsWriter:
             from megatron_patch.training.tracking import WandbWriter
 
             save_dir = settings.wandb_save_dir or (os.path.join(save, "wandb") if save else "wandb")
-            self.wandb = WandbWriter(settings.wandb_project, settings.wandb_exp_name, save_dir, run_flags or {})
+            self.wandb = WandbWriter(settings.wandb_project, settings.wandb_exp_name, save_dir, self.run_flags)
 
     def _record(self, record: dict) -> None:
         if self.file is not None:

@@ -1,7 +1,10 @@
 """The trainer in-process (a world of one): both stages, the stage switch, K=1 against stock
-GPTModel, NaN stops, and one-line errors for bad flags and bad checkpoints."""
+GPTModel, NaN stops, one-line errors for bad flags and bad checkpoints, the metrics of a resumed
+run, the --save folder's lock."""
 
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -229,3 +232,44 @@ def test_a_failure_outside_this_package_shows_its_traceback(cpu_world, tiny_corp
     assert code == 1, err
     assert err[0] == "Traceback (most recent call last):" and any("torch.zeros(2).view(3)" in line for line in err)
     assert err[-1].startswith("error: unexpected RuntimeError in ") and "test_trainer.py:" in err[-1], err[-1]
+
+
+def test_a_resumed_run_logs_each_step_once(cpu_world, tiny_corpus, tmp_path):
+    """A run killed after its checkpoint at iteration 2 had logged steps 3-6; the resumed run drops
+    those records and logs them again, once."""
+    run = tmp_path / "run"
+    argv = trainer_args(tiny_corpus, run, "--save-interval", "2", "--eval-iters", "0", "--keep-last-checkpoints", "0",
+                        train_iters=6)
+    assert cli.main(argv) == 0
+    for iteration in (4, 6):  # as if killed right after the save at iteration 2
+        shutil.rmtree(checkpoint.checkpoint_dir(str(run), iteration))
+    (run / checkpoint.TRACKER).write_text("2\n")
+    assert cli.main(argv + ["--load", str(run)]) == 0
+    with open(run / "metrics.jsonl") as f:
+        iterations = [json.loads(line)["iteration"] for line in f if '"kind": "train"' in line]
+    assert iterations == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_second_trainer_on_the_same_save_folder_fails_at_once(cpu_world, tiny_corpus, tmp_path, capsys):
+    from megatron_patch.checkpoint.lock import SaveDirLock
+
+    run = tmp_path / "run"
+    with SaveDirLock(str(run)):  # the first trainer (this test process) holds the folder
+        code = cli.main(trainer_args(tiny_corpus, run, "--eval-iters", "0", train_iters=3))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is in use by another trainer (host " in err[0], err
+    assert f"pid {os.getpid()}" in err[0]
+    assert not os.listdir(run)
+
+
+def test_a_failed_start_leaves_no_save_folder(cpu_world, tiny_corpus, tmp_path, capsys):
+    """Bad data (before the run) and a bad --pretrained-checkpoint (inside it) leave nothing behind."""
+    missing_data = trainer_args(tiny_corpus, tmp_path / "a", "--data-path", str(tmp_path / "absent"))
+    assert cli.main(missing_data) == 2
+    not_a_checkpoint = tmp_path / "empty"
+    not_a_checkpoint.mkdir()
+    bad_start = trainer_args(tiny_corpus, tmp_path / "b", "--stage", "token", "--pretrained-checkpoint",
+                             str(not_a_checkpoint))
+    assert cli.main(bad_start) == 2
+    capsys.readouterr()
+    assert sorted(os.listdir(tmp_path)) == ["empty"]
