@@ -5,6 +5,7 @@ torchrun, srun and scontrol on PATH that record the command line instead of star
 tests/training/test_multi_node.py runs the SLURM script's command for real, on one machine."""
 
 import os
+from types import SimpleNamespace
 import re
 import stat
 import subprocess
@@ -30,13 +31,11 @@ def _stand_ins(folder):
         path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
-def _launched_argv(script, model, tmp_path, environment, *extra):
+def _launched_argv(script, model, tmp_path, environment, tokenizer, *extra):
     """The whole command line the script starts (torchrun's, or srun's with torchrun in it)."""
     bin_dir, record = tmp_path / "bin", tmp_path / f"{model}.argv"
     bin_dir.mkdir(exist_ok=True)
     _stand_ins(bin_dir)
-    tokenizer = tmp_path / "spm.model"
-    tokenizer.write_bytes(b"not read by validation")
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", LAUNCH_RECORD=str(record), MODEL=model,
                DATA="data/train_text_document", TOKENIZER=str(tokenizer), SAVE=str(tmp_path / model), **environment)
     done = subprocess.run(["bash", str(REPO_ROOT / "examples" / script), *extra], cwd=REPO_ROOT, env=env,
@@ -45,19 +44,20 @@ def _launched_argv(script, model, tmp_path, environment, *extra):
     return record.read_text().split("\0")[:-1]
 
 
-def _launched_trainer_argv(script, model, tmp_path, environment, *extra):
-    words = _launched_argv(script, model, tmp_path, environment, *extra)
+def _launched_trainer_argv(script, model, tmp_path, environment, tokenizer, *extra):
+    words = _launched_argv(script, model, tmp_path, environment, tokenizer, *extra)
     return words[words.index("examples/pretrain_patch_gpt.py") + 1:]
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
-def test_every_listed_preset_launches_a_valid_trainer_command(script, tmp_path):
+def test_every_listed_preset_launches_a_valid_trainer_command(script, tmp_path, tiny_corpus):
     world_size, environment = SCRIPTS[script]
     layouts = {model: (int(tp), int(pp), int(mbs))
                for model, tp, pp, mbs in LAYOUT_LINE.findall((REPO_ROOT / "examples" / script).read_text())}
     assert sorted(layouts) == sorted(PRESETS)
     for model in PRESETS:
-        args = parse_args(_launched_trainer_argv(script, model, tmp_path, environment), world_size=world_size)
+        args = SimpleNamespace(**parse_args(_launched_trainer_argv(script, model, tmp_path, environment, tiny_corpus["tokenizer"]),
+                                            world_size=world_size).flags)
         tp, pp, mbs = layouts[model]
         assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (tp, pp), model
         assert 1 <= args.micro_batch_size <= mbs, model  # the SLURM script may lower it for many ranks
@@ -66,13 +66,14 @@ def test_every_listed_preset_launches_a_valid_trainer_command(script, tmp_path):
         assert args.global_batch_size * args.seq_length == 1024 * 2048, model  # 2M tokens per step, as the paper
 
 
-def test_the_slurm_script_lowers_the_micro_batch_to_what_the_patch_stage_gives_each_rank(tmp_path):
+def test_the_slurm_script_lowers_the_micro_batch_to_what_the_patch_stage_gives_each_rank(tmp_path, tiny_corpus):
     """370m at 64 ranks: the patch stage has 1024/4 = 256 sequences per step, 4 per rank, so the
     preset's micro-batch of 16 becomes 4; at 8 ranks (32 per rank) it stays 16."""
     world_size, environment = SCRIPTS["train_multi_node.sbatch"]
-    argv = _launched_trainer_argv("train_multi_node.sbatch", "370m", tmp_path, environment)
+    argv = _launched_trainer_argv("train_multi_node.sbatch", "370m", tmp_path, environment, tiny_corpus["tokenizer"])
     assert argv[argv.index("--micro-batch-size") + 1] == "4"
-    argv = _launched_trainer_argv("train_multi_node.sbatch", "370m", tmp_path, dict(environment, SLURM_NNODES="1"))
+    argv = _launched_trainer_argv("train_multi_node.sbatch", "370m", tmp_path, dict(environment, SLURM_NNODES="1"),
+                                  tiny_corpus["tokenizer"])
     assert argv[argv.index("--micro-batch-size") + 1] == "16"
     env = dict(os.environ, MODEL="370m", DATA="d", TOKENIZER="t", SAVE=str(tmp_path / "x"), **environment)
     env["SLURM_NNODES"] = "256"  # 256 patch-stage sequences cannot feed 2048 ranks (8 per node)
@@ -84,7 +85,8 @@ def test_the_slurm_script_lowers_the_micro_batch_to_what_the_patch_stage_gives_e
 
 
 def test_one_torchrun_agent_per_node_meets_at_a_c10d_rendezvous_on_the_first_node(tmp_path):
-    words = _launched_argv("train_multi_node.sbatch", "2.7b", tmp_path, SCRIPTS["train_multi_node.sbatch"][1])
+    words = _launched_argv("train_multi_node.sbatch", "2.7b", tmp_path, SCRIPTS["train_multi_node.sbatch"][1],
+                           "spm.model")
     launcher = words[:words.index("examples/pretrain_patch_gpt.py")]
     assert launcher[:2] == ["--ntasks-per-node=1", "--kill-on-bad-exit=1"]  # srun's options
     assert launcher[2:] == ["torchrun", "--nnodes=8", "--nproc-per-node=8", "--rdzv-backend=c10d",
@@ -95,9 +97,9 @@ def test_both_scripts_pass_the_same_trainer_flags_and_append_the_user_s(tmp_path
     """One node of 8 GPUs either way: the same layout, so the same flags (examples/train_args.sh);
     flags after the script name come last, so argparse takes them."""
     extra = ("--seq-length", "4096", "--lr", "1e-4")
-    single = _launched_trainer_argv("train_single_node.sh", "1.3b", tmp_path, {"GPUS": "8"}, *extra)
+    single = _launched_trainer_argv("train_single_node.sh", "1.3b", tmp_path, {"GPUS": "8"}, "spm.model", *extra)
     multi = _launched_trainer_argv("train_multi_node.sbatch", "1.3b", tmp_path,
-                                   dict(SCRIPTS["train_multi_node.sbatch"][1], SLURM_NNODES="1"), *extra)
+                                   dict(SCRIPTS["train_multi_node.sbatch"][1], SLURM_NNODES="1"), "spm.model", *extra)
     assert single == multi
     assert single[-4:] == list(extra)
     assert single[single.index("--micro-batch-size") + 1] == "8"
