@@ -41,20 +41,16 @@ def build_parser():
 
 
 def _documents(path: str, key: str) -> List[str]:
-    from megatron_patch.data import errors as data_errors
     from megatron_patch.data.inputs import BadLineError, expand_inputs, iter_lines, parse_line
     from megatron_patch.errors import DataError
 
     documents = []
-    try:
-        files = expand_inputs([path])
-        for index, line_number, raw, _ in iter_lines(files):
-            try:
-                documents.append(parse_line(raw, files[index].format, [key])[key])
-            except BadLineError as error:
-                raise DataError(f"{files[index].path}:{line_number}: {error.reason}; {error.fix}") from None
-    except data_errors.DataError as error:  # the reading layer's own one-line error
-        raise DataError(str(error)) from None
+    files = expand_inputs([path])
+    for index, line_number, raw, _ in iter_lines(files):
+        try:
+            documents.append(parse_line(raw, files[index].format, [key])[key])
+        except BadLineError as error:
+            raise DataError(f"{files[index].path}:{line_number}: {error.reason}; {error.fix}") from None
     return documents
 
 

@@ -25,9 +25,8 @@ import warnings
 if __package__ in (None, ""):  # run as `python tools/merge_datasets.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_patch.data.errors import (  # noqa: E402
-    EXIT_USER_ERROR, ArgumentParser, DataError, user_error_line)
-from megatron_patch.errors import UserError  # noqa: E402
+from megatron_patch.errors import DataError  # noqa: E402
+from megatron_patch.runtime.command import ArgumentParser, run_main  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,28 +58,27 @@ def resolve_inputs(inputs: list[str], output_prefix: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
-    try:
-        args = parse_args(argv)
-        from megatron_patch.data.indexed import merge_datasets, verify_dataset
-        from megatron_patch.data.staging import StagedOutputs, output_folder
+    return run_main(lambda: _merge(argv), io_errors_are_user_errors=True)
 
-        start = time.time()
-        folder = output_folder(args.output_prefix)
-        prefixes = resolve_inputs(args.input, args.output_prefix)
-        with StagedOutputs(folder, "merge_datasets") as staged:
-            bin_path = staged.path(args.output_prefix + ".bin")
-            idx_path = staged.path(args.output_prefix + ".idx")
-            documents, tokens = merge_datasets(prefixes, bin_path, idx_path)
-            verify_dataset(bin_path[: -len(".bin")], documents, tokens)
-            paths = staged.commit()
-    except (UserError, OSError) as err:
-        print(user_error_line(err), file=sys.stderr)
-        return getattr(err, "exit_code", EXIT_USER_ERROR)
+
+def _merge(argv: list[str] | None) -> None:
+    args = parse_args(argv)
+    from megatron_patch.data.indexed import merge_datasets, verify_dataset
+    from megatron_patch.data.staging import StagedOutputs, output_folder
+
+    start = time.time()
+    folder = output_folder(args.output_prefix)
+    prefixes = resolve_inputs(args.input, args.output_prefix)
+    with StagedOutputs(folder, "merge_datasets") as staged:
+        bin_path = staged.path(args.output_prefix + ".bin")
+        idx_path = staged.path(args.output_prefix + ".idx")
+        documents, tokens = merge_datasets(prefixes, bin_path, idx_path)
+        verify_dataset(bin_path[: -len(".bin")], documents, tokens)
+        paths = staged.commit()
     print(f"merged {len(prefixes)} datasets: {documents} documents, {tokens} tokens")
     for prefix in prefixes:
         print(f"  from {prefix}")
     print(f"wrote {' and '.join(paths)} in {time.time() - start:.1f} s")
-    return 0
 
 
 if __name__ == "__main__":

@@ -29,9 +29,7 @@ import warnings
 if __package__ in (None, ""):  # run as `python tools/preprocess_data.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_patch.data.errors import (  # noqa: E402
-    EXIT_USER_ERROR, ArgumentParser, DataError, user_error_line)
-from megatron_patch.errors import UserError  # noqa: E402
+from megatron_patch.runtime.command import ArgumentParser, run_main  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,14 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("megatron_patch").setLevel(logging.INFO)
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
-    try:
-        args = parse_args(argv)
-        from megatron_patch.data.preprocess import PreprocessConfig, preprocess
+    return run_main(lambda: _preprocess(argv), io_errors_are_user_errors=True)
 
-        report = preprocess(PreprocessConfig(**vars(args)))
-    except (UserError, OSError) as err:
-        print(user_error_line(err), file=sys.stderr)
-        return getattr(err, "exit_code", EXIT_USER_ERROR)
+
+def _preprocess(argv: list[str] | None) -> None:
+    args = parse_args(argv)
+    from megatron_patch.data.preprocess import PreprocessConfig, preprocess
+
+    report = preprocess(PreprocessConfig(**vars(args)))
     tokens = sum(k.tokens for k in report.keys.values())
     seconds = max(report.seconds, 1e-9)
     print(f"lines read: {report.lines}, bad lines skipped: {report.bad_lines_skipped}")
@@ -88,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     for path in report.outputs:
         print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -32,9 +32,8 @@ import time
 if __package__ in (None, ""):  # run as `python tools/train_tokenizer.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_patch.data.errors import (  # noqa: E402
-    EXIT_USER_ERROR, ArgumentParser, DataError, user_error_line)
-from megatron_patch.errors import UserError  # noqa: E402
+from megatron_patch.errors import DataError  # noqa: E402
+from megatron_patch.runtime.command import ArgumentParser, run_main  # noqa: E402
 from megatron_patch.data.inputs import (  # noqa: E402
     BadLineError,
     expand_inputs,
@@ -203,21 +202,21 @@ def write_outputs(staged: StagedOutputs, prefix: str, proto: bytes, processor) -
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
+    return run_main(lambda: _train_tokenizer(argv), io_errors_are_user_errors=True)
+
+
+def _train_tokenizer(argv: list[str] | None) -> None:
     start = time.time()
-    try:
-        args = parse_args(argv)
-        folder = output_folder(args.output_prefix)
-        # staged before training, so an unwritable folder is reported at once, not after it
-        with StagedOutputs(folder, "train_tokenizer") as staged:
-            sentences, seen, bad, too_long = sample_sentences(args)
-            logger.info("training on %d of %d lines", len(sentences), seen)
-            proto = train(args, sentences)
-            processor = check_model(proto, sentences)
-            write_outputs(staged, args.output_prefix, proto, processor)
-            paths = staged.commit()
-    except (UserError, OSError) as err:
-        print(user_error_line(err), file=sys.stderr)
-        return getattr(err, "exit_code", EXIT_USER_ERROR)
+    args = parse_args(argv)
+    folder = output_folder(args.output_prefix)
+    # staged before training, so an unwritable folder is reported at once, not after it
+    with StagedOutputs(folder, "train_tokenizer") as staged:
+        sentences, seen, bad, too_long = sample_sentences(args)
+        logger.info("training on %d of %d lines", len(sentences), seen)
+        proto = train(args, sentences)
+        processor = check_model(proto, sentences)
+        write_outputs(staged, args.output_prefix, proto, processor)
+        paths = staged.commit()
     special = " ".join(f"{piece}={i}" for i, piece in SPECIAL_PIECES.values())
     print(
         f"tokenizer: {args.model_type}, vocab {processor.get_piece_size()}, {special} "
@@ -226,7 +225,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trained on {len(sentences)} of {seen} lines ({bad} bad input lines skipped, "
           f"{too_long} lines over {MAX_SENTENCE_BYTES} bytes left out)")
     print(f"wrote {' and '.join(paths)} in {time.time() - start:.1f} s")
-    return 0
 
 
 if __name__ == "__main__":

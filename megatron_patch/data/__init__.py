@@ -10,5 +10,4 @@ Modules (import them directly; this package root imports nothing, so that the to
 * :mod:`~megatron_patch.data.inputs` -- reading JSONL / text inputs (globs, gz/xz/zst).
 * :mod:`~megatron_patch.data.indexed` -- ``.bin``/``.idx`` naming, checks and merging.
 * :mod:`~megatron_patch.data.staging` -- atomic outputs (temporary names, rename when complete).
-* :mod:`~megatron_patch.data.errors` -- ``DataError``, the one-line user error of the tools.
 """

@@ -49,7 +49,7 @@ from megatron.core.datasets.utils import Split
 from megatron.core.utils import log_single_rank
 from torch.utils.data import Dataset
 
-from megatron_patch.data.errors import DataError
+from megatron_patch.errors import DataError
 from megatron_patch.data.indexed import check_prefix
 from megatron_patch.data.split import PrefixSplit, parse_data_path, parse_split, split_prefix
 from megatron_patch.data.vocab_check import check_vocab

@@ -21,7 +21,7 @@ from megatron.core.datasets.indexed_dataset import (
     IndexedDatasetBuilder,
 )
 
-from megatron_patch.data.errors import DataError
+from megatron_patch.errors import DataError
 
 
 def dataset_prefix(output_prefix: str, key: str, shard: int | None = None) -> str:

@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Sequence
 
-from megatron_patch.data.errors import DataError
+from megatron_patch.errors import DataError
 
 FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text"}
 COMPRESSIONS = (".gz", ".xz", ".zst")

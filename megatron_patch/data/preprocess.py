@@ -34,7 +34,7 @@ from typing import Iterator
 import numpy
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-from megatron_patch.data.errors import DataError
+from megatron_patch.errors import DataError
 from megatron_patch.data.indexed import dataset_prefix, merge_datasets, verify_dataset
 from megatron_patch.data.inputs import BadLineError, count_lines, expand_inputs, iter_lines
 from megatron_patch.data.inputs import parse_line

@@ -26,7 +26,7 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
     convert_split_vector_to_split_matrix,
 )
 
-from megatron_patch.data.errors import DataError
+from megatron_patch.errors import DataError
 
 
 def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None]:

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 
-from megatron_patch.data.errors import DataError
+from megatron_patch.errors import DataError
 
 logger = logging.getLogger(__name__)
 

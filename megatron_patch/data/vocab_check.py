@@ -23,7 +23,7 @@ from typing import Callable
 import numpy
 import torch
 
-from megatron_patch.data.errors import DataError
+from megatron_patch.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -216,7 +216,7 @@ PAIR_DAMAGE = {
 def test_damaged_pair_is_refused_by_merge_and_check_prefix(tools, tmp_path, capsys, corpus_prefix, case):
     """One line naming the damaged file and the fix, from the check every reader of a prefix
     runs first (merge here; the trainer's datasets and evaluate through the same check_prefix)."""
-    from megatron_patch.data.errors import DataError
+    from megatron_patch.errors import DataError
     from megatron_patch.data.indexed import check_prefix
 
     damage, *needles = PAIR_DAMAGE[case]

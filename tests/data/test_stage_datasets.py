@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_patch.data.datasets import StageDataConfig, build_stage_datasets
-from megatron_patch.data.errors import DataError
+from megatron_patch.errors import DataError
 from tests.data.conftest import write_jsonl
 
 K, T, LAMBDA = 4, 64, 2 / 3

@@ -9,7 +9,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_patch.data import vocab_check
-from megatron_patch.data.errors import DataError
+from megatron_patch.errors import DataError
 
 
 @pytest.fixture

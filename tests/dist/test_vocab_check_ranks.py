@@ -5,7 +5,7 @@ import torch.distributed as dist
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_patch.data import vocab_check
-from megatron_patch.data.errors import DataError
+from megatron_patch.errors import DataError
 from tests.model_helpers import shared_tmp
 
 
