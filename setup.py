@@ -24,8 +24,17 @@ setup(
         # matplotlib, the reproduction's loss plot; tensorboard, the trainer's event files;
         # lm-eval, the zero-shot tool on the shipped task; wandb, offline W&B runs; ruff (pinned: its
         # formatter's output is checked in CI), lint and format
-        "test": ["pytest>=8", "transformers>=4.40", "safetensors", "protobuf", "matplotlib", "tensorboard",
-                 "lm-eval[hf]>=0.4.13,<0.5", "wandb>=0.31", "ruff==0.17.6"],
+        "test": [
+            "pytest>=8",
+            "transformers>=4.40",
+            "safetensors",
+            "protobuf",
+            "matplotlib",
+            "tensorboard",
+            "lm-eval[hf]>=0.4.13,<0.5",
+            "wandb>=0.31",
+            "ruff==0.17.6",
+        ],
         "gpu": ["transformer-engine[pytorch]", "apex"],
         "hf": ["transformers>=4.40", "safetensors", "protobuf"],
         "plot": ["matplotlib"],

@@ -97,12 +97,37 @@ def trainer_config(opts, recompute: str):
     from megatron_patch.training.arguments import build_parser as trainer_parser
     from megatron_patch.training.arguments import make_config
 
-    argv = ["--model", opts.model, "--seq-length", str(opts.seq_length),
-            "--micro-batch-size", str(opts.micro_batch_size[0]), "--global-batch-size", str(opts.micro_batch_size[0]),
-            "--train-iters", "1", "--lr", str(opts.lr), "--lr-decay-style", "constant", "--patch-size", "1",
-            "--recompute-granularity", recompute, "--transformer-impl", opts.transformer_impl,
-            "--data-path", "synthetic-not-read", "--tokenizer-model", "synthetic-not-read",
-            "--seed", str(opts.seed), "--torch-adam-impl", opts.torch_adam_impl, "--cpu" if opts.cpu else "--bf16"]
+    argv = [
+        "--model",
+        opts.model,
+        "--seq-length",
+        str(opts.seq_length),
+        "--micro-batch-size",
+        str(opts.micro_batch_size[0]),
+        "--global-batch-size",
+        str(opts.micro_batch_size[0]),
+        "--train-iters",
+        "1",
+        "--lr",
+        str(opts.lr),
+        "--lr-decay-style",
+        "constant",
+        "--patch-size",
+        "1",
+        "--recompute-granularity",
+        recompute,
+        "--transformer-impl",
+        opts.transformer_impl,
+        "--data-path",
+        "synthetic-not-read",
+        "--tokenizer-model",
+        "synthetic-not-read",
+        "--seed",
+        str(opts.seed),
+        "--torch-adam-impl",
+        opts.torch_adam_impl,
+        "--cpu" if opts.cpu else "--bf16",
+    ]
     if opts.use_distributed_optimizer:
         argv.append("--use-distributed-optimizer")
     if opts.bias_swiglu_fusion:
@@ -119,8 +144,16 @@ def step_plan(patch_size: int, micro_batch_size: int, num_microbatches: int, seq
     K*T tokens on one rank, as the trainer's ``StagePlan``."""
     from megatron_patch.training.plan import StagePlan
 
-    return StagePlan("token" if patch_size == 1 else "patch", patch_size, 1, 0, num_microbatches * micro_batch_size,
-                     seq_length, micro_batch_size, num_microbatches)
+    return StagePlan(
+        "token" if patch_size == 1 else "patch",
+        patch_size,
+        1,
+        0,
+        num_microbatches * micro_batch_size,
+        seq_length,
+        micro_batch_size,
+        num_microbatches,
+    )
 
 
 def synthetic_batches(micro_batch_size: int, tokens: int, vocab_size: int, count: int, seed: int, pin: bool):
@@ -131,8 +164,11 @@ def synthetic_batches(micro_batch_size: int, tokens: int, vocab_size: int, count
     batches = []
     for _ in range(count):
         ids = torch.randint(0, vocab_size, (micro_batch_size, tokens + 1), generator=generator)  # [b, K*T + 1]
-        batch = {"tokens": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
-                 "loss_mask": torch.ones(micro_batch_size, tokens, dtype=torch.float32)}
+        batch = {
+            "tokens": ids[:, :-1].contiguous(),
+            "labels": ids[:, 1:].contiguous(),
+            "loss_mask": torch.ones(micro_batch_size, tokens, dtype=torch.float32),
+        }
         batches.append({k: v.pin_memory() for k, v in batch.items()} if pin else batch)
     return batches
 

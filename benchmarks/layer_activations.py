@@ -81,18 +81,31 @@ def run_layer_activations(opts) -> List[dict]:
         if opts.layers is not None:
             config = dataclasses.replace(config, num_layers=opts.layers)
         vocab = settings.padded_vocab_size
-        model = build_patch_gpt_model(config, vocab, opts.seq_length,
-                                      use_transformer_engine=TRANSFORMER_IMPLS[settings.transformer_impl],
-                                      fused_rope=settings.rope_fusion, fused_cross_entropy=settings.cross_entropy_fusion)
+        model = build_patch_gpt_model(
+            config,
+            vocab,
+            opts.seq_length,
+            use_transformer_engine=TRANSFORMER_IMPLS[settings.transformer_impl],
+            fused_rope=settings.rope_fusion,
+            fused_cross_entropy=settings.cross_entropy_fusion,
+        )
         if cuda:
             model.cuda(device)
         if settings.bf16:
             model = Float16Module(config, model)
         model.train()
         for K, b in itertools.product(opts.patch_sizes, opts.micro_batch_size):
-            record = {"model": opts.model, "seq_length": opts.seq_length, "vocab_size": vocab, "patch_size": K,
-                      "micro_batch_size": b, "recompute": recompute, "layers_built": config.num_layers,
-                      "dtype": "bfloat16" if settings.bf16 else "float32", "device": "cuda" if cuda else "cpu"}
+            record = {
+                "model": opts.model,
+                "seq_length": opts.seq_length,
+                "vocab_size": vocab,
+                "patch_size": K,
+                "micro_batch_size": b,
+                "recompute": recompute,
+                "layers_built": config.num_layers,
+                "dtype": "bfloat16" if settings.bf16 else "float32",
+                "device": "cuda" if cuda else "cpu",
+            }
             batch = synthetic_batches(b, K * opts.seq_length, opts.vocab_size, 1, opts.seed, pin=False)[0]
             tokens = batch["tokens"].to(device)
             labels, _ = patch_targets(batch["labels"].to(device), None, K)  # [b, T, K]
@@ -128,8 +141,12 @@ def run_layer_activations(opts) -> List[dict]:
                 record["error"] = "OOM: " + str(error).split("\n")[0][:160]
             else:
                 layers = [saved.get(f"layer{i}", 0) for i in range(config.num_layers)]
-                record.update(layer_bytes=layers, pre_bytes=saved.get("pre", 0), post_bytes=saved.get("post", 0),
-                              saved_total_bytes=sum(saved.values()))
+                record.update(
+                    layer_bytes=layers,
+                    pre_bytes=saved.get("pre", 0),
+                    post_bytes=saved.get("post", 0),
+                    saved_total_bytes=sum(saved.values()),
+                )
             free_memory(cuda)
             records.append(record)
             print(f"  {_record_line(record)}", flush=True)
@@ -146,9 +163,11 @@ def _record_line(r: dict) -> str:
 
 
 def activation_table(records: List[dict]) -> str:
-    lines = ["| recompute | K | b | layers built | saved per layer MiB (max) | per layer per sequence MiB "
-             "| pre MiB | post MiB | fwd+bwd peak above base MiB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| recompute | K | b | layers built | saved per layer MiB (max) | per layer per sequence MiB "
+        "| pre MiB | post MiB | fwd+bwd peak above base MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in records:
         cells = [r["recompute"], str(r["patch_size"]), str(r["micro_batch_size"]), str(r["layers_built"])]
         if "error" in r:
@@ -156,8 +175,12 @@ def activation_table(records: List[dict]) -> str:
         else:
             layer = max(r["layer_bytes"])
             peak = r["peak_above_base_bytes"]
-            cells += [f"{layer / 2**20:.3f}", f"{layer / r['micro_batch_size'] / 2**20:.3f}",
-                      f"{r['pre_bytes'] / 2**20:.3f}", f"{r['post_bytes'] / 2**20:.3f}",
-                      fmt(None if peak is None else peak / 2**20, ".1f", "n/a (CPU)")]
+            cells += [
+                f"{layer / 2**20:.3f}",
+                f"{layer / r['micro_batch_size'] / 2**20:.3f}",
+                f"{r['pre_bytes'] / 2**20:.3f}",
+                f"{r['post_bytes'] / 2**20:.3f}",
+                fmt(None if peak is None else peak / 2**20, ".1f", "n/a (CPU)"),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

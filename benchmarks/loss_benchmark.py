@@ -40,10 +40,17 @@ for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and co
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from megatron_patch import quiet_known_notices# noqa: E402
 from common import (  # noqa: E402
-    FlagParser, UsageError, command_line, enter_one_rank_world, environment, positive_int_list, write_json,
+    FlagParser,
+    UsageError,
+    command_line,
+    enter_one_rank_world,
+    environment,
+    positive_int_list,
+    write_json,
 )
+
+from megatron_patch import quiet_known_notices  # noqa: E402
 
 CHECK_ROWS = 64  # sequence positions used for the agreement check
 
@@ -52,8 +59,12 @@ def parse_options(argv: Optional[List[str]]) -> argparse.Namespace:
     p = FlagParser(prog="benchmarks/loss_benchmark.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--seq-length", type=int, default=None, help="s, positions (default 2048; 64 with --cpu)")
     p.add_argument("--micro-batch-size", type=int, default=None, help="b (default 8; 2 with --cpu)")
-    p.add_argument("--vocab-sizes", type=positive_int_list, default=None,
-                   help="V values (default 32000,128000; 512,2048 with --cpu)")
+    p.add_argument(
+        "--vocab-sizes",
+        type=positive_int_list,
+        default=None,
+        help="V values (default 32000,128000; 512,2048 with --cpu)",
+    )
     p.add_argument("--patch-sizes", type=positive_int_list, default=[1, 2, 4, 8], help="K values")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 20; 3 with --cpu)")
     p.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 3; 1 with --cpu)")
@@ -101,8 +112,9 @@ def k_megatron_ce(logits, targets):
     import torch
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    return torch.stack([vocab_parallel_cross_entropy(logits, targets[..., k].contiguous())
-                        for k in range(targets.size(-1))], dim=-1)
+    return torch.stack(
+        [vocab_parallel_cross_entropy(logits, targets[..., k].contiguous()) for k in range(targets.size(-1))], dim=-1
+    )
 
 
 def fwd_bwd(method, logits, targets) -> None:
@@ -188,12 +200,21 @@ def run(opts) -> List[dict]:
         logits_bytes = logits.numel() * logits.element_size()
         configs = [("token CE (megatron)", 1, token_ce)]
         for K in opts.patch_sizes:
-            configs += [("patch CE", K, patch_ce), ("fused patch CE", K, fused_patch_ce),
-                        ("K x megatron CE", K, k_megatron_ce)]
+            configs += [
+                ("patch CE", K, patch_ce),
+                ("fused patch CE", K, fused_patch_ce),
+                ("K x megatron CE", K, k_megatron_ce),
+            ]
         for name, K, method in configs:
             targets = all_targets[..., :K].contiguous()
-            row = {"vocab_size": V, "patch_size": K, "method": name, "seq_length": s, "micro_batch_size": b,
-                   "logits_bytes": logits_bytes}
+            row = {
+                "vocab_size": V,
+                "patch_size": K,
+                "method": name,
+                "seq_length": s,
+                "micro_batch_size": b,
+                "logits_bytes": logits_bytes,
+            }
             try:
                 row["loss_error_vs_fp64"], row["grad_error_vs_fp64"] = error_vs_fp64(method, logits, targets)
                 row["peak_above_base_bytes"] = peak_above_base(method, logits, targets, cuda)
@@ -207,8 +228,10 @@ def run(opts) -> List[dict]:
             else:
                 row.update(ms_median=1e3 * statistics.median(per), ms_mean=1e3 * statistics.fmean(per))
             rows.append(row)
-            print(f"  V={V} K={K} {name}: " + (row["error"] if "error" in row else f"{row['ms_median']:.3f} ms"),
-                  flush=True)
+            print(
+                f"  V={V} K={K} {name}: " + (row["error"] if "error" in row else f"{row['ms_median']:.3f} ms"),
+                flush=True,
+            )
         del logits, all_targets
         gc.collect()
     _relative_to_token(rows)
@@ -222,8 +245,9 @@ def _relative_to_token(rows: List[dict]) -> None:
         ok = ref is not None and "error" not in r
         r["time_vs_token"] = r["ms_median"] / ref["ms_median"] if ok else None
         peak, ref_peak = r.get("peak_above_base_bytes"), ref.get("peak_above_base_bytes") if ref else None
-        r["extra_vs_token_logits"] = ((peak - ref_peak) / r["logits_bytes"]
-                                      if ok and peak is not None and ref_peak is not None else None)
+        r["extra_vs_token_logits"] = (
+            (peak - ref_peak) / r["logits_bytes"] if ok and peak is not None and ref_peak is not None else None
+        )
 
 
 def _f(value, spec, missing="n/a"):
@@ -231,20 +255,26 @@ def _f(value, spec, missing="n/a"):
 
 
 def table(rows: List[dict]) -> str:
-    lines = ["| V | K | method | fwd+bwd ms (median) | time / token CE | peak above logits GiB | peak / logits size "
-             "| extra vs token CE (logits sizes) | max abs loss error vs fp64 | grad rel error vs fp64 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| V | K | method | fwd+bwd ms (median) | time / token CE | peak above logits GiB | peak / logits size "
+        "| extra vs token CE (logits sizes) | max abs loss error vs fp64 | grad rel error vs fp64 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         cells = [str(r["vocab_size"]), str(r["patch_size"]), r["method"]]
         if "error" in r:
             cells += ["OOM" if r["error"].startswith("OOM") else r["error"]] + [""] * 6
         else:
             peak = r["peak_above_base_bytes"]
-            cells += [f"{r['ms_median']:.3f}", _f(r["time_vs_token"], ".3f"),
-                      _f(None if peak is None else peak / 2**30, ".3f"),
-                      _f(None if peak is None else peak / r["logits_bytes"], ".2f"),
-                      _f(r["extra_vs_token_logits"], "+.3f"),
-                      _f(r["loss_error_vs_fp64"], ".1e"), _f(r["grad_error_vs_fp64"], ".1e")]
+            cells += [
+                f"{r['ms_median']:.3f}",
+                _f(r["time_vs_token"], ".3f"),
+                _f(None if peak is None else peak / 2**30, ".3f"),
+                _f(None if peak is None else peak / r["logits_bytes"], ".2f"),
+                _f(r["extra_vs_token_logits"], "+.3f"),
+                _f(r["loss_error_vs_fp64"], ".1e"),
+                _f(r["grad_error_vs_fp64"], ".1e"),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -267,11 +297,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         write_json(opts.output_json, {"command": command, "environment": env, "settings": vars(opts), "results": rows})
     print(f"\n### Loss: [s={opts.seq_length}, b={opts.micro_batch_size}, V] bf16 logits, forward + backward\n")
     print(f"Command: `{command}`  ")
-    print(f"Date: {env['date_utc']}; device: {env['device']}; Python {env['python']}, torch {env['torch']} "
-          f"(CUDA {env['cuda']}), megatron-core {env['megatron_core']}; median of {opts.repeats} after "
-          f"{opts.warmup} warm-up  ")
-    print("Targets to record (not asserted): patch CE time / token CE within 1.05; patch CE extra memory vs "
-          "token CE well under one logits size.\n")
+    print(
+        f"Date: {env['date_utc']}; device: {env['device']}; Python {env['python']}, torch {env['torch']} "
+        f"(CUDA {env['cuda']}), megatron-core {env['megatron_core']}; median of {opts.repeats} after "
+        f"{opts.warmup} warm-up  "
+    )
+    print(
+        "Targets to record (not asserted): patch CE time / token CE within 1.05; patch CE extra memory vs "
+        "token CE well under one logits size.\n"
+    )
     print(table(rows))
     return 0
 

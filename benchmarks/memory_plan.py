@@ -31,9 +31,10 @@ sequence (b = 1), 2 bytes per element:
 * norms: each of the two keeps its bf16 input: 2 x 2sh (the fused ``torch.rms_norm`` of CUDA; its fp32
   rstd, 4s, is ignored)
 * attention: QKV input 2sh; Q and K after RoPE 2sh + 2sgd; V 2sgd (``SDPAttention`` copies it out of
-  the fused QKV output, which would otherwise stay alive whole through the view: 2s(h + 2gd)); SDPA (flash/cuDNN) keeps its output 2sh, which is also
-  the projection's input (SDPA lays its output out like the query, ``[s, b, n, d]``, so the reshape is
-  a view), and an fp32 log-sum-exp 4as. No ``5 a s^2`` score term: SDPA never stores the scores
+  the fused QKV output, which would otherwise stay alive whole through the view: 2s(h + 2gd)); SDPA
+  (flash/cuDNN) keeps its output 2sh, which is also the projection's input (SDPA lays its output out
+  like the query, ``[s, b, n, d]``, so the reshape is a view), and an fp32 log-sum-exp 4as. No
+  ``5 a s^2`` score term: SDPA never stores the scores
   (Korthikanti's term is for unfused attention). RoPE's batch-independent cos/sin tables are ignored
 * SwiGLU MLP: fc1 input 2sh; gate|up output 4sf; SiLU output and megatron's ``up + offset`` copy 4sf;
   fc2 input 2sf
@@ -77,8 +78,9 @@ for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and co
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from megatron_patch import quiet_known_notices# noqa: E402
 from common import FlagParser, UsageError, command_line, write_json  # noqa: E402
+
+from megatron_patch import quiet_known_notices  # noqa: E402
 
 quiet_known_notices()  # the presets import megatron.core, whose import prints them
 from megatron_patch.architecture.build import padded_vocab_size  # noqa: E402
@@ -101,8 +103,9 @@ class Activations:
     source: str
 
 
-def formula_activations(preset: ModelPreset, seq_length: int, vocab_size: int, recompute: str,
-                        patch_size: int = 1) -> Activations:
+def formula_activations(
+    preset: ModelPreset, seq_length: int, vocab_size: int, recompute: str, patch_size: int = 1
+) -> Activations:
     """The formula of the module docstring (bytes per sequence, bf16, t = 1)."""
     s, h, f, a = seq_length, preset.hidden_size, preset.ffn_hidden_size, preset.num_attention_heads
     gd = (preset.num_query_groups or a) * (h // a)  # key/value width
@@ -125,13 +128,21 @@ def formula_activations(preset: ModelPreset, seq_length: int, vocab_size: int, r
     return Activations(layer, 8 * patch_size * s, post, working, "formula")
 
 
-def measured_activations(records: List[dict], preset: ModelPreset, seq_length: int, vocab_size: int,
-                         recompute: str, fallback: Activations) -> Optional[Activations]:
+def measured_activations(
+    records: List[dict], preset: ModelPreset, seq_length: int, vocab_size: int, recompute: str, fallback: Activations
+) -> Optional[Activations]:
     """Per-sequence figures from ``throughput.py --measure-layer-activations`` records of this
     preset, sequence length, padded vocabulary and recompute mode (the largest over K); None if
     there are none."""
-    mine = [r for r in records if "error" not in r and r["model"] == preset.name and r["seq_length"] == seq_length
-            and r["vocab_size"] == vocab_size and r["recompute"] == recompute]
+    mine = [
+        r
+        for r in records
+        if "error" not in r
+        and r["model"] == preset.name
+        and r["seq_length"] == seq_length
+        and r["vocab_size"] == vocab_size
+        and r["recompute"] == recompute
+    ]
     if not mine:
         return None
     layer = max(max(r["layer_bytes"]) / r["micro_batch_size"] for r in mine)
@@ -139,8 +150,11 @@ def measured_activations(records: List[dict], preset: ModelPreset, seq_length: i
     post = max(r["post_bytes"] / r["micro_batch_size"] for r in mine)
     slopes = []
     for K in sorted({r["patch_size"] for r in mine}):
-        peaks = sorted((r["micro_batch_size"], r["peak_above_base_bytes"], r["saved_total_bytes"])
-                       for r in mine if r["patch_size"] == K and r.get("peak_above_base_bytes") is not None)
+        peaks = sorted(
+            (r["micro_batch_size"], r["peak_above_base_bytes"], r["saved_total_bytes"])
+            for r in mine
+            if r["patch_size"] == K and r.get("peak_above_base_bytes") is not None
+        )
         if len(peaks) >= 2 and peaks[-1][0] > peaks[0][0]:
             (b1, p1, s1), (b2, p2, s2) = peaks[0], peaks[-1]
             slopes.append(max(0.0, ((p2 - p1) - (s2 - s1)) / (b2 - b1)))
@@ -183,8 +197,9 @@ class Layout:
     recompute: str
 
 
-def stage_memory(preset: ModelPreset, vocab: int, layout: Layout, acts: Activations,
-                 distributed_optimizer: bool) -> Dict[str, Dict[str, float]]:
+def stage_memory(
+    preset: ModelPreset, vocab: int, layout: Layout, acts: Activations, distributed_optimizer: bool
+) -> Dict[str, Dict[str, float]]:
     """Bytes per rank of the first and last pipeline stage: parameters, static, activations, total."""
     t, pp, b = layout.tp, layout.pp, layout.micro_batch_size
     params = stage_parameters(preset, vocab, t, pp)
@@ -193,13 +208,19 @@ def stage_memory(preset: ModelPreset, vocab: int, layout: Layout, acts: Activati
         activations = {"first": b * (preset.num_layers * acts.layer + acts.pre + acts.post + acts.working) / t}
         activations["last"] = activations["first"]
     else:  # 1F1B: the first stage holds PP micro-batches, the last one
-        activations = {"first": b * (pp * (per_stage_layers * acts.layer + acts.pre) + acts.working) / t,
-                       "last": b * (per_stage_layers * acts.layer + acts.post + acts.working) / t}
+        activations = {
+            "first": b * (pp * (per_stage_layers * acts.layer + acts.pre) + acts.working) / t,
+            "last": b * (per_stage_layers * acts.layer + acts.post + acts.working) / t,
+        }
     out = {}
     for stage in ("first", "last"):
         static = static_bytes(params[stage], layout.dp, distributed_optimizer)
-        out[stage] = {"parameters": params[stage], "static_bytes": static,
-                      "activation_bytes": activations[stage], "total_bytes": static + activations[stage]}
+        out[stage] = {
+            "parameters": params[stage],
+            "static_bytes": static,
+            "activation_bytes": activations[stage],
+            "total_bytes": static + activations[stage],
+        }
     return out
 
 
@@ -219,12 +240,20 @@ def candidates(preset: ModelPreset, gpus: int, opts, activations: Dict[str, Acti
                     layout = Layout(tp, pp, gpus // (tp * pp), b, recompute)
                     memory = stage_memory(preset, vocab, layout, activations[recompute], opts.distributed_optimizer)
                     worst = max(memory.values(), key=lambda m: m["total_bytes"])
-                    rows.append({"model": preset.name, "gpus": gpus, **asdict(layout), "vocab": vocab,
-                                 "parameters_per_rank": worst["parameters"], "static_gib": worst["static_bytes"] / GIB,
-                                 "activation_gib": worst["activation_bytes"] / GIB,
-                                 "total_gib": worst["total_bytes"] / GIB,
-                                 "feasible": worst["total_bytes"] <= opts.budget_gib * GIB,
-                                 "activations_from": activations[recompute].source})
+                    rows.append(
+                        {
+                            "model": preset.name,
+                            "gpus": gpus,
+                            **asdict(layout),
+                            "vocab": vocab,
+                            "parameters_per_rank": worst["parameters"],
+                            "static_gib": worst["static_bytes"] / GIB,
+                            "activation_gib": worst["activation_bytes"] / GIB,
+                            "total_gib": worst["total_bytes"] / GIB,
+                            "feasible": worst["total_bytes"] <= opts.budget_gib * GIB,
+                            "activations_from": activations[recompute].source,
+                        }
+                    )
     rows.sort(key=lambda r: (r["tp"] * r["pp"], RECOMPUTE_ORDER.index(r["recompute"]), r["pp"], -r["micro_batch_size"]))
     return rows
 
@@ -239,6 +268,7 @@ def _list(kind):
         if not values:
             raise argparse.ArgumentTypeError("empty list")
         return values
+
     return parse
 
 
@@ -290,8 +320,10 @@ def load_measured(paths: List[str]) -> List[dict]:
         except (OSError, json.JSONDecodeError) as error:
             raise UsageError(f"--measured {path}: {error}") from None
         if "layer_activations" not in payload:
-            raise UsageError(f"--measured {path}: no 'layer_activations' (write it with throughput.py "
-                             f"--measure-layer-activations --output-json)")
+            raise UsageError(
+                f"--measured {path}: no 'layer_activations' (write it with throughput.py "
+                f"--measure-layer-activations --output-json)"
+            )
         records += payload["layer_activations"]
     return records
 
@@ -301,16 +333,20 @@ def gib(value: float) -> str:
 
 
 def plan_table(chosen: List[dict]) -> str:
-    lines = ["| model | GPUs | TP | PP | DP | micro-batch | recompute | params/rank (M) | weights+grads+optimizer GiB "
-             "| activations GiB | total GiB | activations from |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| model | GPUs | TP | PP | DP | micro-batch | recompute | params/rank (M) | weights+grads+optimizer GiB "
+        "| activations GiB | total GiB | activations from |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in chosen:
         if r.get("none_feasible"):
             lines.append(f"| {r['model']} | {r['gpus']} | no feasible layout | | | | | | | | | |")
             continue
-        lines.append(f"| {r['model']} | {r['gpus']} | {r['tp']} | {r['pp']} | {r['dp']} | {r['micro_batch_size']} "
-                     f"| {r['recompute']} | {r['parameters_per_rank'] / 1e6:,.1f} | {gib(r['static_gib'])} "
-                     f"| {gib(r['activation_gib'])} | {gib(r['total_gib'])} | {r['activations_from']} |")
+        lines.append(
+            f"| {r['model']} | {r['gpus']} | {r['tp']} | {r['pp']} | {r['dp']} | {r['micro_batch_size']} "
+            f"| {r['recompute']} | {r['parameters_per_rank'] / 1e6:,.1f} | {gib(r['static_gib'])} "
+            f"| {gib(r['activation_gib'])} | {gib(r['total_gib'])} | {r['activations_from']} |"
+        )
     return "\n".join(lines)
 
 
@@ -329,8 +365,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 formula = formula_activations(preset, seq, vocab1, recompute, opts.patch_size)
                 acts[recompute] = measured_activations(records, preset, seq, vocab1, recompute, formula) or formula
                 if opts.require_measured and acts[recompute].source == "formula":
-                    raise UsageError(f"--require-measured: no measured record for {name}, T={seq}, recompute "
-                                     f"{recompute}, padded vocab {vocab1} in {opts.measured or 'no --measured files'}")
+                    raise UsageError(
+                        f"--require-measured: no measured record for {name}, T={seq}, recompute "
+                        f"{recompute}, padded vocab {vocab1} in {opts.measured or 'no --measured files'}"
+                    )
                 if "float32" in acts[recompute].source:
                     notes.append(f"{name} {recompute}: measured in float32; bf16 training keeps about half")
             for gpus in opts.gpus:
@@ -343,16 +381,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                     less = [r for r in rows if r["tp"] * r["pp"] < best["tp"] * best["pp"]]
                     if less:
                         t = min(less, key=lambda r: r["total_gib"])
-                        notes.append(f"{name} on {gpus} GPUs: less model parallelism does not fit; the smallest "
-                                     f"such layout (TP={t['tp']} PP={t['pp']} b={t['micro_batch_size']} "
-                                     f"{t['recompute']}) needs {t['total_gib']:.1f} GiB > {opts.budget_gib:g}")
+                        notes.append(
+                            f"{name} on {gpus} GPUs: less model parallelism does not fit; the smallest "
+                            f"such layout (TP={t['tp']} PP={t['pp']} b={t['micro_batch_size']} "
+                            f"{t['recompute']}) needs {t['total_gib']:.1f} GiB > {opts.budget_gib:g}"
+                        )
                 else:
                     chosen.append({"model": name, "gpus": gpus, "none_feasible": True})
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"### Memory plan: {opts.budget_gib:g} GiB of {opts.gpu_memory_gib:g} GiB per GPU, "
-          f"{'distributed' if opts.distributed_optimizer else 'plain'} optimizer, bf16, vocab {opts.vocab_size}\n")
+    print(
+        f"### Memory plan: {opts.budget_gib:g} GiB of {opts.gpu_memory_gib:g} GiB per GPU, "
+        f"{'distributed' if opts.distributed_optimizer else 'plain'} optimizer, bf16, vocab {opts.vocab_size}\n"
+    )
     print(f"Command: `{command_line('memory_plan.py', argv)}`\n")
     print(plan_table(chosen))
     if notes:
@@ -363,8 +405,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("\nAll layouts considered (preference order):\n")
         print(plan_table([dict(r, activations_from=("fits" if r["feasible"] else "over budget")) for r in considered]))
     if opts.output_json:
-        write_json(opts.output_json, {"command": command_line("memory_plan.py", argv), "budget_gib": opts.budget_gib,
-                                      "chosen": chosen, "considered": considered, "notes": notes})
+        write_json(
+            opts.output_json,
+            {
+                "command": command_line("memory_plan.py", argv),
+                "budget_gib": opts.budget_gib,
+                "chosen": chosen,
+                "considered": considered,
+                "notes": notes,
+            },
+        )
     return 0
 
 

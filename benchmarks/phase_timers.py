@@ -34,8 +34,13 @@ from typing import Dict, Iterable, List, Optional
 
 # Phases that run after forward-backward, one after another (none inside another).
 OPTIMIZER_PHASES = (
-    "optimizer-copy-to-main-grad", "optimizer-unscale-and-check-inf", "optimizer-clip-main-grad",
-    "optimizer-count-zeros", "optimizer-inner-step", "optimizer-copy-main-to-model-params", "params-all-gather",
+    "optimizer-copy-to-main-grad",
+    "optimizer-unscale-and-check-inf",
+    "optimizer-clip-main-grad",
+    "optimizer-count-zeros",
+    "optimizer-inner-step",
+    "optimizer-copy-main-to-model-params",
+    "params-all-gather",
 )
 TOP_LEVEL_PHASES = ("forward-backward",) + OPTIMIZER_PHASES  # disjoint: their sum never counts a time twice
 
@@ -119,8 +124,11 @@ class PhaseTimers:
 def phase_medians(per_step: List[Dict[str, float]], names: Iterable[str]) -> Dict[str, float]:
     """{name: median over the steps of its per-step total}, 0 ms in a step where it did not run;
     names seen in no step are left out."""
-    return {name: statistics.median(step.get(name, 0.0) for step in per_step)
-            for name in names if any(name in step for step in per_step)}
+    return {
+        name: statistics.median(step.get(name, 0.0) for step in per_step)
+        for name in names
+        if any(name in step for step in per_step)
+    }
 
 
 def outside_ms(step_ms: float, phases_ms: Dict[str, float]) -> float:
@@ -148,8 +156,10 @@ def installed(timers: PhaseTimers, configs: Iterable[object]):
 def phase_table(rows: List[dict]) -> str:
     """One row per configuration, one column per phase name seen (median ms per step)."""
     names = list({name: None for r in rows for name in r.get("phases_ms", {})})
-    lines = ["| recompute | K | b | step ms (median) | " + " | ".join(names) + " | outside timed phases |",
-             "| --- | --- | --- | --- | " + "--- | " * len(names) + "--- |"]
+    lines = [
+        "| recompute | K | b | step ms (median) | " + " | ".join(names) + " | outside timed phases |",
+        "| --- | --- | --- | --- | " + "--- | " * len(names) + "--- |",
+    ]
     for r in rows:
         cells = [r["recompute"], str(r["patch_size"]), str(r["micro_batch_size"])]
         if "error" in r:

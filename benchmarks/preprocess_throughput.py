@@ -50,16 +50,13 @@ DEFAULT_INPUT = REPO_ROOT.parent / "shared" / "data" / "train.jsonl.xz"
 
 
 def parse_options(argv: list[str]) -> argparse.Namespace:
-    p = FlagParser(prog="benchmarks/preprocess_throughput.py", allow_abbrev=False,
-                   description=__doc__.split("\n")[0])
+    p = FlagParser(prog="benchmarks/preprocess_throughput.py", allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--input", default=str(DEFAULT_INPUT), help="corpus (default train.jsonl.xz)")
     p.add_argument("--tokenizer-model", help="use this .model instead of training one")
     p.add_argument("--vocab-size", type=int, default=32000, help="of the trained tokenizer")
-    p.add_argument("--tokenizer-sample-lines", type=int, default=300_000,
-                   help="lines sampled to train the tokenizer")
+    p.add_argument("--tokenizer-sample-lines", type=int, default=300_000, help="lines sampled to train the tokenizer")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to run")
-    p.add_argument("--work-dir",
-                   help="keep the outputs here (default: a temporary folder, removed at the end)")
+    p.add_argument("--work-dir", help="keep the outputs here (default: a temporary folder, removed at the end)")
     p.add_argument("--quiet-load", type=float, help="wait for a 1-minute load average below this")
     p.add_argument("--quiet-timeout", type=float, default=900, help="longest wait, seconds")
     p.add_argument("--output-json", help="also write every figure here")
@@ -82,8 +79,10 @@ def environment() -> dict:
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores), no GPU used",
-        "python": platform.python_version(), "torch": torch.__version__,
-        "megatron_core": megatron.core.__version__, "sentencepiece": sentencepiece.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "megatron_core": megatron.core.__version__,
+        "sentencepiece": sentencepiece.__version__,
         "numpy": numpy.__version__,
     }
 
@@ -105,8 +104,9 @@ def run_tool(name: str, args: list[str]) -> tuple[str, float, float]:
     """Run tools/<name>.py; returns (stdout, wall seconds, CPU seconds incl. its children)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / f"{name}.py"), *args],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / f"{name}.py"), *args], capture_output=True, text=True, check=False
+    )
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
@@ -129,32 +129,67 @@ def measure(opts, work: Path, size: int) -> tuple[dict, list[dict], bool]:
     tokenizer = {"model": opts.tokenizer_model, "trained": opts.tokenizer_model is None}
     if opts.tokenizer_model is None:
         prefix = work / f"spm{opts.vocab_size}"
-        _, wall, _ = run_tool("train_tokenizer", [
-            "--input", opts.input, "--vocab-size", str(opts.vocab_size),
-            "--input-sentence-size", str(opts.tokenizer_sample_lines),
-            "--output-prefix", str(prefix)])
-        tokenizer.update(model=f"{prefix}.model", vocab_size=opts.vocab_size,
-                         sample_lines=opts.tokenizer_sample_lines, train_wall_s=wall)
+        _, wall, _ = run_tool(
+            "train_tokenizer",
+            [
+                "--input",
+                opts.input,
+                "--vocab-size",
+                str(opts.vocab_size),
+                "--input-sentence-size",
+                str(opts.tokenizer_sample_lines),
+                "--output-prefix",
+                str(prefix),
+            ],
+        )
+        tokenizer.update(
+            model=f"{prefix}.model",
+            vocab_size=opts.vocab_size,
+            sample_lines=opts.tokenizer_sample_lines,
+            train_wall_s=wall,
+        )
     rows, prefixes = [], []
     for workers in opts.workers:
         folder = work / f"workers{workers}"
         folder.mkdir(exist_ok=True)
         wait_for_quiet(opts.quiet_load, opts.quiet_timeout)
         load = os.getloadavg()[0]
-        stdout, wall, cpu = run_tool("preprocess_data", [
-            "--input", opts.input, "--tokenizer-model", tokenizer["model"], "--append-eod",
-            "--workers", str(workers), "--output-prefix", str(folder / "bench"),
-            "--log-interval", "100000000"])
+        stdout, wall, cpu = run_tool(
+            "preprocess_data",
+            [
+                "--input",
+                opts.input,
+                "--tokenizer-model",
+                tokenizer["model"],
+                "--append-eod",
+                "--workers",
+                str(workers),
+                "--output-prefix",
+                str(folder / "bench"),
+                "--log-interval",
+                "100000000",
+            ],
+        )
         seconds = float(re.search(r"^time: ([0-9.]+) s", stdout, re.M).group(1))
         prefixes.append(str(folder / "bench_text_document"))
         dataset = IndexedDataset(prefixes[-1])
         tokens = int(dataset.sequence_lengths.sum(dtype="int64"))
         del dataset
-        rows.append({"workers": workers, "tokens": tokens, "tool_s": seconds, "wall_s": wall,
-                     "cpu_s": cpu, "tokens_per_s": tokens / seconds,
-                     "mb_per_s": size / seconds / 1e6, "load_before": load})
-    same = all(filecmp.cmp(prefixes[0] + ext, other + ext, shallow=False)
-               for other in prefixes[1:] for ext in (".bin", ".idx"))
+        rows.append(
+            {
+                "workers": workers,
+                "tokens": tokens,
+                "tool_s": seconds,
+                "wall_s": wall,
+                "cpu_s": cpu,
+                "tokens_per_s": tokens / seconds,
+                "mb_per_s": size / seconds / 1e6,
+                "load_before": load,
+            }
+        )
+    same = all(
+        filecmp.cmp(prefixes[0] + ext, other + ext, shallow=False) for other in prefixes[1:] for ext in (".bin", ".idx")
+    )
     return tokenizer, rows, same
 
 
@@ -179,28 +214,43 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     print(command_line("preprocess_throughput.py", argv))
-    print(f"{env['date_utc']}; {env['device']}; Python {env['python']}, torch {env['torch']}, "
-          f"megatron-core {env['megatron_core']}, sentencepiece {env['sentencepiece']}, "
-          f"numpy {env['numpy']}")
+    print(
+        f"{env['date_utc']}; {env['device']}; Python {env['python']}, torch {env['torch']}, "
+        f"megatron-core {env['megatron_core']}, sentencepiece {env['sentencepiece']}, "
+        f"numpy {env['numpy']}"
+    )
     print(f"input: {opts.input}, {size / 1e6:.1f} MB uncompressed, {lines} lines")
     if tokenizer["trained"]:
-        print(f"tokenizer: BPE, vocab {tokenizer['vocab_size']}, trained on "
-              f"{tokenizer['sample_lines']} sampled lines in {tokenizer['train_wall_s']:.1f} s "
-              f"(wall, incl. start-up)")
+        print(
+            f"tokenizer: BPE, vocab {tokenizer['vocab_size']}, trained on "
+            f"{tokenizer['sample_lines']} sampled lines in {tokenizer['train_wall_s']:.1f} s "
+            f"(wall, incl. start-up)"
+        )
     else:
         print(f"tokenizer: {tokenizer['model']}")
     print()
     print("| workers | tokens | tool s | wall s | cpu s | tokens/s | MB/s | load before |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['workers']} | {r['tokens']} | {r['tool_s']:.1f} | {r['wall_s']:.1f} | "
-              f"{r['cpu_s']:.1f} | {r['tokens_per_s']:,.0f} | {r['mb_per_s']:.2f} | "
-              f"{r['load_before']:.2f} |")
+        print(
+            f"| {r['workers']} | {r['tokens']} | {r['tool_s']:.1f} | {r['wall_s']:.1f} | "
+            f"{r['cpu_s']:.1f} | {r['tokens_per_s']:,.0f} | {r['mb_per_s']:.2f} | "
+            f"{r['load_before']:.2f} |"
+        )
     print(f"\noutputs byte-identical across worker counts: {same}")
     if opts.output_json:
-        write_json(opts.output_json, {"command": command_line("preprocess_throughput.py", argv), "environment": env,
-                                      "input_bytes": size, "input_lines": lines, "tokenizer": tokenizer,
-                                      "rows": rows, "identical_outputs": same})
+        write_json(
+            opts.output_json,
+            {
+                "command": command_line("preprocess_throughput.py", argv),
+                "environment": env,
+                "input_bytes": size,
+                "input_lines": lines,
+                "tokenizer": tokenizer,
+                "rows": rows,
+                "identical_outputs": same,
+            },
+        )
     return 0 if same else 1
 
 

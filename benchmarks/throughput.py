@@ -59,12 +59,24 @@ for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and co
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from megatron_patch import quiet_known_notices# noqa: E402
 from common import (  # noqa: E402
-    FlagParser, StepTimer, UsageError, command_line, enter_one_rank_world, environment, fmt, free_memory,
-    positive_int_list, step_plan, synthetic_batches, trainer_config, write_json,
+    FlagParser,
+    StepTimer,
+    UsageError,
+    command_line,
+    enter_one_rank_world,
+    environment,
+    fmt,
+    free_memory,
+    positive_int_list,
+    step_plan,
+    synthetic_batches,
+    trainer_config,
+    write_json,
 )
 from phase_timers import PhaseTimers, installed, outside_ms, phase_medians, phase_table  # noqa: E402
+
+from megatron_patch import quiet_known_notices  # noqa: E402
 
 RECOMPUTE_CHOICES = ("none", "selective", "full")
 SCHEMA = "megatron_patch.throughput/1"
@@ -85,35 +97,65 @@ def _flatten(lists):
 def build_parser() -> FlagParser:
     p = FlagParser(prog="benchmarks/throughput.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--model", default=None, help="preset (default 370m; tiny with --cpu)")
-    p.add_argument("--micro-batch-size", type=positive_int_list, nargs="+", default=None,
-                   help="b, sequences per micro-batch; a list sweeps (default 8,16; 2 with --cpu; "
-                        "1,2 with --measure-layer-activations)")
+    p.add_argument(
+        "--micro-batch-size",
+        type=positive_int_list,
+        nargs="+",
+        default=None,
+        help="b, sequences per micro-batch; a list sweeps (default 8,16; 2 with --cpu; "
+        "1,2 with --measure-layer-activations)",
+    )
     p.add_argument("--seq-length", type=int, default=None, help="T, decoder positions (default: the preset's)")
     p.add_argument("--patch-sizes", type=positive_int_list, default=[1, 2, 4, 8], help="K values; 1 = token stage")
     p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 20; 3 with --cpu)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; 1 with --cpu)")
     p.add_argument("--num-microbatches", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="tokenizer vocabulary; the model pads it like the trainer (default 32000; 512 with --cpu)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="tokenizer vocabulary; the model pads it like the trainer (default 32000; 512 with --cpu)",
+    )
     p.add_argument("--use-distributed-optimizer", action="store_true")
     p.add_argument("--bias-swiglu-fusion", action="store_true", help="as in the trainer: megatron's fused SwiGLU")
     p.add_argument("--rope-fusion", action="store_true", help="as in the trainer: fused RoPE in the core attention")
-    p.add_argument("--cross-entropy-fusion", action="store_true",
-                   help="as in the trainer: the fused K-way cross-entropy in both stages")
-    p.add_argument("--torch-adam-impl", choices=["foreach", "fused"], default="foreach",
-                   help="as in the trainer: the kernel of torch's AdamW (megatron's fallback without TE/Apex)")
-    p.add_argument("--recompute-granularity", type=_recompute_list, default=None,
-                   help="none, selective or full; a comma list sweeps (default: the preset's layout)")
+    p.add_argument(
+        "--cross-entropy-fusion",
+        action="store_true",
+        help="as in the trainer: the fused K-way cross-entropy in both stages",
+    )
+    p.add_argument(
+        "--torch-adam-impl",
+        choices=["foreach", "fused"],
+        default="foreach",
+        help="as in the trainer: the kernel of torch's AdamW (megatron's fallback without TE/Apex)",
+    )
+    p.add_argument(
+        "--recompute-granularity",
+        type=_recompute_list,
+        default=None,
+        help="none, selective or full; a comma list sweeps (default: the preset's layout)",
+    )
     p.add_argument("--transformer-impl", choices=["auto", "local", "transformer_engine"], default="auto")
     p.add_argument("--lr", type=float, default=1e-5, help="constant learning rate of the timed steps")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--measure-layer-activations", action="store_true",
-                   help="measure activation bytes per layer (for memory_plan.py) instead of throughput")
-    p.add_argument("--layers", type=int, default=None,
-                   help="with --measure-layer-activations: build this many layers of the preset's width")
-    p.add_argument("--phase-times", action="store_true",
-                   help="also time megatron's own step phases (forward-backward, optimizer, ...) through its "
-                        "config.timers hooks; off by default so the headline figures run without the hooks")
+    p.add_argument(
+        "--measure-layer-activations",
+        action="store_true",
+        help="measure activation bytes per layer (for memory_plan.py) instead of throughput",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="with --measure-layer-activations: build this many layers of the preset's width",
+    )
+    p.add_argument(
+        "--phase-times",
+        action="store_true",
+        help="also time megatron's own step phases (forward-backward, optimizer, ...) through its "
+        "config.timers hooks; off by default so the headline figures run without the hooks",
+    )
     p.add_argument("--output-json", default=None, help="also write every figure here")
     p.add_argument("--cpu", action="store_true", help="smoke mode: CPU mode (gloo), fp32, tiny preset, no MFU")
     return p
@@ -128,7 +170,8 @@ def parse_options(argv: Optional[List[str]]) -> argparse.Namespace:
         raise UsageError(f"--model {opts.model}: choose one of {', '.join(PRESETS)}")
     preset = get_preset(opts.model)
     opts.micro_batch_size = _flatten(opts.micro_batch_size) or (
-        [1, 2] if opts.measure_layer_activations else [2] if opts.cpu else [8, 16])
+        [1, 2] if opts.measure_layer_activations else [2] if opts.cpu else [8, 16]
+    )
     opts.seq_length = opts.seq_length or preset.seq_length
     opts.steps = opts.steps if opts.steps is not None else (3 if opts.cpu else 20)
     opts.warmup = opts.warmup if opts.warmup is not None else (1 if opts.cpu else 5)
@@ -151,13 +194,11 @@ def parse_options(argv: Optional[List[str]]) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- throughput
-def rates(flops_per_position: float, positions: int, tokens: int, seconds: float,
-          peak_tflops: Optional[float]) -> dict:
+def rates(flops_per_position: float, positions: int, tokens: int, seconds: float, peak_tflops: Optional[float]) -> dict:
     """tokens/s, model TFLOP/s (flops.py's FLOPs per decoder position x positions) and MFU
     against the measured matmul rate (None without one)."""
     tflops = flops_per_position * positions / seconds / 1e12
-    return {"tokens_per_s": tokens / seconds, "tflops": tflops,
-            "mfu": tflops / peak_tflops if peak_tflops else None}
+    return {"tokens_per_s": tokens / seconds, "tflops": tflops, "mfu": tflops / peak_tflops if peak_tflops else None}
 
 
 def run_throughput(opts, peak_tflops: Optional[float]) -> List[dict]:
@@ -199,11 +240,16 @@ def _sweep(opts, model, optimizer, scheduler, recompute, per_position, peak_tflo
     cuda = not opts.cpu
     rows = []
     for b, K in itertools.product(opts.micro_batch_size, opts.patch_sizes):
-        row = {"recompute": recompute, "micro_batch_size": b, "patch_size": K,
-               "stage": "token" if K == 1 else "patch", "num_microbatches": opts.num_microbatches,
-               "tokens_per_step": opts.num_microbatches * b * K * opts.seq_length,
-               "positions_per_step": opts.num_microbatches * b * opts.seq_length,
-               "flops_per_position": per_position}
+        row = {
+            "recompute": recompute,
+            "micro_batch_size": b,
+            "patch_size": K,
+            "stage": "token" if K == 1 else "patch",
+            "num_microbatches": opts.num_microbatches,
+            "tokens_per_step": opts.num_microbatches * b * K * opts.seq_length,
+            "positions_per_step": opts.num_microbatches * b * opts.seq_length,
+            "flops_per_position": per_position,
+        }
         stage = step_plan(K, b, opts.num_microbatches, opts.seq_length)
         data = itertools.cycle(synthetic_batches(b, stage.sample_tokens, opts.vocab_size, 4, opts.seed + K, pin=cuda))
         step = functools.partial(train_step, model, optimizer, scheduler, data, stage)
@@ -228,12 +274,17 @@ def _sweep(opts, model, optimizer, scheduler, recompute, per_position, peak_tflo
             row["error"] = f"non-finite loss ({error})"[:200]
         else:
             median = statistics.median(per)
-            row.update(step_s_median=median, step_s_mean=mean, step_s_min=min(per), step_s_max=max(per),
-                       **rates(per_position, row["positions_per_step"], row["tokens_per_step"], median,
-                               peak_tflops),
-                       peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                       peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-                       loss_first=losses[0], loss_last=losses[-1])
+            row.update(
+                step_s_median=median,
+                step_s_mean=mean,
+                step_s_min=min(per),
+                step_s_max=max(per),
+                **rates(per_position, row["positions_per_step"], row["tokens_per_step"], median, peak_tflops),
+                peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+                loss_first=losses[0],
+                loss_last=losses[-1],
+            )
             if phases is not None:  # after timer.seconds(), which synchronised: every event has completed
                 row["phases_ms"] = phase_medians(phases.per_step_ms(), phases.names)
                 row["phases_outside_ms"] = outside_ms(1e3 * median, row["phases_ms"])
@@ -252,8 +303,10 @@ def _row_line(row: dict) -> str:
     head = f"recompute={row['recompute']} b={row['micro_batch_size']} K={row['patch_size']}:"
     if "error" in row:
         return f"{head} {row['error']}"
-    return (f"{head} {1e3 * row['step_s_median']:.1f} ms, {row['tokens_per_s']:,.0f} tok/s, "
-            f"{row['tflops']:.3g} TFLOP/s, loss {row['loss_first']:.3f} -> {row['loss_last']:.3f}")
+    return (
+        f"{head} {1e3 * row['step_s_median']:.1f} ms, {row['tokens_per_s']:,.0f} tok/s, "
+        f"{row['tflops']:.3g} TFLOP/s, loss {row['loss_first']:.3f} -> {row['loss_last']:.3f}"
+    )
 
 
 def _add_ratios(rows: List[dict]) -> None:
@@ -261,22 +314,31 @@ def _add_ratios(rows: List[dict]) -> None:
     token = {(r["recompute"], r["micro_batch_size"]): r for r in rows if r["patch_size"] == 1 and "error" not in r}
     for row in rows:
         base = token.get((row["recompute"], row["micro_batch_size"]))
-        row["ratio_vs_token"] = (row["tokens_per_s"] / base["tokens_per_s"]
-                                 if base is not None and "error" not in row else None)
+        row["ratio_vs_token"] = (
+            row["tokens_per_s"] / base["tokens_per_s"] if base is not None and "error" not in row else None
+        )
 
 
 def throughput_table(rows: List[dict]) -> str:
-    lines = ["| recompute | stage | K | b | step ms (median) | step ms (mean) | tokens/s | TFLOP/s | MFU "
-             "| peak GiB | patch/token tok/s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| recompute | stage | K | b | step ms (median) | step ms (mean) | tokens/s | TFLOP/s | MFU "
+        "| peak GiB | patch/token tok/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         cells = [r["recompute"], r["stage"], str(r["patch_size"]), str(r["micro_batch_size"])]
         if "error" in r:
             cells += ["OOM" if r["error"].startswith("OOM") else r["error"]] + [""] * 7
         else:
-            cells += [f"{1e3 * r['step_s_median']:.1f}", f"{1e3 * r['step_s_mean']:.1f}",
-                      f"{r['tokens_per_s']:,.0f}", f"{r['tflops']:.4g}", fmt(r["mfu"], ".3f", "n/a"),
-                      fmt(r["peak_memory_gib"], ".2f", "n/a"), fmt(r["ratio_vs_token"], ".3f", "")]
+            cells += [
+                f"{1e3 * r['step_s_median']:.1f}",
+                f"{1e3 * r['step_s_mean']:.1f}",
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['tflops']:.4g}",
+                fmt(r["mfu"], ".3f", "n/a"),
+                fmt(r["peak_memory_gib"], ".2f", "n/a"),
+                fmt(r["ratio_vs_token"], ".3f", ""),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -297,9 +359,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         from megatron_patch.training.flops import measure_bf16_matmul_tflops
 
         env = environment(opts.cpu)
-        payload = {"schema": SCHEMA, "command": command_line("throughput.py", argv), "environment": env,
-                   "settings": dict(vars(opts)),
-                   "preset": dataclasses.asdict(get_preset(opts.model))}
+        payload = {
+            "schema": SCHEMA,
+            "command": command_line("throughput.py", argv),
+            "environment": env,
+            "settings": dict(vars(opts)),
+            "preset": dataclasses.asdict(get_preset(opts.model)),
+        }
         if opts.measure_layer_activations:
             from layer_activations import activation_table, run_layer_activations
 
@@ -316,22 +382,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         write_json(opts.output_json, payload)
     print(f"\n### {title}\n")
     print(f"Command: `{payload['command']}`  ")
-    print(f"Date: {env['date_utc']}; device: {env['device']}; Python {env['python']}, torch {env['torch']} "
-          f"(CUDA {env['cuda']}), megatron-core {env['megatron_core']}  ")
+    print(
+        f"Date: {env['date_utc']}; device: {env['device']}; Python {env['python']}, torch {env['torch']} "
+        f"(CUDA {env['cuda']}), megatron-core {env['megatron_core']}  "
+    )
     if not opts.measure_layer_activations:
         peak = payload["matmul_peak_tflops"]
-        print("MFU denominator: " + (f"measured bf16 8192^3 matmul, {peak:.1f} TFLOP/s" if peak else "none (CPU)")
-              + f"; {opts.warmup} warm-up + {opts.steps} timed steps per row, {opts.num_microbatches} "
-              f"micro-batch(es) per step, synthetic uniform token ids, vocab {opts.vocab_size}  ")
+        print(
+            "MFU denominator: "
+            + (f"measured bf16 8192^3 matmul, {peak:.1f} TFLOP/s" if peak else "none (CPU)")
+            + f"; {opts.warmup} warm-up + {opts.steps} timed steps per row, {opts.num_microbatches} "
+            f"micro-batch(es) per step, synthetic uniform token ids, vocab {opts.vocab_size}  "
+        )
     print()
     print(table)
     if opts.phase_times:
         print("\n### Step phases (median ms per step)\n")
-        print("megatron-core's own timers (`--phase-times`). forward-compute, backward-compute, all-grads-sync "
-              "and the *-grads-all-reduce phases run inside forward-backward; the optimizer-* phases and "
-              "params-all-gather after it. Outside timed phases = step median - forward-backward - the "
-              "optimizer phases (differences of medians): zero_grad, the loss all-reduce, the chained "
-              "optimizer's grad norm and clipping, the LR step.\n")
+        print(
+            "megatron-core's own timers (`--phase-times`). forward-compute, backward-compute, all-grads-sync "
+            "and the *-grads-all-reduce phases run inside forward-backward; the optimizer-* phases and "
+            "params-all-gather after it. Outside timed phases = step median - forward-backward - the "
+            "optimizer phases (differences of medians): zero_grad, the loss all-reduce, the chained "
+            "optimizer's grad norm and clipping, the LR step.\n"
+        )
         print(phase_table(payload["results"]))
     return 0
 

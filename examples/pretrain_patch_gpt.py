@@ -1,6 +1,6 @@
 """Two-stage patch-level pre-training on Megatron-Core (see README for launch examples).
 
-    torchrun --nproc_per_node=8 examples/pretrain_patch_gpt.py --model 370m --bf16 ...
+torchrun --nproc_per_node=8 examples/pretrain_patch_gpt.py --model 370m --bf16 ...
 """
 
 if __name__ == "__main__":

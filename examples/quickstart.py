@@ -55,8 +55,10 @@ def run_step(step: str, command: list, done: Path, log: Path = None) -> None:
             result = subprocess.run([str(c) for c in command], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         where = f" (output in {log})" if log else " above"
-        sys.exit(f"{Path(sys.argv[0]).stem}: step '{step}' failed with exit code {result.returncode}; fix the "
-                 f"error{where} and re-run")
+        sys.exit(
+            f"{Path(sys.argv[0]).stem}: step '{step}' failed with exit code {result.returncode}; fix the "
+            f"error{where} and re-run"
+        )
     print(f"== {step}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
@@ -69,13 +71,17 @@ def _split_corpus(work: Path) -> None:
     # the bundled corpus is in reading order (book by book); shuffle the documents, as a real
     # training mix is, so that the patch stage's first lambda and the rest hold the same mix
     random.Random(SEED).shuffle(lines)
-    for path, keep in ((train, lambda i: i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1),
-                       (held_out, lambda i: i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1)):
+    for path, keep in (
+        (train, lambda i: i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1),
+        (held_out, lambda i: i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1),
+    ):
         partial = path.with_suffix(".tmp")
         partial.write_text("".join(line for i, line in enumerate(lines) if keep(i)), encoding="utf-8")
         partial.replace(path)
-    print(f"== corpus: {len(lines)} documents shuffled (seed {SEED}), every {HELD_OUT_EVERY}th held out for "
-          f"evaluation", flush=True)
+    print(
+        f"== corpus: {len(lines)} documents shuffled (seed {SEED}), every {HELD_OUT_EVERY}th held out for evaluation",
+        flush=True,
+    )
 
 
 def prepare_data(work: Path, s: dict) -> dict:
@@ -84,24 +90,77 @@ def prepare_data(work: Path, s: dict) -> dict:
     py = sys.executable
     _split_corpus(work)
     tokenizer = work / "tokenizer.model"
-    run_step("tokenizer", [py, "tools/train_tokenizer.py", "--input", work / "train.jsonl",
-                           "--vocab-size", s["vocab"], "--output-prefix", work / "tokenizer"], tokenizer)
+    run_step(
+        "tokenizer",
+        [
+            py,
+            "tools/train_tokenizer.py",
+            "--input",
+            work / "train.jsonl",
+            "--vocab-size",
+            s["vocab"],
+            "--output-prefix",
+            work / "tokenizer",
+        ],
+        tokenizer,
+    )
     prefix = work / "data" / "train_text_document"
     (work / "data").mkdir(exist_ok=True)
-    run_step("preprocess", [py, "tools/preprocess_data.py", "--input", work / "train.jsonl",
-                            "--output-prefix", work / "data" / "train", "--tokenizer-model", tokenizer,
-                            "--append-eod", "--workers", "2"], Path(str(prefix) + ".idx"))
+    run_step(
+        "preprocess",
+        [
+            py,
+            "tools/preprocess_data.py",
+            "--input",
+            work / "train.jsonl",
+            "--output-prefix",
+            work / "data" / "train",
+            "--tokenizer-model",
+            tokenizer,
+            "--append-eod",
+            "--workers",
+            "2",
+        ],
+        Path(str(prefix) + ".idx"),
+    )
     return {"tokenizer": tokenizer, "prefix": prefix, "heldout": work / "heldout.jsonl"}
 
 
 def training_flags(s: dict, data: dict, tensor_parallel: int, patch_fraction: float = PATCH_FRACTION) -> list:
     """The trainer flags every quick-start run shares: model, data, batch (16 x T tokens), budget, schedule."""
-    return ["--cpu", "--model", s["model"], "--seq-length", s["seq_length"],
-            "--tensor-model-parallel-size", tensor_parallel, "--micro-batch-size", "4", "--global-batch-size", "16",
-            "--train-iters", s["train_iters"], "--lr", s["lr"], "--min-lr", "1e-4", "--lr-warmup-iters", s["warmup"],
-            "--data-path", data["prefix"], "--split", "100,0,0", "--eval-iters", "0",
-            "--tokenizer-model", data["tokenizer"], "--log-interval", max(1, s["train_iters"] // 15),
-            "--patch-data-fraction", patch_fraction]
+    return [
+        "--cpu",
+        "--model",
+        s["model"],
+        "--seq-length",
+        s["seq_length"],
+        "--tensor-model-parallel-size",
+        tensor_parallel,
+        "--micro-batch-size",
+        "4",
+        "--global-batch-size",
+        "16",
+        "--train-iters",
+        s["train_iters"],
+        "--lr",
+        s["lr"],
+        "--min-lr",
+        "1e-4",
+        "--lr-warmup-iters",
+        s["warmup"],
+        "--data-path",
+        data["prefix"],
+        "--split",
+        "100,0,0",
+        "--eval-iters",
+        "0",
+        "--tokenizer-model",
+        data["tokenizer"],
+        "--log-interval",
+        max(1, s["train_iters"] // 15),
+        "--patch-data-fraction",
+        patch_fraction,
+    ]
 
 
 def _torchrun(nproc: int) -> list:
@@ -119,32 +178,101 @@ def main(argv=None) -> int:
     common = training_flags(s, data, tensor_parallel=2)
     train = _torchrun(2) + ["examples/pretrain_patch_gpt.py"]
     runs = {name: work / name for name in ("patch_stage", "token_init", "token_stage", "control", "baseline")}
-    run_step("patch stage (K=4, TP=2)", train + common + ["--patch-size", PATCH_SIZE, "--stage", "patch",
-                                                          "--save", runs["patch_stage"], "--summary-json",
-                                                          runs["patch_stage"] / "summary.json"],
-             runs["patch_stage"] / "summary.json")
-    run_step("convert patch checkpoint -> token-stage start", _torchrun(2) + [
-        "tools/convert_checkpoint.py", "--cpu", "--load", runs["patch_stage"], "--save", runs["token_init"],
-        "--tensor-model-parallel-size", "2"], runs["token_init"])
-    run_step("token stage (TP=2)", train + common + ["--patch-size", PATCH_SIZE, "--stage", "token",
-                                                     "--pretrained-checkpoint", runs["token_init"],
-                                                     "--save", runs["token_stage"], "--summary-json",
-                                                     runs["token_stage"] / "summary.json"],
-             runs["token_stage"] / "summary.json")
+    run_step(
+        "patch stage (K=4, TP=2)",
+        train
+        + common
+        + [
+            "--patch-size",
+            PATCH_SIZE,
+            "--stage",
+            "patch",
+            "--save",
+            runs["patch_stage"],
+            "--summary-json",
+            runs["patch_stage"] / "summary.json",
+        ],
+        runs["patch_stage"] / "summary.json",
+    )
+    run_step(
+        "convert patch checkpoint -> token-stage start",
+        _torchrun(2)
+        + [
+            "tools/convert_checkpoint.py",
+            "--cpu",
+            "--load",
+            runs["patch_stage"],
+            "--save",
+            runs["token_init"],
+            "--tensor-model-parallel-size",
+            "2",
+        ],
+        runs["token_init"],
+    )
+    run_step(
+        "token stage (TP=2)",
+        train
+        + common
+        + [
+            "--patch-size",
+            PATCH_SIZE,
+            "--stage",
+            "token",
+            "--pretrained-checkpoint",
+            runs["token_init"],
+            "--save",
+            runs["token_stage"],
+            "--summary-json",
+            runs["token_stage"] / "summary.json",
+        ],
+        runs["token_stage"] / "summary.json",
+    )
     # the same token stage (same documents, steps and schedule) from random initialisation
-    run_step("control: the token stage alone, from scratch (TP=2)", train + common + [
-        "--patch-size", PATCH_SIZE, "--stage", "token", "--save", runs["control"], "--summary-json",
-        runs["control"] / "summary.json"], runs["control"] / "summary.json")
-    run_step("baseline: the same tokens token-only (TP=2)", train + common + [
-        "--patch-size", "1", "--save", runs["baseline"], "--summary-json", runs["baseline"] / "summary.json"],
-        runs["baseline"] / "summary.json")
+    run_step(
+        "control: the token stage alone, from scratch (TP=2)",
+        train
+        + common
+        + [
+            "--patch-size",
+            PATCH_SIZE,
+            "--stage",
+            "token",
+            "--save",
+            runs["control"],
+            "--summary-json",
+            runs["control"] / "summary.json",
+        ],
+        runs["control"] / "summary.json",
+    )
+    run_step(
+        "baseline: the same tokens token-only (TP=2)",
+        train
+        + common
+        + ["--patch-size", "1", "--save", runs["baseline"], "--summary-json", runs["baseline"] / "summary.json"],
+        runs["baseline"] / "summary.json",
+    )
     evaluations = {}
     for name in ("token_stage", "control", "baseline"):
         output = work / f"eval_{name}.json"
-        run_step(f"evaluate {name} on held-out documents (TP=2)", _torchrun(2) + [
-            "tools/evaluate.py", "--cpu", "--load", runs[name], "--input", data["heldout"],
-            "--tokenizer-model", data["tokenizer"], "--tensor-model-parallel-size", "2", "--output-json", output],
-            output)
+        run_step(
+            f"evaluate {name} on held-out documents (TP=2)",
+            _torchrun(2)
+            + [
+                "tools/evaluate.py",
+                "--cpu",
+                "--load",
+                runs[name],
+                "--input",
+                data["heldout"],
+                "--tokenizer-model",
+                data["tokenizer"],
+                "--tensor-model-parallel-size",
+                "2",
+                "--output-json",
+                output,
+            ],
+            output,
+        )
         evaluations[name] = json.loads(output.read_text())
     _report(runs, evaluations)
     return 0
@@ -157,7 +285,9 @@ def _report(runs: dict, evaluations: dict) -> None:
     token_seconds = summary["token_stage"]["stages"]["token"]["seconds"]
     control_seconds = summary["control"]["stages"]["token"]["seconds"]
     baseline_seconds = summary["baseline"]["stages"]["token"]["seconds"]
-    patch_flops = summary["patch_stage"]["stages"]["patch"]["flops"] + summary["token_stage"]["stages"]["token"]["flops"]
+    patch_flops = (
+        summary["patch_stage"]["stages"]["patch"]["flops"] + summary["token_stage"]["stages"]["token"]["flops"]
+    )
     baseline_flops = summary["baseline"]["stages"]["token"]["flops"]
     theory = PATCH_FRACTION / PATCH_SIZE + 1 - PATCH_FRACTION
     rows = [
@@ -171,16 +301,26 @@ def _report(runs: dict, evaluations: dict) -> None:
         print(f"{name:34s} {evaluation['loss']:8.4f} {math.exp(evaluation['loss']):9.2f} {seconds:>14s}")
     transfer = evaluations["control"]["loss"] - evaluations["token_stage"]["loss"]
     print(f"transfer of the patch stage = control - (patch + token) = {transfer:+.4f} nats")
-    print(f"relative cost of patch training: measured wall time {(patch_seconds + token_seconds) / baseline_seconds:.3f}, "
-          f"model FLOPs {patch_flops / baseline_flops:.3f}, theory lambda/K + 1 - lambda = {theory:.3f}")
-    print(f"(patch + token and the baseline train the same {summary['baseline']['total_tokens']:,} tokens, the "
-          f"control the last {summary['control']['total_tokens']:,} of them; step times exclude start-up and "
-          f"checkpointing)")
-    verdict = ("helped: the token stage ended better than the same token stage from scratch" if transfer > 0 else
-               "hurt: the token stage ended worse than the same token stage from scratch")
-    print(f"What this means: patch training is worth it when it beats the control at lower cost than the baseline. "
-          f"Here the patch stage {verdict}; the paper reports that patch training loses at small data sizes "
-          f"and wins only from hundreds of billions of tokens (README, 'What to expect').")
+    print(
+        f"relative cost of patch training: measured wall time "
+        f"{(patch_seconds + token_seconds) / baseline_seconds:.3f}, "
+        f"model FLOPs {patch_flops / baseline_flops:.3f}, theory lambda/K + 1 - lambda = {theory:.3f}"
+    )
+    print(
+        f"(patch + token and the baseline train the same {summary['baseline']['total_tokens']:,} tokens, the "
+        f"control the last {summary['control']['total_tokens']:,} of them; step times exclude start-up and "
+        f"checkpointing)"
+    )
+    verdict = (
+        "helped: the token stage ended better than the same token stage from scratch"
+        if transfer > 0
+        else "hurt: the token stage ended worse than the same token stage from scratch"
+    )
+    print(
+        f"What this means: patch training is worth it when it beats the control at lower cost than the baseline. "
+        f"Here the patch stage {verdict}; the paper reports that patch training loses at small data sizes "
+        f"and wins only from hundreds of billions of tokens (README, 'What to expect')."
+    )
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ def check_patch_size(patch_size: int) -> None:
         raise ValueError(f"patch_size={patch_size!r} is invalid: use an integer K >= 1")
 
 
-def aggregate_patches(
-    embeddings: torch.Tensor, patch_size: int, sequence_parallel: bool = False
-) -> torch.Tensor:
+def aggregate_patches(embeddings: torch.Tensor, patch_size: int, sequence_parallel: bool = False) -> torch.Tensor:
     """Average each run of ``patch_size`` consecutive token embeddings into one patch embedding.
 
     Args:
@@ -35,8 +33,7 @@ def aggregate_patches(
                 f"K={patch_size}: make --seq-length (patches) divisible by the tensor-parallel size"
             )
         raise ValueError(
-            f"sequence of {tokens} tokens is not a multiple of patch_size K={patch_size}: "
-            f"use samples of K*T tokens"
+            f"sequence of {tokens} tokens is not a multiple of patch_size K={patch_size}: use samples of K*T tokens"
         )
     # [s*K, b, h] -> [s, K, b, h] -> [s, b, h]
     return embeddings.view(tokens // patch_size, patch_size, batch, hidden).mean(dim=1)

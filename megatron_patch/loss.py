@@ -86,9 +86,7 @@ class _VocabParallelPatchCrossEntropy(torch.autograd.Function):
         partition_vocab = logits.size(-1)
         rank = dist.get_rank(group=tp_group)
         world = dist.get_world_size(group=tp_group)
-        vocab_start, vocab_end = VocabUtility.vocab_range_from_per_partition_vocab_size(
-            partition_vocab, rank, world
-        )
+        vocab_start, vocab_end = VocabUtility.vocab_range_from_per_partition_vocab_size(partition_vocab, rank, world)
         logits -= logits_max.unsqueeze(-1)
 
         # targets held by other ranks contribute 0 here and arrive through the all-reduce
@@ -120,7 +118,11 @@ class _VocabParallelPatchCrossEntropy(torch.autograd.Function):
                 VocabParallelCrossEntropy.prepare_gradient_calculation_operands(softmax, target_mask)
             )
             grad_input = VocabParallelCrossEntropy.calculate_gradients(
-                grad_2d, arange_1d, local_targets.reshape(-1), softmax_update, grad_input,
+                grad_2d,
+                arange_1d,
+                local_targets.reshape(-1),
+                softmax_update,
+                grad_input,
                 grad_output.squeeze(-1),
             )
             return grad_input, None, None

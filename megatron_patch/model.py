@@ -84,8 +84,14 @@ class PatchGPTModel(GPTModel):
         if patch_size == 1:
             per_target = labels is not None and labels.dim() == 3
             # [b, s, 1] -> [b, s]: GPTModel's own labels, so K=1 is stock megatron bit for bit
-            output = super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
-                                     labels=labels.squeeze(-1) if per_target else labels, **kwargs)
+            output = super().forward(
+                input_ids,
+                position_ids,
+                attention_mask,
+                decoder_input=decoder_input,
+                labels=labels.squeeze(-1) if per_target else labels,
+                **kwargs,
+            )
             return output.unsqueeze(-1) if per_target and self.post_process else output  # [b, s] -> [b, s, 1]
         if decoder_input is None and self.pre_process:
             token_embeddings = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [K*T, b, h]

@@ -78,11 +78,26 @@ def tiny_corpus(tmp_path_factory):
         source = REPO_ROOT / "examples" / "data" / "tiny.jsonl.xz"
         assert source.is_file(), f"{source} is missing: it ships with the repository (git checkout it)"
         source = str(source)
-        assert train_tokenizer.main(["--input", source, "--vocab-size", "512",
-                                     "--output-prefix", str(folder / "tok")]) == 0
-        assert preprocess_data.main(["--input", source, "--output-prefix", str(folder / "tiny"),
-                                     "--tokenizer-model", str(folder / "tok.model"), "--append-eod",
-                                     "--workers", "1"]) == 0
+        assert (
+            train_tokenizer.main(["--input", source, "--vocab-size", "512", "--output-prefix", str(folder / "tok")])
+            == 0
+        )
+        assert (
+            preprocess_data.main(
+                [
+                    "--input",
+                    source,
+                    "--output-prefix",
+                    str(folder / "tiny"),
+                    "--tokenizer-model",
+                    str(folder / "tok.model"),
+                    "--append-eod",
+                    "--workers",
+                    "1",
+                ]
+            )
+            == 0
+        )
         return {"tokenizer": str(folder / "tok.model"), "prefix": str(folder / "tiny_text_document")}
 
     if not dist.is_initialized():

@@ -27,12 +27,19 @@ def build(tp=1, pp=1, sequence_parallel=False, seed=1234, ddp=True, fused_rope=F
     """A tiny PatchGPTModel for this rank in the TP/PP layout given (re-initialises megatron's groups)."""
     parallel.init_model_parallel(tp, pp, seed=seed)
     config = transformer_config(
-        get_preset("tiny"), tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=sequence_parallel,
-        cpu=True, calculate_per_token_loss=True,
+        get_preset("tiny"),
+        tensor_parallel=tp,
+        pipeline_parallel=pp,
+        sequence_parallel=sequence_parallel,
+        cpu=True,
+        calculate_per_token_loss=True,
     )
     model = build_patch_gpt_model(
-        config, VOCAB, SEQ,
-        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+        config,
+        VOCAB,
+        SEQ,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
         fused_rope=fused_rope,
     )
     if not ddp:
@@ -47,11 +54,31 @@ def trainer_config(*flags, tokenizer_model):
     the data path is never read)."""
     from megatron_patch.training.arguments import parse_args
 
-    return parse_args([
-        "--model", "tiny", "--cpu", "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "4",
-        "--lr", "1e-3", "--data-path", "unused", "--tokenizer-model", tokenizer_model,
-        "--recompute-granularity", "none", "--make-vocab-size-divisible-by", str(VOCAB), *flags,
-    ], world_size=1)
+    return parse_args(
+        [
+            "--model",
+            "tiny",
+            "--cpu",
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "8",
+            "--train-iters",
+            "4",
+            "--lr",
+            "1e-3",
+            "--data-path",
+            "unused",
+            "--tokenizer-model",
+            tokenizer_model,
+            "--recompute-granularity",
+            "none",
+            "--make-vocab-size-divisible-by",
+            str(VOCAB),
+            *flags,
+        ],
+        world_size=1,
+    )
 
 
 def forward_losses(model, batch, patch_size):
@@ -81,8 +108,9 @@ def train_forward_backward(model, micro_batches, patch_size):
     for chunk in model:
         chunk.zero_grad_buffer()
     b = micro_batches[0]["tokens"].shape[0]
-    stage = StagePlan("patch" if patch_size > 1 else "token", patch_size, 1, 0, b * len(micro_batches), SEQ, b,
-                      len(micro_batches))
+    stage = StagePlan(
+        "patch" if patch_size > 1 else "token", patch_size, 1, 0, b * len(micro_batches), SEQ, b, len(micro_batches)
+    )
     totals = run_schedule(model, iter(micro_batches), stage, forward_only=False)
     return (totals[0] / totals[1]).item()
 
@@ -149,9 +177,14 @@ def compile_fused_kernels(monkeypatch):
     monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # so a test can count what compiles from here on
-    for module, name in ((fused_bias_swiglu, "swiglu"), (fused_bias_swiglu, "swiglu_back"),
-                         (attention, "apply_rotary"), (fused_cross_entropy, "_row_max"),
-                         (fused_cross_entropy, "_row_sum_exp"), (fused_cross_entropy, "_scaled_exp")):
+    for module, name in (
+        (fused_bias_swiglu, "swiglu"),
+        (fused_bias_swiglu, "swiglu_back"),
+        (attention, "apply_rotary"),
+        (fused_cross_entropy, "_row_max"),
+        (fused_cross_entropy, "_row_sum_exp"),
+        (fused_cross_entropy, "_scaled_exp"),
+    ):
         monkeypatch.setattr(module, name, torch.compile(getattr(module, name)))
 
 
@@ -175,7 +208,12 @@ def runs_through_trainer_builders(model_parallel, flags, seed, tokenizer_model):
         losses, mask = forward_losses(model, batches(patch_size)[0], patch_size)
         loss = masked_mean(losses, mask)
         loss.backward()
-        runs[patch_size] = (losses.detach(), loss.detach(),
-                            {name: (param.main_grad if param.grad is None else param.grad).clone()
-                             for name, param in model.named_parameters()})
+        runs[patch_size] = (
+            losses.detach(),
+            loss.detach(),
+            {
+                name: (param.main_grad if param.grad is None else param.grad).clone()
+                for name, param in model.named_parameters()
+            },
+        )
     return model, runs

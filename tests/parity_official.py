@@ -29,8 +29,9 @@ BF16_TOLERANCE = 2e-3  # nats: bf16 weights and activations (project) against fl
 # (measured: at most 3.2e-4 at K = 2, 4, 8 on the tiny checkpoint; bf16 rounds at 3.9e-3 relative)
 
 
-def official_patch_loss(hf_model, x: torch.Tensor, patch_size: int, *, bf16_cast: bool = False,
-                        mistake: Optional[str] = None) -> torch.Tensor:
+def official_patch_loss(
+    hf_model, x: torch.Tensor, patch_size: int, *, bf16_cast: bool = False, mistake: Optional[str] = None
+) -> torch.Tensor:
     """The official patch loss of ``x`` ``[b, K*T + 1]`` token ids (float64 scalar, nats/target).
 
     The sample is ``x[:, :K*T]``; the extra last token is read only by the "one token late"
@@ -50,7 +51,7 @@ def official_patch_loss(hf_model, x: torch.Tensor, patch_size: int, *, bf16_cast
     logits = hf_model(inputs_embeds=embeds, position_ids=positions).logits.to(torch.float64)  # [b, T, V]
     log_probs = F.log_softmax(logits[:, :-1].reshape(-1, logits.shape[-1]), dim=1)  # [b*(T-1), V]
     if mistake == "targets-one-token-late":
-        labels = x[:, K + 1:]  # [b, (T-1)*K]: x_{(i+1)K+k+1}
+        labels = x[:, K + 1 :]  # [b, (T-1)*K]: x_{(i+1)K+k+1}
     elif mistake == "patch-scored-against-its-own-tokens":
         labels = ids[:, :-K]  # [b, (T-1)*K]: x_{iK+k}
     else:
@@ -63,8 +64,9 @@ def load_hf(folder: str, dtype=torch.float64):
     """The exported folder as transformers' ``LlamaForCausalLM`` in ``dtype`` (eager attention)."""
     import transformers
 
-    model = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32,
-                                                          attn_implementation="eager")
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        folder, torch_dtype=torch.float32, attn_implementation="eager"
+    )
     return model.to(dtype).eval()
 
 
@@ -130,14 +132,19 @@ def project_gradients_as_llama(chunk: torch.nn.Module, info, folder: str) -> Dic
             return dataclasses.replace(tree, data=grads[id(tree.data)].detach().clone())
         return tree
 
-    sharded = {key: value for key, value in swap(model.sharded_state_dict()).items() if not key.endswith("_extra_state")}
+    sharded = {
+        key: value for key, value in swap(model.sharded_state_dict()).items() if not key.endswith("_extra_state")
+    }
     if not dist.is_initialized() or dist.get_rank() == 0:
         os.makedirs(folder, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
     dist_checkpointing.save(sharded, folder)
-    plain = {key: value for key, value in dist_checkpointing.load_plain_tensors(folder).items()
-             if isinstance(value, torch.Tensor)}
+    plain = {
+        key: value
+        for key, value in dist_checkpointing.load_plain_tensors(folder).items()
+        if isinstance(value, torch.Tensor)
+    }
     return hf_export.to_llama(info, plain, info.vocab_size)
 
 
@@ -155,8 +162,10 @@ def corpus_sample(prefix: str, batch: int, length: int) -> torch.Tensor:
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """||ours - reference|| / ||reference|| (Frobenius norms, float64)."""
     reference = reference.to(torch.float64)
-    return (torch.linalg.vector_norm(ours.to(torch.float64) - reference)
-            / torch.linalg.vector_norm(reference).clamp(min=1e-30)).item()
+    return (
+        torch.linalg.vector_norm(ours.to(torch.float64) - reference)
+        / torch.linalg.vector_norm(reference).clamp(min=1e-30)
+    ).item()
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -176,8 +185,12 @@ def trained_and_exported(tiny_corpus: dict, folder: str, *layout) -> dict:
     checkpoint = store.checkpoint_dir(root, TRAIN_ITERS)
     hf_folder = os.path.join(folder, "hf")
     assert export_hf.main(["--cpu", "--load", checkpoint, "--save", hf_folder]) == 0
-    return {"info": checkpoint_info.read_checkpoint(checkpoint), "hf": load_hf(hf_folder),
-            "hf_fp32": load_hf(hf_folder, torch.float32), "prefix": tiny_corpus["prefix"]}
+    return {
+        "info": checkpoint_info.read_checkpoint(checkpoint),
+        "hf": load_hf(hf_folder),
+        "hf_fp32": load_hf(hf_folder, torch.float32),
+        "prefix": tiny_corpus["prefix"],
+    }
 
 
 def project_model(parity: dict, tensor_parallel: int = 1, bf16: bool = False) -> torch.nn.Module:
@@ -190,8 +203,14 @@ def project_model(parity: dict, tensor_parallel: int = 1, bf16: bool = False) ->
     return model[0]
 
 
-def parity_mismatches(parity: dict, x: torch.Tensor, patch_size: int, grads_folder: str,
-                      tensor_parallel: int = 1, mistake: Optional[str] = None) -> list:
+def parity_mismatches(
+    parity: dict,
+    x: torch.Tensor,
+    patch_size: int,
+    grads_folder: str,
+    tensor_parallel: int = 1,
+    mistake: Optional[str] = None,
+) -> list:
     """What differs between the project's patch loss and gradients and the official recipe's (with
     ``mistake`` planted in the recipe): a list of lines, empty when they agree.
 

@@ -53,9 +53,7 @@ def reference_per_target_loss(logits: torch.Tensor, targets: torch.Tensor) -> to
     return torch.cat(losses, dim=-1)
 
 
-def reference_patch_loss(
-    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
+def reference_patch_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The patch loss: mean of the per-target losses over the scored (``mask == 1``) targets.
 
     Args:

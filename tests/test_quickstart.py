@@ -10,8 +10,13 @@ from tests.conftest import REPO_ROOT
 
 def test_reduced_quickstart_runs_end_to_end(tmp_path):
     work = tmp_path / "qs"
-    result = subprocess.run([sys.executable, "examples/quickstart.py", "--reduced", "--workdir", str(work)],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "examples/quickstart.py", "--reduced", "--workdir", str(work)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "relative cost of patch training" in result.stdout
     # the closing table has the control row and the transfer it implies, from the evaluations' own losses
@@ -26,6 +31,11 @@ def test_reduced_quickstart_runs_end_to_end(tmp_path):
         evaluation = json.loads((work / f"eval_{name}.json").read_text())
         assert evaluation["tokens"] > 0 and evaluation["loss"] < math.log(1000)  # better than uniform
     # a re-run reuses every step
-    again = subprocess.run([sys.executable, "examples/quickstart.py", "--reduced", "--workdir", str(work)],
-                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "examples/quickstart.py", "--reduced", "--workdir", str(work)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0 and again.stdout.count("done already") >= 10

@@ -23,8 +23,9 @@ if __package__ in (None, ""):  # run as `python tools/build_zero_shot_task.py` f
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_INPUT = os.path.join(REPO_ROOT, "examples", "data", "tiny.jsonl.xz")
-DEFAULT_OUTPUT = os.path.join(REPO_ROOT, "megatron_patch", "evaluation", "tasks", "tiny_next_sentence",
-                              "tiny_next_sentence.jsonl")
+DEFAULT_OUTPUT = os.path.join(
+    REPO_ROOT, "megatron_patch", "evaluation", "tasks", "tiny_next_sentence", "tiny_next_sentence.jsonl"
+)
 
 
 def build_parser():
@@ -71,11 +72,15 @@ def _run(args) -> None:
     documents = _documents(args.input, args.json_key)
     items = build_items(documents, args.items_per_document, args.choices, args.seed)
     if not items:
-        raise DataError(f"--input {args.input}: no document has a passage of 100-300 characters followed by a "
-                        f"sentence of 30-120 characters; use a corpus of running prose")
+        raise DataError(
+            f"--input {args.input}: no document has a passage of 100-300 characters followed by a "
+            f"sentence of 30-120 characters; use a corpus of running prose"
+        )
     write_atomic(args.output, "".join(json.dumps(item) + "\n" for item in items))
-    print(f"wrote {len(items)} items ({args.choices} choices each) from {len(documents)} documents of "
-          f"{args.input} to {args.output}")
+    print(
+        f"wrote {len(items)} items ({args.choices} choices each) from {len(documents)} documents of "
+        f"{args.input} to {args.output}"
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> int:

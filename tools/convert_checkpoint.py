@@ -33,16 +33,28 @@ def build_parser():
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="target PP")
     parser.add_argument("--force", action="store_true", help="replace an existing --save folder")
     parser.add_argument("--cpu", action="store_true", help="CPU mode over gloo")
-    parser.add_argument("--no-checkpoint-verify", dest="checkpoint_verify", action="store_false",
-                        help="load without checking every file against the checkpoint's manifest")
-    parser.add_argument("--tolerance", type=float, default=1e-3,
-                        help="max absolute logit difference accepted by the self-check (fp32)")
+    parser.add_argument(
+        "--no-checkpoint-verify",
+        dest="checkpoint_verify",
+        action="store_false",
+        help="load without checking every file against the checkpoint's manifest",
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=1e-3, help="max absolute logit difference accepted by the self-check (fp32)"
+    )
     parser.add_argument("--model", default=None, help="optional guard: the preset the checkpoint must have")
-    parser.add_argument("--tokenizer-model", default=None,
-                        help="SentencePiece model (default: the one the source was trained with); used to "
-                             "check the target TP pads the vocabulary as the source did")
-    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
-                        help="as given to the token-stage trainer (default: the source run's)")
+    parser.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="SentencePiece model (default: the one the source was trained with); used to "
+        "check the target TP pads the vocabulary as the source did",
+    )
+    parser.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=None,
+        help="as given to the token-stage trainer (default: the source run's)",
+    )
     return parser
 
 
@@ -58,21 +70,34 @@ def main(argv: Optional[List[str]] = None) -> int:
         # The flags are checked against the files before joining the world (as evaluate.py and
         # export_hf.py do), so a wrong --load is reported even where the device is missing too.
         plan = reshard.plan_from_flags(
-            args.load, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-            force=args.force, tolerance=args.tolerance, model=args.model, tokenizer_model=args.tokenizer_model,
-            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, verify=args.checkpoint_verify,
+            args.load,
+            args.save,
+            args.tensor_model_parallel_size,
+            args.pipeline_model_parallel_size,
+            force=args.force,
+            tolerance=args.tolerance,
+            model=args.model,
+            tokenizer_model=args.tokenizer_model,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            verify=args.checkpoint_verify,
         )
         with command.command_world(args.cpu):
             result = reshard.convert(plan)
             if command.rank() == 0:
                 info = result.metadata["conversion"]
                 layout = info["source_layout"]
-                print(f"converted {info['source']} ({info['source_stage']} stage, iteration "
-                      f"{info['source_iteration']}, TP={layout.get('tensor')} PP={layout.get('pipeline')})")
-                print(f"to {result.checkpoint} (token stage, iteration 0, TP={plan.tensor_parallel} "
-                      f"PP={plan.pipeline_parallel}, weights only)")
-                print(f"logits check: max absolute difference {result.max_abs_diff:.3e} "
-                      f"(tolerance {result.tolerance:.1e}) in {result.seconds:.1f} s")
+                print(
+                    f"converted {info['source']} ({info['source_stage']} stage, iteration "
+                    f"{info['source_iteration']}, TP={layout.get('tensor')} PP={layout.get('pipeline')})"
+                )
+                print(
+                    f"to {result.checkpoint} (token stage, iteration 0, TP={plan.tensor_parallel} "
+                    f"PP={plan.pipeline_parallel}, weights only)"
+                )
+                print(
+                    f"logits check: max absolute difference {result.max_abs_diff:.3e} "
+                    f"(tolerance {result.tolerance:.1e}) in {result.seconds:.1f} s"
+                )
                 print(f"next: --stage token --pretrained-checkpoint {plan.save}")
 
     return command.run_main(body)

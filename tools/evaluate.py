@@ -31,20 +31,29 @@ def build_parser():
     data.add_argument("--data-path", default=None, help="a .bin/.idx prefix (without the extension)")
     data.add_argument("--input", nargs="+", default=None, help="JSONL or text files, or quoted globs")
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="the JSON key holding the text (one)")
-    parser.add_argument("--tokenizer-model", default=None,
-                        help="SentencePiece model (default: the one the checkpoint was trained with)")
+    parser.add_argument(
+        "--tokenizer-model", default=None, help="SentencePiece model (default: the one the checkpoint was trained with)"
+    )
     parser.add_argument("--max-documents", type=int, default=None, help="evaluate only the first N documents")
     parser.add_argument("--seq-length", type=int, default=None, help="T, tokens per window (default: the checkpoint's)")
     parser.add_argument("--micro-batch-size", type=int, default=4, help="windows per micro-batch")
     parser.add_argument("--window", choices=["non-overlapping", "sliding"], default="non-overlapping")
-    parser.add_argument("--stride", type=int, default=None, help="sliding windows: tokens between window starts "
-                                                                 "(default T/2); each scores its last S tokens")
+    parser.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="sliding windows: tokens between window starts (default T/2); each scores its last S tokens",
+    )
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     parser.add_argument("--fp32", action="store_true", help="run a bf16 checkpoint in fp32")
     parser.add_argument("--cpu", action="store_true", help="CPU mode over gloo")
-    parser.add_argument("--no-checkpoint-verify", dest="checkpoint_verify", action="store_false",
-                        help="load without checking every file against the checkpoint's manifest")
+    parser.add_argument(
+        "--no-checkpoint-verify",
+        dest="checkpoint_verify",
+        action="store_false",
+        help="load without checking every file against the checkpoint's manifest",
+    )
     parser.add_argument("--model", default=None, help="optional guard: the preset the checkpoint must have")
     parser.add_argument("--output-json", default=None, help="also write the results here (JSON)")
     return parser
@@ -54,12 +63,12 @@ def _run(args) -> None:
     import json
     import logging
 
-    from megatron_patch.runtime import command
-    from megatron_patch.evaluation import perplexity, token_stream
     from megatron_patch.checkpoint import info as checkpoint_info
-    from megatron_patch.errors import ArgumentError
-    from megatron_patch.data.tokenizer import SentencePieceTokenizer
     from megatron_patch.checkpoint.store import _write_atomic
+    from megatron_patch.data.tokenizer import SentencePieceTokenizer
+    from megatron_patch.errors import ArgumentError
+    from megatron_patch.evaluation import perplexity, token_stream
+    from megatron_patch.runtime import command
 
     if len(args.json_keys) != 1:
         raise ArgumentError(f"--json-keys {' '.join(args.json_keys)}: evaluate one key at a time")
@@ -70,19 +79,23 @@ def _run(args) -> None:
     info = checkpoint_info.read_checkpoint(args.load, "--load", args.model)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     checkpoint_info.check_layout(info, tp, pp)
-    settings = perplexity.EvalSettings(args.seq_length or info.seq_length, args.micro_batch_size, args.window,
-                                       args.stride)
+    settings = perplexity.EvalSettings(
+        args.seq_length or info.seq_length, args.micro_batch_size, args.window, args.stride
+    )
     if settings.seq_length > info.seq_length:
         logging.getLogger("megatron_patch.tools.evaluate").warning(
-            "--seq-length %d is longer than the %d positions the model was trained on", settings.seq_length,
-            info.seq_length)
+            "--seq-length %d is longer than the %d positions the model was trained on",
+            settings.seq_length,
+            info.seq_length,
+        )
     tokenizer_path = args.tokenizer_model or info.tokenizer_model
     if not tokenizer_path:
         raise ArgumentError(f"checkpoint {info.path} records no tokenizer: pass --tokenizer-model")
     tokenizer = SentencePieceTokenizer(tokenizer_path)
     trained_tp = int(info.args.get("tensor_model_parallel_size", info.layout.get("tensor", 1)))
-    perplexity.check_tokenizer(tokenizer, info.vocab_size, info.divisible_by, trained_tp, info.path,
-                               info.tokenizer_model)
+    perplexity.check_tokenizer(
+        tokenizer, info.vocab_size, info.divisible_by, trained_tp, info.path, info.tokenizer_model
+    )
     if args.data_path:
         corpus = token_stream.corpus_from_prefix(args.data_path, tokenizer, args.max_documents)
         described = {"data_path": args.data_path}
@@ -97,15 +110,20 @@ def _run(args) -> None:
         if command.rank() != 0:
             return
         report = {
-            "checkpoint": info.path, "iteration": info.meta.get("iteration"), "stage": info.progress.get("stage"),
-            "model": info.preset.name, **described, "tokenizer_model": tokenizer.model_path,
+            "checkpoint": info.path,
+            "iteration": info.meta.get("iteration"),
+            "stage": info.progress.get("stage"),
+            "model": info.preset.name,
+            **described,
+            "tokenizer_model": tokenizer.model_path,
             "layout": {"tensor": tp, "pipeline": pp, "data": world_size // (tp * pp)},
             "dtype": "float32" if args.fp32 or not info.bf16 else "bfloat16",
             **result.to_dict(),
-            "bytes_counted": "UTF-8 bytes of the documents' text" if args.input else
-                             "UTF-8 bytes of the detokenized documents",
+            "bytes_counted": "UTF-8 bytes of the documents' text"
+            if args.input
+            else "UTF-8 bytes of the detokenized documents",
             "scoring": "documents in order, each followed by EOD, after one leading EOD; every token (EODs "
-                       "included) scored once",
+            "included) scored once",
         }
         if args.output_json:
             _write_atomic(args.output_json, json.dumps(report, indent=1) + "\n")
@@ -113,14 +131,20 @@ def _run(args) -> None:
         if result.window == "sliding":
             context = result.seq_length - result.stride + 1
             window = f"sliding, stride {result.stride} (at least {context} tokens of context)"
-        print(f"checkpoint: {info.path} ({report['stage']} stage, iteration {report['iteration']}, "
-              f"model {info.preset.name})")
-        print(f"data: {args.data_path or ' '.join(args.input)}: {result.documents} documents, {result.bytes} bytes "
-              f"({report['bytes_counted']})")
+        print(
+            f"checkpoint: {info.path} ({report['stage']} stage, iteration {report['iteration']}, "
+            f"model {info.preset.name})"
+        )
+        print(
+            f"data: {args.data_path or ' '.join(args.input)}: {result.documents} documents, {result.bytes} bytes "
+            f"({report['bytes_counted']})"
+        )
         print(f"windows: {window}, {result.seq_length} tokens; TP={tp} PP={pp} DP={report['layout']['data']}")
         print(f"tokens scored: {result.tokens} (EODs included) in {result.seconds:.1f} s")
-        print(f"loss {result.loss:.4f} nats/token | perplexity {result.perplexity:.3f} | "
-              f"bits per byte {result.bits_per_byte:.4f}")
+        print(
+            f"loss {result.loss:.4f} nats/token | perplexity {result.perplexity:.3f} | "
+            f"bits per byte {result.bits_per_byte:.4f}"
+        )
         if args.output_json:
             print(f"wrote {args.output_json}")
 

@@ -32,21 +32,36 @@ def build_parser():
     model.add_argument("--load", help="a --save root (its latest checkpoint) or one token-stage checkpoint")
     model.add_argument("--hf-model", help="a folder written by tools/export_hf.py (skips the export)")
     parser.add_argument("--output-json", required=True, help="where to write the scores (JSON)")
-    parser.add_argument("--tasks", nargs="+", default=default_tasks(),
-                        help="harness task or group names (default: the paper's six)")
-    parser.add_argument("--include-path", nargs="+", default=[],
-                        help="folders of extra task YAML files (e.g. the paper's tasks over local copies)")
+    parser.add_argument(
+        "--tasks", nargs="+", default=default_tasks(), help="harness task or group names (default: the paper's six)"
+    )
+    parser.add_argument(
+        "--include-path",
+        nargs="+",
+        default=[],
+        help="folders of extra task YAML files (e.g. the paper's tasks over local copies)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
     parser.add_argument("--num-fewshot", type=int, default=0, help="examples in the context (0: zero-shot)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="dtype the harness runs the model in")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="dtype the harness runs the model in",
+    )
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--log-samples", action="store_true",
-                        help="also keep each item's choice log-likelihoods in the JSON (multiple-choice tasks)")
-    parser.add_argument("--tokenizer-model", default=None,
-                        help="--load: SentencePiece model (default: the one the checkpoint was trained with)")
+    parser.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="also keep each item's choice log-likelihoods in the JSON (multiple-choice tasks)",
+    )
+    parser.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="--load: SentencePiece model (default: the one the checkpoint was trained with)",
+    )
     parser.add_argument("--cpu", action="store_true", help="--load: export in CPU mode over gloo")
     return parser
 
@@ -63,8 +78,10 @@ def _check(args) -> None:
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.output_json))):
         raise ArgumentError(f"--output-json {args.output_json}: its folder does not exist; create it first")
     if args.hf_model and not os.path.isfile(os.path.join(args.hf_model, "config.json")):
-        raise ArgumentError(f"--hf-model {args.hf_model} holds no config.json: pass a folder written by "
-                            f"tools/export_hf.py, or the checkpoint itself with --load")
+        raise ArgumentError(
+            f"--hf-model {args.hf_model} holds no config.json: pass a folder written by "
+            f"tools/export_hf.py, or the checkpoint itself with --load"
+        )
 
 
 def _export(args, folder: str) -> int:
@@ -91,10 +108,19 @@ def _run(args, argv: Optional[List[str]]) -> int:
             code = _export(args, folder)
             if code:
                 return code
-        report = zero_shot.evaluate(folder, args.tasks, include_paths=args.include_path, manager=manager,
-                                    batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                                    limit=args.limit, num_fewshot=args.num_fewshot, seed=args.seed,
-                                    log_samples=args.log_samples)
+        report = zero_shot.evaluate(
+            folder,
+            args.tasks,
+            include_paths=args.include_path,
+            manager=manager,
+            batch_size=args.batch_size,
+            device=args.device,
+            dtype=args.dtype,
+            limit=args.limit,
+            num_fewshot=args.num_fewshot,
+            seed=args.seed,
+            log_samples=args.log_samples,
+        )
         provenance_path = os.path.join(folder, "megatron_patch_export.json")
         provenance = json.load(open(provenance_path)) if os.path.isfile(provenance_path) else {}
     report["model"] = os.path.abspath(args.hf_model) if args.hf_model else None
@@ -105,12 +131,16 @@ def _run(args, argv: Optional[List[str]]) -> int:
     zero_shot.write_atomic(args.output_json, json.dumps(report, indent=1) + "\n")
     source = report["checkpoint"] or report["model"]
     print(f"model: {source} ({report['stage'] or 'unknown'} stage, iteration {report['iteration']})")
-    print(f"lm-evaluation-harness {report['versions']['lm_eval']}, {args.num_fewshot}-shot, {args.dtype} on "
-          f"{report['settings']['device']}, {report['seconds']:.1f} s")
+    print(
+        f"lm-evaluation-harness {report['versions']['lm_eval']}, {args.num_fewshot}-shot, {args.dtype} on "
+        f"{report['settings']['device']}, {report['seconds']:.1f} s"
+    )
     print(zero_shot.table(report))
     if report["truncated_requests"]:
-        print(f"{report['truncated_requests']} requests were longer than the model's positions and had their "
-              f"context cut from the left")
+        print(
+            f"{report['truncated_requests']} requests were longer than the model's positions and had their "
+            f"context cut from the left"
+        )
     print(f"wrote {args.output_json}")
     return 0
 

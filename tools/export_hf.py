@@ -29,17 +29,28 @@ def build_parser():
     parser.add_argument("--load", required=True, help="a --save root (its latest checkpoint) or one checkpoint")
     parser.add_argument("--save", required=True, help="output folder (created; see --force)")
     parser.add_argument("--force", action="store_true", help="replace an existing --save folder")
-    parser.add_argument("--tokenizer-model", default=None,
-                        help="SentencePiece model (default: the one the checkpoint was trained with)")
-    parser.add_argument("--trim-vocab", action="store_true",
-                        help="cut the padded vocabulary to the tokenizer's pieces (default: keep it)")
-    parser.add_argument("--verify-logits", action="store_true",
-                        help="compare transformers' logits with Megatron's (TP=1 PP=1, fp32) on a fixed batch")
+    parser.add_argument(
+        "--tokenizer-model", default=None, help="SentencePiece model (default: the one the checkpoint was trained with)"
+    )
+    parser.add_argument(
+        "--trim-vocab",
+        action="store_true",
+        help="cut the padded vocabulary to the tokenizer's pieces (default: keep it)",
+    )
+    parser.add_argument(
+        "--verify-logits",
+        action="store_true",
+        help="compare transformers' logits with Megatron's (TP=1 PP=1, fp32) on a fixed batch",
+    )
     parser.add_argument("--tolerance", type=float, default=1e-3, help="max absolute logit difference (--verify-logits)")
     parser.add_argument("--model", default=None, help="optional guard: the preset the checkpoint must have")
     parser.add_argument("--cpu", action="store_true", help="CPU mode over gloo")
-    parser.add_argument("--no-checkpoint-verify", dest="checkpoint_verify", action="store_false",
-                        help="load without checking every file against the checkpoint's manifest")
+    parser.add_argument(
+        "--no-checkpoint-verify",
+        dest="checkpoint_verify",
+        action="store_false",
+        help="load without checking every file against the checkpoint's manifest",
+    )
     return parser
 
 
@@ -49,14 +60,14 @@ def _run(args) -> None:
 
     import torch
 
-    from megatron_patch.runtime import command
-    from megatron_patch.conversion import hf_export
     from megatron_patch.checkpoint import info as checkpoint_info
-    from megatron_patch.errors import ArgumentError, VerificationError
-    from megatron_patch.evaluation.perplexity import check_tokenizer
-    from megatron_patch.evaluation.logits import fixed_tokens, forward_logits
-    from megatron_patch.runtime.staged_folder import StagedFolder, check_output_folder
+    from megatron_patch.conversion import hf_export
     from megatron_patch.data.tokenizer import SentencePieceTokenizer
+    from megatron_patch.errors import ArgumentError, VerificationError
+    from megatron_patch.evaluation.logits import fixed_tokens, forward_logits
+    from megatron_patch.evaluation.perplexity import check_tokenizer
+    from megatron_patch.runtime import command
+    from megatron_patch.runtime.staged_folder import StagedFolder, check_output_folder
 
     logger = logging.getLogger("megatron_patch.tools.export_hf")
     start = time.perf_counter()
@@ -72,8 +83,11 @@ def _run(args) -> None:
     trained_tp = int(info.args.get("tensor_model_parallel_size", info.layout.get("tensor", 1)))
     check_tokenizer(tokenizer, info.vocab_size, info.divisible_by, trained_tp, info.path, info.tokenizer_model)
     if info.progress.get("stage") == "patch":
-        logger.warning("%s is a patch-stage checkpoint: its weights predict the next patch, not the next token; "
-                       "export the final token-stage checkpoint", info.path)
+        logger.warning(
+            "%s is a patch-stage checkpoint: its weights predict the next patch, not the next token; "
+            "export the final token-stage checkpoint",
+            info.path,
+        )
     vocab_size = tokenizer.vocab_size if args.trim_vocab else info.vocab_size
     with command.command_world(args.cpu):
         tensors = hf_export.read_tensors(info, args.checkpoint_verify)
@@ -81,13 +95,21 @@ def _run(args) -> None:
         del tensors
         dtype = weights["lm_head.weight"].dtype
         config = hf_export.llama_config(info, tokenizer, vocab_size, dtype)
-        provenance = {"source": info.path, "iteration": info.meta.get("iteration"), "progress": info.progress,
-                      "source_layout": info.layout, "model": info.preset.name, "tokenizer_model": tokenizer.model_path,
-                      "vocab": "trimmed to the tokenizer" if args.trim_vocab else "padded, as trained",
-                      "padded_vocab_size": info.vocab_size, "tokenizer_vocab_size": tokenizer.vocab_size}
+        provenance = {
+            "source": info.path,
+            "iteration": info.meta.get("iteration"),
+            "progress": info.progress,
+            "source_layout": info.layout,
+            "model": info.preset.name,
+            "tokenizer_model": tokenizer.model_path,
+            "vocab": "trimmed to the tokenizer" if args.trim_vocab else "padded, as trained",
+            "padded_vocab_size": info.vocab_size,
+            "tokenizer_vocab_size": tokenizer.vocab_size,
+        }
         with StagedFolder(final) as staged:
-            hf_export.rank_zero_first(hf_export.write_folder, staged.path, weights, config, tokenizer,
-                                      info.seq_length, provenance)
+            hf_export.rank_zero_first(
+                hf_export.write_folder, staged.path, weights, config, tokenizer, info.seq_length, provenance
+            )
             difference = None
             if args.verify_logits:
                 tokens = fixed_tokens(tokenizer.vocab_size, 2, min(info.seq_length, 64))
@@ -103,19 +125,27 @@ def _run(args) -> None:
                 difference = result[0]
                 logger.info("max |logits(transformers) - logits(megatron)| = %.3e", difference)
                 if not difference <= args.tolerance:
-                    raise VerificationError(f"transformers' logits differ from Megatron's by {difference:.3e} > "
-                                            f"--tolerance {args.tolerance:.1e}; nothing was written to {args.save}")
+                    raise VerificationError(
+                        f"transformers' logits differ from Megatron's by {difference:.3e} > "
+                        f"--tolerance {args.tolerance:.1e}; nothing was written to {args.save}"
+                    )
             staged.commit()
     if command.rank() == 0:
         parameters = sum(t.numel() for t in weights.values())
-        print(f"exported {info.path} ({info.progress.get('stage')} stage, iteration {info.meta.get('iteration')}, "
-              f"model {info.preset.name}) to {final}")
-        print(f"LlamaForCausalLM: {parameters:,} parameters, {str(dtype).replace('torch.', '')}, vocabulary "
-              f"{vocab_size} ({'trimmed to the tokenizer' if args.trim_vocab else 'padded, as trained'}; "
-              f"tokenizer {tokenizer.vocab_size} pieces)")
+        print(
+            f"exported {info.path} ({info.progress.get('stage')} stage, iteration {info.meta.get('iteration')}, "
+            f"model {info.preset.name}) to {final}"
+        )
+        print(
+            f"LlamaForCausalLM: {parameters:,} parameters, {str(dtype).replace('torch.', '')}, vocabulary "
+            f"{vocab_size} ({'trimmed to the tokenizer' if args.trim_vocab else 'padded, as trained'}; "
+            f"tokenizer {tokenizer.vocab_size} pieces)"
+        )
         if difference is not None:
-            print(f"logits check: max absolute difference transformers vs Megatron {difference:.3e} "
-                  f"(tolerance {args.tolerance:.1e})")
+            print(
+                f"logits check: max absolute difference transformers vs Megatron {difference:.3e} "
+                f"(tolerance {args.tolerance:.1e})"
+            )
         print(f"done in {time.perf_counter() - start:.1f} s")
 
 

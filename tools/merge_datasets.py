@@ -44,9 +44,7 @@ def resolve_inputs(inputs: list[str], output_prefix: str) -> list[str]:
         output = os.path.abspath(output_prefix)
         prefixes = [p for p in prefixes_in_folder(inputs[0]) if os.path.abspath(p) != output]
         if not prefixes:
-            raise DataError(
-                f"folder '{inputs[0]}' holds no .bin/.idx pair to merge; check --input"
-            )
+            raise DataError(f"folder '{inputs[0]}' holds no .bin/.idx pair to merge; check --input")
         return prefixes
     for prefix in inputs:
         if prefix.endswith((".bin", ".idx")):

@@ -37,25 +37,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group = parser.add_argument_group("input")
     group.add_argument("--input", nargs="+", required=True, help="files or quoted globs")
     group.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys to tokenize")
-    group.add_argument("--skip-bad-lines", action="store_true",
-                       help="skip (and count) malformed lines instead of stopping")
-    group.add_argument("--skip-empty-documents", action="store_true",
-                       help="leave documents without a token out of the index (by default each "
-                            "keeps an empty entry, as Megatron-LM's preprocess_data.py writes)")
+    group.add_argument(
+        "--skip-bad-lines", action="store_true", help="skip (and count) malformed lines instead of stopping"
+    )
+    group.add_argument(
+        "--skip-empty-documents",
+        action="store_true",
+        help="leave documents without a token out of the index (by default each "
+        "keeps an empty entry, as Megatron-LM's preprocess_data.py writes)",
+    )
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
     group.add_argument("--append-eod", action="store_true", help="end each document with </s>")
     group = parser.add_argument_group("output")
-    group.add_argument("--output-prefix", required=True,
-                       help="writes PREFIX_{key}_document.bin/.idx; its folder must exist")
+    group.add_argument(
+        "--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx; its folder must exist"
+    )
     group.add_argument("--partitions", type=int, default=1, help="number of output shards")
-    group.add_argument("--no-merge-partitions", dest="merge_partitions", action="store_false",
-                       help="with --partitions > 1, keep only the shards")
+    group.add_argument(
+        "--no-merge-partitions",
+        dest="merge_partitions",
+        action="store_false",
+        help="with --partitions > 1, keep only the shards",
+    )
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     group.add_argument("--log-interval", type=int, default=1000, help="documents per progress line")
-    group.add_argument("--chunk-bytes", type=int, default=1 << 20,
-                       help="bytes of text per worker task (does not change the output)")
+    group.add_argument(
+        "--chunk-bytes", type=int, default=1 << 20, help="bytes of text per worker task (does not change the output)"
+    )
     return parser.parse_args(argv)
 
 

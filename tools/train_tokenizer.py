@@ -32,8 +32,6 @@ import time
 if __package__ in (None, ""):  # run as `python tools/train_tokenizer.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_patch.errors import DataError  # noqa: E402
-from megatron_patch.runtime.command import ArgumentParser, run_main  # noqa: E402
 from megatron_patch.data.inputs import (  # noqa: E402
     BadLineError,
     expand_inputs,
@@ -41,6 +39,8 @@ from megatron_patch.data.inputs import (  # noqa: E402
     parse_line,
 )
 from megatron_patch.data.staging import StagedOutputs, output_folder  # noqa: E402
+from megatron_patch.errors import DataError  # noqa: E402
+from megatron_patch.runtime.command import ArgumentParser, run_main  # noqa: E402
 
 logger = logging.getLogger("train_tokenizer")
 
@@ -74,8 +74,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"are always in the vocabulary; use at least 300 (e.g. 32000)"
         )
     if not 0.98 <= args.character_coverage <= 1.0:
-        raise DataError(f"--character-coverage {args.character_coverage} is outside SentencePiece's range "
-                        f"[0.98, 1]; e.g. 0.9995 (the default) or 1.0 for a small alphabet")
+        raise DataError(
+            f"--character-coverage {args.character_coverage} is outside SentencePiece's range "
+            f"[0.98, 1]; e.g. 0.9995 (the default) or 1.0 for a small alphabet"
+        )
     if args.input_sentence_size < 0:
         raise DataError(f"--input-sentence-size {args.input_sentence_size} must be >= 0")
     return args
@@ -99,8 +101,7 @@ def sample_sentences(args: argparse.Namespace) -> tuple[list[str], int, int]:
         except BadLineError as err:
             if not args.skip_bad_lines:
                 raise DataError(
-                    f"{files[index].path}:{line_number}: {err.reason}; {err.fix}, "
-                    f"or pass --skip-bad-lines"
+                    f"{files[index].path}:{line_number}: {err.reason}; {err.fix}, or pass --skip-bad-lines"
                 ) from None
             bad += 1
             continue
@@ -108,9 +109,7 @@ def sample_sentences(args: argparse.Namespace) -> tuple[list[str], int, int]:
             for sentence in text.splitlines():
                 if not sentence.strip():
                     continue
-                if len(sentence) * 4 > MAX_SENTENCE_BYTES and (
-                    len(sentence.encode("utf-8")) > MAX_SENTENCE_BYTES
-                ):
+                if len(sentence) * 4 > MAX_SENTENCE_BYTES and (len(sentence.encode("utf-8")) > MAX_SENTENCE_BYTES):
                     too_long += 1  # the trainer would drop it; count it here instead
                     continue
                 seen += 1
@@ -121,9 +120,7 @@ def sample_sentences(args: argparse.Namespace) -> tuple[list[str], int, int]:
                     if slot < cap:
                         reservoir[slot] = sentence
     if not reservoir:
-        raise DataError(
-            f"no text found in {len(files)} input file(s); check --input and --json-keys"
-        )
+        raise DataError(f"no text found in {len(files)} input file(s); check --input and --json-keys")
     return reservoir, seen, bad, too_long
 
 
@@ -169,9 +166,7 @@ def train(args: argparse.Namespace, sentences: list[str]) -> bytes:
                 f"special ones); raise --vocab-size above that, or lower --character-coverage (down to "
                 f"0.98) so that the rarest characters are encoded as bytes instead"
             ) from None
-        raise DataError(
-            f"SentencePiece training failed: {reason}; lower --vocab-size or give more text"
-        ) from None
+        raise DataError(f"SentencePiece training failed: {reason}; lower --vocab-size or give more text") from None
     return model.getvalue()
 
 
@@ -222,8 +217,10 @@ def _train_tokenizer(argv: list[str] | None) -> None:
         f"tokenizer: {args.model_type}, vocab {processor.get_piece_size()}, {special} "
         f"(eod = </s>), sha256 {hashlib.sha256(proto).hexdigest()[:12]}"
     )
-    print(f"trained on {len(sentences)} of {seen} lines ({bad} bad input lines skipped, "
-          f"{too_long} lines over {MAX_SENTENCE_BYTES} bytes left out)")
+    print(
+        f"trained on {len(sentences)} of {seen} lines ({bad} bad input lines skipped, "
+        f"{too_long} lines over {MAX_SENTENCE_BYTES} bytes left out)"
+    )
     print(f"wrote {' and '.join(paths)} in {time.time() - start:.1f} s")
 
 

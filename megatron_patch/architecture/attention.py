@@ -73,7 +73,9 @@ class SDPAttention(MegatronModule):
                     f"rotary_base with attention_type={attention_type!r}: fused RoPE is for self-attention only"
                 )
             self.rotary = RotaryEmbedding(
-                kv_channels=self.head_dim, rotary_percent=1.0, rotary_base=rotary_base,
+                kv_channels=self.head_dim,
+                rotary_percent=1.0,
+                rotary_base=rotary_base,
                 use_cpu_initialization=config.use_cpu_initialization,
             )
 
@@ -105,7 +107,12 @@ class SDPAttention(MegatronModule):
         dropout_p = self.dropout_p if self.training else 0.0
         with self._rng_context(dropout_p):
             context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p, is_causal=causal,
+                q,
+                k,
+                v,
+                attn_mask=sdpa_mask,
+                dropout_p=dropout_p,
+                is_causal=causal,
                 scale=self.softmax_scale,
                 enable_gqa=self.num_heads_per_partition != self.num_groups_per_partition,
             )

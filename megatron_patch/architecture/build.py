@@ -54,15 +54,21 @@ class ModelSettings:
         """megatron's config of this model; the loss is a sum over targets plus their count
         (``calculate_per_token_loss``), as the trainer and the evaluation reduce it."""
         return transformer_config(
-            self.preset, tensor_parallel=self.tensor_parallel, pipeline_parallel=self.pipeline_parallel,
-            sequence_parallel=self.sequence_parallel, bf16=self.bf16, cpu=cpu, recompute=self.recompute,
+            self.preset,
+            tensor_parallel=self.tensor_parallel,
+            pipeline_parallel=self.pipeline_parallel,
+            sequence_parallel=self.sequence_parallel,
+            bf16=self.bf16,
+            cpu=cpu,
+            recompute=self.recompute,
             calculate_per_token_loss=True,
             bias_activation_fusion=self.bias_swiglu_fusion,  # megatron's fused SwiGLU (no biases here)
         )
 
 
-def build_model(settings: ModelSettings, config: TransformerConfig, cpu: bool,
-                vp_stage: Optional[int] = None) -> torch.nn.Module:
+def build_model(
+    settings: ModelSettings, config: TransformerConfig, cpu: bool, vp_stage: Optional[int] = None
+) -> torch.nn.Module:
     """This rank's chunk of the model (megatron's groups already at the settings' layout), on its
     device, in ``Float16Module`` when bf16 (as megatron trains and evaluates it)."""
     model: PatchGPTModel = build_patch_gpt_model(

@@ -59,29 +59,93 @@ PRESETS: Dict[str, ModelPreset] = {
     p.name: p
     for p in (
         # tests and the CPU quick start
-        ModelPreset(name="tiny", num_layers=4, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4,
-                    seq_length=64, layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=4)),
-        ModelPreset(name="cpu-small", num_layers=4, hidden_size=128, ffn_hidden_size=352, num_attention_heads=4,
-                    seq_length=128, layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=8)),
+        ModelPreset(
+            name="tiny",
+            num_layers=4,
+            hidden_size=64,
+            ffn_hidden_size=176,
+            num_attention_heads=4,
+            seq_length=64,
+            layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=4),
+        ),
+        ModelPreset(
+            name="cpu-small",
+            num_layers=4,
+            hidden_size=128,
+            ffn_hidden_size=352,
+            num_attention_heads=4,
+            seq_length=128,
+            layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=8),
+        ),
         # sized for the ~30 M-token corpus of the small-scale reproduction (examples/reproduce_small.py)
-        ModelPreset(name="repro-34m", num_layers=8, hidden_size=512, ffn_hidden_size=1376, num_attention_heads=8,
-                    seq_length=1024, layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=32)),
+        ModelPreset(
+            name="repro-34m",
+            num_layers=8,
+            hidden_size=512,
+            ffn_hidden_size=1376,
+            num_attention_heads=8,
+            seq_length=1024,
+            layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=32),
+        ),
         # the paper's models
-        ModelPreset(name="370m", num_layers=24, hidden_size=1024, ffn_hidden_size=2752, num_attention_heads=16,
-                    seq_length=2048, layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=16)),
-        ModelPreset(name="780m", num_layers=24, hidden_size=1536, ffn_hidden_size=4128, num_attention_heads=16,
-                    seq_length=2048, layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=8)),
-        ModelPreset(name="1.3b", num_layers=24, hidden_size=2048, ffn_hidden_size=5504, num_attention_heads=16,
-                    seq_length=2048, layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=8)),
-        ModelPreset(name="2.7b", num_layers=32, hidden_size=2560, ffn_hidden_size=6880, num_attention_heads=32,
-                    seq_length=2048, layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=4)),
+        ModelPreset(
+            name="370m",
+            num_layers=24,
+            hidden_size=1024,
+            ffn_hidden_size=2752,
+            num_attention_heads=16,
+            seq_length=2048,
+            layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=16),
+        ),
+        ModelPreset(
+            name="780m",
+            num_layers=24,
+            hidden_size=1536,
+            ffn_hidden_size=4128,
+            num_attention_heads=16,
+            seq_length=2048,
+            layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=8),
+        ),
+        ModelPreset(
+            name="1.3b",
+            num_layers=24,
+            hidden_size=2048,
+            ffn_hidden_size=5504,
+            num_attention_heads=16,
+            seq_length=2048,
+            layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=8),
+        ),
+        ModelPreset(
+            name="2.7b",
+            num_layers=32,
+            hidden_size=2560,
+            ffn_hidden_size=6880,
+            num_attention_heads=32,
+            seq_length=2048,
+            layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=4),
+        ),
         # scaling past 2.7B (LLaMA-7B / 13B shapes)
-        ModelPreset(name="6.7b", num_layers=32, hidden_size=4096, ffn_hidden_size=11008, num_attention_heads=32,
-                    seq_length=2048, layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=1)),
-        ModelPreset(name="13b", num_layers=40, hidden_size=5120, ffn_hidden_size=13824, num_attention_heads=40,
-                    seq_length=2048, layout=Layout(tensor_parallel=2, pipeline_parallel=1, micro_batch_size=1)),
+        ModelPreset(
+            name="6.7b",
+            num_layers=32,
+            hidden_size=4096,
+            ffn_hidden_size=11008,
+            num_attention_heads=32,
+            seq_length=2048,
+            layout=Layout(tensor_parallel=1, pipeline_parallel=1, micro_batch_size=1),
+        ),
+        ModelPreset(
+            name="13b",
+            num_layers=40,
+            hidden_size=5120,
+            ffn_hidden_size=13824,
+            num_attention_heads=40,
+            seq_length=2048,
+            layout=Layout(tensor_parallel=2, pipeline_parallel=1, micro_batch_size=1),
+        ),
     )
 }
+
 
 def get_preset(name: str) -> ModelPreset:
     """The preset called ``name``; a one-line error listing the choices otherwise."""

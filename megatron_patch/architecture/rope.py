@@ -29,9 +29,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 @jit_fuser
-def apply_rotary(
-    query: torch.Tensor, key: torch.Tensor, freqs: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary(query: torch.Tensor, key: torch.Tensor, freqs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rotate query and key by the angles ``freqs``.
 
     Args:

@@ -62,12 +62,15 @@ def differences(first: str, second: str) -> List[str]:
         if name not in a or name not in b:
             out.append(f"{name}: only in {first if name in a else second}")
         elif name == "common.pt":
-            values = [torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
-                      for path in (first, second)]
+            values = [
+                torch.load(os.path.join(path, name), map_location="cpu", weights_only=True) for path in (first, second)
+            ]
             _values_differ(values[0], values[1], name, out)
         elif name == "megatron_patch.json":
             _values_differ(_progress(first), _progress(second), name, out)
         elif a[name] != b[name]:
-            out.append(f"{name}: {a[name]['size']} bytes crc32 {a[name]['crc32']:08x} vs "
-                       f"{b[name]['size']} bytes crc32 {b[name]['crc32']:08x}")
+            out.append(
+                f"{name}: {a[name]['size']} bytes crc32 {a[name]['crc32']:08x} vs "
+                f"{b[name]['size']} bytes crc32 {b[name]['crc32']:08x}"
+            )
     return out

@@ -84,8 +84,10 @@ def read_checkpoint(path: str, flag: str = "--load", model: Optional[str] = None
     file = os.path.join(found, ckpt.METADATA)
     args, shape = meta.get("args"), meta.get("model_shape")
     if not isinstance(args, dict) or not isinstance(shape, dict) or "model" not in args or "vocab_size" not in shape:
-        raise CheckpointError(f"{file}: no args.model or model_shape.vocab_size; the checkpoint is corrupt "
-                                   f"or was not written by megatron_patch")
+        raise CheckpointError(
+            f"{file}: no args.model or model_shape.vocab_size; the checkpoint is corrupt "
+            f"or was not written by megatron_patch"
+        )
     try:
         preset = get_preset(args["model"])
     except ValueError as error:
@@ -111,43 +113,60 @@ def _divisors(n: int) -> str:
 def check_layout(info: CheckpointInfo, tensor_parallel: int, pipeline_parallel: int) -> None:
     """ArgumentError unless TP divides the heads, query groups, FFN width and vocabulary and PP the layers."""
     preset = info.preset
-    for flag, value in (("--tensor-model-parallel-size", tensor_parallel),
-                        ("--pipeline-model-parallel-size", pipeline_parallel)):
+    for flag, value in (
+        ("--tensor-model-parallel-size", tensor_parallel),
+        ("--pipeline-model-parallel-size", pipeline_parallel),
+    ):
         if value < 1:
             raise ArgumentError(f"{flag} {value} must be >= 1")
     groups = preset.num_query_groups or preset.num_attention_heads
-    counts = (("attention heads", preset.num_attention_heads), ("query groups", groups),
-              ("FFN hidden size", preset.ffn_hidden_size), ("vocabulary rows", info.vocab_size))
+    counts = (
+        ("attention heads", preset.num_attention_heads),
+        ("query groups", groups),
+        ("FFN hidden size", preset.ffn_hidden_size),
+        ("vocabulary rows", info.vocab_size),
+    )
     valid = [d for d in range(1, groups + 1) if all(count % d == 0 for _, count in counts)]
     for what, count in counts:
         if count % tensor_parallel:
-            raise ArgumentError(f"--tensor-model-parallel-size {tensor_parallel} does not divide the {count} {what} of "
-                            f"checkpoint {info.path} (model {preset.name!r}): use one of "
-                            f"{', '.join(map(str, valid))}")
+            raise ArgumentError(
+                f"--tensor-model-parallel-size {tensor_parallel} does not divide the {count} {what} of "
+                f"checkpoint {info.path} (model {preset.name!r}): use one of "
+                f"{', '.join(map(str, valid))}"
+            )
     if preset.num_layers % pipeline_parallel:
-        raise ArgumentError(f"--pipeline-model-parallel-size {pipeline_parallel} does not divide the {preset.num_layers} "
-                        f"layers of checkpoint {info.path} (model {preset.name!r}): use one of "
-                        f"{_divisors(preset.num_layers)}")
+        raise ArgumentError(
+            f"--pipeline-model-parallel-size {pipeline_parallel} does not divide the {preset.num_layers} "
+            f"layers of checkpoint {info.path} (model {preset.name!r}): use one of "
+            f"{_divisors(preset.num_layers)}"
+        )
 
 
 def check_world(world_size: int, tensor_parallel: int, pipeline_parallel: int) -> None:
     if world_size % (tensor_parallel * pipeline_parallel):
         product = tensor_parallel * pipeline_parallel
-        raise ArgumentError(f"world size {world_size} is not a multiple of TP x PP = {product}: "
-                        f"launch a multiple of {product} processes with torchrun")
+        raise ArgumentError(
+            f"world size {world_size} is not a multiple of TP x PP = {product}: "
+            f"launch a multiple of {product} processes with torchrun"
+        )
 
 
-def build_model(info: CheckpointInfo, tensor_parallel: int, pipeline_parallel: int,
-                bf16: Optional[bool] = None, seed: int = 1234) -> List[torch.nn.Module]:
+def build_model(
+    info: CheckpointInfo, tensor_parallel: int, pipeline_parallel: int, bf16: Optional[bool] = None, seed: int = 1234
+) -> List[torch.nn.Module]:
     """(Re)initialise megatron's groups at TP x PP and build this rank's chunk of the checkpoint's
     model (the trainer's builder), in eval mode; ``bf16`` defaults to the checkpoint's dtype.
 
     Returns ``[chunk]`` (a ``Float16Module`` around the model in bf16, as the trainer runs it).
     """
     settings = ModelSettings(
-        preset=info.preset, seq_length=info.seq_length, padded_vocab_size=info.vocab_size,
-        tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
-        bf16=info.bf16 if bf16 is None else bf16, transformer_impl=info.transformer_impl,
+        preset=info.preset,
+        seq_length=info.seq_length,
+        padded_vocab_size=info.vocab_size,
+        tensor_parallel=tensor_parallel,
+        pipeline_parallel=pipeline_parallel,
+        bf16=info.bf16 if bf16 is None else bf16,
+        transformer_impl=info.transformer_impl,
     )
     parallel.init_model_parallel(tensor_parallel, pipeline_parallel, seed=seed)
     cpu = cpu_mode.is_enabled()
@@ -156,8 +175,9 @@ def build_model(info: CheckpointInfo, tensor_parallel: int, pipeline_parallel: i
     return [model]
 
 
-def load_weights(model: List[torch.nn.Module], info: CheckpointInfo, path: Optional[str] = None,
-                 verify: bool = True) -> None:
+def load_weights(
+    model: List[torch.nn.Module], info: CheckpointInfo, path: Optional[str] = None, verify: bool = True
+) -> None:
     """Load the model weights of ``path`` (default: ``info.path``) into ``model``, resharding
     from whatever layout they were saved at (dist_checkpointing); ``verify``: check the files
     against the checkpoint's manifest first (``--no-checkpoint-verify`` turns it off)."""

@@ -45,8 +45,10 @@ class SaveDirLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise CheckpointError(f"--save {self.root} is in use by another trainer ({self._holder()}; lock "
-                                      f"{self.path}): wait for it to end, or save to another folder") from None
+                raise CheckpointError(
+                    f"--save {self.root} is in use by another trainer ({self._holder()}; lock "
+                    f"{self.path}): wait for it to end, or save to another folder"
+                ) from None
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -54,8 +56,11 @@ class SaveDirLock:
             if same:  # else the holder released (and removed) the file between our open and flock
                 break
             os.close(fd)
-        info = {"host": socket.gethostname(), "pid": os.getpid(),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())}
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime()),
+        }
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(info).encode())
         self._fd = fd

@@ -47,8 +47,10 @@ def crc32_of(path: str) -> int:
 
 def describe(folder: str, names: Iterable[str]) -> Dict[str, dict]:
     """``{name: {"size": bytes, "crc32": int}}`` for files ``names`` of ``folder``."""
-    return {name: {"size": os.path.getsize(os.path.join(folder, name)), "crc32": crc32_of(os.path.join(folder, name))}
-            for name in names}
+    return {
+        name: {"size": os.path.getsize(os.path.join(folder, name)), "crc32": crc32_of(os.path.join(folder, name))}
+        for name in names
+    }
 
 
 def _own_files(folder: str, rank: int) -> List[str]:
@@ -100,8 +102,10 @@ def read_manifest(folder: str) -> Optional[dict]:
         for name, entry in files.items():
             int(entry["size"]), int(entry["crc32"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ManifestError(f"{path}: unreadable manifest ({type(error).__name__}: {error}); the checkpoint is "
-                            f"corrupt: load an earlier one, or pass --no-checkpoint-verify to skip the check") from None
+        raise ManifestError(
+            f"{path}: unreadable manifest ({type(error).__name__}: {error}); the checkpoint is "
+            f"corrupt: load an earlier one, or pass --no-checkpoint-verify to skip the check"
+        ) from None
     return files
 
 
@@ -116,7 +120,9 @@ def check_file(folder: str, name: str, entry: dict, with_checksum: bool = True) 
     if with_checksum:
         crc = crc32_of(path)
         if crc != int(entry["crc32"]):
-            return f"{path} has CRC-32 {crc:08x}, {MANIFEST} says {int(entry['crc32']):08x} (same size: overwritten bytes)"
+            return (
+                f"{path} has CRC-32 {crc:08x}, {MANIFEST} says {int(entry['crc32']):08x} (same size: overwritten bytes)"
+            )
     return None
 
 
@@ -135,7 +141,9 @@ def verify(folder: str, group=None) -> bool:
         for index, name in enumerate(sorted(files)):
             problem = check_file(folder, name, files[name], with_checksum=index % world == rank)
             if problem:
-                problem += ": the checkpoint is corrupt: load an earlier one, or pass --no-checkpoint-verify to skip the check"
+                problem += (
+                    ": the checkpoint is corrupt: load an earlier one, or pass --no-checkpoint-verify to skip the check"
+                )
                 break
     if distributed:
         problems: List[Optional[str]] = [None] * dist.get_world_size(group)
@@ -144,6 +152,8 @@ def verify(folder: str, group=None) -> bool:
     if problem:
         raise ManifestError(problem)
     if files is None:
-        logger.warning("checkpoint %s has no %s (written before manifests): its files are not verified", folder, MANIFEST)
+        logger.warning(
+            "checkpoint %s has no %s (written before manifests): its files are not verified", folder, MANIFEST
+        )
         return False
     return True

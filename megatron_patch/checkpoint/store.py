@@ -34,9 +34,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_patch.checkpoint import manifest
-
 from megatron_patch.architecture.build import unwrap
+from megatron_patch.checkpoint import manifest
 from megatron_patch.errors import CheckpointError
 from megatron_patch.training.builders import (
     prepare_optimizer_state_for_loading,
@@ -77,8 +76,11 @@ def newest_complete(root: str) -> Optional[int]:
     """The highest N with a complete ``root/iter_N`` (renamed into place, so it holds its metadata)."""
     if not os.path.isdir(root):
         return None
-    found = [int(m.group(1)) for m in map(_ITER_DIR.match, os.listdir(root))
-             if m and os.path.isfile(os.path.join(root, m.group(0), METADATA))]
+    found = [
+        int(m.group(1))
+        for m in map(_ITER_DIR.match, os.listdir(root))
+        if m and os.path.isfile(os.path.join(root, m.group(0), METADATA))
+    ]
     return max(found, default=None)
 
 
@@ -89,8 +91,14 @@ def read_tracker(root: str) -> Optional[int]:
     if newest is not None and (named is None or newest > named):
         if (root, named, newest) not in _WARNED:
             _WARNED.add((root, named, newest))
-            logger.warning("%s: %s names %s but %s is complete and newer (the save was interrupted before the "
-                           "tracker write): using it", root, TRACKER, named, checkpoint_dir(root, newest))
+            logger.warning(
+                "%s: %s names %s but %s is complete and newer (the save was interrupted before the "
+                "tracker write): using it",
+                root,
+                TRACKER,
+                named,
+                checkpoint_dir(root, newest),
+            )
         return newest
     return named
 
@@ -225,8 +233,10 @@ def _existing(root: str, final: str, iteration: int) -> bool:
     """True when ``final`` is a complete checkpoint (then the tracker is made to name the newest
     complete one); an incomplete ``final`` (no metadata: not written by this code) is an error."""
     if not os.path.exists(os.path.join(final, METADATA)):
-        raise CheckpointError(f"{final} exists but holds no {METADATA} (not a complete checkpoint): move it away "
-                              f"or delete it, then resume")
+        raise CheckpointError(
+            f"{final} exists but holds no {METADATA} (not a complete checkpoint): move it away "
+            f"or delete it, then resume"
+        )
     _repair_tracker(root)
     dist.barrier()
     logger.info("checkpoint %s exists and is complete; not writing it again", final)
@@ -258,8 +268,10 @@ def _in_process_write_results() -> None:
 
 
 def _is_plain(value) -> bool:
-    return value is None or isinstance(value, (str, int, float, bool)) or (
-        isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value)
+    return (
+        value is None
+        or isinstance(value, (str, int, float, bool))
+        or (isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value))
     )
 
 
@@ -276,7 +288,8 @@ def _prune(root: str, keep_last: int) -> None:
     if keep_last <= 0:
         return
     complete = sorted(
-        name for name in os.listdir(root)
+        name
+        for name in os.listdir(root)
         if name.startswith("iter_") and not name.endswith(".tmp") and os.path.exists(os.path.join(root, name, METADATA))
     )
     for name in complete[:-keep_last]:
@@ -294,8 +307,10 @@ def check_files(ckpt: str, verify: bool = True) -> None:
             raise CheckpointError(str(error)) from None
     for name in REQUIRED_FILES:
         if not os.path.isfile(os.path.join(ckpt, name)):
-            raise CheckpointError(f"{os.path.join(ckpt, name)} is missing (deleted or never written): the checkpoint "
-                                  f"is incomplete; load an earlier one")
+            raise CheckpointError(
+                f"{os.path.join(ckpt, name)} is missing (deleted or never written): the checkpoint "
+                f"is incomplete; load an earlier one"
+            )
 
 
 def last_line(error: BaseException) -> str:
@@ -326,8 +341,10 @@ def load_checkpoint(path, model, shape, optimizer=None, scheduler=None, restore_
     try:
         state = dist_checkpointing.load(request, ckpt)
     except (Exception, CheckpointException) as error:  # torch's CheckpointException is a BaseException
-        raise CheckpointError(f"checkpoint {ckpt} could not be loaded ({last_line(error)}): it is corrupt "
-                              f"or incomplete; load an earlier one") from None
+        raise CheckpointError(
+            f"checkpoint {ckpt} could not be loaded ({last_line(error)}): it is corrupt "
+            f"or incomplete; load an earlier one"
+        ) from None
     unwrap(model[0]).load_state_dict(state["model"], strict=True)
     if optimizer is not None:
         with torch.no_grad():  # the distributed optimizer copies into views of fp32 weights in place

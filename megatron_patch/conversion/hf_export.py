@@ -46,8 +46,8 @@ from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_patch.checkpoint import store as ckpt
-from megatron_patch.errors import CheckpointError, UserError, VerificationError
 from megatron_patch.checkpoint.info import CheckpointInfo
+from megatron_patch.errors import CheckpointError, UserError, VerificationError
 
 logger = logging.getLogger(__name__)
 
@@ -62,21 +62,33 @@ LAYER_KEYS = {  # megatron key below "decoder.layers." -> (alias, HF suffix or N
     "mlp.linear_fc1.weight": "linear_fc1.weight",
     "mlp.linear_fc2.weight": "linear_fc2.weight",
 }
-ALIASES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-           "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+ALIASES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
 TOP_KEYS = ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight")
 # architecture settings other model families would record in args; ours are fixed by the presets
 ARCHITECTURE_ARGS = {
-    "normalization": "RMSNorm", "swiglu": True, "position_embedding_type": "rope", "rotary_base": 10000,
-    "add_bias_linear": False, "add_qkv_bias": False, "untie_embeddings_and_output_weights": True,
-    "rotary_interleaved": False, "apply_layernorm_1p": False, "num_experts": None, "rotary_percent": 1.0,
+    "normalization": "RMSNorm",
+    "swiglu": True,
+    "position_embedding_type": "rope",
+    "rotary_base": 10000,
+    "add_bias_linear": False,
+    "add_qkv_bias": False,
+    "untie_embeddings_and_output_weights": True,
+    "rotary_interleaved": False,
+    "apply_layernorm_1p": False,
+    "num_experts": None,
+    "rotary_percent": 1.0,
 }
 
 
 def _refuse(info: CheckpointInfo, reason: str) -> CheckpointError:
-    return CheckpointError(f"checkpoint {info.path} is not the paper's LLaMA-style architecture ({reason}); "
-                     f"export_hf.py writes LlamaForCausalLM only (RMSNorm, SwiGLU, RoPE base 10000, no "
-                     f"biases, untied embeddings)")
+    return CheckpointError(
+        f"checkpoint {info.path} is not the paper's LLaMA-style architecture ({reason}); "
+        f"export_hf.py writes LlamaForCausalLM only (RMSNorm, SwiGLU, RoPE base 10000, no "
+        f"biases, untied embeddings)"
+    )
 
 
 def check_architecture_args(info: CheckpointInfo) -> None:
@@ -96,8 +108,10 @@ def read_tensors(info: CheckpointInfo, verify: bool = True) -> Dict[str, torch.T
     try:
         metadata = dist_checkpointing.load_tensors_metadata(info.path)
     except (Exception, CheckpointException) as error:  # torch's CheckpointException is a BaseException
-        raise ckpt.CheckpointError(f"checkpoint {info.path}: its tensor index could not be read "
-                                   f"({ckpt.last_line(error)}): it is corrupt; export an earlier one") from None
+        raise ckpt.CheckpointError(
+            f"checkpoint {info.path}: its tensor index could not be read "
+            f"({ckpt.last_line(error)}): it is corrupt; export an earlier one"
+        ) from None
     model_keys = [key for key in metadata if not key.startswith(("optimizer.", "rng_state"))]
     unknown = [key for key in model_keys if not _known(key)]
     if unknown:
@@ -106,15 +120,17 @@ def read_tensors(info: CheckpointInfo, verify: bool = True) -> Dict[str, torch.T
     try:
         return dist_checkpointing.load(request, info.path, validate_access_integrity=False)
     except (Exception, CheckpointException) as error:
-        raise ckpt.CheckpointError(f"checkpoint {info.path} could not be loaded ({ckpt.last_line(error)}): it is "
-                                   f"corrupt or incomplete; export an earlier one") from None
+        raise ckpt.CheckpointError(
+            f"checkpoint {info.path} could not be loaded ({ckpt.last_line(error)}): it is "
+            f"corrupt or incomplete; export an earlier one"
+        ) from None
 
 
 def _known(key: str) -> bool:
     if key in TOP_KEYS or key.endswith("_extra_state"):
         return True
     prefix = "decoder.layers."
-    return key.startswith(prefix) and (key[len(prefix):] in LAYER_KEYS or key[len(prefix):] in ALIASES)
+    return key.startswith(prefix) and (key[len(prefix) :] in LAYER_KEYS or key[len(prefix) :] in ALIASES)
 
 
 def _layer(tensors: Dict[str, torch.Tensor], name: str) -> Optional[torch.Tensor]:
@@ -127,8 +143,9 @@ def _layer(tensors: Dict[str, torch.Tensor], name: str) -> Optional[torch.Tensor
     return None
 
 
-def to_llama(info: CheckpointInfo, tensors: Dict[str, torch.Tensor],
-             vocab_size: int) -> "OrderedDict[str, torch.Tensor]":
+def to_llama(
+    info: CheckpointInfo, tensors: Dict[str, torch.Tensor], vocab_size: int
+) -> "OrderedDict[str, torch.Tensor]":
     """Hugging Face Llama state dict (contiguous tensors, the checkpoint's dtype), first
     ``vocab_size`` rows of the embedding and output layer."""
     preset = info.preset
@@ -157,8 +174,11 @@ def to_llama(info: CheckpointInfo, tensors: Dict[str, torch.Tensor],
             what = "not SwiGLU" if name == "mlp.linear_fc1.weight" else "unexpected shape"
             raise _refuse(info, f"{what}: decoder.layers.{name} is {tuple(tensor.shape)}, expected {shape}")
         layers[name] = tensor
-    for key, shape in (("embedding.word_embeddings.weight", (info.vocab_size, h)),
-                       ("output_layer.weight", (info.vocab_size, h)), ("decoder.final_layernorm.weight", (h,))):
+    for key, shape in (
+        ("embedding.word_embeddings.weight", (info.vocab_size, h)),
+        ("output_layer.weight", (info.vocab_size, h)),
+        ("decoder.final_layernorm.weight", (h,)),
+    ):
         if tuple(tensors[key].shape) != shape:
             raise _refuse(info, f"{key} is {tuple(tensors[key].shape)}, expected {shape}")
 
@@ -186,8 +206,14 @@ def to_llama(info: CheckpointInfo, tensors: Dict[str, torch.Tensor],
 def llama_config(info: CheckpointInfo, tokenizer, vocab_size: int, dtype: torch.dtype) -> dict:
     """config.json of the exported model (readable by transformers 4.x and 5.x)."""
     preset = info.preset
-    special = {name: (value if value >= 0 else None) for name, value in
-               (("bos_token_id", tokenizer.bos), ("eos_token_id", tokenizer.eod), ("pad_token_id", tokenizer.pad))}
+    special = {
+        name: (value if value >= 0 else None)
+        for name, value in (
+            ("bos_token_id", tokenizer.bos),
+            ("eos_token_id", tokenizer.eod),
+            ("pad_token_id", tokenizer.pad),
+        )
+    }
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -219,24 +245,42 @@ def llama_config(info: CheckpointInfo, tokenizer, vocab_size: int, dtype: torch.
 def tokenizer_files(tokenizer, seq_length: int) -> Dict[str, str]:
     """tokenizer_config.json and special_tokens_map.json for the SentencePiece model (no BOS or
     EOS added when encoding: the model was trained on raw documents separated by EOD)."""
-    special = {name: tokenizer.piece(i) for name, i in
-               (("bos_token", tokenizer.bos), ("eos_token", tokenizer.eod), ("unk_token", tokenizer.unk),
-                ("pad_token", tokenizer.pad)) if i >= 0}
-    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
-              "model_max_length": seq_length, "clean_up_tokenization_spaces": False, "legacy": False,
-              "sp_model_kwargs": {}, **special}
-    return {"tokenizer_config.json": json.dumps(config, indent=1) + "\n",
-            "special_tokens_map.json": json.dumps(special, indent=1) + "\n"}
+    special = {
+        name: tokenizer.piece(i)
+        for name, i in (
+            ("bos_token", tokenizer.bos),
+            ("eos_token", tokenizer.eod),
+            ("unk_token", tokenizer.unk),
+            ("pad_token", tokenizer.pad),
+        )
+        if i >= 0
+    }
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "model_max_length": seq_length,
+        "clean_up_tokenization_spaces": False,
+        "legacy": False,
+        "sp_model_kwargs": {},
+        **special,
+    }
+    return {
+        "tokenizer_config.json": json.dumps(config, indent=1) + "\n",
+        "special_tokens_map.json": json.dumps(special, indent=1) + "\n",
+    }
 
 
-def write_folder(folder: str, weights: "OrderedDict[str, torch.Tensor]", config: dict, tokenizer,
-                 seq_length: int, provenance: dict) -> None:
+def write_folder(
+    folder: str, weights: "OrderedDict[str, torch.Tensor]", config: dict, tokenizer, seq_length: int, provenance: dict
+) -> None:
     """Write the model files into ``folder`` (a staged, empty folder), then read them back."""
     try:
         from safetensors.torch import save_file
     except ImportError:
-        raise UserError("export_hf.py needs the safetensors package: pip install safetensors "
-                        "(or pip install -e .[hf])") from None
+        raise UserError(
+            "export_hf.py needs the safetensors package: pip install safetensors (or pip install -e .[hf])"
+        ) from None
     path = os.path.join(folder, "model.safetensors")
     save_file(weights, path, metadata={"format": "pt"})
     umask = os.umask(0)
@@ -273,8 +317,9 @@ def transformers_logits(folder: str, tokens: torch.Tensor) -> torch.Tensor:
         import transformers
         from transformers import LlamaForCausalLM
     except ImportError:
-        raise UserError("--verify-logits needs transformers: pip install transformers "
-                        "(or pip install -e .[hf])") from None
+        raise UserError(
+            "--verify-logits needs transformers: pip install transformers (or pip install -e .[hf])"
+        ) from None
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     model = LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)

@@ -30,14 +30,14 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from megatron_patch.checkpoint import info as checkpoint_info
-from megatron_patch.errors import ArgumentError, VerificationError
-from megatron_patch.evaluation.logits import fixed_tokens, forward_logits
-from megatron_patch.runtime.staged_folder import StagedFolder, check_output_folder
-from megatron_patch.runtime.parallel import collective_device
 from megatron_patch.architecture.build import padded_vocab_size, unwrap
+from megatron_patch.checkpoint import info as checkpoint_info
 from megatron_patch.checkpoint import manifest
 from megatron_patch.checkpoint import store as ckpt
+from megatron_patch.errors import ArgumentError, VerificationError
+from megatron_patch.evaluation.logits import fixed_tokens, forward_logits
+from megatron_patch.runtime.parallel import collective_device
+from megatron_patch.runtime.staged_folder import StagedFolder, check_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,9 @@ class ConversionPlan:
         source_root = os.path.dirname(self.source.path)
         for protected in (self.source.path, source_root):
             if os.path.abspath(protected) == self.save or os.path.abspath(protected).startswith(self.save + os.sep):
-                raise ArgumentError(f"--save {self.save} would replace the source checkpoint {self.source.path}: "
-                                f"choose another folder")
+                raise ArgumentError(
+                    f"--save {self.save} would replace the source checkpoint {self.source.path}: choose another folder"
+                )
 
     def _check_vocabulary_padding(self) -> None:
         """The trainer at the target TP pads the tokenizer's vocabulary to a multiple of
@@ -103,9 +104,14 @@ def _metadata(plan: ConversionPlan, world_size: int) -> dict:
     tp, pp = plan.tensor_parallel, plan.pipeline_parallel
     args = dict(source.args)
     args.update(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, world_size=world_size,
-        data_parallel_size=world_size // (tp * pp), stage="token", pretrained_checkpoint=source.path,
-        load=None, save=plan.save,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        world_size=world_size,
+        data_parallel_size=world_size // (tp * pp),
+        stage="token",
+        pretrained_checkpoint=source.path,
+        load=None,
+        save=plan.save,
     )
     if plan.make_vocab_size_divisible_by:
         args["make_vocab_size_divisible_by"] = plan.make_vocab_size_divisible_by
@@ -156,8 +162,9 @@ def _verify(plan: ConversionPlan, converted: str) -> float:
     checkpoint_info.load_weights(target_model, source, converted)
     logits = forward_logits(target_model, tokens, source.vocab_size)
     del target_model
-    difference = torch.tensor([(logits - reference).abs().max().item()], dtype=torch.float64,
-                              device=collective_device())  # forward_logits returns CPU logits
+    difference = torch.tensor(
+        [(logits - reference).abs().max().item()], dtype=torch.float64, device=collective_device()
+    )  # forward_logits returns CPU logits
     dist.broadcast(difference, src=0)  # rank 0's comparison is the verdict on every rank
     return difference.item()
 
@@ -172,12 +179,23 @@ def convert(plan: ConversionPlan) -> ConversionResult:
     world_size = dist.get_world_size()
     checkpoint_info.check_world(world_size, plan.tensor_parallel, plan.pipeline_parallel)
     source = plan.source
-    logger.info("converting %s (%s stage, TP=%s PP=%s, model %s) to TP=%d PP=%d in %s", source.path,
-                source.progress.get("stage"), source.layout.get("tensor"), source.layout.get("pipeline"),
-                source.preset.name, plan.tensor_parallel, plan.pipeline_parallel, plan.save)
+    logger.info(
+        "converting %s (%s stage, TP=%s PP=%s, model %s) to TP=%d PP=%d in %s",
+        source.path,
+        source.progress.get("stage"),
+        source.layout.get("tensor"),
+        source.layout.get("pipeline"),
+        source.preset.name,
+        plan.tensor_parallel,
+        plan.pipeline_parallel,
+        plan.save,
+    )
     if source.progress.get("stage") == "patch" and not source.progress.get("stage_complete", True):
-        logger.warning("%s is from the middle of the patch stage (iteration %s of it)", source.path,
-                       source.progress.get("stage_iteration"))
+        logger.warning(
+            "%s is from the middle of the patch stage (iteration %s of it)",
+            source.path,
+            source.progress.get("stage_iteration"),
+        )
     with StagedFolder(plan.save) as staged:
         partial_ckpt = ckpt.checkpoint_dir(staged.path, 0)
         if dist.get_rank() == 0:
@@ -195,8 +213,13 @@ def convert(plan: ConversionPlan) -> ConversionResult:
             ckpt._write_atomic(os.path.join(staged.path, ckpt.TRACKER), "0\n")
         dist.barrier()
         difference = _verify(plan, staged.path)
-        logger.info("max |logits(converted, TP=%d PP=%d) - logits(source, TP=1 PP=1)| = %.3e (tolerance %.1e)",
-                    plan.tensor_parallel, plan.pipeline_parallel, difference, plan.tolerance)
+        logger.info(
+            "max |logits(converted, TP=%d PP=%d) - logits(source, TP=1 PP=1)| = %.3e (tolerance %.1e)",
+            plan.tensor_parallel,
+            plan.pipeline_parallel,
+            difference,
+            plan.tolerance,
+        )
         if not difference <= plan.tolerance:
             raise VerificationError(
                 f"converted checkpoint disagrees with {source.path}: max absolute logit difference {difference:.3e} "
@@ -206,13 +229,24 @@ def convert(plan: ConversionPlan) -> ConversionResult:
             meta["conversion"].update(max_abs_logit_diff=difference, tolerance=plan.tolerance)
             ckpt._write_atomic(os.path.join(partial_ckpt, ckpt.METADATA), json.dumps(meta, indent=1, sort_keys=True))
         staged.commit()
-    return ConversionResult(ckpt.checkpoint_dir(plan.save, 0), difference, plan.tolerance,
-                            time.perf_counter() - start, meta)
+    return ConversionResult(
+        ckpt.checkpoint_dir(plan.save, 0), difference, plan.tolerance, time.perf_counter() - start, meta
+    )
 
 
-def plan_from_flags(load: str, save: str, tensor_parallel: int, pipeline_parallel: int, *, force: bool,
-                    tolerance: float, model: Optional[str] = None, tokenizer_model: Optional[str] = None,
-                    make_vocab_size_divisible_by: Optional[int] = None, verify: bool = True) -> ConversionPlan:
+def plan_from_flags(
+    load: str,
+    save: str,
+    tensor_parallel: int,
+    pipeline_parallel: int,
+    *,
+    force: bool,
+    tolerance: float,
+    model: Optional[str] = None,
+    tokenizer_model: Optional[str] = None,
+    make_vocab_size_divisible_by: Optional[int] = None,
+    verify: bool = True,
+) -> ConversionPlan:
     """Check the flags against the source checkpoint (no distributed call); ArgumentError/CheckpointError."""
     from megatron_patch.data.tokenizer import SentencePieceTokenizer
 
@@ -228,5 +262,6 @@ def plan_from_flags(load: str, save: str, tensor_parallel: int, pipeline_paralle
     except ValueError as error:
         hint = "" if tokenizer_model else " (recorded in the checkpoint's args; pass --tokenizer-model if it moved)"
         raise ArgumentError(f"{error}{hint}") from None
-    return ConversionPlan(info, final, tensor_parallel, pipeline_parallel, tolerance, force,
-                          make_vocab_size_divisible_by, vocab, verify)
+    return ConversionPlan(
+        info, final, tensor_parallel, pipeline_parallel, tolerance, force, make_vocab_size_divisible_by, vocab, verify
+    )

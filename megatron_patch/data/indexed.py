@@ -36,10 +36,7 @@ def index_dtype(prefix: str) -> type[numpy.number]:
     with open(prefix + ".idx", "rb") as stream:
         header = stream.read(len(_INDEX_HEADER) + 9)
     if len(header) < len(_INDEX_HEADER) + 9 or header[: len(_INDEX_HEADER)] != _INDEX_HEADER:
-        raise DataError(
-            f"'{prefix}.idx' is not a megatron index file; re-create it with "
-            f"tools/preprocess_data.py"
-        )
+        raise DataError(f"'{prefix}.idx' is not a megatron index file; re-create it with tools/preprocess_data.py")
     (code,) = struct.unpack("<B", header[-1:])
     return DType.dtype_from_code(code)
 
@@ -76,8 +73,10 @@ def check_pair(prefix: str) -> None:
     with open(idx, "rb") as stream:
         head = stream.read(_FIXED_BYTES)
         if len(head) < _FIXED_BYTES or head[: len(_INDEX_HEADER)] != _INDEX_HEADER:
-            raise DataError(f"{idx} is not a megatron index file ({size} bytes, no {_INDEX_HEADER!r} header); {_REMAKE}")
-        version, code, sequences, documents = struct.unpack("<QBQQ", head[len(_INDEX_HEADER):])
+            raise DataError(
+                f"{idx} is not a megatron index file ({size} bytes, no {_INDEX_HEADER!r} header); {_REMAKE}"
+            )
+        version, code, sequences, documents = struct.unpack("<QBQQ", head[len(_INDEX_HEADER) :])
         if version != 1:
             raise DataError(f"{idx}: index version {version}, megatron-core reads version 1; {_REMAKE}")
         try:
@@ -86,26 +85,38 @@ def check_pair(prefix: str) -> None:
             raise DataError(f"{idx}: unknown token dtype code {code}; the index is corrupt; {_REMAKE}") from None
         expected = _FIXED_BYTES + 12 * sequences + 8 * documents
         if size not in (expected, expected + sequences):
-            raise DataError(f"{idx} has {size} bytes but its header's {sequences} sequences and {documents} "
-                            f"documents need {expected}: truncated or corrupt; {_REMAKE}")
+            raise DataError(
+                f"{idx} has {size} bytes but its header's {sequences} sequences and {documents} "
+                f"documents need {expected}: truncated or corrupt; {_REMAKE}"
+            )
         lengths = numpy.fromfile(stream, dtype=numpy.int32, count=sequences).astype(numpy.int64)
         offsets = numpy.fromfile(stream, dtype=numpy.int64, count=sequences)
         document_indices = numpy.fromfile(stream, dtype=numpy.int64, count=documents)
     starts = numpy.concatenate(([0], numpy.cumsum(lengths * itemsize)))  # [S + 1] byte offsets
     bad = numpy.flatnonzero((lengths < 0) | (offsets != starts[:-1]))
     if bad.size:
-        raise DataError(f"{idx}: sequence {bad[0]} has length {lengths[bad[0]]} and byte offset {offsets[bad[0]]}, "
-                        f"which do not follow from the sequences before it; the index is corrupt; {_REMAKE}")
-    if documents < 1 or document_indices[0] != 0 or document_indices[-1] != sequences or \
-            numpy.any(numpy.diff(document_indices) < 0):
-        raise DataError(f"{idx}: its document indices do not run from 0 to its {sequences} sequences; "
-                        f"the index is corrupt; {_REMAKE}")
+        raise DataError(
+            f"{idx}: sequence {bad[0]} has length {lengths[bad[0]]} and byte offset {offsets[bad[0]]}, "
+            f"which do not follow from the sequences before it; the index is corrupt; {_REMAKE}"
+        )
+    if (
+        documents < 1
+        or document_indices[0] != 0
+        or document_indices[-1] != sequences
+        or numpy.any(numpy.diff(document_indices) < 0)
+    ):
+        raise DataError(
+            f"{idx}: its document indices do not run from 0 to its {sequences} sequences; "
+            f"the index is corrupt; {_REMAKE}"
+        )
     end = int(starts[-1])
     bin_size = os.path.getsize(bin_path)
     if bin_size != end:
         state = "truncated" if bin_size < end else "longer than its index says"
-        raise DataError(f"{bin_path} has {bin_size} bytes but {idx} says its {sequences} sequences end at byte "
-                        f"{end}: {state}; {_REMAKE}")
+        raise DataError(
+            f"{bin_path} has {bin_size} bytes but {idx} says its {sequences} sequences end at byte "
+            f"{end}: {state}; {_REMAKE}"
+        )
 
 
 def natural_key(text: str) -> list:
@@ -151,8 +162,7 @@ def verify_dataset(prefix: str, sequences: int, tokens: int, documents: int | No
     ``sequence_lengths``, one per document with text), ``tokens`` and, when given, ``documents``
     (entries of ``document_indices`` minus one, empty documents included)."""
     dataset = IndexedDataset(prefix, mmap=False)  # mmap cannot open the empty .bin of 0 tokens
-    got = (len(dataset), int(numpy.sum(dataset.sequence_lengths, dtype=numpy.int64)),
-           len(dataset.document_indices) - 1)
+    got = (len(dataset), int(numpy.sum(dataset.sequence_lengths, dtype=numpy.int64)), len(dataset.document_indices) - 1)
     want = (sequences, tokens, got[2] if documents is None else documents)
     if got != want:
         raise RuntimeError(

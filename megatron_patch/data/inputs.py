@@ -169,12 +169,9 @@ def count_lines(files: Sequence[InputFile]) -> int:
 def _raise_if_read_error(file: InputFile, where: str, err: Exception) -> None:
     """Turn a decompression or I/O error while reading ``file`` into a DataError."""
     # zstandard.ZstdError is not an OSError, so it is recognised by its module
-    if isinstance(err, (OSError, EOFError, lzma.LZMAError)) or type(err).__module__.startswith(
-        "zstandard"
-    ):
+    if isinstance(err, (OSError, EOFError, lzma.LZMAError)) or type(err).__module__.startswith("zstandard"):
         raise DataError(
-            f"cannot read '{file.path}'{where}: {err}; the file looks truncated or corrupt, "
-            f"re-create or re-download it"
+            f"cannot read '{file.path}'{where}: {err}; the file looks truncated or corrupt, re-create or re-download it"
         ) from None
 
 

@@ -34,11 +34,10 @@ from typing import Iterator
 import numpy
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-from megatron_patch.errors import DataError
 from megatron_patch.data.indexed import dataset_prefix, merge_datasets, verify_dataset
-from megatron_patch.data.inputs import BadLineError, count_lines, expand_inputs, iter_lines
-from megatron_patch.data.inputs import parse_line
+from megatron_patch.data.inputs import BadLineError, count_lines, expand_inputs, iter_lines, parse_line
 from megatron_patch.data.staging import StagedOutputs, output_folder
+from megatron_patch.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +228,10 @@ class _Progress:
             eta = f", {100 * fraction:.0f}% read, ETA {_format_eta(elapsed / fraction - elapsed)}"
         logger.info(
             "%d documents, %.2f MB/s, %.0f tokens/s%s",
-            report.lines, report.input_bytes / elapsed / 1e6, tokens / elapsed, eta,
+            report.lines,
+            report.input_bytes / elapsed / 1e6,
+            tokens / elapsed,
+            eta,
         )
 
 
@@ -247,9 +249,7 @@ class _Writers:
             for key in config.json_keys:
                 prefix = dataset_prefix(config.output_prefix, key, shard)
                 self.prefixes[shard, key] = self._stage(prefix)
-                self.builders[shard, key] = IndexedDatasetBuilder(
-                    self.prefixes[shard, key] + ".bin", dtype=dtype
-                )
+                self.builders[shard, key] = IndexedDatasetBuilder(self.prefixes[shard, key] + ".bin", dtype=dtype)
                 self.counts[shard, key] = [0, 0, 0]  # sequences, tokens, index documents
 
     def _stage(self, prefix: str) -> str:

@@ -22,9 +22,7 @@ def output_folder(prefix: str, flag: str = "--output-prefix") -> str:
     """The folder of an output prefix (``out/corpus`` -> ``out``); DataError if it is missing."""
     folder = os.path.dirname(os.path.abspath(prefix))
     if os.path.basename(prefix) in ("", ".", ".."):
-        raise DataError(
-            f"{flag} '{prefix}' names a folder; add a file name prefix, e.g. out/corpus"
-        )
+        raise DataError(f"{flag} '{prefix}' names a folder; add a file name prefix, e.g. out/corpus")
     if not os.path.isdir(folder):
         raise DataError(
             f"output folder '{folder}' of {flag} '{prefix}' does not exist; create it first "
@@ -49,8 +47,7 @@ class StagedOutputs:
             self.temp_dir = tempfile.mkdtemp(prefix=f".{tag}-", suffix=".tmp", dir=folder)
         except OSError as err:
             raise DataError(
-                f"cannot write to output folder '{folder}': {err.strerror}; choose a writable "
-                f"folder for the outputs"
+                f"cannot write to output folder '{folder}': {err.strerror}; choose a writable folder for the outputs"
             ) from None
         self.folder = folder
         self._final_paths: list[str] = []

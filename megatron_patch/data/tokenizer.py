@@ -99,9 +99,7 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
 
     def apply_chat_template(self, *args, **kwargs):
         """Base-model pre-training tokenizer: there is no chat template."""
-        raise NotImplementedError(
-            "SentencePieceTokenizer is a pre-training tokenizer and has no chat template"
-        )
+        raise NotImplementedError("SentencePieceTokenizer is a pre-training tokenizer and has no chat template")
 
     def piece(self, token_id: int) -> str:
         """The piece (string) of one id, e.g. ``piece(tok.eod) == "</s>"``."""
@@ -111,9 +109,7 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
     def vocab(self) -> dict[str, int]:
         """``{piece: id}`` for all ``vocab_size`` pieces."""
         if self._vocab is None:
-            self._vocab = {
-                self._processor.id_to_piece(i): i for i in range(self._processor.get_piece_size())
-            }
+            self._vocab = {self._processor.id_to_piece(i): i for i in range(self._processor.get_piece_size())}
         return self._vocab
 
     @property

@@ -54,8 +54,7 @@ def max_token_id(prefix: str, dtype, cache_folder: str) -> int:
     (and the record written)."""
     bin_path = os.path.abspath(prefix + ".bin")
     status = os.stat(bin_path)
-    key = {"bin": bin_path, "bytes": status.st_size, "mtime_ns": status.st_mtime_ns,
-           "dtype": numpy.dtype(dtype).name}
+    key = {"bin": bin_path, "bytes": status.st_size, "mtime_ns": status.st_mtime_ns, "dtype": numpy.dtype(dtype).name}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     record_path = os.path.join(cache_folder, digest + RECORD_SUFFIX)
     recorded = _read_record(record_path, key)
@@ -101,8 +100,9 @@ def _write_record(record_path: str, record: dict) -> None:
             json.dump(record, handle)
         os.replace(temporary, record_path)
     except OSError as error:
-        logger.warning(f"could not record the max token id in {record_path} ({error}); "
-                       f"the next run scans the file again")
+        logger.warning(
+            f"could not record the max token id in {record_path} ({error}); the next run scans the file again"
+        )
         if os.path.exists(temporary):
             os.remove(temporary)
 

@@ -47,12 +47,21 @@ def forward_logits(model: List[torch.nn.Module], tokens: torch.Tensor, vocab_siz
 
     batch, length = tokens.shape
     get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([tokens]), model=model, num_microbatches=1,
-        seq_length=length, micro_batch_size=batch, forward_only=True, collect_non_loss_data=True,
+        forward_step_func=forward_step,
+        data_iterator=iter([tokens]),
+        model=model,
+        num_microbatches=1,
+        seq_length=length,
+        micro_batch_size=batch,
+        forward_only=True,
+        collect_non_loss_data=True,
     )
     logits = torch.zeros(batch, length, vocab_size, dtype=torch.float32)
-    if (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-            and parallel_state.get_data_parallel_rank() == 0):
+    if (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    ):
         logits = collected[0]
     logits = logits.to(collective_device())
     dist.all_reduce(logits)

@@ -83,7 +83,13 @@ def build_items(documents: Sequence[str], per_document: int, choices: int, seed:
             label = rng.randrange(choices)
             options = distractors[:label] + [answer] + distractors[label:]
             taken.append(span)
-            items.append({"id": f"doc{doc}-s{i}", "document": doc, "context": " ".join(sentences[start:i]),
-                          "choices": options,
-                          "label": label})
+            items.append(
+                {
+                    "id": f"doc{doc}-s{i}",
+                    "document": doc,
+                    "context": " ".join(sentences[start:i]),
+                    "choices": options,
+                    "label": label,
+                }
+            )
     return items

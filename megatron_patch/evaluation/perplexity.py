@@ -22,10 +22,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_patch.architecture.build import padded_vocab_size
 from megatron_patch.errors import ArgumentError, VerificationError
 from megatron_patch.evaluation.token_stream import EvalCorpus, micro_batch, windows
 from megatron_patch.runtime.parallel import collective_device
-from megatron_patch.architecture.build import padded_vocab_size
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,10 @@ class EvalSettings:
             raise ArgumentError(f"--window {self.window!r}: use non-overlapping or sliding")
         if self.window == "non-overlapping":
             if self.stride not in (None, self.seq_length):
-                raise ArgumentError(f"--stride {self.stride} needs --window sliding (non-overlapping windows move by "
-                                f"--seq-length {self.seq_length})")
+                raise ArgumentError(
+                    f"--stride {self.stride} needs --window sliding (non-overlapping windows move by "
+                    f"--seq-length {self.seq_length})"
+                )
             self.stride = self.seq_length
         elif self.stride is None:
             self.stride = max(1, self.seq_length // 2)
@@ -78,17 +80,20 @@ class EvalResult:
         return asdict(self)
 
 
-def check_tokenizer(tokenizer, vocab_rows: int, divisible_by: int, tensor_parallel: int, checkpoint: str,
-                    recorded: Optional[str]) -> None:
+def check_tokenizer(
+    tokenizer, vocab_rows: int, divisible_by: int, tensor_parallel: int, checkpoint: str, recorded: Optional[str]
+) -> None:
     """ArgumentError unless ``tokenizer`` is the model's: its vocabulary pads to the model's rows and,
     when the checkpoint's own tokenizer file is at hand, its pieces are the same."""
     from megatron_patch.data.tokenizer import SentencePieceTokenizer
 
     padded = padded_vocab_size(tokenizer.vocab_size, divisible_by, tensor_parallel)
     if tokenizer.vocab_size > vocab_rows or padded != vocab_rows:
-        raise ArgumentError(f"tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} pieces (padded: {padded}) but "
-                        f"checkpoint {checkpoint} has {vocab_rows} vocabulary rows: pass the tokenizer the model "
-                        f"was trained with{f' ({recorded})' if recorded else ''} as --tokenizer-model")
+        raise ArgumentError(
+            f"tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} pieces (padded: {padded}) but "
+            f"checkpoint {checkpoint} has {vocab_rows} vocabulary rows: pass the tokenizer the model "
+            f"was trained with{f' ({recorded})' if recorded else ''} as --tokenizer-model"
+        )
     if not recorded or recorded == tokenizer.model_path:
         return
     try:
@@ -97,11 +102,19 @@ def check_tokenizer(tokenizer, vocab_rows: int, divisible_by: int, tensor_parall
         logger.warning("cannot read the checkpoint's tokenizer %s to compare vocabularies", recorded)
         return
     if original.sha256 != tokenizer.sha256 and original.vocab != tokenizer.vocab:
-        differing = next((i for i in range(min(original.vocab_size, tokenizer.vocab_size))
-                          if original.piece(i) != tokenizer.piece(i)), min(original.vocab_size, tokenizer.vocab_size))
-        raise ArgumentError(f"tokenizer {tokenizer.model_path} has another vocabulary than the one checkpoint {checkpoint} "
-                        f"was trained with ({recorded}; first difference at id {differing}): pass that one as "
-                        f"--tokenizer-model")
+        differing = next(
+            (
+                i
+                for i in range(min(original.vocab_size, tokenizer.vocab_size))
+                if original.piece(i) != tokenizer.piece(i)
+            ),
+            min(original.vocab_size, tokenizer.vocab_size),
+        )
+        raise ArgumentError(
+            f"tokenizer {tokenizer.model_path} has another vocabulary than the one checkpoint {checkpoint} "
+            f"was trained with ({recorded}; first difference at id {differing}): pass that one as "
+            f"--tokenizer-model"
+        )
 
 
 def _schedule(model: List[torch.nn.Module], corpus: EvalCorpus, settings: EvalSettings, pad: int) -> torch.Tensor:
@@ -112,7 +125,7 @@ def _schedule(model: List[torch.nn.Module], corpus: EvalCorpus, settings: EvalSe
     all_windows = list(windows(corpus.targets, settings.seq_length, settings.stride))
     b = settings.micro_batch_size
     per_replica = math.ceil(math.ceil(len(all_windows) / b) / dp_size)  # micro-batches per replica
-    mine = [all_windows[m * b:(m + 1) * b] for m in range(dp_rank, per_replica * dp_size, dp_size)]
+    mine = [all_windows[m * b : (m + 1) * b] for m in range(dp_rank, per_replica * dp_size, dp_size)]
     device = next(model[0].parameters()).device
     totals = torch.zeros(2, dtype=torch.float64)
     reports = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
@@ -141,8 +154,13 @@ def _schedule(model: List[torch.nn.Module], corpus: EvalCorpus, settings: EvalSe
         return output, loss_func
 
     get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=batches(), model=model, num_microbatches=len(mine),
-        seq_length=settings.seq_length, micro_batch_size=b, forward_only=True,
+        forward_step_func=forward_step,
+        data_iterator=batches(),
+        model=model,
+        num_microbatches=len(mine),
+        seq_length=settings.seq_length,
+        micro_batch_size=b,
+        forward_only=True,
     )
     return totals
 
@@ -156,13 +174,22 @@ def evaluate(model: List[torch.nn.Module], corpus: EvalCorpus, settings: EvalSet
     dist.all_reduce(totals)
     loss_sum, count = totals[0].item(), int(round(totals[1].item()))
     if count != corpus.targets:
-        raise VerificationError(f"scored {count} targets but the stream holds {corpus.targets}: windows or "
-                                f"data-parallel split are wrong; please report this")
+        raise VerificationError(
+            f"scored {count} targets but the stream holds {corpus.targets}: windows or "
+            f"data-parallel split are wrong; please report this"
+        )
     loss = loss_sum / count
     return EvalResult(
-        loss=loss, perplexity=math.exp(min(loss, 700.0)),
+        loss=loss,
+        perplexity=math.exp(min(loss, 700.0)),
         bits_per_byte=loss_sum / math.log(2) / max(corpus.text_bytes, 1),
-        tokens=count, documents=corpus.documents, bytes=corpus.text_bytes,
-        empty_documents_skipped=corpus.empty_skipped, window=settings.window, stride=settings.stride,
-        seq_length=settings.seq_length, loss_sum_nats=loss_sum, seconds=time.perf_counter() - start,
+        tokens=count,
+        documents=corpus.documents,
+        bytes=corpus.text_bytes,
+        empty_documents_skipped=corpus.empty_skipped,
+        window=settings.window,
+        stride=settings.stride,
+        seq_length=settings.seq_length,
+        loss_sum_nats=loss_sum,
+        seconds=time.perf_counter() - start,
     )

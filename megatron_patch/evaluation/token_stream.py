@@ -77,8 +77,10 @@ def corpus_from_prefix(prefix: str, tokenizer, max_documents: Optional[int] = No
     try:
         dataset = IndexedDataset(prefix)
     except Exception as error:  # a truncated or foreign .idx
-        raise DataError(f"--data-path {prefix}: unreadable ({type(error).__name__}: {error}); "
-                        f"re-create it with tools/preprocess_data.py") from None
+        raise DataError(
+            f"--data-path {prefix}: unreadable ({type(error).__name__}: {error}); "
+            f"re-create it with tools/preprocess_data.py"
+        ) from None
     count = len(dataset) if max_documents is None else min(len(dataset), max_documents)
     documents, text_bytes, empty = [], 0, 0
     eod = tokenizer.eod
@@ -88,17 +90,20 @@ def corpus_from_prefix(prefix: str, tokenizer, max_documents: Optional[int] = No
             empty += 1
             continue
         if ids.max() >= tokenizer.vocab_size:
-            raise DataError(f"--data-path {prefix}: document {index} holds token id {int(ids.max())}, beyond the "
-                            f"tokenizer's {tokenizer.vocab_size} pieces: it was preprocessed with another tokenizer; "
-                            f"pass that one as --tokenizer-model")
+            raise DataError(
+                f"--data-path {prefix}: document {index} holds token id {int(ids.max())}, beyond the "
+                f"tokenizer's {tokenizer.vocab_size} pieces: it was preprocessed with another tokenizer; "
+                f"pass that one as --tokenizer-model"
+            )
         body = ids[:-1] if ids[-1] == eod else ids
         text_bytes += len(tokenizer.detokenize(body.tolist()).encode("utf-8"))
         documents.append(ids if ids[-1] == eod else np.append(ids, eod))
     return _assemble(documents, eod, text_bytes, empty, f"--data-path {prefix}")
 
 
-def corpus_from_files(patterns: Sequence[str], tokenizer, json_key: str = "text",
-                      max_documents: Optional[int] = None) -> EvalCorpus:
+def corpus_from_files(
+    patterns: Sequence[str], tokenizer, json_key: str = "text", max_documents: Optional[int] = None
+) -> EvalCorpus:
     """Documents of JSONL / text files (one line = one document; .gz/.xz/.zst allowed), tokenized
     and each followed by EOD."""
     from megatron_patch.data.inputs import BadLineError, expand_inputs, iter_lines, parse_line
@@ -153,8 +158,8 @@ def micro_batch(stream: np.ndarray, chunk: Sequence[Optional[Window]], seq_lengt
     for row, window in enumerate(chunk):
         if window is None:
             continue
-        piece = torch.from_numpy(stream[window.begin: window.begin + window.length + 1])
+        piece = torch.from_numpy(stream[window.begin : window.begin + window.length + 1])
         tokens[row, : window.length] = piece[:-1]
         labels[row, : window.length] = piece[1:]
-        loss_mask[row, window.scored_from: window.length] = 1.0
+        loss_mask[row, window.scored_from : window.length] = 1.0
     return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}

@@ -56,8 +56,9 @@ def configure_logging(name: str) -> None:
     errors."""
     current = rank()
     level = logging.INFO if current == 0 else logging.WARNING
-    logging.basicConfig(level=level, format=f"%(asctime)s [rank {current}] {name}: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stdout)
+    logging.basicConfig(
+        level=level, format=f"%(asctime)s [rank {current}] {name}: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
+    )
     logging.getLogger("megatron_patch").setLevel(level)
     for noisy in ("megatron", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -81,8 +82,12 @@ def run_main(body: Callable[[], Optional[int]], *, io_errors_are_user_errors: bo
     except OSError as error:
         if not io_errors_are_user_errors:
             return _unexpected(error)
-        report(DataError(f"{error.filename or 'I/O'}: {error.strerror or error}; check the free space and "
-                         f"permissions of the output folder"))
+        report(
+            DataError(
+                f"{error.filename or 'I/O'}: {error.strerror or error}; check the free space and "
+                f"permissions of the output folder"
+            )
+        )
         return DataError.exit_code
     except Exception as error:
         return _unexpected(error)
@@ -99,8 +104,9 @@ def _unexpected(error: Exception) -> int:
     frames = [f for f in traceback.extract_tb(error.__traceback__) if os.path.abspath(f.filename) != shim]
     where = f" in {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
     first_line = (str(error).splitlines() or [""])[0]
-    print(f"error: unexpected {type(error).__name__}{where}: {first_line} (traceback above)", file=sys.stderr,
-          flush=True)
+    print(
+        f"error: unexpected {type(error).__name__}{where}: {first_line} (traceback above)", file=sys.stderr, flush=True
+    )
     return 1
 
 

@@ -29,8 +29,11 @@ def init_distributed(cpu: bool, timeout_minutes: int = 30) -> None:
         return
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
         # `srun python ...`, one task per GPU: SLURM's variables name the rank
-        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
-                          LOCAL_RANK=os.environ["SLURM_LOCALID"])
+        os.environ.update(
+            RANK=os.environ["SLURM_PROCID"],
+            WORLD_SIZE=os.environ["SLURM_NTASKS"],
+            LOCAL_RANK=os.environ["SLURM_LOCALID"],
+        )
     backend = "gloo" if cpu else "nccl"
     timeout = timedelta(minutes=timeout_minutes)
     if "RANK" not in os.environ:

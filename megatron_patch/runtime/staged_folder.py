@@ -61,8 +61,9 @@ class StagedFolder:
         if dist.get_rank() == 0:
             old = None
             if os.path.exists(self.final):
-                old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.final)}.replaced-",
-                                       dir=os.path.dirname(self.final))
+                old = tempfile.mkdtemp(
+                    prefix=f".{os.path.basename(self.final)}.replaced-", dir=os.path.dirname(self.final)
+                )
                 os.rmdir(old)
                 os.replace(self.final, old)
             os.replace(self.path, self.final)

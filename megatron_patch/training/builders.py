@@ -172,4 +172,5 @@ def restore_adam_step_counters(optimizer) -> None:
             for param in group["params"]:
                 if param in sub.optimizer.state:
                     sub.optimizer.state[param]["step"] = torch.tensor(
-                        float(group["step"]), dtype=torch.float32, device=param.device if on_device else "cpu")
+                        float(group["step"]), dtype=torch.float32, device=param.device if on_device else "cpu"
+                    )

@@ -25,8 +25,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from megatron_patch.training.loop import Trainer
 
         with parallel.distributed_world(cpu=config.cpu):
-            parallel.init_model_parallel(config.model.tensor_parallel, config.model.pipeline_parallel,
-                                         seed=config.seed)
+            parallel.init_model_parallel(config.model.tensor_parallel, config.model.pipeline_parallel, seed=config.seed)
             Trainer(config).run()
 
     return run_main(body)

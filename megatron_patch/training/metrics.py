@@ -112,8 +112,22 @@ class MetricsWriter:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
 
-    def log_step(self, *, stage, iteration, stage_iteration, stage_iters, tokens, loss, lr, grad_norm,
-                 skipped, tokens_per_s, tflops, peak_tflops: Optional[float]) -> None:
+    def log_step(
+        self,
+        *,
+        stage,
+        iteration,
+        stage_iteration,
+        stage_iters,
+        tokens,
+        loss,
+        lr,
+        grad_norm,
+        skipped,
+        tokens_per_s,
+        tflops,
+        peak_tflops: Optional[float],
+    ) -> None:
         if not self.enabled:
             return
         loss_name = "patch loss" if stage == "patch" else "loss"
@@ -132,20 +146,44 @@ class MetricsWriter:
             f"peak mem {peak_memory:.2f} GiB",
         ]
         logger.info(" | ".join(parts))
-        record = {"kind": "train", "stage": stage, "iteration": iteration, "stage_iteration": stage_iteration,
-                  "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
-                  "tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": mfu, "peak_memory_gib": peak_memory}
+        record = {
+            "kind": "train",
+            "stage": stage,
+            "iteration": iteration,
+            "stage_iteration": stage_iteration,
+            "tokens": tokens,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "skipped": skipped,
+            "tokens_per_s": tokens_per_s,
+            "tflops": tflops,
+            "mfu": mfu,
+            "peak_memory_gib": peak_memory,
+        }
         self._record(record)
-        self._scalars({"train/patch-loss" if stage == "patch" else "train/loss": loss, "train/lr": lr,
-                       "train/grad_norm": grad_norm, "train/skipped": skipped, "train/tokens_per_s": tokens_per_s,
-                       "train/tflops": tflops, "train/mfu": mfu, "train/peak_memory_gib": peak_memory}, iteration)
+        self._scalars(
+            {
+                "train/patch-loss" if stage == "patch" else "train/loss": loss,
+                "train/lr": lr,
+                "train/grad_norm": grad_norm,
+                "train/skipped": skipped,
+                "train/tokens_per_s": tokens_per_s,
+                "train/tflops": tflops,
+                "train/mfu": mfu,
+                "train/peak_memory_gib": peak_memory,
+            },
+            iteration,
+        )
 
     def log_valid(self, stage: str, iteration: int, loss: Optional[float]) -> None:
         self.last_valid_loss = loss
         if not self.enabled or loss is None:
             return
         ppl = math.exp(min(loss, 50.0))
-        logger.info("[%s] validation (token level) at global iter %d | loss %.4f | ppl %.2f", stage, iteration, loss, ppl)
+        logger.info(
+            "[%s] validation (token level) at global iter %d | loss %.4f | ppl %.2f", stage, iteration, loss, ppl
+        )
         self._record({"kind": "valid", "stage": stage, "iteration": iteration, "loss": loss, "ppl": ppl})
         self._scalars({"valid/loss": loss}, iteration)
 
@@ -171,12 +209,16 @@ class MetricsWriter:
                 + (f", valid loss {stage['valid_loss']:.4f}" if stage["valid_loss"] is not None else "")
             )
         if summary["relative_flops_vs_token_only"] is not None:
-            lines.append(f"  FLOPs relative to token-only training of the same tokens: "
-                         f"{summary['relative_flops_vs_token_only']:.3f} "
-                         f"(theory lambda/K + 1 - lambda = {summary['theoretical_relative_cost']:.3f})")
+            lines.append(
+                f"  FLOPs relative to token-only training of the same tokens: "
+                f"{summary['relative_flops_vs_token_only']:.3f} "
+                f"(theory lambda/K + 1 - lambda = {summary['theoretical_relative_cost']:.3f})"
+            )
         if "relative_time_vs_token_only" in summary:
-            lines.append(f"  wall time relative to token-only at the token stage's speed: "
-                         f"{summary['relative_time_vs_token_only']:.3f}")
+            lines.append(
+                f"  wall time relative to token-only at the token stage's speed: "
+                f"{summary['relative_time_vs_token_only']:.3f}"
+            )
         logger.info("\n".join(lines))
         self._record({"kind": "summary", **summary})
         if self.summary_path:

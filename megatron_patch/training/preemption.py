@@ -68,8 +68,10 @@ class StopSignals:
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is not threading.main_thread():
-            logger.warning("not the main thread: %s will not stop training with a checkpoint",
-                           ", ".join(s.name for s in self.signals))
+            logger.warning(
+                "not the main thread: %s will not stop training with a checkpoint",
+                ", ".join(s.name for s in self.signals),
+            )
             return self
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)

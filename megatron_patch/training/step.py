@@ -45,8 +45,9 @@ def forward_step(patch_size: int, data_iterator: Iterator, model: torch.nn.Modul
     return losses, partial(_loss_func, mask)
 
 
-def run_schedule(model: List[torch.nn.Module], data_iterator: Iterator, stage: StagePlan,
-                 forward_only: bool) -> torch.Tensor:
+def run_schedule(
+    model: List[torch.nn.Module], data_iterator: Iterator, stage: StagePlan, forward_only: bool
+) -> torch.Tensor:
     """Forward (and backward) of one global batch of ``stage``. Returns ``[loss_sum, count]`` summed
     over the whole world's data-parallel replicas, identical on every rank (fp32, model's device)."""
     losses: List[Dict[str, torch.Tensor]] = get_forward_backward_func()(
@@ -99,8 +100,7 @@ def evaluate(model, data_iterator_factory: Callable[[], Iterator], validation: S
         chunk.eval()
     try:
         iterator = data_iterator_factory()
-        totals = sum(run_schedule(model, iterator, validation, forward_only=True)
-                     for _ in range(validation.iterations))
+        totals = sum(run_schedule(model, iterator, validation, forward_only=True) for _ in range(validation.iterations))
     finally:
         for chunk in model:
             chunk.train()

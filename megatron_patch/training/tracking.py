@@ -67,15 +67,23 @@ class WandbWriter:
         try:
             os.makedirs(save_dir, exist_ok=True)
         except OSError as error:
-            raise ArgumentError(f"--wandb-save-dir {save_dir}: cannot create it ({error.strerror}); "
-                                f"choose a writable folder") from None
+            raise ArgumentError(
+                f"--wandb-save-dir {save_dir}: cannot create it ({error.strerror}); choose a writable folder"
+            ) from None
         self.mode = wandb_mode()
-        self.run = wandb.init(project=project, name=experiment_name, dir=save_dir, config=dict(config),
-                              mode=self.mode, settings=wandb.Settings(console="off", silent=True))
+        self.run = wandb.init(
+            project=project,
+            name=experiment_name,
+            dir=save_dir,
+            config=dict(config),
+            mode=self.mode,
+            settings=wandb.Settings(console="off", silent=True),
+        )
         self.folder = getattr(self.run, "dir", None) and os.path.dirname(self.run.dir)
         if self.mode == "offline":
-            logger.info("W&B run %s offline in %s (upload it with: wandb sync %s)", experiment_name,
-                        self.folder, self.folder)
+            logger.info(
+                "W&B run %s offline in %s (upload it with: wandb sync %s)", experiment_name, self.folder, self.folder
+            )
         elif self.mode == "online":
             logger.info("W&B run %s: %s", experiment_name, getattr(self.run, "url", None))
 

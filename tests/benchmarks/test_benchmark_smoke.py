@@ -36,8 +36,21 @@ def _positive(value):
 @CPU_ONLY
 def test_throughput_cpu_smoke(tmp_path, capsys):
     out = tmp_path / "tp.json"
-    code = throughput.main(["--cpu", "--micro-batch-size", "2", "--patch-sizes", "1,4", "--steps", "2",
-                            "--warmup", "1", "--output-json", str(out)])
+    code = throughput.main(
+        [
+            "--cpu",
+            "--micro-batch-size",
+            "2",
+            "--patch-sizes",
+            "1,4",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--output-json",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "| recompute | stage | K | b | step ms (median) |" in printed
@@ -66,8 +79,22 @@ def test_throughput_cpu_smoke(tmp_path, capsys):
 @CPU_ONLY
 def test_throughput_phase_times_from_megatron_timers(tmp_path, capsys):
     out = tmp_path / "tp.json"
-    code = throughput.main(["--cpu", "--phase-times", "--micro-batch-size", "2", "--patch-sizes", "1,4", "--steps", "2",
-                            "--warmup", "1", "--output-json", str(out)])
+    code = throughput.main(
+        [
+            "--cpu",
+            "--phase-times",
+            "--micro-batch-size",
+            "2",
+            "--patch-sizes",
+            "1,4",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--output-json",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "### Step phases (median ms per step)" in printed
@@ -78,8 +105,13 @@ def test_throughput_phase_times_from_megatron_timers(tmp_path, capsys):
     for r in rows:
         assert "error" not in r, r
         phases = r["phases_ms"]
-        for name in ("forward-backward", "forward-compute", "backward-compute", "all-grads-sync",
-                     "optimizer-inner-step"):
+        for name in (
+            "forward-backward",
+            "forward-compute",
+            "backward-compute",
+            "all-grads-sync",
+            "optimizer-inner-step",
+        ):
             assert _positive(phases[name]), (name, phases)
         # nesting (megatron-core 0.16.1): compute and the grad sync lie inside forward-backward, which
         # with the optimizer phases lies inside the step (medians of 2 steps: a small tolerance)
@@ -116,12 +148,22 @@ def test_phase_timers_sum_intervals_per_step_and_uninstall():
     assert all(step["forward-compute"] <= step["forward-backward"] for step in steps)
     medians = phase_timers.phase_medians(steps, ["forward-backward", "forward-compute", "some-new-phase", "unseen"])
     assert list(medians) == ["forward-backward", "forward-compute", "some-new-phase"]
-    assert phase_timers.outside_ms(10.0, {"forward-backward": 6.0, "forward-compute": 5.0,
-                                          "optimizer-inner-step": 1.5}) == pytest.approx(2.5)
+    assert phase_timers.outside_ms(
+        10.0, {"forward-backward": 6.0, "forward-compute": 5.0, "optimizer-inner-step": 1.5}
+    ) == pytest.approx(2.5)
 
 
-@pytest.mark.parametrize("flags", [[], ["--bias-swiglu-fusion"], ["--rope-fusion"], ["--bias-swiglu-fusion", "--rope-fusion"],
-                                   ["--torch-adam-impl", "fused"], ["--cross-entropy-fusion"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        [],
+        ["--bias-swiglu-fusion"],
+        ["--rope-fusion"],
+        ["--bias-swiglu-fusion", "--rope-fusion"],
+        ["--torch-adam-impl", "fused"],
+        ["--cross-entropy-fusion"],
+    ],
+)
 def test_fusion_flags_reach_the_trainers_arguments(flags):
     """The A/B flags of throughput.py are the trainer's own (builders then build what the trainer does)."""
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -141,11 +183,26 @@ def test_activation_measurement_builds_the_model_the_flags_ask_for(monkeypatch, 
 
     built = []
     original = model_module.build_patch_gpt_model
-    monkeypatch.setattr(model_module, "build_patch_gpt_model",
-                        lambda *a, **k: built.append(k) or original(*a, **k))
-    assert throughput.main(["--cpu", "--measure-layer-activations", "--layers", "1", "--micro-batch-size", "1",
-                            "--patch-sizes", "1", "--recompute-granularity", "none", "--rope-fusion",
-                            "--cross-entropy-fusion"]) == 0
+    monkeypatch.setattr(model_module, "build_patch_gpt_model", lambda *a, **k: built.append(k) or original(*a, **k))
+    assert (
+        throughput.main(
+            [
+                "--cpu",
+                "--measure-layer-activations",
+                "--layers",
+                "1",
+                "--micro-batch-size",
+                "1",
+                "--patch-sizes",
+                "1",
+                "--recompute-granularity",
+                "none",
+                "--rope-fusion",
+                "--cross-entropy-fusion",
+            ]
+        )
+        == 0
+    )
     assert [(k["fused_rope"], k["fused_cross_entropy"]) for k in built] == [(True, True)]
 
 
@@ -169,8 +226,22 @@ def test_rates_are_the_flops_formula():
 @CPU_ONLY
 def test_measured_layer_activations_feed_the_planner(tmp_path, capsys):
     acts = tmp_path / "acts.json"
-    code = throughput.main(["--cpu", "--measure-layer-activations", "--micro-batch-size", "1,2", "--patch-sizes", "1,4",
-                            "--recompute-granularity", "none,full", "--layers", "2", "--output-json", str(acts)])
+    code = throughput.main(
+        [
+            "--cpu",
+            "--measure-layer-activations",
+            "--micro-batch-size",
+            "1,2",
+            "--patch-sizes",
+            "1,4",
+            "--recompute-granularity",
+            "none,full",
+            "--layers",
+            "2",
+            "--output-json",
+            str(acts),
+        ]
+    )
     assert code == 0
     assert "| recompute | K | b | layers built |" in capsys.readouterr().out
     records = json.loads(acts.read_text())["layer_activations"]
@@ -198,8 +269,23 @@ def test_measured_layer_activations_feed_the_planner(tmp_path, capsys):
         assert by_key[("none", 1, b)]["layer_bytes"] == [expected, expected], "saved tensors changed: see memory_plan"
 
     plan = tmp_path / "plan.json"
-    code = memory_plan.main(["--model", "tiny", "--gpus", "1", "--vocab-size", "512", "--recompute", "none",
-                             "--measured", str(acts), "--require-measured", "--output-json", str(plan)])
+    code = memory_plan.main(
+        [
+            "--model",
+            "tiny",
+            "--gpus",
+            "1",
+            "--vocab-size",
+            "512",
+            "--recompute",
+            "none",
+            "--measured",
+            str(acts),
+            "--require-measured",
+            "--output-json",
+            str(plan),
+        ]
+    )
     assert code == 0
     assert "measured (float32, cpu" in capsys.readouterr().out
     chosen = json.loads(plan.read_text())["chosen"][0]
@@ -270,14 +356,33 @@ def test_memory_plan_prefers_least_model_parallelism(capsys, tmp_path):
 @CPU_ONLY
 def test_loss_benchmark_cpu_smoke(tmp_path, capsys):
     out = tmp_path / "loss.json"
-    code = loss_benchmark.main(["--cpu", "--vocab-sizes", "256", "--patch-sizes", "1,4", "--repeats", "2",
-                                "--warmup", "0", "--output-json", str(out)])
+    code = loss_benchmark.main(
+        [
+            "--cpu",
+            "--vocab-sizes",
+            "256",
+            "--patch-sizes",
+            "1,4",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+            "--output-json",
+            str(out),
+        ]
+    )
     assert code == 0
     assert "| V | K | method | fwd+bwd ms (median) |" in capsys.readouterr().out
     rows = json.loads(out.read_text())["results"]
     assert [(r["method"], r["patch_size"]) for r in rows] == [
-        ("token CE (megatron)", 1), ("patch CE", 1), ("fused patch CE", 1), ("K x megatron CE", 1),
-        ("patch CE", 4), ("fused patch CE", 4), ("K x megatron CE", 4)]
+        ("token CE (megatron)", 1),
+        ("patch CE", 1),
+        ("fused patch CE", 1),
+        ("K x megatron CE", 1),
+        ("patch CE", 4),
+        ("fused patch CE", 4),
+        ("K x megatron CE", 4),
+    ]
     for r in rows:
         assert "error" not in r
         assert _positive(r["ms_median"]) and _positive(r["time_vs_token"])
@@ -287,15 +392,18 @@ def test_loss_benchmark_cpu_smoke(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- bad flags
-@pytest.mark.parametrize("script, argv", [
-    ("throughput", ["--patch-sizes", "0"]),
-    ("throughput", ["--model", "nope"]),
-    ("throughput", ["--layers", "2"]),
-    ("throughput", ["--phase-times", "--measure-layer-activations"]),
-    ("loss_benchmark", ["--vocab-sizes", "x"]),
-    ("memory_plan", ["--budget-gib", "90"]),
-    ("memory_plan", ["--measured", "/nonexistent.json"]),
-])
+@pytest.mark.parametrize(
+    "script, argv",
+    [
+        ("throughput", ["--patch-sizes", "0"]),
+        ("throughput", ["--model", "nope"]),
+        ("throughput", ["--layers", "2"]),
+        ("throughput", ["--phase-times", "--measure-layer-activations"]),
+        ("loss_benchmark", ["--vocab-sizes", "x"]),
+        ("memory_plan", ["--budget-gib", "90"]),
+        ("memory_plan", ["--measured", "/nonexistent.json"]),
+    ],
+)
 def test_bad_flags_exit_2_with_one_line(script, argv, capsys):
     module = {"throughput": throughput, "loss_benchmark": loss_benchmark, "memory_plan": memory_plan}[script]
     assert module.main(argv) == 2
@@ -315,19 +423,71 @@ def test_gpu_mode_without_a_gpu_exits_2(script, capsys):
 @pytest.mark.gpu
 def test_scripts_on_gpu_tiny(tmp_path):
     out = tmp_path / "tp.json"
-    assert throughput.main(["--model", "tiny", "--micro-batch-size", "2", "--patch-sizes", "1,2", "--steps", "2",
-                            "--warmup", "1", "--output-json", str(out)]) == 0
+    assert (
+        throughput.main(
+            [
+                "--model",
+                "tiny",
+                "--micro-batch-size",
+                "2",
+                "--patch-sizes",
+                "1,2",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--output-json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     for r in json.loads(out.read_text())["results"]:
         assert _positive(r["tflops"]) and _positive(r["mfu"]) and _positive(r["peak_memory_gib"])
         assert "phases_ms" not in r  # off by default
-    assert throughput.main(["--model", "tiny", "--micro-batch-size", "2", "--patch-sizes", "1", "--steps", "2",
-                            "--warmup", "1", "--phase-times", "--output-json", str(out)]) == 0
+    assert (
+        throughput.main(
+            [
+                "--model",
+                "tiny",
+                "--micro-batch-size",
+                "2",
+                "--patch-sizes",
+                "1",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--phase-times",
+                "--output-json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     for r in json.loads(out.read_text())["results"]:  # CUDA events around megatron's phases
         phases = r["phases_ms"]
         assert _positive(phases["forward-backward"]) and _positive(phases["optimizer-inner-step"])
         assert phases["forward-compute"] + phases["backward-compute"] <= phases["forward-backward"] * 1.01 + 0.05
     out = tmp_path / "loss.json"
-    assert loss_benchmark.main(["--seq-length", "128", "--micro-batch-size", "2", "--vocab-sizes", "1024",
-                                "--patch-sizes", "1,4", "--repeats", "2", "--output-json", str(out)]) == 0
+    assert (
+        loss_benchmark.main(
+            [
+                "--seq-length",
+                "128",
+                "--micro-batch-size",
+                "2",
+                "--vocab-sizes",
+                "1024",
+                "--patch-sizes",
+                "1,4",
+                "--repeats",
+                "2",
+                "--output-json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     for r in json.loads(out.read_text())["results"]:
         assert _positive(r["peak_above_base_bytes"]) and r["grad_error_vs_fp64"] < 2e-2

@@ -64,10 +64,20 @@ def tokenizer_model(tmp_path_factory, tiny_records, tools) -> Path:
     folder = tmp_path_factory.mktemp("tokenizer")
     corpus = write_jsonl(folder / "slice.jsonl", tiny_records[:40])
     prefix = folder / "spm"
-    code = tools.train_tokenizer.main([
-        "--input", str(corpus), "--vocab-size", str(TOKENIZER_VOCAB),
-        "--output-prefix", str(prefix), "--input-sentence-size", "12000", "--seed", "7",
-    ])
+    code = tools.train_tokenizer.main(
+        [
+            "--input",
+            str(corpus),
+            "--vocab-size",
+            str(TOKENIZER_VOCAB),
+            "--output-prefix",
+            str(prefix),
+            "--input-sentence-size",
+            "12000",
+            "--seed",
+            "7",
+        ]
+    )
     assert code == 0
     return Path(f"{prefix}.model")
 
@@ -84,9 +94,16 @@ def corpus_prefix(tmp_path_factory, tiny_records, tokenizer_model, tools) -> str
     """All tiny documents preprocessed with --append-eod; returns the dataset prefix."""
     folder = tmp_path_factory.mktemp("corpus")
     corpus = write_jsonl(folder / "tiny.jsonl", tiny_records)
-    code = tools.preprocess_data.main([
-        "--input", str(corpus), "--tokenizer-model", str(tokenizer_model),
-        "--output-prefix", str(folder / "tiny"), "--append-eod",
-    ])
+    code = tools.preprocess_data.main(
+        [
+            "--input",
+            str(corpus),
+            "--tokenizer-model",
+            str(tokenizer_model),
+            "--output-prefix",
+            str(folder / "tiny"),
+            "--append-eod",
+        ]
+    )
     assert code == 0
     return str(folder / "tiny_text_document")

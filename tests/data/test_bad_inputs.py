@@ -35,8 +35,15 @@ def preprocess(tools, tokenizer_model, tmp_path):
     (tmp_path / "out").mkdir()
 
     def run(*inputs, extra=(), model=tokenizer_model, prefix=None):
-        argv = ["--input", *map(str, inputs), "--tokenizer-model", str(model),
-                "--output-prefix", str(prefix or tmp_path / "out" / "x"), *extra]
+        argv = [
+            "--input",
+            *map(str, inputs),
+            "--tokenizer-model",
+            str(model),
+            "--output-prefix",
+            str(prefix or tmp_path / "out" / "x"),
+            *extra,
+        ]
         return tools.preprocess_data.main(argv)
 
     return run
@@ -59,9 +66,17 @@ def test_malformed_json_names_file_and_line(preprocess, tmp_path, capsys, worker
 
 
 def test_skip_bad_lines_counts_and_reports(preprocess, tmp_path, capsys):
-    path = write_lines(tmp_path / "c.jsonl", [b'{"text": "good one"}', b"{broken", b"[1, 2]",
-                                              b'{"other": "x"}', b'{"text": "bad \xff byte"}',
-                                              b'{"text": "good two"}'])
+    path = write_lines(
+        tmp_path / "c.jsonl",
+        [
+            b'{"text": "good one"}',
+            b"{broken",
+            b"[1, 2]",
+            b'{"other": "x"}',
+            b'{"text": "bad \xff byte"}',
+            b'{"text": "good two"}',
+        ],
+    )
     assert preprocess(path, extra=["--skip-bad-lines"]) == 0
     out = capsys.readouterr().out
     assert "lines read: 6, bad lines skipped: 4" in out and "2 documents" in out
@@ -86,8 +101,9 @@ def test_invalid_utf8_names_file_and_line(preprocess, tmp_path, capsys):
 
 
 def test_empty_documents_are_counted_not_errors(preprocess, tmp_path, capsys):
-    path = write_lines(tmp_path / "c.jsonl", [b'{"text": "one"}', b'{"text": ""}', b"",
-                                              b'{"text": null}', b'{"text": "two"}'])
+    path = write_lines(
+        tmp_path / "c.jsonl", [b'{"text": "one"}', b'{"text": ""}', b"", b'{"text": null}', b'{"text": "two"}']
+    )
     assert preprocess(path) == 0
     out = capsys.readouterr().out
     assert "2 documents" in out and "3 empty kept as empty index entries" in out
@@ -100,10 +116,8 @@ def test_only_empty_documents_is_an_error(preprocess, tmp_path, capsys):
 
 
 def test_missing_input_and_empty_glob(preprocess, tmp_path, capsys):
-    fails(capsys, preprocess(tmp_path / "nope.jsonl"), "--input file", "nope.jsonl",
-          "does not exist")
-    fails(capsys, preprocess(str(tmp_path / "*.jsonl.xz")), "--input glob", "*.jsonl.xz",
-          "matches no file")
+    fails(capsys, preprocess(tmp_path / "nope.jsonl"), "--input file", "nope.jsonl", "does not exist")
+    fails(capsys, preprocess(str(tmp_path / "*.jsonl.xz")), "--input glob", "*.jsonl.xz", "matches no file")
     write_jsonl(tmp_path / "c.csv", [GOOD])
     fails(capsys, preprocess(tmp_path / "c.csv"), "c.csv", "unknown format", "*.jsonl")
     assert_no_outputs(tmp_path / "out")
@@ -112,8 +126,7 @@ def test_missing_input_and_empty_glob(preprocess, tmp_path, capsys):
 def test_missing_output_folder(preprocess, tmp_path, capsys):
     path = write_jsonl(tmp_path / "c.jsonl", [GOOD])
     missing = tmp_path / "no" / "such"
-    fails(capsys, preprocess(path, prefix=missing / "x"), f"output folder '{missing}'",
-          "does not exist", "mkdir -p")
+    fails(capsys, preprocess(path, prefix=missing / "x"), f"output folder '{missing}'", "does not exist", "mkdir -p")
     assert not missing.exists()
 
 
@@ -155,25 +168,41 @@ def test_merge_errors(tools, tmp_path, capsys, corpus_prefix):
 
     merge = tools.merge_datasets.main
     out = str(tmp_path / "m")
-    fails(capsys, merge(["--input", str(tmp_path / "absent"), "--output-prefix", out]),
-          "absent", "not found", "tools/preprocess_data.py")
-    fails(capsys, merge(["--input", corpus_prefix, "--output-prefix", str(tmp_path / "x" / "m")]),
-          "does not exist")
+    fails(
+        capsys,
+        merge(["--input", str(tmp_path / "absent"), "--output-prefix", out]),
+        "absent",
+        "not found",
+        "tools/preprocess_data.py",
+    )
+    fails(capsys, merge(["--input", corpus_prefix, "--output-prefix", str(tmp_path / "x" / "m")]), "does not exist")
     builder = IndexedDatasetBuilder(str(tmp_path / "wide.bin"), dtype=numpy.int32)
     builder.add_document(numpy.arange(5), [5])
     builder.finalize(str(tmp_path / "wide.idx"))
-    fails(capsys, merge(["--input", corpus_prefix, str(tmp_path / "wide"), "--output-prefix", out]),
-          "int32", "uint16", "same tokenizer")
+    fails(
+        capsys,
+        merge(["--input", corpus_prefix, str(tmp_path / "wide"), "--output-prefix", out]),
+        "int32",
+        "uint16",
+        "same tokenizer",
+    )
     assert not list(tmp_path.glob("m.*")) and not list(tmp_path.glob(".merge*"))
 
 
 def test_bad_flags_are_one_line_errors(tools, tmp_path, capsys):
-    fails(capsys, tools.preprocess_data.main(["--input", "x.jsonl"]), "--tokenizer-model",
-          "--help")
-    fails(capsys, tools.merge_datasets.main(["--input", "a", "--output-prefix", "b", "--bogus"]),
-          "--bogus", "tools/merge_datasets.py --help")
-    fails(capsys, tools.train_tokenizer.main(["--input", "x", "--output-prefix", "y",
-                                              "--vocab-size", "many"]), "--vocab-size", "many")
+    fails(capsys, tools.preprocess_data.main(["--input", "x.jsonl"]), "--tokenizer-model", "--help")
+    fails(
+        capsys,
+        tools.merge_datasets.main(["--input", "a", "--output-prefix", "b", "--bogus"]),
+        "--bogus",
+        "tools/merge_datasets.py --help",
+    )
+    fails(
+        capsys,
+        tools.train_tokenizer.main(["--input", "x", "--output-prefix", "y", "--vocab-size", "many"]),
+        "--vocab-size",
+        "many",
+    )
 
 
 def _copy_pair(prefix, folder):
@@ -197,7 +226,7 @@ def _shifted_offset(idx):
     data = bytearray(open(idx, "rb").read())
     (sequences,) = struct.unpack("<Q", data[18:26])
     at = 34 + 4 * sequences + 8 * 3
-    data[at:at + 8] = struct.pack("<q", struct.unpack("<q", data[at:at + 8])[0] + 2)
+    data[at : at + 8] = struct.pack("<q", struct.unpack("<q", data[at : at + 8])[0] + 2)
     open(idx, "wb").write(bytes(data))
 
 
@@ -205,8 +234,10 @@ PAIR_DAMAGE = {
     "truncated-bin": (lambda p: _cut(p + ".bin", lambda n: n - 100), ".bin has", "truncated"),
     "extended-bin": (lambda p: open(p + ".bin", "ab").write(b"\0\0"), ".bin has", "longer than its index"),
     "empty-idx": (lambda p: open(p + ".idx", "wb").close(), ".idx is not a megatron index file (0 bytes"),
-    "random-idx": (lambda p: open(p + ".idx", "wb").write(numpy.random.default_rng(3).bytes(2048)),
-                   ".idx is not a megatron index file"),
+    "random-idx": (
+        lambda p: open(p + ".idx", "wb").write(numpy.random.default_rng(3).bytes(2048)),
+        ".idx is not a megatron index file",
+    ),
     "truncated-idx": (lambda p: _cut(p + ".idx", lambda n: n - 8), ".idx has", "header's"),
     "shifted-offset": (lambda p: _shifted_offset(p + ".idx"), ".idx: sequence 3 has length"),
 }
@@ -216,8 +247,8 @@ PAIR_DAMAGE = {
 def test_damaged_pair_is_refused_by_merge_and_check_prefix(tools, tmp_path, capsys, corpus_prefix, case):
     """One line naming the damaged file and the fix, from the check every reader of a prefix
     runs first (merge here; the trainer's datasets and evaluate through the same check_prefix)."""
-    from megatron_patch.errors import DataError
     from megatron_patch.data.indexed import check_prefix
+    from megatron_patch.errors import DataError
 
     damage, *needles = PAIR_DAMAGE[case]
     copy = _copy_pair(corpus_prefix, tmp_path)
@@ -226,8 +257,12 @@ def test_damaged_pair_is_refused_by_merge_and_check_prefix(tools, tmp_path, caps
         check_prefix(copy)
     assert "\n" not in str(error.value) and copy in str(error.value)
     out = str(tmp_path / "m")
-    line = fails(capsys, tools.merge_datasets.main(["--input", corpus_prefix, copy, "--output-prefix", out]),
-                 *needles, "tools/preprocess_data.py")
+    line = fails(
+        capsys,
+        tools.merge_datasets.main(["--input", corpus_prefix, copy, "--output-prefix", out]),
+        *needles,
+        "tools/preprocess_data.py",
+    )
     assert copy in line
     assert not list(tmp_path.glob("m.*")) and not list(tmp_path.glob(".m*"))
 

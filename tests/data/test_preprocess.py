@@ -21,42 +21,63 @@ def run(tools, *argv) -> int:
 
 
 def files_of(folder, prefix) -> dict[str, bytes]:
-    return {p.name[len(prefix):]: p.read_bytes() for p in sorted(folder.glob(prefix + "*"))}
+    return {p.name[len(prefix) :]: p.read_bytes() for p in sorted(folder.glob(prefix + "*"))}
 
 
 @pytest.mark.parametrize("append_eod", [True, False])
-def test_round_trip_matches_tokenizer(tmp_path, tiny_records, tokenizer, tokenizer_model, tools,
-                                      append_eod, capsys):
+def test_round_trip_matches_tokenizer(tmp_path, tiny_records, tokenizer, tokenizer_model, tools, append_eod, capsys):
     records = tiny_records[60:72]
     corpus = write_jsonl(tmp_path / "in.jsonl", records)
-    argv = ["--input", corpus, "--tokenizer-model", tokenizer_model,
-            "--output-prefix", tmp_path / "out"] + (["--append-eod"] if append_eod else [])
+    argv = ["--input", corpus, "--tokenizer-model", tokenizer_model, "--output-prefix", tmp_path / "out"] + (
+        ["--append-eod"] if append_eod else []
+    )
     assert run(tools, *argv) == 0
-    expected = [tokenizer.tokenize(r["text"]) + ([tokenizer.eod] if append_eod else [])
-                for r in records]
+    expected = [tokenizer.tokenize(r["text"]) + ([tokenizer.eod] if append_eod else []) for r in records]
     assert read_documents(str(tmp_path / "out_text_document")) == expected
     report = capsys.readouterr().out
     assert f"{len(records)} documents, {sum(map(len, expected))} tokens" in report
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "in.jsonl", "out_text_document.bin", "out_text_document.idx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out_text_document.bin", "out_text_document.idx"]
 
 
 def test_compressed_text_and_multiple_keys(tmp_path, tokenizer, tokenizer_model, tools):
     lines = ["First line of text.", "", "Second line, with 42 digits."]
     with gzip.open(tmp_path / "plain.txt.gz", "wt", encoding="utf-8") as stream:
         stream.write("\n".join(lines) + "\n")
-    assert run(tools, "--input", tmp_path / "plain.txt.gz", "--tokenizer-model", tokenizer_model,
-               "--output-prefix", tmp_path / "txt", "--append-eod") == 0
+    assert (
+        run(
+            tools,
+            "--input",
+            tmp_path / "plain.txt.gz",
+            "--tokenizer-model",
+            tokenizer_model,
+            "--output-prefix",
+            tmp_path / "txt",
+            "--append-eod",
+        )
+        == 0
+    )
     expected = [tokenizer.tokenize(t) + [tokenizer.eod] for t in lines if t]
     assert read_documents(str(tmp_path / "txt_text_document")) == expected
 
     records = [{"title": "A title", "body": "Some body."}, {"title": "", "body": "Body two."}]
     write_jsonl(tmp_path / "two.jsonl", records)
-    assert run(tools, "--input", str(tmp_path / "two.json*"), "--json-keys", "title", "body",
-               "--tokenizer-model", tokenizer_model, "--output-prefix", tmp_path / "kv") == 0
+    assert (
+        run(
+            tools,
+            "--input",
+            str(tmp_path / "two.json*"),
+            "--json-keys",
+            "title",
+            "body",
+            "--tokenizer-model",
+            tokenizer_model,
+            "--output-prefix",
+            tmp_path / "kv",
+        )
+        == 0
+    )
     assert read_documents(str(tmp_path / "kv_title_document")) == [tokenizer.tokenize("A title")]
-    assert read_documents(str(tmp_path / "kv_body_document")) == [
-        tokenizer.tokenize(r["body"]) for r in records]
+    assert read_documents(str(tmp_path / "kv_body_document")) == [tokenizer.tokenize(r["body"]) for r in records]
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +89,14 @@ def corpus_file(tmp_path_factory, tiny_records):
     return write_jsonl(tmp_path_factory.mktemp("corpus") / "c.jsonl", records)
 
 
-def test_workers_and_partitions_give_identical_bytes(tmp_path, corpus_file, tokenizer_model,
-                                                     tools, capsys):
-    common = ["--input", corpus_file, "--tokenizer-model", tokenizer_model, "--append-eod",
-              "--chunk-bytes", "20000"]
-    for name, extra in [("one", ["--workers", "1"]), ("two", ["--workers", "2"]),
-                        ("parts", ["--workers", "2", "--partitions", "3"]),
-                        ("nomerge", ["--partitions", "2", "--no-merge-partitions"])]:
+def test_workers_and_partitions_give_identical_bytes(tmp_path, corpus_file, tokenizer_model, tools, capsys):
+    common = ["--input", corpus_file, "--tokenizer-model", tokenizer_model, "--append-eod", "--chunk-bytes", "20000"]
+    for name, extra in [
+        ("one", ["--workers", "1"]),
+        ("two", ["--workers", "2"]),
+        ("parts", ["--workers", "2", "--partitions", "3"]),
+        ("nomerge", ["--partitions", "2", "--no-merge-partitions"]),
+    ]:
         (tmp_path / name).mkdir()
         assert run(tools, *common, *extra, "--output-prefix", tmp_path / name / "c") == 0
     assert "28 documents" in capsys.readouterr().out
@@ -83,22 +105,25 @@ def test_workers_and_partitions_give_identical_bytes(tmp_path, corpus_file, toke
     assert files_of(tmp_path / "two", "c_text_document") == single
     assert files_of(tmp_path / "parts", "c_text_document") == single
     assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == sorted(
-        f"c_{part}text_document.{ext}" for part in ["", "0_", "1_", "2_"] for ext in ["bin", "idx"])
+        f"c_{part}text_document.{ext}" for part in ["", "0_", "1_", "2_"] for ext in ["bin", "idx"]
+    )
     assert not list((tmp_path / "nomerge").glob("c_text_document*"))
     shards = [str(tmp_path / "nomerge" / f"c_{i}_text_document") for i in range(2)]
     assert sum(len(read_documents(s)) for s in shards) == 28
-    assert tools.merge_datasets.main(["--input", *shards,
-                                      "--output-prefix", str(tmp_path / "merged")]) == 0
+    assert tools.merge_datasets.main(["--input", *shards, "--output-prefix", str(tmp_path / "merged")]) == 0
     assert files_of(tmp_path, "merged") == single
     # a folder as input: shards in natural order
-    assert tools.merge_datasets.main(["--input", str(tmp_path / "nomerge"),
-                                      "--output-prefix", str(tmp_path / "fromdir")]) == 0
+    assert (
+        tools.merge_datasets.main(["--input", str(tmp_path / "nomerge"), "--output-prefix", str(tmp_path / "fromdir")])
+        == 0
+    )
     assert files_of(tmp_path, "fromdir") == single
 
 
 def test_report_counts_empty_documents(tmp_path, corpus_file, tokenizer_model, tools, capsys):
-    assert run(tools, "--input", corpus_file, "--tokenizer-model", tokenizer_model,
-               "--output-prefix", tmp_path / "c") == 0
+    assert (
+        run(tools, "--input", corpus_file, "--tokenizer-model", tokenizer_model, "--output-prefix", tmp_path / "c") == 0
+    )
     out = capsys.readouterr().out
     assert "lines read: 30, bad lines skipped: 0" in out
     assert "28 documents" in out and "2 empty kept as empty index entries" in out
@@ -106,9 +131,22 @@ def test_report_counts_empty_documents(tmp_path, corpus_file, tokenizer_model, t
 
 def test_progress_lines(tmp_path, corpus_file, tokenizer_model, tools, caplog):
     with caplog.at_level("INFO", logger="megatron_patch.data.preprocess"):
-        assert run(tools, "--input", corpus_file, "--tokenizer-model", tokenizer_model,
-                   "--output-prefix", tmp_path / "c", "--log-interval", "10",
-                   "--chunk-bytes", "1") == 0
+        assert (
+            run(
+                tools,
+                "--input",
+                corpus_file,
+                "--tokenizer-model",
+                tokenizer_model,
+                "--output-prefix",
+                tmp_path / "c",
+                "--log-interval",
+                "10",
+                "--chunk-bytes",
+                "1",
+            )
+            == 0
+        )
     lines = [r.getMessage() for r in caplog.records if "documents," in r.getMessage()]
     assert [line.split()[0] for line in lines] == ["10", "20", "30"]
     assert all("MB/s" in line and "tokens/s" in line and "ETA" in line for line in lines)

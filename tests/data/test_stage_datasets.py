@@ -19,10 +19,14 @@ SAMPLES = {"patch_train": 300, "token_train": 500, "valid": 20}
 def config(data_path, tmp_path, seq_length=T, patch_size=K, **overrides) -> StageDataConfig:
     """The test's data config: samples of K*T tokens for the patch stage, T otherwise (as the run
     plan gives them)."""
-    values = dict(data_path=data_path, split="90,8,2", patch_data_fraction=LAMBDA, seed=1234,
-                  cache_dir=str(tmp_path / "cache"),
-                  sample_tokens={"patch_train": patch_size * seq_length, "token_train": seq_length,
-                                 "valid": seq_length})
+    values = dict(
+        data_path=data_path,
+        split="90,8,2",
+        patch_data_fraction=LAMBDA,
+        seed=1234,
+        cache_dir=str(tmp_path / "cache"),
+        sample_tokens={"patch_train": patch_size * seq_length, "token_train": seq_length, "valid": seq_length},
+    )
     values.update(overrides)
     return StageDataConfig(**values)
 
@@ -55,9 +59,20 @@ def second_prefix(tmp_path_factory, tiny_records, tokenizer_model, tools) -> str
     """A second corpus (the tiny documents in reverse order) for blends."""
     folder = tmp_path_factory.mktemp("second")
     write_jsonl(folder / "rev.jsonl", tiny_records[::-1])
-    assert tools.preprocess_data.main([
-        "--input", str(folder / "rev.jsonl"), "--tokenizer-model", str(tokenizer_model),
-        "--output-prefix", str(folder / "rev"), "--append-eod"]) == 0
+    assert (
+        tools.preprocess_data.main(
+            [
+                "--input",
+                str(folder / "rev.jsonl"),
+                "--tokenizer-model",
+                str(tokenizer_model),
+                "--output-prefix",
+                str(folder / "rev"),
+                "--append-eod",
+            ]
+        )
+        == 0
+    )
     return str(folder / "rev_text_document")
 
 
@@ -66,8 +81,7 @@ def test_stages_are_disjoint_and_follow_the_lambda_rule(corpus_prefix, tokenizer
     lengths = lengths_of(corpus_prefix)
     cut = expected_cut(lengths, 0, 92, LAMBDA)
     (split,) = data.splits
-    assert (split.patch.begin, split.patch.end, split.token.begin, split.token.end) == (
-        0, cut, cut, 92)
+    assert (split.patch.begin, split.patch.end, split.token.begin, split.token.end) == (0, cut, cut, 92)
     assert (split.valid.begin, split.valid.end) == (92, 100)
     assert data.patch_documents == cut and data.token_documents == 92 - cut
     assert data.patch_tokens == lengths[:cut].sum() and data.token_tokens == lengths[cut:92].sum()
@@ -75,8 +89,7 @@ def test_stages_are_disjoint_and_follow_the_lambda_rule(corpus_prefix, tokenizer
     share = data.patch_tokens / (data.patch_tokens + data.token_tokens)
     tolerance = lengths[:92].max() / lengths[:92].sum()
     assert LAMBDA <= share < LAMBDA + tolerance
-    patch, token, valid = (used_documents(d) for d in (data.patch_train, data.token_train,
-                                                         data.valid))
+    patch, token, valid = (used_documents(d) for d in (data.patch_train, data.token_train, data.valid))
     assert patch == set(range(cut)) and token == set(range(cut, 92))
     assert valid == set(range(92, 100))
     assert not (patch & token) and not (valid & (patch | token))
@@ -104,16 +117,14 @@ def samples(dataset, count=8) -> list[torch.Tensor]:
 def test_same_seed_same_samples(corpus_prefix, tokenizer, tmp_path):
     first = build_stage_datasets(config([corpus_prefix], tmp_path / "a"), tokenizer, SAMPLES)
     again = build_stage_datasets(config([corpus_prefix], tmp_path / "b"), tokenizer, SAMPLES)
-    other = build_stage_datasets(config([corpus_prefix], tmp_path / "c", seed=99), tokenizer,
-                                 SAMPLES)
+    other = build_stage_datasets(config([corpus_prefix], tmp_path / "c", seed=99), tokenizer, SAMPLES)
     for stage in ("patch_train", "token_train", "valid"):
         a, b, c = (samples(getattr(d, stage)) for d in (first, again, other))
         assert all(torch.equal(x, y) for x, y in zip(a, b))
         assert not all(torch.equal(x, z) for x, z in zip(a, c))
 
 
-def test_token_only_puts_all_training_documents_in_the_token_stage(corpus_prefix, tokenizer,
-                                                                    tmp_path):
+def test_token_only_puts_all_training_documents_in_the_token_stage(corpus_prefix, tokenizer, tmp_path):
     cfg = config([corpus_prefix], tmp_path, patch_size=1, patch_data_fraction=0.0)
     data = build_stage_datasets(cfg, tokenizer, {"token_train": 100, "valid": 5})
     assert data.patch_train is None and data.patch_documents == data.patch_tokens == 0
@@ -123,8 +134,7 @@ def test_token_only_puts_all_training_documents_in_the_token_stage(corpus_prefix
 
 def test_new_lambda_is_not_served_from_a_stale_cache(corpus_prefix, tokenizer, tmp_path):
     build_stage_datasets(config([corpus_prefix], tmp_path), tokenizer, SAMPLES)
-    data = build_stage_datasets(config([corpus_prefix], tmp_path, patch_data_fraction=0.25),
-                                tokenizer, SAMPLES)
+    data = build_stage_datasets(config([corpus_prefix], tmp_path, patch_data_fraction=0.25), tokenizer, SAMPLES)
     cut = expected_cut(lengths_of(corpus_prefix), 0, 92, 0.25)
     assert used_documents(data.patch_train) == set(range(cut))
     assert used_documents(data.token_train) == set(range(cut, 92))
@@ -133,30 +143,26 @@ def test_new_lambda_is_not_served_from_a_stale_cache(corpus_prefix, tokenizer, t
 def test_a_zero_count_skips_a_dataset(corpus_prefix, tokenizer, tmp_path):
     """A token-stage-only job asks for no patch samples, and the reverse."""
     full = build_stage_datasets(config([corpus_prefix], tmp_path), tokenizer, SAMPLES)
-    token_only = build_stage_datasets(config([corpus_prefix], tmp_path), tokenizer,
-                                      {"patch_train": 0, "token_train": 500, "valid": 20})
-    patch_only = build_stage_datasets(config([corpus_prefix], tmp_path), tokenizer,
-                                      {"patch_train": 300})
+    token_only = build_stage_datasets(
+        config([corpus_prefix], tmp_path), tokenizer, {"patch_train": 0, "token_train": 500, "valid": 20}
+    )
+    patch_only = build_stage_datasets(config([corpus_prefix], tmp_path), tokenizer, {"patch_train": 300})
     assert token_only.patch_train is None and token_only.token_train is not None
     assert patch_only.token_train is None and patch_only.valid is None
     assert token_only.splits == patch_only.splits == full.splits
-    assert all(torch.equal(a, b) for a, b in zip(samples(full.token_train),
-                                                 samples(token_only.token_train)))
-    assert all(torch.equal(a, b) for a, b in zip(samples(full.patch_train),
-                                                 samples(patch_only.patch_train)))
+    assert all(torch.equal(a, b) for a, b in zip(samples(full.token_train), samples(token_only.token_train)))
+    assert all(torch.equal(a, b) for a, b in zip(samples(full.patch_train), samples(patch_only.patch_train)))
 
 
 def test_no_validation_split(corpus_prefix, tokenizer, tmp_path):
-    data = build_stage_datasets(config([corpus_prefix], tmp_path, split="100,0,0"), tokenizer,
-                                SAMPLES)
+    data = build_stage_datasets(config([corpus_prefix], tmp_path, split="100,0,0"), tokenizer, SAMPLES)
     assert data.valid is None and data.token_documents + data.patch_documents == 102
 
 
 @pytest.mark.parametrize("weights", [(0.7, 0.3), None])
 def test_blends(corpus_prefix, second_prefix, tokenizer, tmp_path, weights):
     prefixes = [corpus_prefix, second_prefix]
-    path = prefixes if weights is None else [str(weights[0]), prefixes[0], str(weights[1]),
-                                             prefixes[1]]
+    path = prefixes if weights is None else [str(weights[0]), prefixes[0], str(weights[1]), prefixes[1]]
     data = build_stage_datasets(config(path, tmp_path), tokenizer, SAMPLES)
     assert len(data.splits) == 2
     assert data.patch_tokens == sum(s.patch.tokens for s in data.splits)
@@ -165,9 +171,12 @@ def test_blends(corpus_prefix, second_prefix, tokenizer, tmp_path, weights):
         blend = getattr(data, stage)
         assert SAMPLES[stage] <= len(blend) <= SAMPLES[stage] + 2
         ids = numpy.array([blend[i]["dataset_id"] for i in range(len(blend))])
-        expected = (weights[0] if weights else
-                    getattr(data.splits[0], stage.split("_")[0]).tokens
-                    / sum(getattr(s, stage.split("_")[0]).tokens for s in data.splits))
+        expected = (
+            weights[0]
+            if weights
+            else getattr(data.splits[0], stage.split("_")[0]).tokens
+            / sum(getattr(s, stage.split("_")[0]).tokens for s in data.splits)
+        )
         assert abs((ids == 0).mean() - expected) <= 2 / len(blend)
         assert blend[3]["tokens"].shape == (length,)
     for i, split in enumerate(data.splits):
@@ -185,8 +194,7 @@ def test_world_of_one(corpus_prefix, second_prefix, tokenizer, tmp_path):
     reference = build_stage_datasets(config(path, tmp_path / "ref"), tokenizer, SAMPLES)
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
-                                world_size=1)
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         data = build_stage_datasets(config(path, tmp_path / "dist"), tokenizer, SAMPLES)
         cached = build_stage_datasets(config(path, tmp_path / "dist"), tokenizer, SAMPLES)
@@ -238,28 +246,31 @@ def test_errors(corpus_prefix, tokenizer, tmp_path):
     assert "--seq-length" in message and "patch_data_fraction" in message
     message = error(config([corpus_prefix], tmp_path, patch_data_fraction=0.999))
     assert "token_train stage" in message
-    message = error(config([corpus_prefix], tmp_path, patch_size=1, seq_length=150_000),
-                    counts={"token_train": 1, "valid": 1})
+    message = error(
+        config([corpus_prefix], tmp_path, patch_size=1, seq_length=150_000), counts={"token_train": 1, "valid": 1}
+    )
     assert "valid stage" in message and "needs 150001" in message
     assert "patch_data_fraction" not in message
     message = error(config([corpus_prefix], tmp_path), tok=SmallVocab(tokenizer, 100))
     assert "token id 511" in message and "only 100 ids" in message
     assert "num_samples['train']" in error(config([corpus_prefix], tmp_path), counts={"train": 5})
     assert "-1" in error(config([corpus_prefix], tmp_path), counts={"token_train": -1})
-    assert "no training sample" in error(config([corpus_prefix], tmp_path),
-                                         counts={"patch_train": 0, "valid": 5})
+    assert "no training sample" in error(config([corpus_prefix], tmp_path), counts={"patch_train": 0, "valid": 5})
     (tmp_path / "file").write_text("")
     message = error(config([corpus_prefix], tmp_path, cache_dir=str(tmp_path / "file" / "c")))
     assert "file/c" in message and "cache_dir" in message
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    ({"patch_data_fraction": 1.5}, "patch_data_fraction 1.5 must be in (0, 1)"),
-    ({"split": "a,b"}, "split 'a,b'"),
-    ({"seq_length": 0}, "sample_tokens['patch_train'] = 0"),
-    ({"data_path": ["0.5", "p1", "x", "p2"]}, "alternate weight and prefix"),
-    ({"data_path": []}, "non-empty list"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        ({"patch_data_fraction": 1.5}, "patch_data_fraction 1.5 must be in (0, 1)"),
+        ({"split": "a,b"}, "split 'a,b'"),
+        ({"seq_length": 0}, "sample_tokens['patch_train'] = 0"),
+        ({"data_path": ["0.5", "p1", "x", "p2"]}, "alternate weight and prefix"),
+        ({"data_path": []}, "non-empty list"),
+    ],
+)
 def test_config_validation(tmp_path, overrides, needle):
     overrides = {"data_path": ["p"], **overrides}
     with pytest.raises(DataError) as info:

@@ -60,26 +60,40 @@ def test_unreadable_model_is_a_value_error_naming_the_path(tmp_path, content):
 
 def test_training_is_deterministic_and_atomic(tmp_path, tiny_records, tools, tokenizer_model):
     corpus = write_jsonl(tmp_path / "slice.jsonl", tiny_records[:40])
-    argv = ["--input", str(corpus), "--vocab-size", str(TOKENIZER_VOCAB),
-            "--input-sentence-size", "12000", "--seed", "7"]
+    argv = [
+        "--input",
+        str(corpus),
+        "--vocab-size",
+        str(TOKENIZER_VOCAB),
+        "--input-sentence-size",
+        "12000",
+        "--seed",
+        "7",
+    ]
     assert tools.train_tokenizer.main(argv + ["--output-prefix", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again.model").read_bytes() == tokenizer_model.read_bytes()
     assert (tmp_path / "again.vocab").read_text(encoding="utf-8").splitlines()[2] == "</s>\t0"
     # another seed samples other lines, hence another model
-    assert tools.train_tokenizer.main(
-        argv[:-1] + ["8", "--output-prefix", str(tmp_path / "other")]) == 0
+    assert tools.train_tokenizer.main(argv[:-1] + ["8", "--output-prefix", str(tmp_path / "other")]) == 0
     assert (tmp_path / "other.model").read_bytes() != tokenizer_model.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "again.model", "again.vocab", "other.model", "other.vocab", "slice.jsonl"]
+        "again.model",
+        "again.vocab",
+        "other.model",
+        "other.vocab",
+        "slice.jsonl",
+    ]
 
 
 def test_training_errors_are_one_line(tmp_path, tools, capsys):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "a b c"}])
-    code = tools.train_tokenizer.main(["--input", str(tmp_path / "missing.jsonl"),
-                                       "--output-prefix", str(tmp_path / "t")])
+    code = tools.train_tokenizer.main(
+        ["--input", str(tmp_path / "missing.jsonl"), "--output-prefix", str(tmp_path / "t")]
+    )
     assert code == 2
-    code = tools.train_tokenizer.main(["--input", str(corpus), "--vocab-size", "100",
-                                       "--output-prefix", str(tmp_path / "t")])
+    code = tools.train_tokenizer.main(
+        ["--input", str(corpus), "--vocab-size", "100", "--output-prefix", str(tmp_path / "t")]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("error: --input file") and "missing.jsonl" in err[0]

@@ -31,8 +31,19 @@ def patch_checkpoint(world, tiny_corpus, tmp_path_factory):
     if world != 2:
         pytest.skip("runs in a 2-rank world")
     root = os.path.join(shared_tmp(tmp_path_factory, "conversion"), "run")
-    code = cli.main(trainer_args(tiny_corpus, root, "--tensor-model-parallel-size", "2", "--eval-iters", "0",
-                                 "--keep-last-checkpoints", "0", train_iters=ITERS))
+    code = cli.main(
+        trainer_args(
+            tiny_corpus,
+            root,
+            "--tensor-model-parallel-size",
+            "2",
+            "--eval-iters",
+            "0",
+            "--keep-last-checkpoints",
+            "0",
+            train_iters=ITERS,
+        )
+    )
     assert code == 0
     path = checkpoint.checkpoint_dir(root, 2)
     meta = checkpoint.read_metadata(path)
@@ -44,10 +55,42 @@ def patch_checkpoint(world, tiny_corpus, tmp_path_factory):
 def converted(patch_checkpoint, tmp_path_factory):
     folder = shared_tmp(tmp_path_factory, "converted")
     pp2, back = os.path.join(folder, "tp1pp2"), os.path.join(folder, "tp2pp1")
-    assert convert_checkpoint.main(["--cpu", "--load", patch_checkpoint, "--save", pp2, "--tolerance", "1e-5",
-                                    "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"]) == 0
-    assert convert_checkpoint.main(["--cpu", "--load", pp2, "--save", back, "--tolerance", "1e-5",
-                                    "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "1"]) == 0
+    assert (
+        convert_checkpoint.main(
+            [
+                "--cpu",
+                "--load",
+                patch_checkpoint,
+                "--save",
+                pp2,
+                "--tolerance",
+                "1e-5",
+                "--tensor-model-parallel-size",
+                "1",
+                "--pipeline-model-parallel-size",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        convert_checkpoint.main(
+            [
+                "--cpu",
+                "--load",
+                pp2,
+                "--save",
+                back,
+                "--tolerance",
+                "1e-5",
+                "--tensor-model-parallel-size",
+                "2",
+                "--pipeline-model-parallel-size",
+                "1",
+            ]
+        )
+        == 0
+    )
     return {"pp2": pp2, "back": back}
 
 
@@ -72,9 +115,23 @@ def test_round_trip_keeps_weights_and_logits(patch_checkpoint, converted):
 def test_token_stage_trains_from_the_converted_checkpoint(converted, tiny_corpus, tmp_path_factory):
     save = shared_tmp(tmp_path_factory, "token-stage")
     # a vanishing LR: the weights after the step are the converted ones (a fresh start would differ by ~0.02)
-    code = cli.main(trainer_args(tiny_corpus, save, "--pipeline-model-parallel-size", "2", "--stage", "token",
-                                 "--pretrained-checkpoint", converted["pp2"], "--eval-iters", "0", "--lr", "1e-9",
-                                 train_iters=ITERS))
+    code = cli.main(
+        trainer_args(
+            tiny_corpus,
+            save,
+            "--pipeline-model-parallel-size",
+            "2",
+            "--stage",
+            "token",
+            "--pretrained-checkpoint",
+            converted["pp2"],
+            "--eval-iters",
+            "0",
+            "--lr",
+            "1e-9",
+            train_iters=ITERS,
+        )
+    )
     assert code == 0
     final = checkpoint.read_metadata(checkpoint.resolve_checkpoint(save))
     assert final["progress"]["stage"] == "token" and final["progress"]["stage_complete"]
@@ -93,9 +150,25 @@ def test_evaluation_is_the_same_at_tp2_and_pp2(converted, tiny_corpus, tmp_path_
     results = []
     for layout in (["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]):
         output = os.path.join(folder, f"{layout[0]}.json")
-        assert evaluate.main(["--cpu", "--load", converted["back"], "--data-path", tiny_corpus["prefix"],
-                              "--max-documents", "1", "--micro-batch-size", "8", "--output-json", output,
-                              *layout]) == 0
+        assert (
+            evaluate.main(
+                [
+                    "--cpu",
+                    "--load",
+                    converted["back"],
+                    "--data-path",
+                    tiny_corpus["prefix"],
+                    "--max-documents",
+                    "1",
+                    "--micro-batch-size",
+                    "8",
+                    "--output-json",
+                    output,
+                    *layout,
+                ]
+            )
+            == 0
+        )
         dist.barrier()
         results.append(json.load(open(output)))
     tp2, pp2 = results

@@ -44,9 +44,13 @@ def test_patch_mode_layout_equals_single_rank(world, tmp_path_factory, layout):
         pytest.skip("runs in a 2-rank world")
     tmp = mh.shared_tmp(tmp_path_factory, "layout")
     reference_loss = _reference(tmp)
-    model = mh.build(layout.get("tp", 1), layout.get("pp", 1),
-                     sequence_parallel=layout.get("sequence_parallel", False), seed=999,
-                     fused_rope=layout.get("fused_rope", False))
+    model = mh.build(
+        layout.get("tp", 1),
+        layout.get("pp", 1),
+        sequence_parallel=layout.get("sequence_parallel", False),
+        seed=999,
+        fused_rope=layout.get("fused_rope", False),
+    )
     mh.load_weights(model, os.path.join(tmp, "weights"))
     loss = mh.train_forward_backward(model, mh.batches(PATCH_SIZE), PATCH_SIZE)
     assert abs(loss - reference_loss) <= 1e-6 * abs(reference_loss), (loss, reference_loss)

@@ -9,7 +9,13 @@ import torch
 
 from tests.model_helpers import shared_tmp
 from tests.parity_official import (
-    MISTAKES, T, corpus_sample, parity_mismatches, project_model, relative_error, trained_and_exported,
+    MISTAKES,
+    T,
+    corpus_sample,
+    parity_mismatches,
+    project_model,
+    relative_error,
+    trained_and_exported,
 )
 
 pytest.importorskip("transformers")
@@ -20,8 +26,9 @@ pytest.importorskip("safetensors")
 def parity(world, tiny_corpus, tmp_path_factory):
     if world != 2:
         pytest.skip("runs in a 2-rank world")
-    return trained_and_exported(tiny_corpus, shared_tmp(tmp_path_factory, "parity_tp2"),
-                                "--tensor-model-parallel-size", "2")
+    return trained_and_exported(
+        tiny_corpus, shared_tmp(tmp_path_factory, "parity_tp2"), "--tensor-model-parallel-size", "2"
+    )
 
 
 @pytest.mark.parametrize("patch_size", [2, 4, 8])

@@ -22,8 +22,15 @@ LAYOUTS = {
     "tp2-sp-distopt": ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer"],
     "pp2": ["--pipeline-model-parallel-size", "2"],
     "dp2-overlap": ["--overlap-grad-reduce"],
-    "dp2-distopt-overlap": ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
-                            "--save-interval", "5", "--keep-last-checkpoints", "0"],
+    "dp2-distopt-overlap": [
+        "--use-distributed-optimizer",
+        "--overlap-grad-reduce",
+        "--overlap-param-gather",
+        "--save-interval",
+        "5",
+        "--keep-last-checkpoints",
+        "0",
+    ],
     "pp2-overlap": ["--pipeline-model-parallel-size", "2", "--overlap-grad-reduce"],
 }
 ITERS = 18  # 12 patch steps, 6 token steps
@@ -36,8 +43,9 @@ def trajectories(world, tiny_corpus, tmp_path_factory):
     runs = {}
     for name, layout in LAYOUTS.items():
         save = shared_tmp(tmp_path_factory, name)
-        code = cli.main(trainer_args(tiny_corpus, save, *layout, "--micro-batch-size", "2", "--eval-iters", "1",
-                                     train_iters=ITERS))
+        code = cli.main(
+            trainer_args(tiny_corpus, save, *layout, "--micro-batch-size", "2", "--eval-iters", "1", train_iters=ITERS)
+        )
         assert code == 0, name
         runs[name] = train_records(save) if dist.get_rank() == 0 else None
         runs[name + "_valid"] = train_records(save, "valid") if dist.get_rank() == 0 else None
@@ -56,8 +64,9 @@ def test_both_stages_learn(trajectories, name):
     assert sum(patch[-3:]) < sum(patch[:3]) and sum(token[-2:]) < sum(token[:2])
 
 
-@pytest.mark.parametrize("name, reference", [("dp2-overlap", "dp2"), ("dp2-distopt-overlap", "dp2"),
-                                             ("pp2-overlap", "pp2")])
+@pytest.mark.parametrize(
+    "name, reference", [("dp2-overlap", "dp2"), ("dp2-distopt-overlap", "dp2"), ("pp2-overlap", "pp2")]
+)
 def test_overlapped_gradient_reduction_follows_the_same_layout_without_it(trajectories, name, reference):
     """At DP=2 the token stage accumulates 4 micro-batches per replica (8 at PP=2), so the
     reductions must wait for the last one (megatron's no_sync); the patch stage has 1 (2). With
@@ -75,8 +84,7 @@ def test_overlapped_gradient_reduction_follows_the_same_layout_without_it(trajec
                 assert abs(a - b) <= 1e-5 * abs(a), (kind, iteration, key, a, b)
 
 
-def test_a_checkpoint_with_no_forward_before_it_holds_the_updated_weights(trajectories, tiny_corpus,
-                                                                          tmp_path_factory):
+def test_a_checkpoint_with_no_forward_before_it_holds_the_updated_weights(trajectories, tiny_corpus, tmp_path_factory):
     """--overlap-param-gather leaves the weight all-gather to the next forward. Iteration 5 is saved
     with no validation (no forward) after its step: its weights are the DP=2 run's at iteration 5,
     and resuming from it follows the run."""
@@ -84,16 +92,30 @@ def test_a_checkpoint_with_no_forward_before_it_holds_the_updated_weights(trajec
     saves = [[trajectories[run + "_save"] + "/iter_0000005" for run in (name, "dp2")] if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(saves, src=0)
     source, reference = saves[0]
-    saved, expected = ({key: tensor for key, tensor in mh.plain(path).items() if not key.startswith("optimizer")}
-                       for path in (source, reference))  # the model's weights
+    saved, expected = (
+        {key: tensor for key, tensor in mh.plain(path).items() if not key.startswith("optimizer")}
+        for path in (source, reference)
+    )  # the model's weights
     assert sorted(saved) == sorted(expected) and len(expected) > 5
     for key, tensor in expected.items():
         error = ((saved[key] - tensor).abs().max() / tensor.abs().max()).item()
         assert error < 1e-5, (key, error)
     source = [source]
     save = shared_tmp(tmp_path_factory, name + "-resumed")
-    code = cli.main(trainer_args(tiny_corpus, save, *LAYOUTS[name], "--micro-batch-size", "2", "--eval-iters", "1",
-                                 "--load", source[0], train_iters=ITERS))
+    code = cli.main(
+        trainer_args(
+            tiny_corpus,
+            save,
+            *LAYOUTS[name],
+            "--micro-batch-size",
+            "2",
+            "--eval-iters",
+            "1",
+            "--load",
+            source[0],
+            train_iters=ITERS,
+        )
+    )
     assert code == 0
     if dist.get_rank() != 0:
         return
@@ -104,14 +126,30 @@ def test_a_checkpoint_with_no_forward_before_it_holds_the_updated_weights(trajec
 
 
 @pytest.mark.parametrize("name", ["tp2", "tp2-sp-distopt", "pp2"])
-def test_token_stage_from_the_boundary_checkpoint_matches_data_parallel(trajectories, tiny_corpus, tmp_path_factory, name):
+def test_token_stage_from_the_boundary_checkpoint_matches_data_parallel(
+    trajectories, tiny_corpus, tmp_path_factory, name
+):
     boundary = [None]
     if dist.get_rank() == 0:
         boundary[0] = trajectories["dp2_save"] + "/iter_0000012"
     dist.broadcast_object_list(boundary, src=0)
     save = shared_tmp(tmp_path_factory, name + "-token")
-    code = cli.main(trainer_args(tiny_corpus, save, *LAYOUTS[name], "--micro-batch-size", "2", "--eval-iters", "0",
-                                 "--stage", "token", "--pretrained-checkpoint", boundary[0], train_iters=ITERS))
+    code = cli.main(
+        trainer_args(
+            tiny_corpus,
+            save,
+            *LAYOUTS[name],
+            "--micro-batch-size",
+            "2",
+            "--eval-iters",
+            "0",
+            "--stage",
+            "token",
+            "--pretrained-checkpoint",
+            boundary[0],
+            train_iters=ITERS,
+        )
+    )
     assert code == 0
     if dist.get_rank() != 0:
         return

@@ -9,8 +9,7 @@ from megatron_patch.errors import DataError
 from tests.model_helpers import shared_tmp
 
 
-def test_rank_zero_scans_once_and_every_rank_gets_the_error(world, tiny_corpus, tmp_path_factory,
-                                                            counted_scans):
+def test_rank_zero_scans_once_and_every_rank_gets_the_error(world, tiny_corpus, tmp_path_factory, counted_scans):
     if world != 2:
         pytest.skip("runs in a 2-rank world")
     prefix = tiny_corpus["prefix"]

@@ -6,10 +6,10 @@ import os
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 
-from megatron_patch.runtime import parallel
-from megatron_patch.model import build_patch_gpt_model
 from megatron_patch.architecture.presets import get_preset, transformer_config
 from megatron_patch.checkpoint.store import resolve_checkpoint
+from megatron_patch.model import build_patch_gpt_model
+from megatron_patch.runtime import parallel
 
 VOCAB = 512  # pieces of the tiny_corpus tokenizer
 ROWS = 576  # the padded vocabulary of the trained fixture (tests/tools/conftest.py)

@@ -16,8 +16,19 @@ def trained(world, tiny_corpus, tmp_path_factory):
     (TP=1 PP=1) and its final token-stage checkpoint. The vocabulary is padded (576 rows for 512
     pieces), so that the tools' handling of padding is exercised."""
     root = tmp_path_factory.mktemp("trained") / "run"
-    code = cli.main(trainer_args(tiny_corpus, root, "--eval-iters", "0", "--keep-last-checkpoints", "0",
-                                 "--make-vocab-size-divisible-by", str(PAD_TO), train_iters=ITERS))
+    code = cli.main(
+        trainer_args(
+            tiny_corpus,
+            root,
+            "--eval-iters",
+            "0",
+            "--keep-last-checkpoints",
+            "0",
+            "--make-vocab-size-divisible-by",
+            str(PAD_TO),
+            train_iters=ITERS,
+        )
+    )
     assert code == 0
     return {
         "root": str(root),

@@ -42,6 +42,7 @@ def _delete(name):
     def damage(folder):
         os.remove(os.path.join(folder, name))
         return name, "is missing"
+
     return damage
 
 
@@ -51,8 +52,13 @@ def _garble_manifest(folder):
     return manifest.MANIFEST, "unreadable manifest"
 
 
-DAMAGE = {"truncated-shard": _truncate, "zeroed-4KiB": _zero_4k, "no-common.pt": _delete("common.pt"),
-          "no-.metadata": _delete(".metadata"), "bad-manifest": _garble_manifest}
+DAMAGE = {
+    "truncated-shard": _truncate,
+    "zeroed-4KiB": _zero_4k,
+    "no-common.pt": _delete("common.pt"),
+    "no-.metadata": _delete(".metadata"),
+    "bad-manifest": _garble_manifest,
+}
 
 
 def _damaged_copy(trained, tmp_path, how):
@@ -122,8 +128,9 @@ def _truncated_corpus(trained, tmp_path):
 def test_evaluate_names_a_truncated_bin(trained, tmp_path, capsys):
     copy = _truncated_corpus(trained, tmp_path)
     out = tmp_path / "out.json"
-    code, _, err = call(evaluate, ["--cpu", "--load", trained["final"], "--data-path", copy, "--output-json", out],
-                        capsys)
+    code, _, err = call(
+        evaluate, ["--cpu", "--load", trained["final"], "--data-path", copy, "--output-json", out], capsys
+    )
     assert_one_line_error(code, err, f"{copy}.bin has")
     assert "truncated" in err[0] and not out.exists()
 

@@ -11,16 +11,17 @@ import pytest
 import torch
 from megatron.core import dist_checkpointing
 
-from megatron_patch.conversion import reshard
 from megatron_patch.checkpoint import store as checkpoint
+from megatron_patch.conversion import reshard
 from tests.tools.common import assert_one_line_error, call, leftovers, model_tensors
 from tools import convert_checkpoint
 
 
 def test_patch_checkpoint_becomes_a_token_stage_start(trained, tmp_path, capsys):
     save = tmp_path / "token-start"
-    code, out, err = call(convert_checkpoint, ["--cpu", "--load", trained["patch"], "--save", save,
-                                               "--tolerance", "1e-6"], capsys)
+    code, out, err = call(
+        convert_checkpoint, ["--cpu", "--load", trained["patch"], "--save", save, "--tolerance", "1e-6"], capsys
+    )
     assert code == 0, err
     assert "max absolute difference 0.000e+00" in out  # same layout: the very same weights
     assert checkpoint.read_tracker(str(save)) == 0
@@ -74,14 +75,22 @@ BAD = {
     "missing": (lambda t, p: ["--load", p / "nowhere"], "no such directory"),
     "corrupt-tensors": (lambda t, p: ["--load", _corrupt_copy(t, p, "tensors")], "manifest.json says"),
     "corrupt-metadata": (lambda t, p: ["--load", _corrupt_copy(t, p, "metadata")], "unreadable checkpoint metadata"),
-    "tp-heads": (lambda t, p: ["--load", t["patch"], "--tensor-model-parallel-size", "3"],
-                 "--tensor-model-parallel-size 3 does not divide the 4 attention heads"),
-    "pp-layers": (lambda t, p: ["--load", t["patch"], "--pipeline-model-parallel-size", "3"],
-                  "--pipeline-model-parallel-size 3 does not divide the 4 layers"),
-    "vocab-padding": (lambda t, p: ["--load", t["patch"], "--tensor-model-parallel-size", "4"],
-                      "pads the tokenizer's 512 pieces to 768 rows"),
-    "world-size": (lambda t, p: ["--load", t["patch"], "--tensor-model-parallel-size", "2"],
-                   "world size 1 is not a multiple of TP x PP = 2"),
+    "tp-heads": (
+        lambda t, p: ["--load", t["patch"], "--tensor-model-parallel-size", "3"],
+        "--tensor-model-parallel-size 3 does not divide the 4 attention heads",
+    ),
+    "pp-layers": (
+        lambda t, p: ["--load", t["patch"], "--pipeline-model-parallel-size", "3"],
+        "--pipeline-model-parallel-size 3 does not divide the 4 layers",
+    ),
+    "vocab-padding": (
+        lambda t, p: ["--load", t["patch"], "--tensor-model-parallel-size", "4"],
+        "pads the tokenizer's 512 pieces to 768 rows",
+    ),
+    "world-size": (
+        lambda t, p: ["--load", t["patch"], "--tensor-model-parallel-size", "2"],
+        "world size 1 is not a multiple of TP x PP = 2",
+    ),
     "other-shape": (lambda t, p: ["--load", t["patch"], "--model", "cpu-small"], "another model shape"),
     "bad-flag": (lambda t, p: ["--load", t["patch"], "--tensor-model-parallel-size", "two"], "invalid int value"),
 }
@@ -116,8 +125,9 @@ def test_existing_output_needs_force(trained, tmp_path, capsys):
 def test_output_may_not_replace_the_source(trained, tmp_path, capsys):
     copy = tmp_path / "run"
     shutil.copytree(trained["patch"], copy / "iter_0000004")
-    code, _, err = call(convert_checkpoint, ["--cpu", "--load", copy / "iter_0000004", "--save", copy, "--force"],
-                        capsys)
+    code, _, err = call(
+        convert_checkpoint, ["--cpu", "--load", copy / "iter_0000004", "--save", copy, "--force"], capsys
+    )
     assert_one_line_error(code, err, "would replace the source checkpoint")
     assert os.path.isdir(copy / "iter_0000004")
 

@@ -48,20 +48,37 @@ def reference(checkpoint, tokenizer_path, texts, seq_length, stride):
         k = max(0, math.ceil((t - seq_length) / stride))  # the first window (begin k*stride) that holds it
         begin = k * stride
         if k not in cache:
-            window = torch.tensor([stream[begin: begin + seq_length]])
+            window = torch.tensor([stream[begin : begin + seq_length]])
             cache[k] = megatron_logits(model, window)[0]  # [s, V]
         logits = cache[k][t - 1 - begin]  # position t-1-begin predicts x[t]
         total += reference_per_target_loss(logits.view(1, 1, -1), torch.tensor([[[stream[t]]]]))[0, 0, 0].item()
     return total, targets, sum(len(text.encode("utf-8")) for text in texts)
 
 
-@pytest.mark.parametrize("window", [["--window", "non-overlapping"], ["--window", "sliding", "--stride", "12"]],
-                         ids=["non-overlapping", "sliding"])
+@pytest.mark.parametrize(
+    "window",
+    [["--window", "non-overlapping"], ["--window", "sliding", "--stride", "12"]],
+    ids=["non-overlapping", "sliding"],
+)
 def test_loss_equals_float64_reference(trained, tmp_path, capsys, window):
     data = _write_jsonl(tmp_path / "eval.jsonl", TEXTS)
     output = tmp_path / "result.json"
-    code, out, err = call(evaluate, ["--cpu", "--load", trained["final"], "--input", data, "--output-json", output,
-                                     "--micro-batch-size", "3", *window], capsys)
+    code, out, err = call(
+        evaluate,
+        [
+            "--cpu",
+            "--load",
+            trained["final"],
+            "--input",
+            data,
+            "--output-json",
+            output,
+            "--micro-batch-size",
+            "3",
+            *window,
+        ],
+        capsys,
+    )
     assert code == 0, err
     result = json.load(open(output))
     stride = 12 if "sliding" in window else SEQ
@@ -83,8 +100,11 @@ def test_prefix_and_jsonl_of_the_same_documents_agree(trained, shared_data, tmp_
     results = []
     for source in (["--input", data], ["--data-path", trained["corpus"]["prefix"], "--max-documents", "2"]):
         output = tmp_path / "r.json"
-        code, _, err = call(evaluate, ["--cpu", "--load", trained["root"], *source, "--output-json", output,
-                                       "--micro-batch-size", "8"], capsys)
+        code, _, err = call(
+            evaluate,
+            ["--cpu", "--load", trained["root"], *source, "--output-json", output, "--micro-batch-size", "8"],
+            capsys,
+        )
         assert code == 0, err
         results.append(json.load(open(output)))
     jsonl, prefix = results
@@ -111,17 +131,26 @@ BAD = {
     "missing-checkpoint": (lambda t, p, o: ["--load", p / "nowhere", "--input", p / "d.jsonl"], "no such directory"),
     "missing-data": (lambda t, p, o: ["--load", t["final"], "--data-path", p / "nothing"], "data prefix"),
     "bad-jsonl": (lambda t, p, o: ["--load", t["final"], "--input", p / "broken.jsonl"], "broken.jsonl, line 2"),
-    "tokenizer-size": (lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl",
-                                        "--tokenizer-model", _tokenizer(p, o, 700)],
-                       "has 700 pieces (padded: 768) but checkpoint"),
-    "tokenizer-pieces": (lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl",
-                                          "--tokenizer-model", _tokenizer(p, o, 512)], "another vocabulary"),
-    "stride-without-sliding": (lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl", "--stride", "4"],
-                               "--stride 4 needs --window sliding"),
-    "tp-heads": (lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl", "--tensor-model-parallel-size", "3"],
-                 "does not divide the 4 attention heads"),
-    "other-shape": (lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl", "--model", "cpu-small"],
-                    "another model shape"),
+    "tokenizer-size": (
+        lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl", "--tokenizer-model", _tokenizer(p, o, 700)],
+        "has 700 pieces (padded: 768) but checkpoint",
+    ),
+    "tokenizer-pieces": (
+        lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl", "--tokenizer-model", _tokenizer(p, o, 512)],
+        "another vocabulary",
+    ),
+    "stride-without-sliding": (
+        lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl", "--stride", "4"],
+        "--stride 4 needs --window sliding",
+    ),
+    "tp-heads": (
+        lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl", "--tensor-model-parallel-size", "3"],
+        "does not divide the 4 attention heads",
+    ),
+    "other-shape": (
+        lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl", "--model", "cpu-small"],
+        "another model shape",
+    ),
 }
 
 

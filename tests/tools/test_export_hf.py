@@ -13,7 +13,14 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from megatron_patch.checkpoint import store as checkpoint
 from tests.tools.common import (
-    ROWS, VOCAB, assert_one_line_error, call, leftovers, megatron_logits, megatron_model, model_tensors,
+    ROWS,
+    VOCAB,
+    assert_one_line_error,
+    call,
+    leftovers,
+    megatron_logits,
+    megatron_model,
+    model_tensors,
 )
 from tools import export_hf
 
@@ -27,15 +34,29 @@ def test_transformers_logits_equal_megatron_logits(trained, tmp_path, capsys, tr
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("safetensors")
     save = tmp_path / "hf"
-    code, out, err = call(export_hf, ["--cpu", "--load", trained["root"], "--save", save, "--verify-logits",
-                                      "--tolerance", "1e-5", *(["--trim-vocab"] if trim else [])], capsys)
+    code, out, err = call(
+        export_hf,
+        [
+            "--cpu",
+            "--load",
+            trained["root"],
+            "--save",
+            save,
+            "--verify-logits",
+            "--tolerance",
+            "1e-5",
+            *(["--trim-vocab"] if trim else []),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "logits check: max absolute difference" in out
     config = json.load(open(save / "config.json"))
     rows = VOCAB if trim else ROWS
     assert config["architectures"] == ["LlamaForCausalLM"] and config["vocab_size"] == rows
     assert {"model.safetensors", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"} <= set(
-        os.listdir(save))
+        os.listdir(save)
+    )
     hf_model = transformers.LlamaForCausalLM.from_pretrained(str(save), torch_dtype=torch.float32).eval()
     tokens = _tokens()
     with torch.no_grad():
@@ -66,8 +87,9 @@ def _checkpoint_with(trained, tmp_path, edit):
     folder = tmp_path / "edited"
     folder.mkdir()
     tensors = edit(model_tensors(trained["final"]))
-    dist_checkpointing.save({k: ShardedTensor.from_rank_offsets(k, v.contiguous(), replica_id=0)
-                             for k, v in tensors.items()}, str(folder))
+    dist_checkpointing.save(
+        {k: ShardedTensor.from_rank_offsets(k, v.contiguous(), replica_id=0) for k, v in tensors.items()}, str(folder)
+    )
     shutil.copy(os.path.join(trained["final"], checkpoint.METADATA), folder)
     return folder
 
@@ -93,11 +115,15 @@ def _biased(tensors):
 
 BAD = {
     "missing": (lambda t, p: ["--load", p / "nowhere"], "no such directory"),
-    "layernorm": (lambda t, p: ["--load", _edited_args(t, p, normalization="LayerNorm")],
-                  "args.normalization = 'LayerNorm'"),
+    "layernorm": (
+        lambda t, p: ["--load", _edited_args(t, p, normalization="LayerNorm")],
+        "args.normalization = 'LayerNorm'",
+    ),
     "tied-embeddings": (lambda t, p: ["--load", _checkpoint_with(t, p, _tied)], "tied input and output embeddings"),
-    "biases": (lambda t, p: ["--load", _checkpoint_with(t, p, _biased)],
-               "unexpected tensor 'decoder.layers.self_attention.linear_qkv.bias'"),
+    "biases": (
+        lambda t, p: ["--load", _checkpoint_with(t, p, _biased)],
+        "unexpected tensor 'decoder.layers.self_attention.linear_qkv.bias'",
+    ),
     "other-shape": (lambda t, p: ["--load", t["final"], "--model", "cpu-small"], "another model shape"),
 }
 

@@ -13,10 +13,31 @@ ENTRY = str(REPO_ROOT / "examples" / "pretrain_patch_gpt.py")
 def trainer_args(corpus, save=None, *extra, train_iters=12):
     """A tiny CPU run: K=4, lambda=2/3 -> 8 patch steps of 4 x 128 tokens, 4 token steps of 16 x 32."""
     args = [
-        "--cpu", "--model", "tiny", "--seq-length", "32", "--micro-batch-size", "4",
-        "--global-batch-size", "16", "--train-iters", str(train_iters), "--lr", "3e-3",
-        "--lr-warmup-iters", "2", "--data-path", corpus["prefix"], "--split", "97,3,0",
-        "--tokenizer-model", corpus["tokenizer"], "--log-interval", "1", "--eval-iters", "1",
+        "--cpu",
+        "--model",
+        "tiny",
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "4",
+        "--global-batch-size",
+        "16",
+        "--train-iters",
+        str(train_iters),
+        "--lr",
+        "3e-3",
+        "--lr-warmup-iters",
+        "2",
+        "--data-path",
+        corpus["prefix"],
+        "--split",
+        "97,3,0",
+        "--tokenizer-model",
+        corpus["tokenizer"],
+        "--log-interval",
+        "1",
+        "--eval-iters",
+        "1",
     ]
     if save:
         args += ["--save", str(save)]
@@ -37,5 +58,13 @@ def train_records(save, kind="train"):
 def launch(args, **kwargs):
     """Start the trainer as its own process group (so a kill reaches every helper it started)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, ENTRY, *args], cwd=REPO_ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, ENTRY, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )

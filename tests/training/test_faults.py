@@ -55,8 +55,21 @@ def _final_checkpoint_equal(save, reference_save):
 def uninterrupted_run(tiny_corpus, tmp_path_factory):
     """The run's --save folder (every checkpoint kept: iterations 2, 4, ..., 12)."""
     save = tmp_path_factory.mktemp("full") / "run"
-    code, output = _finish(launch(trainer_args(tiny_corpus, save, "--save-interval", "2", "--eval-iters", "0",
-                                               "--keep-last-checkpoints", "0", train_iters=ITERS)))
+    code, output = _finish(
+        launch(
+            trainer_args(
+                tiny_corpus,
+                save,
+                "--save-interval",
+                "2",
+                "--eval-iters",
+                "0",
+                "--keep-last-checkpoints",
+                "0",
+                train_iters=ITERS,
+            )
+        )
+    )
     assert code == 0, output[-3000:]
     assert "Warning" not in output, output  # megatron's known notices stay out of the entry point's log
     return save
@@ -68,8 +81,9 @@ def uninterrupted(uninterrupted_run):
 
 
 @pytest.mark.parametrize("kill_after", [3, 8, 10], ids=["patch-stage", "stage-switch", "token-stage"])
-def test_kill_9_then_resume_matches_uninterrupted_run(tiny_corpus, tmp_path, uninterrupted, uninterrupted_run,
-                                                      kill_after):
+def test_kill_9_then_resume_matches_uninterrupted_run(
+    tiny_corpus, tmp_path, uninterrupted, uninterrupted_run, kill_after
+):
     save = tmp_path / "run"
     args = trainer_args(tiny_corpus, save, "--save-interval", "2", "--eval-iters", "0", train_iters=ITERS)
     process = launch(args)
@@ -88,14 +102,24 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tiny_corpus, tmp_path, uni
     _final_checkpoint_equal(save, uninterrupted_run)  # weights, Adam state, scheduler and RNG states
 
 
-def test_resume_takes_a_complete_checkpoint_newer_than_the_tracker(tiny_corpus, tmp_path, uninterrupted,
-                                                                   uninterrupted_run):
+def test_resume_takes_a_complete_checkpoint_newer_than_the_tracker(
+    tiny_corpus, tmp_path, uninterrupted, uninterrupted_run
+):
     """A kill between renaming iter_10 into place and writing the tracker (still naming 8)."""
     save = tmp_path / "run"
     shutil.copytree(uninterrupted_run, save, ignore=shutil.ignore_patterns("iter_0000012", "metrics.jsonl"))
     (save / checkpoint.TRACKER).write_text("8\n")
-    args = trainer_args(tiny_corpus, save, "--save-interval", "2", "--eval-iters", "0", "--keep-last-checkpoints",
-                        "0", train_iters=ITERS)
+    args = trainer_args(
+        tiny_corpus,
+        save,
+        "--save-interval",
+        "2",
+        "--eval-iters",
+        "0",
+        "--keep-last-checkpoints",
+        "0",
+        train_iters=ITERS,
+    )
     code, output = _finish(launch(args + ["--load", str(save)]))
     assert code == 0, output[-3000:]
     assert "names 8 but" in output and "iter_0000010 is complete and newer" in output, output[-3000:]
@@ -112,8 +136,17 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tiny_corpus, tmp_path, uninte
     writer has run by then, so whatever it started got the signal too (before the fix a
     Manager process died of it and the stop-save failed with BrokenPipeError, 3 of 3 tries)."""
     save = tmp_path / "run"
-    args = trainer_args(tiny_corpus, save, "--eval-iters", "0", "--save-interval", "2", "--keep-last-checkpoints", "0",
-                        train_iters=ITERS)
+    args = trainer_args(
+        tiny_corpus,
+        save,
+        "--eval-iters",
+        "0",
+        "--save-interval",
+        "2",
+        "--keep-last-checkpoints",
+        "0",
+        train_iters=ITERS,
+    )
     process = launch(args)
     _wait_for_iteration(process, save, 3)
     os.killpg(process.pid, signal.SIGTERM)
@@ -135,15 +168,16 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tiny_corpus, tmp_path, uninte
 def test_interrupted_save_leaves_previous_checkpoint(world, model_parallel, tiny_corpus, tmp_path, monkeypatch):
     """A save that dies half-way (here: the writer raises after writing part of it) leaves the
     tracker on the previous checkpoint, which still loads; the partial one is not mistaken for one."""
+    import shutil
+
     from megatron.core import dist_checkpointing
 
     from megatron_patch.training import cli
 
-    import shutil
-
     save = tmp_path / "run"
-    args = trainer_args(tiny_corpus, save, "--eval-iters", "0", "--save-interval", "2", "--keep-last-checkpoints", "0",
-                        train_iters=6)
+    args = trainer_args(
+        tiny_corpus, save, "--eval-iters", "0", "--save-interval", "2", "--keep-last-checkpoints", "0", train_iters=6
+    )
     assert cli.main(args) == 0
     # roll the run back to iteration 2, as if it had stopped there
     for iteration in (4, 6):

@@ -5,10 +5,10 @@ torchrun, srun and scontrol on PATH that record the command line instead of star
 tests/training/test_multi_node.py runs the SLURM script's command for real, on one machine."""
 
 import os
-from types import SimpleNamespace
 import re
 import stat
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 
@@ -36,28 +36,48 @@ def _launched_argv(script, model, tmp_path, environment, tokenizer, *extra):
     bin_dir, record = tmp_path / "bin", tmp_path / f"{model}.argv"
     bin_dir.mkdir(exist_ok=True)
     _stand_ins(bin_dir)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", LAUNCH_RECORD=str(record), MODEL=model,
-               DATA="data/train_text_document", TOKENIZER=str(tokenizer), SAVE=str(tmp_path / model), **environment)
-    done = subprocess.run(["bash", str(REPO_ROOT / "examples" / script), *extra], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        LAUNCH_RECORD=str(record),
+        MODEL=model,
+        DATA="data/train_text_document",
+        TOKENIZER=str(tokenizer),
+        SAVE=str(tmp_path / model),
+        **environment,
+    )
+    done = subprocess.run(
+        ["bash", str(REPO_ROOT / "examples" / script), *extra],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     return record.read_text().split("\0")[:-1]
 
 
 def _launched_trainer_argv(script, model, tmp_path, environment, tokenizer, *extra):
     words = _launched_argv(script, model, tmp_path, environment, tokenizer, *extra)
-    return words[words.index("examples/pretrain_patch_gpt.py") + 1:]
+    return words[words.index("examples/pretrain_patch_gpt.py") + 1 :]
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_every_listed_preset_launches_a_valid_trainer_command(script, tmp_path, tiny_corpus):
     world_size, environment = SCRIPTS[script]
-    layouts = {model: (int(tp), int(pp), int(mbs))
-               for model, tp, pp, mbs in LAYOUT_LINE.findall((REPO_ROOT / "examples" / script).read_text())}
+    layouts = {
+        model: (int(tp), int(pp), int(mbs))
+        for model, tp, pp, mbs in LAYOUT_LINE.findall((REPO_ROOT / "examples" / script).read_text())
+    }
     assert sorted(layouts) == sorted(PRESETS)
     for model in PRESETS:
-        args = SimpleNamespace(**parse_args(_launched_trainer_argv(script, model, tmp_path, environment, tiny_corpus["tokenizer"]),
-                                            world_size=world_size).flags)
+        args = SimpleNamespace(
+            **parse_args(
+                _launched_trainer_argv(script, model, tmp_path, environment, tiny_corpus["tokenizer"]),
+                world_size=world_size,
+            ).flags
+        )
         tp, pp, mbs = layouts[model]
         assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (tp, pp), model
         assert 1 <= args.micro_batch_size <= mbs, model  # the SLURM script may lower it for many ranks
@@ -72,25 +92,40 @@ def test_the_slurm_script_lowers_the_micro_batch_to_what_the_patch_stage_gives_e
     world_size, environment = SCRIPTS["train_multi_node.sbatch"]
     argv = _launched_trainer_argv("train_multi_node.sbatch", "370m", tmp_path, environment, tiny_corpus["tokenizer"])
     assert argv[argv.index("--micro-batch-size") + 1] == "4"
-    argv = _launched_trainer_argv("train_multi_node.sbatch", "370m", tmp_path, dict(environment, SLURM_NNODES="1"),
-                                  tiny_corpus["tokenizer"])
+    argv = _launched_trainer_argv(
+        "train_multi_node.sbatch", "370m", tmp_path, dict(environment, SLURM_NNODES="1"), tiny_corpus["tokenizer"]
+    )
     assert argv[argv.index("--micro-batch-size") + 1] == "16"
     env = dict(os.environ, MODEL="370m", DATA="d", TOKENIZER="t", SAVE=str(tmp_path / "x"), **environment)
     env["SLURM_NNODES"] = "256"  # 256 patch-stage sequences cannot feed 2048 ranks (8 per node)
-    done = subprocess.run(["bash", str(REPO_ROOT / "examples" / "train_multi_node.sbatch")], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["bash", str(REPO_ROOT / "examples" / "train_multi_node.sbatch")],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
-    assert done.stderr.strip() == ("2048 GPUs leave no patch-stage sequence per data-parallel rank at GBS=1024: "
-                                   "use fewer nodes")
+    assert done.stderr.strip() == (
+        "2048 GPUs leave no patch-stage sequence per data-parallel rank at GBS=1024: use fewer nodes"
+    )
 
 
 def test_one_torchrun_agent_per_node_meets_at_a_c10d_rendezvous_on_the_first_node(tmp_path):
-    words = _launched_argv("train_multi_node.sbatch", "2.7b", tmp_path, SCRIPTS["train_multi_node.sbatch"][1],
-                           "spm.model")
-    launcher = words[:words.index("examples/pretrain_patch_gpt.py")]
+    words = _launched_argv(
+        "train_multi_node.sbatch", "2.7b", tmp_path, SCRIPTS["train_multi_node.sbatch"][1], "spm.model"
+    )
+    launcher = words[: words.index("examples/pretrain_patch_gpt.py")]
     assert launcher[:2] == ["--ntasks-per-node=1", "--kill-on-bad-exit=1"]  # srun's options
-    assert launcher[2:] == ["torchrun", "--nnodes=8", "--nproc-per-node=8", "--rdzv-backend=c10d",
-                            "--rdzv-endpoint=node001:29500", "--rdzv-id=patch-gpt"]
+    assert launcher[2:] == [
+        "torchrun",
+        "--nnodes=8",
+        "--nproc-per-node=8",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=node001:29500",
+        "--rdzv-id=patch-gpt",
+    ]
 
 
 def test_both_scripts_pass_the_same_trainer_flags_and_append_the_user_s(tmp_path):
@@ -98,8 +133,14 @@ def test_both_scripts_pass_the_same_trainer_flags_and_append_the_user_s(tmp_path
     flags after the script name come last, so argparse takes them."""
     extra = ("--seq-length", "4096", "--lr", "1e-4")
     single = _launched_trainer_argv("train_single_node.sh", "1.3b", tmp_path, {"GPUS": "8"}, "spm.model", *extra)
-    multi = _launched_trainer_argv("train_multi_node.sbatch", "1.3b", tmp_path,
-                                   dict(SCRIPTS["train_multi_node.sbatch"][1], SLURM_NNODES="1"), "spm.model", *extra)
+    multi = _launched_trainer_argv(
+        "train_multi_node.sbatch",
+        "1.3b",
+        tmp_path,
+        dict(SCRIPTS["train_multi_node.sbatch"][1], SLURM_NNODES="1"),
+        "spm.model",
+        *extra,
+    )
     assert single == multi
     assert single[-4:] == list(extra)
     assert single[single.index("--micro-batch-size") + 1] == "8"

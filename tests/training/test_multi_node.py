@@ -33,10 +33,28 @@ exit $status
 """
 SCONTROL = "#!/usr/bin/env bash\necho 127.0.0.1\n"
 # 3 steps of 16 x 32 tokens: 2 patch steps (4 sequences of 4 x 32 tokens), 1 token step
-SIZES = {"MODEL": "tiny", "TP": "2", "PP": "1", "MBS": "2", "GBS": "16", "SEQ_LENGTH": "32",
-         "TRAIN_TOKENS": str(3 * 16 * 32)}
-CPU_FLAGS = ["--cpu", "--lr-warmup-iters", "1", "--eval-iters", "0", "--num-workers", "0",
-             "--log-interval", "1", "--split", "97,3,0"]
+SIZES = {
+    "MODEL": "tiny",
+    "TP": "2",
+    "PP": "1",
+    "MBS": "2",
+    "GBS": "16",
+    "SEQ_LENGTH": "32",
+    "TRAIN_TOKENS": str(3 * 16 * 32),
+}
+CPU_FLAGS = [
+    "--cpu",
+    "--lr-warmup-iters",
+    "1",
+    "--eval-iters",
+    "0",
+    "--num-workers",
+    "0",
+    "--log-interval",
+    "1",
+    "--split",
+    "97,3,0",
+]
 
 
 def free_port() -> int:
@@ -52,14 +70,31 @@ def run_sbatch(tmp_path, name, corpus, nodes, gpus_per_node):
     for tool, body in (("srun", SRUN), ("scontrol", SCONTROL)):
         (bin_dir / tool).write_text(body)
         (bin_dir / tool).chmod((bin_dir / tool).stat().st_mode | stat.S_IXUSR)
-    env = dict(os.environ, **SIZES, PATH=f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
-               DATA=corpus["prefix"], TOKENIZER=corpus["tokenizer"], SAVE=str(tmp_path / name),
-               SLURM_NNODES=str(nodes), SLURM_JOB_NODELIST="node[001-002]", SLURM_JOB_ID=f"{name}-{os.getpid()}",
-               GPUS_PER_NODE=str(gpus_per_node), MASTER_PORT=str(free_port()),
-               NODE_LOG_PREFIX=str(tmp_path / f"{name}-node"), OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1",
-               PYTHONUNBUFFERED="1")
-    done = subprocess.run(["bash", "examples/train_multi_node.sbatch", *CPU_FLAGS], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    env = dict(
+        os.environ,
+        **SIZES,
+        PATH=f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+        DATA=corpus["prefix"],
+        TOKENIZER=corpus["tokenizer"],
+        SAVE=str(tmp_path / name),
+        SLURM_NNODES=str(nodes),
+        SLURM_JOB_NODELIST="node[001-002]",
+        SLURM_JOB_ID=f"{name}-{os.getpid()}",
+        GPUS_PER_NODE=str(gpus_per_node),
+        MASTER_PORT=str(free_port()),
+        NODE_LOG_PREFIX=str(tmp_path / f"{name}-node"),
+        OMP_NUM_THREADS="1",
+        TORCHDYNAMO_DISABLE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    done = subprocess.run(
+        ["bash", "examples/train_multi_node.sbatch", *CPU_FLAGS],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     logs = "".join((tmp_path / f"{name}-node{node}.log").read_text() for node in range(nodes))
     return done.returncode, done.stderr + logs
 

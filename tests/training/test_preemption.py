@@ -22,8 +22,15 @@ ITERS = 12
 def _torchrun(args):
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ENTRY, *args]
-    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_for_iteration(process, save, iteration, timeout=180):
@@ -39,8 +46,17 @@ def _wait_for_iteration(process, save, iteration, timeout=180):
 
 def test_group_sigterm_under_torchrun_saves_on_every_rank(tiny_corpus, tmp_path):
     save = tmp_path / "run"
-    args = trainer_args(tiny_corpus, save, "--eval-iters", "0", "--save-interval", "2",
-                        "--tensor-model-parallel-size", "2", train_iters=ITERS)
+    args = trainer_args(
+        tiny_corpus,
+        save,
+        "--eval-iters",
+        "0",
+        "--save-interval",
+        "2",
+        "--tensor-model-parallel-size",
+        "2",
+        train_iters=ITERS,
+    )
     process = _torchrun(args)
     _wait_for_iteration(process, save, 3)  # the save at iteration 2 is done
     os.killpg(process.pid, signal.SIGTERM)
@@ -64,21 +80,27 @@ def test_group_sigterm_under_torchrun_saves_on_every_rank(tiny_corpus, tmp_path)
     assert checkpoint.tracker_value(str(save)) == ITERS
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("SIGTERM,SIGUSR1", (signal.SIGTERM, signal.SIGUSR1)),
-    ("usr1", (signal.SIGUSR1,)),
-    ("TERM, TERM", (signal.SIGTERM,)),
-    (str(int(signal.SIGUSR2)), (signal.SIGUSR2,)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("SIGTERM,SIGUSR1", (signal.SIGTERM, signal.SIGUSR1)),
+        ("usr1", (signal.SIGUSR1,)),
+        ("TERM, TERM", (signal.SIGTERM,)),
+        (str(int(signal.SIGUSR2)), (signal.SIGUSR2,)),
+    ],
+)
 def test_parse_signals(text, expected):
     assert parse_signals(text) == expected
 
 
-@pytest.mark.parametrize("text, message", [
-    ("SIGFOO", "'SIGFOO' is not a signal name"),
-    ("KILL", "SIGKILL cannot be caught"),
-    (" , ", "names no signal"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("SIGFOO", "'SIGFOO' is not a signal name"),
+        ("KILL", "SIGKILL cannot be caught"),
+        (" , ", "names no signal"),
+    ],
+)
 def test_parse_signals_refuses_with_one_line(text, message):
     with pytest.raises(ValueError, match=message) as error:
         parse_signals(text)

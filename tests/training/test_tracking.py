@@ -32,13 +32,13 @@ def _records(path):
         if left < _HEADER:  # a block's tail too short for a record header is padding
             position += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[position:position + _HEADER])
+        _, length, kind = struct.unpack("<IHB", data[position : position + _HEADER])
         if kind == 0:  # zero padding up to the end of the block
             position += left
             continue
         if position + _HEADER + length > len(data):  # a record still being written
             return
-        chunk = data[position + _HEADER:position + _HEADER + length]
+        chunk = data[position + _HEADER : position + _HEADER + length]
         position += _HEADER + length
         pending = chunk if kind in (1, 2) else pending + chunk  # 1 full, 2 first, 3 middle, 4 last
         if kind in (1, 4):

@@ -10,8 +10,8 @@ import pytest
 import torch
 from megatron.core.models.gpt import GPTModel
 
-from megatron_patch.training import builders, cli, loop
 from megatron_patch.checkpoint import store as checkpoint
+from megatron_patch.training import builders, cli, loop
 from megatron_patch.training.arguments import parse_args
 from tests.training.common import train_records, trainer_args
 
@@ -54,8 +54,17 @@ def test_two_stages_train_and_switch_resets_optimizer_and_lr(cpu_world, tiny_cor
         resets.append((before, _optimizer_state_size(optimizer)))
 
     monkeypatch.setattr(loop, "reset_optimizer_state", spy_reset)
-    trainer, summary = _run(trainer_args(tiny_corpus, tmp_path / "run", "--eval-interval", "6",
-                                         "--tensorboard-dir", str(tmp_path / "tb"), train_iters=24))
+    trainer, summary = _run(
+        trainer_args(
+            tiny_corpus,
+            tmp_path / "run",
+            "--eval-interval",
+            "6",
+            "--tensorboard-dir",
+            str(tmp_path / "tb"),
+            train_iters=24,
+        )
+    )
     # patch stage starts from an empty state; the switch empties a full one
     assert resets[0] == (0, 0) and resets[1][0] > 0 and resets[1][1] == 0
     records = train_records(tmp_path / "run")
@@ -93,16 +102,34 @@ def test_fused_torch_adam_follows_foreach_and_resumes_bit_for_bit(cpu_world, tin
     fused kernel: the trajectory is foreach's up to rounding, and a distributed-optimizer run resumed
     from its iteration-5 checkpoint (mid patch stage) repeats it exactly (Adam's step counters and
     moments restored)."""
-    common = ["--use-distributed-optimizer", "--eval-iters", "0", "--save-interval", "5",
-              "--keep-last-checkpoints", "0"]
+    common = [
+        "--use-distributed-optimizer",
+        "--eval-iters",
+        "0",
+        "--save-interval",
+        "5",
+        "--keep-last-checkpoints",
+        "0",
+    ]
     _run(trainer_args(tiny_corpus, tmp_path / "foreach", *common, train_iters=12))
-    trainer, _ = _run(trainer_args(tiny_corpus, tmp_path / "fused", *common, "--torch-adam-impl", "fused",
-                                   train_iters=12))
+    trainer, _ = _run(
+        trainer_args(tiny_corpus, tmp_path / "fused", *common, "--torch-adam-impl", "fused", train_iters=12)
+    )
     adams = builders._torch_adams(trainer.optimizer)
     assert adams and all(group["fused"] and not group["foreach"] for adam in adams for group in adam.param_groups)
     assert all(state["step"].item() == 4 for adam in adams for state in adam.state.values())  # token steps
-    _run(trainer_args(tiny_corpus, tmp_path / "resumed", *common, "--torch-adam-impl", "fused",
-                      "--load", str(tmp_path / "fused" / "iter_0000005"), train_iters=12))
+    _run(
+        trainer_args(
+            tiny_corpus,
+            tmp_path / "resumed",
+            *common,
+            "--torch-adam-impl",
+            "fused",
+            "--load",
+            str(tmp_path / "fused" / "iter_0000005"),
+            train_iters=12,
+        )
+    )
     foreach, fused, resumed = (train_records(tmp_path / run) for run in ("foreach", "fused", "resumed"))
     assert sorted(resumed) == list(range(6, 13))
     for iteration in range(1, 13):
@@ -118,12 +145,30 @@ def test_fused_torch_adam_resumes_on_gpu(world, model_parallel, tiny_corpus, tmp
     distributed-optimizer run resumed mid token stage (iteration 10) must put them there again, one
     per parameter, holding the stage's step count (2 + the 2 steps after the resume)."""
     model_parallel(1, 1)
-    argv = [arg for arg in trainer_args(tiny_corpus, tmp_path / "run", "--bf16", "--use-distributed-optimizer",
-                                        "--torch-adam-impl", "fused", "--eval-iters", "0", "--save-interval", "5",
-                                        "--keep-last-checkpoints", "0", train_iters=12) if arg != "--cpu"]
+    argv = [
+        arg
+        for arg in trainer_args(
+            tiny_corpus,
+            tmp_path / "run",
+            "--bf16",
+            "--use-distributed-optimizer",
+            "--torch-adam-impl",
+            "fused",
+            "--eval-iters",
+            "0",
+            "--save-interval",
+            "5",
+            "--keep-last-checkpoints",
+            "0",
+            train_iters=12,
+        )
+        if arg != "--cpu"
+    ]
     _run(argv)
     trainer, _ = _run(argv + ["--load", str(tmp_path / "run" / "iter_0000010")])
-    states = [(param, state) for adam in builders._torch_adams(trainer.optimizer) for param, state in adam.state.items()]
+    states = [
+        (param, state) for adam in builders._torch_adams(trainer.optimizer) for param, state in adam.state.items()
+    ]
     assert states and len({id(state["step"]) for _, state in states}) == len(states)
     for param, state in states:
         assert state["step"].device == param.device and param.is_cuda and state["step"].item() == 4
@@ -143,15 +188,31 @@ def test_token_only_training_equals_stock_gpt_model(cpu_world, tiny_corpus, tmp_
     argv = ["--patch-size", "1", "--eval-iters", "0"]
     _run(trainer_args(tiny_corpus, tmp_path / "patch_model", *argv, train_iters=6))
 
-    def build_stock(config, vocab_size, seq_length, *, pre_process, post_process, use_transformer_engine, vp_stage,
-                    fused_rope, fused_cross_entropy):
+    def build_stock(
+        config,
+        vocab_size,
+        seq_length,
+        *,
+        pre_process,
+        post_process,
+        use_transformer_engine,
+        vp_stage,
+        fused_rope,
+        fused_cross_entropy,
+    ):
         from megatron_patch.architecture.specs import get_decoder_block_spec
 
         assert not fused_rope and not fused_cross_entropy  # stock megatron applies RoPE and scores itself
 
-        return StockGPT(config=config, transformer_layer_spec=get_decoder_block_spec(config), vocab_size=vocab_size,
-                        max_sequence_length=seq_length, pre_process=pre_process, post_process=post_process,
-                        position_embedding_type="rope")
+        return StockGPT(
+            config=config,
+            transformer_layer_spec=get_decoder_block_spec(config),
+            vocab_size=vocab_size,
+            max_sequence_length=seq_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            position_embedding_type="rope",
+        )
 
     from megatron_patch.architecture import build
 
@@ -164,8 +225,22 @@ def test_token_only_training_equals_stock_gpt_model(cpu_world, tiny_corpus, tmp_
 
 def test_nan_loss_stops_without_saving_the_bad_state(cpu_world, tiny_corpus, tmp_path, capsys):
     save = tmp_path / "nan"
-    code = cli.main(trainer_args(tiny_corpus, save, "--lr", "1e30", "--lr-warmup-iters", "0",
-                                 "--clip-grad", "0", "--save-interval", "1", "--eval-iters", "0"))
+    code = cli.main(
+        trainer_args(
+            tiny_corpus,
+            save,
+            "--lr",
+            "1e30",
+            "--lr-warmup-iters",
+            "0",
+            "--clip-grad",
+            "0",
+            "--save-interval",
+            "1",
+            "--eval-iters",
+            "0",
+        )
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert len(err) == 1 and err[0].startswith("error: loss is ") and "resume from the last checkpoint" in err[0]
@@ -223,6 +298,7 @@ def test_load_of_a_folder_never_created_starts_fresh(cpu_world, tiny_corpus, tmp
 def test_a_failure_outside_this_package_shows_its_traceback(cpu_world, tiny_corpus, tmp_path, capsys, monkeypatch):
     """Our own checks end in one line (exit 2); an error raised in torch or megatron is not bad input
     and keeps its traceback (exit 1)."""
+
     def run(self):
         torch.zeros(2).view(3)  # a RuntimeError from torch itself
 
@@ -238,8 +314,9 @@ def test_a_resumed_run_logs_each_step_once(cpu_world, tiny_corpus, tmp_path):
     """A run killed after its checkpoint at iteration 2 had logged steps 3-6; the resumed run drops
     those records and logs them again, once."""
     run = tmp_path / "run"
-    argv = trainer_args(tiny_corpus, run, "--save-interval", "2", "--eval-iters", "0", "--keep-last-checkpoints", "0",
-                        train_iters=6)
+    argv = trainer_args(
+        tiny_corpus, run, "--save-interval", "2", "--eval-iters", "0", "--keep-last-checkpoints", "0", train_iters=6
+    )
     assert cli.main(argv) == 0
     for iteration in (4, 6):  # as if killed right after the save at iteration 2
         shutil.rmtree(checkpoint.checkpoint_dir(str(run), iteration))
@@ -268,8 +345,9 @@ def test_a_failed_start_leaves_no_save_folder(cpu_world, tiny_corpus, tmp_path, 
     assert cli.main(missing_data) == 2
     not_a_checkpoint = tmp_path / "empty"
     not_a_checkpoint.mkdir()
-    bad_start = trainer_args(tiny_corpus, tmp_path / "b", "--stage", "token", "--pretrained-checkpoint",
-                             str(not_a_checkpoint))
+    bad_start = trainer_args(
+        tiny_corpus, tmp_path / "b", "--stage", "token", "--pretrained-checkpoint", str(not_a_checkpoint)
+    )
     assert cli.main(bad_start) == 2
     capsys.readouterr()
     assert sorted(os.listdir(tmp_path)) == ["empty"]

@@ -11,15 +11,25 @@ from tests.training.common import train_records, trainer_args
 from tests.training.test_tracking import _history, _wait_for_exit_record
 
 
-def test_offline_wandb_run_holds_the_trainers_scalars(world, model_parallel, tiny_corpus, tmp_path, monkeypatch,
-                                                     capsys):
+def test_offline_wandb_run_holds_the_trainers_scalars(
+    world, model_parallel, tiny_corpus, tmp_path, monkeypatch, capsys
+):
     pytest.importorskip("wandb")
     model_parallel(1, 1)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     save = tmp_path / "run"
-    argv = trainer_args(tiny_corpus, save, "--eval-iters", "1", "--wandb-project", "patch-tests",
-                        "--wandb-exp-name", "tiny", train_iters=6)
+    argv = trainer_args(
+        tiny_corpus,
+        save,
+        "--eval-iters",
+        "1",
+        "--wandb-project",
+        "patch-tests",
+        "--wandb-exp-name",
+        "tiny",
+        train_iters=6,
+    )
     assert cli.main(argv) == 0, capsys.readouterr().err
     run_files = glob.glob(str(save / "wandb" / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(run_files) == 1, run_files

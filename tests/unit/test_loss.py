@@ -288,9 +288,7 @@ def test_bf16_saves_one_fp32_softmax(tp1, patch_size):
     # the rest is per-target bookkeeping, [s, b, K]
     assert all(t.numel() <= SEQ * BATCH * patch_size for t in saved if t is not logits_sized[0])
     # and the saved buffer is the softmax
-    torch.testing.assert_close(
-        logits_sized[0], torch.softmax(logits.detach().float(), -1), rtol=1e-6, atol=1e-7
-    )
+    torch.testing.assert_close(logits_sized[0], torch.softmax(logits.detach().float(), -1), rtol=1e-6, atol=1e-7)
     losses.backward(_upstream(31, losses.shape))
 
 
@@ -378,8 +376,6 @@ def test_targets_at_the_vocabulary_edges_are_accepted(tp1, fused):
 )
 def test_mismatched_shapes_are_rejected(tp1, logits_shape, targets_shape):
     with pytest.raises(ValueError) as excinfo:
-        vocab_parallel_patch_cross_entropy(
-            torch.zeros(logits_shape), torch.zeros(targets_shape, dtype=torch.long)
-        )
+        vocab_parallel_patch_cross_entropy(torch.zeros(logits_shape), torch.zeros(targets_shape, dtype=torch.long))
     message = _one_line(excinfo)
     assert str(tuple(logits_shape)) in message and str(tuple(targets_shape)) in message, message

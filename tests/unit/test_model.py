@@ -1,17 +1,16 @@
 """PatchGPTModel on one rank: K=1 is stock GPTModel bit for bit, patch mode matches a plain
 re-computation, checkpoints cross modes without conversion, and bad settings fail clearly."""
 
-
 import pytest
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.models.gpt import GPTModel
 
-from megatron_patch.embedding import aggregate_patches
-from megatron_patch.model import build_patch_gpt_model
 from megatron_patch.architecture.build import padded_vocab_size
 from megatron_patch.architecture.presets import get_preset, transformer_config
 from megatron_patch.architecture.specs import get_decoder_block_spec, get_local_layer_spec
+from megatron_patch.embedding import aggregate_patches
+from megatron_patch.model import build_patch_gpt_model
 from tests import model_helpers as mh
 from tests.reference import reference_per_target_loss, relative_error
 
@@ -27,8 +26,14 @@ def _stock(config, seed):
     from megatron_patch.runtime import parallel
 
     parallel.seed_all(seed)
-    return GPTModel(config=config, transformer_layer_spec=get_decoder_block_spec(config), vocab_size=mh.VOCAB,
-                    max_sequence_length=T, position_embedding_type="rope", share_embeddings_and_output_weights=False)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_decoder_block_spec(config),
+        vocab_size=mh.VOCAB,
+        max_sequence_length=T,
+        position_embedding_type="rope",
+        share_embeddings_and_output_weights=False,
+    )
 
 
 def test_token_mode_equals_stock_gpt_bitwise(model_parallel):
@@ -38,8 +43,10 @@ def test_token_mode_equals_stock_gpt_bitwise(model_parallel):
     for model in (patch_model, stock):
         loss = model(batch["tokens"], None, None, labels=batch["labels"])
         (loss * batch["loss_mask"]).sum().backward()
-    assert torch.equal(patch_model(batch["tokens"], None, None, labels=batch["labels"]),
-                       stock(batch["tokens"], None, None, labels=batch["labels"]))
+    assert torch.equal(
+        patch_model(batch["tokens"], None, None, labels=batch["labels"]),
+        stock(batch["tokens"], None, None, labels=batch["labels"]),
+    )
     stock_params = dict(stock.named_parameters())
     for name, param in patch_model.named_parameters():
         assert torch.equal(param, stock_params[name]), name
@@ -58,7 +65,7 @@ def test_patch_mode_matches_plain_recomputation(model_parallel):
     assert torch.equal(aggregate_patches(embeddings, 4), manual)
     logits = model(None, None, None, decoder_input=manual)  # [b, T, V]
     tokens = torch.cat([batch["tokens"], batch["labels"][:, -1:]], dim=1)  # x_0..x_{KT}
-    targets = torch.stack([tokens[:, (i + 1) * 4:(i + 2) * 4] for i in range(T - 1)], dim=1)  # [b, T-1, K]
+    targets = torch.stack([tokens[:, (i + 1) * 4 : (i + 2) * 4] for i in range(T - 1)], dim=1)  # [b, T-1, K]
     expected = reference_per_target_loss(logits[:, : T - 1].transpose(0, 1).double(), targets.transpose(0, 1))
     torch.testing.assert_close(losses[:, : T - 1].double(), expected.transpose(0, 1), rtol=1e-6, atol=1e-6)
 
@@ -85,13 +92,20 @@ def test_sdpa_spec_equals_megatron_local_attention(model_parallel):
     local.submodules.input_layernorm = RMSNorm
     local.submodules.pre_mlp_layernorm = RMSNorm
     model_parallel(1, 1, seed=3)
-    reference = GPTModel(config=model.config, transformer_layer_spec=TransformerBlockSubmodules(
-        layer_specs=[local] * model.config.num_layers, layer_norm=RMSNorm), vocab_size=mh.VOCAB,
-        max_sequence_length=T, position_embedding_type="rope")
+    reference = GPTModel(
+        config=model.config,
+        transformer_layer_spec=TransformerBlockSubmodules(
+            layer_specs=[local] * model.config.num_layers, layer_norm=RMSNorm
+        ),
+        vocab_size=mh.VOCAB,
+        max_sequence_length=T,
+        position_embedding_type="rope",
+    )
     reference.load_state_dict(model.state_dict(), strict=False)
     batch = mh.batches(1)[0]
-    torch.testing.assert_close(model(batch["tokens"], None, None), reference(batch["tokens"], None, None),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        model(batch["tokens"], None, None), reference(batch["tokens"], None, None), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_bad_settings_fail_with_one_line_errors(model_parallel):
@@ -135,7 +149,8 @@ def test_attention_saves_no_fused_qkv_buffer_for_backward(model_parallel, fused_
     qkv_outputs = []  # the buffers themselves, held so that no later tensor can reuse their addresses
     for layer in model.decoder.layers:
         layer.self_attention.linear_qkv.register_forward_hook(
-            lambda module, inputs, output: qkv_outputs.append(output[0].untyped_storage()))
+            lambda module, inputs, output: qkv_outputs.append(output[0].untyped_storage())
+        )
     saved = []
 
     def pack(tensor):
@@ -182,7 +197,10 @@ def test_fused_swiglu_flag_gives_the_unfused_loss_and_gradients(model_parallel, 
         model, results[fused] = mh.runs_through_trainer_builders(model_parallel, flags, 11, tiny_corpus["tokenizer"])
         assert len(fused_calls) == (2 * model.config.num_layers if fused else 0)  # per layer, per forward
     for patch_size in (4, 1):
-        (_, loss_plain, grads_plain), (_, loss_fused, grads_fused) = results[False][patch_size], results[True][patch_size]
+        (_, loss_plain, grads_plain), (_, loss_fused, grads_fused) = (
+            results[False][patch_size],
+            results[True][patch_size],
+        )
         assert torch.allclose(loss_fused, loss_plain, rtol=1e-6, atol=0), patch_size
         for name, grad in grads_plain.items():
             assert grad.abs().sum() > 0, name
@@ -198,15 +216,22 @@ def test_cross_entropy_fusion_flag_scores_both_modes_with_the_fused_loss(model_p
 
     fused_calls = []
     original = fused_cross_entropy.FusedVocabParallelPatchCrossEntropy.forward
-    monkeypatch.setattr(fused_cross_entropy.FusedVocabParallelPatchCrossEntropy, "forward",
-                        staticmethod(lambda *a: fused_calls.append(1) or original(*a)))
+    monkeypatch.setattr(
+        fused_cross_entropy.FusedVocabParallelPatchCrossEntropy,
+        "forward",
+        staticmethod(lambda *a: fused_calls.append(1) or original(*a)),
+    )
     results = {}
     for fused in (False, True):
         _, results[fused] = mh.runs_through_trainer_builders(
-            model_parallel, ["--cross-entropy-fusion"] if fused else [], 13, tiny_corpus["tokenizer"])
+            model_parallel, ["--cross-entropy-fusion"] if fused else [], 13, tiny_corpus["tokenizer"]
+        )
         assert len(fused_calls) == (2 if fused else 0)
     for patch_size in (4, 1):
-        (losses_plain, _, grads_plain), (losses_fused, _, grads_fused) = results[False][patch_size], results[True][patch_size]
+        (losses_plain, _, grads_plain), (losses_fused, _, grads_fused) = (
+            results[False][patch_size],
+            results[True][patch_size],
+        )
         assert losses_fused.shape == ((2, T, 4) if patch_size == 4 else (2, T))
         torch.testing.assert_close(losses_fused, losses_plain, rtol=1e-6, atol=1e-6)
         for name, grad in grads_plain.items():
@@ -240,8 +265,9 @@ def test_all_opt_in_fusions_compiled_match_the_unfused_model(model_parallel, mon
     model_parallel(1, 1)
     config = transformer_config(get_preset("tiny"), bf16=True, cpu=device == "cpu")
     plain = build_patch_gpt_model(config, mh.VOCAB, T).to(device)
-    fused = build_patch_gpt_model(dataclasses.replace(config, bias_activation_fusion=True), mh.VOCAB, T,
-                                  fused_rope=True, fused_cross_entropy=True).to(device)
+    fused = build_patch_gpt_model(
+        dataclasses.replace(config, bias_activation_fusion=True), mh.VOCAB, T, fused_rope=True, fused_cross_entropy=True
+    ).to(device)
     fused.load_state_dict(plain.state_dict())
     for patch_size in (4, 1):
         batch = {k: v.to(device) for k, v in mh.batches(patch_size)[0].items()}

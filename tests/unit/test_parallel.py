@@ -13,8 +13,14 @@ def _python(code, **env):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         if name not in env:
             full_env.pop(name, None)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO_ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO_ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cpu_mode_is_opt_in_and_refuses_a_gpu():
@@ -48,12 +54,19 @@ def test_cpu_mode_sends_cuda_allocations_to_the_cpu():
 
 
 def test_slurm_variables_name_the_rank():
-    result = _python("""
+    result = _python(
+        """
         import torch.distributed as dist
         from megatron_patch.runtime import parallel
         parallel.init_distributed(cpu=True)
         print("rank", dist.get_rank(), "of", dist.get_world_size())
-    """, SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29731")
+    """,
+        SLURM_PROCID="0",
+        SLURM_NTASKS="1",
+        SLURM_LOCALID="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="29731",
+    )
     assert result.returncode == 0, result.stderr
     assert "rank 0 of 1" in result.stdout
 

@@ -9,8 +9,18 @@ import pytest
 import torch
 
 from tests.parity_official import (
-    BF16_TOLERANCE, LOSS_TOLERANCE, MISTAKES, T, corpus_sample, official_patch_loss, parity_mismatches,
-    project_model, project_patch_loss, reference_loss_and_gradients, relative_error, trained_and_exported,
+    BF16_TOLERANCE,
+    LOSS_TOLERANCE,
+    MISTAKES,
+    T,
+    corpus_sample,
+    official_patch_loss,
+    parity_mismatches,
+    project_model,
+    project_patch_loss,
+    reference_loss_and_gradients,
+    relative_error,
+    trained_and_exported,
 )
 
 pytest.importorskip("transformers")
@@ -28,8 +38,12 @@ def test_patch_loss_and_gradients_equal_the_official_recipe(parity, patch_size, 
     assert parity_mismatches(parity, x, patch_size, str(tmp_path / "grads")) == []
     # the gradients compared are not trivially small: embedding, a layer's weights and the output layer
     _, reference_grads = reference_loss_and_gradients(parity["hf"], x, patch_size)
-    for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.v_proj.weight",
-                 "model.layers.0.mlp.gate_proj.weight", "lm_head.weight"):
+    for name in (
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.v_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "lm_head.weight",
+    ):
         assert reference_grads[name].abs().max() > 1e-4, name
 
 

@@ -55,9 +55,7 @@ def test_aggregate_hand_example_k2():
 
 def test_aggregate_hand_example_k3():
     # [s*K=6, b=2, h=1], K=3: batch 0 holds 1..6, batch 1 holds 0,0,3 | 3,3,9
-    embeddings = torch.tensor(
-        [[1.0, 0.0], [2.0, 0.0], [3.0, 3.0], [4.0, 3.0], [5.0, 3.0], [6.0, 9.0]]
-    ).unsqueeze(-1)
+    embeddings = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 3.0], [4.0, 3.0], [5.0, 3.0], [6.0, 9.0]]).unsqueeze(-1)
     expected = torch.tensor([[2.0, 1.0], [5.0, 5.0]]).unsqueeze(-1)
     torch.testing.assert_close(aggregate_patches(embeddings, 3), expected, rtol=0, atol=0)
 
@@ -142,7 +140,6 @@ def _sequence_first(labels, loss_mask, patch_size):
     return targets.transpose(0, 1), mask.transpose(0, 1)  # [b, T, K] -> [T, b, K]
 
 
-
 def test_patch_targets_hand_example_k2():
     # two samples of K*T + 1 = 7 tokens, K=2, T=3: x = 10..16 and 20..26; labels = x[1:]
     labels = torch.tensor([[11, 12, 13, 14, 15, 16], [21, 22, 23, 24, 25, 26]])
@@ -153,9 +150,7 @@ def test_patch_targets_hand_example_k2():
     # end of the sample, so the last patch is not scored
     expected = torch.tensor([[[12, 13], [22, 23]], [[14, 15], [24, 25]]])
     torch.testing.assert_close(targets[:2], expected, rtol=0, atol=0)
-    expected_mask = torch.tensor(
-        [[[1.0, 1.0], [1.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]]]
-    )
+    expected_mask = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]]])
     torch.testing.assert_close(mask, expected_mask, rtol=0, atol=0)
     # masked slots still hold valid ids (here: ids of the sample) so the loss can gather them
     assert set(targets[2].flatten().tolist()) <= set(labels.flatten().tolist())
@@ -168,9 +163,7 @@ def test_patch_targets_hand_example_loss_mask_k2():
     #           in the unscored last patch anyway)
     loss_mask = torch.tensor([[1, 1, 0, 1, 1, 1], [0, 1, 1, 1, 0, 0]])
     targets, mask = _sequence_first(labels, loss_mask, 2)
-    expected_mask = torch.tensor(
-        [[[1.0, 0.0], [1.0, 1.0]], [[1.0, 1.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]]
-    )
+    expected_mask = torch.tensor([[[1.0, 0.0], [1.0, 1.0]], [[1.0, 1.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
     torch.testing.assert_close(mask, expected_mask, rtol=0, atol=0)
     # the loss mask changes which targets count, never the target ids themselves
     torch.testing.assert_close(targets, _sequence_first(labels, None, 2)[0], rtol=0, atol=0)

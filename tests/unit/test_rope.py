@@ -21,8 +21,9 @@ SEQ, HEAD_DIM = 24, 16
 def _freqs(seq=SEQ, head_dim=HEAD_DIM):
     """megatron's angles ``[s, 1, 1, d]`` (fp32) for positions 0..s-1, base 10000 (CPU mode: the
     ``world`` fixture; megatron moves the frequencies to the current device)."""
-    return RotaryEmbedding(kv_channels=head_dim, rotary_percent=1.0, rotary_base=10000,
-                           use_cpu_initialization=True)(seq)
+    return RotaryEmbedding(kv_channels=head_dim, rotary_percent=1.0, rotary_base=10000, use_cpu_initialization=True)(
+        seq
+    )
 
 
 def _megatron_rope(x, freqs):
@@ -98,11 +99,15 @@ def test_rope_fusion_flag_builds_the_same_model(model_parallel, monkeypatch, tin
     monkeypatch.setattr(attention, "apply_rotary", lambda *a: fused_calls.append(1) or eager_rotary(*a))
     results = {}
     for fused in (False, True):
-        model, runs = mh.runs_through_trainer_builders(model_parallel, ["--rope-fusion"] if fused else [], 11,
-                                                       tiny_corpus["tokenizer"])
+        model, runs = mh.runs_through_trainer_builders(
+            model_parallel, ["--rope-fusion"] if fused else [], 11, tiny_corpus["tokenizer"]
+        )
         assert (getattr(model, "rotary_pos_emb", None) is None) is fused
-        results[fused] = (runs, {name: param.detach().clone() for name, param in model.named_parameters()},
-                          sorted(model.state_dict()))
+        results[fused] = (
+            runs,
+            {name: param.detach().clone() for name, param in model.named_parameters()},
+            sorted(model.state_dict()),
+        )
         assert len(fused_calls) == (2 * model.config.num_layers if fused else 0)  # per layer, per forward
     (runs_plain, params_plain, keys_plain), (runs_fused, params_fused, keys_fused) = results[False], results[True]
     assert keys_fused == keys_plain
@@ -121,9 +126,26 @@ def test_rope_fusion_with_transformer_engine_is_refused(tiny_corpus):
     from megatron_patch.training.arguments import parse_args
 
     tokenizer = tiny_corpus["tokenizer"]
-    argv = ["--model", "tiny", "--cpu", "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "4",
-            "--lr", "1e-3", "--data-path", "unused", "--tokenizer-model", str(tokenizer), "--rope-fusion",
-            "--transformer-impl", "transformer_engine"]
+    argv = [
+        "--model",
+        "tiny",
+        "--cpu",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--train-iters",
+        "4",
+        "--lr",
+        "1e-3",
+        "--data-path",
+        "unused",
+        "--tokenizer-model",
+        str(tokenizer),
+        "--rope-fusion",
+        "--transformer-impl",
+        "transformer_engine",
+    ]
     with pytest.raises(ArgumentError, match="--rope-fusion is for --transformer-impl local"):
         parse_args(argv, world_size=1)
 
