@@ -153,13 +153,17 @@ def summarise(results: dict, fractions: list, patch_sizes: list) -> dict:
     for result in results.values():
         key = (result["arm"], result["fraction"], result["K"])
         by_arm.setdefault(key, {})[result["seed"]] = result
-    token_only = by_arm[("token-only", None, 1)]
+    token_only = by_arm.get(("token-only", None, 1), {})
+    if not token_only:
+        raise StudyError("no token-only run finished: nothing to compare with")
     rows = []
     for fraction in fractions:
         for K in patch_sizes:
-            control = by_arm[("control", str(fraction), patch_sizes[0])]
-            patch = by_arm[("patch+token", str(fraction), K)]
+            control = by_arm.get(("control", str(fraction), patch_sizes[0]), {})
+            patch = by_arm.get(("patch+token", str(fraction), K), {})
             seeds = sorted(set(control) & set(patch))
+            if not seeds:
+                continue  # neither paired run finished for any seed
             rows.append({
                 "fraction": str(fraction), "K": K, "seeds": seeds,
                 "theoretical_cost": float(fraction / K + 1 - fraction),
@@ -178,10 +182,11 @@ def _fmt(spread: dict) -> str:
 def report(summary: dict) -> str:
     token_only = summary["token-only"]
     lines = [f"token-only, all tokens: {_fmt(token_only)} (n={token_only['n']})", "",
-             "| λ | K | cost (theory) | control | patch + token | transfer (control − patch+token) | "
-             "right after the patch stage |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| λ | K | seeds | cost (theory) | control | patch + token | transfer (control − patch+token) | "
+             "right after the patch stage |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in summary["rows"]:
-        lines.append(f"| {row['fraction']} | {row['K']} | {row['theoretical_cost']:.3f} | {_fmt(row['control'])} | "
+        seeds = ",".join(map(str, row["seeds"]))
+        lines.append(f"| {row['fraction']} | {row['K']} | {seeds} | {row['theoretical_cost']:.3f} | {_fmt(row['control'])} | "
                      f"{_fmt(row['patch+token'])} | {_fmt(row['transfer'])} | {_fmt(row['after_patch'])} |")
     lines += ["", "Held-out loss in nats (token level): mean ± sample standard deviation [min, max] over seeds."]
     return "\n".join(lines)
@@ -231,6 +236,8 @@ def main(argv=None) -> int:
     parser.add_argument("--patch-sizes", type=positive_int_list, default=[2, 4], help="K values (each >= 2)")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once (one process, one core each)")
     parser.add_argument("--reduced", action="store_true", help="the quick start's reduced settings (tests)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: report the runs that finished (each row names its seeds)")
     try:
         args = parser.parse_args(argv)
         if min(args.patch_sizes) < 2:
@@ -248,6 +255,9 @@ def main(argv=None) -> int:
     runs = plan_runs(args.seeds, args.fractions, args.patch_sizes)
     print(f"== {len(runs)} runs, {args.jobs} at a time; logs in {work / 'logs'}", flush=True)
     results, failures = {}, []
+    if args.report_only:  # finished runs only (scoring a finished run that was not scored yet)
+        runs = {name: run for name, run in runs.items() if _finished(work / name)}
+        print(f"== --report-only: {len(runs)} finished runs", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(_train_and_score, name, run, run_flags(run, s, data, quickstart), work, data): name
                    for name, run in runs.items()}
@@ -259,7 +269,11 @@ def main(argv=None) -> int:
     if failures:
         print("transfer_study: " + "; ".join(failures) + " (fix and re-run: finished runs are kept)", file=sys.stderr)
         return 1
-    summary = summarise(results, args.fractions, args.patch_sizes)
+    try:
+        summary = summarise(results, args.fractions, args.patch_sizes)
+    except StudyError as error:
+        print(f"transfer_study: {error}", file=sys.stderr)
+        return 1
     table = report(summary)
     header = (f"{command_line('transfer_study.py', list(argv if argv is not None else sys.argv[1:]))}\n"
               f"{json.dumps(environment(cpu=True))}")

@@ -8,6 +8,7 @@ import sys
 from fractions import Fraction
 
 from tests.conftest import REPO_ROOT
+from tests.trainer_plan import stages as trainer_stages
 
 
 def _study():
@@ -29,7 +30,7 @@ def test_plan_and_trainer_flags(tiny_corpus):
     quickstart = study._quickstart()
     s = quickstart.settings(reduced=True)
     data = {"prefix": tiny_corpus["prefix"], "tokenizer": tiny_corpus["tokenizer"]}
-    stages = {name: _stages(parse_args([str(flag) for flag in study.run_flags(run, s, data, quickstart)], world_size=1))
+    stages = {name: trainer_stages(parse_args([str(flag) for flag in study.run_flags(run, s, data, quickstart)], world_size=1))
               for name, run in runs.items()}
     patch_iters = round(0.25 * s["train_iters"])
     assert stages["patch_token-lambda1_4-K4-seed2"] == {"patch": (4, patch_iters), "token": (1, s["train_iters"] - patch_iters)}
@@ -37,19 +38,6 @@ def test_plan_and_trainer_flags(tiny_corpus):
     assert stages["token-only-seed1"] == {"token": (1, s["train_iters"])}
     flags = [str(flag) for flag in study.run_flags(runs["control-lambda1_4-seed2"], s, data, quickstart)]
     assert "--pretrained-checkpoint" not in flags and flags[flags.index("--seed") + 1] == "2"
-
-
-def _stages(config):
-    """``{stage: (K, steps)}`` of a parsed trainer configuration (the plan object, or the older flat
-    namespace with stage / patch_iters / token_iters)."""
-    if hasattr(config, "plan"):
-        return {stage.name: (stage.patch_size, stage.iterations) for stage in config.plan.stages}
-    stages = {}
-    if config.patch_size > 1 and config.stage in ("both", "patch"):
-        stages["patch"] = (config.patch_size, config.patch_iters)
-    if config.stage in ("both", "token"):
-        stages["token"] = (1, config.token_iters)
-    return stages
 
 
 def test_transfer_is_paired_by_seed():
@@ -69,7 +57,7 @@ def test_transfer_is_paired_by_seed():
     assert row["transfer"]["std"] == statistics.stdev(transfers)
     assert (row["transfer"]["min"], row["transfer"]["max"]) == (min(transfers), max(transfers))
     assert row["theoretical_cost"] == 0.75 and summary["token-only"]["n"] == 3
-    assert "| 1/2 | 2 | 0.750 |" in study.report(summary)
+    assert "| 1/2 | 2 | 1,2,3 | 0.750 |" in study.report(summary)
 
 
 def test_bad_flags_give_one_line(tmp_path, capsys):
