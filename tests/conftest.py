@@ -58,6 +58,14 @@ def model_parallel(world):
 
 
 @pytest.fixture(scope="session")
+def tiny_jsonl():
+    """The bundled corpus, ``examples/data/tiny.jsonl.xz`` (the tests fail, never skip, without it)."""
+    path = REPO_ROOT / "examples" / "data" / "tiny.jsonl.xz"
+    assert path.is_file(), f"{path} is missing: it ships with the repository (git checkout it)"
+    return path
+
+
+@pytest.fixture(scope="session")
 def shared_data():
     """``../shared/data`` beside the checkout; tests that need it skip without it."""
     if not SHARED_DATA.is_dir():

@@ -1,4 +1,4 @@
-"""Fixtures of the data tests: the shared corpus, a small trained tokenizer, a preprocessed corpus.
+"""Fixtures of the data tests: the bundled corpus, a small trained tokenizer, a preprocessed corpus.
 
 The tools are loaded from ``tools/*.py`` and called through their ``main(argv)`` in this
 process (no subprocess: importing megatron.core costs seconds).
@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-TINY = SHARED_DATA / "tiny.jsonl.xz"
+TINY = REPO_ROOT / "examples" / "data" / "tiny.jsonl.xz"
 
 TOKENIZER_VOCAB = 512
 """Small enough to train in about a second on 12k lines; > 256 byte pieces + 4 specials."""
@@ -45,8 +44,7 @@ def tools():
 @pytest.fixture(scope="session")
 def tiny_records() -> list[dict]:
     """All 102 documents of tiny.jsonl.xz, as dicts with ``text`` and ``source``."""
-    if not TINY.is_file():
-        pytest.skip(f"shared corpus {TINY} is absent (expected next to the repository)")
+    assert TINY.is_file(), f"{TINY} is missing: it ships with the repository (git checkout it)"
     with lzma.open(TINY, "rt", encoding="utf-8") as stream:
         return [json.loads(line) for line in stream]
 

@@ -93,8 +93,8 @@ def test_loss_equals_float64_reference(trained, tmp_path, capsys, window):
     assert not leftovers(tmp_path)
 
 
-def test_prefix_and_jsonl_of_the_same_documents_agree(trained, shared_data, tmp_path, capsys):
-    with lzma.open(shared_data / "tiny.jsonl.xz", "rt", encoding="utf-8") as f:
+def test_prefix_and_jsonl_of_the_same_documents_agree(trained, tiny_jsonl, tmp_path, capsys):
+    with lzma.open(tiny_jsonl, "rt", encoding="utf-8") as f:
         first = [json.loads(next(f))["text"] for _ in range(2)]
     data = _write_jsonl(tmp_path / "first.jsonl", first)
     results = []
@@ -122,8 +122,8 @@ def _tokenizer(tmp_path, texts, vocab):
 
 
 @pytest.fixture(scope="module")
-def other_texts(shared_data):
-    with lzma.open(shared_data / "tiny.jsonl.xz", "rt", encoding="utf-8") as f:
+def other_texts(tiny_jsonl):
+    with lzma.open(tiny_jsonl, "rt", encoding="utf-8") as f:
         return [json.loads(line)["text"] for line in list(f)[-8:]]
 
 
