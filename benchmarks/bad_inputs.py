@@ -1,0 +1,329 @@
+"""The bad-input matrix of ``benchmarks/chaos.py --bad-inputs``: every tool and the trainer, run as a
+user runs them (a process each), on damaged or wrong input.
+
+Cases run in one process (each tool's ``main(argv)``, the trainer's ``cli.main``; stdout, stderr
+and log records captured, an exception escaping ``main`` counted as a traceback), or with
+``subprocess=True`` each in a process of its own, as a user runs them (slower: every case then
+imports torch and megatron again).
+
+Each case must end with exactly one ``error: ...`` line (the trainer: one per rank, here one
+rank) that contains the damaged file or the bad value, a non-zero exit status, no ``Traceback``
+and nothing left behind: the output does not exist, no staging folder or partial file remains
+beside it, and a folder given as input holds the same names as before. Anything else is
+reported per case: ``accepted`` (exit 0 on bad input), ``traceback``, ``lines`` (not exactly one
+error line), ``unnamed`` (the line lacks the file or value) or ``leftover``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import numpy
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = {name: os.path.join(REPO, "tools", f"{name}.py") for name in
+           ("preprocess_data", "merge_datasets", "train_tokenizer", "evaluate", "export_hf", "convert_checkpoint")}
+SCRIPTS["trainer"] = os.path.join(REPO, "examples", "pretrain_patch_gpt.py")
+
+
+@dataclass
+class Case:
+    name: str
+    tool: str
+    argv: List[str]
+    names: List[str]  # strings the error line must contain (the file, the value)
+    outputs: List[str] = field(default_factory=list)  # paths that must not exist afterwards
+    watched: List[str] = field(default_factory=list)  # input folders that must not change
+
+
+def _copy_pair(prefix: str, folder: str, name: str) -> str:
+    copy = os.path.join(folder, name)
+    for ext in (".bin", ".idx"):
+        shutil.copyfile(prefix + ext, copy + ext)
+    return copy
+
+
+def _shard(folder: str) -> str:
+    return os.path.join(folder, sorted(n for n in os.listdir(folder) if n.endswith(".distcp"))[0])
+
+
+def _damaged_checkpoint(source: str, folder: str, name: str, damage: Callable[[str], str]) -> tuple:
+    """A copy of checkpoint ``source`` damaged by ``damage(copy) -> the file it damaged``."""
+    copy = os.path.join(folder, name)
+    shutil.copytree(source, copy)
+    return copy, damage(copy)
+
+
+def _truncate(path: str, keep: Optional[int] = None) -> str:
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 2 if keep is None else keep)
+    return path
+
+
+def _zero_4k(path: str) -> str:
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        f.write(b"\0" * 4096)
+    return path
+
+
+def _write(path: str, data: bytes) -> str:
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def build_cases(work: str, prefix: str, tokenizer: str, root: str, final: str) -> List[Case]:
+    """``prefix``/``tokenizer``: a good corpus and its model; ``root``: a finished --save folder of
+    the chaos run (12 iterations, tiny preset); ``final``: its last checkpoint."""
+    os.makedirs(work, exist_ok=True)
+    w = lambda *parts: os.path.join(work, *parts)  # noqa: E731
+    out = w("out")
+    os.makedirs(out, exist_ok=True)
+    good = _write(w("good.jsonl"), b'{"text": "A perfectly good document."}\n' * 20)
+    cases: List[Case] = []
+
+    # ---------------------------------------------------------------- preprocess_data
+    def pre(name, inputs, names, extra=(), model=tokenizer, output=None):
+        output = output or os.path.join(out, name)
+        cases.append(Case(name, "preprocess_data", ["--input", *inputs, "--tokenizer-model", model,
+                                                    "--output-prefix", output, *extra],
+                          names, [output + "_text_document.bin", output + "_text_document.idx"], [out]))
+
+    pre("pre-missing-input", [w("absent.jsonl")], ["absent.jsonl"])
+    pre("pre-empty-glob", [w("nothing*.jsonl")], ["nothing*.jsonl"])
+    pre("pre-bad-json", [_write(w("bad.jsonl"), b'{"text": "ok"}\n{"text": oops}\n')], ["bad.jsonl:2"])
+    pre("pre-missing-key", [_write(w("nokey.jsonl"), b'{"body": "x"}\n')], ["nokey.jsonl:1", "text"])
+    pre("pre-not-string", [_write(w("num.jsonl"), b'{"text": 5}\n')], ["num.jsonl:1"])
+    pre("pre-bad-utf8", [_write(w("utf.jsonl"), b'{"text": "\xff\xfe"}\n')], ["utf.jsonl:1"])
+    pre("pre-truncated-xz", [_write(w("cut.jsonl.xz"), open(os.path.join(REPO, "examples", "data", "tiny.jsonl.xz"),
+                                                            "rb").read()[:5000])], ["cut.jsonl.xz"])
+    pre("pre-missing-model", [good], ["absent.model"], model=w("absent.model"))
+    pre("pre-garbage-model", [good], ["garbage.model"], model=_write(w("garbage.model"), b"\0garbage"))
+    pre("pre-missing-folder", [good], [w("nodir")], output=w("nodir", "x"))
+    pre("pre-bad-flag", [good], ["--bogus"], extra=["--bogus"])
+    pre("pre-zero-workers", [good], ["--workers", "0"], extra=["--workers", "0"])
+    pre("pre-zero-partitions", [good], ["--partitions", "0"], extra=["--partitions", "0"])
+
+    # ---------------------------------------------------------------- merge_datasets
+    pairs = w("pairs")
+    os.makedirs(pairs, exist_ok=True)
+
+    def merge(name, inputs, names, output=None):
+        output = output or os.path.join(out, name)
+        cases.append(Case(name, "merge_datasets", ["--input", *inputs, "--output-prefix", output], names,
+                          [output + ".bin", output + ".idx"], [out, pairs]))
+
+    merge("merge-missing", [w("absent_text_document")], ["absent_text_document"])
+    p = _copy_pair(prefix, pairs, "cut_bin")
+    _truncate(p + ".bin")
+    merge("merge-truncated-bin", [prefix, p], [p + ".bin", "truncated"])
+    p = _copy_pair(prefix, pairs, "long_bin")
+    open(p + ".bin", "ab").write(b"\0\0")
+    merge("merge-extended-bin", [prefix, p], [p + ".bin"])
+    p = _copy_pair(prefix, pairs, "empty_idx")
+    _write(p + ".idx", b"")
+    merge("merge-empty-idx", [prefix, p], [p + ".idx"])
+    p = _copy_pair(prefix, pairs, "random_idx")
+    _write(p + ".idx", numpy.random.default_rng(0).bytes(4096))
+    merge("merge-random-idx", [prefix, p], [p + ".idx"])
+    p = _copy_pair(prefix, pairs, "cut_idx")
+    _truncate(p + ".idx", os.path.getsize(p + ".idx") - 8)
+    merge("merge-truncated-idx", [prefix, p], [p + ".idx"])
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(os.path.join(pairs, "wide.bin"), dtype=numpy.int32)
+    builder.add_document(numpy.arange(5), [5])
+    builder.finalize(os.path.join(pairs, "wide.idx"))
+    merge("merge-dtype-mismatch", [prefix, os.path.join(pairs, "wide")], ["int32"])
+    merge("merge-missing-folder", [prefix], [w("nodir")], output=w("nodir", "m"))
+    os.makedirs(w("emptydir"), exist_ok=True)
+    merge("merge-empty-folder", [w("emptydir")], ["emptydir"])
+
+    # ---------------------------------------------------------------- train_tokenizer
+    def tok(name, argv, names, output=None):
+        output = output or os.path.join(out, name)
+        cases.append(Case(name, "train_tokenizer", [*argv, "--output-prefix", output], names,
+                          [output + ".model", output + ".vocab"], [out]))
+
+    tok("tok-missing-input", ["--input", w("absent.jsonl")], ["absent.jsonl"])
+    tok("tok-vocab-below-300", ["--input", good, "--vocab-size", "100"], ["--vocab-size 100"])
+    tok("tok-vocab-not-int", ["--input", good, "--vocab-size", "many"], ["many"])
+    tok("tok-coverage-range", ["--input", good, "--character-coverage", "0.5"], ["0.5"])
+    tok("tok-bad-json", ["--input", w("bad.jsonl")], ["bad.jsonl:2"])
+    tok("tok-missing-folder", ["--input", good], [w("nodir")], output=w("nodir", "t"))
+    tok("tok-unwritable-folder", ["--input", good], ["/proc"], output="/proc/tokenizer")
+    cjk = [json.dumps({"text": "".join(chr(0x4E00 + (i * 7 + j) % 3000) for j in range(60))}) for i in range(300)]
+    tok("tok-too-many-characters", ["--input", _write(w("cjk.jsonl"), "\n".join(cjk).encode()),
+                                    "--vocab-size", "400", "--character-coverage", "1"], ["--vocab-size 400"])
+
+    # ---------------------------------------------------------------- checkpoints, damaged
+    damaged = w("damaged")
+    os.makedirs(damaged, exist_ok=True)
+    kinds = {
+        "truncated-shard": lambda c: _truncate(_shard(c)),
+        "zeroed-shard": lambda c: _zero_4k(_shard(c)),
+        "no-common.pt": lambda c: (os.remove(os.path.join(c, "common.pt")), os.path.join(c, "common.pt"))[1],
+        "no-.metadata": lambda c: (os.remove(os.path.join(c, ".metadata")), os.path.join(c, ".metadata"))[1],
+        "bad-manifest": lambda c: _write(os.path.join(c, "manifest.json"), b'{"files": '),
+        "bad-json": lambda c: _write(os.path.join(c, "megatron_patch.json"), b"{not json"),
+    }
+    copies = {}
+    for tool in ("evaluate", "export_hf", "convert_checkpoint"):
+        for kind, damage in kinds.items():
+            copies[tool, kind] = _damaged_checkpoint(final, damaged, f"{tool}-{kind}", damage)
+    data = ["--data-path", prefix, "--max-documents", "4"]
+
+    def tool_case(tool, name, argv, names):
+        target = os.path.join(out, name + (".json" if tool == "evaluate" else ""))
+        flag = ["--output-json", target] if tool == "evaluate" else ["--save", target]
+        extra = data if tool == "evaluate" else []
+        cases.append(Case(name, tool, ["--cpu", *argv, *extra, *flag], names, [target], [out]))
+
+    for tool in ("evaluate", "export_hf", "convert_checkpoint"):
+        short = {"evaluate": "eval", "export_hf": "export", "convert_checkpoint": "convert"}[tool]
+        for kind in kinds:
+            copy, file = copies[tool, kind]
+            tool_case(tool, f"{short}-{kind}", ["--load", copy], [file])
+        tool_case(tool, f"{short}-missing", ["--load", w("absent-ckpt")], ["absent-ckpt"])
+        tool_case(tool, f"{short}-other-shape", ["--load", final, "--model", "cpu-small"], [final, "another model shape"])
+    tool_case("evaluate", "eval-tp3", ["--load", final, "--tensor-model-parallel-size", "3"], ["3"])
+    tool_case("evaluate", "eval-stride", ["--load", final, "--stride", "4"], ["--stride 4"])
+    cases.append(Case("eval-truncated-bin", "evaluate",
+                      ["--cpu", "--load", final, "--data-path", os.path.join(pairs, "cut_bin"),
+                       "--output-json", os.path.join(out, "e.json")], [os.path.join(pairs, "cut_bin.bin")],
+                      [os.path.join(out, "e.json")], [out]))
+    cases.append(Case("eval-random-idx", "evaluate",
+                      ["--cpu", "--load", final, "--data-path", os.path.join(pairs, "random_idx"),
+                       "--output-json", os.path.join(out, "e.json")], [os.path.join(pairs, "random_idx.idx")],
+                      [os.path.join(out, "e.json")], [out]))
+    cases.append(Case("eval-bad-jsonl", "evaluate", ["--cpu", "--load", final, "--input", w("bad.jsonl")],
+                      ["bad.jsonl"], [], [out]))
+    tool_case("convert_checkpoint", "convert-tp3", ["--load", final, "--tensor-model-parallel-size", "3"], ["3"])
+    tool_case("convert_checkpoint", "convert-pp3", ["--load", final, "--pipeline-model-parallel-size", "3"], ["3"])
+    tool_case("convert_checkpoint", "convert-world", ["--load", final, "--tensor-model-parallel-size", "2"], ["2"])
+    os.makedirs(os.path.join(out, "taken"), exist_ok=True)
+    cases.append(Case("export-existing-output", "export_hf", ["--cpu", "--load", final, "--save",
+                                                              os.path.join(out, "taken")], ["taken"], [], [out]))
+    cases.append(Case("convert-existing-output", "convert_checkpoint", ["--cpu", "--load", final, "--save",
+                                                                        os.path.join(out, "taken")], ["taken"], [], [out]))
+
+    # ---------------------------------------------------------------- the trainer
+    base = ["--cpu", "--model", "tiny", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "16",
+            "--train-iters", "12", "--lr", "3e-3", "--lr-warmup-iters", "2", "--split", "97,3,0", "--log-interval", "1",
+            "--eval-iters", "0", "--save-interval", "2"]
+
+    def trainer(name, argv, names, data_path=prefix, model=tokenizer, save=None, watched=()):
+        save = save or os.path.join(out, name)
+        cases.append(Case(name, "trainer", [*base, "--data-path", data_path, "--tokenizer-model", model,
+                                            "--save", save, *argv], names,
+                          [] if save != os.path.join(out, name) else [save], [out, *watched]))
+
+    trainer("train-missing-data", [], ["absent_text_document"], data_path=w("absent_text_document"))
+    trainer("train-truncated-bin", [], [os.path.join(pairs, "cut_bin.bin")], data_path=os.path.join(pairs, "cut_bin"))
+    trainer("train-random-idx", [], [os.path.join(pairs, "random_idx.idx")], data_path=os.path.join(pairs, "random_idx"))
+    trainer("train-empty-idx", [], [os.path.join(pairs, "empty_idx.idx")], data_path=os.path.join(pairs, "empty_idx"))
+    trainer("train-missing-tokenizer", [], ["absent.model"], model=w("absent.model"))
+    trainer("train-bad-lr", ["--lr", "-1"], ["--lr -1"])
+    trainer("train-seq-length-zero", ["--seq-length", "0"], ["--seq-length 0"])
+    trainer("train-bad-flag", ["--bogus"], ["--bogus"])
+    trainer("train-tp3", ["--tensor-model-parallel-size", "3"], ["3"])
+    for kind in ("truncated-shard", "zeroed-shard", "no-common.pt", "no-.metadata", "bad-manifest"):
+        resumable = os.path.join(damaged, f"trainer-{kind}")
+        shutil.copytree(root, resumable)
+        newest = os.path.join(resumable, "iter_0000012")
+        file = kinds[kind](newest)
+        trainer(f"train-load-{kind}", ["--load", resumable], [file], save=resumable, watched=[resumable])
+    bad_tracker = os.path.join(damaged, "trainer-tracker")
+    shutil.copytree(root, bad_tracker)
+    _write(os.path.join(bad_tracker, "latest_checkpointed_iteration.txt"), b"twelve\n")
+    trainer("train-load-bad-tracker", ["--load", bad_tracker], [bad_tracker], save=bad_tracker, watched=[bad_tracker])
+    other_plan = os.path.join(damaged, "trainer-plan")
+    shutil.copytree(root, other_plan)
+    trainer("train-load-other-plan", ["--load", other_plan, "--global-batch-size", "32"], ["--global-batch-size"],
+            save=other_plan, watched=[other_plan])
+    return cases
+
+
+def _tool_main(tool: str) -> Callable[[List[str]], int]:
+    if tool == "trainer":
+        from megatron_patch.training import cli
+
+        return cli.main
+    import importlib.util
+
+    name = f"bad_inputs_{tool}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SCRIPTS[tool])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name].main
+
+
+def _in_process(case: Case) -> tuple:
+    """(exit status, captured output) of the tool's ``main`` in this process."""
+    import contextlib
+    import io
+    import logging
+    import traceback
+
+    buffer = io.StringIO()
+    streams = [(h, h.stream) for h in logging.root.handlers if isinstance(h, logging.StreamHandler)]
+    for handler, _ in streams:
+        handler.setStream(buffer)
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            try:
+                code = _tool_main(case.tool)(list(case.argv))
+            except SystemExit as error:
+                code = error.code if isinstance(error.code, int) else 1
+            except BaseException:  # an exception that escaped main: what a user would see as a traceback
+                traceback.print_exc()
+                code = 1
+    finally:
+        for handler, stream in streams:
+            handler.setStream(stream)
+    return code, buffer.getvalue()
+
+
+def run_case(case: Case, subprocess_mode: bool = False, timeout: float = 600) -> dict:
+    before = {folder: sorted(os.listdir(folder)) for folder in case.watched if os.path.isdir(folder)}
+    if subprocess_mode:
+        env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1")
+        try:
+            done = subprocess.run([sys.executable, SCRIPTS[case.tool], *case.argv], cwd=REPO, env=env,
+                                  capture_output=True, text=True, timeout=timeout)
+            code, text = done.returncode, done.stdout + done.stderr
+        except subprocess.TimeoutExpired as error:
+            code, text = None, f"timed out after {timeout} s: {(error.stderr or '')[-500:]}"
+    else:
+        code, text = _in_process(case)
+    errors = [line for line in text.splitlines() if line.startswith("error: ") or "] error: " in line]
+    problems = []
+    if code == 0:
+        problems.append("accepted")
+    elif code is None:
+        problems.append("timeout")
+    if "Traceback" in text:
+        problems.append("traceback")
+    if code != 0 and len(errors) != 1:
+        problems.append(f"lines ({len(errors)})")
+    if errors and not all(name in errors[0] for name in case.names):
+        problems.append("unnamed")
+    left = [path for path in case.outputs if os.path.exists(path)]
+    for folder, names in before.items():
+        now = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        left += [os.path.join(folder, n) for n in now if n not in names]
+    if left:
+        problems.append("leftover " + ", ".join(os.path.relpath(p, os.path.dirname(case.outputs[0] if case.outputs
+                                                                                    else left[0])) for p in left))
+    return {"case": case.name, "tool": case.tool, "exit": code, "line": errors[0] if errors else text.strip()[-300:],
+            "problems": problems, "ok": not problems}

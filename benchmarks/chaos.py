@@ -1,0 +1,316 @@
+"""Chaos trials: random kill -9 and SIGTERM against a tiny two-stage run, each resumed and compared
+with the uninterrupted run.
+
+    python benchmarks/chaos.py --data-path DIR/tiny_text_document --tokenizer-model DIR/tok.model \\
+        --trials 30 --work-dir /tmp/chaos --output-json chaos.json
+
+The run: the ``tiny`` preset, K=4, lambda=2/3, ``--train-iters 12`` (8 patch steps, then 4 token
+steps), a checkpoint every 2 steps, on CPU; at TP=1 one process (``python``), at TP=2 two under
+``torchrun``, each in a process group of its own. One uninterrupted run per layout is the
+reference. A trial picks a layout, a signal (SIGKILL or SIGTERM), a target (the whole process
+group, as scancel or a SLURM time limit delivers it, or the launcher only) and a moment: a
+random iteration's log record plus a random delay of up to 1.5 mean step times of the reference
+run (saves included), so kills land inside steps, inside saves and at the stage switch alike. The trial then resumes with ``--load``
+until the run completes and checks:
+
+* losses, gradient norms and learning rates of every iteration equal the reference's bit for bit
+  (the last record per iteration of ``metrics.jsonl``);
+* the final checkpoint equals the reference's (``megatron_patch.checkpoint.compare``: every shard
+  byte for byte, RNG states included), and the tracker names it;
+* nothing is left: no ``iter_*.tmp``, no process of the killed run's group;
+* after a SIGTERM: a checkpoint at the step where it stopped, written by every rank
+  (each rank logs "stopped by SIGTERM"), and exit status 0 (under torchrun: the workers'; the
+  launcher re-raises a signal it received itself and exits 1, which the table shows).
+
+Prints one row per trial and a summary; ``--output-json`` keeps them. Exit status 1 when a trial
+fails a check. Data: any ``.bin/.idx`` prefix and its SentencePiece model (the tests build them
+from ``examples/data/tiny.jsonl.xz`` with tools/train_tokenizer.py and tools/preprocess_data.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import FlagParser, UsageError, command_line, environment, positive_int_list, write_json  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENTRY = os.path.join(REPO, "examples", "pretrain_patch_gpt.py")
+ITERS = 12
+SAVE_INTERVAL = 2
+
+
+def run_args(opts, tensor_parallel: int, save: str) -> List[str]:
+    return ["--cpu", "--model", "tiny", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "16",
+            "--train-iters", str(ITERS), "--lr", "3e-3", "--lr-warmup-iters", "2", "--data-path", opts.data_path,
+            "--split", "97,3,0", "--tokenizer-model", opts.tokenizer_model, "--log-interval", "1", "--eval-iters",
+            "0", "--save-interval", str(SAVE_INTERVAL), "--keep-last-checkpoints", "0",
+            "--tensor-model-parallel-size", str(tensor_parallel), "--save", save]
+
+
+def launch(tensor_parallel: int, args: List[str], log_path: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1")
+    launcher = [sys.executable] if tensor_parallel == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tensor_parallel}"]
+    log = open(log_path, "a")
+    return subprocess.Popen([*launcher, ENTRY, *args], cwd=REPO, env=env, start_new_session=True,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def records(save: str) -> dict:
+    """The last ``train`` record per iteration of ``save/metrics.jsonl`` (resumed steps repeat)."""
+    found = {}
+    path = os.path.join(save, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line)
+                if record.get("kind") == "train":
+                    found[record["iteration"]] = record
+    return found
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_group_gone(pgid: int, timeout: float = 30.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not group_alive(pgid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def reference_run(opts, tensor_parallel: int) -> dict:
+    """The uninterrupted run at this layout: its --save folder, records and training span (s)."""
+    save = os.path.join(opts.work_dir, f"reference-tp{tensor_parallel}")
+    shutil.rmtree(save, ignore_errors=True)
+    log = save + ".log"
+    start = time.time()
+    process = launch(tensor_parallel, run_args(opts, tensor_parallel, save), log)
+    first_step = None
+    while process.poll() is None:
+        if first_step is None and records(save):
+            first_step = time.time()
+        time.sleep(0.01)
+    if process.returncode != 0:
+        raise RuntimeError(f"the reference run at TP={tensor_parallel} failed (exit {process.returncode}); see {log}")
+    return {"save": save, "records": records(save), "first_step": (first_step or start) - start,
+            "end": time.time() - start}
+
+
+def resume_until_done(opts, tensor_parallel: int, save: str, log: str, limit: int = 3) -> List[int]:
+    codes = []
+    while len(codes) < limit:
+        process = launch(tensor_parallel, run_args(opts, tensor_parallel, save) + ["--load", save], log)
+        codes.append(process.wait())
+        if codes[-1] == 0:
+            break
+    return codes
+
+
+def tracker(save: str) -> Optional[int]:
+    """The iteration ``save``'s tracker file names (read here, not through the trainer's modules,
+    so that this driver does not import megatron)."""
+    path = os.path.join(save, "latest_checkpointed_iteration.txt")
+    if not os.path.exists(path):
+        return None
+    text = open(path).read().strip()
+    return int(text) if text.isdigit() else None
+
+
+def checkpoint_dir(save: str, iteration: int) -> str:
+    return os.path.join(save, f"iter_{iteration:07d}")
+
+
+def check(trial: dict, reference: dict, save: str) -> List[str]:
+    """The checks of the module docstring that do not depend on the signal; one line per failure."""
+    from megatron_patch.checkpoint.compare import differences
+
+    problems = []
+    got, want = records(save), reference["records"]
+    if sorted(got) != sorted(want):
+        problems.append(f"iterations {sorted(set(want) - set(got))} missing")
+    for iteration in sorted(set(got) & set(want)):
+        for key in ("loss", "grad_norm", "lr"):
+            if got[iteration].get(key) != want[iteration].get(key):
+                problems.append(f"iteration {iteration} {key} {got[iteration].get(key)} vs {want[iteration].get(key)}")
+                break
+    if tracker(save) != ITERS:
+        problems.append(f"tracker names {tracker(save)}, not {ITERS}")
+    final = checkpoint_dir(save, ITERS)
+    if os.path.isdir(final):
+        problems += differences(checkpoint_dir(reference["save"], ITERS), final)[:3]
+    else:
+        problems.append(f"{final} missing")
+    left = [name for name in os.listdir(save) if name.endswith(".tmp")]
+    if left:
+        problems.append(f"left behind: {left}")
+    return problems
+
+
+def run_trial(opts, index: int, rng: random.Random, references: dict) -> dict:
+    tensor_parallel = rng.choice(opts.tensor_parallel)
+    sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
+    target = rng.choice(["group", "launcher"]) if tensor_parallel > 1 else "group"
+    reference = references[tensor_parallel]
+    step = (reference["end"] - reference["first_step"]) / ITERS  # seconds per step, saves included
+    after, extra = rng.randint(1, ITERS), rng.uniform(0.0, 1.5 * step)
+    save = os.path.join(opts.work_dir, f"trial-{index:03d}")
+    shutil.rmtree(save, ignore_errors=True)
+    log = save + ".log"
+    trial = {"trial": index, "tp": tensor_parallel, "signal": sig.name, "target": target, "after_iteration": after,
+             "extra_s": round(extra, 2)}
+    process = launch(tensor_parallel, run_args(opts, tensor_parallel, save), log)
+    while process.poll() is None and max(records(save), default=0) < after:
+        time.sleep(0.005)
+    deadline = time.time() + extra
+    while time.time() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    trial["killed_at_iteration"] = max(records(save), default=0)
+    if process.poll() is None:
+        if target == "group":
+            os.killpg(process.pid, sig)
+        else:
+            os.kill(process.pid, sig)
+    else:
+        trial["note"] = "run ended before the signal"
+    try:
+        code = process.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        code = process.wait()
+        trial["note"] = "did not end within 300 s of the signal"
+    if sig == signal.SIGKILL and target == "launcher" and group_alive(process.pid):
+        os.killpg(process.pid, signal.SIGKILL)  # workers orphaned by a killed torchrun: kill them as SLURM would
+    trial["exit"] = code
+    trial["group_gone"] = wait_group_gone(process.pid)
+    with open(log) as f:
+        output = f.read()
+    trial["saved_at"] = tracker(save) if os.path.isdir(save) else None
+    problems = []
+    finished = trial["saved_at"] == ITERS and "stopped by SIGTERM" not in output
+    if sig == signal.SIGTERM and "note" not in trial and finished:
+        trial["note"] = "signal after the last step: the run finished"
+    if sig == signal.SIGTERM and "note" not in trial:
+        stopped = [f"[rank {r}] stopped by SIGTERM" in output for r in range(tensor_parallel)]
+        failures = ("BrokenPipeError", "ChildFailedError", "[rank0]: Traceback", "[rank1]: Traceback")
+        worker_ok = all(stopped) and not any(text in output for text in failures)
+        if tensor_parallel == 1:
+            worker_ok = worker_ok and "Traceback" not in output
+        trial["workers_saved"] = worker_ok
+        if not worker_ok:
+            problems.append("not every rank saved and stopped on SIGTERM")
+        if tensor_parallel == 1 and code != 0:
+            problems.append(f"exit status {code} after SIGTERM")
+        if not trial["group_gone"]:
+            problems.append("processes left after SIGTERM")
+        if trial["saved_at"] is None or f"stopped by SIGTERM at iteration {trial['saved_at']}" not in output:
+            problems.append(f"no checkpoint at the stop step (tracker {trial['saved_at']})")
+    trial["resume_exits"] = resume_until_done(opts, tensor_parallel, save, log)
+    problems += check(trial, reference, save)
+    trial["problems"] = problems
+    trial["ok"] = not problems
+    if trial["ok"] and not opts.keep:
+        shutil.rmtree(save, ignore_errors=True)
+    return trial
+
+
+def run_bad_inputs(opts, reference: dict) -> List[dict]:
+    from benchmarks.bad_inputs import build_cases, run_case
+
+    cases = build_cases(os.path.join(opts.work_dir, "bad-inputs"), opts.data_path, opts.tokenizer_model,
+                        reference["save"], checkpoint_dir(reference["save"], ITERS))
+    print(f"bad-input matrix: {len(cases)} cases")
+    print("case                          tool                exit  result  error line")
+    results = []
+    for case in cases:
+        result = run_case(case, subprocess_mode=opts.bad_inputs_subprocess)
+        results.append(result)
+        print(f"{case.name:28s}  {case.tool:18s}  {str(result['exit']):>4s}  "
+              f"{'ok' if result['ok'] else ','.join(result['problems']):6s}  {result['line'][:160]}", flush=True)
+    ok = sum(r["ok"] for r in results)
+    counts = {kind: sum(any(p.startswith(kind) for p in r["problems"]) for r in results)
+              for kind in ("accepted", "traceback", "lines", "unnamed", "leftover", "timeout")}
+    print(f"bad inputs: {ok}/{len(results)} one-line errors naming the input with nothing left behind; "
+          + ", ".join(f"{kind} {count}" for kind, count in counts.items()))
+    return results
+
+
+def build_parser() -> FlagParser:
+    parser = FlagParser(prog="benchmarks/chaos.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--data-path", required=True, help="a .bin/.idx prefix")
+    parser.add_argument("--tokenizer-model", required=True)
+    parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--tensor-parallel", type=positive_int_list, default=[1, 2], help="layouts to draw from")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", required=True)
+    parser.add_argument("--keep", action="store_true", help="keep the folders of trials that pass")
+    parser.add_argument("--bad-inputs", action="store_true",
+                        help="also run the bad-input matrix (benchmarks/bad_inputs.py) against the TP=1 reference run")
+    parser.add_argument("--bad-inputs-subprocess", action="store_true",
+                        help="run each bad-input case in a process of its own (as a user does; slower)")
+    parser.add_argument("--output-json", default=None)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        opts = build_parser().parse_args(argv)
+        if opts.trials < 0:
+            raise UsageError(f"--trials {opts.trials} must be >= 0")
+        if opts.bad_inputs and 1 not in opts.tensor_parallel:
+            raise UsageError("--bad-inputs runs against the TP=1 reference: include 1 in --tensor-parallel")
+        for path in (opts.data_path + ".bin", opts.data_path + ".idx", opts.tokenizer_model):
+            if not os.path.isfile(path):
+                raise UsageError(f"{path}: no such file")
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    os.makedirs(opts.work_dir, exist_ok=True)
+    rng = random.Random(opts.seed)
+    references = {tp: reference_run(opts, tp) for tp in opts.tensor_parallel}
+    trials = []
+    print("trial  TP  signal   target    after it + s  killed@it  exit  saved@it  resume exits  result")
+    for index in range(opts.trials):
+        trial = run_trial(opts, index, rng, references)
+        trials.append(trial)
+        print(f"{index:5d}  {trial['tp']:2d}  {trial['signal']:7s}  {trial['target']:8s}  "
+              f"{trial['after_iteration']:5d} + {trial['extra_s']:4.1f}  "
+              f"{trial['killed_at_iteration']:9d}  {trial['exit']:4d}  {str(trial['saved_at']):>8s}  "
+              f"{str(trial['resume_exits']):12s}  {'ok' if trial['ok'] else '; '.join(trial['problems'])}"
+              f"{' (' + trial['note'] + ')' if 'note' in trial else ''}", flush=True)
+    failed = [t for t in trials if not t["ok"]]
+    sigterms = [t for t in trials if t["signal"] == "SIGTERM" and "note" not in t]
+    print(f"{len(trials) - len(failed)}/{len(trials)} trials resumed to the reference's losses, grad norms, LRs "
+          f"and final checkpoint; SIGTERM: {sum(bool(t.get('workers_saved')) for t in sigterms)}/{len(sigterms)} "
+          f"saved on every rank at the stop step")
+    matrix = run_bad_inputs(opts, references[1]) if opts.bad_inputs else []
+    failed += [case for case in matrix if not case["ok"]]
+    if opts.output_json:
+        write_json(opts.output_json, {"command": command_line("chaos.py", argv), "environment": environment(True),
+                                      "iterations": ITERS, "save_interval": SAVE_INTERVAL,
+                                      "references": {tp: {k: v for k, v in r.items() if k != "records"}
+                                                     for tp, r in references.items()},
+                                      "trials": trials, "bad_inputs": matrix})
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
