@@ -221,10 +221,8 @@ def evaluate(hf_folder: str, tasks: Sequence[str], *, include_paths: Sequence[st
                        truncations.count)
     results, counts = output["results"], output.get("n-samples", {})
     scores = []
-    for task in tasks:
-        items = counts.get(task, {}).get("effective")
-        if items is None and task in output.get("group_subtasks", {}):
-            items = sum(counts.get(sub, {}).get("effective", 0) for sub in output["group_subtasks"][task])
+    for task in tasks:  # a group's result counts the items of all its tasks in sample_len
+        items = results[task].get("sample_len", counts.get(task, {}).get("effective"))
         scores.append(_score(task, results[task], items))
     report = {
         "model": os.path.abspath(hf_folder),

@@ -107,6 +107,45 @@ def test_harness_log_likelihoods_match_megatron_in_float64(models, tiny_corpus, 
     assert score["acc"] == pytest.approx(sum(hits) / 6) and score["acc_norm"] == pytest.approx(sum(hits_norm) / 6)
 
 
+GROUP = """group: tiny_group
+task:
+  - group: tiny_inner
+    task: [tiny_next_sentence]
+    aggregate_metric_list: [{metric: acc_norm, weight_by_size: true}]
+aggregate_metric_list: [{metric: acc_norm, weight_by_size: true}, {metric: acc, weight_by_size: true}]
+"""
+
+
+def test_a_group_from_an_include_path(exported, tmp_path, capsys):
+    """A group (as MMLU is one) from an --include-path folder: its aggregate is reported with the
+    items of all its tasks."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "tiny_group.yaml").write_text(GROUP)
+    output = tmp_path / "group.json"
+    code, out, err = call(evaluate_zero_shot, ["--hf-model", exported, "--include-path", folder, "--tasks",
+                                               "tiny_group", "--limit", "5", "--output-json", output], capsys)
+    assert code == 0, err
+    report = json.load(open(output))
+    [group] = report["scores"]
+    assert (group["task"], group["metric"], group["items"]) == ("tiny_group", "acc_norm", 5)
+    assert report["average"] is None and f"| tiny_group | acc_norm | {100 * group['value']:.1f} |" in out
+
+
+def test_reported_metric_and_table():
+    mmlu = {"acc,none": 0.25, "acc_stderr,none": 0.01, "alias": "mmlu"}
+    assert zero_shot.metric_for("mmlu", mmlu) == "acc"
+    both = {"acc,none": 0.5, "acc_norm,none": 0.625, "acc_stderr,none": 0.1, "acc_norm_stderr,none": 0.1}
+    assert zero_shot.metric_for("piqa", both) == "acc_norm" and zero_shot.metric_for("other", both) == "acc_norm"
+    assert zero_shot.metric_for("winogrande", both) == "acc"  # the paper's table reports acc there
+    assert zero_shot.metric_for("gen", {"exact_match,none": 0.5, "exact_match_stderr,none": 0.1}) == "exact_match"
+    report = {"scores": [{"task": "a", "metric": "acc", "value": 0.25, "stderr": 0.0125, "items": 8},
+                         {"task": "b", "metric": "acc_norm", "value": 0.5, "stderr": None, "items": None}],
+              "average": 0.375}
+    assert zero_shot.table(report).splitlines()[2:] == ["| a | acc | 25.0 | 1.2 | 8 |", "| b | acc_norm | 50.0 |  |  |",
+                                                        "| average | | 37.5 | | |"]
+
+
 def test_the_shipped_task_is_what_its_script_builds(tmp_path, capsys):
     output = tmp_path / "rebuilt.jsonl"
     code, out, err = call(build_zero_shot_task, ["--output", output], capsys)
