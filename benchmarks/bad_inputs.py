@@ -27,8 +27,10 @@ from typing import Callable, List, Optional
 import numpy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {name: os.path.join(REPO, "tools", f"{name}.py") for name in
-           ("preprocess_data", "merge_datasets", "train_tokenizer", "evaluate", "export_hf", "convert_checkpoint")}
+SCRIPTS = {
+    name: os.path.join(REPO, "tools", f"{name}.py")
+    for name in ("preprocess_data", "merge_datasets", "train_tokenizer", "evaluate", "export_hf", "convert_checkpoint")
+}
 SCRIPTS["trainer"] = os.path.join(REPO, "examples", "pretrain_patch_gpt.py")
 
 
@@ -93,9 +95,16 @@ def build_cases(work: str, prefix: str, tokenizer: str, root: str, final: str) -
     # ---------------------------------------------------------------- preprocess_data
     def pre(name, inputs, names, extra=(), model=tokenizer, output=None):
         output = output or os.path.join(out, name)
-        cases.append(Case(name, "preprocess_data", ["--input", *inputs, "--tokenizer-model", model,
-                                                    "--output-prefix", output, *extra],
-                          names, [output + "_text_document.bin", output + "_text_document.idx"], [out]))
+        cases.append(
+            Case(
+                name,
+                "preprocess_data",
+                ["--input", *inputs, "--tokenizer-model", model, "--output-prefix", output, *extra],
+                names,
+                [output + "_text_document.bin", output + "_text_document.idx"],
+                [out],
+            )
+        )
 
     pre("pre-missing-input", [w("absent.jsonl")], ["absent.jsonl"])
     pre("pre-empty-glob", [w("nothing*.jsonl")], ["nothing*.jsonl"])
@@ -103,8 +112,11 @@ def build_cases(work: str, prefix: str, tokenizer: str, root: str, final: str) -
     pre("pre-missing-key", [_write(w("nokey.jsonl"), b'{"body": "x"}\n')], ["nokey.jsonl:1", "text"])
     pre("pre-not-string", [_write(w("num.jsonl"), b'{"text": 5}\n')], ["num.jsonl:1"])
     pre("pre-bad-utf8", [_write(w("utf.jsonl"), b'{"text": "\xff\xfe"}\n')], ["utf.jsonl:1"])
-    pre("pre-truncated-xz", [_write(w("cut.jsonl.xz"), open(os.path.join(REPO, "examples", "data", "tiny.jsonl.xz"),
-                                                            "rb").read()[:5000])], ["cut.jsonl.xz"])
+    pre(
+        "pre-truncated-xz",
+        [_write(w("cut.jsonl.xz"), open(os.path.join(REPO, "examples", "data", "tiny.jsonl.xz"), "rb").read()[:5000])],
+        ["cut.jsonl.xz"],
+    )
     pre("pre-missing-model", [good], ["absent.model"], model=w("absent.model"))
     pre("pre-garbage-model", [good], ["garbage.model"], model=_write(w("garbage.model"), b"\0garbage"))
     pre("pre-missing-folder", [good], [w("nodir")], output=w("nodir", "x"))
@@ -118,8 +130,16 @@ def build_cases(work: str, prefix: str, tokenizer: str, root: str, final: str) -
 
     def merge(name, inputs, names, output=None):
         output = output or os.path.join(out, name)
-        cases.append(Case(name, "merge_datasets", ["--input", *inputs, "--output-prefix", output], names,
-                          [output + ".bin", output + ".idx"], [out, pairs]))
+        cases.append(
+            Case(
+                name,
+                "merge_datasets",
+                ["--input", *inputs, "--output-prefix", output],
+                names,
+                [output + ".bin", output + ".idx"],
+                [out, pairs],
+            )
+        )
 
     merge("merge-missing", [w("absent_text_document")], ["absent_text_document"])
     p = _copy_pair(prefix, pairs, "cut_bin")
@@ -150,8 +170,16 @@ def build_cases(work: str, prefix: str, tokenizer: str, root: str, final: str) -
     # ---------------------------------------------------------------- train_tokenizer
     def tok(name, argv, names, output=None):
         output = output or os.path.join(out, name)
-        cases.append(Case(name, "train_tokenizer", [*argv, "--output-prefix", output], names,
-                          [output + ".model", output + ".vocab"], [out]))
+        cases.append(
+            Case(
+                name,
+                "train_tokenizer",
+                [*argv, "--output-prefix", output],
+                names,
+                [output + ".model", output + ".vocab"],
+                [out],
+            )
+        )
 
     tok("tok-missing-input", ["--input", w("absent.jsonl")], ["absent.jsonl"])
     tok("tok-vocab-below-300", ["--input", good, "--vocab-size", "100"], ["--vocab-size 100"])
@@ -161,8 +189,18 @@ def build_cases(work: str, prefix: str, tokenizer: str, root: str, final: str) -
     tok("tok-missing-folder", ["--input", good], [w("nodir")], output=w("nodir", "t"))
     tok("tok-unwritable-folder", ["--input", good], ["/proc"], output="/proc/tokenizer")
     cjk = [json.dumps({"text": "".join(chr(0x4E00 + (i * 7 + j) % 3000) for j in range(60))}) for i in range(300)]
-    tok("tok-too-many-characters", ["--input", _write(w("cjk.jsonl"), "\n".join(cjk).encode()),
-                                    "--vocab-size", "400", "--character-coverage", "1"], ["--vocab-size 400"])
+    tok(
+        "tok-too-many-characters",
+        [
+            "--input",
+            _write(w("cjk.jsonl"), "\n".join(cjk).encode()),
+            "--vocab-size",
+            "400",
+            "--character-coverage",
+            "1",
+        ],
+        ["--vocab-size 400"],
+    )
 
     # ---------------------------------------------------------------- checkpoints, damaged
     damaged = w("damaged")
@@ -193,42 +231,108 @@ def build_cases(work: str, prefix: str, tokenizer: str, root: str, final: str) -
             copy, file = copies[tool, kind]
             tool_case(tool, f"{short}-{kind}", ["--load", copy], [file])
         tool_case(tool, f"{short}-missing", ["--load", w("absent-ckpt")], ["absent-ckpt"])
-        tool_case(tool, f"{short}-other-shape", ["--load", final, "--model", "cpu-small"], [final, "another model shape"])
+        other_shape = ["--load", final, "--model", "cpu-small"]
+        tool_case(tool, f"{short}-other-shape", other_shape, [final, "another model shape"])
     tool_case("evaluate", "eval-tp3", ["--load", final, "--tensor-model-parallel-size", "3"], ["3"])
     tool_case("evaluate", "eval-stride", ["--load", final, "--stride", "4"], ["--stride 4"])
-    cases.append(Case("eval-truncated-bin", "evaluate",
-                      ["--cpu", "--load", final, "--data-path", os.path.join(pairs, "cut_bin"),
-                       "--output-json", os.path.join(out, "e.json")], [os.path.join(pairs, "cut_bin.bin")],
-                      [os.path.join(out, "e.json")], [out]))
-    cases.append(Case("eval-random-idx", "evaluate",
-                      ["--cpu", "--load", final, "--data-path", os.path.join(pairs, "random_idx"),
-                       "--output-json", os.path.join(out, "e.json")], [os.path.join(pairs, "random_idx.idx")],
-                      [os.path.join(out, "e.json")], [out]))
-    cases.append(Case("eval-bad-jsonl", "evaluate", ["--cpu", "--load", final, "--input", w("bad.jsonl")],
-                      ["bad.jsonl"], [], [out]))
+    cases.append(
+        Case(
+            "eval-truncated-bin",
+            "evaluate",
+            [
+                "--cpu",
+                "--load",
+                final,
+                "--data-path",
+                os.path.join(pairs, "cut_bin"),
+                "--output-json",
+                os.path.join(out, "e.json"),
+            ],
+            [os.path.join(pairs, "cut_bin.bin")],
+            [os.path.join(out, "e.json")],
+            [out],
+        )
+    )
+    cases.append(
+        Case(
+            "eval-random-idx",
+            "evaluate",
+            [
+                "--cpu",
+                "--load",
+                final,
+                "--data-path",
+                os.path.join(pairs, "random_idx"),
+                "--output-json",
+                os.path.join(out, "e.json"),
+            ],
+            [os.path.join(pairs, "random_idx.idx")],
+            [os.path.join(out, "e.json")],
+            [out],
+        )
+    )
+    cases.append(
+        Case(
+            "eval-bad-jsonl",
+            "evaluate",
+            ["--cpu", "--load", final, "--input", w("bad.jsonl")],
+            ["bad.jsonl"],
+            [],
+            [out],
+        )
+    )
     tool_case("convert_checkpoint", "convert-tp3", ["--load", final, "--tensor-model-parallel-size", "3"], ["3"])
     tool_case("convert_checkpoint", "convert-pp3", ["--load", final, "--pipeline-model-parallel-size", "3"], ["3"])
     tool_case("convert_checkpoint", "convert-world", ["--load", final, "--tensor-model-parallel-size", "2"], ["2"])
     os.makedirs(os.path.join(out, "taken"), exist_ok=True)
-    cases.append(Case("export-existing-output", "export_hf", ["--cpu", "--load", final, "--save",
-                                                              os.path.join(out, "taken")], ["taken"], [], [out]))
-    cases.append(Case("convert-existing-output", "convert_checkpoint", ["--cpu", "--load", final, "--save",
-                                                                        os.path.join(out, "taken")], ["taken"], [], [out]))
+    taken = ["--cpu", "--load", final, "--save", os.path.join(out, "taken")]
+    cases.append(Case("export-existing-output", "export_hf", taken, ["taken"], [], [out]))
+    cases.append(Case("convert-existing-output", "convert_checkpoint", taken, ["taken"], [], [out]))
 
     # ---------------------------------------------------------------- the trainer
-    base = ["--cpu", "--model", "tiny", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "16",
-            "--train-iters", "12", "--lr", "3e-3", "--lr-warmup-iters", "2", "--split", "97,3,0", "--log-interval", "1",
-            "--eval-iters", "0", "--save-interval", "2"]
+    base = [
+        "--cpu",
+        "--model",
+        "tiny",
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "4",
+        "--global-batch-size",
+        "16",
+        "--train-iters",
+        "12",
+        "--lr",
+        "3e-3",
+        "--lr-warmup-iters",
+        "2",
+        "--split",
+        "97,3,0",
+        "--log-interval",
+        "1",
+        "--eval-iters",
+        "0",
+        "--save-interval",
+        "2",
+    ]
 
     def trainer(name, argv, names, data_path=prefix, model=tokenizer, save=None, watched=()):
         save = save or os.path.join(out, name)
-        cases.append(Case(name, "trainer", [*base, "--data-path", data_path, "--tokenizer-model", model,
-                                            "--save", save, *argv], names,
-                          [] if save != os.path.join(out, name) else [save], [out, *watched]))
+        cases.append(
+            Case(
+                name,
+                "trainer",
+                [*base, "--data-path", data_path, "--tokenizer-model", model, "--save", save, *argv],
+                names,
+                [] if save != os.path.join(out, name) else [save],
+                [out, *watched],
+            )
+        )
 
     trainer("train-missing-data", [], ["absent_text_document"], data_path=w("absent_text_document"))
     trainer("train-truncated-bin", [], [os.path.join(pairs, "cut_bin.bin")], data_path=os.path.join(pairs, "cut_bin"))
-    trainer("train-random-idx", [], [os.path.join(pairs, "random_idx.idx")], data_path=os.path.join(pairs, "random_idx"))
+    random_idx = os.path.join(pairs, "random_idx")
+    trainer("train-random-idx", [], [random_idx + ".idx"], data_path=random_idx)
     trainer("train-empty-idx", [], [os.path.join(pairs, "empty_idx.idx")], data_path=os.path.join(pairs, "empty_idx"))
     trainer("train-missing-tokenizer", [], ["absent.model"], model=w("absent.model"))
     trainer("train-bad-lr", ["--lr", "-1"], ["--lr -1"])
@@ -247,8 +351,13 @@ def build_cases(work: str, prefix: str, tokenizer: str, root: str, final: str) -
     trainer("train-load-bad-tracker", ["--load", bad_tracker], [bad_tracker], save=bad_tracker, watched=[bad_tracker])
     other_plan = os.path.join(damaged, "trainer-plan")
     shutil.copytree(root, other_plan)
-    trainer("train-load-other-plan", ["--load", other_plan, "--global-batch-size", "32"], ["--global-batch-size"],
-            save=other_plan, watched=[other_plan])
+    trainer(
+        "train-load-other-plan",
+        ["--load", other_plan, "--global-batch-size", "32"],
+        ["--global-batch-size"],
+        save=other_plan,
+        watched=[other_plan],
+    )
     return cases
 
 
@@ -299,8 +408,14 @@ def run_case(case: Case, subprocess_mode: bool = False, timeout: float = 600) ->
     if subprocess_mode:
         env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1")
         try:
-            done = subprocess.run([sys.executable, SCRIPTS[case.tool], *case.argv], cwd=REPO, env=env,
-                                  capture_output=True, text=True, timeout=timeout)
+            done = subprocess.run(
+                [sys.executable, SCRIPTS[case.tool], *case.argv],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
             code, text = done.returncode, done.stdout + done.stderr
         except subprocess.TimeoutExpired as error:
             code, text = None, f"timed out after {timeout} s: {(error.stderr or '')[-500:]}"
@@ -323,7 +438,15 @@ def run_case(case: Case, subprocess_mode: bool = False, timeout: float = 600) ->
         now = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
         left += [os.path.join(folder, n) for n in now if n not in names]
     if left:
-        problems.append("leftover " + ", ".join(os.path.relpath(p, os.path.dirname(case.outputs[0] if case.outputs
-                                                                                    else left[0])) for p in left))
-    return {"case": case.name, "tool": case.tool, "exit": code, "line": errors[0] if errors else text.strip()[-300:],
-            "problems": problems, "ok": not problems}
+        problems.append(
+            "leftover "
+            + ", ".join(os.path.relpath(p, os.path.dirname(case.outputs[0] if case.outputs else left[0])) for p in left)
+        )
+    return {
+        "case": case.name,
+        "tool": case.tool,
+        "exit": code,
+        "line": errors[0] if errors else text.strip()[-300:],
+        "problems": problems,
+        "ok": not problems,
+    }

@@ -10,8 +10,8 @@ steps), a checkpoint every 2 steps, on CPU; at TP=1 one process (``python``), at
 reference. A trial picks a layout, a signal (SIGKILL or SIGTERM), a target (the whole process
 group, as scancel or a SLURM time limit delivers it, or the launcher only) and a moment: a
 random iteration's log record plus a random delay of up to 1.5 mean step times of the reference
-run (saves included), so kills land inside steps, inside saves and at the stage switch alike. The trial then resumes with ``--load``
-until the run completes and checks:
+run (saves included), so kills land inside steps, inside saves and at the stage switch alike.
+The trial then resumes with ``--load`` until the run completes and checks:
 
 * losses, gradient norms and learning rates of every iteration equal the reference's bit for bit
   (the last record per iteration of ``metrics.jsonl``);
@@ -50,20 +50,54 @@ SAVE_INTERVAL = 2
 
 
 def run_args(opts, tensor_parallel: int, save: str) -> List[str]:
-    return ["--cpu", "--model", "tiny", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "16",
-            "--train-iters", str(ITERS), "--lr", "3e-3", "--lr-warmup-iters", "2", "--data-path", opts.data_path,
-            "--split", "97,3,0", "--tokenizer-model", opts.tokenizer_model, "--log-interval", "1", "--eval-iters",
-            "0", "--save-interval", str(SAVE_INTERVAL), "--keep-last-checkpoints", "0",
-            "--tensor-model-parallel-size", str(tensor_parallel), "--save", save]
+    return [
+        "--cpu",
+        "--model",
+        "tiny",
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "4",
+        "--global-batch-size",
+        "16",
+        "--train-iters",
+        str(ITERS),
+        "--lr",
+        "3e-3",
+        "--lr-warmup-iters",
+        "2",
+        "--data-path",
+        opts.data_path,
+        "--split",
+        "97,3,0",
+        "--tokenizer-model",
+        opts.tokenizer_model,
+        "--log-interval",
+        "1",
+        "--eval-iters",
+        "0",
+        "--save-interval",
+        str(SAVE_INTERVAL),
+        "--keep-last-checkpoints",
+        "0",
+        "--tensor-model-parallel-size",
+        str(tensor_parallel),
+        "--save",
+        save,
+    ]
 
 
 def launch(tensor_parallel: int, args: List[str], log_path: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1")
-    launcher = [sys.executable] if tensor_parallel == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tensor_parallel}"]
+    launcher = (
+        [sys.executable]
+        if tensor_parallel == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tensor_parallel}"]
+    )
     log = open(log_path, "a")
-    return subprocess.Popen([*launcher, ENTRY, *args], cwd=REPO, env=env, start_new_session=True,
-                            stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [*launcher, ENTRY, *args], cwd=REPO, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT
+    )
 
 
 def records(save: str) -> dict:
@@ -110,8 +144,12 @@ def reference_run(opts, tensor_parallel: int) -> dict:
         time.sleep(0.01)
     if process.returncode != 0:
         raise RuntimeError(f"the reference run at TP={tensor_parallel} failed (exit {process.returncode}); see {log}")
-    return {"save": save, "records": records(save), "first_step": (first_step or start) - start,
-            "end": time.time() - start}
+    return {
+        "save": save,
+        "records": records(save),
+        "first_step": (first_step or start) - start,
+        "end": time.time() - start,
+    }
 
 
 def resume_until_done(opts, tensor_parallel: int, save: str, log: str, limit: int = 3) -> List[int]:
@@ -174,8 +212,14 @@ def run_trial(opts, index: int, rng: random.Random, references: dict) -> dict:
     save = os.path.join(opts.work_dir, f"trial-{index:03d}")
     shutil.rmtree(save, ignore_errors=True)
     log = save + ".log"
-    trial = {"trial": index, "tp": tensor_parallel, "signal": sig.name, "target": target, "after_iteration": after,
-             "extra_s": round(extra, 2)}
+    trial = {
+        "trial": index,
+        "tp": tensor_parallel,
+        "signal": sig.name,
+        "target": target,
+        "after_iteration": after,
+        "extra_s": round(extra, 2),
+    }
     process = launch(tensor_parallel, run_args(opts, tensor_parallel, save), log)
     while process.poll() is None and max(records(save), default=0) < after:
         time.sleep(0.005)
@@ -234,21 +278,33 @@ def run_trial(opts, index: int, rng: random.Random, references: dict) -> dict:
 def run_bad_inputs(opts, reference: dict) -> List[dict]:
     from benchmarks.bad_inputs import build_cases, run_case
 
-    cases = build_cases(os.path.join(opts.work_dir, "bad-inputs"), opts.data_path, opts.tokenizer_model,
-                        reference["save"], checkpoint_dir(reference["save"], ITERS))
+    cases = build_cases(
+        os.path.join(opts.work_dir, "bad-inputs"),
+        opts.data_path,
+        opts.tokenizer_model,
+        reference["save"],
+        checkpoint_dir(reference["save"], ITERS),
+    )
     print(f"bad-input matrix: {len(cases)} cases")
     print("case                          tool                exit  result  error line")
     results = []
     for case in cases:
         result = run_case(case, subprocess_mode=opts.bad_inputs_subprocess)
         results.append(result)
-        print(f"{case.name:28s}  {case.tool:18s}  {str(result['exit']):>4s}  "
-              f"{'ok' if result['ok'] else ','.join(result['problems']):6s}  {result['line'][:160]}", flush=True)
+        print(
+            f"{case.name:28s}  {case.tool:18s}  {str(result['exit']):>4s}  "
+            f"{'ok' if result['ok'] else ','.join(result['problems']):6s}  {result['line'][:160]}",
+            flush=True,
+        )
     ok = sum(r["ok"] for r in results)
-    counts = {kind: sum(any(p.startswith(kind) for p in r["problems"]) for r in results)
-              for kind in ("accepted", "traceback", "lines", "unnamed", "leftover", "timeout")}
-    print(f"bad inputs: {ok}/{len(results)} one-line errors naming the input with nothing left behind; "
-          + ", ".join(f"{kind} {count}" for kind, count in counts.items()))
+    counts = {
+        kind: sum(any(p.startswith(kind) for p in r["problems"]) for r in results)
+        for kind in ("accepted", "traceback", "lines", "unnamed", "leftover", "timeout")
+    }
+    print(
+        f"bad inputs: {ok}/{len(results)} one-line errors naming the input with nothing left behind; "
+        + ", ".join(f"{kind} {count}" for kind, count in counts.items())
+    )
     return results
 
 
@@ -261,10 +317,16 @@ def build_parser() -> FlagParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", required=True)
     parser.add_argument("--keep", action="store_true", help="keep the folders of trials that pass")
-    parser.add_argument("--bad-inputs", action="store_true",
-                        help="also run the bad-input matrix (benchmarks/bad_inputs.py) against the TP=1 reference run")
-    parser.add_argument("--bad-inputs-subprocess", action="store_true",
-                        help="run each bad-input case in a process of its own (as a user does; slower)")
+    parser.add_argument(
+        "--bad-inputs",
+        action="store_true",
+        help="also run the bad-input matrix (benchmarks/bad_inputs.py) against the TP=1 reference run",
+    )
+    parser.add_argument(
+        "--bad-inputs-subprocess",
+        action="store_true",
+        help="run each bad-input case in a process of its own (as a user does; slower)",
+    )
     parser.add_argument("--output-json", default=None)
     return parser
 
@@ -291,24 +353,36 @@ def main(argv: Optional[List[str]] = None) -> int:
     for index in range(opts.trials):
         trial = run_trial(opts, index, rng, references)
         trials.append(trial)
-        print(f"{index:5d}  {trial['tp']:2d}  {trial['signal']:7s}  {trial['target']:8s}  "
-              f"{trial['after_iteration']:5d} + {trial['extra_s']:4.1f}  "
-              f"{trial['killed_at_iteration']:9d}  {trial['exit']:4d}  {str(trial['saved_at']):>8s}  "
-              f"{str(trial['resume_exits']):12s}  {'ok' if trial['ok'] else '; '.join(trial['problems'])}"
-              f"{' (' + trial['note'] + ')' if 'note' in trial else ''}", flush=True)
+        print(
+            f"{index:5d}  {trial['tp']:2d}  {trial['signal']:7s}  {trial['target']:8s}  "
+            f"{trial['after_iteration']:5d} + {trial['extra_s']:4.1f}  "
+            f"{trial['killed_at_iteration']:9d}  {trial['exit']:4d}  {str(trial['saved_at']):>8s}  "
+            f"{str(trial['resume_exits']):12s}  {'ok' if trial['ok'] else '; '.join(trial['problems'])}"
+            f"{' (' + trial['note'] + ')' if 'note' in trial else ''}",
+            flush=True,
+        )
     failed = [t for t in trials if not t["ok"]]
     sigterms = [t for t in trials if t["signal"] == "SIGTERM" and "note" not in t]
-    print(f"{len(trials) - len(failed)}/{len(trials)} trials resumed to the reference's losses, grad norms, LRs "
-          f"and final checkpoint; SIGTERM: {sum(bool(t.get('workers_saved')) for t in sigterms)}/{len(sigterms)} "
-          f"saved on every rank at the stop step")
+    print(
+        f"{len(trials) - len(failed)}/{len(trials)} trials resumed to the reference's losses, grad norms, LRs "
+        f"and final checkpoint; SIGTERM: {sum(bool(t.get('workers_saved')) for t in sigterms)}/{len(sigterms)} "
+        f"saved on every rank at the stop step"
+    )
     matrix = run_bad_inputs(opts, references[1]) if opts.bad_inputs else []
     failed += [case for case in matrix if not case["ok"]]
     if opts.output_json:
-        write_json(opts.output_json, {"command": command_line("chaos.py", argv), "environment": environment(True),
-                                      "iterations": ITERS, "save_interval": SAVE_INTERVAL,
-                                      "references": {tp: {k: v for k, v in r.items() if k != "records"}
-                                                     for tp, r in references.items()},
-                                      "trials": trials, "bad_inputs": matrix})
+        write_json(
+            opts.output_json,
+            {
+                "command": command_line("chaos.py", argv),
+                "environment": environment(True),
+                "iterations": ITERS,
+                "save_interval": SAVE_INTERVAL,
+                "references": {tp: {k: v for k, v in r.items() if k != "records"} for tp, r in references.items()},
+                "trials": trials,
+                "bad_inputs": matrix,
+            },
+        )
     return 1 if failed else 0
 
 

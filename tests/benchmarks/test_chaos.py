@@ -33,9 +33,24 @@ def one_trial(tiny_corpus, tmp_path_factory):
     out = work / "chaos.json"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = chaos.main(["--data-path", tiny_corpus["prefix"], "--tokenizer-model", tiny_corpus["tokenizer"],
-                           "--trials", "1", "--tensor-parallel", "1", "--seed", "4", "--work-dir", str(work / "w"),
-                           "--output-json", str(out)])
+        code = chaos.main(
+            [
+                "--data-path",
+                tiny_corpus["prefix"],
+                "--tokenizer-model",
+                tiny_corpus["tokenizer"],
+                "--trials",
+                "1",
+                "--tensor-parallel",
+                "1",
+                "--seed",
+                "4",
+                "--work-dir",
+                str(work / "w"),
+                "--output-json",
+                str(out),
+            ]
+        )
     return code, printed.getvalue(), json.loads(out.read_text()), work / "w"
 
 
@@ -52,8 +67,13 @@ def test_bad_input_matrix_cases(tiny_corpus, tmp_path, one_trial):
     """Four rows of the matrix, one per kind of input: a JSONL line, a .bin/.idx pair, a checkpoint
     shard (of the trial's finished reference run), a trainer flag."""
     reference = str(one_trial[3] / "reference-tp1")
-    cases = bad_inputs.build_cases(str(tmp_path / "bad"), tiny_corpus["prefix"], tiny_corpus["tokenizer"],
-                                   reference, chaos.checkpoint_dir(reference, chaos.ITERS))
+    cases = bad_inputs.build_cases(
+        str(tmp_path / "bad"),
+        tiny_corpus["prefix"],
+        tiny_corpus["tokenizer"],
+        reference,
+        chaos.checkpoint_dir(reference, chaos.ITERS),
+    )
     assert len(cases) >= 80
     for name in ("pre-bad-json", "merge-truncated-bin", "export-zeroed-shard", "train-bad-lr"):
         result = bad_inputs.run_case(next(case for case in cases if case.name == name))
