@@ -13,7 +13,11 @@ import json
 import numpy
 import pytest
 import torch
-from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import (
+    DType,
+    IndexedDataset,
+    IndexedDatasetBuilder,
+)
 
 from megatron_patch.data.datasets import build_stage_datasets
 from megatron_patch.evaluation.token_stream import corpus_from_files, corpus_from_prefix
