@@ -18,6 +18,13 @@ stage its own documents:
   ``valid``. No position/attention reset at EOD and no EOD loss masking (paper fidelity).
   Asking a stage for more samples than one pass over its documents gives makes megatron repeat
   them (more epochs); a warning says so, since the paper sees each token once.
+* **Epochs split** (``stage_split="epochs"``, the paper's multi-epoch recipe, its Table 2): both
+  stages are ``GPTDataset`` objects on *all* training documents, sized by the budget (the patch stage
+  the first λ of the tokens, the token stage the rest), so each stage makes as many passes as its
+  tokens allow, fractional ones included. Megatron builds the passes itself: a stage of E epochs
+  holds every training document E times, in a shuffled order (the last pass shuffled on its own
+  when it is under 80% of one, and then only partly read). The token stage is shuffled with a seed
+  of its own (:func:`stage_seed`), so it does not replay the patch stage's order.
 * **Blends** (``["0.7", "p1", "0.3", "p2"]``): each prefix is split as above and each stage is a
   megatron ``BlendedDataset`` of the per-prefix stage datasets with the given weights, sized as
   ``BlendedMegatronDatasetBuilder`` sizes them. Without weights (``["p1", "p2"]``) the prefixes
@@ -40,6 +47,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import numpy
 import torch
 from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -49,10 +57,10 @@ from megatron.core.datasets.utils import Split
 from megatron.core.utils import log_single_rank
 from torch.utils.data import Dataset
 
-from megatron_patch.errors import DataError
 from megatron_patch.data.indexed import check_prefix
-from megatron_patch.data.split import PrefixSplit, parse_data_path, parse_split, split_prefix
+from megatron_patch.data.split import STAGE_SPLITS, PrefixSplit, parse_data_path, parse_split, split_prefix
 from megatron_patch.data.vocab_check import check_vocab
+from megatron_patch.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +82,7 @@ class StageDataConfig:
     patch_data_fraction: float
     seed: int = 1234
     cache_dir: str | None = None
+    stage_split: str = "documents"  # or "epochs": both stages on all training documents
 
     def __post_init__(self) -> None:
         self.prefixes, self.weights = parse_data_path(self.data_path)
@@ -87,12 +96,16 @@ class StageDataConfig:
                 f"patch_data_fraction {self.patch_data_fraction!r} must be in (0, 1) for a patch stage "
                 f"(the paper uses 2/3), or 0 for token-only training"
             )
+        if not isinstance(self.seed, int):
+            raise DataError(f"seed {self.seed!r} must be an int")
+        if self.stage_split not in STAGE_SPLITS:
+            raise DataError(
+                f"stage_split {self.stage_split!r} must be one of {', '.join(STAGE_SPLITS)} (--stage-split)"
+            )
 
     @property
     def has_patch_stage(self) -> bool:
         return self.patch_data_fraction > 0
-        if not isinstance(self.seed, int):
-            raise DataError(f"seed {self.seed!r} must be an int")
 
 
 @dataclass
@@ -108,14 +121,22 @@ class StageDatasets:
     patch_tokens: int
     token_tokens: int
     splits: list[PrefixSplit] = field(default_factory=list)
+    stage_split: str = "documents"
+
+    @property
+    def train_tokens(self) -> int:
+        """Tokens of all training documents (both stages' in the epochs split, their sum otherwise)."""
+        return sum(s.train_tokens for s in self.splits)
 
 
 @dataclass
 class StageGPTDatasetConfig(GPTDatasetConfig):
-    """``GPTDatasetConfig`` plus the stage and its document range, both part of the cache key."""
+    """``GPTDatasetConfig`` plus the stage, its document range and the stage split, all part of the
+    cache key."""
 
     stage: str = ""
     stage_documents: tuple[int, int] = (0, 0)
+    stage_split: str = "documents"
 
 
 class StageGPTDataset(GPTDataset):
@@ -123,16 +144,25 @@ class StageGPTDataset(GPTDataset):
 
     Megatron's key (``_key_config_attributes``) holds neither the document indices nor λ, so two
     stages of one prefix, or one stage before and after a change of λ, would share index files.
+    The stage split is in the key too: a token-only run's token stage covers all training documents
+    in either split.
     """
 
     @staticmethod
     def _key_config_attributes() -> list[str]:
-        return GPTDataset._key_config_attributes() + ["stage", "stage_documents"]
+        return GPTDataset._key_config_attributes() + ["stage", "stage_documents", "stage_split"]
 
 
-def plan_stage_split(
-    config: StageDataConfig, low_level: dict[str, IndexedDataset] | None = None
-) -> list[PrefixSplit]:
+def stage_seed(config: StageDataConfig, stage: str) -> int:
+    """The shuffle seed of ``stage``'s samples: ``config.seed``, except for the token stage of the
+    epochs split, which draws from the same documents as the patch stage and gets a seed derived
+    from ``config.seed`` (numpy's SeedSequence), so its order is not the patch stage's again."""
+    if config.stage_split == "epochs" and stage == "token_train":
+        return int(numpy.random.SeedSequence([config.seed, 1]).generate_state(1)[0])
+    return config.seed
+
+
+def plan_stage_split(config: StageDataConfig, low_level: dict[str, IndexedDataset] | None = None) -> list[PrefixSplit]:
     """The document ranges of every prefix (see the module docstring); reads only the ``.idx``."""
     splits = []
     for prefix in config.prefixes:
@@ -140,7 +170,11 @@ def plan_stage_split(
         dataset = low_level[prefix] if low_level else IndexedDataset(prefix)
         splits.append(
             split_prefix(
-                prefix, dataset.sequence_lengths, config.split_matrix, config.patch_data_fraction,
+                prefix,
+                dataset.sequence_lengths,
+                config.split_matrix,
+                config.patch_data_fraction,
+                config.stage_split,
             )
         )
     return splits
@@ -173,7 +207,7 @@ def _attribute(stage: str) -> str:
 
 def _gpt_config(config: StageDataConfig, tokenizer, stage: str, documents=(0, 0)):
     return StageGPTDatasetConfig(
-        random_seed=config.seed,
+        random_seed=stage_seed(config, stage),
         sequence_length=config.sample_tokens[stage],
         blend=(config.prefixes, config.weights),
         split=config.split,
@@ -185,6 +219,7 @@ def _gpt_config(config: StageDataConfig, tokenizer, stage: str, documents=(0, 0)
         create_attention_mask=False,
         stage=stage,
         stage_documents=tuple(documents),
+        stage_split=config.stage_split,
     )
 
 
@@ -194,8 +229,11 @@ def _check_tokens(stage: str, split: PrefixSplit, length: int, config: StageData
         raise DataError(
             f"{stage} stage of '{split.prefix}' has {available} tokens but one sample needs "
             f"{length + 1} ({length} + 1 for the labels); add data, or lower --seq-length"
-            + (f" or patch_data_fraction ({config.patch_data_fraction})"
-               if config.has_patch_stage and stage != "valid" else "")
+            + (
+                f" or patch_data_fraction ({config.patch_data_fraction})"
+                if config.has_patch_stage and stage != "valid"
+                else ""
+            )
         )
 
 
@@ -208,8 +246,7 @@ def _members(config: StageDataConfig, stage: str, splits: list[PrefixSplit]) -> 
     """``(split, weight or None)`` of the prefixes in a stage: all of them for training, those
     with validation documents for ``valid``. Checks each has enough tokens for one sample."""
     weights = config.weights or [None] * len(splits)
-    members = [(s, w) for s, w in zip(splits, weights)
-               if stage != "valid" or s.valid.documents > 0]
+    members = [(s, w) for s, w in zip(splits, weights) if stage != "valid" or s.valid.documents > 0]
     for split, _ in members:
         _check_tokens(stage, split, config.sample_tokens[stage], config)
     return members
@@ -234,16 +271,33 @@ def _build_stage(config, tokenizer, stage, splits, low_level, num_samples) -> Da
     for (split, _), size in zip(members, sizes):
         documents = getattr(split, _attribute(stage))
         per_epoch = (documents.tokens - 1) // length
-        if stage != "valid" and size > per_epoch:
+        if stage != "valid" and config.stage_split == "epochs":
             log_single_rank(
-                logger, logging.WARNING,
+                logger,
+                logging.INFO,
+                f"{stage}: {size} samples of {length} tokens from '{split.prefix}': "
+                f"{size * length / documents.tokens:.3f} passes over its {documents.tokens} training tokens",
+            )
+        elif stage != "valid" and size > per_epoch:
+            log_single_rank(
+                logger,
+                logging.WARNING,
                 f"{stage}: {size} samples requested from '{split.prefix}' but one pass over its "
                 f"{documents.tokens} tokens gives {per_epoch}; its documents will repeat "
-                f"(the paper sees each token once)",
+                f"(the paper sees each token once; --stage-split epochs runs its multi-epoch recipe)",
             )
         gpt_config = _gpt_config(config, tokenizer, stage, (documents.begin, documents.end))
-        datasets.append(_build(StageGPTDataset, low_level[split.prefix], split.prefix,
-                               documents.indices(), size, index_split, gpt_config))
+        datasets.append(
+            _build(
+                StageGPTDataset,
+                low_level[split.prefix],
+                split.prefix,
+                documents.indices(),
+                size,
+                index_split,
+                gpt_config,
+            )
+        )
     if len(datasets) == 1:
         return datasets[0]
     blend_config = _gpt_config(config, tokenizer, stage)
@@ -282,8 +336,11 @@ def build_stage_datasets(config: StageDataConfig, tokenizer, num_samples: dict[s
                 f"num_samples[{stage!r}] = {value!r}: keys must be {', '.join(STAGES)} and "
                 f"values ints >= 0 (samples to provide; 0: stage not run)"
             )
-    stages = [stage for stage in STAGES if num_samples.get(stage, 0) > 0
-              and (stage != "patch_train" or config.has_patch_stage)]
+    stages = [
+        stage
+        for stage in STAGES
+        if num_samples.get(stage, 0) > 0 and (stage != "patch_train" or config.has_patch_stage)
+    ]
     if not set(stages) - {"valid"}:
         raise DataError(
             f"num_samples {num_samples} asks for no training sample: give token_train > 0 "
@@ -293,8 +350,7 @@ def build_stage_datasets(config: StageDataConfig, tokenizer, num_samples: dict[s
         check_prefix(prefix)
     check_cache_folder(config)
     low_level = {
-        prefix: StageGPTDataset.build_low_level_dataset(prefix, _gpt_config(config, tokenizer,
-                                                                              "token_train"))
+        prefix: StageGPTDataset.build_low_level_dataset(prefix, _gpt_config(config, tokenizer, "token_train"))
         for prefix in dict.fromkeys(config.prefixes)
     }
     splits = plan_stage_split(config, low_level)
@@ -302,8 +358,9 @@ def build_stage_datasets(config: StageDataConfig, tokenizer, num_samples: dict[s
         check_vocab(prefix, dataset.index.dtype, tokenizer.vocab_size, index_cache_folder(config, prefix))
     for split in splits:
         log_single_rank(
-            logger, logging.INFO,
-            f"{split.prefix}: patch docs [{split.patch.begin}, {split.patch.end}) "
+            logger,
+            logging.INFO,
+            f"{split.prefix} ({config.stage_split} split): patch docs [{split.patch.begin}, {split.patch.end}) "
             f"{split.patch.tokens} tokens, token docs [{split.token.begin}, {split.token.end}) "
             f"{split.token.tokens} tokens, valid docs [{split.valid.begin}, {split.valid.end}) "
             f"{split.valid.tokens} tokens",
@@ -312,8 +369,7 @@ def build_stage_datasets(config: StageDataConfig, tokenizer, num_samples: dict[s
         _members(config, stage, splits)
     datasets = dict.fromkeys(STAGES)
     for stage in stages:
-        datasets[stage] = _build_stage(config, tokenizer, stage, splits, low_level,
-                                       num_samples[stage])
+        datasets[stage] = _build_stage(config, tokenizer, stage, splits, low_level, num_samples[stage])
     return StageDatasets(
         patch_train=datasets["patch_train"],
         token_train=datasets["token_train"],
@@ -323,4 +379,5 @@ def build_stage_datasets(config: StageDataConfig, tokenizer, num_samples: dict[s
         patch_tokens=sum(s.patch.tokens for s in splits),
         token_tokens=sum(s.token.tokens for s in splits),
         splits=splits,
+        stage_split=config.stage_split,
     )

@@ -10,8 +10,10 @@ For one prefix with N documents of lengths ``sequence_lengths`` (tokens):
    document boundary where the cumulative token count reaches ``λ·W``. Documents before the cut
    go to the patch stage, the rest to the token stage. So the patch stage holds at least ``λ·W``
    tokens and less than ``λ·W + (longest training document)``: each stage's token share is λ
-   (resp. 1-λ) up to one document. With ``patch_data_fraction == 0`` (no patch stage) every training document goes to the
-   token stage.
+   (resp. 1-λ) up to one document. With ``patch_data_fraction == 0`` (no patch stage) every
+   training document goes to the token stage.
+3. Or, with ``stage_split="epochs"`` (the paper's multi-epoch recipe), no cut: both stages get all
+   training documents ``[b0, b1)``, and the budget alone decides how many passes each stage makes.
 
 The test range is computed (so that it is never used for training) but no dataset is built on it.
 """
@@ -50,9 +52,7 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
         return items, None
     prefixes = items[1::2]
     if any(w is None for w in weights) or any(_as_float(p) is not None for p in prefixes):
-        raise DataError(
-            f"data_path {items} must alternate weight and prefix, e.g. ['0.7', 'p1', '0.3', 'p2']"
-        )
+        raise DataError(f"data_path {items} must alternate weight and prefix, e.g. ['0.7', 'p1', '0.3', 'p2']")
     if any(w <= 0 for w in weights):
         raise DataError(f"data_path weights {weights} must be > 0; drop prefixes of weight 0")
     return prefixes, weights
@@ -99,12 +99,19 @@ class DocumentRange:
         return numpy.arange(self.begin, self.end, dtype=numpy.int32)
 
 
+STAGE_SPLITS = ("documents", "epochs")
+
+
 @dataclass(frozen=True)
 class PrefixSplit:
-    """The stage ranges of one prefix; ``longest_train_document`` in tokens bounds the λ error."""
+    """The stage ranges of one prefix; ``longest_train_document`` in tokens bounds the λ error.
+
+    ``train`` is the whole training range: the patch and token ranges partition it in the
+    ``documents`` split and both equal it in the ``epochs`` split."""
 
     prefix: str
     documents: int
+    train: DocumentRange
     patch: DocumentRange
     token: DocumentRange
     valid: DocumentRange
@@ -113,7 +120,7 @@ class PrefixSplit:
 
     @property
     def train_tokens(self) -> int:
-        return self.patch.tokens + self.token.tokens
+        return self.train.tokens
 
 
 def _bounds(fractions: tuple[float, float] | None, count: int) -> tuple[int, int]:
@@ -127,6 +134,7 @@ def split_prefix(
     sequence_lengths: numpy.ndarray,
     split_matrix: list[tuple[float, float] | None],
     patch_data_fraction: float,
+    stage_split: str = "documents",
 ) -> PrefixSplit:
     """Document ranges of the patch stage, token stage, validation and test for one prefix.
 
@@ -135,7 +143,11 @@ def split_prefix(
         split_matrix: from :func:`parse_split`.
         patch_data_fraction: λ in (0, 1), the patch stage's share of the training tokens; 0 (no
             patch stage) sends every training document to the token stage.
+        stage_split: ``"documents"`` (the λ cut) or ``"epochs"`` (both stages get every training
+            document; see the module docstring).
     """
+    if stage_split not in STAGE_SPLITS:
+        raise DataError(f"stage split {stage_split!r} must be one of {', '.join(STAGE_SPLITS)} (--stage-split)")
     lengths = numpy.asarray(sequence_lengths, dtype=numpy.int64)
     count = len(lengths)
     cumulative = numpy.concatenate([[0], numpy.cumsum(lengths)])
@@ -149,17 +161,21 @@ def split_prefix(
             f"split leaves no training documents in '{prefix}' ({count} documents); raise the "
             f"first (train) share of the split, e.g. '949,50,1'"
         )
+    train = document_range(train_begin, train_end)
     if patch_data_fraction == 0:
         cut = train_begin
+    elif stage_split == "epochs":
+        cut = None
     else:
-        train = cumulative[train_begin + 1 : train_end + 1] - cumulative[train_begin]
-        target = patch_data_fraction * float(train[-1])
-        cut = train_begin + int(numpy.searchsorted(train, target, side="left")) + 1
+        running = cumulative[train_begin + 1 : train_end + 1] - cumulative[train_begin]  # [documents] tokens
+        target = patch_data_fraction * float(running[-1])
+        cut = train_begin + int(numpy.searchsorted(running, target, side="left")) + 1
     return PrefixSplit(
         prefix=prefix,
         documents=count,
-        patch=document_range(train_begin, cut),
-        token=document_range(cut, train_end),
+        train=train,
+        patch=train if cut is None else document_range(train_begin, cut),
+        token=train if cut is None else document_range(cut, train_end),
         valid=document_range(*_bounds(split_matrix[1], count)),
         test=document_range(*_bounds(split_matrix[2], count)),
         longest_train_document=int(lengths[train_begin:train_end].max()),

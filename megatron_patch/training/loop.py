@@ -1,8 +1,9 @@
 """The two-stage training loop: patch stage on the first lambda of the tokens, then token stage.
 
 At the boundary the weights are kept, Adam's state is emptied, a new LR schedule (with a new
-warmup) starts, the data continues on the token stage's disjoint documents, and a checkpoint
-is written. ``--load`` resumes inside either stage or at the boundary.
+warmup) starts, the data continues on the token stage's dataset (its own documents with
+``--stage-split documents``; all training documents again, in a new order, with ``epochs``), and
+a checkpoint is written. ``--load`` resumes inside either stage or at the boundary.
 """
 
 import contextlib
@@ -18,7 +19,7 @@ from megatron.core import parallel_state
 
 from megatron_patch.checkpoint import store as ckpt
 from megatron_patch.checkpoint.lock import SaveDirLock
-from megatron_patch.data.datasets import StageDataConfig, build_stage_datasets
+from megatron_patch.data.datasets import StageDataConfig, build_stage_datasets, plan_stage_split
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
 from megatron_patch.errors import CheckpointError
 from megatron_patch.training.builders import (
@@ -47,11 +48,21 @@ class StageResult:
     flops: float = 0.0
     seconds: float = 0.0
     last_loss: float = float("nan")
+    epochs: Optional[float] = None  # passes over the stage's documents (tokens trained on / tokens they hold)
     valid_loss: Optional[float] = None
     peak_memory_gib: Optional[float] = None  # of this process's part of the stage (not kept on resume)
 
 
-PLAN_FLAGS = ("train_iters", "patch_size", "patch_data_fraction", "global_batch_size", "seq_length", "data_path", "split")
+PLAN_FLAGS = (
+    "train_iters",
+    "patch_size",
+    "patch_data_fraction",
+    "global_batch_size",
+    "seq_length",
+    "data_path",
+    "split",
+    "stage_split",
+)
 
 
 def _check_same_plan(flags: dict, meta) -> None:
@@ -77,10 +88,12 @@ class Trainer:
         self.model = build_model(config)
         self.optimizer = build_optimizer(config.optimizer, self.model)
         self.scheduler = None
-        self.metrics = MetricsWriter(config.logging, config.checkpoints.save, enabled=self.rank == 0,
-                                     run_flags=config.flags)
-        self.flops_per_position = flops_per_position(config.model.preset, self.plan.seq_length,
-                                                     config.model.padded_vocab_size)
+        self.metrics = MetricsWriter(
+            config.logging, config.checkpoints.save, enabled=self.rank == 0, run_flags=config.flags
+        )
+        self.flops_per_position = flops_per_position(
+            config.model.preset, self.plan.seq_length, config.model.padded_vocab_size
+        )
         self.peak_tflops = None
         if not config.cpu and config.model.bf16:
             self.peak_tflops = measure_bf16_matmul_tflops()
@@ -96,8 +109,25 @@ class Trainer:
             patch_data_fraction=self.plan.patch_data_fraction if self.plan.patch_size > 1 else 0.0,
             seed=self.config.seed,
             cache_dir=data.cache_dir,
+            stage_split=self.plan.stage_split,
         )
-        return build_stage_datasets(config, self.tokenizer, self.plan.dataset_samples())
+        if self.plan.stage_split == "epochs":  # before building anything: reads the .idx files only
+            training_tokens = sum(split.train_tokens for split in plan_stage_split(config))
+            self.plan.check_epoch_budget(training_tokens, "--data-path " + " ".join(data.data_path))
+        datasets = build_stage_datasets(config, self.tokenizer, self.plan.dataset_samples())
+        planned = self.plan.epochs(self._data_tokens(datasets))
+        logger.info(
+            "--stage-split %s: %s over %d training tokens",
+            self.plan.stage_split,
+            ", ".join(f"{name} stage {epochs:.3f} epochs" for name, epochs in planned.items()),
+            datasets.train_tokens,
+        )
+        return datasets
+
+    @staticmethod
+    def _data_tokens(datasets) -> dict:
+        """Tokens of the documents each stage reads (the plan's ``epochs`` divides by them)."""
+        return {"patch": datasets.patch_tokens, "token": datasets.token_tokens}
 
     # ----------------------------------------------------------------- helpers
     def _dataset(self, stage: StagePlan):
@@ -136,8 +166,15 @@ class Trainer:
         }
         gather_updated_parameters(self.model)
         ckpt.save_checkpoint(
-            checkpoints.save, iteration, self.model, self.optimizer, self.scheduler, progress, self.config.flags,
-            self.shape, checkpoints.keep_last,
+            checkpoints.save,
+            iteration,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            progress,
+            self.config.flags,
+            self.shape,
+            checkpoints.keep_last,
         )
 
     def _stop_flag(self) -> bool:
@@ -155,8 +192,9 @@ class Trainer:
         stages = self.plan.stages
         results = [StageResult(stage.name) for stage in stages]
         if checkpoints.pretrained_checkpoint:
-            ckpt.load_checkpoint(checkpoints.pretrained_checkpoint, self.model, self.shape, restore_rng=False,
-                                 verify=checkpoints.verify)
+            ckpt.load_checkpoint(
+                checkpoints.pretrained_checkpoint, self.model, self.shape, restore_rng=False, verify=checkpoints.verify
+            )
             self.optimizer.reload_model_params()
             return 0, 0, 0, results
         if not checkpoints.load:
@@ -168,8 +206,9 @@ class Trainer:
                 )
             return 0, 0, 0, results
         load = checkpoints.load
-        if not os.path.isdir(load) or (ckpt.read_tracker(load) is None
-                                       and not os.path.exists(os.path.join(load, ckpt.METADATA))):
+        if not os.path.isdir(load) or (
+            ckpt.read_tracker(load) is None and not os.path.exists(os.path.join(load, ckpt.METADATA))
+        ):
             logger.warning("--load %s holds no checkpoint yet: starting from scratch", load)
             return 0, 0, 0, results
         meta = ckpt.read_metadata(ckpt.resolve_checkpoint(load))
@@ -240,16 +279,23 @@ class Trainer:
             stage_iteration, consumed = 0, 0
         return self._summary(results, interrupted=False)
 
-    def _run_stage(self, stage: StagePlan, result: StageResult, resumed: bool, stage_iteration: int,
-                   consumed: int) -> bool:
+    def _run_stage(
+        self, stage: StagePlan, result: StageResult, resumed: bool, stage_iteration: int, consumed: int
+    ) -> bool:
         """Train ``stage`` from ``stage_iteration``; returns True when stopped by a signal."""
         log, save_interval = self.config.logging, self.config.checkpoints.save_interval
         reset_peak_memory()
         if not resumed:
             reset_optimizer_state(self.optimizer)
             self.scheduler = build_scheduler(self.config.optimizer, self.optimizer, stage.iterations)
-            logger.info("%s stage: %d steps of %d sequences x %d tokens (K=%d), fresh optimizer state and LR warmup",
-                        stage.name, stage.iterations, stage.samples_per_step, stage.sample_tokens, stage.patch_size)
+            logger.info(
+                "%s stage: %d steps of %d sequences x %d tokens (K=%d), fresh optimizer state and LR warmup",
+                stage.name,
+                stage.iterations,
+                stage.samples_per_step,
+                stage.sample_tokens,
+                stage.patch_size,
+            )
         iterator = self._iterator(self._dataset(stage), consumed)
         flops_per_step = self.flops_per_position * stage.positions_per_step
         window_seconds, window_steps, skipped = 0.0, 0, 0
@@ -270,11 +316,18 @@ class Trainer:
             iteration = stage.first_iteration + stage_iteration
             if stage_iteration % log.log_interval == 0 or stage_iteration == stage.iterations:
                 self.metrics.log_step(
-                    stage=stage.name, iteration=iteration, stage_iteration=stage_iteration,
-                    stage_iters=stage.iterations, tokens=result.tokens, loss=loss,
-                    lr=self.optimizer.param_groups[0]["lr"], grad_norm=grad_norm, skipped=skipped,
+                    stage=stage.name,
+                    iteration=iteration,
+                    stage_iteration=stage_iteration,
+                    stage_iters=stage.iterations,
+                    tokens=result.tokens,
+                    loss=loss,
+                    lr=self.optimizer.param_groups[0]["lr"],
+                    grad_norm=grad_norm,
+                    skipped=skipped,
                     tokens_per_s=window_steps * stage.tokens_per_step / window_seconds,
-                    tflops=window_steps * flops_per_step / window_seconds / 1e12, peak_tflops=self.peak_tflops,
+                    tflops=window_steps * flops_per_step / window_seconds / 1e12,
+                    peak_tflops=self.peak_tflops,
                 )
                 window_seconds, window_steps = 0.0, 0
             if log.eval_interval and iteration % log.eval_interval == 0:
@@ -283,8 +336,12 @@ class Trainer:
             if stop or stage_iteration == stage.iterations or (save_interval and iteration % save_interval == 0):
                 self._save(iteration, stage, stage_iteration, consumed, self.results)
             if stop:
-                logger.warning("stopped by %s at iteration %d; resume with --load %s", self.stop.requested or
-                               "a signal on another rank", iteration, self.config.checkpoints.save)
+                logger.warning(
+                    "stopped by %s at iteration %d; resume with --load %s",
+                    self.stop.requested or "a signal on another rank",
+                    iteration,
+                    self.config.checkpoints.save,
+                )
                 result.peak_memory_gib = peak_memory_gib()
                 return True
         last_iteration = stage.first_iteration + stage.iterations
@@ -300,12 +357,31 @@ class Trainer:
         total_tokens = sum(r.tokens for r in results)
         total_flops = sum(r.flops for r in results)
         token_only_flops = self.flops_per_position * total_tokens
+        epochs = self.plan.epochs(self._data_tokens(self.datasets), {r.name: r.tokens for r in results})
+        for r in results:
+            r.epochs = epochs.get(r.name)
+        logger.info(
+            "--stage-split %s: %s",
+            self.plan.stage_split,
+            ", ".join(f"{r.name} stage saw {r.epochs:.3f} epochs" for r in results if r.epochs is not None),
+        )
         summary = {
             "interrupted": interrupted,
-            "stages": {r.name: {"iterations": r.iterations, "tokens": r.tokens, "flops": r.flops,
-                                "seconds": r.seconds, "last_loss": r.last_loss, "valid_loss": r.valid_loss,
-                                "peak_memory_gib": r.peak_memory_gib}
-                       for r in results},
+            "stage_split": self.plan.stage_split,
+            "training_tokens": self.datasets.train_tokens,
+            "stages": {
+                r.name: {
+                    "iterations": r.iterations,
+                    "tokens": r.tokens,
+                    "epochs": r.epochs,
+                    "flops": r.flops,
+                    "seconds": r.seconds,
+                    "last_loss": r.last_loss,
+                    "valid_loss": r.valid_loss,
+                    "peak_memory_gib": r.peak_memory_gib,
+                }
+                for r in results
+            },
             "total_tokens": total_tokens,
             "relative_flops_vs_token_only": total_flops / token_only_flops if token_only_flops else None,
             "theoretical_relative_cost": self.plan.theoretical_relative_cost,

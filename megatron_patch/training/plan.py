@@ -12,6 +12,12 @@ stage's share of the tokens::
 Both training stages consume G*T tokens per step and the decoder always sees T positions, so the
 pipeline schedule is given T in either stage. The budget split is the same whichever stages a job
 runs (``--stage both|patch|token``).
+
+``--stage-split`` says which documents the stages read. ``documents`` (single-epoch): the patch
+stage the documents holding the first λ of the training tokens, the token stage the rest.
+``epochs`` (the paper's multi-epoch recipe): both stages all training documents, so with W
+training tokens the patch stage makes round(λN)*G*T / W passes over them and the token stage
+(N - round(λN))*G*T / W; the budget must be at least one pass (N*G*T >= W).
 """
 
 from dataclasses import dataclass
@@ -67,6 +73,7 @@ class RunPlan:
     patch_iters: int  # round(λN) (0 at K=1)
     stages: Tuple[StagePlan, ...]  # the stages this job runs, in order
     validation: StagePlan
+    stage_split: str = "documents"  # documents | epochs (see the module docstring)
 
     @property
     def tokens_per_step(self) -> int:
@@ -83,6 +90,35 @@ class RunPlan:
             return 1.0
         return self.patch_data_fraction / self.patch_size + 1 - self.patch_data_fraction
 
+    @property
+    def train_tokens(self) -> int:
+        """Tokens of the whole budget, both stages (N*G*T)."""
+        return self.train_iters * self.tokens_per_step
+
+    def stage_tokens(self) -> Dict[str, int]:
+        """Tokens of each stage's share of the budget, whichever stages this job runs."""
+        return {"patch": self.patch_iters * self.tokens_per_step, "token": self.token_iters * self.tokens_per_step}
+
+    def epochs(self, data_tokens: Dict[str, int], consumed: Optional[Dict[str, int]] = None) -> Dict[str, float]:
+        """Passes each stage makes over its documents: tokens it trains on (its share of the budget,
+        or ``consumed``) over the tokens its documents hold (``data_tokens``: all training tokens
+        for both stages in the epochs split, each stage's own range in the documents split)."""
+        tokens = consumed if consumed is not None else self.stage_tokens()
+        return {name: tokens.get(name, 0) / data_tokens[name] for name in ("patch", "token") if data_tokens.get(name)}
+
+    def check_epoch_budget(self, training_tokens: int, data_path: str = "--data-path") -> None:
+        """ArgumentError when the epochs split is given a budget under one pass over the W =
+        ``training_tokens`` tokens of the training documents (the documents split then repeats
+        nothing, and is what such a budget wants)."""
+        if self.stage_split != "epochs" or self.train_tokens >= training_tokens:
+            return
+        needed = -(-training_tokens // self.tokens_per_step)
+        raise ArgumentError(
+            f"--stage-split epochs: the budget of {self.train_iters} steps ({self.train_tokens} tokens) is under one "
+            f"pass over the {training_tokens} training tokens of {data_path}: train at least {needed} steps "
+            f"(--train-iters) for the multi-epoch recipe, or use --stage-split documents"
+        )
+
     def stage(self, name: str) -> StagePlan:
         return next(stage for stage in self.stages if stage.name == name)
 
@@ -95,8 +131,11 @@ class RunPlan:
 
     def dataset_sample_tokens(self) -> Dict[str, int]:
         """Tokens per sample of each dataset: K*T for the patch stage, T otherwise."""
-        return {"patch_train": self.patch_size * self.seq_length, "token_train": self.seq_length,
-                "valid": self.seq_length}
+        return {
+            "patch_train": self.patch_size * self.seq_length,
+            "token_train": self.seq_length,
+            "valid": self.seq_length,
+        }
 
 
 def make_plan(
@@ -111,21 +150,28 @@ def make_plan(
     eval_iters: int,
     train_iters: Optional[int] = None,
     train_tokens: Optional[int] = None,
+    stage_split: str = "documents",
 ) -> RunPlan:
-    """The plan of a job; ``stages`` is ``--stage`` (``both``, ``patch`` or ``token``).
+    """The plan of a job; ``stages`` is ``--stage`` (``both``, ``patch`` or ``token``),
+    ``stage_split`` is ``--stage-split`` (``documents`` or ``epochs``).
 
     Raises ``ArgumentError`` (one line naming the flags to change) for batches that do not split
     into whole micro-batches on every data-parallel rank in both stages, and for budgets that
     leave a stage without steps.
     """
     K, G, b, dp = patch_size, global_batch_size, micro_batch_size, data_parallel_size
+    if stage_split not in ("documents", "epochs"):
+        raise ArgumentError(f"--stage-split {stage_split} must be documents or epochs")
     if G % (b * dp):
-        raise ArgumentError(f"--global-batch-size {G} is not a multiple of micro-batch x data-parallel = "
-                            f"{b} x {dp}: make it one")
+        raise ArgumentError(
+            f"--global-batch-size {G} is not a multiple of micro-batch x data-parallel = {b} x {dp}: make it one"
+        )
     if K > 1 and G % (K * b * dp):
-        raise ArgumentError(f"--global-batch-size {G} must be a multiple of K x micro-batch x data-parallel = "
-                            f"{K} x {b} x {dp}, so the patch stage (G/K samples of K*T tokens) keeps the token "
-                            f"stage's tokens per step")
+        raise ArgumentError(
+            f"--global-batch-size {G} must be a multiple of K x micro-batch x data-parallel = "
+            f"{K} x {b} x {dp}, so the patch stage (G/K samples of K*T tokens) keeps the token "
+            f"stage's tokens per step"
+        )
     tokens_per_step = G * seq_length
     if train_tokens is not None:
         if train_tokens < tokens_per_step:
@@ -135,13 +181,16 @@ def make_plan(
         raise ArgumentError(f"--train-iters {train_iters} must be >= 1")
     patch_iters = round(patch_data_fraction * train_iters) if K > 1 else 0
     if K > 1 and (patch_iters == 0 or patch_iters == train_iters):
-        raise ArgumentError(f"--train-iters {train_iters} with lambda={patch_data_fraction:.3f} leaves a stage "
-                            f"with no steps: train longer")
+        raise ArgumentError(
+            f"--train-iters {train_iters} with lambda={patch_data_fraction:.3f} leaves a stage "
+            f"with no steps: train longer"
+        )
 
     def stage(name: str, stage_patch_size: int, iterations: int, first_iteration: int) -> StagePlan:
         samples = G // stage_patch_size
-        return StagePlan(name, stage_patch_size, iterations, first_iteration, samples, seq_length, b,
-                         samples // (b * dp))
+        return StagePlan(
+            name, stage_patch_size, iterations, first_iteration, samples, seq_length, b, samples // (b * dp)
+        )
 
     planned = []
     if K > 1 and stages in ("both", "patch"):
@@ -149,7 +198,14 @@ def make_plan(
     if stages in ("both", "token"):
         planned.append(stage("token", 1, train_iters - patch_iters, patch_iters))
     return RunPlan(
-        patch_size=K, patch_data_fraction=patch_data_fraction, seq_length=seq_length, global_batch_size=G,
-        data_parallel_size=dp, train_iters=train_iters, patch_iters=patch_iters, stages=tuple(planned),
+        patch_size=K,
+        patch_data_fraction=patch_data_fraction,
+        seq_length=seq_length,
+        global_batch_size=G,
+        data_parallel_size=dp,
+        train_iters=train_iters,
+        patch_iters=patch_iters,
+        stages=tuple(planned),
         validation=stage("valid", 1, eval_iters, 0),
+        stage_split=stage_split,
     )
