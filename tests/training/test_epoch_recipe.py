@@ -180,3 +180,30 @@ def test_kill_9_at_the_switch_then_resume_matches_uninterrupted_run(short_corpus
     assert summary["stages"]["token"]["epochs"] == pytest.approx(
         (iters - switch) * TOKENS_PER_STEP / short_corpus["train_tokens"]
     )
+
+
+def test_the_reproductions_multi_epoch_runs_are_the_recipes_three_arms(tiny_corpus):
+    """examples/reproduce_small.py --epochs 4: each run's flags pass the trainer's checks, the budget
+    is 4 passes rounded up to whole steps, and the arms train 4, 2 + 2 and the last 2 epochs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_small", REPO_ROOT / "examples" / "reproduce_small.py")
+    repro = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(repro)
+    settings = repro.settings(True, True)
+    step = settings["gbs"] * settings["seq_length"]
+    W = 78_460  # any corpus size: the first 12 bundled documents at the reduced tokenizer
+    budget = repro.epoch_budget(W, 4, step)
+    assert budget % step == 0 and 4 * W <= budget < 4 * W + step
+    runs = repro.trainer_arguments(
+        settings, "data/train_text_document", tiny_corpus["tokenizer"], budget, True, stage_split="epochs"
+    )
+    epochs = {}
+    for name in ("token-only", "lambda-1_2", "control-lambda-1_2"):
+        plan = parse_args([str(flag) for flag in runs[name]], world_size=1).plan
+        assert plan.stage_split == "epochs" and plan.train_tokens == budget
+        plan.check_epoch_budget(W)  # at least one pass: accepted
+        epochs[name] = {stage.name: stage.iterations * step / W for stage in plan.stages}
+    assert epochs["token-only"] == {"token": pytest.approx(4, abs=0.02)}
+    assert epochs["lambda-1_2"] == {"patch": pytest.approx(2, abs=0.02), "token": pytest.approx(2, abs=0.02)}
+    assert epochs["control-lambda-1_2"] == {"token": epochs["lambda-1_2"]["token"]}
