@@ -18,6 +18,11 @@ and within ``--deadline-s`` it may also use what earlier parts left. OUT receive
 and per part ``<part>.json`` and ``<part>.log``, rewritten under temporary names after every run,
 so a campaign stopped at its time limit leaves what finished. ``--unpack DIR`` writes each run's
 own ``throughput.py`` JSON from those files (for ``memory_plan.py --measured``).
+
+Optional parts, not run by this script (one device call each, when a window has time left;
+benchmarks/README.md has the commands): ``multi-epoch``, the multi-epoch recipe's three arms
+(``examples/reproduce_small.py --epochs 4``: token-only, patch λ=1/2 over the epochs, and the
+control that trains only the last half of the epochs at token level), 3 seeds.
 """
 
 from __future__ import annotations
