@@ -1,15 +1,18 @@
 """The small-scale reproduction script, reduced (tiny model and corpus, 24 steps, CPU), so the GPU session
-that runs it in full finds a working pipeline: four runs, eight evaluations, one report."""
+that runs it in full finds a working pipeline: token-only, a patch run and its control, a second seed,
+the evaluations, one report with the transfer table."""
 
 import importlib.util
 import json
 import math
+import statistics
 import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.trainer_plan import stages
 
 
 def _reproduce_small():
@@ -21,20 +24,23 @@ def _reproduce_small():
 
 @pytest.mark.parametrize("reduced", [True, False])
 @pytest.mark.parametrize("cpu", [True, False])
-def test_every_run_passes_the_trainers_validation(reduced, cpu, tmp_path):
-    """The flags of each run, full or reduced, CPU or GPU, are accepted by the trainer (one process)."""
+def test_every_run_passes_the_trainers_validation(reduced, cpu, tmp_path, tiny_corpus):
+    """The flags of each run, full or reduced, CPU or GPU, are accepted by the trainer (one process),
+    and each control runs its patch run's token stage alone, as long."""
     from megatron_patch.training.arguments import parse_args
 
     repro = _reproduce_small()
-    tokenizer = tmp_path / "tokenizer.model"
-    tokenizer.write_bytes(b"")  # the trainer checks only that the file exists before it starts
+    tokenizer = tiny_corpus["tokenizer"]  # the trainer reads its vocabulary size before it starts
     runs = repro.trainer_arguments(repro.settings(reduced, cpu), tmp_path / "train_text_document", tokenizer,
-                                   31_000_000 if not reduced else 16 * 64 * 24, cpu)
+                                   31_000_000 if not reduced else 16 * 64 * 24, cpu, seed=3)
     assert list(runs) == list(repro.RUN_NAMES)
-    for name, flags in runs.items():
-        args = parse_args([str(flag) for flag in flags], world_size=1)
-        assert args.patch_size == (1 if name == "token-only" else repro.PATCH_SIZE)
-        assert args.token_iters > 0 and (args.patch_iters > 0) == (name != "token-only")
+    plans = {name: stages(parse_args([str(flag) for flag in flags], world_size=1)) for name, flags in runs.items()}
+    assert list(plans["token-only"]) == ["token"]
+    for name in repro.FRACTIONS:
+        assert list(plans[name]) == ["patch", "token"] and plans[name]["patch"][0] == repro.PATCH_SIZE
+        assert plans[f"control-{name}"] == {"token": plans[name]["token"]}
+        flags = [str(flag) for flag in runs[f"control-{name}"]]
+        assert "--pretrained-checkpoint" not in flags and flags[flags.index("--seed") + 1] == "3"
 
 
 def test_a_process_count_that_splits_no_patch_batch_is_refused(tmp_path):
@@ -47,29 +53,38 @@ def test_a_process_count_that_splits_no_patch_batch_is_refused(tmp_path):
 
 def test_reduced_reproduction_runs_and_reports(tmp_path, shared_data):
     work = tmp_path / "repro"
-    result = subprocess.run([sys.executable, "examples/reproduce_small.py", "--reduced", "--cpu", "--workdir", str(work)],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
+    command = [sys.executable, "examples/reproduce_small.py", "--reduced", "--cpu", "--workdir", str(work)]
+    result = subprocess.run(command + ["--runs", "token-only,lambda-2_3,control-lambda-2_3"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = (work / "report.md").read_text()
-    for run in ("token-only", "lambda-1_2", "lambda-2_3", "lambda-4_5"):
-        assert f"| {run} |" in report
     assert "| lambda-2_3 | 0.500 |" in report  # theoretical cost lambda/K + 1 - lambda at K=4
+    assert "| control-lambda-2_3 | 0.333 |" in report  # 1 - lambda: the token stage alone
+    loss = {run: json.loads((work / f"eval_{run}_valid.json").read_text())["loss"]
+            for run in ("token-only", "lambda-2_3", "control-lambda-2_3", "lambda-2_3-seed2", "control-lambda-2_3-seed2")
+            if (work / f"eval_{run}_valid.json").exists()}
+    assert f"| lambda-2_3 | {loss['control-lambda-2_3'] - loss['lambda-2_3']:.4f} |" in report  # transfer, valid
     assert "![validation loss](loss_curves.png)" in report
     assert (work / "loss_curves.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     curves = json.loads((work / "curves.json").read_text())
-    for run, points in curves.items():  # the last validation comes after the last step
+    for run, points in curves.items():  # the last validation comes after the run's last step
         summary = json.loads((work / run / "summary.json").read_text())
         assert points[-1]["tokens"] == summary["total_tokens"]
         assert math.isclose(points[-1]["flops"], sum(s["flops"] for s in summary["stages"].values()), rel_tol=1e-9)
 
-    # a second call with a subset of the runs trains nothing again and reports only those runs
-    again = subprocess.run([sys.executable, "examples/reproduce_small.py", "--reduced", "--cpu", "--workdir", str(work),
-                            "--runs", "token-only,lambda-2_3"], cwd=REPO_ROOT, capture_output=True, text=True,
-                           timeout=300)
+    # a second seed of the pair: seed 1 is not trained again; the report gives the spread over seeds
+    again = subprocess.run(command + ["--runs", "lambda-2_3,control-lambda-2_3", "--seeds", "2"], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-    assert "== train token-only: done already" in again.stdout and "== train lambda-2_3: done already" in again.stdout
+    assert "== train lambda-2_3: done already" in again.stdout and "== train control-lambda-2_3: done already" in again.stdout
+    assert "== train lambda-2_3-seed2: " in again.stdout
+    seed2 = {run: json.loads((work / f"eval_{run}-seed2_valid.json").read_text())["loss"]
+             for run in ("lambda-2_3", "control-lambda-2_3")}
+    transfers = [loss["control-lambda-2_3"] - loss["lambda-2_3"], seed2["control-lambda-2_3"] - seed2["lambda-2_3"]]
     report = (work / "report.md").read_text()
-    assert "| token-only |" in report and "| lambda-2_3 |" in report and "| lambda-1_2 |" not in report
+    assert (f"| lambda-2_3 | {statistics.fmean(transfers):.4f} ± {statistics.stdev(transfers):.4f} "
+            f"[{min(transfers):.4f}, {max(transfers):.4f}] |") in report
+    assert "| token-only |" not in report and "over seeds 1, 2" in report
 
 
 def test_unknown_run_names_are_refused(tmp_path):
