@@ -15,6 +15,7 @@ on first use (or reads it from the Hugging Face cache); :data:`TASKS_DIR` holds 
 task over local files, ``tiny_next_sentence``, for machines without that access.
 """
 
+import json
 import logging
 import os
 import tempfile
@@ -32,6 +33,11 @@ PAPER_TASKS: Dict[str, str] = {
 }
 """The paper's six zero-shot tasks (harness names, Table 1's column order) -> the metric reported."""
 
+REPORTED_METRICS: Dict[str, str] = {**PAPER_TASKS, "tiny_next_sentence": "acc_mutual_info"}
+"""The metric reported per task: the paper's; for the shipped task, accuracy by pointwise mutual
+information (each choice's log-likelihood after the context minus its log-likelihood at the start
+of a document), which measures the use of the context that small models' plain likelihoods hide."""
+
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
 """Task definitions shipped with the project, always added to the harness's own."""
 
@@ -41,15 +47,15 @@ INSTALL_HINT = "pip install -e .[eval]"
 @dataclass(frozen=True)
 class TaskScore:
     """One task's result. Accuracies are fractions of the items (0-1); ``items`` is the number of
-    items scored (fewer than the task's with ``limit``)."""
+    items scored (fewer than the task's with ``limit``); ``metrics`` holds every metric the harness
+    computed (``acc``, ``acc_norm``, ...), ``value`` the reported one."""
 
     task: str
     metric: str
     value: float
     stderr: Optional[float]
     items: Optional[int]
-    acc: Optional[float]
-    acc_norm: Optional[float]
+    metrics: Dict[str, float]
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -145,11 +151,11 @@ def _is_unreachable(error: Exception) -> bool:
 
 
 def metric_for(task: str, result: dict) -> str:
-    """The metric reported for ``task``: :data:`PAPER_TASKS`' choice, else ``acc_norm`` where the
-    harness computed it, else ``acc``, else the first metric of the result (sorted by name)."""
+    """The metric reported for ``task``: :data:`REPORTED_METRICS`' choice, else ``acc_norm`` where
+    the harness computed it, else ``acc``, else the first metric of the result (sorted by name)."""
     available = sorted(key.split(",")[0] for key in result
                        if "," in key and "_stderr" not in key and isinstance(result[key], (int, float)))
-    for metric in (PAPER_TASKS.get(task), "acc_norm", "acc"):
+    for metric in (REPORTED_METRICS.get(task), "acc_norm", "acc"):
         if metric in available:
             return metric
     if not available:
@@ -164,7 +170,20 @@ def _score(task: str, result: dict, items: Optional[int]) -> TaskScore:
         found = result.get(f"{name},none")
         return float(found) if isinstance(found, (int, float)) else None
 
-    return TaskScore(task, metric, value(metric), value(f"{metric}_stderr"), items, value("acc"), value("acc_norm"))
+    metrics = {key.split(",")[0]: float(found) for key, found in result.items()
+               if "," in key and "_stderr" not in key and isinstance(found, (int, float))}
+    return TaskScore(task, metric, value(metric), value(f"{metric}_stderr"), items, metrics)
+
+
+def _model_args(hf_folder: str, dtype: str) -> dict:
+    """The harness's ``hf`` model arguments. For a folder written by tools/export_hf.py, a choice
+    scored without context (mutual-information metrics, empty contexts) follows EOD, as every
+    document did in training, instead of the harness's default BOS, which the model never saw."""
+    args = {"pretrained": hf_folder, "dtype": dtype}
+    if os.path.isfile(os.path.join(hf_folder, "megatron_patch_export.json")):
+        with open(os.path.join(hf_folder, "config.json"), encoding="utf-8") as f:
+            args["prefix_token_id"] = int(json.load(f)["eos_token_id"])
+    return args
 
 
 class _CountTruncations(logging.Filter):
@@ -191,7 +210,8 @@ def evaluate(hf_folder: str, tasks: Sequence[str], *, include_paths: Sequence[st
     was cut from the left to fit the model's positions), the versions and the settings. ``manager``:
     the :func:`task_manager` of ``tasks`` and ``include_paths``, already built. ``log_samples`` adds ``samples``:
     per item, the task, ``doc_id``, the item's ``id`` where it has one, the ``target`` choice and
-    each choice's summed log-likelihood (nats) after the context."""
+    each choice's summed log-likelihood (nats) after the context, followed, for a task scored by
+    mutual information, by each choice's log-likelihood without context."""
     lm_eval = import_harness()
     manager = manager or task_manager(tasks, include_paths)
     import torch
@@ -205,7 +225,7 @@ def evaluate(hf_folder: str, tasks: Sequence[str], *, include_paths: Sequence[st
     start = time.perf_counter()
     try:
         output = lm_eval.simple_evaluate(
-            model="hf", model_args={"pretrained": hf_folder, "dtype": dtype}, tasks=list(tasks),
+            model="hf", model_args=_model_args(hf_folder, dtype), tasks=list(tasks),
             num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit, task_manager=manager,
             log_samples=log_samples, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
             fewshot_random_seed=seed)

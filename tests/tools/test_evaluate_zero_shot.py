@@ -63,10 +63,13 @@ def test_trained_model_scores_differently_from_an_untrained_one(models, tmp_path
         report, out = _evaluate(models[name], tmp_path / f"{name}.json", capsys)
         assert report["checkpoint"].startswith(models[name]) and report["stage"] == "token"
         [score] = report["scores"]
-        assert score["task"] == TASK and score["metric"] == "acc_norm" and score["items"] == items
-        assert score["value"] == score["acc_norm"] and 0 <= score["acc"] <= 1 and 0 < score["stderr"] < 0.1
-        assert f"| {TASK} | acc_norm | {100 * score['value']:.1f} |" in out, out
-        scores[name] = (score["acc"], score["acc_norm"])
+        assert score["task"] == TASK and score["metric"] == "acc_mutual_info" and score["items"] == items
+        metrics = score["metrics"]
+        assert sorted(metrics) == ["acc", "acc_mutual_info", "acc_norm"]
+        assert score["value"] == metrics["acc_mutual_info"]
+        assert all(0 <= value <= 1 for value in metrics.values()) and 0 < score["stderr"] < 0.1
+        assert f"| {TASK} | acc_mutual_info | {100 * score['value']:.1f} |" in out, out
+        scores[name] = metrics
     assert scores["trained"] != scores["one_step"], scores
     assert sorted(os.listdir(tmp_path)) == ["one_step.json", "trained.json"]  # no temporary files left
 
@@ -74,8 +77,9 @@ def test_trained_model_scores_differently_from_an_untrained_one(models, tmp_path
 def test_harness_log_likelihoods_match_megatron_in_float64(models, tiny_corpus, tmp_path, capsys):
     """Oracle: each choice's log-likelihood, recomputed from the Megatron checkpoint's logits in
     float64 with the SentencePiece model it was trained on, as the harness defines it (choice
-    tokens = tokens of context + " " + choice after the context's; the last T+1 tokens kept), and
-    acc / acc_norm (argmax of the sum / of the sum per character of the choice) from those."""
+    tokens = tokens of context + " " + choice after the context's; the last T+1 tokens kept), its
+    log-likelihood without context (after EOD, as documents start in training), and acc, acc_norm
+    and acc_mutual_info (argmax of the sum, of the sum per character, of the difference)."""
     output = tmp_path / "samples.json"
     code, _, err = call(evaluate_zero_shot, ["--cpu", "--load", models["trained"], "--tasks", TASK, "--limit", "6",
                                              "--log-samples", "--output-json", output], capsys)
@@ -85,26 +89,32 @@ def test_harness_log_likelihoods_match_megatron_in_float64(models, tiny_corpus, 
     tokenizer = SentencePieceTokenizer(tiny_corpus["tokenizer"])
     rows = read_metadata(resolve_checkpoint(models["trained"]))["model_shape"]["vocab_size"]
     model = megatron_model(models["trained"], vocab=rows, seq=SEQ)
-    hits, hits_norm = [], []
+    hits, hits_norm, hits_mutual = [], [], []
+
+    def log_likelihood(prefix, continuation):  # summed log p (nats) of continuation after prefix, float64
+        tokens = (prefix + continuation)[-(SEQ + 1):][:-1]
+        logits = megatron_logits(model, torch.tensor([tokens]))[0].double()  # [s, rows]
+        log_probs = torch.log_softmax(logits, dim=-1)[-len(continuation):]  # the choice's positions
+        return log_probs.gather(1, torch.tensor(continuation)[:, None]).sum().item()
+
     assert [sample["doc_id"] for sample in report["samples"]] == list(range(6))
     for sample in report["samples"]:
         item = items[sample["doc_id"]]
         assert sample["id"] == item["id"] and sample["target"] == item["label"]
         context = tokenizer.tokenize(item["context"])
-        oracle = []
-        for choice in item["choices"]:
-            continuation = tokenizer.tokenize(f"{item['context']} {choice}")[len(context):]
-            tokens = (context + continuation)[-(SEQ + 1):][:-1]
-            logits = megatron_logits(model, torch.tensor([tokens]))[0].double()  # [s, rows]
-            log_probs = torch.log_softmax(logits, dim=-1)[-len(continuation):]  # the choice's positions
-            oracle.append(log_probs.gather(1, torch.tensor(continuation)[:, None]).sum().item())
-        assert sample["loglikelihoods"] == pytest.approx(oracle, rel=1e-5, abs=1e-3), item["id"]
+        oracle = [log_likelihood(context, tokenizer.tokenize(f"{item['context']} {choice}")[len(context):])
+                  for choice in item["choices"]]
+        # without context: " " + choice after EOD (SentencePiece's dummy prefix is the space)
+        unconditional = [log_likelihood([tokenizer.eod], tokenizer.tokenize(choice)) for choice in item["choices"]]
+        assert sample["loglikelihoods"] == pytest.approx(oracle + unconditional, rel=1e-5, abs=1e-3), item["id"]
         lengths = [len(choice) for choice in item["choices"]]
         hits.append(max(range(4), key=lambda i: oracle[i]) == item["label"])
         hits_norm.append(max(range(4), key=lambda i: oracle[i] / lengths[i]) == item["label"])
+        hits_mutual.append(max(range(4), key=lambda i: oracle[i] - unconditional[i]) == item["label"])
     [score] = report["scores"]
     assert score["items"] == 6
-    assert score["acc"] == pytest.approx(sum(hits) / 6) and score["acc_norm"] == pytest.approx(sum(hits_norm) / 6)
+    assert score["metrics"] == pytest.approx({"acc": sum(hits) / 6, "acc_norm": sum(hits_norm) / 6,
+                                              "acc_mutual_info": sum(hits_mutual) / 6})
 
 
 GROUP = """group: tiny_group
