@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -252,7 +253,7 @@ def run_trial(opts, index: int, rng: random.Random, references: dict) -> dict:
     if sig == signal.SIGTERM and "note" not in trial and finished:
         trial["note"] = "signal after the last step: the run finished"
     if sig == signal.SIGTERM and "note" not in trial:
-        stopped = [f"[rank {r}] stopped by SIGTERM" in output for r in range(tensor_parallel)]
+        stopped = [re.search(rf"\[rank {r}\][^\n]*stopped by SIGTERM", output) for r in range(tensor_parallel)]
         failures = ("BrokenPipeError", "ChildFailedError", "[rank0]: Traceback", "[rank1]: Traceback")
         worker_ok = all(stopped) and not any(text in output for text in failures)
         if tensor_parallel == 1:
