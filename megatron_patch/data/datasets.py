@@ -22,8 +22,9 @@ stage its own documents:
   stages are ``GPTDataset`` objects on *all* training documents, sized by the budget (the patch stage
   the first λ of the tokens, the token stage the rest), so each stage makes as many passes as its
   tokens allow, fractional ones included. Megatron builds the passes itself: a stage of E epochs
-  holds every training document E times, in a shuffled order (the last pass shuffled on its own
-  when it is under 80% of one, and then only partly read). The token stage is shuffled with a seed
+  holds every training document E times; the document order and then the samples are shuffled
+  over the whole passes together, except a last pass under 80% of one, which is shuffled on its
+  own and only partly read, after the others. The token stage is shuffled with a seed
   of its own (:func:`stage_seed`), so it does not replay the patch stage's order.
 * **Blends** (``["0.7", "p1", "0.3", "p2"]``): each prefix is split as above and each stage is a
   megatron ``BlendedDataset`` of the per-prefix stage datasets with the given weights, sized as
