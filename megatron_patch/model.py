@@ -110,7 +110,7 @@ class PatchGPTModel(GPTModel):
         losses = vocab_parallel_patch_cross_entropy(
             logits, targets.transpose(0, 1), tp_group=self.pg_collection.tp, fused=self.fused_cross_entropy
         )  # [T, b, K]
-        losses = losses.transpose(0, 1)  # [b, T, K], batch first as GPTModel returns its losses
+        losses = losses.transpose(0, 1).contiguous()  # [T, b, K] -> [b, T, K], batch first as GPTModel returns
         return losses if labels.dim() == 3 else losses.squeeze(-1)
 
 
