@@ -18,7 +18,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["megatron_patch", "megatron_patch.*"]),
     # the zero-shot tool's shipped harness task (YAML, its data and the task's helper module)
-    package_data={"megatron_patch.evaluation": ["tasks/*"]},
+    package_data={"megatron_patch.evaluation": ["tasks/*/*"]},
     python_requires=">=3.10",
     install_requires=_requirements(),
     extras_require={
