@@ -202,19 +202,24 @@ def plot(summary: dict, path: Path) -> bool:
         return False
     figure, (losses, transfers) = plt.subplots(1, 2, figsize=(11, 4.5))
     token_only = summary["token-only"]
-    losses.axhspan(token_only["min"], token_only["max"], color="grey", alpha=0.3, label="token-only (range)")
-    for K, marker in zip(sorted({row["K"] for row in summary["rows"]}), "os^v"):
+    losses.axhspan(token_only["min"], token_only["max"], color="grey", alpha=0.3, label="token-only, all tokens (range)")
+    patch_sizes = sorted({row["K"] for row in summary["rows"]})
+    for K, marker in zip(patch_sizes, "os^v"):
         rows = [row for row in summary["rows"] if row["K"] == K]
         x = [float(Fraction(row["fraction"])) for row in rows]
-        for arm, style in (("control", "--"), ("patch+token", "-")):
+        # the control does not depend on K: drawn once, from the first K's rows
+        arms = (("control", "--", "control (any K)"),) if K == patch_sizes[0] else ()
+        for arm, style, label in arms + (("patch+token", "-", f"patch + token, K={K}"),):
             y = [row[arm]["mean"] for row in rows]
             err = [[row[arm]["mean"] - row[arm]["min"] for row in rows], [row[arm]["max"] - row[arm]["mean"] for row in rows]]
-            losses.errorbar(x, y, yerr=err, linestyle=style, marker=marker, capsize=3, label=f"{arm}, K={K}")
+            losses.errorbar(x, y, yerr=err, linestyle=style, marker=marker, capsize=3, label=label)
         y = [row["transfer"]["mean"] for row in rows]
         err = [[row["transfer"]["mean"] - row["transfer"]["min"] for row in rows],
                [row["transfer"]["max"] - row["transfer"]["mean"] for row in rows]]
         transfers.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=f"K={K}")
     transfers.axhline(0.0, color="black", linewidth=0.8)
+    for axes in (losses, transfers):
+        axes.set_title("mean over seeds; bars: min to max", fontsize=9)
     losses.set_xlabel("λ (fraction of the tokens trained at patch level)")
     transfers.set_xlabel("λ")
     losses.set_ylabel("held-out loss, token level (nats)")
