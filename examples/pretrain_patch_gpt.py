@@ -4,8 +4,8 @@ torchrun --nproc_per_node=8 examples/pretrain_patch_gpt.py --model 370m --bf16 .
 """
 
 if __name__ == "__main__":
-    # Imports stay inside the guard: dist_checkpointing starts a helper process with the "spawn"
-    # method, which re-imports this file; a light import keeps that to a fraction of a second.
+    # Imports stay inside the guard, so a process that re-imports this file (one started with the
+    # "spawn" method) pays nothing for it.
     import sys
 
     from megatron_patch.training.cli import main

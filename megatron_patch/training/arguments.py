@@ -215,7 +215,7 @@ def make_config(
     """The trainer's configuration from parsed ``flags`` (left unchanged). ``tokenizer_vocab_size``
     defaults to the pieces of ``--tokenizer-model`` (benchmarks on synthetic ids give their own)."""
     preset = get_preset(flags.model)
-    seq_length = flags.seq_length or preset.seq_length
+    seq_length = preset.seq_length if flags.seq_length is None else flags.seq_length
     recompute = flags.recompute_granularity or preset.layout.recompute
     tp, pp = flags.tensor_model_parallel_size, flags.pipeline_model_parallel_size
     for name in (

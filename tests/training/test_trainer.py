@@ -351,3 +351,10 @@ def test_a_failed_start_leaves_no_save_folder(cpu_world, tiny_corpus, tmp_path, 
     assert cli.main(bad_start) == 2
     capsys.readouterr()
     assert sorted(os.listdir(tmp_path)) == ["empty"]
+
+
+def test_seq_length_zero_is_refused(tiny_corpus, capsys):
+    """0 is a value, not "the preset's default" (the bad-input matrix found it accepted)."""
+    assert cli.main(trainer_args(tiny_corpus, None, "--seq-length", "0")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--seq-length 0 must be >= 1" in err[0], err
