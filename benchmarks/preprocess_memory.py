@@ -57,18 +57,15 @@ MAXRSS_WRAPPER = (
 
 
 def parse_options(argv: list[str]) -> argparse.Namespace:
-    p = FlagParser(prog="benchmarks/preprocess_memory.py", allow_abbrev=False,
-                   description=__doc__.split("\n")[0])
+    p = FlagParser(prog="benchmarks/preprocess_memory.py", allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True, help="corpus (JSON Lines, may be .gz/.xz/.zst)")
     p.add_argument("--lines", type=int, default=3000, help="lines of the slice")
-    p.add_argument("--scales", type=int, nargs="+", default=[1, 4],
-                   help="input sizes, in copies of the slice")
+    p.add_argument("--scales", type=int, nargs="+", default=[1, 4], help="input sizes, in copies of the slice")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to run")
     p.add_argument("--tokenizer-model", help="use this .model instead of training one")
     p.add_argument("--vocab-size", type=int, default=8000, help="of the tokenizer trained on the slice")
     p.add_argument("--interval", type=float, default=0.05, help="seconds between memory samples")
-    p.add_argument("--work-dir",
-                   help="keep inputs and outputs here (default: a temporary folder, removed at the end)")
+    p.add_argument("--work-dir", help="keep inputs and outputs here (default: a temporary folder, removed at the end)")
     p.add_argument("--output-json", help="also write every figure here")
     opts = p.parse_args(argv)
     if not os.path.isfile(opts.input):
@@ -135,8 +132,9 @@ def measure_run(argv: list[str], interval: float) -> dict:
 
     load = os.getloadavg()[0]
     start = time.perf_counter()
-    wrapper = subprocess.Popen([sys.executable, "-c", MAXRSS_WRAPPER, *argv],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wrapper = subprocess.Popen(
+        [sys.executable, "-c", MAXRSS_WRAPPER, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     watched = psutil.Process(wrapper.pid)
     peak_pss = peak_rss = samples = 0
     while wrapper.poll() is None:
@@ -148,9 +146,15 @@ def measure_run(argv: list[str], interval: float) -> dict:
     if wrapper.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:2])} failed ({wrapper.returncode}): {stderr[-2000:]}")
     maxrss_kib = int(stderr.rsplit("maxrss_kib", 1)[1].split()[0])
-    return {"peak_pss_mb": peak_pss / 1e6, "peak_rss_mb": peak_rss / 1e6,
-            "max_process_rss_mb": maxrss_kib * 1024 / 1e6, "samples": samples, "wall_s": wall,
-            "load_before": load, "stdout": stdout}
+    return {
+        "peak_pss_mb": peak_pss / 1e6,
+        "peak_rss_mb": peak_rss / 1e6,
+        "max_process_rss_mb": maxrss_kib * 1024 / 1e6,
+        "samples": samples,
+        "wall_s": wall,
+        "load_before": load,
+        "stdout": stdout,
+    }
 
 
 def measure(opts, work: Path) -> tuple[dict, list[dict]]:
@@ -159,9 +163,20 @@ def measure(opts, work: Path) -> tuple[dict, list[dict]]:
     tokenizer = {"model": opts.tokenizer_model, "trained": opts.tokenizer_model is None}
     if opts.tokenizer_model is None:
         prefix = work / f"spm{opts.vocab_size}"
-        done = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "train_tokenizer.py"),
-                               "--input", str(slice_path), "--vocab-size", str(opts.vocab_size),
-                               "--output-prefix", str(prefix)], capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(REPO_ROOT / "tools" / "train_tokenizer.py"),
+                "--input",
+                str(slice_path),
+                "--vocab-size",
+                str(opts.vocab_size),
+                "--output-prefix",
+                str(prefix),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"tools/train_tokenizer.py failed: {done.stderr[-2000:]}")
         tokenizer.update(model=f"{prefix}.model", vocab_size=opts.vocab_size)
@@ -170,15 +185,36 @@ def measure(opts, work: Path) -> tuple[dict, list[dict]]:
         for scale in sorted(inputs):
             path, size, lines = inputs[scale]
             output = work / f"out_x{scale}_w{workers}"
-            result = measure_run([sys.executable, str(REPO_ROOT / "tools" / "preprocess_data.py"),
-                                  "--input", str(path), "--tokenizer-model", tokenizer["model"],
-                                  "--append-eod", "--workers", str(workers),
-                                  "--output-prefix", str(output), "--log-interval", "100000000"],
-                                 opts.interval)
+            result = measure_run(
+                [
+                    sys.executable,
+                    str(REPO_ROOT / "tools" / "preprocess_data.py"),
+                    "--input",
+                    str(path),
+                    "--tokenizer-model",
+                    tokenizer["model"],
+                    "--append-eod",
+                    "--workers",
+                    str(workers),
+                    "--output-prefix",
+                    str(output),
+                    "--log-interval",
+                    "100000000",
+                ],
+                opts.interval,
+            )
             stdout = result.pop("stdout")
             documents = int(stdout.split("key 'text': ", 1)[1].split(" documents")[0])
-            rows.append({"scale": scale, "input_mb": size / 1e6, "lines": lines,
-                         "documents": documents, "workers": workers, **result})
+            rows.append(
+                {
+                    "scale": scale,
+                    "input_mb": size / 1e6,
+                    "lines": lines,
+                    "documents": documents,
+                    "workers": workers,
+                    **result,
+                }
+            )
             for ext in (".bin", ".idx"):
                 os.remove(f"{output}_text_document{ext}")
     for row in rows:
@@ -210,23 +246,38 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     print(command_line("preprocess_memory.py", argv))
-    print(f"{env['date_utc']}; {env['device']}; Python {env['python']}, torch {env['torch']}, "
-          f"megatron-core {env['megatron_core']}, sentencepiece {env['sentencepiece']}")
+    print(
+        f"{env['date_utc']}; {env['device']}; Python {env['python']}, torch {env['torch']}, "
+        f"megatron-core {env['megatron_core']}, sentencepiece {env['sentencepiece']}"
+    )
     trained = f"BPE vocab {opts.vocab_size} trained on the slice"
-    print(f"input: first {opts.lines} lines of {opts.input}, written {opts.scales} times; "
-          f"tokenizer: {trained if tokenizer['trained'] else tokenizer['model']}")
+    print(
+        f"input: first {opts.lines} lines of {opts.input}, written {opts.scales} times; "
+        f"tokenizer: {trained if tokenizer['trained'] else tokenizer['model']}"
+    )
     print()
-    print("| workers | scale | input MB | documents | peak PSS MB | peak RSS MB | max process RSS MB "
-          "| vs 1x | wall s | load |")
+    print(
+        "| workers | scale | input MB | documents | peak PSS MB | peak RSS MB | max process RSS MB "
+        "| vs 1x | wall s | load |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['workers']} | {r['scale']}x | {r['input_mb']:.1f} | {r['documents']} | "
-              f"{r['peak_pss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['max_process_rss_mb']:.0f} | "
-              f"{r['pss_vs_smallest']:.3f} | {r['wall_s']:.1f} | {r['load_before']:.1f} |")
+        print(
+            f"| {r['workers']} | {r['scale']}x | {r['input_mb']:.1f} | {r['documents']} | "
+            f"{r['peak_pss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['max_process_rss_mb']:.0f} | "
+            f"{r['pss_vs_smallest']:.3f} | {r['wall_s']:.1f} | {r['load_before']:.1f} |"
+        )
     if opts.output_json:
-        write_json(opts.output_json, {"command": command_line("preprocess_memory.py", argv),
-                                      "environment": env, "slice_lines": opts.lines,
-                                      "tokenizer": tokenizer, "rows": rows})
+        write_json(
+            opts.output_json,
+            {
+                "command": command_line("preprocess_memory.py", argv),
+                "environment": env,
+                "slice_lines": opts.lines,
+                "tokenizer": tokenizer,
+                "rows": rows,
+            },
+        )
     return 0
 
 

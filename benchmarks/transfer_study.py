@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import shutil
 import statistics
@@ -76,11 +75,19 @@ def plan_runs(seeds: list, fractions: list, patch_sizes: list) -> dict:
         runs[f"token-only-seed{seed}"] = {"arm": "token-only", "seed": seed, "fraction": None, "K": 1}
         for fraction in fractions:
             tag = f"lambda{fraction.numerator}_{fraction.denominator}"
-            runs[f"control-{tag}-seed{seed}"] = {"arm": "control", "seed": seed, "fraction": fraction,
-                                                 "K": patch_sizes[0]}
+            runs[f"control-{tag}-seed{seed}"] = {
+                "arm": "control",
+                "seed": seed,
+                "fraction": fraction,
+                "K": patch_sizes[0],
+            }
             for K in patch_sizes:
-                runs[f"patch_token-{tag}-K{K}-seed{seed}"] = {"arm": "patch+token", "seed": seed,
-                                                              "fraction": fraction, "K": K}
+                runs[f"patch_token-{tag}-K{K}-seed{seed}"] = {
+                    "arm": "patch+token",
+                    "seed": seed,
+                    "fraction": fraction,
+                    "K": K,
+                }
     return runs
 
 
@@ -105,7 +112,9 @@ def _step(command: list, done: Path, log: Path) -> None:
     with open(log, "a", encoding="utf-8") as out:
         out.write(f"$ {' '.join(str(c) for c in command)}\n")
         out.flush()
-        code = subprocess.run([str(c) for c in command], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(
+            [str(c) for c in command], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+        ).returncode
     if code != 0:
         raise StudyError(f"{command[1]} exited with code {code}; see {log}")
 
@@ -124,27 +133,53 @@ def _train_and_score(name: str, run: dict, flags: list, work: Path, data: dict) 
     start = time.perf_counter()
     if save.exists() and not _finished(save):
         shutil.rmtree(save)  # an interrupted run of this study: train it again from the start
-    _step([py, "examples/pretrain_patch_gpt.py"] + flags + ["--save", save, "--summary-json", save / "summary.json"],
-          save / "summary.json", log)
+    _step(
+        [py, "examples/pretrain_patch_gpt.py"] + flags + ["--save", save, "--summary-json", save / "summary.json"],
+        save / "summary.json",
+        log,
+    )
     summary = json.loads((save / "summary.json").read_text())
     scored = {"final": save}
     if run["arm"] == "patch+token":
         scored["after_patch"] = save / f"iter_{summary['stages']['patch']['iterations']:07d}"
-    result = dict(run, fraction=None if run["fraction"] is None else str(run["fraction"]),
-                  seconds={stage: value["seconds"] for stage, value in summary["stages"].items()},
-                  tokens=summary["total_tokens"])
+    result = dict(
+        run,
+        fraction=None if run["fraction"] is None else str(run["fraction"]),
+        seconds={stage: value["seconds"] for stage, value in summary["stages"].items()},
+        tokens=summary["total_tokens"],
+    )
     for label, checkpoint in scored.items():
         output = work / f"eval_{name}_{label}.json"
-        _step([py, "tools/evaluate.py", "--cpu", "--load", checkpoint, "--input", data["heldout"],
-               "--tokenizer-model", data["tokenizer"], "--output-json", output], output, log)
+        _step(
+            [
+                py,
+                "tools/evaluate.py",
+                "--cpu",
+                "--load",
+                checkpoint,
+                "--input",
+                data["heldout"],
+                "--tokenizer-model",
+                data["tokenizer"],
+                "--output-json",
+                output,
+            ],
+            output,
+            log,
+        )
         result[f"loss_{label}"] = json.loads(output.read_text())["loss"]
     print(f"== {name}: held-out loss {result['loss_final']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
     return result
 
 
 def _spread(values: list) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def summarise(results: dict, fractions: list, patch_sizes: list) -> dict:
@@ -164,14 +199,18 @@ def summarise(results: dict, fractions: list, patch_sizes: list) -> dict:
             seeds = sorted(set(control) & set(patch))
             if not seeds:
                 continue  # neither paired run finished for any seed
-            rows.append({
-                "fraction": str(fraction), "K": K, "seeds": seeds,
-                "theoretical_cost": float(fraction / K + 1 - fraction),
-                "control": _spread([control[seed]["loss_final"] for seed in seeds]),
-                "patch+token": _spread([patch[seed]["loss_final"] for seed in seeds]),
-                "after_patch": _spread([patch[seed]["loss_after_patch"] for seed in seeds]),
-                "transfer": _spread([control[seed]["loss_final"] - patch[seed]["loss_final"] for seed in seeds]),
-            })
+            rows.append(
+                {
+                    "fraction": str(fraction),
+                    "K": K,
+                    "seeds": seeds,
+                    "theoretical_cost": float(fraction / K + 1 - fraction),
+                    "control": _spread([control[seed]["loss_final"] for seed in seeds]),
+                    "patch+token": _spread([patch[seed]["loss_final"] for seed in seeds]),
+                    "after_patch": _spread([patch[seed]["loss_after_patch"] for seed in seeds]),
+                    "transfer": _spread([control[seed]["loss_final"] - patch[seed]["loss_final"] for seed in seeds]),
+                }
+            )
     return {"token-only": _spread([run["loss_final"] for run in token_only.values()]), "rows": rows}
 
 
@@ -181,13 +220,19 @@ def _fmt(spread: dict) -> str:
 
 def report(summary: dict) -> str:
     token_only = summary["token-only"]
-    lines = [f"token-only, all tokens: {_fmt(token_only)} (n={token_only['n']})", "",
-             "| λ | K | seeds | cost (theory) | control | patch + token | transfer (control − patch+token) | "
-             "right after the patch stage |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"token-only, all tokens: {_fmt(token_only)} (n={token_only['n']})",
+        "",
+        "| λ | K | seeds | cost (theory) | control | patch + token | transfer (control − patch+token) | "
+        "right after the patch stage |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for row in summary["rows"]:
         seeds = ",".join(map(str, row["seeds"]))
-        lines.append(f"| {row['fraction']} | {row['K']} | {seeds} | {row['theoretical_cost']:.3f} | {_fmt(row['control'])} | "
-                     f"{_fmt(row['patch+token'])} | {_fmt(row['transfer'])} | {_fmt(row['after_patch'])} |")
+        lines.append(
+            f"| {row['fraction']} | {row['K']} | {seeds} | {row['theoretical_cost']:.3f} | {_fmt(row['control'])} | "
+            f"{_fmt(row['patch+token'])} | {_fmt(row['transfer'])} | {_fmt(row['after_patch'])} |"
+        )
     lines += ["", "Held-out loss in nats (token level): mean ± sample standard deviation [min, max] over seeds."]
     return "\n".join(lines)
 
@@ -202,7 +247,9 @@ def plot(summary: dict, path: Path) -> bool:
         return False
     figure, (losses, transfers) = plt.subplots(1, 2, figsize=(11, 4.5))
     token_only = summary["token-only"]
-    losses.axhspan(token_only["min"], token_only["max"], color="grey", alpha=0.3, label="token-only, all tokens (range)")
+    losses.axhspan(
+        token_only["min"], token_only["max"], color="grey", alpha=0.3, label="token-only, all tokens (range)"
+    )
     patch_sizes = sorted({row["K"] for row in summary["rows"]})
     for K, marker in zip(patch_sizes, "os^v"):
         rows = [row for row in summary["rows"] if row["K"] == K]
@@ -211,11 +258,16 @@ def plot(summary: dict, path: Path) -> bool:
         arms = (("control", "--", "control (any K)"),) if K == patch_sizes[0] else ()
         for arm, style, label in arms + (("patch+token", "-", f"patch + token, K={K}"),):
             y = [row[arm]["mean"] for row in rows]
-            err = [[row[arm]["mean"] - row[arm]["min"] for row in rows], [row[arm]["max"] - row[arm]["mean"] for row in rows]]
+            err = [
+                [row[arm]["mean"] - row[arm]["min"] for row in rows],
+                [row[arm]["max"] - row[arm]["mean"] for row in rows],
+            ]
             losses.errorbar(x, y, yerr=err, linestyle=style, marker=marker, capsize=3, label=label)
         y = [row["transfer"]["mean"] for row in rows]
-        err = [[row["transfer"]["mean"] - row["transfer"]["min"] for row in rows],
-               [row["transfer"]["max"] - row["transfer"]["mean"] for row in rows]]
+        err = [
+            [row["transfer"]["mean"] - row["transfer"]["min"] for row in rows],
+            [row["transfer"]["max"] - row["transfer"]["mean"] for row in rows],
+        ]
         transfers.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=f"K={K}")
     transfers.axhline(0.0, color="black", linewidth=0.8)
     for axes in (losses, transfers):
@@ -241,12 +293,17 @@ def main(argv=None) -> int:
     parser.add_argument("--patch-sizes", type=positive_int_list, default=[2, 4], help="K values (each >= 2)")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once (one process, one core each)")
     parser.add_argument("--reduced", action="store_true", help="the quick start's reduced settings (tests)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: report the runs that finished (each row names its seeds)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report the runs that finished (each row names its seeds)",
+    )
     try:
         args = parser.parse_args(argv)
         if min(args.patch_sizes) < 2:
-            raise UsageError(f"--patch-sizes {args.patch_sizes}: K=1 is the token-only arm, which always runs; give K >= 2")
+            raise UsageError(
+                f"--patch-sizes {args.patch_sizes}: K=1 is the token-only arm, which always runs; give K >= 2"
+            )
         if args.jobs < 1:
             raise UsageError(f"--jobs {args.jobs} must be >= 1")
     except UsageError as error:
@@ -264,8 +321,10 @@ def main(argv=None) -> int:
         runs = {name: run for name, run in runs.items() if _finished(work / name)}
         print(f"== --report-only: {len(runs)} finished runs", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(_train_and_score, name, run, run_flags(run, s, data, quickstart), work, data): name
-                   for name, run in runs.items()}
+        futures = {
+            pool.submit(_train_and_score, name, run, run_flags(run, s, data, quickstart), work, data): name
+            for name, run in runs.items()
+        }
         for future in as_completed(futures):
             try:
                 results[futures[future]] = future.result()
@@ -280,15 +339,24 @@ def main(argv=None) -> int:
         print(f"transfer_study: {error}", file=sys.stderr)
         return 1
     table = report(summary)
-    header = (f"{command_line('transfer_study.py', list(argv if argv is not None else sys.argv[1:]))}\n"
-              f"{json.dumps(environment(cpu=True))}")
-    payload = {"command": header.splitlines()[0], "environment": environment(cpu=True), "settings": s,
-               "summary": summary, "runs": results}
+    header = (
+        f"{command_line('transfer_study.py', list(argv if argv is not None else sys.argv[1:]))}\n"
+        f"{json.dumps(environment(cpu=True))}"
+    )
+    payload = {
+        "command": header.splitlines()[0],
+        "environment": environment(cpu=True),
+        "settings": s,
+        "summary": summary,
+        "runs": results,
+    }
     partial = work / "results.json.tmp"
     partial.write_text(json.dumps(payload, indent=1))
     partial.replace(work / "results.json")
     plotted = plot(summary, work / "transfer.png")
-    (work / "report.md").write_text(f"```\n{header}\n```\n\n{table}\n" + ("\n![transfer](transfer.png)\n" if plotted else ""))
+    (work / "report.md").write_text(
+        f"```\n{header}\n```\n\n{table}\n" + ("\n![transfer](transfer.png)\n" if plotted else "")
+    )
     print(f"\n{header}\n\n{table}\nreport: {work / 'report.md'}")
     return 0
 

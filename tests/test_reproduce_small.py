@@ -16,7 +16,9 @@ from tests.trainer_plan import stages
 
 
 def _reproduce_small():
-    spec = importlib.util.spec_from_file_location("examples_reproduce_small", REPO_ROOT / "examples" / "reproduce_small.py")
+    spec = importlib.util.spec_from_file_location(
+        "examples_reproduce_small", REPO_ROOT / "examples" / "reproduce_small.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -31,8 +33,14 @@ def test_every_run_passes_the_trainers_validation(reduced, cpu, tmp_path, tiny_c
 
     repro = _reproduce_small()
     tokenizer = tiny_corpus["tokenizer"]  # the trainer reads its vocabulary size before it starts
-    runs = repro.trainer_arguments(repro.settings(reduced, cpu), tmp_path / "train_text_document", tokenizer,
-                                   31_000_000 if not reduced else 16 * 64 * 24, cpu, seed=3)
+    runs = repro.trainer_arguments(
+        repro.settings(reduced, cpu),
+        tmp_path / "train_text_document",
+        tokenizer,
+        31_000_000 if not reduced else 16 * 64 * 24,
+        cpu,
+        seed=3,
+    )
     assert list(runs) == list(repro.RUN_NAMES)
     plans = {name: stages(parse_args([str(flag) for flag in flags], world_size=1)) for name, flags in runs.items()}
     assert list(plans["token-only"]) == ["token"]
@@ -44,25 +52,39 @@ def test_every_run_passes_the_trainers_validation(reduced, cpu, tmp_path, tiny_c
 
 
 def test_a_process_count_that_splits_no_patch_batch_is_refused(tmp_path):
-    result = subprocess.run([sys.executable, "examples/reproduce_small.py", "--workdir", str(tmp_path), "--nproc", "3"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "examples/reproduce_small.py", "--workdir", str(tmp_path), "--nproc", "3"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
-    assert "--nproc 3: the global batch of 32 sequences must split into K=4 x micro-batch 8 x 3 processes" in result.stderr
+    assert (
+        "--nproc 3: the global batch of 32 sequences must split into K=4 x micro-batch 8 x 3 processes" in result.stderr
+    )
     assert not any(tmp_path.iterdir())
 
 
 def test_reduced_reproduction_runs_and_reports(tmp_path, shared_data):
     work = tmp_path / "repro"
     command = [sys.executable, "examples/reproduce_small.py", "--reduced", "--cpu", "--workdir", str(work)]
-    result = subprocess.run(command + ["--runs", "token-only,lambda-2_3,control-lambda-2_3"], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(
+        command + ["--runs", "token-only,lambda-2_3,control-lambda-2_3"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = (work / "report.md").read_text()
     assert "| lambda-2_3 | 0.500 |" in report  # theoretical cost lambda/K + 1 - lambda at K=4
     assert "| control-lambda-2_3 | 0.333 |" in report  # 1 - lambda: the token stage alone
-    loss = {run: json.loads((work / f"eval_{run}_valid.json").read_text())["loss"]
-            for run in ("token-only", "lambda-2_3", "control-lambda-2_3", "lambda-2_3-seed2", "control-lambda-2_3-seed2")
-            if (work / f"eval_{run}_valid.json").exists()}
+    loss = {
+        run: json.loads((work / f"eval_{run}_valid.json").read_text())["loss"]
+        for run in ("token-only", "lambda-2_3", "control-lambda-2_3", "lambda-2_3-seed2", "control-lambda-2_3-seed2")
+        if (work / f"eval_{run}_valid.json").exists()
+    }
     assert f"| lambda-2_3 | {loss['control-lambda-2_3'] - loss['lambda-2_3']:.4f} |" in report  # transfer, valid
     assert "![validation loss](loss_curves.png)" in report
     assert (work / "loss_curves.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
@@ -73,24 +95,40 @@ def test_reduced_reproduction_runs_and_reports(tmp_path, shared_data):
         assert math.isclose(points[-1]["flops"], sum(s["flops"] for s in summary["stages"].values()), rel_tol=1e-9)
 
     # a second seed of the pair: seed 1 is not trained again; the report gives the spread over seeds
-    again = subprocess.run(command + ["--runs", "lambda-2_3,control-lambda-2_3", "--seeds", "2"], cwd=REPO_ROOT,
-                           capture_output=True, text=True, timeout=1200)
+    again = subprocess.run(
+        command + ["--runs", "lambda-2_3,control-lambda-2_3", "--seeds", "2"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-    assert "== train lambda-2_3: done already" in again.stdout and "== train control-lambda-2_3: done already" in again.stdout
+    assert (
+        "== train lambda-2_3: done already" in again.stdout
+        and "== train control-lambda-2_3: done already" in again.stdout
+    )
     assert "== train lambda-2_3-seed2: " in again.stdout
-    seed2 = {run: json.loads((work / f"eval_{run}-seed2_valid.json").read_text())["loss"]
-             for run in ("lambda-2_3", "control-lambda-2_3")}
+    seed2 = {
+        run: json.loads((work / f"eval_{run}-seed2_valid.json").read_text())["loss"]
+        for run in ("lambda-2_3", "control-lambda-2_3")
+    }
     transfers = [loss["control-lambda-2_3"] - loss["lambda-2_3"], seed2["control-lambda-2_3"] - seed2["lambda-2_3"]]
     report = (work / "report.md").read_text()
-    assert (f"| lambda-2_3 | {statistics.fmean(transfers):.4f} ± {statistics.stdev(transfers):.4f} "
-            f"[{min(transfers):.4f}, {max(transfers):.4f}] |") in report
+    assert (
+        f"| lambda-2_3 | {statistics.fmean(transfers):.4f} ± {statistics.stdev(transfers):.4f} "
+        f"[{min(transfers):.4f}, {max(transfers):.4f}] |"
+    ) in report
     assert "| token-only |" not in report and "over seeds 1, 2" in report
 
 
 def test_unknown_run_names_are_refused(tmp_path):
-    result = subprocess.run([sys.executable, "examples/reproduce_small.py", "--workdir", str(tmp_path),
-                             "--runs", "token-only,lambda-3_4"], cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "examples/reproduce_small.py", "--workdir", str(tmp_path), "--runs", "token-only,lambda-3_4"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "--runs 'token-only,lambda-3_4': unknown run lambda-3_4; choose from" in result.stderr
     assert not any(tmp_path.iterdir())  # nothing created before the flags are checked

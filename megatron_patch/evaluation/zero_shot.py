@@ -28,8 +28,12 @@ from megatron_patch.errors import ArgumentError, DataError, UserError
 logger = logging.getLogger(__name__)
 
 PAPER_TASKS: Dict[str, str] = {
-    "mmlu": "acc", "hellaswag": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
-    "arc_easy": "acc_norm", "arc_challenge": "acc_norm",
+    "mmlu": "acc",
+    "hellaswag": "acc_norm",
+    "piqa": "acc_norm",
+    "winogrande": "acc",
+    "arc_easy": "acc_norm",
+    "arc_challenge": "acc_norm",
 }
 """The paper's six zero-shot tasks (harness names, Table 1's column order) -> the metric reported."""
 
@@ -83,8 +87,10 @@ def import_harness():
         import lm_eval.models.huggingface  # noqa: F401  (needs accelerate: the harness's [hf] extra)
         from lm_eval.tasks import TaskManager  # noqa: F401
     except ImportError as error:
-        raise UserError(f"zero-shot evaluation needs lm-evaluation-harness with its Hugging Face model "
-                        f"({error.name or error} is not installed): run '{INSTALL_HINT}'") from None
+        raise UserError(
+            f"zero-shot evaluation needs lm-evaluation-harness with its Hugging Face model "
+            f"({error.name or error} is not installed): run '{INSTALL_HINT}'"
+        ) from None
     return lm_eval
 
 
@@ -129,17 +135,22 @@ def check_task_names(manager, tasks: Sequence[str]) -> None:
             raise ArgumentError(
                 f"--tasks {name}: lm-evaluation-harness {lm_eval.__version__} knows no task or group of that "
                 f"name; 'lm-eval ls tasks' lists them, and a task of your own goes in a folder passed with "
-                f"--include-path")
+                f"--include-path"
+            )
 
 
 def _offline_error(error: Exception) -> DataError:
     offline = os.environ.get("HF_DATASETS_OFFLINE") or os.environ.get("HF_HUB_OFFLINE")
-    why = "HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
-        "this machine cannot reach the Hugging Face Hub"
+    why = (
+        "HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set and it is not in the local cache"
+        if offline
+        else "this machine cannot reach the Hugging Face Hub"
+    )
     return DataError(
         f"a task's data set is not reachable: {error} ({why}); run the same command once on a machine with "
         f"network access, copy its Hugging Face cache (HF_HOME, default ~/.cache/huggingface) here and set "
-        f"HF_DATASETS_OFFLINE=1, or point a task YAML at local files and pass its folder with --include-path")
+        f"HF_DATASETS_OFFLINE=1, or point a task YAML at local files and pass its folder with --include-path"
+    )
 
 
 def _is_unreachable(error: Exception) -> bool:
@@ -147,14 +158,18 @@ def _is_unreachable(error: Exception) -> bool:
     own offline/not-in-cache errors)."""
     names = {cls.__name__ for cls in type(error).__mro__}
     return isinstance(error, ConnectionError) or bool(
-        names & {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "DatasetNotFoundError"})
+        names & {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "DatasetNotFoundError"}
+    )
 
 
 def metric_for(task: str, result: dict) -> str:
     """The metric reported for ``task``: :data:`REPORTED_METRICS`' choice, else ``acc_norm`` where
     the harness computed it, else ``acc``, else the first metric of the result (sorted by name)."""
-    available = sorted(key.split(",")[0] for key in result
-                       if "," in key and "_stderr" not in key and isinstance(result[key], (int, float)))
+    available = sorted(
+        key.split(",")[0]
+        for key in result
+        if "," in key and "_stderr" not in key and isinstance(result[key], (int, float))
+    )
     for metric in (REPORTED_METRICS.get(task), "acc_norm", "acc"):
         if metric in available:
             return metric
@@ -170,8 +185,11 @@ def _score(task: str, result: dict, items: Optional[int]) -> TaskScore:
         found = result.get(f"{name},none")
         return float(found) if isinstance(found, (int, float)) else None
 
-    metrics = {key.split(",")[0]: float(found) for key, found in result.items()
-               if "," in key and "_stderr" not in key and isinstance(found, (int, float))}
+    metrics = {
+        key.split(",")[0]: float(found)
+        for key, found in result.items()
+        if "," in key and "_stderr" not in key and isinstance(found, (int, float))
+    }
     return TaskScore(task, metric, value(metric), value(f"{metric}_stderr"), items, metrics)
 
 
@@ -201,9 +219,20 @@ class _CountTruncations(logging.Filter):
         return True
 
 
-def evaluate(hf_folder: str, tasks: Sequence[str], *, include_paths: Sequence[str] = (), manager=None,
-             batch_size: int = 16, device: Optional[str] = None, dtype: str = "float32",
-             limit: Optional[int] = None, num_fewshot: int = 0, seed: int = 1234, log_samples: bool = False) -> dict:
+def evaluate(
+    hf_folder: str,
+    tasks: Sequence[str],
+    *,
+    include_paths: Sequence[str] = (),
+    manager=None,
+    batch_size: int = 16,
+    device: Optional[str] = None,
+    dtype: str = "float32",
+    limit: Optional[int] = None,
+    num_fewshot: int = 0,
+    seed: int = 1234,
+    log_samples: bool = False,
+) -> dict:
     """Run the harness on the LlamaForCausalLM folder ``hf_folder``; returns the report (JSON-able):
     ``scores`` (one :class:`TaskScore` dict per task), ``average`` (the mean of the reported metrics,
     as the paper's "Avg" column; None for one task), ``truncated_requests`` (choices whose context
@@ -225,10 +254,20 @@ def evaluate(hf_folder: str, tasks: Sequence[str], *, include_paths: Sequence[st
     start = time.perf_counter()
     try:
         output = lm_eval.simple_evaluate(
-            model="hf", model_args=_model_args(hf_folder, dtype), tasks=list(tasks),
-            num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit, task_manager=manager,
-            log_samples=log_samples, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-            fewshot_random_seed=seed)
+            model="hf",
+            model_args=_model_args(hf_folder, dtype),
+            tasks=list(tasks),
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            device=device,
+            limit=limit,
+            task_manager=manager,
+            log_samples=log_samples,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     except Exception as error:
         if _is_unreachable(error):
             raise _offline_error(error) from None
@@ -237,8 +276,9 @@ def evaluate(hf_folder: str, tasks: Sequence[str], *, include_paths: Sequence[st
         harness_logger.removeFilter(truncations)
     seconds = time.perf_counter() - start
     if truncations.count:
-        logger.warning("%d requests were longer than the model's positions: their context was cut from the left",
-                       truncations.count)
+        logger.warning(
+            "%d requests were longer than the model's positions: their context was cut from the left", truncations.count
+        )
     results, counts = output["results"], output.get("n-samples", {})
     scores = []
     for task in tasks:  # a group's result counts the items of all its tasks in sample_len
@@ -249,11 +289,21 @@ def evaluate(hf_folder: str, tasks: Sequence[str], *, include_paths: Sequence[st
         "scores": [asdict(score) for score in scores],
         "average": sum(s.value for s in scores) / len(scores) if len(scores) > 1 else None,
         "truncated_requests": truncations.count,
-        "settings": {"tasks": list(tasks), "num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size,
-                     "device": device, "dtype": dtype, "seed": seed,
-                     "include_paths": [TASKS_DIR, *[os.path.abspath(p) for p in include_paths]]},
-        "versions": {"lm_eval": lm_eval.__version__, "transformers": transformers.__version__,
-                     "torch": torch.__version__},
+        "settings": {
+            "tasks": list(tasks),
+            "num_fewshot": num_fewshot,
+            "limit": limit,
+            "batch_size": batch_size,
+            "device": device,
+            "dtype": dtype,
+            "seed": seed,
+            "include_paths": [TASKS_DIR, *[os.path.abspath(p) for p in include_paths]],
+        },
+        "versions": {
+            "lm_eval": lm_eval.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+        },
         "seconds": seconds,
     }
     if log_samples:
@@ -267,9 +317,13 @@ def _sample(task: str, sample: dict) -> dict:
     doc = sample.get("doc") or {}
     responses = sample.get("filtered_resps") or []
     scored = all(isinstance(r, (tuple, list)) and r and isinstance(r[0], (int, float)) for r in responses)
-    return {"task": task, "doc_id": sample["doc_id"], "id": doc.get("id") if isinstance(doc, dict) else None,
-            "target": sample["target"],
-            "loglikelihoods": [float(r[0]) for r in responses] if responses and scored else None}
+    return {
+        "task": task,
+        "doc_id": sample["doc_id"],
+        "id": doc.get("id") if isinstance(doc, dict) else None,
+        "target": sample["target"],
+        "loglikelihoods": [float(r[0]) for r in responses] if responses and scored else None,
+    }
 
 
 def table(report: dict) -> str:

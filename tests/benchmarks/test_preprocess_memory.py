@@ -29,8 +29,7 @@ preprocess_memory = _load()
 def corpus(tmp_path):
     """60 documents of random words, one of them empty."""
     rng = random.Random(3)
-    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 8)))
-             for _ in range(300)]
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 8))) for _ in range(300)]
     path = tmp_path / "c.jsonl"
     with open(path, "w") as stream:
         for line in range(60):
@@ -41,9 +40,23 @@ def corpus(tmp_path):
 
 def test_memory_table_for_two_sizes(corpus, tmp_path, capsys):
     out = tmp_path / "m.json"
-    code = preprocess_memory.main(["--input", str(corpus), "--lines", "40", "--scales", "1", "3",
-                                   "--workers", "2", "--vocab-size", "300",
-                                   "--output-json", str(out)])
+    code = preprocess_memory.main(
+        [
+            "--input",
+            str(corpus),
+            "--lines",
+            "40",
+            "--scales",
+            "1",
+            "3",
+            "--workers",
+            "2",
+            "--vocab-size",
+            "300",
+            "--output-json",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert printed.startswith("python benchmarks/preprocess_memory.py --input")
@@ -60,11 +73,14 @@ def test_memory_table_for_two_sizes(corpus, tmp_path, capsys):
     assert rows[1]["pss_vs_smallest"] == rows[1]["peak_pss_mb"] / rows[0]["peak_pss_mb"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--lines", "0"], "--lines 0: every value must be >= 1"),
-    (["--workers", "0"], "--workers [0]: every value must be >= 1"),
-    (["--lines", "100"], "--lines 100: --input"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lines", "0"], "--lines 0: every value must be >= 1"),
+        (["--workers", "0"], "--workers [0]: every value must be >= 1"),
+        (["--lines", "100"], "--lines 100: --input"),
+    ],
+)
 def test_bad_flags_are_one_line_errors(corpus, argv, message, capsys):
     assert preprocess_memory.main(["--input", str(corpus), *argv, "--scales", "1"]) == 2
     err = capsys.readouterr().err.strip()

@@ -12,7 +12,9 @@ from tests.trainer_plan import stages as trainer_stages
 
 
 def _study():
-    spec = importlib.util.spec_from_file_location("benchmarks_transfer_study", REPO_ROOT / "benchmarks" / "transfer_study.py")
+    spec = importlib.util.spec_from_file_location(
+        "benchmarks_transfer_study", REPO_ROOT / "benchmarks" / "transfer_study.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -30,10 +32,17 @@ def test_plan_and_trainer_flags(tiny_corpus):
     quickstart = study._quickstart()
     s = quickstart.settings(reduced=True)
     data = {"prefix": tiny_corpus["prefix"], "tokenizer": tiny_corpus["tokenizer"]}
-    stages = {name: trainer_stages(parse_args([str(flag) for flag in study.run_flags(run, s, data, quickstart)], world_size=1))
-              for name, run in runs.items()}
+    stages = {
+        name: trainer_stages(
+            parse_args([str(flag) for flag in study.run_flags(run, s, data, quickstart)], world_size=1)
+        )
+        for name, run in runs.items()
+    }
     patch_iters = round(0.25 * s["train_iters"])
-    assert stages["patch_token-lambda1_4-K4-seed2"] == {"patch": (4, patch_iters), "token": (1, s["train_iters"] - patch_iters)}
+    assert stages["patch_token-lambda1_4-K4-seed2"] == {
+        "patch": (4, patch_iters),
+        "token": (1, s["train_iters"] - patch_iters),
+    }
     assert stages["control-lambda1_4-seed2"] == {"token": (1, s["train_iters"] - patch_iters)}  # fresh, as long
     assert stages["token-only-seed1"] == {"token": (1, s["train_iters"])}
     flags = [str(flag) for flag in study.run_flags(runs["control-lambda1_4-seed2"], s, data, quickstart)]
@@ -46,10 +55,22 @@ def test_transfer_is_paired_by_seed():
     results = {}
     losses = {1: (5.0, 5.3, 6.0), 2: (5.2, 5.1, 6.1), 3: (4.9, 5.0, 5.9)}  # control, patch + token, after patch
     for seed, (control, patch, after) in losses.items():
-        results[f"t{seed}"] = {"arm": "token-only", "seed": seed, "fraction": None, "K": 1, "loss_final": 4.5 + seed / 100}
+        results[f"t{seed}"] = {
+            "arm": "token-only",
+            "seed": seed,
+            "fraction": None,
+            "K": 1,
+            "loss_final": 4.5 + seed / 100,
+        }
         results[f"c{seed}"] = {"arm": "control", "seed": seed, "fraction": str(fraction), "K": 2, "loss_final": control}
-        results[f"p{seed}"] = {"arm": "patch+token", "seed": seed, "fraction": str(fraction), "K": 2,
-                               "loss_final": patch, "loss_after_patch": after}
+        results[f"p{seed}"] = {
+            "arm": "patch+token",
+            "seed": seed,
+            "fraction": str(fraction),
+            "K": 2,
+            "loss_final": patch,
+            "loss_after_patch": after,
+        }
     summary = study.summarise(results, [fraction], [2])
     row = summary["rows"][0]
     transfers = [control - patch for control, patch, _ in losses.values()]

@@ -66,27 +66,42 @@ def both_ways(tmp_path_factory, with_empty, tokenizer_model, tools):
     folder = tmp_path_factory.mktemp("both")
     common = ["--input", str(with_empty), "--tokenizer-model", str(tokenizer_model), "--append-eod"]
     assert tools.preprocess_data.main(common + ["--output-prefix", str(folder / "keep")]) == 0
-    assert tools.preprocess_data.main(common + ["--output-prefix", str(folder / "skip"),
-                                                "--skip-empty-documents"]) == 0
+    assert tools.preprocess_data.main(common + ["--output-prefix", str(folder / "skip"), "--skip-empty-documents"]) == 0
     return str(folder / "keep_text_document"), str(folder / "skip_text_document")
 
 
 @pytest.mark.parametrize("append_eod", [True, False])
-def test_default_output_is_megatron_lm_s_byte_for_byte(tmp_path, with_empty, tokenizer,
-                                                      tokenizer_model, tools, append_eod, capsys):
+def test_default_output_is_megatron_lm_s_byte_for_byte(
+    tmp_path, with_empty, tokenizer, tokenizer_model, tools, append_eod, capsys
+):
     megatron_lm_pair(with_empty, tokenizer, append_eod, str(tmp_path / "reference"))
     expected = read(str(tmp_path / "reference"))
     lengths, documents = index_arrays(str(tmp_path / "reference"))
     assert len(lengths) == 30 - len(EMPTY) and len(documents) == 31  # the oracle keeps empty entries
     eod = ["--append-eod"] if append_eod else []
-    runs = {"one": [], "two workers": ["--workers", "2", "--chunk-bytes", "30000"],
-            # partition 0 holds only empty documents: a shard with an empty .bin
-            "ten partitions": ["--partitions", "10"]}
+    runs = {
+        "one": [],
+        "two workers": ["--workers", "2", "--chunk-bytes", "30000"],
+        # partition 0 holds only empty documents: a shard with an empty .bin
+        "ten partitions": ["--partitions", "10"],
+    }
     for name, extra in runs.items():
         prefix = tmp_path / name.replace(" ", "_")
-        assert tools.preprocess_data.main(["--input", str(with_empty), "--tokenizer-model",
-                                           str(tokenizer_model), "--output-prefix", str(prefix),
-                                           *eod, *extra]) == 0
+        assert (
+            tools.preprocess_data.main(
+                [
+                    "--input",
+                    str(with_empty),
+                    "--tokenizer-model",
+                    str(tokenizer_model),
+                    "--output-prefix",
+                    str(prefix),
+                    *eod,
+                    *extra,
+                ]
+            )
+            == 0
+        )
         assert read(f"{prefix}_text_document") == expected, name
     assert read(str(tmp_path / "ten_partitions_0_text_document"))[0] == b""
     out = capsys.readouterr().out
@@ -94,8 +109,7 @@ def test_default_output_is_megatron_lm_s_byte_for_byte(tmp_path, with_empty, tok
     assert f"{len(EMPTY)} empty kept as empty index entries" in out
 
 
-def test_skip_flag_drops_only_the_empty_index_entries(both_ways, capsys, tools, with_empty,
-                                                      tokenizer_model, tmp_path):
+def test_skip_flag_drops_only_the_empty_index_entries(both_ways, capsys, tools, with_empty, tokenizer_model, tmp_path):
     keep, skip = both_ways
     assert read(keep)[0] == read(skip)[0]  # the same tokens
     keep_lengths, keep_documents = index_arrays(keep)
@@ -103,29 +117,51 @@ def test_skip_flag_drops_only_the_empty_index_entries(both_ways, capsys, tools, 
     assert keep_lengths == skip_lengths
     assert skip_documents == list(range(len(skip_lengths) + 1))
     assert sorted(set(keep_documents)) == skip_documents  # each empty document repeats an entry
-    repeats = [i - 1 for i in range(1, len(keep_documents))
-               if keep_documents[i] == keep_documents[i - 1]]
+    repeats = [i - 1 for i in range(1, len(keep_documents)) if keep_documents[i] == keep_documents[i - 1]]
     assert repeats == list(EMPTY)
-    assert tools.preprocess_data.main(["--input", str(with_empty), "--tokenizer-model",
-                                       str(tokenizer_model), "--output-prefix",
-                                       str(tmp_path / "s"), "--skip-empty-documents"]) == 0
+    assert (
+        tools.preprocess_data.main(
+            [
+                "--input",
+                str(with_empty),
+                "--tokenizer-model",
+                str(tokenizer_model),
+                "--output-prefix",
+                str(tmp_path / "s"),
+                "--skip-empty-documents",
+            ]
+        )
+        == 0
+    )
     assert f"{len(EMPTY)} empty skipped" in capsys.readouterr().out
 
 
-def test_shards_with_empty_documents_merge_to_the_unsharded_pair(both_ways, tmp_path, with_empty,
-                                                                 tokenizer_model, tools):
+def test_shards_with_empty_documents_merge_to_the_unsharded_pair(
+    both_ways, tmp_path, with_empty, tokenizer_model, tools
+):
     keep, _ = both_ways
-    assert tools.preprocess_data.main(["--input", str(with_empty), "--tokenizer-model",
-                                       str(tokenizer_model), "--output-prefix", str(tmp_path / "p"),
-                                       "--append-eod", "--partitions", "4",
-                                       "--no-merge-partitions"]) == 0
-    assert tools.merge_datasets.main(["--input", str(tmp_path), "--output-prefix",
-                                      str(tmp_path / "merged")]) == 0
+    assert (
+        tools.preprocess_data.main(
+            [
+                "--input",
+                str(with_empty),
+                "--tokenizer-model",
+                str(tokenizer_model),
+                "--output-prefix",
+                str(tmp_path / "p"),
+                "--append-eod",
+                "--partitions",
+                "4",
+                "--no-merge-partitions",
+            ]
+        )
+        == 0
+    )
+    assert tools.merge_datasets.main(["--input", str(tmp_path), "--output-prefix", str(tmp_path / "merged")]) == 0
     assert read(str(tmp_path / "merged")) == read(keep)
 
 
-def test_stage_datasets_and_evaluation_ignore_empty_entries(both_ways, tokenizer, tmp_path,
-                                                            with_empty):
+def test_stage_datasets_and_evaluation_ignore_empty_entries(both_ways, tokenizer, tmp_path, with_empty):
     keep, skip = both_ways
     sizes = {"patch_train": 40, "token_train": 60, "valid": 4}
     built = {}
@@ -136,11 +172,11 @@ def test_stage_datasets_and_evaluation_ignore_empty_entries(both_ways, tokenizer
     assert built["keep"].splits[0].valid == built["skip"].splits[0].valid
     for stage, count in sizes.items():
         for index in range(count):
-            assert torch.equal(getattr(built["keep"], stage)[index]["tokens"],
-                               getattr(built["skip"], stage)[index]["tokens"])
+            assert torch.equal(
+                getattr(built["keep"], stage)[index]["tokens"], getattr(built["skip"], stage)[index]["tokens"]
+            )
 
     stream = corpus_from_prefix(keep, tokenizer)
     assert stream.documents == 30 - len(EMPTY)
     numpy.testing.assert_array_equal(stream.stream, corpus_from_prefix(skip, tokenizer).stream)
-    numpy.testing.assert_array_equal(stream.stream, corpus_from_files([str(with_empty)],
-                                                                      tokenizer).stream)
+    numpy.testing.assert_array_equal(stream.stream, corpus_from_files([str(with_empty)], tokenizer).stream)

@@ -25,8 +25,12 @@ SEQ = 128  # T of the models here: the task's longest choice is 85 tokens of the
 
 
 def _train(tiny_corpus, root, *extra, iters):
-    assert cli.main(trainer_args(tiny_corpus, root, "--seq-length", str(SEQ), "--eval-iters", "0", *extra,
-                                 train_iters=iters)) == 0
+    assert (
+        cli.main(
+            trainer_args(tiny_corpus, root, "--seq-length", str(SEQ), "--eval-iters", "0", *extra, train_iters=iters)
+        )
+        == 0
+    )
     return str(root)
 
 
@@ -35,8 +39,10 @@ def models(world, tiny_corpus, tmp_path_factory):
     """``{trained, one_step}``: a two-stage run (K=4, lambda=2/3, 24 steps of 16 x 128 tokens) and a
     token-level run of one step at lr 1e-5 (all but untrained), T=128."""
     folder = tmp_path_factory.mktemp("zero_shot")
-    return {"trained": _train(tiny_corpus, folder / "trained", iters=24),
-            "one_step": _train(tiny_corpus, folder / "one_step", "--patch-size", "1", "--lr", "1e-5", iters=1)}
+    return {
+        "trained": _train(tiny_corpus, folder / "trained", iters=24),
+        "one_step": _train(tiny_corpus, folder / "one_step", "--patch-size", "1", "--lr", "1e-5", iters=1),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +56,11 @@ def exported(models, tmp_path_factory, world):
 
 
 def _evaluate(checkpoint, output, capsys):
-    code, out, err = call(evaluate_zero_shot, ["--cpu", "--load", checkpoint, "--tasks", TASK,
-                                               "--batch-size", "32", "--output-json", output], capsys)
+    code, out, err = call(
+        evaluate_zero_shot,
+        ["--cpu", "--load", checkpoint, "--tasks", TASK, "--batch-size", "32", "--output-json", output],
+        capsys,
+    )
     assert code == 0, err
     return json.load(open(output)), out
 
@@ -81,8 +90,22 @@ def test_harness_log_likelihoods_match_megatron_in_float64(models, tiny_corpus, 
     log-likelihood without context (after EOD, as documents start in training), and acc, acc_norm
     and acc_mutual_info (argmax of the sum, of the sum per character, of the difference)."""
     output = tmp_path / "samples.json"
-    code, _, err = call(evaluate_zero_shot, ["--cpu", "--load", models["trained"], "--tasks", TASK, "--limit", "6",
-                                             "--log-samples", "--output-json", output], capsys)
+    code, _, err = call(
+        evaluate_zero_shot,
+        [
+            "--cpu",
+            "--load",
+            models["trained"],
+            "--tasks",
+            TASK,
+            "--limit",
+            "6",
+            "--log-samples",
+            "--output-json",
+            output,
+        ],
+        capsys,
+    )
     assert code == 0, err
     report = json.load(open(output))
     items = [json.loads(line) for line in open(SHIPPED)]
@@ -92,9 +115,9 @@ def test_harness_log_likelihoods_match_megatron_in_float64(models, tiny_corpus, 
     hits, hits_norm, hits_mutual = [], [], []
 
     def log_likelihood(prefix, continuation):  # summed log p (nats) of continuation after prefix, float64
-        tokens = (prefix + continuation)[-(SEQ + 1):][:-1]
+        tokens = (prefix + continuation)[-(SEQ + 1) :][:-1]
         logits = megatron_logits(model, torch.tensor([tokens]))[0].double()  # [s, rows]
-        log_probs = torch.log_softmax(logits, dim=-1)[-len(continuation):]  # the choice's positions
+        log_probs = torch.log_softmax(logits, dim=-1)[-len(continuation) :]  # the choice's positions
         return log_probs.gather(1, torch.tensor(continuation)[:, None]).sum().item()
 
     assert [sample["doc_id"] for sample in report["samples"]] == list(range(6))
@@ -102,8 +125,10 @@ def test_harness_log_likelihoods_match_megatron_in_float64(models, tiny_corpus, 
         item = items[sample["doc_id"]]
         assert sample["id"] == item["id"] and sample["target"] == item["label"]
         context = tokenizer.tokenize(item["context"])
-        oracle = [log_likelihood(context, tokenizer.tokenize(f"{item['context']} {choice}")[len(context):])
-                  for choice in item["choices"]]
+        oracle = [
+            log_likelihood(context, tokenizer.tokenize(f"{item['context']} {choice}")[len(context) :])
+            for choice in item["choices"]
+        ]
         # without context: " " + choice after EOD (SentencePiece's dummy prefix is the space)
         unconditional = [log_likelihood([tokenizer.eod], tokenizer.tokenize(choice)) for choice in item["choices"]]
         assert sample["loglikelihoods"] == pytest.approx(oracle + unconditional, rel=1e-5, abs=1e-3), item["id"]
@@ -113,8 +138,9 @@ def test_harness_log_likelihoods_match_megatron_in_float64(models, tiny_corpus, 
         hits_mutual.append(max(range(4), key=lambda i: oracle[i] - unconditional[i]) == item["label"])
     [score] = report["scores"]
     assert score["items"] == 6
-    assert score["metrics"] == pytest.approx({"acc": sum(hits) / 6, "acc_norm": sum(hits_norm) / 6,
-                                              "acc_mutual_info": sum(hits_mutual) / 6})
+    assert score["metrics"] == pytest.approx(
+        {"acc": sum(hits) / 6, "acc_norm": sum(hits_norm) / 6, "acc_mutual_info": sum(hits_mutual) / 6}
+    )
 
 
 GROUP = """group: tiny_group
@@ -133,8 +159,22 @@ def test_a_group_from_an_include_path(exported, tmp_path, capsys):
     folder.mkdir()
     (folder / "tiny_group.yaml").write_text(GROUP)
     output = tmp_path / "group.json"
-    code, out, err = call(evaluate_zero_shot, ["--hf-model", exported, "--include-path", folder, "--tasks",
-                                               "tiny_group", "--limit", "5", "--output-json", output], capsys)
+    code, out, err = call(
+        evaluate_zero_shot,
+        [
+            "--hf-model",
+            exported,
+            "--include-path",
+            folder,
+            "--tasks",
+            "tiny_group",
+            "--limit",
+            "5",
+            "--output-json",
+            output,
+        ],
+        capsys,
+    )
     assert code == 0, err
     report = json.load(open(output))
     [group] = report["scores"]
@@ -149,11 +189,18 @@ def test_reported_metric_and_table():
     assert zero_shot.metric_for("piqa", both) == "acc_norm" and zero_shot.metric_for("other", both) == "acc_norm"
     assert zero_shot.metric_for("winogrande", both) == "acc"  # the paper's table reports acc there
     assert zero_shot.metric_for("gen", {"exact_match,none": 0.5, "exact_match_stderr,none": 0.1}) == "exact_match"
-    report = {"scores": [{"task": "a", "metric": "acc", "value": 0.25, "stderr": 0.0125, "items": 8},
-                         {"task": "b", "metric": "acc_norm", "value": 0.5, "stderr": None, "items": None}],
-              "average": 0.375}
-    assert zero_shot.table(report).splitlines()[2:] == ["| a | acc | 25.0 | 1.2 | 8 |", "| b | acc_norm | 50.0 |  |  |",
-                                                        "| average | | 37.5 | | |"]
+    report = {
+        "scores": [
+            {"task": "a", "metric": "acc", "value": 0.25, "stderr": 0.0125, "items": 8},
+            {"task": "b", "metric": "acc_norm", "value": 0.5, "stderr": None, "items": None},
+        ],
+        "average": 0.375,
+    }
+    assert zero_shot.table(report).splitlines()[2:] == [
+        "| a | acc | 25.0 | 1.2 | 8 |",
+        "| b | acc_norm | 50.0 |  |  |",
+        "| average | | 37.5 | | |",
+    ]
 
 
 def test_the_shipped_task_is_what_its_script_builds(tmp_path, capsys):
@@ -164,8 +211,9 @@ def test_the_shipped_task_is_what_its_script_builds(tmp_path, capsys):
     from megatron_patch.data.inputs import expand_inputs, iter_lines, parse_line
 
     [corpus] = expand_inputs([build_zero_shot_task.DEFAULT_INPUT])
-    documents = [" ".join(parse_line(raw, corpus.format, ["text"])["text"].split())
-                 for _, _, raw, _ in iter_lines([corpus])]
+    documents = [
+        " ".join(parse_line(raw, corpus.format, ["text"])["text"].split()) for _, _, raw, _ in iter_lines([corpus])
+    ]
     for line in open(SHIPPED):
         item = json.loads(line)
         assert len(item["choices"]) == 4 and len(set(item["choices"])) == 4
@@ -176,20 +224,25 @@ def test_the_shipped_task_is_what_its_script_builds(tmp_path, capsys):
 
 
 def test_sentence_split():
-    text = "Mr. Elliot said \"No!\"  He left.\nIt was 3 p.m. when Mrs. Smith came? Yes."
-    assert split_sentences(text) == ['Mr. Elliot said "No!"', "He left.", "It was 3 p.m. when Mrs. Smith came?",
-                                     "Yes."]
+    text = 'Mr. Elliot said "No!"  He left.\nIt was 3 p.m. when Mrs. Smith came? Yes.'
+    assert split_sentences(text) == ['Mr. Elliot said "No!"', "He left.", "It was 3 p.m. when Mrs. Smith came?", "Yes."]
 
 
 def test_bad_inputs_are_one_line(models, tmp_path, capsys, monkeypatch):
     output = tmp_path / "out.json"
-    code, _, err = call(evaluate_zero_shot, ["--cpu", "--load", models["one_step"], "--tasks", "no_such_task",
-                                             "--output-json", output], capsys)
+    code, _, err = call(
+        evaluate_zero_shot,
+        ["--cpu", "--load", models["one_step"], "--tasks", "no_such_task", "--output-json", output],
+        capsys,
+    )
     assert_one_line_error(code, err, "--tasks no_such_task")
     code, _, err = call(evaluate_zero_shot, ["--hf-model", tmp_path, "--output-json", output], capsys)
     assert_one_line_error(code, err, "holds no config.json")
-    code, _, err = call(evaluate_zero_shot, ["--cpu", "--load", models["one_step"], "--include-path", tmp_path / "nope",
-                                             "--output-json", output], capsys)
+    code, _, err = call(
+        evaluate_zero_shot,
+        ["--cpu", "--load", models["one_step"], "--include-path", tmp_path / "nope", "--output-json", output],
+        capsys,
+    )
     assert_one_line_error(code, err, "--include-path")
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
     code, _, err = call(evaluate_zero_shot, ["--cpu", "--load", models["one_step"], "--output-json", output], capsys)
@@ -208,8 +261,11 @@ def test_unreachable_hub_dataset_is_one_line(exported, tmp_path, capsys, monkeyp
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
     output = tmp_path / "out.json"
-    code, _, err = call(evaluate_zero_shot, ["--hf-model", exported, "--tasks", "arc_easy",
-                                             "--limit", "2", "--output-json", output], capsys)
+    code, _, err = call(
+        evaluate_zero_shot,
+        ["--hf-model", exported, "--tasks", "arc_easy", "--limit", "2", "--output-json", output],
+        capsys,
+    )
     assert_one_line_error(code, err, "not reachable")
     assert "HF_DATASETS_OFFLINE" in err[0] and "--include-path" in err[0]
     assert not os.path.exists(output)
@@ -219,5 +275,11 @@ def test_paper_tasks_are_the_default():
     parser = evaluate_zero_shot.build_parser()
     args = parser.parse_args(["--load", "x", "--output-json", "y"])
     assert args.tasks == ["mmlu", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge"]
-    assert [zero_shot.PAPER_TASKS[t] for t in args.tasks] == ["acc", "acc_norm", "acc_norm", "acc", "acc_norm",
-                                                             "acc_norm"]
+    assert [zero_shot.PAPER_TASKS[t] for t in args.tasks] == [
+        "acc",
+        "acc_norm",
+        "acc_norm",
+        "acc",
+        "acc_norm",
+        "acc_norm",
+    ]
