@@ -69,12 +69,6 @@ def patch_targets(
     return targets, mask.contiguous()
 
 
-def masked_mean(losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``losses`` over entries where ``mask`` is 1 (any matching shape): the patch loss."""
-    mask = mask.to(losses.dtype)
-    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
-
-
 class _VocabParallelPatchCrossEntropy(torch.autograd.Function):
     """One softmax per position, K target logits gathered; see ``vocab_parallel_patch_cross_entropy``."""
 

@@ -1,6 +1,14 @@
 """Runs the K-way cross-entropy the way every loss test does, on a leaf it can differentiate."""
 
-from megatron_patch.loss import masked_mean, vocab_parallel_patch_cross_entropy
+import torch
+
+from megatron_patch.loss import vocab_parallel_patch_cross_entropy
+
+
+def masked_mean(losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``losses`` over entries where ``mask`` is 1 (any matching shape): the patch loss."""
+    mask = mask.to(losses.dtype)
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def loss_and_grad(leaf, targets, upstream=None, mask=None, tp_group=None, fused=False):

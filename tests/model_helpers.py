@@ -196,8 +196,8 @@ def runs_through_trainer_builders(model_parallel, flags, seed, tokenizer_model):
     the model's losses (``[b, T, K]``, or ``[b, s]`` at K=1), the masked patch loss that was
     back-propagated, and ``{name: gradient}`` (megatron's DDP accumulates into ``main_grad``).
     """
-    from megatron_patch.loss import masked_mean
     from megatron_patch.training.builders import build_model
+    from tests.loss_helpers import masked_mean
 
     model_parallel(1, 1, seed=seed)
     chunk = build_model(trainer_config(*flags, tokenizer_model=tokenizer_model))[0]

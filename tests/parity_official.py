@@ -96,7 +96,8 @@ def project_patch_loss(chunk: torch.nn.Module, x: torch.Tensor, patch_size: int)
     The only place the parity tests call into the model's interface (the patch size is a forward
     argument; older trees set it with ``set_patch_size`` and let the model build the targets).
     """
-    from megatron_patch.loss import masked_mean, patch_targets
+    from megatron_patch.loss import patch_targets
+    from tests.loss_helpers import masked_mean
 
     tokens, labels = x[:, :-1], x[:, 1:]  # [b, K*T] each
     model = unwrap(chunk)

@@ -241,7 +241,7 @@ def test_cross_entropy_fusion_flag_scores_both_modes_with_the_fused_loss(model_p
 
 @pytest.mark.gpu
 def test_bf16_patch_model_forward_backward_on_gpu(model_parallel):
-    from megatron_patch.loss import masked_mean
+    from tests.loss_helpers import masked_mean
 
     model_parallel(1, 1)
     config = transformer_config(get_preset("tiny"), bf16=True)
