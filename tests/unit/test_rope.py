@@ -123,31 +123,11 @@ def test_rope_fusion_flag_builds_the_same_model(model_parallel, monkeypatch, tin
 
 def test_rope_fusion_with_transformer_engine_is_refused(tiny_corpus):
     from megatron_patch.errors import ArgumentError
-    from megatron_patch.training.arguments import parse_args
 
-    tokenizer = tiny_corpus["tokenizer"]
-    argv = [
-        "--model",
-        "tiny",
-        "--cpu",
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "8",
-        "--train-iters",
-        "4",
-        "--lr",
-        "1e-3",
-        "--data-path",
-        "unused",
-        "--tokenizer-model",
-        str(tokenizer),
-        "--rope-fusion",
-        "--transformer-impl",
-        "transformer_engine",
-    ]
     with pytest.raises(ArgumentError, match="--rope-fusion is for --transformer-impl local"):
-        parse_args(argv, world_size=1)
+        mh.trainer_config(
+            "--rope-fusion", "--transformer-impl", "transformer_engine", tokenizer_model=tiny_corpus["tokenizer"]
+        )
 
 
 @pytest.mark.gpu
