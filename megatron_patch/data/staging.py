@@ -3,7 +3,9 @@
 A tool writes every output file into a hidden temporary folder inside the output folder (same
 file system, so the final ``os.replace`` is atomic per file) and moves them into place only after
 all of them are complete. On any failure, including Ctrl-C, the temporary folder is removed and
-no output that looks complete is left behind.
+no output that looks complete is left behind; the temporary folder of a run killed outright (kill
+-9) is removed by the next run of the same tool that completes
+(:mod:`~megatron_patch.runtime.owned_temp`).
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 
 from megatron_patch.errors import DataError
+from megatron_patch.runtime.owned_temp import OwnedTempDir, remove_abandoned
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +45,10 @@ class StagedOutputs:
     """
 
     def __init__(self, folder: str, tag: str) -> None:
+        self._prefix = f".{tag}-"
         try:
-            self.temp_dir = tempfile.mkdtemp(prefix=f".{tag}-", suffix=".tmp", dir=folder)
+            self._owned = OwnedTempDir(folder, self._prefix, ".tmp")
+            self.temp_dir = self._owned.path
         except OSError as err:
             raise DataError(
                 f"cannot write to output folder '{folder}': {err.strerror}; choose a writable folder for the outputs"
@@ -75,6 +79,8 @@ class StagedOutputs:
             os.replace(os.path.join(self.temp_dir, os.path.basename(final_path)), final_path)
         self._committed = True
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self._owned.release()
+        remove_abandoned(self.folder, self._prefix, ".tmp")
         return list(self._final_paths)
 
     def __enter__(self) -> "StagedOutputs":
@@ -83,3 +89,4 @@ class StagedOutputs:
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self._committed:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self._owned.release()

@@ -3,7 +3,9 @@
 Every rank writes into ``PARENT/.NAME.partial-XXXXXX``; only when the tool has written *and
 checked* everything does rank 0 rename it to ``PARENT/NAME`` (replacing an existing folder only
 with ``--force``, and only at that last moment). On any failure the temporary folder is removed,
-so no half-written output that looks complete is ever left.
+so no half-written output that looks complete is ever left; the temporary folder of a run killed
+outright (kill -9) is removed by the next run that commits into the same parent folder
+(:mod:`~megatron_patch.runtime.owned_temp`).
 """
 
 import logging
@@ -14,6 +16,7 @@ import tempfile
 import torch.distributed as dist
 
 from megatron_patch.errors import ArgumentError
+from megatron_patch.runtime.owned_temp import OwnedTempDir, remove_abandoned
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +42,15 @@ class StagedFolder:
     def __init__(self, final: str) -> None:
         self.final = final
         self.committed = False
+        self._prefix = f".{os.path.basename(final)}.partial-"
+        self._owned = None
         holder = [None]
         if dist.get_rank() == 0:
             parent = os.path.dirname(final)
             try:
                 os.makedirs(parent, exist_ok=True)
-                holder[0] = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=parent)
+                self._owned = OwnedTempDir(parent, self._prefix)
+                holder[0] = self._owned.path
                 umask = os.umask(0)
                 os.umask(umask)
                 os.chmod(holder[0], 0o777 & ~umask)  # mkdtemp makes it private; the output is not
@@ -66,10 +72,13 @@ class StagedFolder:
                 )
                 os.rmdir(old)
                 os.replace(self.final, old)
+            self._owned.forget_owner()
             os.replace(self.path, self.final)
+            self._owned.release()
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
                 logger.info("replaced %s", self.final)
+            remove_abandoned(os.path.dirname(self.final), self._prefix)
         self.committed = True
         dist.barrier()
         return self.final
@@ -80,3 +89,4 @@ class StagedFolder:
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.committed and dist.get_rank() == 0:
             shutil.rmtree(self.path, ignore_errors=True)
+            self._owned.release()

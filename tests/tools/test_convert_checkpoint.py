@@ -13,6 +13,8 @@ from megatron.core import dist_checkpointing
 
 from megatron_patch.checkpoint import store as checkpoint
 from megatron_patch.conversion import reshard
+from megatron_patch.runtime.owned_temp import OwnedTempDir
+from tests.leftover_helpers import killed_owner_folder
 from tests.tools.common import assert_one_line_error, call, leftovers, model_tensors
 from tools import convert_checkpoint
 
@@ -138,3 +140,14 @@ def test_failed_self_check_exits_1_and_leaves_nothing(trained, tmp_path, capsys,
     code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["patch"], "--save", save], capsys)
     assert_one_line_error(code, err, "max absolute logit difference 5.000e-01", exit_code=1)
     assert not save.exists() and not leftovers(tmp_path)
+
+
+def test_a_completed_conversion_removes_a_killed_runs_partial_folder(trained, tmp_path, capsys):
+    killed = killed_owner_folder(tmp_path, ".out.partial-")
+    live = OwnedTempDir(str(tmp_path), ".out.partial-")  # a conversion into the same name, still working
+    code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["patch"], "--save", tmp_path / "out"], capsys)
+    assert code == 0, err
+    assert not os.path.exists(killed)
+    assert os.path.isdir(live.path)
+    assert not os.path.exists(tmp_path / "out" / ".owner")  # the staged folder's owner file is not output
+    live.release()
