@@ -111,11 +111,12 @@ class Trainer:
             cache_dir=data.cache_dir,
             stage_split=self.plan.stage_split,
         )
-        if self.plan.stage_split == "epochs":  # before building anything: reads the .idx files only
-            training_tokens = sum(split.train_tokens for split in plan_stage_split(config))
-            self.plan.check_epoch_budget(training_tokens, "--data-path " + " ".join(data.data_path))
+        splits = plan_stage_split(config)  # before building anything: reads the .idx files only
+        source = "--data-path " + " ".join(data.data_path)
+        self.plan.check_epoch_budget(sum(split.train_tokens for split in splits), source)
+        self.plan.check_steps_fit(self._data_tokens(splits), source)
         datasets = build_stage_datasets(config, self.tokenizer, self.plan.dataset_samples())
-        planned = self.plan.epochs(self._data_tokens(datasets))
+        planned = self.plan.epochs(self._data_tokens(splits))
         logger.info(
             "--stage-split %s: %s over %d training tokens",
             self.plan.stage_split,
@@ -125,9 +126,13 @@ class Trainer:
         return datasets
 
     @staticmethod
-    def _data_tokens(datasets) -> dict:
-        """Tokens of the documents each stage reads (the plan's ``epochs`` divides by them)."""
-        return {"patch": datasets.patch_tokens, "token": datasets.token_tokens}
+    def _data_tokens(splits) -> dict:
+        """Tokens of the documents each stage reads, over the document ranges ``splits`` of every
+        prefix (the plan's ``epochs`` divides by them; the epochs split gives both stages all)."""
+        return {
+            "patch": sum(split.patch.tokens for split in splits),
+            "token": sum(split.token.tokens for split in splits),
+        }
 
     # ----------------------------------------------------------------- helpers
     def _dataset(self, stage: StagePlan):
@@ -357,7 +362,7 @@ class Trainer:
         total_tokens = sum(r.tokens for r in results)
         total_flops = sum(r.flops for r in results)
         token_only_flops = self.flops_per_position * total_tokens
-        epochs = self.plan.epochs(self._data_tokens(self.datasets), {r.name: r.tokens for r in results})
+        epochs = self.plan.epochs(self._data_tokens(self.datasets.splits), {r.name: r.tokens for r in results})
         for r in results:
             r.epochs = epochs.get(r.name)
         logger.info(

@@ -119,6 +119,22 @@ class RunPlan:
             f"(--train-iters) for the multi-epoch recipe, or use --stage-split documents"
         )
 
+    def check_steps_fit(self, data_tokens: Dict[str, int], data_path: str = "--data-path") -> None:
+        """ArgumentError when one optimizer step of a stage reads more samples than a pass over that
+        stage's documents (``data_tokens``, as for :meth:`epochs`) holds: the same tokens would
+        repeat inside one step (e.g. a --seq-length far beyond what a small corpus holds)."""
+        for stage in self.stages:
+            tokens = data_tokens.get(stage.name, 0)
+            per_pass = max(tokens - 1, 0) // stage.sample_tokens  # a sample reads L + 1 tokens
+            if per_pass >= stage.samples_per_step:
+                continue
+            raise ArgumentError(
+                f"--seq-length {self.seq_length}: one step of the {stage.name} stage reads "
+                f"{stage.samples_per_step} samples of {stage.sample_tokens} tokens, but its documents "
+                f"in {data_path} hold {tokens} tokens ({per_pass} samples), so tokens would repeat "
+                f"within a step: lower --seq-length or --global-batch-size, or add data"
+            )
+
     def stage(self, name: str) -> StagePlan:
         return next(stage for stage in self.stages if stage.name == name)
 
