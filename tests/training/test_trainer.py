@@ -358,3 +358,18 @@ def test_seq_length_zero_is_refused(tiny_corpus, capsys):
     assert cli.main(trainer_args(tiny_corpus, None, "--seq-length", "0")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--seq-length 0 must be >= 1" in err[0], err
+
+
+@pytest.mark.parametrize("stage_split", ["documents", "epochs"])
+def test_seq_length_beyond_the_corpus_is_refused_before_any_step(cpu_world, tiny_corpus, tmp_path, capsys, stage_split):
+    """T = 100,000 on the tiny corpus: one patch step would read 4 samples of 400,000 tokens, more
+    than the stage's documents hold; refused at start (it used to run for minutes with no step),
+    and nothing is left in --save."""
+    run = tmp_path / "run"
+    argv = trainer_args(tiny_corpus, run, "--seq-length", "100000", "--stage-split", stage_split, train_iters=300)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: --seq-length 100000: one step of the patch stage reads 4 samples of 400000 tokens")
+    assert tiny_corpus["prefix"] in err[0] and "lower --seq-length or --global-batch-size" in err[0]
+    assert not run.exists()
