@@ -212,7 +212,7 @@ class MetricsWriter:
             lines.append(
                 f"  FLOPs relative to token-only training of the same tokens: "
                 f"{summary['relative_flops_vs_token_only']:.3f} "
-                f"(theory lambda/K + 1 - lambda = {summary['theoretical_relative_cost']:.3f})"
+                f"(theory for this job's stages = {summary['theoretical_relative_cost']:.3f})"
             )
         if "relative_time_vs_token_only" in summary:
             lines.append(

@@ -85,10 +85,13 @@ class RunPlan:
 
     @property
     def theoretical_relative_cost(self) -> float:
-        """λ/K + 1 - λ: model FLOPs of patch + token training over token-only training."""
-        if self.patch_size == 1:
-            return 1.0
-        return self.patch_data_fraction / self.patch_size + 1 - self.patch_data_fraction
+        """Model FLOPs of this job's stages over token-level training of the same tokens: λ/K + 1 - λ
+        for both stages, 1/K for the patch stage alone, 1 for the token stage alone (a control arm,
+        or token-only training)."""
+        stages = {stage.name for stage in self.stages}
+        if stages == {"patch", "token"}:
+            return self.patch_data_fraction / self.patch_size + 1 - self.patch_data_fraction
+        return 1 / self.patch_size if stages == {"patch"} else 1.0
 
     @property
     def train_tokens(self) -> int:

@@ -1,0 +1,45 @@
+"""The theoretical cost a job's summary reports is that of the stages it runs: a control arm
+(token stage alone) costs what token-level training costs, not what the two-stage job does."""
+
+import pytest
+
+from megatron_patch.training.plan import make_plan
+
+
+@pytest.mark.parametrize(
+    "stages, fraction, expected",
+    [
+        ("both", 2 / 3, 2 / 3 / 4 + 1 / 3),
+        ("both", 1 / 4, 1 / 16 + 3 / 4),
+        ("patch", 2 / 3, 1 / 4),
+        ("token", 1 / 4, 1.0),
+    ],
+)
+def test_theoretical_cost_is_that_of_the_stages_run(stages, fraction, expected):
+    plan = make_plan(
+        patch_size=4,
+        patch_data_fraction=fraction,
+        stages=stages,
+        seq_length=32,
+        micro_batch_size=2,
+        global_batch_size=16,
+        data_parallel_size=1,
+        eval_iters=0,
+        train_iters=12,
+    )
+    assert plan.theoretical_relative_cost == pytest.approx(expected, abs=1e-12)
+
+
+def test_token_only_training_costs_one():
+    plan = make_plan(
+        patch_size=1,
+        patch_data_fraction=2 / 3,
+        stages="both",
+        seq_length=32,
+        micro_batch_size=2,
+        global_batch_size=16,
+        data_parallel_size=1,
+        eval_iters=0,
+        train_iters=12,
+    )
+    assert plan.theoretical_relative_cost == 1.0
