@@ -277,7 +277,8 @@ def run_trial(opts, index: int, rng: random.Random, references: dict) -> dict:
 
 
 def run_bad_inputs(opts, reference: dict) -> List[dict]:
-    from benchmarks.bad_inputs import build_cases, run_case
+    from benchmarks.bad_input_cases import build_cases
+    from benchmarks.bad_inputs import run_case
 
     cases = build_cases(
         os.path.join(opts.work_dir, "bad-inputs"),

@@ -20,6 +20,7 @@ def _load(name):
 
 
 chaos = _load("chaos")
+bad_input_cases = _load("bad_input_cases")
 bad_inputs = _load("bad_inputs")
 
 
@@ -64,10 +65,11 @@ def test_one_sigterm_trial_resumes_to_the_reference(one_trial):
 
 
 def test_bad_input_matrix_cases(tiny_corpus, tmp_path, one_trial):
-    """Four rows of the matrix, one per kind of input: a JSONL line, a .bin/.idx pair, a checkpoint
-    shard (of the trial's finished reference run), a trainer flag."""
+    """Five rows of the matrix, one per kind of input: a JSONL line, a .bin/.idx pair, a checkpoint
+    shard (of the trial's finished reference run), two trainer flags (a bad value; a sequence
+    length the corpus cannot fill)."""
     reference = str(one_trial[3] / "reference-tp1")
-    cases = bad_inputs.build_cases(
+    cases = bad_input_cases.build_cases(
         str(tmp_path / "bad"),
         tiny_corpus["prefix"],
         tiny_corpus["tokenizer"],
@@ -75,6 +77,12 @@ def test_bad_input_matrix_cases(tiny_corpus, tmp_path, one_trial):
         chaos.checkpoint_dir(reference, chaos.ITERS),
     )
     assert len(cases) >= 80
-    for name in ("pre-bad-json", "merge-truncated-bin", "export-zeroed-shard", "train-bad-lr"):
+    for name in (
+        "pre-bad-json",
+        "merge-truncated-bin",
+        "export-zeroed-shard",
+        "train-bad-lr",
+        "train-seq-length-beyond-corpus",
+    ):
         result = bad_inputs.run_case(next(case for case in cases if case.name == name))
         assert result["ok"], result
