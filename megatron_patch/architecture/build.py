@@ -49,6 +49,8 @@ class ModelSettings:
     bias_swiglu_fusion: bool = False
     rope_fusion: bool = False
     cross_entropy_fusion: bool = False
+    hidden_dropout: float = 0.0  # megatron's dropout after attention and MLP, and on the embeddings
+    attention_dropout: float = 0.0  # on the attention probabilities
 
     def transformer_config(self, cpu: bool) -> TransformerConfig:
         """megatron's config of this model; the loss is a sum over targets plus their count
@@ -63,6 +65,8 @@ class ModelSettings:
             recompute=self.recompute,
             calculate_per_token_loss=True,
             bias_activation_fusion=self.bias_swiglu_fusion,  # megatron's fused SwiGLU (no biases here)
+            hidden_dropout=self.hidden_dropout,
+            attention_dropout=self.attention_dropout,
         )
 
 

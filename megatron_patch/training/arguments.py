@@ -71,6 +71,18 @@ def build_parser() -> ArgumentParser:
         "passes (the token stage then leaves megatron's CE: equal within rounding, "
         "not bit for bit)",
     )
+    model.add_argument(
+        "--hidden-dropout",
+        type=float,
+        default=0.0,
+        help="dropout after attention and MLP (and on the embeddings), as in Megatron; the presets use none",
+    )
+    model.add_argument(
+        "--attention-dropout",
+        type=float,
+        default=0.0,
+        help="dropout on the attention probabilities, as in Megatron; the presets use none",
+    )
 
     patch = parser.add_argument_group("patch-level training")
     patch.add_argument("--patch-size", type=int, default=4, help="K, tokens per patch (1 = token-only training)")
@@ -230,6 +242,9 @@ def make_config(
             raise ArgumentError(f"--{name.replace('_', '-')} {getattr(flags, name)} must be >= 1")
     if seq_length < 1:
         raise ArgumentError(f"--seq-length {seq_length} must be >= 1")
+    for name in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(flags, name) < 1.0:
+            raise ArgumentError(f"--{name.replace('_', '-')} {getattr(flags, name)} must lie in [0, 1)")
     if world_size % (tp * pp):
         raise ArgumentError(
             f"world size {world_size} is not a multiple of TP x PP = {tp * pp}: launch a multiple "
@@ -266,6 +281,8 @@ def make_config(
         bias_swiglu_fusion=flags.bias_swiglu_fusion,
         rope_fusion=flags.rope_fusion,
         cross_entropy_fusion=flags.cross_entropy_fusion,
+        hidden_dropout=flags.hidden_dropout,
+        attention_dropout=flags.attention_dropout,
     )
     recorded = dict(
         vars(flags),
