@@ -1,0 +1,148 @@
+"""``benchmarks/throughput.py`` smoke-tested in-process on tiny sizes (CPU mode): its rows, its phase
+times from megatron's timers, its flags reaching the trainer, and its rates against the FLOP formula.
+Speed is never asserted."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from tests.benchmarks.script_helpers import CPU_ONLY, load_module, load_script, positive
+from tests.conftest import REPO_ROOT
+
+throughput = load_script("throughput")
+throughput_options = load_module("throughput_options")
+throughput_sweep = load_module("throughput_sweep")
+phase_timers = load_script("phase_timers")
+
+
+@CPU_ONLY
+def test_throughput_cpu_smoke(tmp_path, capsys):
+    out = tmp_path / "tp.json"
+    code = throughput.main(
+        [
+            "--cpu",
+            "--micro-batch-size",
+            "2",
+            "--patch-sizes",
+            "1,4",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--output-json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| recompute | stage | K | b | step ms (median) |" in printed
+    assert "python benchmarks/throughput.py --cpu" in printed and "megatron-core" in printed
+    assert "Step phases" not in printed  # --phase-times is off by default
+    payload = json.loads(out.read_text())
+    assert payload["environment"]["torch"] == torch.__version__
+    rows = payload["results"]
+    assert [(r["stage"], r["patch_size"]) for r in rows] == [("token", 1), ("patch", 4)]
+    from megatron_patch.architecture.presets import get_preset
+    from megatron_patch.training.flops import flops_per_position
+
+    for r in rows:
+        assert "error" not in r, r
+        assert "phases_ms" not in r
+        for key in ("step_s_median", "step_s_mean", "tokens_per_s", "tflops", "loss_first", "loss_last"):
+            assert positive(r[key]), (key, r[key])
+        assert r["tokens_per_step"] == 2 * r["patch_size"] * 64  # b x K x T
+        assert r["mfu"] is None and r["peak_memory_gib"] is None  # CPU: no matmul peak, no CUDA allocator
+        # the TFLOP/s are flops.py's formula (vocab 512 is already a multiple of 128)
+        expected = flops_per_position(get_preset("tiny"), 64, 512) * 2 * 64 / r["step_s_median"] / 1e12
+        assert r["tflops"] == pytest.approx(expected, rel=1e-12)
+    assert positive(rows[1]["ratio_vs_token"])
+
+
+@CPU_ONLY
+def test_throughput_phase_times_from_megatron_timers(tmp_path, capsys):
+    out = tmp_path / "tp.json"
+    code = throughput.main(
+        [
+            "--cpu",
+            "--phase-times",
+            "--micro-batch-size",
+            "2",
+            "--patch-sizes",
+            "1,4",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--output-json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "### Step phases (median ms per step)" in printed
+    assert "| recompute | K | b | step ms (median) | forward-backward |" in printed
+    assert "outside timed phases |" in printed
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 2
+    for r in rows:
+        assert "error" not in r, r
+        phases = r["phases_ms"]
+        for name in (
+            "forward-backward",
+            "forward-compute",
+            "backward-compute",
+            "all-grads-sync",
+            "optimizer-inner-step",
+        ):
+            assert positive(phases[name]), (name, phases)
+        # nesting (megatron-core 0.16.1): compute and the grad sync lie inside forward-backward, which
+        # with the optimizer phases lies inside the step (medians of 2 steps: a small tolerance)
+        inner = phases["forward-compute"] + phases["backward-compute"] + phases["all-grads-sync"]
+        assert inner <= phases["forward-backward"] * 1.01 + 0.05, phases
+        step_ms = 1e3 * r["step_s_median"]
+        assert phases["forward-backward"] < step_ms
+        top = sum(phases.get(name, 0.0) for name in phase_timers.TOP_LEVEL_PHASES)
+        assert r["phases_outside_ms"] == pytest.approx(step_ms - top)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        [],
+        ["--bias-swiglu-fusion"],
+        ["--rope-fusion"],
+        ["--bias-swiglu-fusion", "--rope-fusion"],
+        ["--torch-adam-impl", "fused"],
+        ["--cross-entropy-fusion"],
+    ],
+)
+def test_fusion_flags_reach_the_trainers_arguments(flags):
+    """The A/B flags of throughput.py are the trainer's own (builders then build what the trainer does)."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from common import trainer_config
+
+    opts = throughput_options.parse_options(["--cpu"] + flags)
+    config = trainer_config(opts, "none")
+    assert config.model.bias_swiglu_fusion is ("--bias-swiglu-fusion" in flags)
+    assert config.model.rope_fusion is ("--rope-fusion" in flags)
+    assert config.optimizer.torch_adam_impl == ("fused" if "fused" in flags else "foreach")
+    assert config.model.cross_entropy_fusion is ("--cross-entropy-fusion" in flags)
+
+
+def test_rates_are_the_flops_formula():
+    from megatron_patch.architecture.presets import get_preset
+    from megatron_patch.training.flops import flops_per_position
+
+    preset = get_preset("370m")
+    per_position = flops_per_position(preset, 2048, 32000)
+    # the formula written out for 370m: h=1024, f=2752, 16 heads of 64 (MHA), L=24, s=2048, V=32000
+    h, f, s, L, V = 1024, 2752, 2048, 24, 32000
+    per_layer = 2 * h * (h + 2 * h) + 2 * h * h + 2 * 3 * h * f + 2 * 2 * s * h
+    assert per_position == 3 * (L * per_layer + 2 * h * V)
+    r = throughput_sweep.rates(per_position, positions=16 * 2048, tokens=4 * 16 * 2048, seconds=0.25, peak_tflops=800.0)
+    assert r["tflops"] == pytest.approx(per_position * 16 * 2048 / 0.25 / 1e12)
+    assert r["mfu"] == pytest.approx(r["tflops"] / 800.0)
+    assert r["tokens_per_s"] == pytest.approx(4 * 16 * 2048 / 0.25)
+    assert throughput_sweep.rates(per_position, 1, 1, 1.0, None)["mfu"] is None
