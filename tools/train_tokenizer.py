@@ -2,7 +2,7 @@
 
 Example::
 
-    python tools/train_tokenizer.py --input /work/shared/data/train.jsonl.xz \\
+    python tools/train_tokenizer.py --input corpus/train.jsonl.xz \\
         --vocab-size 32000 --output-prefix tokenizers/spm32k
 
 writes ``tokenizers/spm32k.model`` and ``tokenizers/spm32k.vocab`` (both atomically). Special ids:
