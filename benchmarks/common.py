@@ -59,6 +59,9 @@ def enter_one_rank_world(stack: contextlib.ExitStack, cpu: bool, seed: int) -> b
 
 
 # --------------------------------------------------------------------------- environment and output
+MIB = 2**20
+
+
 def environment(cpu: bool) -> dict:
     import megatron.core
     import torch

@@ -30,7 +30,8 @@ def _load():
 
 
 gpu_campaign = _load()
-campaign_io = sys.modules["campaign_io"]  # imported by gpu_campaign from benchmarks/
+# imported by gpu_campaign from benchmarks/
+campaign_carry, campaign_corpus, campaign_logs = (sys.modules[f"campaign_{m}"] for m in ("carry", "corpus", "logs"))
 
 
 def device_commands():
@@ -205,8 +206,8 @@ def test_what_travels_fits_the_device_limit(rehearsal):
     bin_bytes = (rehearsal["root"] / "data" / f"{manifest['prefix']}.bin").stat().st_size
     assert bin_bytes == 2 * manifest["tokens"]
     # one pass over its documents covers both stages of the rehearsal's cost runs (the trainer's λ cut)
-    lengths = campaign_io.indexed_lengths(rehearsal["root"] / "data" / manifest["prefix"])
-    assert len(lengths) == manifest["documents"] and campaign_io.shortfall(lengths, manifest["plan"]) <= 1
+    lengths = campaign_corpus.indexed_lengths(rehearsal["root"] / "data" / manifest["prefix"])
+    assert len(lengths) == manifest["documents"] and campaign_corpus.shortfall(lengths, manifest["plan"]) <= 1
     opts = gpu_campaign.parse_options(["--prepare", "--corpus", "c.jsonl.xz", "--data-dir", "d"])  # GPU sizes
     plan = gpu_campaign.cost_plan(opts)
     tokens = plan["steps"] * plan["global_batch"] * plan["seq_length"]
@@ -215,14 +216,14 @@ def test_what_travels_fits_the_device_limit(rehearsal):
     # first cut's overshoot (the 32k tokenizer's 3.9 bytes per token against the 4.2 guessed): within
     # 20% more; index and tokenizer under 2 MiB
     data = 2 * tokens * 1.2 + 2 * MIB
-    tree = campaign_io.tree_bytes(REPO_ROOT)
+    tree = campaign_carry.tree_bytes(REPO_ROOT)
     assert tree is not None, "git sizes the working tree that travels"
     wheels = list((REPO_ROOT / ".whl").glob("megatron_core-*-cp312-*.whl"))
     wheel = sum(p.stat().st_size for p in wheels) if wheels else 3 * MIB  # not downloaded: the 2.6 MB it was
     assert tree + data + wheel < 64 * MIB, (tree, data, wheel)
     prepared = REPO_ROOT / DATA_DIR
     if (prepared / "manifest.json").exists() and not json.loads((prepared / "manifest.json").read_text())["cpu"]:
-        real = campaign_io.folder_bytes(prepared)  # prepared here for the GPU: measure it too
+        real = campaign_carry.folder_bytes(prepared)  # prepared here for the GPU: measure it too
         assert tree + real + wheel < 64 * MIB
         assert real < data
 
@@ -253,8 +254,7 @@ def test_a_part_past_its_budget_stops_its_run_and_still_writes_the_summary(tmp_p
 
 
 def test_partial_output_is_read_back():
-    io = campaign_io
-    rows = io.throughput_partial_rows(
+    rows = campaign_logs.throughput_partial_rows(
         "  recompute=none b=16 K=4: 285.4 ms, 459,327 tok/s, 301.1 TFLOP/s, loss 1 -> 2\n"
     )
     assert rows[0]["tokens_per_s"] == 459327 and rows[0]["patch_size"] == 4 and rows[0]["partial"]
@@ -262,7 +262,7 @@ def test_partial_output_is_read_back():
         "12:00:00 [rank 0] [token] iter 10/20 (global 50) | tokens 5.243M | loss 5.1 | lr 3.0e-04 | grad norm 0.5 "
         "| skipped 0 | 117,195 tok/s | 307.3 TFLOP/s MFU 38.9% | peak mem 26.89 GiB\n"
     )
-    (window,) = io.trainer_windows(line)
+    (window,) = campaign_logs.trainer_windows(line)
     assert window == {
         "stage": "token",
         "iteration": 10,

@@ -1,0 +1,130 @@
+"""The GPU campaign's flags (``gpu_campaign.py``): the parts and their time budgets, the throughput
+levers and runs, the activation runs, the sizes of the GPU and of the CPU rehearsal, and the
+checks that turn a bad combination into one ``error:`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+from typing import List
+
+from campaign_corpus import MANIFEST
+from common import FlagParser, UsageError, positive_int_list
+
+# the first line of gpu_campaign.py's docstring, its --help description
+DESCRIPTION = "The GPU campaign of issue 16: one entry point that turns a short GPU window into the speed and"
+PARTS = ("tests", "throughput", "cost", "activations")
+BUDGETS = {"tests": 75, "throughput": 240, "cost": 265, "activations": 50}  # seconds; two calls of <= 320 s
+LEVERS = {"swiglu": ["--bias-swiglu-fusion"], "rope": ["--rope-fusion"], "ce": ["--cross-entropy-fusion"]}
+LEVERS["adam"] = ["--torch-adam-impl", "fused"]
+ALL_LEVERS = [flag for flags in LEVERS.values() for flag in flags]
+ACCUM_RUN = "all-accum"
+THROUGHPUT_RUNS = {ACCUM_RUN: ALL_LEVERS, "base": [], "all": ALL_LEVERS, **LEVERS}
+ACTIVATION_RUNS = {  # name: (preset, layers, recompute modes, flags)
+    "370m": ("370m", None, "none,selective,full", []),
+    "370m-swiglu": ("370m", None, "none", LEVERS["swiglu"]),
+    "370m-all": ("370m", None, "none", LEVERS["swiglu"] + LEVERS["rope"] + LEVERS["ce"]),
+    "6.7b": ("6.7b", 2, "none,selective,full", []),
+    "13b": ("13b", 2, "none,selective,full", []),
+}
+SIZES = {  # by --cpu: the GPU's, then the rehearsal's (tiny preset, T=64)
+    False: dict(micro_batch_sizes=[16, 32], steps=5, warmup=2, accum_steps=3, accum_warmup=1, seq_length=2048),
+    True: dict(micro_batch_sizes=[2, 4], steps=1, warmup=1, accum_steps=1, accum_warmup=1, seq_length=64),
+}
+COST_SIZES = {
+    False: dict(cost_steps=60, cost_global_batch=128, cost_micro_batch=16, cost_log_interval=5, vocab_size=32000),
+    True: dict(cost_steps=6, cost_global_batch=16, cost_micro_batch=2, cost_log_interval=1, vocab_size=512),
+}
+
+
+def _names(choices):
+    def parse(text: str) -> List[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names or any(n not in choices for n in names):
+            raise argparse.ArgumentTypeError(f"{text!r}: use a comma list of {', '.join(choices)}")
+        return names
+
+    return parse
+
+
+def build_parser() -> FlagParser:
+    p = FlagParser(prog="benchmarks/gpu_campaign.py", description=DESCRIPTION, allow_abbrev=False)
+    p.add_argument("--parts", type=_names(PARTS), default=list(PARTS), help="comma list, run in the order above")
+    p.add_argument("--out", help="output folder (created): summary.md, <part>.json, <part>.log")
+    p.add_argument("--data-dir", help="prepared corpus folder (--prepare writes it; the cost part reads it)")
+    p.add_argument("--deadline-s", type=float, default=0, help="end the whole run within this many seconds (0: none)")
+    p.add_argument("--time-scale", type=float, default=1.0, help="multiply the deadline and budgets by this")
+    p.add_argument("--workdir", help="scratch folder (default: a temporary one, removed at the end)")
+    p.add_argument("--cpu", action="store_true", help="rehearsal on CPU: tiny preset, CPU mode, few steps")
+    for part in PARTS:
+        p.add_argument(f"--{part}-budget-s", type=float, default=BUDGETS[part], help=f"seconds reserved for {part}")
+    p.add_argument("--test-paths", default="tests/unit,tests/data,tests/training,tests/tools,tests/benchmarks")
+    p.add_argument("--throughput-runs", type=_names(list(THROUGHPUT_RUNS)), default=list(THROUGHPUT_RUNS))
+    p.add_argument("--micro-batch-sizes", type=positive_int_list, help="throughput b values (16,32; 2,4 with --cpu)")
+    p.add_argument("--steps", type=int, help="timed steps per throughput row (5; 1 with --cpu)")
+    p.add_argument("--warmup", type=int, help="untimed steps per throughput row (2; 1 with --cpu)")
+    p.add_argument("--accum-microbatches", type=int, default=8, help=f"micro-batches per step of run {ACCUM_RUN}")
+    p.add_argument("--accum-steps", type=int, help=f"timed steps per row of run {ACCUM_RUN} (3; 1 with --cpu)")
+    p.add_argument("--accum-warmup", type=int, help=f"untimed steps per row of run {ACCUM_RUN} (1)")
+    p.add_argument("--cost-steps", type=int, help="steps of each cost run, a multiple of 3 (60; 6 with --cpu)")
+    p.add_argument("--cost-global-batch", type=int, help="token-stage sequences per step (128; 16 with --cpu)")
+    p.add_argument("--cost-micro-batch", type=int, help="sequences per micro-batch (16; 2 with --cpu)")
+    p.add_argument("--cost-log-interval", type=int, help="steps per trainer log window (5; 1 with --cpu)")
+    p.add_argument("--cost-levers", type=_names(["all", "none", *LEVERS]), default=["all"], help="all, none or a list")
+    p.add_argument("--activations-runs", type=_names(list(ACTIVATION_RUNS)), default=list(ACTIVATION_RUNS))
+    p.add_argument("--prepare", action="store_true", help="instead: build --data-dir from --corpus (on CPU)")
+    p.add_argument("--corpus", help="--prepare: JSON lines with a 'text' key (.jsonl, .jsonl.xz or .jsonl.gz)")
+    p.add_argument("--vocab-size", type=int, help="--prepare: tokenizer vocabulary (32000; 512 with --cpu)")
+    p.add_argument("--unpack", metavar="DIR", help="instead: write each run's own JSON from --out's part files")
+    return p
+
+
+def parse_options(argv: List[str]) -> argparse.Namespace:
+    opts = build_parser().parse_args(argv)
+    for key, value in {**SIZES[opts.cpu], **COST_SIZES[opts.cpu]}.items():
+        if getattr(opts, key, None) is None:
+            setattr(opts, key, value)
+    for name in "steps accum_steps accum_microbatches cost_steps cost_global_batch cost_micro_batch".split():
+        if getattr(opts, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(opts, name)} must be >= 1")
+    if min(opts.warmup, opts.accum_warmup, opts.deadline_s, opts.cost_log_interval - 1, opts.vocab_size - 1) < 0:
+        raise UsageError("--warmup, --accum-warmup, --deadline-s >= 0; --cost-log-interval, --vocab-size >= 1")
+    if not opts.time_scale > 0:
+        raise UsageError(f"--time-scale {opts.time_scale} must be > 0")
+    opts.deadline_s *= opts.time_scale
+    for part in PARTS:
+        setattr(opts, f"{part}_budget_s", getattr(opts, f"{part}_budget_s") * opts.time_scale)
+    if len(opts.cost_levers) > 1 and {"all", "none"} & set(opts.cost_levers):
+        raise UsageError("--cost-levers: all or none alone, or a comma list of " + ", ".join(LEVERS))
+    if opts.cost_steps % 3:
+        raise UsageError(f"--cost-steps {opts.cost_steps}: use a multiple of 3 (λ=2/3 of the steps at patch level)")
+    if opts.cost_global_batch % (4 * opts.cost_micro_batch):
+        raise UsageError(f"--cost-global-batch: use a multiple of 4 x --cost-micro-batch = {4 * opts.cost_micro_batch}")
+    if opts.prepare or opts.unpack:
+        needed = ["--corpus", "--data-dir"] if opts.prepare else ["--out"]
+        missing = [flag for flag in needed if not getattr(opts, flag[2:].replace("-", "_"))]
+        if missing:
+            raise UsageError(f"{'--prepare' if opts.prepare else '--unpack'} needs {' and '.join(missing)}")
+        return opts
+    if not opts.out:
+        raise UsageError("--out DIR is required (the output folder)")
+    if "cost" in opts.parts:
+        if not opts.data_dir:
+            raise UsageError("the cost part needs --data-dir (a folder written by --prepare)")
+        if not (Path(opts.data_dir) / MANIFEST).exists():
+            raise UsageError(f"--data-dir {opts.data_dir}: no {MANIFEST}; build it with --prepare --corpus FILE")
+        opts.manifest = json.loads((Path(opts.data_dir) / MANIFEST).read_text())
+        if opts.manifest["cpu"] != opts.cpu:
+            mode = "with" if opts.cpu else "without"
+            raise UsageError(f"--data-dir {opts.data_dir} was prepared for the other mode: prepare it {mode} --cpu")
+    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+        raise UsageError("megatron-core is not importable: install its wheel first (benchmarks/README.md)")
+    return opts
+
+
+def cost_plan(opts) -> dict:
+    """What a cost run reads: steps of global batch sequences of T tokens (the token stage's)."""
+    return {"steps": opts.cost_steps, "global_batch": opts.cost_global_batch, "seq_length": opts.seq_length}

@@ -1,0 +1,112 @@
+"""The campaign's ``summary.md``: the environment, one line per run, each part's table and the
+targets, rewritten after every run from what ran so far.
+
+Nothing here runs a model or imports the package. Units: seconds, tokens, GiB, MiB.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from campaign_figures import TARGETS, steady, target_values, throughput_rows
+from common import MIB, fmt
+
+
+def _table(header: List[str], rows: List[List[str]]) -> List[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
+
+
+def _mib(value) -> str:
+    return fmt(None if value is None else value / MIB, ".2f", "n/a")
+
+
+def _throughput_lines(part: dict) -> List[str]:
+    rows = []
+    for r in throughput_rows(part):
+        head = [r["run"] + (" (partial)" if r.get("partial") else ""), str(r["num_microbatches"])]
+        head += [str(r["micro_batch_size"]), str(r["patch_size"])]
+        if "error" in r:
+            rows.append(head + ["error: " + r["error"][:60]] + [""] * 5)
+            continue
+        cells = [f"{1e3 * r['step_s_median']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['tflops']:.1f}"]
+        cells += [fmt(r.get("mfu"), ".3f", "n/a"), fmt(r.get("peak_memory_gib"), ".2f", "n/a")]
+        rows.append(head + cells + [fmt(r.get("ratio_vs_token"), ".3f")])
+    header = ["run", "micro-batches", "b", "K", "step ms", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "patch/token"]
+    title = "## Throughput (`throughput.py`; MFU against the bf16 matmul measured in each run)"
+    return [title, ""] + _table(header, rows)
+
+
+def _cost_lines(part: dict) -> List[str]:
+    rows = []
+    for run in part["runs"]:
+        stages = (run.get("summary") or {}).get("stages", {})
+        for stage in ("patch", "token"):
+            s, rate = stages.get(stage), steady(run.get("windows", []), stage)
+            if s is None and rate is None:
+                continue
+            cells = [run["name"], stage] + (["", "", "n/a", ""] if s is None else [])
+            if s is not None:
+                cells += [str(s["iterations"]), f"{s['tokens'] / 1e6:.2f}M", f"{s['seconds']:.1f}"]
+                cells.append(f"{s['tokens'] / s['seconds']:,.0f}" if s["seconds"] else "")
+            cells += [fmt(rate and rate["tokens_per_s"], ",.0f"), fmt(rate and rate["mfu"], ".3f", "n/a")]
+            rows.append(cells + [fmt(s and s.get("peak_memory_gib"), ".2f", "n/a")])
+    header = ["run", "stage", "steps", "tokens", "wall s", "tokens/s (wall)", "tokens/s (steady)", "MFU (steady)"]
+    lines = [f"## End-to-end cost in the trainer ({part['setting']})", ""] + _table(header + ["peak GiB"], rows)
+    f = part.get("figures", {})
+    if f:
+        lines.append(
+            f"Two-stage / token-only wall: {fmt(f.get('wall_ratio'), '.3f', 'n/a')} (theory {f['theory']:.3f}); "
+            f"from the steady rates: {fmt(f.get('steady_ratio'), '.3f', 'n/a')}"
+            + (" (token-only stopped early: its rate from its log)" if f.get("token_only_stopped") else "")
+            + f". Patch/token tokens/s in the trainer (steady): {fmt(f.get('trainer_ratio'), '.3f', 'n/a')} in the "
+            f"two-stage run, {fmt(f.get('trainer_ratio_vs_token_only'), '.3f', 'n/a')} against the token-only run.\n"
+        )
+    return lines
+
+
+def _activation_lines(part: dict) -> List[str]:
+    rows = []
+    for run in part["runs"]:
+        for r in (run.get("payload") or {}).get("layer_activations", []):
+            head = [run["name"], r["recompute"], str(r["patch_size"]), str(r["micro_batch_size"])]
+            if "error" in r:
+                rows.append(head + ["error: " + r["error"][:60], "", "", ""])
+                continue
+            per_sequence = max(r["layer_bytes"]) / r["micro_batch_size"]
+            cells = [_mib(per_sequence), _mib(r["pre_bytes"]), _mib(r["post_bytes"]), _mib(r["peak_above_base_bytes"])]
+            rows.append(head + cells)
+    header = ["run", "recompute", "K", "b", "saved per layer per sequence MiB", "pre MiB", "post MiB"]
+    title = "## Activations (`throughput.py --measure-layer-activations`)"
+    return [title, ""] + _table(header + ["fwd+bwd peak above base MiB"], rows)
+
+
+def summary_markdown(state: dict, accum_run: str) -> str:
+    """Everything that ran so far: environment, one line per run, each part's table, the targets."""
+    env, parts = state["environment"], state["parts"]
+    lines = [f"# GPU campaign: {', '.join(state['parts_requested'])}" + (" (CPU rehearsal)" if state["cpu"] else "")]
+    lines += ["", f"Command: `{state['command']}`  "]
+    lines.append(f"Started {env['date_utc']}; {env['device']}; Python {env['python']}, torch {env['torch']}, ")
+    lines[-1] += f"megatron-core {env['megatron_core']}; {state['elapsed_s']:.0f} s so far"
+    runs = [[name, r["name"], r["status"], f"{r['seconds']:.1f}"] for name, part in parts.items() for r in part["runs"]]
+    lines += [""] + _table(["part", "run", "status", "seconds"], runs)
+    lines += [f"{name} error: {part['error']}\n" for name, part in parts.items() if "error" in part]
+    if parts.get("tests", {}).get("counts"):
+        c = parts["tests"]["counts"]
+        counts = f"{c['passed']} passed, {c['failed']} failed, {c['errors']} errors, {c['skipped']} skipped"
+        failing = "; failing: " + ", ".join(c["failures"]) if c["failures"] else ""
+        lines += ["## Tests (`-m gpu`)", "", counts + failing, ""]
+    for name, render in (("throughput", _throughput_lines), ("cost", _cost_lines), ("activations", _activation_lines)):
+        if parts.get(name, {}).get("runs"):
+            lines += render(parts[name])
+    values, rows = target_values(parts, accum_run), []
+    for key, (label, op, goal) in TARGETS.items():
+        if key in values:
+            value, note = values[key]
+            met = value >= goal if op == ">=" else value <= goal
+            measured = f"{value:.3f}" + (f" ({note})" if note else "")
+            rows.append([label, measured, f"{op} {goal}", "met" if met else "NOT met"])
+    if rows:
+        lines += ["## Targets (issue 16)" + (": CPU rehearsal, not comparable" if state["cpu"] else ""), ""]
+        lines += _table(["target", "measured", "goal", ""], rows)
+    return "\n".join(lines) + "\n"
