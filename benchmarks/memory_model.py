@@ -46,7 +46,7 @@ On the CPU (bf16, tiny preset) ``throughput.py --measure-layer-activations`` giv
 what CPU's unfused ``rms_norm`` keeps instead (fp32 input and output, 8sh per norm, instead of 2sh);
 the GPU's figures are measured on the GPU.
 
-Measured figures (``SavedTensorMeter`` in throughput.py) are the bytes autograd actually saves per
+Measured figures (``SavedTensorMeter`` in layer_activations.py) are the bytes autograd actually saves per
 layer, and the working memory is the per-sequence slope of the fwd+bwd peak minus that of the saved
 bytes (needs two micro-batch sizes); a measured record without a peak (CPU) keeps the formula's
 working memory.
