@@ -8,7 +8,7 @@ from it without padding again.
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -42,6 +42,7 @@ class ModelSettings:
     padded_vocab_size: int  # rows of the embedding and the output layer
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    virtual_pipeline_parallel: Optional[int] = None  # V chunks per pipeline rank (None: one)
     sequence_parallel: bool = False
     bf16: bool = False
     recompute: str = "none"
@@ -54,7 +55,19 @@ class ModelSettings:
 
     def transformer_config(self, cpu: bool) -> TransformerConfig:
         """megatron's config of this model; the loss is a sum over targets plus their count
-        (``calculate_per_token_loss``), as the trainer and the evaluation reduce it."""
+        (``calculate_per_token_loss``), as the trainer and the evaluation reduce it.
+
+        With virtual pipeline stages the pipeline's sends and receives are issued one by one and
+        overlapped with compute (``overlap_p2p_comm``), not batched: Megatron-LM's default for
+        the interleaved schedule. It is also what keeps PP=2 right on gloo: there a batched
+        exchange posts an activation and a gradient to the same neighbour in one group, and the
+        receiver, matching messages in order, swapped them (PP=2 x V=2 training losses were off
+        from the third micro-batch on, megatron-core 0.16.1); one by one, megatron sends one
+        direction over a second group when the pipeline has two ranks.
+        """
+        interleaved = {}
+        if self.virtual_pipeline_parallel is not None:
+            interleaved = dict(overlap_p2p_comm=True, batch_p2p_comm=False)
         return transformer_config(
             self.preset,
             tensor_parallel=self.tensor_parallel,
@@ -67,6 +80,8 @@ class ModelSettings:
             bias_activation_fusion=self.bias_swiglu_fusion,  # megatron's fused SwiGLU (no biases here)
             hidden_dropout=self.hidden_dropout,
             attention_dropout=self.attention_dropout,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline_parallel,
+            **interleaved,
         )
 
 
@@ -91,6 +106,15 @@ def build_model(
     if settings.bf16:
         model = Float16Module(config, model)
     return model
+
+
+def build_model_chunks(settings: ModelSettings, config: TransformerConfig, cpu: bool) -> List[torch.nn.Module]:
+    """This rank's chunks of the model, one per virtual pipeline stage (``vp_stage`` 0..V-1, each
+    L/(PP*V) layers; chunk v of pipeline rank p holds global layers from (v*PP + p) * L/(PP*V)),
+    or ``[chunk]`` without virtual stages. megatron's groups must be at the settings' layout."""
+    if settings.virtual_pipeline_parallel is None:
+        return [build_model(settings, config, cpu)]
+    return [build_model(settings, config, cpu, vp_stage) for vp_stage in range(settings.virtual_pipeline_parallel)]
 
 
 def unwrap(model_chunk: torch.nn.Module) -> PatchGPTModel:

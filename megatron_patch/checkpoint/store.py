@@ -160,6 +160,30 @@ def _layout():
     )
 
 
+def layout_record(model) -> dict:
+    """The layout recorded in a checkpoint's metadata: pipeline, tensor and data-parallel sizes,
+    and ``virtual_pipeline`` (V) when ``model`` has several chunks per rank (left out otherwise,
+    so checkpoints without virtual stages record what they always did)."""
+    record = dict(zip(("pipeline", "tensor", "data"), _layout()))
+    if len(model) > 1:
+        record["virtual_pipeline"] = len(model)
+    return record
+
+
+def model_keys(model) -> list:
+    """Keys of the model chunks in a checkpoint's state dict, as Megatron-LM names them: ``model``
+    for one chunk, ``model0``, ``model1``, ... for one per virtual pipeline stage. Only the
+    nesting differs: inside, dist_checkpointing keys each tensor by its global name (transformer
+    layers by their global layer number), so a checkpoint loads at any PP and V whatever it was
+    saved at."""
+    return ["model"] if len(model) == 1 else [f"model{index}" for index in range(len(model))]
+
+
+def model_sharded_state(model) -> dict:
+    """``{key: sharded state dict}`` of every model chunk (``model_keys``)."""
+    return {key: unwrap(chunk).sharded_state_dict() for key, chunk in zip(model_keys(model), model)}
+
+
 def _rng_object(data) -> ShardedObject:
     offset = (
         parallel_state.get_pipeline_model_parallel_rank(),
@@ -179,12 +203,13 @@ def _rng_states() -> dict:
 
 
 def _sharded_state(model, optimizer=None, scheduler=None, with_rng=False, is_loading=False) -> dict:
-    state = {"model": unwrap(model[0]).sharded_state_dict()}
+    state = model_sharded_state(model)
     if optimizer is not None:
         # dp_reshardable: every rank writes its own optimizer shard, no gather; a resume keeps the
-        # layout (conversions drop the optimizer), so resharding across data parallelism suffices
+        # layout (conversions drop the optimizer), so resharding across data parallelism suffices.
+        # The optimizer finds its parameters' sharded keys in every chunk's state.
         state["optimizer"] = optimizer.sharded_state_dict(
-            state["model"], is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
+            dict(state), is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
         )
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
@@ -215,7 +240,7 @@ def save_checkpoint(root, iteration, model, optimizer, scheduler, progress, flag
             "iteration": iteration,
             "progress": progress,
             "model_shape": shape,
-            "layout": dict(zip(("pipeline", "tensor", "data"), _layout())),
+            "layout": layout_record(model),
             "args": {key: value for key, value in flags.items() if _is_plain(value)},
         }
         _write_atomic(os.path.join(partial_dir, METADATA), json.dumps(meta, indent=1, sort_keys=True))
@@ -333,7 +358,7 @@ def load_checkpoint(path, model, shape, optimizer=None, scheduler=None, restore_
     check_files(ckpt, verify)
     if optimizer is not None and ckpt != path:  # resuming from a --save root: its tracker names what it resumes
         _repair_tracker(path)
-    same_layout = meta.get("layout") == dict(zip(("pipeline", "tensor", "data"), _layout()))
+    same_layout = meta.get("layout") == layout_record(model)
     with_rng = restore_rng and same_layout
     if optimizer is not None:
         prepare_optimizer_state_for_loading(optimizer)
@@ -345,7 +370,8 @@ def load_checkpoint(path, model, shape, optimizer=None, scheduler=None, restore_
             f"checkpoint {ckpt} could not be loaded ({last_line(error)}): it is corrupt "
             f"or incomplete; load an earlier one"
         ) from None
-    unwrap(model[0]).load_state_dict(state["model"], strict=True)
+    for key, chunk in zip(model_keys(model), model):
+        unwrap(chunk).load_state_dict(state[key], strict=True)
     if optimizer is not None:
         with torch.no_grad():  # the distributed optimizer copies into views of fp32 weights in place
             optimizer.load_state_dict(state["optimizer"])

@@ -1,10 +1,18 @@
-"""Process groups: torch.distributed and megatron's model-parallel state, on GPU or CPU."""
+"""Process groups: torch.distributed and megatron's model-parallel state, on GPU or CPU, and the
+virtual pipeline stages (model chunks) of a rank.
+
+With V virtual stages (megatron's interleaved schedule), each of the PP ranks holds V model
+chunks of L/(PP*V) layers: chunk v of rank p runs global stage v*PP + p. megatron's interleaved
+schedule takes one data iterator per chunk and needs the micro-batches of a step in whole groups
+of PP (``microbatch_group_size_per_vp_stage``, PP by default).
+"""
 
 import contextlib
+import itertools
 import logging
 import os
 from datetime import timedelta
-from typing import Iterator
+from typing import Iterator, List, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -52,13 +60,14 @@ def init_distributed(cpu: bool, timeout_minutes: int = 30) -> None:
 def init_model_parallel(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
-    virtual_pipeline_parallel: int = None,
+    virtual_pipeline_parallel: Optional[int] = None,
     seed: int = 1234,
 ) -> None:
     """(Re)build megatron's model-parallel groups and seed every RNG stream.
 
     The world size must be a multiple of ``tensor_parallel * pipeline_parallel``; the rest is data
-    parallelism. Safe to call again with another layout (tests switch TP/PP inside one world).
+    parallelism. ``virtual_pipeline_parallel``: V model chunks per pipeline rank (None: one, the
+    plain schedule). Safe to call again with another layout (tests switch TP/PP inside one world).
     """
     world = dist.get_world_size()
     if world % (tensor_parallel * pipeline_parallel):
@@ -74,6 +83,81 @@ def init_model_parallel(
         virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
     )
     seed_all(seed)
+
+
+def resolve_virtual_pipeline(
+    num_layers: int,
+    pipeline_parallel: int,
+    virtual_size: Optional[int] = None,
+    layers_per_stage: Optional[int] = None,
+    where: str = "",
+) -> Optional[int]:
+    """V, the virtual pipeline stages per pipeline rank, from megatron's flags: either
+    ``--virtual-pipeline-model-parallel-size V`` or ``--num-layers-per-virtual-pipeline-stage N``
+    (V = L / (PP * N)). None when neither is given or V is 1 (the plain schedule).
+
+    Raises ``ArgumentError`` (one line, naming the flag values and the fix) unless V >= 1, PP > 1
+    for V > 1, and PP * V divides the ``num_layers`` layers (``where``: the model they belong to,
+    for the message).
+    """
+    if virtual_size is not None and layers_per_stage is not None:
+        raise ArgumentError(
+            f"--virtual-pipeline-model-parallel-size {virtual_size} and --num-layers-per-virtual-pipeline-stage "
+            f"{layers_per_stage} say the same thing: give one"
+        )
+    per_rank = num_layers // pipeline_parallel  # layers of one pipeline rank (PP divides L: checked before)
+    if layers_per_stage is not None:
+        flag = f"--num-layers-per-virtual-pipeline-stage {layers_per_stage}"
+        if layers_per_stage < 1 or per_rank % layers_per_stage:
+            divisors = ", ".join(str(n) for n in range(1, per_rank + 1) if per_rank % n == 0)
+            raise ArgumentError(
+                f"{flag} does not divide the {per_rank} layers of each of the --pipeline-model-parallel-size "
+                f"{pipeline_parallel} stages{where}: use one of {divisors}"
+            )
+        virtual_size = per_rank // layers_per_stage
+    elif virtual_size is None:
+        return None
+    else:
+        flag = f"--virtual-pipeline-model-parallel-size {virtual_size}"
+        if virtual_size < 1:
+            raise ArgumentError(f"{flag} must be >= 1 (1: the plain pipeline schedule)")
+    if virtual_size == 1:
+        return None
+    if pipeline_parallel == 1:
+        raise ArgumentError(
+            f"{flag} needs --pipeline-model-parallel-size > 1 (virtual stages interleave the layers of "
+            f"several pipeline ranks): raise PP or drop the flag"
+        )
+    if per_rank % virtual_size:
+        choices = [str(v) for v in range(2, per_rank + 1) if per_rank % v == 0]
+        fix = f"use one of {', '.join(choices)}" if choices else "drop the flag (one layer per pipeline rank)"
+        raise ArgumentError(
+            f"{flag}: --pipeline-model-parallel-size {pipeline_parallel} x {virtual_size} virtual stages does "
+            f"not divide the {num_layers} layers{where}: {fix}"
+        )
+    return virtual_size
+
+
+def chunk_iterators(iterator: Iterator, model: List[torch.nn.Module]) -> Union[Iterator, List[Iterator]]:
+    """The ``data_iterator`` argument of megatron's schedules for ``model`` (this rank's chunks).
+
+    One chunk: ``iterator`` itself. V chunks: V iterators over the same micro-batches, as the
+    interleaved schedule expects one per chunk; each chunk's forward reads every micro-batch once,
+    in order (the first chunk its tokens, the last its labels). The copies share one source, so
+    the micro-batches are read once; the source advances by one step's micro-batches per schedule
+    run, as with one chunk.
+    """
+    if len(model) == 1:
+        return iterator
+    return list(itertools.tee(iterator, len(model)))
+
+
+def microbatch_multiple(model: List[torch.nn.Module]) -> int:
+    """What the micro-batches of one schedule run must be a multiple of: PP with virtual stages
+    (megatron's interleaved schedule runs them in groups of PP), else 1."""
+    if len(model) == 1:
+        return 1
+    return parallel_state.get_pipeline_model_parallel_world_size()
 
 
 def destroy_model_parallel() -> None:

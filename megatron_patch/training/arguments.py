@@ -15,6 +15,7 @@ from megatron_patch.architecture.build import ModelSettings, padded_vocab_size
 from megatron_patch.architecture.presets import PRESETS, get_preset
 from megatron_patch.errors import ArgumentError, DataError
 from megatron_patch.runtime.command import ArgumentParser
+from megatron_patch.runtime.parallel import resolve_virtual_pipeline
 from megatron_patch.training.config import (
     CheckpointSettings,
     DataSettings,
@@ -113,6 +114,21 @@ def build_parser() -> ArgumentParser:
     par = parser.add_argument_group("parallelism")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
     par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    virtual = par.add_mutually_exclusive_group()
+    virtual.add_argument(
+        "--virtual-pipeline-model-parallel-size",
+        type=int,
+        default=None,
+        help="V: interleave the pipeline (megatron's interleaved 1F1B schedule), V model chunks of "
+        "L/(PP*V) layers per pipeline rank; needs PP > 1, PP*V dividing the layers and, in both "
+        "stages, micro-batches per step (G/(b*DP), G/(K*b*DP) in the patch stage) a multiple of PP",
+    )
+    virtual.add_argument(
+        "--num-layers-per-virtual-pipeline-stage",
+        type=int,
+        default=None,
+        help="or give N, the layers of one virtual stage (model chunk): V = L / (PP * N)",
+    )
     par.add_argument("--sequence-parallel", action="store_true")
     par.add_argument("--use-distributed-optimizer", action="store_true")
     par.add_argument(
@@ -251,6 +267,13 @@ def make_config(
             f"of {tp * pp} processes or change --tensor/--pipeline-model-parallel-size"
         )
     _check_layout_fits_preset(preset, tp, pp)
+    virtual = resolve_virtual_pipeline(
+        preset.num_layers,
+        pp,
+        flags.virtual_pipeline_model_parallel_size,
+        flags.num_layers_per_virtual_pipeline_stage,
+        f" of --model {preset.name}",
+    )
     dp = world_size // (tp * pp)
     _check_flag_combinations(flags, seq_length)
     plan = make_plan(
@@ -266,6 +289,8 @@ def make_config(
         train_tokens=flags.train_tokens,
         stage_split=flags.stage_split,
     )
+    if virtual is not None:
+        _check_interleaved_microbatches(plan, pp, _virtual_flag(flags, virtual))
     if tokenizer_vocab_size is None:
         tokenizer_vocab_size = _tokenizer_vocab_size(flags.tokenizer_model)
     model = ModelSettings(
@@ -274,6 +299,7 @@ def make_config(
         padded_vocab_size=padded_vocab_size(tokenizer_vocab_size, flags.make_vocab_size_divisible_by, tp),
         tensor_parallel=tp,
         pipeline_parallel=pp,
+        virtual_pipeline_parallel=virtual,
         sequence_parallel=flags.sequence_parallel,
         bf16=flags.bf16,
         recompute=recompute,
@@ -291,6 +317,7 @@ def make_config(
         train_iters=plan.train_iters,
         world_size=world_size,
         data_parallel_size=dp,
+        virtual_pipeline_model_parallel_size=virtual,
     )
     return TrainerConfig(
         flags=recorded,
@@ -361,6 +388,31 @@ def _check_layout_fits_preset(preset, tp: int, pp: int) -> None:
             f"--pipeline-model-parallel-size {pp} does not divide the {preset.num_layers} layers "
             f"of --model {preset.name}: pick a divisor"
         )
+
+
+def _virtual_flag(flags: argparse.Namespace, virtual: int) -> str:
+    """The virtual-pipeline flag as given, for messages."""
+    if flags.num_layers_per_virtual_pipeline_stage is not None:
+        return f"--num-layers-per-virtual-pipeline-stage {flags.num_layers_per_virtual_pipeline_stage} (V={virtual})"
+    return f"--virtual-pipeline-model-parallel-size {virtual}"
+
+
+def _check_interleaved_microbatches(plan, pp: int, virtual_flag: str) -> None:
+    """megatron's interleaved schedule runs a step's micro-batches in groups of PP: in every stage
+    (validation too) they must be a multiple of PP."""
+    stages = list(plan.stages) + ([plan.validation] if plan.validation.iterations else [])
+    for stage in stages:
+        if stage.num_microbatches % pp:
+            K, b, dp = stage.patch_size, stage.micro_batch_size, plan.data_parallel_size
+            factors, names = f"{b} x {dp} x {pp}", "micro-batch x data-parallel x PP"
+            if K > 1:
+                factors, names = f"{K} x {factors}", f"K x {names}"
+            raise ArgumentError(
+                f"{virtual_flag}: the {stage.name} stage has {stage.num_microbatches} micro-batches per step, not "
+                f"a multiple of --pipeline-model-parallel-size {pp} (interleaved schedule): make --global-batch-size "
+                f"{plan.global_batch_size} a multiple of {names} = {factors} = {K * b * dp * pp}, or lower "
+                f"--micro-batch-size"
+            )
 
 
 def _tokenizer_vocab_size(path: str) -> int:

@@ -9,30 +9,45 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_patch.architecture.build import build_model as build_model_chunk
+from megatron_patch.architecture.build import build_model_chunks
 from megatron_patch.training.config import OptimizerSettings, TrainerConfig
 
 logger = logging.getLogger(__name__)
 
 
 def build_model(config: TrainerConfig) -> List[torch.nn.Module]:
-    """This rank's model chunk, wrapped as megatron trains it: [DDP(Float16Module?(PatchGPTModel))]."""
+    """This rank's model chunks, wrapped as megatron trains them: [DDP(Float16Module?(PatchGPTModel))],
+    one per virtual pipeline stage (``--virtual-pipeline-model-parallel-size``), else one.
+
+    As Megatron-LM wraps them: each chunk has its own DDP and gradient buffer, chunks after the
+    first without bucketing (their reductions overlap the other chunks' backward anyway), and with
+    ``--overlap-grad-reduce`` the schedule holds every chunk's reduction back until that chunk's
+    last backward (``no_sync_func``) and then starts it (``grad_sync_func``, per chunk with V > 1).
+    """
     transformer_config = config.model.transformer_config(config.cpu)
-    transformer_config.finalize_model_grads_func = finalize_model_grads
-    model = build_model_chunk(config.model, transformer_config, config.cpu)
+    transformer_config.finalize_model_grads_func = finalize_model_grads  # called with the list of chunks
+    chunks = build_model_chunks(config.model, transformer_config, config.cpu)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=config.overlap_grad_reduce,
         overlap_param_gather=config.overlap_param_gather,
         use_distributed_optimizer=config.optimizer.distributed,
     )
-    model = DistributedDataParallel(transformer_config, ddp_config, model)
+    model = [
+        DistributedDataParallel(transformer_config, ddp_config, chunk, disable_bucketing=index > 0)
+        for index, chunk in enumerate(chunks)
+    ]
     if config.overlap_grad_reduce:
-        # megatron's schedules run every micro-batch but the last inside no_sync, so the bucket
+        # megatron's schedules run every micro-batch but a chunk's last inside no_sync, so the bucket
         # reductions start only once a bucket's gradients are complete (in the last backward)
-        transformer_config.no_sync_func = model.no_sync
-    model.broadcast_params()
-    return [model]
+        if len(model) == 1:
+            transformer_config.no_sync_func = model[0].no_sync
+        else:
+            transformer_config.no_sync_func = [chunk.no_sync for chunk in model]
+            transformer_config.grad_sync_func = [chunk.start_grad_sync for chunk in model]
+    for chunk in model:
+        chunk.broadcast_params()
+    return model
 
 
 def gather_updated_parameters(model: List[torch.nn.Module]) -> None:

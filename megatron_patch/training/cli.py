@@ -25,7 +25,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from megatron_patch.training.loop import Trainer
 
         with parallel.distributed_world(cpu=config.cpu):
-            parallel.init_model_parallel(config.model.tensor_parallel, config.model.pipeline_parallel, seed=config.seed)
+            model = config.model
+            parallel.init_model_parallel(
+                model.tensor_parallel, model.pipeline_parallel, model.virtual_pipeline_parallel, seed=config.seed
+            )
             Trainer(config).run()
 
     return run_main(body)

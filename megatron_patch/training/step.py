@@ -20,6 +20,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_patch.errors import NonFiniteLossError
 from megatron_patch.loss import patch_targets
+from megatron_patch.runtime.parallel import chunk_iterators
 from megatron_patch.training.plan import StagePlan
 
 
@@ -48,11 +49,13 @@ def forward_step(patch_size: int, data_iterator: Iterator, model: torch.nn.Modul
 def run_schedule(
     model: List[torch.nn.Module], data_iterator: Iterator, stage: StagePlan, forward_only: bool
 ) -> torch.Tensor:
-    """Forward (and backward) of one global batch of ``stage``. Returns ``[loss_sum, count]`` summed
-    over the whole world's data-parallel replicas, identical on every rank (fp32, model's device)."""
+    """Forward (and backward) of one global batch of ``stage`` through this rank's model chunks
+    (several with virtual pipeline stages: the interleaved schedule, each chunk reading the same
+    micro-batches). Returns ``[loss_sum, count]`` summed over the whole world's data-parallel
+    replicas, identical on every rank (fp32, model's device)."""
     losses: List[Dict[str, torch.Tensor]] = get_forward_backward_func()(
         forward_step_func=partial(forward_step, stage.patch_size),
-        data_iterator=data_iterator,
+        data_iterator=chunk_iterators(data_iterator, model),
         model=model,
         num_microbatches=stage.num_microbatches,
         seq_length=stage.decoder_length,
@@ -61,7 +64,8 @@ def run_schedule(
     )
     device = next(model[0].parameters()).device
     totals = torch.zeros(2, dtype=torch.float32, device=device)
-    # only one tensor-parallel rank of the last pipeline stage contributes, so each replica counts once
+    # only one tensor-parallel rank of the last pipeline stage contributes, so each replica counts
+    # once (with virtual stages, the schedule returns the losses of the last chunk only)
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
         for entry in losses:
             totals += entry["loss"].to(device)
