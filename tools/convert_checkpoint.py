@@ -1,4 +1,4 @@
-"""Convert a patch-stage checkpoint (any TP/PP) into a token-stage starting checkpoint (any TP/PP).
+"""Convert a patch-stage checkpoint (any TP/PP/V) into a token-stage starting checkpoint (any TP/PP/V).
 
 Weights only: iteration 0 of the token stage, optimizer and LR schedule dropped, the source path,
 K, lambda, consumed tokens and source layout recorded in ``megatron_patch.json``. The model shape
@@ -13,6 +13,10 @@ then start the token stage with ``--stage token --pretrained-checkpoint runs/tok
 checks its output (logits of the converted checkpoint at the target layout against the source's
 at TP=1 PP=1; max absolute difference printed, exit 1 beyond ``--tolerance``) before renaming it
 into place. Exit codes: 0 ok, 1 check failed, 2 bad input.
+
+``--virtual-pipeline-model-parallel-size V`` (or ``--num-layers-per-virtual-pipeline-stage N``)
+gives the target V model chunks per pipeline rank, for an interleaved-pipeline token stage; a
+source saved with virtual stages converts like any other.
 """
 
 import os
@@ -31,6 +35,16 @@ def build_parser():
     parser.add_argument("--save", required=True, help="output folder (created; see --force)")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1, help="target TP")
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="target PP")
+    virtual = parser.add_mutually_exclusive_group()
+    virtual.add_argument(
+        "--virtual-pipeline-model-parallel-size",
+        type=int,
+        default=None,
+        help="target V, virtual pipeline stages (model chunks) per pipeline rank (needs PP > 1)",
+    )
+    virtual.add_argument(
+        "--num-layers-per-virtual-pipeline-stage", type=int, default=None, help="or the target's layers per chunk"
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing --save folder")
     parser.add_argument("--cpu", action="store_true", help="CPU mode over gloo")
     parser.add_argument(
@@ -80,19 +94,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             tokenizer_model=args.tokenizer_model,
             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
             verify=args.checkpoint_verify,
+            virtual_pipeline=args.virtual_pipeline_model_parallel_size,
+            layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
         )
         with command.command_world(args.cpu):
             result = reshard.convert(plan)
             if command.rank() == 0:
                 info = result.metadata["conversion"]
-                layout = info["source_layout"]
                 print(
                     f"converted {info['source']} ({info['source_stage']} stage, iteration "
-                    f"{info['source_iteration']}, TP={layout.get('tensor')} PP={layout.get('pipeline')})"
+                    f"{info['source_iteration']}, {reshard.describe_layout(info['source_layout'])})"
                 )
                 print(
-                    f"to {result.checkpoint} (token stage, iteration 0, TP={plan.tensor_parallel} "
-                    f"PP={plan.pipeline_parallel}, weights only)"
+                    f"to {result.checkpoint} (token stage, iteration 0, "
+                    f"{reshard.describe_layout(info['target_layout'])}, weights only)"
                 )
                 print(
                     f"logits check: max absolute difference {result.max_abs_diff:.3e} "

@@ -1,4 +1,4 @@
-"""Token-level evaluation of a checkpoint: loss, perplexity and bits per byte, at any TP/PP.
+"""Token-level evaluation of a checkpoint: loss, perplexity and bits per byte, at any TP/PP/V.
 
 Data: a ``.bin/.idx`` prefix (``--data-path``, as written by tools/preprocess_data.py) or
 JSONL / text files (``--input``, one line = one document, .gz/.xz/.zst allowed, text under
@@ -46,6 +46,16 @@ def build_parser():
     )
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    virtual = parser.add_mutually_exclusive_group()
+    virtual.add_argument(
+        "--virtual-pipeline-model-parallel-size",
+        type=int,
+        default=None,
+        help="V, virtual pipeline stages (model chunks) per pipeline rank: the interleaved schedule (needs PP > 1)",
+    )
+    virtual.add_argument(
+        "--num-layers-per-virtual-pipeline-stage", type=int, default=None, help="or the layers per chunk"
+    )
     parser.add_argument("--fp32", action="store_true", help="run a bf16 checkpoint in fp32")
     parser.add_argument("--cpu", action="store_true", help="CPU mode over gloo")
     parser.add_argument(
@@ -78,7 +88,9 @@ def _run(args) -> None:
         raise ArgumentError(f"--output-json {args.output_json}: its folder does not exist; create it first")
     info = checkpoint_info.read_checkpoint(args.load, "--load", args.model)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    checkpoint_info.check_layout(info, tp, pp)
+    virtual = checkpoint_info.check_layout(
+        info, tp, pp, args.virtual_pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage
+    )
     settings = perplexity.EvalSettings(
         args.seq_length or info.seq_length, args.micro_batch_size, args.window, args.stride
     )
@@ -104,7 +116,7 @@ def _run(args) -> None:
         described = {"input": args.input, "json_key": args.json_keys[0]}
     with command.command_world(args.cpu) as world_size:
         checkpoint_info.check_world(world_size, tp, pp)
-        model = checkpoint_info.build_model(info, tp, pp, bf16=False if args.fp32 else None)
+        model = checkpoint_info.build_model(info, tp, pp, bf16=False if args.fp32 else None, virtual_pipeline=virtual)
         checkpoint_info.load_weights(model, info, verify=args.checkpoint_verify)
         result = perplexity.evaluate(model, corpus, settings, pad=tokenizer.eod)
         if command.rank() != 0:
@@ -116,7 +128,8 @@ def _run(args) -> None:
             "model": info.preset.name,
             **described,
             "tokenizer_model": tokenizer.model_path,
-            "layout": {"tensor": tp, "pipeline": pp, "data": world_size // (tp * pp)},
+            "layout": {"tensor": tp, "pipeline": pp, "data": world_size // (tp * pp)}
+            | ({"virtual_pipeline": virtual} if virtual else {}),
             "dtype": "float32" if args.fp32 or not info.bf16 else "bfloat16",
             **result.to_dict(),
             "bytes_counted": "UTF-8 bytes of the documents' text"
@@ -139,7 +152,11 @@ def _run(args) -> None:
             f"data: {args.data_path or ' '.join(args.input)}: {result.documents} documents, {result.bytes} bytes "
             f"({report['bytes_counted']})"
         )
-        print(f"windows: {window}, {result.seq_length} tokens; TP={tp} PP={pp} DP={report['layout']['data']}")
+        virtual_text = f" V={virtual}" if virtual else ""
+        print(
+            f"windows: {window}, {result.seq_length} tokens; TP={tp} PP={pp}{virtual_text} "
+            f"DP={report['layout']['data']}"
+        )
         print(f"tokens scored: {result.tokens} (EODs included) in {result.seconds:.1f} s")
         print(
             f"loss {result.loss:.4f} nats/token | perplexity {result.perplexity:.3f} | "

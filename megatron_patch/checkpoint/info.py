@@ -12,8 +12,7 @@ from typing import List, Optional
 
 import torch
 
-from megatron_patch.architecture.build import ModelSettings
-from megatron_patch.architecture.build import build_model as build_model_chunk
+from megatron_patch.architecture.build import ModelSettings, build_model_chunks
 from megatron_patch.architecture.presets import ModelPreset, get_preset
 from megatron_patch.checkpoint import store as ckpt
 from megatron_patch.errors import ArgumentError, CheckpointError
@@ -110,8 +109,17 @@ def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
-def check_layout(info: CheckpointInfo, tensor_parallel: int, pipeline_parallel: int) -> None:
-    """ArgumentError unless TP divides the heads, query groups, FFN width and vocabulary and PP the layers."""
+def check_layout(
+    info: CheckpointInfo,
+    tensor_parallel: int,
+    pipeline_parallel: int,
+    virtual_size: Optional[int] = None,
+    layers_per_virtual_stage: Optional[int] = None,
+) -> Optional[int]:
+    """ArgumentError unless TP divides the heads, query groups, FFN width and vocabulary and PP the
+    layers, and the virtual-pipeline flags (``--virtual-pipeline-model-parallel-size`` or
+    ``--num-layers-per-virtual-pipeline-stage``, at most one) fit PP and the layers. Returns V, the
+    virtual pipeline stages per rank (None: one chunk per rank)."""
     preset = info.preset
     for flag, value in (
         ("--tensor-model-parallel-size", tensor_parallel),
@@ -140,6 +148,13 @@ def check_layout(info: CheckpointInfo, tensor_parallel: int, pipeline_parallel: 
             f"layers of checkpoint {info.path} (model {preset.name!r}): use one of "
             f"{_divisors(preset.num_layers)}"
         )
+    return parallel.resolve_virtual_pipeline(
+        preset.num_layers,
+        pipeline_parallel,
+        virtual_size,
+        layers_per_virtual_stage,
+        f" of checkpoint {info.path} (model {preset.name!r})",
+    )
 
 
 def check_world(world_size: int, tensor_parallel: int, pipeline_parallel: int) -> None:
@@ -152,12 +167,19 @@ def check_world(world_size: int, tensor_parallel: int, pipeline_parallel: int) -
 
 
 def build_model(
-    info: CheckpointInfo, tensor_parallel: int, pipeline_parallel: int, bf16: Optional[bool] = None, seed: int = 1234
+    info: CheckpointInfo,
+    tensor_parallel: int,
+    pipeline_parallel: int,
+    bf16: Optional[bool] = None,
+    seed: int = 1234,
+    virtual_pipeline: Optional[int] = None,
 ) -> List[torch.nn.Module]:
-    """(Re)initialise megatron's groups at TP x PP and build this rank's chunk of the checkpoint's
-    model (the trainer's builder), in eval mode; ``bf16`` defaults to the checkpoint's dtype.
+    """(Re)initialise megatron's groups at TP x PP (x V virtual stages) and build this rank's chunks
+    of the checkpoint's model (the trainer's builder), in eval mode; ``bf16`` defaults to the
+    checkpoint's dtype.
 
-    Returns ``[chunk]`` (a ``Float16Module`` around the model in bf16, as the trainer runs it).
+    Returns the chunks, one per virtual stage (``[chunk]`` without; a ``Float16Module`` around the
+    model in bf16, as the trainer runs it).
     """
     settings = ModelSettings(
         preset=info.preset,
@@ -165,14 +187,16 @@ def build_model(
         padded_vocab_size=info.vocab_size,
         tensor_parallel=tensor_parallel,
         pipeline_parallel=pipeline_parallel,
+        virtual_pipeline_parallel=virtual_pipeline,
         bf16=info.bf16 if bf16 is None else bf16,
         transformer_impl=info.transformer_impl,
     )
-    parallel.init_model_parallel(tensor_parallel, pipeline_parallel, seed=seed)
+    parallel.init_model_parallel(tensor_parallel, pipeline_parallel, virtual_pipeline, seed=seed)
     cpu = cpu_mode.is_enabled()
-    model = build_model_chunk(settings, settings.transformer_config(cpu), cpu)
-    model.eval()
-    return [model]
+    model = build_model_chunks(settings, settings.transformer_config(cpu), cpu)
+    for chunk in model:
+        chunk.eval()
+    return model
 
 
 def load_weights(

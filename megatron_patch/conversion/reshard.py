@@ -1,10 +1,12 @@
-"""Patch-stage checkpoint (any TP/PP) -> token-stage starting checkpoint (any TP/PP).
+"""Patch-stage checkpoint (any TP/PP/V) -> token-stage starting checkpoint (any TP/PP/V).
 
 Only the weights travel: the optimizer, the LR schedule and the RNG states are dropped, and the
 result is iteration 0 of the token stage (start it with ``--stage token --pretrained-checkpoint
 DST``). Patch mode adds no parameter, so the weights are a plain GPT's; resharding is megatron's
 own: the source is loaded into a model built at the target layout (dist_checkpointing reshards
-on load) and saved from there.
+on load) and saved from there. V, the virtual pipeline stages per rank, is part of the layout:
+each tensor is keyed by its global name (layers by their global number), so only the nesting of
+the state dict (``model`` or ``model0``, ``model1``, ...) depends on it.
 
 Output layout (a ``--save`` root, readable by ``--pretrained-checkpoint`` and ``--load`` tools)::
 
@@ -30,7 +32,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from megatron_patch.architecture.build import padded_vocab_size, unwrap
+from megatron_patch.architecture.build import padded_vocab_size
 from megatron_patch.checkpoint import info as checkpoint_info
 from megatron_patch.checkpoint import manifest
 from megatron_patch.checkpoint import store as ckpt
@@ -58,11 +60,20 @@ class ConversionPlan:
     make_vocab_size_divisible_by: Optional[int] = None  # default: the source run's
     tokenizer_vocab_size: Optional[int] = None
     verify: bool = True  # check the source's files against its manifest before loading
+    virtual_pipeline: Optional[int] = None  # target V (None: one chunk per rank)
+    layers_per_virtual_stage: Optional[int] = None  # or the target's layers per virtual stage
 
     def __post_init__(self) -> None:
         if not self.tolerance >= 0:
             raise ArgumentError(f"--tolerance {self.tolerance} must be >= 0 (max absolute logit difference)")
-        checkpoint_info.check_layout(self.source, self.tensor_parallel, self.pipeline_parallel)
+        self.virtual_pipeline = checkpoint_info.check_layout(
+            self.source,
+            self.tensor_parallel,
+            self.pipeline_parallel,
+            self.virtual_pipeline,
+            self.layers_per_virtual_stage,
+        )
+        self.layers_per_virtual_stage = None  # resolved into virtual_pipeline
         self._check_vocabulary_padding()
         source_root = os.path.dirname(self.source.path)
         for protected in (self.source.path, source_root):
@@ -97,6 +108,21 @@ class ConversionResult:
     metadata: dict = field(default_factory=dict)
 
 
+def describe_layout(layout: dict) -> str:
+    """``TP=.. PP=..`` (and ``V=..`` with virtual pipeline stages) of a recorded layout."""
+    text = f"TP={layout.get('tensor')} PP={layout.get('pipeline')}"
+    return text + (f" V={layout['virtual_pipeline']}" if layout.get("virtual_pipeline") else "")
+
+
+def _layout(plan: ConversionPlan, world_size: int) -> dict:
+    """The target layout as a checkpoint records it (``store.layout_record``)."""
+    tp, pp = plan.tensor_parallel, plan.pipeline_parallel
+    layout = {"pipeline": pp, "tensor": tp, "data": world_size // (tp * pp)}
+    if plan.virtual_pipeline is not None:
+        layout["virtual_pipeline"] = plan.virtual_pipeline
+    return layout
+
+
 def _metadata(plan: ConversionPlan, world_size: int) -> dict:
     """The converted checkpoint's ``megatron_patch.json``."""
     source = plan.source
@@ -106,6 +132,8 @@ def _metadata(plan: ConversionPlan, world_size: int) -> dict:
     args.update(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=plan.virtual_pipeline,
+        num_layers_per_virtual_pipeline_stage=None,
         world_size=world_size,
         data_parallel_size=world_size // (tp * pp),
         stage="token",
@@ -125,7 +153,7 @@ def _metadata(plan: ConversionPlan, world_size: int) -> dict:
         "patch_size": progress.get("patch_size", source.args.get("patch_size")),
         "patch_data_fraction": progress.get("patch_data_fraction", source.args.get("patch_data_fraction")),
         "consumed_tokens": progress.get("consumed_tokens", {}),
-        "target_layout": {"pipeline": pp, "tensor": tp, "data": world_size // (tp * pp)},
+        "target_layout": _layout(plan, world_size),
         "dropped": ["optimizer", "opt_param_scheduler", "rng_state"],
         "previous_conversion": source.meta.get("conversion"),  # a chain of conversions stays traceable
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -158,7 +186,9 @@ def _verify(plan: ConversionPlan, converted: str) -> float:
     checkpoint_info.load_weights(reference_model, source, verify=False)  # checked when it was converted
     reference = forward_logits(reference_model, tokens, source.vocab_size)
     del reference_model
-    target_model = checkpoint_info.build_model(source, plan.tensor_parallel, plan.pipeline_parallel, bf16=False)
+    target_model = checkpoint_info.build_model(
+        source, plan.tensor_parallel, plan.pipeline_parallel, bf16=False, virtual_pipeline=plan.virtual_pipeline
+    )
     checkpoint_info.load_weights(target_model, source, converted)
     logits = forward_logits(target_model, tokens, source.vocab_size)
     del target_model
@@ -180,14 +210,12 @@ def convert(plan: ConversionPlan) -> ConversionResult:
     checkpoint_info.check_world(world_size, plan.tensor_parallel, plan.pipeline_parallel)
     source = plan.source
     logger.info(
-        "converting %s (%s stage, TP=%s PP=%s, model %s) to TP=%d PP=%d in %s",
+        "converting %s (%s stage, %s, model %s) to %s in %s",
         source.path,
         source.progress.get("stage"),
-        source.layout.get("tensor"),
-        source.layout.get("pipeline"),
+        describe_layout(source.layout),
         source.preset.name,
-        plan.tensor_parallel,
-        plan.pipeline_parallel,
+        describe_layout(_layout(plan, world_size)),
         plan.save,
     )
     if source.progress.get("stage") == "patch" and not source.progress.get("stage_complete", True):
@@ -201,9 +229,11 @@ def convert(plan: ConversionPlan) -> ConversionResult:
         if dist.get_rank() == 0:
             os.makedirs(partial_ckpt)
         dist.barrier()
-        model = checkpoint_info.build_model(source, plan.tensor_parallel, plan.pipeline_parallel)
+        model = checkpoint_info.build_model(
+            source, plan.tensor_parallel, plan.pipeline_parallel, virtual_pipeline=plan.virtual_pipeline
+        )
         checkpoint_info.load_weights(model, source, verify=plan.verify)
-        dist_checkpointing.save({"model": unwrap(model[0]).sharded_state_dict()}, partial_ckpt)
+        dist_checkpointing.save(ckpt.model_sharded_state(model), partial_ckpt)
         del model
         dist.barrier()
         manifest.write_manifest(partial_ckpt)  # collective: each rank checksums its own shards
@@ -214,9 +244,8 @@ def convert(plan: ConversionPlan) -> ConversionResult:
         dist.barrier()
         difference = _verify(plan, staged.path)
         logger.info(
-            "max |logits(converted, TP=%d PP=%d) - logits(source, TP=1 PP=1)| = %.3e (tolerance %.1e)",
-            plan.tensor_parallel,
-            plan.pipeline_parallel,
+            "max |logits(converted, %s) - logits(source, TP=1 PP=1)| = %.3e (tolerance %.1e)",
+            describe_layout(_layout(plan, world_size)),
             difference,
             plan.tolerance,
         )
@@ -246,6 +275,8 @@ def plan_from_flags(
     tokenizer_model: Optional[str] = None,
     make_vocab_size_divisible_by: Optional[int] = None,
     verify: bool = True,
+    virtual_pipeline: Optional[int] = None,
+    layers_per_virtual_stage: Optional[int] = None,
 ) -> ConversionPlan:
     """Check the flags against the source checkpoint (no distributed call); ArgumentError/CheckpointError."""
     from megatron_patch.data.tokenizer import SentencePieceTokenizer
@@ -263,5 +294,15 @@ def plan_from_flags(
         hint = "" if tokenizer_model else " (recorded in the checkpoint's args; pass --tokenizer-model if it moved)"
         raise ArgumentError(f"{error}{hint}") from None
     return ConversionPlan(
-        info, final, tensor_parallel, pipeline_parallel, tolerance, force, make_vocab_size_divisible_by, vocab, verify
+        info,
+        final,
+        tensor_parallel,
+        pipeline_parallel,
+        tolerance,
+        force,
+        make_vocab_size_divisible_by,
+        vocab,
+        verify,
+        virtual_pipeline,
+        layers_per_virtual_stage,
     )

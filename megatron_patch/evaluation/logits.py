@@ -1,8 +1,10 @@
-"""Full-vocabulary logits of a model at any TP/PP layout, through megatron's pipeline schedules.
+"""Full-vocabulary logits of a model at any TP/PP/V layout, through megatron's pipeline schedules.
 
 The last pipeline stage gathers its vocabulary shards (``[b, s, V/tp]`` -> ``[b, s, V]``); one
 rank of it (TP rank 0 of data-parallel replica 0) contributes the result to a sum over the whole
-world, so every rank ends with the same fp32 logits (adding zeros is exact).
+world, so every rank ends with the same fp32 logits (adding zeros is exact). With virtual
+pipeline stages the interleaved schedule needs micro-batches in groups of PP: the batch is run PP
+times and the first result kept.
 """
 
 from typing import List
@@ -13,7 +15,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from megatron_patch.runtime.parallel import collective_device
+from megatron_patch.runtime.parallel import chunk_iterators, collective_device, microbatch_multiple
 
 
 def fixed_tokens(vocab_size: int, batch: int, length: int, seed: int = 20240607) -> torch.Tensor:
@@ -27,7 +29,8 @@ def forward_logits(model: List[torch.nn.Module], tokens: torch.Tensor, vocab_siz
     """Logits ``[b, s, V]`` (fp32, CPU) of ``tokens`` ``[b, s]`` on every rank.
 
     Args:
-        model: ``[chunk]`` of this rank (token mode), built by ``source.build_model``.
+        model: this rank's chunks (token mode; one per virtual stage), built by
+            ``checkpoint.info.build_model``.
         tokens: the same ``[b, s]`` ids on every rank.
         vocab_size: V, the padded vocabulary (the model's output rows).
     """
@@ -46,11 +49,12 @@ def forward_logits(model: List[torch.nn.Module], tokens: torch.Tensor, vocab_siz
         return output, collect
 
     batch, length = tokens.shape
+    repeats = microbatch_multiple(model)  # 1, or PP for the interleaved schedule
     get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter([tokens]),
+        data_iterator=chunk_iterators(iter([tokens] * repeats), model),
         model=model,
-        num_microbatches=1,
+        num_microbatches=repeats,
         seq_length=length,
         micro_batch_size=batch,
         forward_only=True,

@@ -1,10 +1,12 @@
-"""Token-level evaluation of a checkpoint at any TP/PP: loss, perplexity, bits per byte.
+"""Token-level evaluation of a checkpoint at any TP/PP/V: loss, perplexity, bits per byte.
 
 The model runs in token mode (K=1) through megatron's pipeline schedules, forward only; each
 micro-batch's per-token losses (megatron's vocab-parallel cross-entropy, fp32) are summed over
 the scored labels in float64. Windows are spread over the data-parallel replicas (micro-batch m
 goes to replica m mod DP); the sums of every replica are added at the end, and the number of
-scored targets must equal the stream's (a self-check).
+scored targets must equal the stream's (a self-check). With virtual pipeline stages each
+replica's micro-batches are padded with empty ones (nothing scored) to a multiple of PP, as the
+interleaved schedule runs them in groups of PP.
 
     loss = sum of -log p(target) / scored targets            (nats per token)
     perplexity = exp(loss)
@@ -25,7 +27,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_patch.architecture.build import padded_vocab_size
 from megatron_patch.errors import ArgumentError, VerificationError
 from megatron_patch.evaluation.token_stream import EvalCorpus, micro_batch, windows
-from megatron_patch.runtime.parallel import collective_device
+from megatron_patch.runtime.parallel import chunk_iterators, collective_device, microbatch_multiple
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +127,8 @@ def _schedule(model: List[torch.nn.Module], corpus: EvalCorpus, settings: EvalSe
     all_windows = list(windows(corpus.targets, settings.seq_length, settings.stride))
     b = settings.micro_batch_size
     per_replica = math.ceil(math.ceil(len(all_windows) / b) / dp_size)  # micro-batches per replica
+    multiple = microbatch_multiple(model)
+    per_replica = math.ceil(per_replica / multiple) * multiple
     mine = [all_windows[m * b : (m + 1) * b] for m in range(dp_rank, per_replica * dp_size, dp_size)]
     device = next(model[0].parameters()).device
     totals = torch.zeros(2, dtype=torch.float64)
@@ -155,7 +159,7 @@ def _schedule(model: List[torch.nn.Module], corpus: EvalCorpus, settings: EvalSe
 
     get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=batches(),
+        data_iterator=chunk_iterators(batches(), model),
         model=model,
         num_microbatches=len(mine),
         seq_length=settings.seq_length,
@@ -167,7 +171,7 @@ def _schedule(model: List[torch.nn.Module], corpus: EvalCorpus, settings: EvalSe
 
 @torch.no_grad()
 def evaluate(model: List[torch.nn.Module], corpus: EvalCorpus, settings: EvalSettings, pad: int) -> EvalResult:
-    """Score ``corpus`` with ``model`` (this rank's chunk, token mode). Collective."""
+    """Score ``corpus`` with ``model`` (this rank's chunks, token mode). Collective."""
     start = time.perf_counter()
     totals = _schedule(model, corpus, settings, pad)
     totals = totals.to(collective_device())
