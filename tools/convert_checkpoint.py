@@ -40,10 +40,15 @@ def build_parser():
         "--virtual-pipeline-model-parallel-size",
         type=int,
         default=None,
+        metavar="V",
         help="target V, virtual pipeline stages (model chunks) per pipeline rank (needs PP > 1)",
     )
     virtual.add_argument(
-        "--num-layers-per-virtual-pipeline-stage", type=int, default=None, help="or the target's layers per chunk"
+        "--num-layers-per-virtual-pipeline-stage",
+        type=int,
+        default=None,
+        metavar="N",
+        help="or the target's layers per chunk",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing --save folder")
     parser.add_argument("--cpu", action="store_true", help="CPU mode over gloo")

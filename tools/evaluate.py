@@ -51,10 +51,11 @@ def build_parser():
         "--virtual-pipeline-model-parallel-size",
         type=int,
         default=None,
+        metavar="V",
         help="V, virtual pipeline stages (model chunks) per pipeline rank: the interleaved schedule (needs PP > 1)",
     )
     virtual.add_argument(
-        "--num-layers-per-virtual-pipeline-stage", type=int, default=None, help="or the layers per chunk"
+        "--num-layers-per-virtual-pipeline-stage", type=int, default=None, metavar="N", help="or the layers per chunk"
     )
     parser.add_argument("--fp32", action="store_true", help="run a bf16 checkpoint in fp32")
     parser.add_argument("--cpu", action="store_true", help="CPU mode over gloo")

@@ -119,6 +119,7 @@ def build_parser() -> ArgumentParser:
         "--virtual-pipeline-model-parallel-size",
         type=int,
         default=None,
+        metavar="V",
         help="V: interleave the pipeline (megatron's interleaved 1F1B schedule), V model chunks of "
         "L/(PP*V) layers per pipeline rank; needs PP > 1, PP*V dividing the layers and, in both "
         "stages, micro-batches per step (G/(b*DP), G/(K*b*DP) in the patch stage) a multiple of PP",
@@ -127,6 +128,7 @@ def build_parser() -> ArgumentParser:
         "--num-layers-per-virtual-pipeline-stage",
         type=int,
         default=None,
+        metavar="N",
         help="or give N, the layers of one virtual stage (model chunk): V = L / (PP * N)",
     )
     par.add_argument("--sequence-parallel", action="store_true")
