@@ -32,137 +32,28 @@ installed: the ``plot`` extra); ``curves.json`` holds the plotted points.
 """
 
 import argparse
-import json
-import math
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the reproduce_small_*.py beside this file
+
+from reproduce_small_report import write_report  # noqa: E402
+from reproduce_small_runs import (  # noqa: E402
+    FRACTIONS,  # noqa: F401 (tests read the runs' names, settings and flags from this script)
+    PATCH_SIZE,
+    RUN_NAMES,
+    SPLIT,
+    epoch_budget,
+    run_folder,
+    settings,
+    trainer_arguments,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-PATCH_SIZE = 4
-SPLIT = "99,1,0"  # train, valid, test shares of the documents (1% for in-run validation)
-FRACTIONS = {"lambda-1_4": 0.25, "lambda-1_2": 0.5, "lambda-2_3": 2 / 3, "lambda-4_5": 0.8}
-CONTROLS = {f"control-{name}": fraction for name, fraction in FRACTIONS.items()}
-RUN_NAMES = ("token-only",) + tuple(FRACTIONS) + tuple(CONTROLS)
-
-
-def settings(reduced: bool, cpu: bool) -> dict:
-    """Model, tokenizer, batch and budget of the reproduction (``reduced``: the CPU smoke run).
-
-    The global batch is 32 sequences of 1024 tokens in every run; the micro-batch of 8 lets the
-    patch stage split it as GBS/K = 8 sequences of K*T tokens (the trainer requires K x mbs | GBS).
-    """
-    if reduced:
-        return {
-            "model": "tiny",
-            "seq_length": 64,
-            "vocab": 1000,
-            "gbs": 16,
-            "mbs": 4,
-            "train_tokens": 16 * 64 * 24,
-            "warmup": 4,
-            "lr": "2e-3",
-            "eval_interval": 8,
-            "max_documents": 4,
-            "sample_lines": 2000,
-            "train_file": "tiny.jsonl.xz",
-        }
-    return {
-        "model": "repro-34m",
-        "seq_length": 1024,
-        "vocab": 8000,
-        "gbs": 32,
-        "mbs": 8,
-        "train_tokens": None,
-        "warmup": 100,
-        "lr": "1e-3",
-        "eval_interval": 50,
-        "max_documents": None,
-        "sample_lines": 300000,
-        "train_file": "train.jsonl.xz",
-    }
-
-
-def trainer_arguments(
-    s: dict,
-    prefix: Path,
-    tokenizer: Path,
-    train_tokens: int,
-    cpu: bool,
-    seed: int = 1,
-    stage_split: str = "documents",
-    eval_interval: int = None,
-) -> dict:
-    """Trainer flags of every run, by name: the same model, data, budget and schedule; only K,
-    lambda and (for a control) the stage differ. ``stage_split`` is the trainer's
-    ``--stage-split`` (``epochs`` for a multi-epoch budget); ``eval_interval`` overrides the
-    settings' steps between in-run validations."""
-    common = [
-        "--model",
-        s["model"],
-        "--seq-length",
-        s["seq_length"],
-        "--micro-batch-size",
-        s["mbs"],
-        "--global-batch-size",
-        s["gbs"],
-        "--train-tokens",
-        train_tokens,
-        "--lr",
-        s["lr"],
-        "--min-lr",
-        "0",
-        "--lr-warmup-iters",
-        s["warmup"],
-        "--data-path",
-        prefix,
-        "--split",
-        SPLIT,
-        "--tokenizer-model",
-        tokenizer,
-        "--eval-interval",
-        eval_interval or s["eval_interval"],
-        "--eval-iters",
-        "4",
-        "--log-interval",
-        "10",
-        "--seed",
-        seed,
-        "--stage-split",
-        stage_split,
-    ]
-    common += ["--cpu"] if cpu else ["--bf16"]
-    runs = {"token-only": common + ["--patch-size", 1]}
-    runs.update(
-        {
-            name: common + ["--patch-size", PATCH_SIZE, "--patch-data-fraction", fraction]
-            for name, fraction in FRACTIONS.items()
-        }
-    )
-    runs.update(
-        {
-            name: common + ["--patch-size", PATCH_SIZE, "--patch-data-fraction", fraction, "--stage", "token"]
-            for name, fraction in CONTROLS.items()
-        }
-    )
-    return runs
-
-
-def theoretical_cost(name: str) -> float:
-    """Model FLOPs relative to token-only training of all the tokens: lambda/K + 1 - lambda for a
-    patch run, 1 - lambda for a control (its token stage only)."""
-    if name in FRACTIONS:
-        return FRACTIONS[name] / PATCH_SIZE + 1 - FRACTIONS[name]
-    return 1 - CONTROLS[name] if name in CONTROLS else 1.0
-
-
-def run_folder(name: str, seed: int) -> str:
-    """The run's folder name in --workdir (seed 1 keeps the plain name of earlier reports)."""
-    return name if seed == 1 else f"{name}-seed{seed}"
 
 
 def _run(step: str, command: list, done: Path) -> None:
@@ -204,11 +95,6 @@ def _first_documents(source: Path, count: int, folder: Path) -> Path:
     partial.write_text("".join(kept), encoding="utf-8")
     os.replace(partial, target)
     return target
-
-
-def epoch_budget(training_tokens: int, epochs: float, tokens_per_step: int) -> int:
-    """Training tokens of ``epochs`` passes over ``training_tokens``, rounded up to whole steps."""
-    return math.ceil(epochs * training_tokens / tokens_per_step) * tokens_per_step
 
 
 def main(argv=None) -> int:
@@ -358,148 +244,8 @@ def main(argv=None) -> int:
                 if s["max_documents"]:
                     command += ["--max-documents", s["max_documents"]]
                 _run(f"evaluate {folder} on {data_name}", command, output)
-    _report(work, names, seeds)
+    write_report(work, names, seeds)
     return 0
-
-
-def _validation_curve(summary: dict, records: list) -> list:
-    """(training tokens, model FLOPs, validation loss) at each validation of a run, counted from the
-    run's own first step.
-
-    Both stages consume the same tokens per step; a patch-stage step costs the FLOPs the
-    trainer's summary gives per patch iteration (about 1/K of a token-stage step). A control's
-    records carry global iteration numbers (its token stage starts after the lambda*N patch
-    steps it skips); they are counted from its own first step here.
-    """
-    stages = summary["stages"]
-    tokens_per_step = summary["total_tokens"] / sum(stage["iterations"] for stage in stages.values())
-    patch = stages.get("patch", {"iterations": 0, "flops": 0.0})
-    patch_step_flops = patch["flops"] / max(patch["iterations"], 1)
-    token = stages.get("token", {"iterations": 0, "flops": 0.0})
-    token_step_flops = token["flops"] / max(token["iterations"], 1)
-    train = [record for record in records if record["kind"] == "train" and "stage_iteration" in record]
-    skipped = 0 if "patch" in stages or not train else train[0]["iteration"] - train[0]["stage_iteration"]
-    curve = []
-    for record in records:
-        if record["kind"] != "valid":
-            continue
-        step = record["iteration"] - skipped
-        patch_steps = min(step, patch["iterations"])
-        flops = patch_steps * patch_step_flops + (step - patch_steps) * token_step_flops
-        curve.append((step * tokens_per_step, flops, record["loss"]))
-    return curve
-
-
-def _spread(values: list) -> str:
-    """One value as it is; several as mean ± sample standard deviation [min, max]."""
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f} [{min(values):.4f}, {max(values):.4f}]"
-
-
-def _report(work: Path, names: list, seeds: list) -> None:
-    losses, seconds, epochs = {}, {}, {}
-    for name in names:
-        for seed in seeds:
-            folder = run_folder(name, seed)
-            summary = json.loads((work / folder / "summary.json").read_text())
-            seconds.setdefault(name, []).append(sum(stage["seconds"] for stage in summary["stages"].values()))
-            if summary.get("stage_split") == "epochs":
-                epochs[name] = " + ".join(
-                    f"{stage} {values['epochs']:.2f}" for stage, values in summary["stages"].items()
-                )
-            for data_name in ("valid", "wikitext103"):
-                loss = json.loads((work / f"eval_{folder}_{data_name}.json").read_text())["loss"]
-                losses.setdefault((name, data_name), []).append(loss)
-    lines = [
-        "| run | cost (theory) | wall s | valid loss | valid ppl | WikiText-103 loss | WikiText-103 ppl |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for name in names:
-        valid, wiki = losses[(name, "valid")], losses[(name, "wikitext103")]
-        lines.append(
-            f"| {name} | {theoretical_cost(name):.3f} | {statistics.fmean(seconds[name]):.0f} | {_spread(valid)} | "
-            f"{math.exp(statistics.fmean(valid)):.2f} | {_spread(wiki)} | {math.exp(statistics.fmean(wiki)):.2f} |"
-        )
-    pairs = [name for name in FRACTIONS if name in names and f"control-{name}" in names]
-    if pairs:
-        lines += [
-            "",
-            "| lambda | transfer, valid (control − patch+token) | transfer, WikiText-103 | "
-            "patch+token − token-only, valid |",
-            "| --- | --- | --- | --- |",
-        ]
-        for name in pairs:
-            transfer = {
-                data: [c - p for c, p in zip(losses[(f"control-{name}", data)], losses[(name, data)])]
-                for data in ("valid", "wikitext103")
-            }
-            versus = (
-                _spread([p - t for p, t in zip(losses[(name, "valid")], losses[("token-only", "valid")])])
-                if "token-only" in names
-                else "(token-only not run)"
-            )
-            lines.append(f"| {name} | {_spread(transfer['valid'])} | {_spread(transfer['wikitext103'])} | {versus} |")
-        lines += ["", "transfer > 0: the patch stage helped the token stage; < 0: it hurt (paired by seed)."]
-    if epochs:
-        lines += [
-            "",
-            "Epochs over the training documents per stage (--stage-split epochs): "
-            + "; ".join(f"{name}: {text}" for name, text in epochs.items())
-            + ".",
-        ]
-    if len(seeds) > 1:
-        lines += [
-            f"Losses: mean ± sample standard deviation [min, max] over seeds {', '.join(map(str, seeds))}; "
-            f"perplexities of the mean loss."
-        ]
-    table = "\n".join(lines)
-    print("\n" + table)
-    curves = {}
-    for name in names:
-        folder = run_folder(name, seeds[0])
-        summary = json.loads((work / folder / "summary.json").read_text())
-        records = [json.loads(line) for line in (work / folder / "metrics.jsonl").read_text().splitlines()]
-        curves[name] = _validation_curve(summary, records)
-    # a control starts where its patch run's token stage starts: placed there on the token axis
-    offsets = {name: FRACTIONS[name[len("control-") :]] if name in CONTROLS else 0.0 for name in names}
-    (work / "curves.json").write_text(
-        json.dumps(
-            {
-                name: [{"tokens": t, "flops": f, "valid_loss": loss} for t, f, loss in points]
-                for name, points in curves.items()
-            },
-            indent=1,
-        )
-    )
-    report = [f"# Small-scale reproduction ({time.strftime('%Y-%m-%d')})", "", table, ""]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        report.append("(matplotlib not installed: no plot)")
-    else:
-        figure, (by_tokens, by_flops) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-        total = max((p[0] for name, points in curves.items() if name not in CONTROLS for p in points), default=0.0)
-        for name, points in curves.items():
-            if points:
-                style = "--" if name in CONTROLS else "-"
-                shift = offsets[name] * total
-                by_tokens.plot(
-                    [(p[0] + shift) / 1e6 for p in points], [p[2] for p in points], style, marker=".", label=name
-                )
-                by_flops.plot([p[1] / 1e15 for p in points], [p[2] for p in points], style, marker=".", label=name)
-        by_tokens.set_xlabel("training tokens (millions; a control placed at its token stage)")
-        by_flops.set_xlabel("training compute (model PFLOP)")
-        by_tokens.set_ylabel("validation loss, token level (nats)")
-        by_flops.legend(fontsize=7)
-        figure.tight_layout()
-        figure.savefig(work / "loss_curves.png", dpi=120)
-        report.append(f"![validation loss](loss_curves.png) (seed {seeds[0]})")
-    (work / "report.md").write_text("\n".join(report) + "\n")
-    print(f"report: {work / 'report.md'}")
 
 
 if __name__ == "__main__":
