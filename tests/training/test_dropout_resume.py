@@ -38,9 +38,9 @@ def _argv(corpus, save, *extra):
     )
 
 
-@pytest.fixture
-def uninterrupted(cpu_world, tiny_corpus, tmp_path):
-    save = tmp_path / "uninterrupted"
+@pytest.fixture(scope="module")
+def uninterrupted(world, tiny_corpus, tmp_path_factory):
+    save = tmp_path_factory.mktemp("dropout") / "uninterrupted"
     assert cli.main(_argv(tiny_corpus, save)) == 0
     return save
 
