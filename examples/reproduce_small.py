@@ -22,10 +22,12 @@ Table 2: 6 epochs): token-only trains N epochs at token level, ``lambda-X`` the 
 at patch level and the rest at token level, both over all the documents, and its control only
 those last (1-X)*N epochs at token level. Without it, one pass split by documents (each token once).
 
-Data: ``../shared/data/train.jsonl.xz`` (about 30 M tokens) for training (``tiny.jsonl.xz``,
-0.6 M tokens, with ``--reduced``), ``valid.jsonl.xz`` and ``wikitext103_test.jsonl.xz`` for
-evaluation only. Every step is a project command run as a subprocess (tools/*.py,
-examples/pretrain_patch_gpt.py under torchrun); a step whose output exists is skipped. The report
+Data (``--data-dir``, default ``.data`` in the checkout): ``train.jsonl.xz`` (the GPU runs used a
+corpus of about 30 M tokens) for training (``tiny.jsonl.xz`` with ``--reduced``: the bundled
+``examples/data/tiny.jsonl.xz`` fits, 0.6 M tokens), ``valid.jsonl.xz`` and
+``wikitext103_test.jsonl.xz`` (JSON Lines with a ``text`` field) for evaluation only. Every step
+is a project command run as a subprocess (tools/*.py, examples/pretrain_patch_gpt.py under
+torchrun); a step whose output exists is skipped. The report
 (``report.md``) has a table of held-out loss / perplexity / wall time per run and a PNG of the
 token-level validation loss against training tokens and against training compute (matplotlib, if
 installed: the ``plot`` extra); ``curves.json`` holds the plotted points.
@@ -53,7 +55,7 @@ from reproduce_small_runs import (  # noqa: E402
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+DATA = REPO / ".data"  # git-ignored: where the corpora are copied
 
 
 def _run(step: str, command: list, done: Path) -> None:
@@ -105,8 +107,9 @@ def main(argv=None) -> int:
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run")
     parser.add_argument(
         "--data-dir",
-        default=str(SHARED),
-        help="folder with train/valid/wikitext103_test .jsonl.xz (default ../shared/data)",
+        default=str(DATA),
+        help="folder with train.jsonl.xz (tiny.jsonl.xz with --reduced), valid.jsonl.xz and "
+        "wikitext103_test.jsonl.xz (default: .data in the checkout)",
     )
     parser.add_argument("--seeds", type=int, default=1, help="train every run with seeds 1..N (default 1)")
     parser.add_argument(
@@ -150,13 +153,16 @@ def main(argv=None) -> int:
             f"micro-batch {s['mbs']} x {args.nproc} processes; use --nproc dividing "
             f"{s['gbs'] // (PATCH_SIZE * s['mbs'])}"
         )
-    work = Path(args.workdir).resolve()
-    (work / "data").mkdir(parents=True, exist_ok=True)
-    py = sys.executable
     data_dir = Path(args.data_dir).resolve()
     for name in (s["train_file"], "valid.jsonl.xz", "wikitext103_test.jsonl.xz"):
         if not (data_dir / name).is_file():
-            sys.exit(f"reproduce_small: {data_dir / name} not found: pass --data-dir with the shared corpora")
+            parser.error(
+                f"--data-dir {args.data_dir}: {data_dir / name} not found; pass the folder holding "
+                f"{s['train_file']}, valid.jsonl.xz and wikitext103_test.jsonl.xz"
+            )
+    work = Path(args.workdir).resolve()
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    py = sys.executable
     train_file = data_dir / s["train_file"]
     if args.train_documents:
         train_file = _first_documents(train_file, args.train_documents, work / "data")

@@ -13,7 +13,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
 def pytest_configure(config):
@@ -63,14 +62,6 @@ def tiny_jsonl():
     path = REPO_ROOT / "examples" / "data" / "tiny.jsonl.xz"
     assert path.is_file(), f"{path} is missing: it ships with the repository (git checkout it)"
     return path
-
-
-@pytest.fixture(scope="session")
-def shared_data():
-    """``../shared/data`` beside the checkout; tests that need it skip without it."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} not found (the shared corpora sit beside the checkout)")
-    return SHARED_DATA
 
 
 @pytest.fixture(scope="session")

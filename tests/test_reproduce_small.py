@@ -4,7 +4,9 @@ the evaluations, one report with the transfer table."""
 
 import importlib.util
 import json
+import lzma
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -66,9 +68,45 @@ def test_a_process_count_that_splits_no_patch_batch_is_refused(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_reduced_reproduction_runs_and_reports(tmp_path, shared_data):
+@pytest.fixture(scope="module")
+def reduced_data(tmp_path_factory, tiny_jsonl):
+    """A --data-dir for --reduced from the bundled corpus: all of it to train on, two slices of it
+    standing in for the held-out set and WikiText-103 (the test checks the pipeline, not the numbers)."""
+    folder = tmp_path_factory.mktemp("repro-data")
+    shutil.copyfile(tiny_jsonl, folder / "tiny.jsonl.xz")
+    with lzma.open(tiny_jsonl, "rt", encoding="utf-8") as stream:
+        lines = stream.readlines()
+    for name, part in (("valid", lines[:4]), ("wikitext103_test", lines[4:7])):
+        with lzma.open(folder / f"{name}.jsonl.xz", "wt", encoding="utf-8") as stream:
+            stream.writelines(part)
+    return folder
+
+
+def test_missing_data_is_one_line_and_leaves_nothing(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "examples/reproduce_small.py", "--workdir", str(tmp_path / "w"), "--data-dir", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert f"{tmp_path / 'train.jsonl.xz'} not found; pass the folder holding train.jsonl.xz" in result.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_reduced_reproduction_runs_and_reports(tmp_path, reduced_data):
     work = tmp_path / "repro"
-    command = [sys.executable, "examples/reproduce_small.py", "--reduced", "--cpu", "--workdir", str(work)]
+    command = [
+        sys.executable,
+        "examples/reproduce_small.py",
+        "--reduced",
+        "--cpu",
+        "--workdir",
+        str(work),
+        "--data-dir",
+        str(reduced_data),
+    ]
     result = subprocess.run(
         command + ["--runs", "token-only,lambda-2_3,control-lambda-2_3"],
         cwd=REPO_ROOT,
