@@ -46,12 +46,12 @@ for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and co
 
 from common import FlagParser, UsageError, command_line, write_json  # noqa: E402
 
-DEFAULT_INPUT = REPO_ROOT.parent / "shared" / "data" / "train.jsonl.xz"
+DEFAULT_INPUT = REPO_ROOT / ".data" / "train.jsonl.xz"  # git-ignored: where the corpora are copied
 
 
 def parse_options(argv: list[str]) -> argparse.Namespace:
     p = FlagParser(prog="benchmarks/preprocess_throughput.py", allow_abbrev=False, description=__doc__.split("\n")[0])
-    p.add_argument("--input", default=str(DEFAULT_INPUT), help="corpus (default train.jsonl.xz)")
+    p.add_argument("--input", default=str(DEFAULT_INPUT), help="corpus (default .data/train.jsonl.xz in the checkout)")
     p.add_argument("--tokenizer-model", help="use this .model instead of training one")
     p.add_argument("--vocab-size", type=int, default=32000, help="of the trained tokenizer")
     p.add_argument("--tokenizer-sample-lines", type=int, default=300_000, help="lines sampled to train the tokenizer")
