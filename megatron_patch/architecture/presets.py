@@ -7,8 +7,9 @@ untied embeddings, no dropout, init std 0.02.
 The ``layout`` of each preset is a starting point for 80 GB H100s (bf16, distributed optimizer,
 8 or more GPUs, sequence length 2048): tensor- and pipeline-parallel sizes and a micro-batch
 size. The 370M micro-batch follows the H100 throughput measurement in benchmarks/RESULTS.md;
-the others come from ``benchmarks/memory_plan.py``'s formula (the 6.7B one with a 64 GiB budget
-for headroom) and are to be confirmed with measured per-layer figures.
+the others come from the memory formula of ``benchmarks/memory_model.py`` (which
+``benchmarks/memory_plan.py`` searches with; the 6.7B one with a 64 GiB budget for headroom)
+and are to be confirmed with measured per-layer figures.
 """
 
 from dataclasses import dataclass
