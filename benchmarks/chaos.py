@@ -8,9 +8,10 @@ The run: the ``tiny`` preset, K=4, lambda=2/3, ``--train-iters 12`` (8 patch ste
 steps), a checkpoint every 2 steps, on CPU; at TP=1 one process (``python``), at TP=2 two under
 ``torchrun``, each in a process group of its own. One uninterrupted run per layout is the
 reference. A trial picks a layout, a signal (SIGKILL or SIGTERM), a target (the whole process
-group, as scancel or a SLURM time limit delivers it, or the launcher only) and a moment: a
-random iteration's log record plus a random delay of up to 1.5 mean step times of the reference
-run (saves included), so kills land inside steps, inside saves and at the stage switch alike.
+group, as scancel or a SLURM time limit delivers it; at TP=2 also the launcher only, or the
+worker processes only) and a moment: a random iteration's log record plus a random delay of up
+to 1.5 mean step times of the reference run (saves included), so kills land inside steps, inside
+saves and at the stage switch alike.
 The trial then resumes with ``--load`` until the run completes and checks:
 
 * losses, gradient norms and learning rates of every iteration equal the reference's bit for bit
@@ -19,8 +20,9 @@ The trial then resumes with ``--load`` until the run completes and checks:
   byte for byte, RNG states included), and the tracker names it;
 * nothing is left: no ``iter_*.tmp``, no process of the killed run's group;
 * after a SIGTERM: a checkpoint at the step where it stopped, written by every rank
-  (each rank logs "stopped by SIGTERM"), and exit status 0 (under torchrun: the workers'; the
-  launcher re-raises a signal it received itself and exits 1, which the table shows).
+  (each rank logs "stopped by SIGTERM"), and exit status 0 (under torchrun: the workers', and
+  the launcher's when only the workers were signalled; a launcher that received the signal
+  itself re-raises it and exits 1, which the table shows).
 
 Prints one row per trial and a summary; ``--output-json`` keeps them. Exit status 1 when a trial
 fails a check. Data: any ``.bin/.idx`` prefix and its SentencePiece model (the tests build them
@@ -203,10 +205,17 @@ def check(trial: dict, reference: dict, save: str) -> List[str]:
     return problems
 
 
+def workers(launcher_pid: int) -> list:
+    """The trainer processes torchrun started (its children running the entry point)."""
+    import psutil
+
+    return [p for p in psutil.Process(launcher_pid).children() if ENTRY in " ".join(p.cmdline())]
+
+
 def run_trial(opts, index: int, rng: random.Random, references: dict) -> dict:
     tensor_parallel = rng.choice(opts.tensor_parallel)
     sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
-    target = rng.choice(["group", "launcher"]) if tensor_parallel > 1 else "group"
+    target = rng.choice(["group", "launcher", "workers"]) if tensor_parallel > 1 else "group"
     reference = references[tensor_parallel]
     step = (reference["end"] - reference["first_step"]) / ITERS  # seconds per step, saves included
     after, extra = rng.randint(1, ITERS), rng.uniform(0.0, 1.5 * step)
@@ -231,8 +240,11 @@ def run_trial(opts, index: int, rng: random.Random, references: dict) -> dict:
     if process.poll() is None:
         if target == "group":
             os.killpg(process.pid, sig)
-        else:
+        elif target == "launcher":
             os.kill(process.pid, sig)
+        else:
+            for worker in workers(process.pid):
+                worker.send_signal(sig)
     else:
         trial["note"] = "run ended before the signal"
     try:
@@ -261,7 +273,7 @@ def run_trial(opts, index: int, rng: random.Random, references: dict) -> dict:
         trial["workers_saved"] = worker_ok
         if not worker_ok:
             problems.append("not every rank saved and stopped on SIGTERM")
-        if tensor_parallel == 1 and code != 0:
+        if (tensor_parallel == 1 or target == "workers") and code != 0:
             problems.append(f"exit status {code} after SIGTERM")
         if not trial["group_gone"]:
             problems.append("processes left after SIGTERM")
