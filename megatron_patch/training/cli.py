@@ -23,13 +23,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         from megatron_patch.runtime import parallel
         from megatron_patch.training.loop import Trainer
+        from megatron_patch.training.preemption import StopSignals
 
-        with parallel.distributed_world(cpu=config.cpu):
+        # held until the command returns: a stop signal during start-up stops the run at its first
+        # step (with a checkpoint); one during the teardown after the last save is only noted
+        with StopSignals(config.checkpoints.exit_signals) as stop, parallel.distributed_world(cpu=config.cpu):
             model = config.model
             parallel.init_model_parallel(
                 model.tensor_parallel, model.pipeline_parallel, model.virtual_pipeline_parallel, seed=config.seed
             )
-            Trainer(config).run()
+            Trainer(config, stop).run()
 
     return run_main(body)
 

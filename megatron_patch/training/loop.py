@@ -77,9 +77,15 @@ def _check_same_plan(flags: dict, meta) -> None:
 
 
 class Trainer:
-    """Runs the stages of ``config.plan`` on this rank (distributed state already initialised)."""
+    """Runs the stages of ``config.plan`` on this rank (distributed state already initialised).
 
-    def __init__(self, config: TrainerConfig):
+    ``stop``: the stop signals, when the caller holds them over more than :meth:`run` (the
+    command line holds them from start-up to exit, so that a signal during start-up stops the run
+    at its first step, with a checkpoint, and one after the run has ended does not end the process
+    with the signal's default action); without it :meth:`run` installs its own.
+    """
+
+    def __init__(self, config: TrainerConfig, stop: Optional[StopSignals] = None):
         self.config = config
         self.plan = config.plan
         self.rank = dist.get_rank()
@@ -97,7 +103,8 @@ class Trainer:
         self.peak_tflops = None
         if not config.cpu and config.model.bf16:
             self.peak_tflops = measure_bf16_matmul_tflops()
-        self.stop = StopSignals(config.checkpoints.exit_signals)
+        self.stop = stop if stop is not None else StopSignals(config.checkpoints.exit_signals)
+        self._stop_scope = contextlib.nullcontext() if stop is not None else self.stop
         self.datasets = self._build_datasets()
 
     def _build_datasets(self):
@@ -241,7 +248,7 @@ class Trainer:
     # ----------------------------------------------------------------- run
     def run(self) -> dict:
         """Train the planned stages; returns the summary (``interrupted`` after a stop signal)."""
-        with self.stop, self._locked_save_folder():
+        with self._stop_scope, self._locked_save_folder():
             try:
                 return self._run_stages()
             finally:

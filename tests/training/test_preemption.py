@@ -133,3 +133,46 @@ def test_stop_signals_set_the_flag_and_restore_the_handlers():
         time.sleep(0.01)
         assert stop.requested == "SIGUSR1"
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+@pytest.fixture
+def cpu_world(world, model_parallel):
+    model_parallel(1, 1)
+    return world
+
+
+@pytest.mark.parametrize("when", ["start-up", "after the run"])
+def test_a_stop_signal_outside_the_steps_is_handled(cpu_world, tiny_corpus, tmp_path, monkeypatch, when):
+    """SIGTERM while the trainer builds its datasets stops the run after its first step, with a
+    checkpoint; SIGTERM after the last save (teardown) is only noted: exit 0 both times, and the
+    signal never reaches the handler that was there before the command."""
+    from megatron_patch.training import cli, loop
+
+    reached = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: reached.append(True))
+    try:
+        if when == "start-up":
+            build = loop.Trainer._build_datasets
+
+            def build_then_signal(self):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return build(self)
+
+            monkeypatch.setattr(loop.Trainer, "_build_datasets", build_then_signal)
+        else:
+            run = loop.Trainer.run
+
+            def run_then_signal(self):
+                summary = run(self)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return summary
+
+            monkeypatch.setattr(loop.Trainer, "run", run_then_signal)
+        save = tmp_path / "run"
+        assert cli.main(trainer_args(tiny_corpus, save, "--eval-iters", "0", train_iters=ITERS)) == 0
+        assert signal.getsignal(signal.SIGTERM) is not None and not reached
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    expected = 1 if when == "start-up" else ITERS
+    assert checkpoint.tracker_value(str(save)) == expected
+    assert sorted(train_records(save)) == list(range(1, expected + 1))
