@@ -25,9 +25,11 @@ setup(
         # transformers, safetensors and protobuf let the suite check the Hugging Face export;
         # matplotlib, the reproduction's loss plot; tensorboard, the trainer's event files;
         # lm-eval, the zero-shot tool on the shipped task; wandb, offline W&B runs; ruff (pinned: its
-        # formatter's output is checked in CI), lint and format
+        # formatter's output is checked in CI), lint and format; pytest-xdist, the single-process
+        # tests on two workers (one core each: the tests run torch with one thread)
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
             "transformers>=4.40",
             "safetensors",
             "protobuf",
