@@ -14,6 +14,8 @@ from typing import Callable, List, Optional
 
 import numpy
 
+from benchmarks.common import tiny_run_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {
     name: os.path.join(REPO, "tools", f"{name}.py")
@@ -278,31 +280,6 @@ def build_cases(work: str, prefix: str, tokenizer: str, root: str, final: str) -
     cases.append(Case("convert-existing-output", "convert_checkpoint", taken, ["taken"], [], [out]))
 
     # ---------------------------------------------------------------- the trainer
-    base = [
-        "--cpu",
-        "--model",
-        "tiny",
-        "--seq-length",
-        "32",
-        "--micro-batch-size",
-        "4",
-        "--global-batch-size",
-        "16",
-        "--train-iters",
-        "12",
-        "--lr",
-        "3e-3",
-        "--lr-warmup-iters",
-        "2",
-        "--split",
-        "97,3,0",
-        "--log-interval",
-        "1",
-        "--eval-iters",
-        "0",
-        "--save-interval",
-        "2",
-    ]
 
     def trainer(name, argv, names, data_path=prefix, model=tokenizer, save=None, watched=()):
         save = save or os.path.join(out, name)
@@ -310,7 +287,7 @@ def build_cases(work: str, prefix: str, tokenizer: str, root: str, final: str) -
             Case(
                 name,
                 "trainer",
-                [*base, "--data-path", data_path, "--tokenizer-model", model, "--save", save, *argv],
+                [*tiny_run_flags(data_path, model), "--eval-iters", "0", "--save-interval", "2", "--save", save, *argv],
                 names,
                 [] if save != os.path.join(out, name) else [save],
                 [out, *watched],

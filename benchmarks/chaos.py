@@ -44,7 +44,15 @@ from typing import List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import FlagParser, UsageError, command_line, environment, positive_int_list, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    FlagParser,
+    UsageError,
+    command_line,
+    environment,
+    positive_int_list,
+    tiny_run_flags,
+    write_json,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(REPO, "examples", "pretrain_patch_gpt.py")
@@ -54,29 +62,7 @@ SAVE_INTERVAL = 2
 
 def run_args(opts, tensor_parallel: int, save: str) -> List[str]:
     return [
-        "--cpu",
-        "--model",
-        "tiny",
-        "--seq-length",
-        "32",
-        "--micro-batch-size",
-        "4",
-        "--global-batch-size",
-        "16",
-        "--train-iters",
-        str(ITERS),
-        "--lr",
-        "3e-3",
-        "--lr-warmup-iters",
-        "2",
-        "--data-path",
-        opts.data_path,
-        "--split",
-        "97,3,0",
-        "--tokenizer-model",
-        opts.tokenizer_model,
-        "--log-interval",
-        "1",
+        *tiny_run_flags(opts.data_path, opts.tokenizer_model, ITERS),
         "--eval-iters",
         "0",
         "--save-interval",

@@ -1,5 +1,5 @@
-"""Pieces shared by the benchmark scripts: one-line flag errors, environment record, trainer
-arguments, synthetic data, step timing and output helpers."""
+"""Pieces shared by the benchmark scripts: one-line flag errors, environment record, the tiny
+trainer run, trainer arguments, synthetic data, step timing and output helpers."""
 
 from __future__ import annotations
 
@@ -90,6 +90,40 @@ def write_json(path: str, payload: dict) -> None:
 
 def fmt(value, spec: str, missing: str = "") -> str:
     return missing if value is None else format(value, spec)
+
+
+# --------------------------------------------------------------------------- the tiny run
+def tiny_run_flags(data_path: str, tokenizer_model: str, train_iters: int = 12) -> List[str]:
+    """The trainer flags of the tiny two-stage CPU run that the chaos trials, the bad-input matrix and
+    the trainer tests drive: the ``tiny`` preset, T=32, K=4 and lambda=2/3 (the defaults), global
+    batch 16 in micro-batches of 4, so ``train_iters`` 12 is 8 patch steps of 4 x 128 tokens and 4
+    token steps of 16 x 32; lr 3e-3 with 2 warmup steps in each stage; 3% of the documents held
+    out; every step logged. Callers add the evaluation, saving and layout flags."""
+    return [
+        "--cpu",
+        "--model",
+        "tiny",
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "4",
+        "--global-batch-size",
+        "16",
+        "--train-iters",
+        str(train_iters),
+        "--lr",
+        "3e-3",
+        "--lr-warmup-iters",
+        "2",
+        "--data-path",
+        str(data_path),
+        "--split",
+        "97,3,0",
+        "--tokenizer-model",
+        str(tokenizer_model),
+        "--log-interval",
+        "1",
+    ]
 
 
 # --------------------------------------------------------------------------- model and data

@@ -28,28 +28,12 @@ if __package__ in (None, ""):  # run as `python tools/convert_checkpoint.py` fro
 
 
 def build_parser():
-    from megatron_patch.runtime.command import ArgumentParser
+    from megatron_patch.runtime.command import ArgumentParser, add_layout_flags
 
     parser = ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n")[0])
     parser.add_argument("--load", required=True, help="source: a --save root (its latest checkpoint) or one checkpoint")
     parser.add_argument("--save", required=True, help="output folder (created; see --force)")
-    parser.add_argument("--tensor-model-parallel-size", type=int, default=1, help="target TP")
-    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="target PP")
-    virtual = parser.add_mutually_exclusive_group()
-    virtual.add_argument(
-        "--virtual-pipeline-model-parallel-size",
-        type=int,
-        default=None,
-        metavar="V",
-        help="target V, virtual pipeline stages (model chunks) per pipeline rank (needs PP > 1)",
-    )
-    virtual.add_argument(
-        "--num-layers-per-virtual-pipeline-stage",
-        type=int,
-        default=None,
-        metavar="N",
-        help="or the target's layers per chunk",
-    )
+    add_layout_flags(parser, "target")
     parser.add_argument("--force", action="store_true", help="replace an existing --save folder")
     parser.add_argument("--cpu", action="store_true", help="CPU mode over gloo")
     parser.add_argument(

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as `python tools/evaluate.py` from a checko
 
 
 def build_parser():
-    from megatron_patch.runtime.command import ArgumentParser
+    from megatron_patch.runtime.command import ArgumentParser, add_layout_flags
 
     parser = ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
     parser.add_argument("--load", required=True, help="a --save root (its latest checkpoint) or one checkpoint")
@@ -44,19 +44,7 @@ def build_parser():
         default=None,
         help="sliding windows: tokens between window starts (default T/2); each scores its last S tokens",
     )
-    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    virtual = parser.add_mutually_exclusive_group()
-    virtual.add_argument(
-        "--virtual-pipeline-model-parallel-size",
-        type=int,
-        default=None,
-        metavar="V",
-        help="V, virtual pipeline stages (model chunks) per pipeline rank: the interleaved schedule (needs PP > 1)",
-    )
-    virtual.add_argument(
-        "--num-layers-per-virtual-pipeline-stage", type=int, default=None, metavar="N", help="or the layers per chunk"
-    )
+    add_layout_flags(parser)
     parser.add_argument("--fp32", action="store_true", help="run a bf16 checkpoint in fp32")
     parser.add_argument("--cpu", action="store_true", help="CPU mode over gloo")
     parser.add_argument(

@@ -41,6 +41,33 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ArgumentError(f"{message} (see {self.prog} --help)")
 
 
+def add_layout_flags(parser: argparse.ArgumentParser, role: str = "") -> None:
+    """Megatron's model-parallel layout flags of the checkpoint tools: ``--tensor-model-parallel-size``,
+    ``--pipeline-model-parallel-size`` and, mutually exclusive, ``--virtual-pipeline-model-parallel-size
+    V`` or ``--num-layers-per-virtual-pipeline-stage N``. ``role`` words the help (e.g. "target")."""
+    prefix = f"{role} " if role else ""
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1, help=f"{prefix}tensor-parallel size (TP)")
+    parser.add_argument(
+        "--pipeline-model-parallel-size", type=int, default=1, help=f"{prefix}pipeline-parallel size (PP)"
+    )
+    virtual = parser.add_mutually_exclusive_group()
+    virtual.add_argument(
+        "--virtual-pipeline-model-parallel-size",
+        type=int,
+        default=None,
+        metavar="V",
+        help=f"{prefix}V, virtual pipeline stages (model chunks) per pipeline rank: the interleaved schedule "
+        "(needs PP > 1)",
+    )
+    virtual.add_argument(
+        "--num-layers-per-virtual-pipeline-stage",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"or the {prefix}layers per chunk",
+    )
+
+
 def rank() -> int:
     """This process's rank: torch.distributed's once initialised, else torchrun's RANK (or 0)."""
     import torch.distributed as dist

@@ -6,39 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.common import tiny_run_flags
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENTRY = str(REPO_ROOT / "examples" / "pretrain_patch_gpt.py")
 
 
 def trainer_args(corpus, save=None, *extra, train_iters=12):
-    """A tiny CPU run: K=4, lambda=2/3 -> 8 patch steps of 4 x 128 tokens, 4 token steps of 16 x 32."""
-    args = [
-        "--cpu",
-        "--model",
-        "tiny",
-        "--seq-length",
-        "32",
-        "--micro-batch-size",
-        "4",
-        "--global-batch-size",
-        "16",
-        "--train-iters",
-        str(train_iters),
-        "--lr",
-        "3e-3",
-        "--lr-warmup-iters",
-        "2",
-        "--data-path",
-        corpus["prefix"],
-        "--split",
-        "97,3,0",
-        "--tokenizer-model",
-        corpus["tokenizer"],
-        "--log-interval",
-        "1",
-        "--eval-iters",
-        "1",
-    ]
+    """The tiny CPU run (``benchmarks.common.tiny_run_flags``: K=4, lambda=2/3 -> 8 patch steps of
+    4 x 128 tokens, 4 token steps of 16 x 32) on ``corpus``, validating one batch per stage."""
+    args = [*tiny_run_flags(corpus["prefix"], corpus["tokenizer"], train_iters), "--eval-iters", "1"]
     if save:
         args += ["--save", str(save)]
     return args + list(extra)
