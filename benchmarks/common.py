@@ -131,8 +131,8 @@ def trainer_config(opts, recompute: str):
     """The trainer's own configuration (every optimizer/model default is the trainer's) for a world
     of one, with the benchmark's synthetic vocabulary of ``opts.vocab_size`` ids: the data path and
     tokenizer below are never opened."""
-    from megatron_patch.training.arguments import build_parser as trainer_parser
     from megatron_patch.training.arguments import make_config
+    from megatron_patch.training.flags import build_parser as trainer_parser
 
     argv = [
         "--model",

@@ -8,7 +8,8 @@ from megatron_patch.architecture.presets import get_preset
 from megatron_patch.checkpoint.info import CheckpointInfo, check_layout
 from megatron_patch.errors import ArgumentError
 from megatron_patch.training import cli
-from megatron_patch.training.arguments import build_parser, make_config
+from megatron_patch.training.arguments import make_config
+from megatron_patch.training.flags import build_parser
 
 # the tiny preset: 4 layers
 BASE = [
