@@ -63,7 +63,7 @@ def _run(args) -> None:
     import logging
 
     from megatron_patch.checkpoint import info as checkpoint_info
-    from megatron_patch.checkpoint.store import _write_atomic
+    from megatron_patch.checkpoint.store import _write_atomic, layout_of
     from megatron_patch.data.tokenizer import SentencePieceTokenizer
     from megatron_patch.errors import ArgumentError
     from megatron_patch.evaluation import perplexity, token_stream
@@ -117,8 +117,7 @@ def _run(args) -> None:
             "model": info.preset.name,
             **described,
             "tokenizer_model": tokenizer.model_path,
-            "layout": {"tensor": tp, "pipeline": pp, "data": world_size // (tp * pp)}
-            | ({"virtual_pipeline": virtual} if virtual else {}),
+            "layout": layout_of(tp, pp, world_size // (tp * pp), virtual),
             "dtype": "float32" if args.fp32 or not info.bf16 else "bfloat16",
             **result.to_dict(),
             "bytes_counted": "UTF-8 bytes of the documents' text"

@@ -160,14 +160,20 @@ def _layout():
     )
 
 
-def layout_record(model) -> dict:
-    """The layout recorded in a checkpoint's metadata: pipeline, tensor and data-parallel sizes,
-    and ``virtual_pipeline`` (V) when ``model`` has several chunks per rank (left out otherwise,
-    so checkpoints without virtual stages record what they always did)."""
-    record = dict(zip(("pipeline", "tensor", "data"), _layout()))
-    if len(model) > 1:
-        record["virtual_pipeline"] = len(model)
+def layout_of(tensor: int, pipeline: int, data: int, virtual_pipeline: Optional[int] = None) -> dict:
+    """A layout as checkpoints and tools record it: pipeline, tensor and data-parallel sizes, and
+    ``virtual_pipeline`` (V) only with several chunks per rank (so checkpoints without virtual
+    stages record what they always did)."""
+    record = {"pipeline": pipeline, "tensor": tensor, "data": data}
+    if virtual_pipeline is not None and virtual_pipeline > 1:
+        record["virtual_pipeline"] = virtual_pipeline
     return record
+
+
+def layout_record(model) -> dict:
+    """This rank's layout (megatron's groups; V = the chunks of ``model``), as :func:`layout_of`."""
+    pipeline, tensor, data = _layout()
+    return layout_of(tensor, pipeline, data, len(model))
 
 
 def model_keys(model) -> list:

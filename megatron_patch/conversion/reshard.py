@@ -115,12 +115,9 @@ def describe_layout(layout: dict) -> str:
 
 
 def _layout(plan: ConversionPlan, world_size: int) -> dict:
-    """The target layout as a checkpoint records it (``store.layout_record``)."""
+    """The target layout as a checkpoint records it (``store.layout_of``)."""
     tp, pp = plan.tensor_parallel, plan.pipeline_parallel
-    layout = {"pipeline": pp, "tensor": tp, "data": world_size // (tp * pp)}
-    if plan.virtual_pipeline is not None:
-        layout["virtual_pipeline"] = plan.virtual_pipeline
-    return layout
+    return ckpt.layout_of(tp, pp, world_size // (tp * pp), plan.virtual_pipeline)
 
 
 def _metadata(plan: ConversionPlan, world_size: int) -> dict:
