@@ -4,6 +4,7 @@ group and no tokenizer: the flags are checked before either is needed."""
 
 import pytest
 
+from benchmarks.common import tiny_run_flags
 from megatron_patch.architecture.presets import get_preset
 from megatron_patch.checkpoint.info import CheckpointInfo, check_layout
 from megatron_patch.errors import ArgumentError
@@ -11,26 +12,8 @@ from megatron_patch.training import cli
 from megatron_patch.training.arguments import make_config
 from megatron_patch.training.flags import build_parser
 
-# the tiny preset: 4 layers
-BASE = [
-    "--cpu",
-    "--model",
-    "tiny",
-    "--seq-length",
-    "32",
-    "--micro-batch-size",
-    "2",
-    "--global-batch-size",
-    "16",
-    "--train-iters",
-    "6",
-    "--lr",
-    "1e-3",
-    "--data-path",
-    "unused",
-    "--tokenizer-model",
-    "unused.model",
-]
+# the tiny run (the tiny preset: 4 layers) in micro-batches of 2; the data is never read
+BASE = [*tiny_run_flags("unused", "unused.model", train_iters=6), "--micro-batch-size", "2"]
 
 
 def config(*flags, world_size=2):
