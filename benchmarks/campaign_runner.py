@@ -20,7 +20,7 @@ from typing import List, Tuple
 
 from campaign_options import ACCUM_RUN
 from campaign_summary import summary_markdown
-from common import write_json
+from common import write_json, write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "megatron_patch.gpu_campaign/1"
@@ -46,12 +46,6 @@ def environment(cpu: bool) -> dict:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     env = {"date_utc": date, "python": platform.python_version(), "torch": version("torch")}
     return dict(env, megatron_core=version("megatron-core"), device=device)
-
-
-def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class Campaign:

@@ -7,13 +7,19 @@ import argparse
 import contextlib
 import datetime
 import gc
-import json
 import os
 import platform
 import shlex
 import sys
 import time
+from pathlib import Path
 from typing import List
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # the package, for scripts run from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# the scripts' writers of JSON and reports: a half-written file never looks complete
+from megatron_patch.runtime.atomic_file import write_json, write_text  # noqa: E402, F401
 
 
 # --------------------------------------------------------------------------- flags
@@ -78,14 +84,6 @@ def environment(cpu: bool) -> dict:
 
 def command_line(script: str, argv: List[str]) -> str:
     return (f"python benchmarks/{script} " + shlex.join(argv)).strip()
-
-
-def write_json(path: str, payload: dict) -> None:
-    """Write under a temporary name, then rename: a half-written file never looks complete."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
 
 
 def fmt(value, spec: str, missing: str = "") -> str:

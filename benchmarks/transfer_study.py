@@ -40,7 +40,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import FlagParser, UsageError, command_line, environment, positive_int_list  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    FlagParser,
+    UsageError,
+    command_line,
+    environment,
+    positive_int_list,
+    write_json,
+    write_text,
+)
 
 
 def _quickstart():
@@ -350,12 +358,10 @@ def main(argv=None) -> int:
         "summary": summary,
         "runs": results,
     }
-    partial = work / "results.json.tmp"
-    partial.write_text(json.dumps(payload, indent=1))
-    partial.replace(work / "results.json")
+    write_json(work / "results.json", payload)
     plotted = plot(summary, work / "transfer.png")
-    (work / "report.md").write_text(
-        f"```\n{header}\n```\n\n{table}\n" + ("\n![transfer](transfer.png)\n" if plotted else "")
+    write_text(
+        work / "report.md", f"```\n{header}\n```\n\n{table}\n" + ("\n![transfer](transfer.png)\n" if plotted else "")
     )
     print(f"\n{header}\n\n{table}\nreport: {work / 'report.md'}")
     return 0

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_patch.runtime import atomic_file
+
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "examples" / "data" / "tiny.jsonl.xz"
 HELD_OUT_EVERY = 10  # every 10th document (after a seeded shuffle) is held out for evaluation
@@ -75,9 +77,7 @@ def _split_corpus(work: Path) -> None:
         (train, lambda i: i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1),
         (held_out, lambda i: i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1),
     ):
-        partial = path.with_suffix(".tmp")
-        partial.write_text("".join(line for i, line in enumerate(lines) if keep(i)), encoding="utf-8")
-        partial.replace(path)
+        atomic_file.write_text(path, "".join(line for i, line in enumerate(lines) if keep(i)))
     print(
         f"== corpus: {len(lines)} documents shuffled (seed {SEED}), every {HELD_OUT_EVERY}th held out for evaluation",
         flush=True,

@@ -54,6 +54,8 @@ from reproduce_small_runs import (  # noqa: E402
     trainer_arguments,
 )
 
+from megatron_patch.runtime import atomic_file  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".data"  # git-ignored: where the corpora are copied
 
@@ -93,9 +95,7 @@ def _first_documents(source: Path, count: int, folder: Path) -> Path:
         kept = [line for _, line in zip(range(count), lines)]
     if len(kept) < count:
         sys.exit(f"reproduce_small: --train-documents {count}, but {source} holds {len(kept)} documents; lower it")
-    partial = target.with_suffix(".jsonl.tmp")
-    partial.write_text("".join(kept), encoding="utf-8")
-    os.replace(partial, target)
+    atomic_file.write_text(target, "".join(kept))
     return target
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from reproduce_small_runs import CONTROLS, FRACTIONS, run_folder, theoretical_cost
 
+from megatron_patch.runtime import atomic_file
+
 
 def validation_curve(summary: dict, records: list) -> list:
     """(training tokens, model FLOPs, validation loss) at each validation of a run, counted from the
@@ -114,14 +116,12 @@ def write_report(work: Path, names: list, seeds: list) -> None:
         curves[name] = validation_curve(summary, records)
     # a control starts where its patch run's token stage starts: placed there on the token axis
     offsets = {name: FRACTIONS[name[len("control-") :]] if name in CONTROLS else 0.0 for name in names}
-    (work / "curves.json").write_text(
-        json.dumps(
-            {
-                name: [{"tokens": t, "flops": f, "valid_loss": loss} for t, f, loss in points]
-                for name, points in curves.items()
-            },
-            indent=1,
-        )
+    atomic_file.write_json(
+        work / "curves.json",
+        {
+            name: [{"tokens": t, "flops": f, "valid_loss": loss} for t, f, loss in points]
+            for name, points in curves.items()
+        },
     )
     report = [f"# Small-scale reproduction ({time.strftime('%Y-%m-%d')})", "", table, ""]
     try:
@@ -149,5 +149,5 @@ def write_report(work: Path, names: list, seeds: list) -> None:
         figure.tight_layout()
         figure.savefig(work / "loss_curves.png", dpi=120)
         report.append(f"![validation loss](loss_curves.png) (seed {seeds[0]})")
-    (work / "report.md").write_text("\n".join(report) + "\n")
+    atomic_file.write_text(work / "report.md", "\n".join(report) + "\n")
     print(f"report: {work / 'report.md'}")

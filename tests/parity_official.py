@@ -146,7 +146,7 @@ def project_gradients_as_llama(chunk: torch.nn.Module, info, folder: str) -> Dic
         for key, value in dist_checkpointing.load_plain_tensors(folder).items()
         if isinstance(value, torch.Tensor)
     }
-    return hf_export.to_llama(info, plain, info.vocab_size)
+    return hf_export.to_llama(info, plain, info.padded_vocab_size)
 
 
 def corpus_sample(prefix: str, batch: int, length: int) -> torch.Tensor:

@@ -60,7 +60,7 @@ def _run(args) -> None:
 
     from megatron_patch.errors import ArgumentError, DataError
     from megatron_patch.evaluation.next_sentence import build_items
-    from megatron_patch.evaluation.zero_shot import write_atomic
+    from megatron_patch.runtime import atomic_file
 
     if args.items_per_document < 1:
         raise ArgumentError(f"--items-per-document {args.items_per_document} must be >= 1")
@@ -76,7 +76,7 @@ def _run(args) -> None:
             f"--input {args.input}: no document has a passage of 100-300 characters followed by a "
             f"sentence of 30-120 characters; use a corpus of running prose"
         )
-    write_atomic(args.output, "".join(json.dumps(item) + "\n" for item in items))
+    atomic_file.write_text(args.output, "".join(json.dumps(item) + "\n" for item in items))
     print(
         f"wrote {len(items)} items ({args.choices} choices each) from {len(documents)} documents of "
         f"{args.input} to {args.output}"

@@ -59,15 +59,14 @@ def build_parser():
 
 
 def _run(args) -> None:
-    import json
     import logging
 
     from megatron_patch.checkpoint import info as checkpoint_info
-    from megatron_patch.checkpoint.store import _write_atomic, layout_of
+    from megatron_patch.checkpoint.store import layout_of
     from megatron_patch.data.tokenizer import SentencePieceTokenizer
     from megatron_patch.errors import ArgumentError
     from megatron_patch.evaluation import perplexity, token_stream
-    from megatron_patch.runtime import command
+    from megatron_patch.runtime import atomic_file, command
 
     if len(args.json_keys) != 1:
         raise ArgumentError(f"--json-keys {' '.join(args.json_keys)}: evaluate one key at a time")
@@ -95,7 +94,7 @@ def _run(args) -> None:
     tokenizer = SentencePieceTokenizer(tokenizer_path)
     trained_tp = int(info.args.get("tensor_model_parallel_size", info.layout.get("tensor", 1)))
     perplexity.check_tokenizer(
-        tokenizer, info.vocab_size, info.divisible_by, trained_tp, info.path, info.tokenizer_model
+        tokenizer, info.padded_vocab_size, info.divisible_by, trained_tp, info.path, info.tokenizer_model
     )
     if args.data_path:
         corpus = token_stream.corpus_from_prefix(args.data_path, tokenizer, args.max_documents)
@@ -127,7 +126,7 @@ def _run(args) -> None:
             "included) scored once",
         }
         if args.output_json:
-            _write_atomic(args.output_json, json.dumps(report, indent=1) + "\n")
+            atomic_file.write_json(args.output_json, report)
         window = "non-overlapping"
         if result.window == "sliding":
             context = result.seq_length - result.stride + 1

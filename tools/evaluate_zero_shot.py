@@ -69,6 +69,12 @@ def build_parser():
 def _check(args) -> None:
     from megatron_patch.errors import ArgumentError
 
+    world_size = os.environ.get("WORLD_SIZE", "1")
+    if world_size != "1":
+        raise ArgumentError(
+            f"evaluate_zero_shot.py runs as one process (WORLD_SIZE={world_size} here): start it with "
+            f"python, not torchrun; --batch-size sets how much of the GPU it uses"
+        )
     if args.limit is not None and args.limit < 1:
         raise ArgumentError(f"--limit {args.limit} must be >= 1")
     if args.num_fewshot < 0:
@@ -98,6 +104,7 @@ def _run(args, argv: Optional[List[str]]) -> int:
     import tempfile
 
     from megatron_patch.evaluation import zero_shot
+    from megatron_patch.runtime import atomic_file
 
     _check(args)
     manager = zero_shot.task_manager(args.tasks, args.include_path)  # checked before the export
@@ -122,13 +129,16 @@ def _run(args, argv: Optional[List[str]]) -> int:
             log_samples=args.log_samples,
         )
         provenance_path = os.path.join(folder, "megatron_patch_export.json")
-        provenance = json.load(open(provenance_path)) if os.path.isfile(provenance_path) else {}
+        provenance = {}
+        if os.path.isfile(provenance_path):
+            with open(provenance_path, encoding="utf-8") as handle:
+                provenance = json.load(handle)
     report["model"] = os.path.abspath(args.hf_model) if args.hf_model else None
     report["checkpoint"] = provenance.get("source")
     report["iteration"] = provenance.get("iteration")
     report["stage"] = (provenance.get("progress") or {}).get("stage")
     report["command"] = ["tools/evaluate_zero_shot.py", *(sys.argv[1:] if argv is None else argv)]
-    zero_shot.write_atomic(args.output_json, json.dumps(report, indent=1) + "\n")
+    atomic_file.write_json(args.output_json, report)
     source = report["checkpoint"] or report["model"]
     print(f"model: {source} ({report['stage'] or 'unknown'} stage, iteration {report['iteration']})")
     print(

@@ -81,14 +81,14 @@ def _run(args) -> None:
         raise ArgumentError(f"checkpoint {info.path} records no tokenizer: pass --tokenizer-model")
     tokenizer = SentencePieceTokenizer(tokenizer_path)
     trained_tp = int(info.args.get("tensor_model_parallel_size", info.layout.get("tensor", 1)))
-    check_tokenizer(tokenizer, info.vocab_size, info.divisible_by, trained_tp, info.path, info.tokenizer_model)
+    check_tokenizer(tokenizer, info.padded_vocab_size, info.divisible_by, trained_tp, info.path, info.tokenizer_model)
     if info.progress.get("stage") == "patch":
         logger.warning(
             "%s is a patch-stage checkpoint: its weights predict the next patch, not the next token; "
             "export the final token-stage checkpoint",
             info.path,
         )
-    vocab_size = tokenizer.vocab_size if args.trim_vocab else info.vocab_size
+    vocab_size = tokenizer.vocab_size if args.trim_vocab else info.padded_vocab_size
     with command.command_world(args.cpu):
         tensors = hf_export.read_tensors(info, args.checkpoint_verify)
         weights = hf_export.to_llama(info, tensors, vocab_size)
@@ -103,7 +103,7 @@ def _run(args) -> None:
             "model": info.preset.name,
             "tokenizer_model": tokenizer.model_path,
             "vocab": "trimmed to the tokenizer" if args.trim_vocab else "padded, as trained",
-            "padded_vocab_size": info.vocab_size,
+            "padded_vocab_size": info.padded_vocab_size,
             "tokenizer_vocab_size": tokenizer.vocab_size,
         }
         with StagedFolder(final) as staged:
@@ -115,7 +115,7 @@ def _run(args) -> None:
                 tokens = fixed_tokens(tokenizer.vocab_size, 2, min(info.seq_length, 64))
                 model = checkpoint_info.build_model(info, 1, 1, bf16=False)
                 checkpoint_info.load_weights(model, info, verify=False)  # checked by read_tensors above
-                reference = forward_logits(model, tokens, info.vocab_size)[..., :vocab_size]
+                reference = forward_logits(model, tokens, info.padded_vocab_size)[..., :vocab_size]
                 del model
                 hf_logits = hf_export.rank_zero_first(hf_export.transformers_logits, staged.path, tokens)
                 result = [None]

@@ -30,7 +30,7 @@ class CheckpointInfo:
         meta: its ``megatron_patch.json``.
         preset: the model preset it was trained with.
         seq_length: T, the positions the model saw in training (tokens at the token stage).
-        vocab_size: rows of the embedding and output layer (the padded vocabulary).
+        padded_vocab_size: rows of the embedding and output layer (the tokenizer's vocabulary padded).
         bf16: whether its weights are stored in bf16 (else fp32).
     """
 
@@ -38,7 +38,7 @@ class CheckpointInfo:
     meta: dict
     preset: ModelPreset
     seq_length: int
-    vocab_size: int
+    padded_vocab_size: int
     bf16: bool
 
     @property
@@ -132,7 +132,7 @@ def check_layout(
         ("attention heads", preset.num_attention_heads),
         ("query groups", groups),
         ("FFN hidden size", preset.ffn_hidden_size),
-        ("vocabulary rows", info.vocab_size),
+        ("vocabulary rows", info.padded_vocab_size),
     )
     valid = [d for d in range(1, groups + 1) if all(count % d == 0 for _, count in counts)]
     for what, count in counts:
@@ -184,7 +184,7 @@ def build_model(
     settings = ModelSettings(
         preset=info.preset,
         seq_length=info.seq_length,
-        padded_vocab_size=info.vocab_size,
+        padded_vocab_size=info.padded_vocab_size,
         tensor_parallel=tensor_parallel,
         pipeline_parallel=pipeline_parallel,
         virtual_pipeline_parallel=virtual_pipeline,

@@ -23,6 +23,8 @@ from typing import Dict, Iterable, List, Optional
 
 import torch.distributed as dist
 
+from megatron_patch.runtime import atomic_file
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -78,12 +80,9 @@ def write_manifest(folder: str) -> Optional[str]:
     for part in gathered:
         files.update(part)
     path = os.path.join(folder, MANIFEST)
-    partial = path + ".tmp"
-    with open(partial, "w") as f:
-        json.dump({"format_version": FORMAT_VERSION, "checksum": "crc32", "files": files}, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    atomic_file.write_json(
+        path, {"format_version": FORMAT_VERSION, "checksum": "crc32", "files": files}, sort_keys=True
+    )
     return path
 
 

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron_patch.architecture.build import unwrap
 from megatron_patch.checkpoint import manifest
 from megatron_patch.errors import CheckpointError
+from megatron_patch.runtime import atomic_file
 from megatron_patch.training.builders import (
     prepare_optimizer_state_for_loading,
     restore_adam_step_counters,
@@ -249,11 +250,11 @@ def save_checkpoint(root, iteration, model, optimizer, scheduler, progress, flag
             "layout": layout_record(model),
             "args": {key: value for key, value in flags.items() if _is_plain(value)},
         }
-        _write_atomic(os.path.join(partial_dir, METADATA), json.dumps(meta, indent=1, sort_keys=True))
+        atomic_file.write_json(os.path.join(partial_dir, METADATA), meta, sort_keys=True)
     manifest.write_manifest(partial_dir)  # collective: every rank checksums its own shards
     if rank == 0:
         os.replace(partial_dir, final)
-        _write_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
+        atomic_file.write_text(os.path.join(root, TRACKER), f"{iteration}\n")
         _prune(root, keep_last)
     dist.barrier()
     logger.info("saved checkpoint %s", final)
@@ -279,7 +280,7 @@ def _repair_tracker(root: str) -> None:
     the rename and the tracker write left it behind; a resumed run may save nothing more."""
     named, newest = tracker_value(root), newest_complete(root)
     if dist.get_rank() == 0 and newest is not None and named != newest:
-        _write_atomic(os.path.join(root, TRACKER), f"{newest}\n")
+        atomic_file.write_text(os.path.join(root, TRACKER), f"{newest}\n")
         logger.warning("%s named %s; now names %s, the newest complete checkpoint", TRACKER, named, newest)
 
 
@@ -304,15 +305,6 @@ def _is_plain(value) -> bool:
         or isinstance(value, (str, int, float, bool))
         or (isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value))
     )
-
-
-def _write_atomic(path: str, text: str) -> None:
-    partial = path + ".tmp"
-    with open(partial, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
 
 
 def _prune(root: str, keep_last: int) -> None:

@@ -175,8 +175,8 @@ def to_llama(
             raise _refuse(info, f"{what}: decoder.layers.{name} is {tuple(tensor.shape)}, expected {shape}")
         layers[name] = tensor
     for key, shape in (
-        ("embedding.word_embeddings.weight", (info.vocab_size, h)),
-        ("output_layer.weight", (info.vocab_size, h)),
+        ("embedding.word_embeddings.weight", (info.padded_vocab_size, h)),
+        ("output_layer.weight", (info.padded_vocab_size, h)),
         ("decoder.final_layernorm.weight", (h,)),
     ):
         if tuple(tensors[key].shape) != shape:

@@ -21,7 +21,6 @@ logits of the converted checkpoint re-read from disk at the target layout (fp32)
 fixed batch within ``tolerance`` (max absolute difference).
 """
 
-import json
 import logging
 import os
 import time
@@ -38,6 +37,7 @@ from megatron_patch.checkpoint import manifest
 from megatron_patch.checkpoint import store as ckpt
 from megatron_patch.errors import ArgumentError, VerificationError
 from megatron_patch.evaluation.logits import fixed_tokens, forward_logits
+from megatron_patch.runtime import atomic_file
 from megatron_patch.runtime.parallel import collective_device
 from megatron_patch.runtime.staged_folder import StagedFolder, check_output_folder
 
@@ -89,13 +89,13 @@ class ConversionPlan:
             return
         divisible_by = self.make_vocab_size_divisible_by or self.source.divisible_by
         target = padded_vocab_size(self.tokenizer_vocab_size, divisible_by, self.tensor_parallel)
-        if target != self.source.vocab_size:
+        if target != self.source.padded_vocab_size:
             raise ArgumentError(
                 f"--tensor-model-parallel-size {self.tensor_parallel} pads the tokenizer's {self.tokenizer_vocab_size} "
                 f"pieces to {target} rows (multiples of --make-vocab-size-divisible-by {divisible_by} x TP), but "
-                f"checkpoint {self.source.path} has {self.source.vocab_size}: pick a TP for which they agree, or "
-                f"pass a --make-vocab-size-divisible-by that gives {self.source.vocab_size} here and in the "
-                f"token-stage run"
+                f"checkpoint {self.source.path} has {self.source.padded_vocab_size}: pick a TP for which they "
+                f"agree, or pass a --make-vocab-size-divisible-by that gives {self.source.padded_vocab_size} here "
+                f"and in the token-stage run"
             )
 
 
@@ -178,16 +178,16 @@ def _metadata(plan: ConversionPlan, world_size: int) -> dict:
 def _verify(plan: ConversionPlan, converted: str) -> float:
     """Max |logits(converted at target) - logits(source at TP=1 PP=1)| on a fixed batch (fp32)."""
     source = plan.source
-    tokens = fixed_tokens(source.vocab_size, VERIFY_BATCH, min(source.seq_length, VERIFY_MAX_LENGTH))
+    tokens = fixed_tokens(source.padded_vocab_size, VERIFY_BATCH, min(source.seq_length, VERIFY_MAX_LENGTH))
     reference_model = checkpoint_info.build_model(source, 1, 1, bf16=False)
     checkpoint_info.load_weights(reference_model, source, verify=False)  # checked when it was converted
-    reference = forward_logits(reference_model, tokens, source.vocab_size)
+    reference = forward_logits(reference_model, tokens, source.padded_vocab_size)
     del reference_model
     target_model = checkpoint_info.build_model(
         source, plan.tensor_parallel, plan.pipeline_parallel, bf16=False, virtual_pipeline=plan.virtual_pipeline
     )
     checkpoint_info.load_weights(target_model, source, converted)
-    logits = forward_logits(target_model, tokens, source.vocab_size)
+    logits = forward_logits(target_model, tokens, source.padded_vocab_size)
     del target_model
     difference = torch.tensor(
         [(logits - reference).abs().max().item()], dtype=torch.float64, device=collective_device()
@@ -236,8 +236,8 @@ def convert(plan: ConversionPlan) -> ConversionResult:
         manifest.write_manifest(partial_ckpt)  # collective: each rank checksums its own shards
         meta = _metadata(plan, world_size)
         if dist.get_rank() == 0:
-            ckpt._write_atomic(os.path.join(partial_ckpt, ckpt.METADATA), json.dumps(meta, indent=1, sort_keys=True))
-            ckpt._write_atomic(os.path.join(staged.path, ckpt.TRACKER), "0\n")
+            atomic_file.write_json(os.path.join(partial_ckpt, ckpt.METADATA), meta, sort_keys=True)
+            atomic_file.write_text(os.path.join(staged.path, ckpt.TRACKER), "0\n")
         dist.barrier()
         difference = _verify(plan, staged.path)
         logger.info(
@@ -253,7 +253,7 @@ def convert(plan: ConversionPlan) -> ConversionResult:
             )
         if dist.get_rank() == 0:  # record the check in the metadata before publishing
             meta["conversion"].update(max_abs_logit_diff=difference, tolerance=plan.tolerance)
-            ckpt._write_atomic(os.path.join(partial_ckpt, ckpt.METADATA), json.dumps(meta, indent=1, sort_keys=True))
+            atomic_file.write_json(os.path.join(partial_ckpt, ckpt.METADATA), meta, sort_keys=True)
         staged.commit()
     return ConversionResult(
         ckpt.checkpoint_dir(plan.save, 0), difference, plan.tolerance, time.perf_counter() - start, meta

@@ -24,6 +24,7 @@ import numpy
 import torch
 
 from megatron_patch.errors import DataError
+from megatron_patch.runtime import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -93,18 +94,13 @@ def _read_record(record_path: str, key: dict):
 
 def _write_record(record_path: str, record: dict) -> None:
     """Write the record atomically (a temporary name, then a rename); a failure only logs."""
-    temporary = f"{record_path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(record_path), exist_ok=True)
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(record, handle)
-        os.replace(temporary, record_path)
+        atomic_file.write_json(record_path, record)
     except OSError as error:
         logger.warning(
             f"could not record the max token id in {record_path} ({error}); the next run scans the file again"
         )
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def _on_rank_zero(compute: Callable[[], int]) -> int:

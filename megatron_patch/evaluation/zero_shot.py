@@ -18,7 +18,6 @@ task over local files, ``tiny_next_sentence``, for machines without that access.
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
@@ -60,24 +59,6 @@ class TaskScore:
     stderr: Optional[float]
     items: Optional[int]
     metrics: Dict[str, float]
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder and a rename,
-    so that ``path`` is either absent, the old file or the complete new one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, partial = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(partial, 0o644)
-        os.replace(partial, path)
-    except BaseException:
-        if os.path.exists(partial):
-            os.unlink(partial)
-        raise
 
 
 def import_harness():

@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from megatron_patch.runtime import atomic_file
+
 logger = logging.getLogger("megatron_patch.train")
 
 
@@ -52,10 +54,7 @@ def _drop_records_after(path: str, iteration: int) -> None:
             else:
                 dropped += 1
     if dropped:
-        partial = path + ".tmp"
-        with open(partial, "w") as f:
-            f.writelines(kept)
-        os.replace(partial, path)
+        atomic_file.write_text(path, "".join(kept))
         logger.info("%s: dropped %d records after iteration %d (logged again by this run)", path, dropped, iteration)
 
 
@@ -222,10 +221,7 @@ class MetricsWriter:
         logger.info("\n".join(lines))
         self._record({"kind": "summary", **summary})
         if self.summary_path:
-            partial = self.summary_path + ".tmp"
-            with open(partial, "w") as f:
-                json.dump(summary, f, indent=1)
-            os.replace(partial, self.summary_path)
+            atomic_file.write_json(self.summary_path, summary)
 
     def close(self) -> None:
         if self.file is not None:

@@ -48,7 +48,7 @@ def test_token_logits_at_tp2_equal_the_reference(parity):
     from megatron_patch.evaluation.logits import forward_logits
 
     x = corpus_sample(parity["prefix"], 2, T)
-    ours = forward_logits([project_model(parity, tensor_parallel=2)], x, parity["info"].vocab_size)  # [b, s, V]
+    ours = forward_logits([project_model(parity, tensor_parallel=2)], x, parity["info"].padded_vocab_size)  # [b, s, V]
     with torch.no_grad():
         reference = parity["hf"](input_ids=x).logits  # [b, s, V] float64
     assert relative_error(ours, reference) <= 1e-5

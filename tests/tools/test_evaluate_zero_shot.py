@@ -244,6 +244,10 @@ def test_bad_inputs_are_one_line(models, tmp_path, capsys, monkeypatch):
         capsys,
     )
     assert_one_line_error(code, err, "--include-path")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # started by torchrun
+    code, _, err = call(evaluate_zero_shot, ["--cpu", "--load", models["one_step"], "--output-json", output], capsys)
+    assert_one_line_error(code, err, "WORLD_SIZE=2")
+    monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
     code, _, err = call(evaluate_zero_shot, ["--cpu", "--load", models["one_step"], "--output-json", output], capsys)
     assert_one_line_error(code, err, "pip install -e .[eval]")

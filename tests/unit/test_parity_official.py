@@ -60,7 +60,7 @@ def test_token_logits_at_k1_equal_the_reference(parity):
 
     x = corpus_sample(parity["prefix"], 2, T + 2)
     info = parity["info"]
-    ours = forward_logits([project_model(parity)], x[:, :-2], info.vocab_size)  # [b, s, V]
+    ours = forward_logits([project_model(parity)], x[:, :-2], info.padded_vocab_size)  # [b, s, V]
     with torch.no_grad():
         reference = parity["hf"](input_ids=x[:, :-2]).logits  # [b, s, V] float64
     assert relative_error(ours, reference) <= 1e-5
