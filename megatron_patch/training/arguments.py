@@ -150,6 +150,7 @@ def make_config(
             pretrained_checkpoint=flags.pretrained_checkpoint,
             verify=flags.checkpoint_verify,
             exit_signals=_exit_signals(flags.exit_signal),
+            exit_duration_minutes=flags.exit_duration_in_mins,
         ),
         logging=LogSettings(
             log_interval=flags.log_interval,
@@ -257,6 +258,10 @@ def _check_flag_combinations(flags: argparse.Namespace, seq_length: int) -> None
         raise ArgumentError(f"--save-interval {flags.save_interval} must be >= 1")
     if flags.save_interval and not flags.save:
         raise ArgumentError("--save-interval needs --save DIR")
+    if flags.exit_duration_in_mins is not None and not flags.exit_duration_in_mins > 0:
+        raise ArgumentError(f"--exit-duration-in-mins {flags.exit_duration_in_mins} must be > 0")
+    if flags.exit_duration_in_mins and not flags.save:
+        raise ArgumentError("--exit-duration-in-mins needs --save DIR (the run saves a checkpoint when it stops)")
     if flags.eval_iters < 0:
         raise ArgumentError(f"--eval-iters {flags.eval_iters} must be >= 0 (0 turns validation off)")
     if flags.eval_interval is not None and flags.eval_interval < 1:

@@ -26,8 +26,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         from megatron_patch.training.preemption import StopSignals
 
         # held until the command returns: a stop signal during start-up stops the run at its first
-        # step (with a checkpoint); one during the teardown after the last save is only noted
-        with StopSignals(config.checkpoints.exit_signals) as stop, parallel.distributed_world(cpu=config.cpu):
+        # step (with a checkpoint); one during the teardown after the last save is only noted. The
+        # time limit counts from here.
+        checkpoints = config.checkpoints
+        stop_signals = StopSignals(checkpoints.exit_signals, time_limit_minutes=checkpoints.exit_duration_minutes)
+        with stop_signals as stop, parallel.distributed_world(cpu=config.cpu):
             model = config.model
             parallel.init_model_parallel(
                 model.tensor_parallel, model.pipeline_parallel, model.virtual_pipeline_parallel, seed=config.seed

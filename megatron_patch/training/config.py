@@ -50,6 +50,7 @@ class CheckpointSettings:
     pretrained_checkpoint: Optional[str]  # --stage token: initial weights only
     verify: bool = True  # check every file against the manifest before loading
     exit_signals: Tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)  # save, then exit 0
+    exit_duration_minutes: Optional[float] = None  # save, then exit 0, after a step ending this late
 
 
 @dataclass(frozen=True)

@@ -194,6 +194,13 @@ def build_parser() -> ArgumentParser:
         help="signals that save a checkpoint at the current step and exit 0 (comma list; "
         "SLURM: --signal=USR1@90 sends SIGUSR1 ahead of the time limit)",
     )
+    ckpt.add_argument(
+        "--exit-duration-in-mins",
+        type=float,
+        default=None,
+        help="save a checkpoint and exit 0 after the first step that ends this many minutes after the "
+        "trainer started (a job time limit with no warning signal: leave time for a step and a save)",
+    )
 
     log = parser.add_argument_group("logging and evaluation")
     log.add_argument("--log-interval", type=int, default=10)

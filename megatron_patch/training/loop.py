@@ -103,7 +103,8 @@ class Trainer:
         self.peak_tflops = None
         if not config.cpu and config.model.bf16:
             self.peak_tflops = measure_bf16_matmul_tflops()
-        self.stop = stop if stop is not None else StopSignals(config.checkpoints.exit_signals)
+        checkpoints = config.checkpoints
+        self.stop = stop or StopSignals(checkpoints.exit_signals, time_limit_minutes=checkpoints.exit_duration_minutes)
         self._stop_scope = contextlib.nullcontext() if stop is not None else self.stop
         self.datasets = self._build_datasets()
 
@@ -190,7 +191,7 @@ class Trainer:
         )
 
     def _stop_flag(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self._device())
+        flag = torch.tensor([1.0 if self.stop.reason() else 0.0], device=self._device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -350,7 +351,7 @@ class Trainer:
             if stop:
                 logger.warning(
                     "stopped by %s at iteration %d; resume with --load %s",
-                    self.stop.requested or "a signal on another rank",
+                    self.stop.requested or "a stop on another rank",
                     iteration,
                     self.config.checkpoints.save,
                 )

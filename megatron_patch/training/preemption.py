@@ -9,6 +9,9 @@ workers. ``StopSignals`` turns each of them into a flag the training loop reads 
         ...
         if stop.requested: ...
 
+``--exit-duration-in-mins`` adds a time limit to the same flag (``StopSignals.reason``), for
+schedulers that end a job without a warning signal.
+
 The handler only sets the flag, so it is safe at any point of a step. Processes the trainer
 forks while the handler is installed (megatron's checkpoint writers) inherit it and keep
 writing when the signal reaches the whole process group; nothing on the save path depends on a
@@ -22,6 +25,7 @@ torchrun to forward that one.
 import logging
 import signal
 import threading
+import time
 from typing import Iterable, Optional, Tuple
 
 logger = logging.getLogger(__name__)
@@ -53,12 +57,32 @@ def parse_signals(text: str) -> Tuple[signal.Signals, ...]:
 class StopSignals:
     """While entered, each of ``signals`` sets ``requested`` (the first signal's name) instead of
     ending the process; the previous handlers come back on exit. Outside the main thread (where
-    Python cannot install handlers) it does nothing and says so."""
+    Python cannot install handlers) it does nothing and says so.
 
-    def __init__(self, signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGUSR1)):
+    ``time_limit_minutes`` (``--exit-duration-in-mins``): :meth:`reason` also asks to stop once
+    that long has passed since this object was made (the trainer makes it at start-up).
+    """
+
+    def __init__(
+        self,
+        signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGUSR1),
+        time_limit_minutes: Optional[float] = None,
+    ):
         self.signals = tuple(signals)
         self.requested: Optional[str] = None
+        self.time_limit_minutes = time_limit_minutes
+        self._started = time.monotonic()
         self._previous = {}
+
+    def reason(self) -> Optional[str]:
+        """Why to stop after this step: the first signal received, or the time limit once passed
+        (then ``requested`` names it too); None to go on."""
+        if self.requested is None and self.time_limit_minutes is not None:
+            minutes = (time.monotonic() - self._started) / 60
+            if minutes >= self.time_limit_minutes:
+                self.requested = f"--exit-duration-in-mins {self.time_limit_minutes:g} ({minutes:.2f} min)"
+                logger.warning("%s reached: saving a checkpoint after this step, then exiting", self.requested)
+        return self.requested
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name

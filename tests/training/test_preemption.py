@@ -4,6 +4,7 @@ the first periodic save makes every rank save at the current step and exit 0, le
 its manifest, no ``iter_*.tmp`` and no process; the run then resumes to the end. Also the signal
 names ``preemption.parse_signals`` accepts and the handler ``StopSignals`` installs."""
 
+import json
 import os
 import re
 import signal
@@ -176,3 +177,35 @@ def test_a_stop_signal_outside_the_steps_is_handled(cpu_world, tiny_corpus, tmp_
     expected = 1 if when == "start-up" else ITERS
     assert checkpoint.tracker_value(str(save)) == expected
     assert sorted(train_records(save)) == list(range(1, expected + 1))
+
+
+def test_the_time_limit_asks_to_stop_once_passed():
+    stop = StopSignals((), time_limit_minutes=0.002)  # 120 ms
+    assert stop.reason() is None
+    time.sleep(0.15)
+    assert stop.reason().startswith("--exit-duration-in-mins 0.002 (")
+    assert StopSignals(()).reason() is None  # no limit, no signal
+
+
+def test_exit_duration_saves_stops_and_the_run_resumes(cpu_world, tiny_corpus, tmp_path, capsys):
+    """``--exit-duration-in-mins``, for a job time limit that sends no signal: past it, the run
+    saves after the step it is in and exits 0 (here after the first step); resumed, it runs to the end."""
+    from megatron_patch.training import cli
+
+    save = tmp_path / "run"
+    args = trainer_args(tiny_corpus, save, "--eval-iters", "0", train_iters=ITERS)
+    assert cli.main(args + ["--exit-duration-in-mins", "1e-6"]) == 0
+    assert checkpoint.tracker_value(str(save)) == 1
+    assert sorted(train_records(save)) == [1]
+    with open(save / "metrics.jsonl") as f:
+        summaries = [record for record in map(json.loads, f) if record["kind"] == "summary"]
+    assert summaries[-1]["interrupted"] is True
+    assert cli.main(args + ["--load", str(save)]) == 0
+    assert checkpoint.tracker_value(str(save)) == ITERS
+    assert sorted(train_records(save)) == list(range(1, ITERS + 1))
+    capsys.readouterr()
+    no_save = trainer_args(tiny_corpus, None, "--exit-duration-in-mins", "5", train_iters=ITERS)
+    for flags, message in ((args + ["--exit-duration-in-mins", "0"], "must be > 0"), (no_save, "needs --save DIR")):
+        code = cli.main(flags)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err
