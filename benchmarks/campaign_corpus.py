@@ -2,7 +2,8 @@
 just enough documents for the cost part, built on CPU with the project's own tools, so the device
 call carries tens of MiB instead of the corpus and spends no time preprocessing.
 
-Nothing here runs a model or imports the package. Units: tokens, documents, bytes, MiB.
+Nothing here runs a model or imports the package beyond its errors: a corpus or folder that cannot
+be used is a ``DataError`` (one ``error:`` line, exit code 2). Units: tokens, documents, bytes, MiB.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import List, Tuple
 
 from common import MIB
 
+from megatron_patch.errors import DataError
+
 MANIFEST = "manifest.json"
 TOKENIZER = "campaign.model"
 PREFIX = "campaign_text_document"  # tools/preprocess_data.py's name for --output-prefix DIR/campaign, key text
@@ -36,12 +39,12 @@ def indexed_lengths(prefix: Path) -> List[int]:
     ``tools/preprocess_data.py`` writes them), read from the index and checked against the ``.bin``."""
     with open(f"{prefix}.idx", "rb") as f:
         if f.read(9) != b"MMIDIDX\x00\x00":
-            raise ValueError(f"{prefix}.idx is not a megatron index")
+            raise DataError(f"{prefix}.idx is not a megatron index")
         _version, code, sequences, _documents = struct.unpack("<QBQQ", f.read(25))
         lengths = array("i")
         lengths.frombytes(f.read(4 * sequences))
     if os.path.getsize(f"{prefix}.bin") != sum(lengths) * IDX_ITEMSIZE[code]:
-        raise ValueError(f"{prefix}.bin does not hold the {sum(lengths)} tokens its index lists")
+        raise DataError(f"{prefix}.bin does not hold the {sum(lengths)} tokens its index lists")
     return list(lengths)
 
 
@@ -65,7 +68,7 @@ def _cut(corpus: Path, target: Path, byte_goal: float) -> Tuple[int, int, bool]:
     """The corpus' first lines holding at least ``byte_goal`` bytes -> ``target``; returns (lines,
     bytes, whether the corpus ran out)."""
     if corpus.suffix in (".zst", ".bz2"):
-        raise ValueError(f"--corpus {corpus}: decompress it first, or recompress it with xz")
+        raise DataError(f"--corpus {corpus}: decompress it first, or recompress it with xz")
     opener = {".xz": lzma.open, ".gz": gzip.open}.get(corpus.suffix, open)
     lines = used = 0
     with opener(corpus, "rb") as src, open(target, "wb") as dst:
@@ -82,7 +85,7 @@ def _tool(args: List[str], repo: Path) -> None:
     done = subprocess.run([sys.executable, *args], cwd=repo, capture_output=True, text=True, check=False)
     if done.returncode:
         last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
-        raise ValueError(f"{args[0]} failed (exit {done.returncode}): {last}")
+        raise DataError(f"{args[0]} failed (exit {done.returncode}): {last}")
     print(f"{args[0]}: {time.monotonic() - started:.1f} s", flush=True)
 
 
@@ -92,15 +95,18 @@ def prepare_corpus(corpus: Path, data_dir: Path, vocab_size: int, plan: dict, cp
     into ``data_dir`` (built beside it under a temporary name, renamed when complete); returns the
     manifest, also written as ``data_dir/manifest.json``."""
     if (data_dir / MANIFEST).exists():
-        manifest = json.loads((data_dir / MANIFEST).read_text())
+        try:
+            manifest = json.loads((data_dir / MANIFEST).read_text())
+        except ValueError as error:  # not JSON
+            raise DataError(f"--data-dir {data_dir}: {MANIFEST} is not JSON ({error}): remove it first") from None
         if (manifest["plan"], manifest["vocab_size"], manifest["cpu"]) == (plan, vocab_size, cpu):
             print(f"{data_dir}: already prepared ({manifest['tokens']:,} tokens)")
             return manifest
-        raise ValueError(f"--data-dir {data_dir} holds data prepared with other settings: remove it first")
+        raise DataError(f"--data-dir {data_dir} holds data prepared with other settings: remove it first")
     if data_dir.exists() and (not data_dir.is_dir() or any(data_dir.iterdir())):
-        raise ValueError(f"--data-dir {data_dir} exists and is not a prepared folder: remove it or name a new one")
+        raise DataError(f"--data-dir {data_dir} exists and is not a prepared folder: remove it or name a new one")
     if not corpus.is_file():
-        raise ValueError(f"--corpus {corpus}: no such file")
+        raise DataError(f"--corpus {corpus}: no such file")
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}-", suffix=".partial", dir=data_dir.parent))
     stage.chmod(0o755)  # mkdtemp makes it private

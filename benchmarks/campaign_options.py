@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import List
 
 from campaign_corpus import MANIFEST
-from common import FlagParser, UsageError, positive_int_list
+from common import positive_int_list
+
+from megatron_patch.errors import ArgumentError
+from megatron_patch.runtime.command import ArgumentParser
 
 # the first line of gpu_campaign.py's docstring, its --help description
 DESCRIPTION = "The GPU campaign of issue 16: one entry point that turns a short GPU window into the speed and"
@@ -50,8 +53,8 @@ def _names(choices):
     return parse
 
 
-def build_parser() -> FlagParser:
-    p = FlagParser(prog="benchmarks/gpu_campaign.py", description=DESCRIPTION, allow_abbrev=False)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="benchmarks/gpu_campaign.py", description=DESCRIPTION)
     p.add_argument("--parts", type=_names(PARTS), default=list(PARTS), help="comma list, run in the order above")
     p.add_argument("--out", help="output folder (created): summary.md, <part>.json, <part>.log")
     p.add_argument("--data-dir", help="prepared corpus folder (--prepare writes it; the cost part reads it)")
@@ -89,39 +92,46 @@ def parse_options(argv: List[str]) -> argparse.Namespace:
             setattr(opts, key, value)
     for name in "steps accum_steps accum_microbatches cost_steps cost_global_batch cost_micro_batch".split():
         if getattr(opts, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(opts, name)} must be >= 1")
+            raise ArgumentError(f"--{name.replace('_', '-')} {getattr(opts, name)} must be >= 1")
     if min(opts.warmup, opts.accum_warmup, opts.deadline_s, opts.cost_log_interval - 1, opts.vocab_size - 1) < 0:
-        raise UsageError("--warmup, --accum-warmup, --deadline-s >= 0; --cost-log-interval, --vocab-size >= 1")
+        raise ArgumentError("--warmup, --accum-warmup, --deadline-s >= 0; --cost-log-interval, --vocab-size >= 1")
     if not opts.time_scale > 0:
-        raise UsageError(f"--time-scale {opts.time_scale} must be > 0")
+        raise ArgumentError(f"--time-scale {opts.time_scale} must be > 0")
     opts.deadline_s *= opts.time_scale
     for part in PARTS:
         setattr(opts, f"{part}_budget_s", getattr(opts, f"{part}_budget_s") * opts.time_scale)
     if len(opts.cost_levers) > 1 and {"all", "none"} & set(opts.cost_levers):
-        raise UsageError("--cost-levers: all or none alone, or a comma list of " + ", ".join(LEVERS))
+        raise ArgumentError("--cost-levers: all or none alone, or a comma list of " + ", ".join(LEVERS))
     if opts.cost_steps % 3:
-        raise UsageError(f"--cost-steps {opts.cost_steps}: use a multiple of 3 (λ=2/3 of the steps at patch level)")
+        raise ArgumentError(f"--cost-steps {opts.cost_steps}: use a multiple of 3 (λ=2/3 of the steps at patch level)")
     if opts.cost_global_batch % (4 * opts.cost_micro_batch):
-        raise UsageError(f"--cost-global-batch: use a multiple of 4 x --cost-micro-batch = {4 * opts.cost_micro_batch}")
+        raise ArgumentError(
+            f"--cost-global-batch: use a multiple of 4 x --cost-micro-batch = {4 * opts.cost_micro_batch}"
+        )
     if opts.prepare or opts.unpack:
         needed = ["--corpus", "--data-dir"] if opts.prepare else ["--out"]
         missing = [flag for flag in needed if not getattr(opts, flag[2:].replace("-", "_"))]
         if missing:
-            raise UsageError(f"{'--prepare' if opts.prepare else '--unpack'} needs {' and '.join(missing)}")
+            raise ArgumentError(f"{'--prepare' if opts.prepare else '--unpack'} needs {' and '.join(missing)}")
         return opts
     if not opts.out:
-        raise UsageError("--out DIR is required (the output folder)")
+        raise ArgumentError("--out DIR is required (the output folder)")
     if "cost" in opts.parts:
         if not opts.data_dir:
-            raise UsageError("the cost part needs --data-dir (a folder written by --prepare)")
+            raise ArgumentError("the cost part needs --data-dir (a folder written by --prepare)")
         if not (Path(opts.data_dir) / MANIFEST).exists():
-            raise UsageError(f"--data-dir {opts.data_dir}: no {MANIFEST}; build it with --prepare --corpus FILE")
-        opts.manifest = json.loads((Path(opts.data_dir) / MANIFEST).read_text())
+            raise ArgumentError(f"--data-dir {opts.data_dir}: no {MANIFEST}; build it with --prepare --corpus FILE")
+        try:
+            opts.manifest = json.loads((Path(opts.data_dir) / MANIFEST).read_text())
+        except ValueError as error:  # not JSON
+            raise ArgumentError(
+                f"--data-dir {opts.data_dir}: {MANIFEST} is not JSON ({error}): prepare it again"
+            ) from None
         if opts.manifest["cpu"] != opts.cpu:
             mode = "with" if opts.cpu else "without"
-            raise UsageError(f"--data-dir {opts.data_dir} was prepared for the other mode: prepare it {mode} --cpu")
+            raise ArgumentError(f"--data-dir {opts.data_dir} was prepared for the other mode: prepare it {mode} --cpu")
     if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
-        raise UsageError("megatron-core is not importable: install its wheel first (benchmarks/README.md)")
+        raise ArgumentError("megatron-core is not importable: install its wheel first (benchmarks/README.md)")
     return opts
 
 

@@ -45,14 +45,14 @@ from typing import List, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (  # noqa: E402
-    FlagParser,
-    UsageError,
     command_line,
     environment,
     positive_int_list,
     tiny_run_flags,
     write_json,
 )
+from megatron_patch.errors import ArgumentError  # noqa: E402
+from megatron_patch.runtime.command import ArgumentParser, run_main  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(REPO, "examples", "pretrain_patch_gpt.py")
@@ -308,8 +308,8 @@ def run_bad_inputs(opts, reference: dict) -> List[dict]:
     return results
 
 
-def build_parser() -> FlagParser:
-    parser = FlagParser(prog="benchmarks/chaos.py", description=__doc__.split("\n")[0])
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="benchmarks/chaos.py", description=__doc__.split("\n")[0])
     parser.add_argument("--data-path", required=True, help="a .bin/.idx prefix")
     parser.add_argument("--tokenizer-model", required=True)
     parser.add_argument("--trials", type=int, default=30)
@@ -333,18 +333,18 @@ def build_parser() -> FlagParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        opts = build_parser().parse_args(argv)
-        if opts.trials < 0:
-            raise UsageError(f"--trials {opts.trials} must be >= 0")
-        if opts.bad_inputs and 1 not in opts.tensor_parallel:
-            raise UsageError("--bad-inputs runs against the TP=1 reference: include 1 in --tensor-parallel")
-        for path in (opts.data_path + ".bin", opts.data_path + ".idx", opts.tokenizer_model):
-            if not os.path.isfile(path):
-                raise UsageError(f"{path}: no such file")
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_main(lambda: _chaos(argv))
+
+
+def _chaos(argv: List[str]) -> int:
+    opts = build_parser().parse_args(argv)
+    if opts.trials < 0:
+        raise ArgumentError(f"--trials {opts.trials} must be >= 0")
+    if opts.bad_inputs and 1 not in opts.tensor_parallel:
+        raise ArgumentError("--bad-inputs runs against the TP=1 reference: include 1 in --tensor-parallel")
+    for path in (opts.data_path + ".bin", opts.data_path + ".idx", opts.tokenizer_model):
+        if not os.path.isfile(path):
+            raise ArgumentError(f"{path}: no such file")
     os.makedirs(opts.work_dir, exist_ok=True)
     rng = random.Random(opts.seed)
     references = {tp: reference_run(opts, tp) for tp in opts.tensor_parallel}

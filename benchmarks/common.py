@@ -1,5 +1,8 @@
-"""Pieces shared by the benchmark scripts: one-line flag errors, environment record, the tiny
-trainer run, trainer arguments, synthetic data, step timing and output helpers."""
+"""Pieces shared by the benchmark scripts: a flag type, the world of one, environment record, the tiny
+trainer run, trainer arguments, synthetic data, step timing and output helpers.
+
+The scripts' flags and errors follow the package's convention (``megatron_patch.runtime.command``):
+``ArgumentParser`` and ``run_main``, so a bad flag is one ``error: ...`` line and exit code 2."""
 
 from __future__ import annotations
 
@@ -23,17 +26,6 @@ from megatron_patch.runtime.atomic_file import write_json, write_text  # noqa: E
 
 
 # --------------------------------------------------------------------------- flags
-class UsageError(Exception):
-    """A bad flag; each script reports it as one ``error: ...`` line and exits with code 2."""
-
-
-class FlagParser(argparse.ArgumentParser):
-    """argparse that raises :class:`UsageError` instead of printing its usage block and exiting."""
-
-    def error(self, message):
-        raise UsageError(message)
-
-
 def positive_int_list(text: str) -> List[int]:
     """``"8,16"`` -> ``[8, 16]``; argparse ``type`` for flags that sweep; every value >= 1."""
     try:
@@ -46,22 +38,16 @@ def positive_int_list(text: str) -> List[int]:
 
 
 # --------------------------------------------------------------------------- world
-def enter_one_rank_world(stack: contextlib.ExitStack, cpu: bool, seed: int) -> bool:
+def enter_one_rank_world(stack: contextlib.ExitStack, cpu: bool, seed: int) -> None:
     """Enter, on ``stack``, a world of one process at TP=PP=1 (CPU mode over gloo with ``cpu``).
 
-    Returns False, after printing the one-line error, when the world cannot be formed (no GPU
-    without --cpu, or --cpu beside a GPU).
+    A world that cannot be formed (no GPU without --cpu, or --cpu beside a GPU) raises the package's
+    ``UserError``, which the script's ``run_main`` prints as one line (exit code 2).
     """
-    from megatron_patch.errors import UserError
     from megatron_patch.runtime import parallel
 
-    try:
-        stack.enter_context(parallel.distributed_world(cpu=cpu))
-    except UserError as error:  # no GPU without --cpu, or --cpu beside a GPU
-        print(f"error: {error}", file=sys.stderr)
-        return False
+    stack.enter_context(parallel.distributed_world(cpu=cpu))
     parallel.init_model_parallel(1, 1, seed=seed)
-    return True
 
 
 # --------------------------------------------------------------------------- environment and output

@@ -42,7 +42,9 @@ from campaign_corpus import prepare_corpus  # noqa: E402
 from campaign_options import cost_plan, parse_options  # noqa: E402
 from campaign_parts import PART_RUNNERS  # noqa: E402
 from campaign_runner import REPO_ROOT, Campaign, Stopped  # noqa: E402
-from common import UsageError, write_json  # noqa: E402
+from common import write_json  # noqa: E402
+
+from megatron_patch.runtime.command import run_main  # noqa: E402
 
 
 def unpack(out: Path, folder: Path) -> int:
@@ -58,15 +60,15 @@ def unpack(out: Path, folder: Path) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        opts = parse_options(argv)
-        if opts.prepare:
-            corpus, data_dir = Path(opts.corpus), Path(opts.data_dir)
-            prepare_corpus(corpus, data_dir, opts.vocab_size, cost_plan(opts), opts.cpu, argv, REPO_ROOT)
-    except (UsageError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_main(lambda: _campaign(argv))
+
+
+def _campaign(argv: List[str]) -> int:
+    opts = parse_options(argv)
     if opts.prepare:
+        prepare_corpus(
+            Path(opts.corpus), Path(opts.data_dir), opts.vocab_size, cost_plan(opts), opts.cpu, argv, REPO_ROOT
+        )
         lines = carry_lines(REPO_ROOT, Path(opts.data_dir))
         print("\n".join(lines))
         return 1 if lines[-1].startswith("error") else 0

@@ -41,8 +41,6 @@ for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and co
         sys.path.insert(0, str(path))
 
 from common import (  # noqa: E402
-    FlagParser,
-    UsageError,
     command_line,
     enter_one_rank_world,
     environment,
@@ -51,12 +49,14 @@ from common import (  # noqa: E402
 )
 
 from megatron_patch import quiet_known_notices  # noqa: E402
+from megatron_patch.errors import ArgumentError  # noqa: E402
+from megatron_patch.runtime.command import ArgumentParser, run_main  # noqa: E402
 
 CHECK_ROWS = 64  # sequence positions used for the agreement check
 
 
 def parse_options(argv: Optional[List[str]]) -> argparse.Namespace:
-    p = FlagParser(prog="benchmarks/loss_benchmark.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = ArgumentParser(prog="benchmarks/loss_benchmark.py", description=__doc__.split("\n")[0])
     p.add_argument("--seq-length", type=int, default=None, help="s, positions (default 2048; 64 with --cpu)")
     p.add_argument("--micro-batch-size", type=int, default=None, help="b (default 8; 2 with --cpu)")
     p.add_argument(
@@ -79,9 +79,9 @@ def parse_options(argv: Optional[List[str]]) -> argparse.Namespace:
     opts.warmup = opts.warmup if opts.warmup is not None else (1 if opts.cpu else 3)
     for name in ("seq_length", "micro_batch_size", "repeats"):
         if getattr(opts, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(opts, name)} must be >= 1")
+            raise ArgumentError(f"--{name.replace('_', '-')} {getattr(opts, name)} must be >= 1")
     if opts.warmup < 0:
-        raise UsageError(f"--warmup {opts.warmup} must be >= 0")
+        raise ArgumentError(f"--warmup {opts.warmup} must be >= 0")
     return opts
 
 
@@ -282,14 +282,13 @@ def table(rows: List[dict]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_known_notices()
-    try:
-        opts = parse_options(argv)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_main(lambda: _loss_benchmark(argv))
+
+
+def _loss_benchmark(argv: List[str]) -> int:
+    opts = parse_options(argv)
     with contextlib.ExitStack() as stack:
-        if not enter_one_rank_world(stack, opts.cpu, opts.seed):
-            return 2
+        enter_one_rank_world(stack, opts.cpu, opts.seed)
         rows = run(opts)
     env = environment(opts.cpu)
     command = command_line("loss_benchmark.py", argv)

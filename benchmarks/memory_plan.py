@@ -31,10 +31,12 @@ for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and co
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from common import FlagParser, UsageError, command_line, write_json  # noqa: E402
+from common import command_line, write_json  # noqa: E402
 from memory_model import Activations, Layout, formula_activations, measured_activations, stage_memory  # noqa: E402
 
 from megatron_patch import quiet_known_notices  # noqa: E402
+from megatron_patch.errors import ArgumentError  # noqa: E402
+from megatron_patch.runtime.command import ArgumentParser, run_main  # noqa: E402
 
 quiet_known_notices()  # the presets import megatron.core, whose import prints them
 from megatron_patch.architecture.build import padded_vocab_size  # noqa: E402
@@ -93,7 +95,7 @@ def _list(kind):
 
 
 def parse_options(argv: Optional[List[str]]) -> argparse.Namespace:
-    p = FlagParser(prog="benchmarks/memory_plan.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = ArgumentParser(prog="benchmarks/memory_plan.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", type=_list(str), default=["6.7b", "13b"], help="presets, comma-separated")
     p.add_argument("--gpus", type=_list(int), default=[8, 64], help="world sizes to plan for")
     p.add_argument("--gpus-per-node", type=int, default=8, help="TP stays inside a node")
@@ -114,20 +116,20 @@ def parse_options(argv: Optional[List[str]]) -> argparse.Namespace:
     opts = p.parse_args(argv)
     for name in opts.model:
         if name not in PRESETS:
-            raise UsageError(f"--model {name}: choose from {', '.join(PRESETS)}")
+            raise ArgumentError(f"--model {name}: choose from {', '.join(PRESETS)}")
     bad = [r for r in opts.recompute if r not in RECOMPUTE_ORDER]
     if bad:
-        raise UsageError(f"--recompute {','.join(bad)}: use none, selective, full")
+        raise ArgumentError(f"--recompute {','.join(bad)}: use none, selective, full")
     for name in ("gpus", "micro_batch_sizes", "tensor_parallel_sizes"):
         if min(getattr(opts, name)) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} values must be >= 1")
+            raise ArgumentError(f"--{name.replace('_', '-')} values must be >= 1")
     for name in ("gpus_per_node", "patch_size", "vocab_size", "make_vocab_size_divisible_by"):
         if getattr(opts, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(opts, name)} must be >= 1")
+            raise ArgumentError(f"--{name.replace('_', '-')} {getattr(opts, name)} must be >= 1")
     if opts.seq_length is not None and opts.seq_length < 1:
-        raise UsageError(f"--seq-length {opts.seq_length} must be >= 1")
+        raise ArgumentError(f"--seq-length {opts.seq_length} must be >= 1")
     if not 0 < opts.budget_gib <= opts.gpu_memory_gib:
-        raise UsageError(f"--budget-gib {opts.budget_gib} must lie in (0, --gpu-memory-gib {opts.gpu_memory_gib}]")
+        raise ArgumentError(f"--budget-gib {opts.budget_gib} must lie in (0, --gpu-memory-gib {opts.gpu_memory_gib}]")
     return opts
 
 
@@ -138,9 +140,9 @@ def load_measured(paths: List[str]) -> List[dict]:
             with open(path) as f:
                 payload = json.load(f)
         except (OSError, json.JSONDecodeError) as error:
-            raise UsageError(f"--measured {path}: {error}") from None
+            raise ArgumentError(f"--measured {path}: {error}") from None
         if "layer_activations" not in payload:
-            raise UsageError(
+            raise ArgumentError(
                 f"--measured {path}: no 'layer_activations' (write it with throughput.py "
                 f"--measure-layer-activations --output-json)"
             )
@@ -172,45 +174,45 @@ def plan_table(chosen: List[dict]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        opts = parse_options(argv)
-        records = load_measured(opts.measured)
-        chosen, considered, notes = [], [], []
-        for name in opts.model:
-            preset = get_preset(name)
-            seq = opts.seq_length or preset.seq_length
-            vocab1 = padded_vocab_size(opts.vocab_size, opts.make_vocab_size_divisible_by, 1)
-            acts = {}
-            for recompute in opts.recompute:
-                formula = formula_activations(preset, seq, vocab1, recompute, opts.patch_size)
-                acts[recompute] = measured_activations(records, preset, seq, vocab1, recompute, formula) or formula
-                if opts.require_measured and acts[recompute].source == "formula":
-                    raise UsageError(
-                        f"--require-measured: no measured record for {name}, T={seq}, recompute "
-                        f"{recompute}, padded vocab {vocab1} in {opts.measured or 'no --measured files'}"
+    return run_main(lambda: _memory_plan(argv))
+
+
+def _memory_plan(argv: List[str]) -> int:
+    opts = parse_options(argv)
+    records = load_measured(opts.measured)
+    chosen, considered, notes = [], [], []
+    for name in opts.model:
+        preset = get_preset(name)
+        seq = opts.seq_length or preset.seq_length
+        vocab1 = padded_vocab_size(opts.vocab_size, opts.make_vocab_size_divisible_by, 1)
+        acts = {}
+        for recompute in opts.recompute:
+            formula = formula_activations(preset, seq, vocab1, recompute, opts.patch_size)
+            acts[recompute] = measured_activations(records, preset, seq, vocab1, recompute, formula) or formula
+            if opts.require_measured and acts[recompute].source == "formula":
+                raise ArgumentError(
+                    f"--require-measured: no measured record for {name}, T={seq}, recompute "
+                    f"{recompute}, padded vocab {vocab1} in {opts.measured or 'no --measured files'}"
+                )
+            if "float32" in acts[recompute].source:
+                notes.append(f"{name} {recompute}: measured in float32; bf16 training keeps about half")
+        for gpus in opts.gpus:
+            rows = candidates(preset, gpus, opts, acts)
+            considered += rows
+            feasible = [r for r in rows if r["feasible"]]
+            if feasible:
+                best = feasible[0]
+                chosen.append(best)
+                less = [r for r in rows if r["tp"] * r["pp"] < best["tp"] * best["pp"]]
+                if less:
+                    t = min(less, key=lambda r: r["total_gib"])
+                    notes.append(
+                        f"{name} on {gpus} GPUs: less model parallelism does not fit; the smallest "
+                        f"such layout (TP={t['tp']} PP={t['pp']} b={t['micro_batch_size']} "
+                        f"{t['recompute']}) needs {t['total_gib']:.1f} GiB > {opts.budget_gib:g}"
                     )
-                if "float32" in acts[recompute].source:
-                    notes.append(f"{name} {recompute}: measured in float32; bf16 training keeps about half")
-            for gpus in opts.gpus:
-                rows = candidates(preset, gpus, opts, acts)
-                considered += rows
-                feasible = [r for r in rows if r["feasible"]]
-                if feasible:
-                    best = feasible[0]
-                    chosen.append(best)
-                    less = [r for r in rows if r["tp"] * r["pp"] < best["tp"] * best["pp"]]
-                    if less:
-                        t = min(less, key=lambda r: r["total_gib"])
-                        notes.append(
-                            f"{name} on {gpus} GPUs: less model parallelism does not fit; the smallest "
-                            f"such layout (TP={t['tp']} PP={t['pp']} b={t['micro_batch_size']} "
-                            f"{t['recompute']}) needs {t['total_gib']:.1f} GiB > {opts.budget_gib:g}"
-                        )
-                else:
-                    chosen.append({"model": name, "gpus": gpus, "none_feasible": True})
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+            else:
+                chosen.append({"model": name, "gpus": gpus, "none_feasible": True})
     print(
         f"### Memory plan: {opts.budget_gib:g} GiB of {opts.gpu_memory_gib:g} GiB per GPU, "
         f"{'distributed' if opts.distributed_optimizer else 'plain'} optimizer, bf16, vocab {opts.vocab_size}\n"

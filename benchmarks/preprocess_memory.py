@@ -44,8 +44,11 @@ for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and co
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from common import FlagParser, UsageError, command_line, write_json  # noqa: E402
+from common import command_line, write_json  # noqa: E402
 from preprocess_throughput import environment  # noqa: E402
+
+from megatron_patch.errors import ArgumentError  # noqa: E402
+from megatron_patch.runtime.command import ArgumentParser, run_main  # noqa: E402
 
 # runs ARGV as a child and prints the largest ru_maxrss (KiB on Linux) of its waited-for descendants
 MAXRSS_WRAPPER = (
@@ -57,7 +60,7 @@ MAXRSS_WRAPPER = (
 
 
 def parse_options(argv: list[str]) -> argparse.Namespace:
-    p = FlagParser(prog="benchmarks/preprocess_memory.py", allow_abbrev=False, description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="benchmarks/preprocess_memory.py", description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True, help="corpus (JSON Lines, may be .gz/.xz/.zst)")
     p.add_argument("--lines", type=int, default=3000, help="lines of the slice")
     p.add_argument("--scales", type=int, nargs="+", default=[1, 4], help="input sizes, in copies of the slice")
@@ -69,15 +72,15 @@ def parse_options(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--output-json", help="also write every figure here")
     opts = p.parse_args(argv)
     if not os.path.isfile(opts.input):
-        raise UsageError(f"--input {opts.input} does not exist")
+        raise ArgumentError(f"--input {opts.input} does not exist")
     if opts.tokenizer_model and not os.path.isfile(opts.tokenizer_model):
-        raise UsageError(f"--tokenizer-model {opts.tokenizer_model} does not exist")
+        raise ArgumentError(f"--tokenizer-model {opts.tokenizer_model} does not exist")
     for name in ("lines", "scales", "workers"):
         values = getattr(opts, name)
         if min(values if isinstance(values, list) else [values]) < 1:
-            raise UsageError(f"--{name} {values}: every value must be >= 1")
+            raise ArgumentError(f"--{name} {values}: every value must be >= 1")
     if opts.interval <= 0:
-        raise UsageError(f"--interval {opts.interval} must be > 0 (seconds)")
+        raise ArgumentError(f"--interval {opts.interval} must be > 0 (seconds)")
     return opts
 
 
@@ -92,7 +95,7 @@ def write_inputs(source: str, lines: int, scales: list[int], folder: Path) -> tu
         if len(chunk) == lines:
             break
     if len(chunk) < lines:
-        raise UsageError(f"--lines {lines}: --input {source} holds only {len(chunk)} lines")
+        raise ArgumentError(f"--lines {lines}: --input {source} holds only {len(chunk)} lines")
     piece = b"".join(chunk)
     slice_path = folder / "slice.jsonl"
     slice_path.write_bytes(piece)
@@ -228,19 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
-    try:
-        opts = parse_options(argv)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_main(lambda: _preprocess_memory(argv))
+
+
+def _preprocess_memory(argv: list[str]) -> int:
+    opts = parse_options(argv)
     work = Path(opts.work_dir or tempfile.mkdtemp(prefix="preprocess-memory-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         env = environment()
         tokenizer, rows = measure(opts, work)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     finally:
         if not opts.work_dir:
             shutil.rmtree(work, ignore_errors=True)

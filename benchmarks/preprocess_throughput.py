@@ -44,13 +44,16 @@ for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and co
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from common import FlagParser, UsageError, command_line, write_json  # noqa: E402
+from common import command_line, write_json  # noqa: E402
+
+from megatron_patch.errors import ArgumentError  # noqa: E402
+from megatron_patch.runtime.command import ArgumentParser, run_main  # noqa: E402
 
 DEFAULT_INPUT = REPO_ROOT / ".data" / "train.jsonl.xz"  # git-ignored: where the corpora are copied
 
 
 def parse_options(argv: list[str]) -> argparse.Namespace:
-    p = FlagParser(prog="benchmarks/preprocess_throughput.py", allow_abbrev=False, description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="benchmarks/preprocess_throughput.py", description=__doc__.split("\n")[0])
     p.add_argument("--input", default=str(DEFAULT_INPUT), help="corpus (default .data/train.jsonl.xz in the checkout)")
     p.add_argument("--tokenizer-model", help="use this .model instead of training one")
     p.add_argument("--vocab-size", type=int, default=32000, help="of the trained tokenizer")
@@ -62,11 +65,11 @@ def parse_options(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--output-json", help="also write every figure here")
     opts = p.parse_args(argv)
     if not os.path.isfile(opts.input):
-        raise UsageError(f"--input {opts.input} does not exist")
+        raise ArgumentError(f"--input {opts.input} does not exist")
     if opts.tokenizer_model and not os.path.isfile(opts.tokenizer_model):
-        raise UsageError(f"--tokenizer-model {opts.tokenizer_model} does not exist")
+        raise ArgumentError(f"--tokenizer-model {opts.tokenizer_model} does not exist")
     if min(opts.workers) < 1:
-        raise UsageError(f"--workers {opts.workers}: every count must be >= 1")
+        raise ArgumentError(f"--workers {opts.workers}: every count must be >= 1")
     return opts
 
 
@@ -198,11 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
-    try:
-        opts = parse_options(argv)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_main(lambda: _preprocess_throughput(argv))
+
+
+def _preprocess_throughput(argv: list[str]) -> int:
+    opts = parse_options(argv)
     work = Path(opts.work_dir or tempfile.mkdtemp(prefix="preprocess-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     env = environment()

@@ -54,12 +54,13 @@ for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and co
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from common import UsageError, command_line, enter_one_rank_world, environment, write_json  # noqa: E402
+from common import command_line, enter_one_rank_world, environment, write_json  # noqa: E402
 from phase_timers import phase_table  # noqa: E402
 from throughput_options import parse_options  # noqa: E402
 from throughput_sweep import run_throughput, throughput_table  # noqa: E402
 
 from megatron_patch import quiet_known_notices  # noqa: E402
+from megatron_patch.runtime.command import run_main  # noqa: E402
 
 SCHEMA = "megatron_patch.throughput/1"
 
@@ -67,14 +68,13 @@ SCHEMA = "megatron_patch.throughput/1"
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_known_notices()
-    try:
-        opts = parse_options(argv)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_main(lambda: _throughput(argv))
+
+
+def _throughput(argv: List[str]) -> int:
+    opts = parse_options(argv)
     with contextlib.ExitStack() as stack:
-        if not enter_one_rank_world(stack, opts.cpu, opts.seed):
-            return 2
+        enter_one_rank_world(stack, opts.cpu, opts.seed)
         from megatron_patch.architecture.presets import get_preset
         from megatron_patch.training.flops import measure_bf16_matmul_tflops
 

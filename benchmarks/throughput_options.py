@@ -8,7 +8,10 @@ import argparse
 import math
 from typing import List, Optional
 
-from common import FlagParser, UsageError, positive_int_list
+from common import positive_int_list
+
+from megatron_patch.errors import ArgumentError
+from megatron_patch.runtime.command import ArgumentParser
 
 # throughput.py's first docstring line, its --help description
 DESCRIPTION = "Training throughput of the real trainer step on one device: token stage and patch stage (K = 2, 4, 8)."
@@ -27,8 +30,8 @@ def _flatten(lists):
     return None if lists is None else [v for values in lists for v in values]
 
 
-def build_parser() -> FlagParser:
-    p = FlagParser(prog="benchmarks/throughput.py", description=DESCRIPTION, allow_abbrev=False)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="benchmarks/throughput.py", description=DESCRIPTION)
     p.add_argument("--model", default=None, help="preset (default 370m; tiny with --cpu)")
     p.add_argument(
         "--micro-batch-size",
@@ -100,7 +103,7 @@ def parse_options(argv: Optional[List[str]]) -> argparse.Namespace:
 
     opts.model = opts.model or ("tiny" if opts.cpu else "370m")
     if opts.model not in PRESETS:
-        raise UsageError(f"--model {opts.model}: choose one of {', '.join(PRESETS)}")
+        raise ArgumentError(f"--model {opts.model}: choose one of {', '.join(PRESETS)}")
     preset = get_preset(opts.model)
     opts.micro_batch_size = _flatten(opts.micro_batch_size) or (
         [1, 2] if opts.measure_layer_activations else [2] if opts.cpu else [8, 16]
@@ -112,15 +115,15 @@ def parse_options(argv: Optional[List[str]]) -> argparse.Namespace:
     opts.recompute_granularity = opts.recompute_granularity or [preset.layout.recompute]
     for name in ("seq_length", "steps", "num_microbatches", "vocab_size"):
         if getattr(opts, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(opts, name)} must be >= 1")
+            raise ArgumentError(f"--{name.replace('_', '-')} {getattr(opts, name)} must be >= 1")
     if opts.warmup < 0:
-        raise UsageError(f"--warmup {opts.warmup} must be >= 0")
+        raise ArgumentError(f"--warmup {opts.warmup} must be >= 0")
     if opts.layers is not None and not opts.measure_layer_activations:
-        raise UsageError("--layers is for --measure-layer-activations (throughput runs the whole preset)")
+        raise ArgumentError("--layers is for --measure-layer-activations (throughput runs the whole preset)")
     if opts.phase_times and opts.measure_layer_activations:
-        raise UsageError("--phase-times times throughput steps; drop it with --measure-layer-activations")
+        raise ArgumentError("--phase-times times throughput steps; drop it with --measure-layer-activations")
     if opts.layers is not None and not 1 <= opts.layers <= preset.num_layers:
-        raise UsageError(f"--layers {opts.layers} must lie in 1..{preset.num_layers} (the preset's layers)")
+        raise ArgumentError(f"--layers {opts.layers} must lie in 1..{preset.num_layers} (the preset's layers)")
     if not math.isfinite(opts.lr) or opts.lr <= 0:
-        raise UsageError(f"--lr {opts.lr} must be > 0")
+        raise ArgumentError(f"--lr {opts.lr} must be > 0")
     return opts

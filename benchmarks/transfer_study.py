@@ -41,14 +41,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import (  # noqa: E402
-    FlagParser,
-    UsageError,
     command_line,
     environment,
     positive_int_list,
     write_json,
     write_text,
 )
+from megatron_patch.errors import ArgumentError  # noqa: E402
+from megatron_patch.runtime.command import ArgumentParser, run_main  # noqa: E402
 
 
 def _quickstart():
@@ -294,7 +294,11 @@ def plot(summary: dict, path: Path) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = FlagParser(description=__doc__.splitlines()[0])
+    return run_main(lambda: _study(argv))
+
+
+def _study(argv) -> int:
+    parser = ArgumentParser(prog="benchmarks/transfer_study.py", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=str(REPO / "runs" / "transfer_study"))
     parser.add_argument("--seeds", type=positive_int_list, default=[1, 2, 3], help="trainer seeds, e.g. 1,2,3")
     parser.add_argument("--fractions", type=fraction_list, default=fraction_list("1/4,1/2,2/3"), help="lambda values")
@@ -306,17 +310,13 @@ def main(argv=None) -> int:
         action="store_true",
         help="train nothing: report the runs that finished (each row names its seeds)",
     )
-    try:
-        args = parser.parse_args(argv)
-        if min(args.patch_sizes) < 2:
-            raise UsageError(
-                f"--patch-sizes {args.patch_sizes}: K=1 is the token-only arm, which always runs; give K >= 2"
-            )
-        if args.jobs < 1:
-            raise UsageError(f"--jobs {args.jobs} must be >= 1")
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
+    if min(args.patch_sizes) < 2:
+        raise ArgumentError(
+            f"--patch-sizes {args.patch_sizes}: K=1 is the token-only arm, which always runs; give K >= 2"
+        )
+    if args.jobs < 1:
+        raise ArgumentError(f"--jobs {args.jobs} must be >= 1")
     quickstart = _quickstart()
     s = quickstart.settings(args.reduced)
     work = Path(args.workdir).resolve()

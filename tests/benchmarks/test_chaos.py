@@ -86,3 +86,17 @@ def test_bad_input_matrix_cases(tiny_corpus, tmp_path, one_trial):
     ):
         result = bad_inputs.run_case(next(case for case in cases if case.name == name))
         assert result["ok"], result
+
+
+def test_bad_flags_give_one_line(tmp_path, capsys):
+    work = tmp_path / "w"
+    common = ["--tokenizer-model", str(tmp_path / "tok.model"), "--work-dir", str(work)]
+    assert chaos.main(["--data-path", str(tmp_path / "none"), *common]) == 2
+    assert chaos.main(["--data-path", str(tmp_path / "none"), *common, "--trials", "-1"]) == 2
+    assert chaos.main(common) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
+    assert err[0] == f"error: {tmp_path / 'none'}.bin: no such file"
+    assert err[1] == "error: --trials -1 must be >= 0"
+    assert "--data-path" in err[2] and err[2].endswith("(see benchmarks/chaos.py --help)")
+    assert not work.exists()  # nothing created before the flags are checked

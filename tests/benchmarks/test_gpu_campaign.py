@@ -278,6 +278,7 @@ def test_partial_output_is_read_back():
     "argv, message",
     [
         (["--parts", "tests,bogus", "--out", "o"], "'tests,bogus': use a comma list of"),
+        (["--parts", "nope", "--out", "o"], "activations (see benchmarks/gpu_campaign.py --help)"),
         (["--parts", "cost", "--out", "o"], "the cost part needs --data-dir"),
         (["--parts", "cost", "--out", "o", "--data-dir", "nowhere"], "no manifest.json"),
         (["--out", "o", "--cost-steps", "10"], "--cost-steps 10: use a multiple of 3"),
@@ -289,3 +290,21 @@ def test_bad_flags_give_one_line_and_exit_2(argv, message, capsys):
     assert gpu_campaign.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_unusable_corpus_or_data_dir_is_one_line(tmp_path, capsys):
+    """--prepare's checks of the corpus and the data folder, and a manifest that is not JSON: one
+    ``error:`` line each, exit code 2, nothing created."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{")
+    cases = [
+        (["--prepare", "--corpus", str(tmp_path / "none.jsonl"), "--data-dir", str(tmp_path / "d")], "no such file"),
+        (["--prepare", "--corpus", str(tmp_path / "none.jsonl"), "--data-dir", str(bad)], "is not JSON"),
+        (["--parts", "cost", "--out", str(tmp_path / "o"), "--data-dir", str(bad)], "is not JSON"),
+    ]
+    for argv, message in cases:
+        assert gpu_campaign.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]

@@ -88,4 +88,5 @@ def test_bad_flags_give_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
     assert "--patch-sizes [1, 4]" in err[0] and "'1/2,3/2': every lambda must lie strictly between 0 and 1" in err[1]
+    assert err[1].endswith("(see benchmarks/transfer_study.py --help)")  # argparse's errors name the script
     assert not (tmp_path / "w").exists()  # nothing created before the flags are checked
