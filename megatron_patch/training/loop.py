@@ -10,7 +10,6 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -35,22 +34,10 @@ from megatron_patch.training.flops import flops_per_position, measure_bf16_matmu
 from megatron_patch.training.metrics import MetricsWriter, peak_memory_gib, reset_peak_memory
 from megatron_patch.training.plan import StagePlan
 from megatron_patch.training.preemption import StopSignals
+from megatron_patch.training.progress import StageResult, checkpoint_progress, restore_results, run_summary
 from megatron_patch.training.step import evaluate, train_step
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class StageResult:
-    name: str
-    iterations: int = 0
-    tokens: int = 0
-    flops: float = 0.0
-    seconds: float = 0.0
-    last_loss: float = float("nan")
-    epochs: Optional[float] = None  # passes over the stage's documents (tokens trained on / tokens they hold)
-    valid_loss: Optional[float] = None
-    peak_memory_gib: Optional[float] = None  # of this process's part of the stage (not kept on resume)
 
 
 PLAN_FLAGS = (
@@ -167,16 +154,7 @@ class Trainer:
         checkpoints = self.config.checkpoints
         if not checkpoints.save:
             return
-        progress = {
-            "stage": stage.name,
-            "stage_iteration": stage_iteration,
-            "stage_complete": stage_iteration == stage.iterations,
-            "consumed_samples": consumed_samples,
-            "patch_size": self.plan.patch_size,
-            "patch_data_fraction": self.plan.patch_data_fraction,
-            "consumed_tokens": {r.name: r.tokens for r in results},
-            "seconds": {r.name: r.seconds for r in results},
-        }
+        progress = checkpoint_progress(self.plan, stage, stage_iteration, consumed_samples, results)
         gather_updated_parameters(self.model)
         ckpt.save_checkpoint(
             checkpoints.save,
@@ -237,11 +215,7 @@ class Trainer:
         stage = stages[index]
         self.scheduler = build_scheduler(self.config.optimizer, self.optimizer, stage.iterations)
         ckpt.load_checkpoint(load, self.model, self.shape, self.optimizer, self.scheduler, verify=checkpoints.verify)
-        for planned, result in zip(stages, results):
-            result.tokens = progress["consumed_tokens"].get(result.name, 0)
-            result.seconds = progress["seconds"].get(result.name, 0.0)
-            result.iterations = result.tokens // planned.tokens_per_step
-            result.flops = result.iterations * self.flops_per_position * planned.positions_per_step
+        results = restore_results(stages, progress, self.flops_per_position)
         if progress["stage_iteration"] >= stage.iterations and index + 1 < len(stages):
             return index + 1, 0, 0, results  # at the boundary: the next stage starts fresh
         return index, progress["stage_iteration"], progress["consumed_samples"], results
@@ -367,9 +341,6 @@ class Trainer:
         return False
 
     def _summary(self, results, interrupted: bool) -> dict:
-        total_tokens = sum(r.tokens for r in results)
-        total_flops = sum(r.flops for r in results)
-        token_only_flops = self.flops_per_position * total_tokens
         epochs = self.plan.epochs(self._data_tokens(self.datasets.splits), {r.name: r.tokens for r in results})
         for r in results:
             r.epochs = epochs.get(r.name)
@@ -378,30 +349,6 @@ class Trainer:
             self.plan.stage_split,
             ", ".join(f"{r.name} stage saw {r.epochs:.3f} epochs" for r in results if r.epochs is not None),
         )
-        summary = {
-            "interrupted": interrupted,
-            "stage_split": self.plan.stage_split,
-            "training_tokens": self.datasets.train_tokens,
-            "stages": {
-                r.name: {
-                    "iterations": r.iterations,
-                    "tokens": r.tokens,
-                    "epochs": r.epochs,
-                    "flops": r.flops,
-                    "seconds": r.seconds,
-                    "last_loss": r.last_loss,
-                    "valid_loss": r.valid_loss,
-                    "peak_memory_gib": r.peak_memory_gib,
-                }
-                for r in results
-            },
-            "total_tokens": total_tokens,
-            "relative_flops_vs_token_only": total_flops / token_only_flops if token_only_flops else None,
-            "theoretical_relative_cost": self.plan.theoretical_relative_cost,
-        }
-        token = next((r for r in results if r.name == "token" and r.seconds > 0), None)
-        if token is not None and total_tokens:
-            token_only_seconds = total_tokens / (token.tokens / token.seconds)
-            summary["relative_time_vs_token_only"] = sum(r.seconds for r in results) / token_only_seconds
+        summary = run_summary(results, self.plan, self.flops_per_position, self.datasets.train_tokens, interrupted)
         self.metrics.log_summary(summary)
         return summary
