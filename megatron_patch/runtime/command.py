@@ -69,10 +69,10 @@ def add_layout_flags(parser: argparse.ArgumentParser, role: str = "") -> None:
 
 
 def rank() -> int:
-    """This process's rank: torch.distributed's once initialised, else torchrun's RANK (or 0)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    """This process's rank: torch.distributed's once initialised, else torchrun's RANK (or 0).
+    Never imports torch: a command that has not (a bad flag) reports in milliseconds."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
 
