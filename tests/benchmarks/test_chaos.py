@@ -65,9 +65,9 @@ def test_one_sigterm_trial_resumes_to_the_reference(one_trial):
 
 
 def test_bad_input_matrix_cases(tiny_corpus, tmp_path, one_trial):
-    """Five rows of the matrix, one per kind of input: a JSONL line, a .bin/.idx pair, a checkpoint
-    shard (of the trial's finished reference run), two trainer flags (a bad value; a sequence
-    length the corpus cannot fill)."""
+    """Six rows of the matrix, one per kind of input: a JSONL line, a .bin/.idx pair, a checkpoint
+    shard (of the trial's finished reference run), three trainer flags (two bad values; a
+    sequence length the corpus cannot fill)."""
     reference = str(one_trial[3] / "reference-tp1")
     cases = bad_input_cases.build_cases(
         str(tmp_path / "bad"),
@@ -83,6 +83,7 @@ def test_bad_input_matrix_cases(tiny_corpus, tmp_path, one_trial):
         "export-zeroed-shard",
         "train-bad-lr",
         "train-seq-length-beyond-corpus",
+        "train-exit-duration-zero",
     ):
         result = bad_inputs.run_case(next(case for case in cases if case.name == name))
         assert result["ok"], result
