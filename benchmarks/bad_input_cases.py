@@ -304,6 +304,7 @@ def build_cases(work: str, prefix: str, tokenizer: str, root: str, final: str) -
     trainer("train-seq-length-zero", ["--seq-length", "0"], ["--seq-length 0"])
     trainer("train-dropout-one", ["--hidden-dropout", "1"], ["--hidden-dropout 1.0"])
     trainer("train-exit-duration-zero", ["--exit-duration-in-mins", "0"], ["--exit-duration-in-mins 0.0"])
+    trainer("train-profile-window", ["--profile", "--profile-step-start", "0"], ["--profile-step-start 0"])
     trainer("train-seq-length-beyond-corpus", ["--seq-length", "100000"], ["--seq-length 100000", prefix])
     trainer("train-bad-flag", ["--bogus"], ["--bogus"])
     trainer("train-tp3", ["--tensor-model-parallel-size", "3"], ["3"])

@@ -13,7 +13,7 @@ has exited; a temporary file of another host (a shared file system) is never tou
 import json
 import os
 import socket
-from typing import Any
+from typing import Any, Callable
 
 TEMPORARY_SUFFIX = ".tmp"
 
@@ -54,22 +54,32 @@ def remove_abandoned(path: str) -> None:
                 pass
 
 
-def write_text(path: str, text: str) -> None:
-    """Replace ``path`` by ``text`` (UTF-8): absent, the old file or the whole new one, never a part."""
+def write_with(path: str, write: Callable[[str], None]) -> None:
+    """Replace ``path`` by what ``write(temporary_path)`` writes (for writers that take a file name,
+    e.g. a profiler's trace export): absent, the old file or the whole new one, never a part."""
     path = os.fspath(path)
     remove_abandoned(path)
     folder = os.path.dirname(os.path.abspath(path))
     partial = os.path.join(folder, f"{_temporary_prefix(path)}{os.getpid()}@{socket.gethostname()}{TEMPORARY_SUFFIX}")
     try:
-        with open(partial, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
+        write(partial)
+        with open(partial, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(partial, path)
     except BaseException:
         if os.path.exists(partial):
             os.remove(partial)
         raise
+
+
+def write_text(path: str, text: str) -> None:
+    """Replace ``path`` by ``text`` (UTF-8): absent, the old file or the whole new one, never a part."""
+
+    def write(partial: str) -> None:
+        with open(partial, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    write_with(path, write)
 
 
 def write_json(path: str, payload: Any, *, sort_keys: bool = False) -> None:

@@ -20,6 +20,7 @@ from megatron_patch.training.config import (
     DataSettings,
     LogSettings,
     OptimizerSettings,
+    ProfileSettings,
     TrainerConfig,
 )
 from megatron_patch.training.flags import build_parser
@@ -165,7 +166,23 @@ def make_config(
         seed=flags.seed,
         overlap_grad_reduce=flags.overlap_grad_reduce,
         overlap_param_gather=flags.overlap_param_gather,
+        profile=_profile_settings(flags, world_size),
     )
+
+
+def _profile_settings(flags, world_size: int) -> Optional[ProfileSettings]:
+    if not flags.profile:
+        return None
+    start, end = flags.profile_step_start, flags.profile_step_end
+    if not 1 <= start < end:
+        raise ArgumentError(f"--profile-step-start {start} / --profile-step-end {end}: need 1 <= start < end")
+    outside = [rank for rank in flags.profile_ranks if not 0 <= rank < world_size]
+    if outside:
+        raise ArgumentError(f"--profile-ranks {outside[0]} is not a rank of this run's {world_size} processes")
+    folder = flags.profile_dir or (os.path.join(flags.save, "profile") if flags.save else None)
+    if not folder:
+        raise ArgumentError("--profile needs --profile-dir DIR (or --save DIR: the traces go to <--save>/profile)")
+    return ProfileSettings(start, end, tuple(sorted(set(flags.profile_ranks))), folder)
 
 
 def _exit_signals(text: str):

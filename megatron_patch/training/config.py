@@ -65,6 +65,16 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class ProfileSettings:
+    """``--profile``: global iterations ``[first_step, end_step)`` on ``ranks``, traces into ``folder``."""
+
+    first_step: int
+    end_step: int
+    ranks: Tuple[int, ...]
+    folder: str
+
+
+@dataclass(frozen=True)
 class TrainerConfig:
     """Everything one trainer process needs; ``flags`` are the flags as given plus the values they
     resolved to (recorded in every checkpoint's metadata, read by the tools)."""
@@ -80,3 +90,4 @@ class TrainerConfig:
     seed: int
     overlap_grad_reduce: bool
     overlap_param_gather: bool
+    profile: Optional[ProfileSettings] = None  # --profile

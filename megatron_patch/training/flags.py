@@ -216,4 +216,14 @@ def build_parser() -> ArgumentParser:
     )
     log.add_argument("--wandb-exp-name", default=None, help="the W&B run's name (needed with --wandb-project)")
     log.add_argument("--wandb-save-dir", default=None, help="where W&B keeps the run's files (default: <--save>/wandb)")
+    log.add_argument(
+        "--profile",
+        action="store_true",
+        help="write a torch.profiler trace (Chrome format) of steps [--profile-step-start, --profile-step-end) "
+        "and log the operators with the most self time",
+    )
+    log.add_argument("--profile-step-start", type=int, default=10, help="first global iteration profiled")
+    log.add_argument("--profile-step-end", type=int, default=12, help="first global iteration not profiled")
+    log.add_argument("--profile-ranks", type=int, nargs="+", default=[0], help="global ranks that profile")
+    log.add_argument("--profile-dir", default=None, help="where the traces go (default: <--save>/profile)")
     return parser

@@ -34,6 +34,7 @@ from megatron_patch.training.flops import flops_per_position, measure_bf16_matmu
 from megatron_patch.training.metrics import MetricsWriter, peak_memory_gib, reset_peak_memory
 from megatron_patch.training.plan import StagePlan
 from megatron_patch.training.preemption import StopSignals
+from megatron_patch.training.profiling import StepProfiler
 from megatron_patch.training.progress import StageResult, checkpoint_progress, restore_results, run_summary
 from megatron_patch.training.step import evaluate, train_step
 
@@ -94,6 +95,7 @@ class Trainer:
         self.stop = stop or StopSignals(checkpoints.exit_signals, time_limit_minutes=checkpoints.exit_duration_minutes)
         self._stop_scope = contextlib.nullcontext() if stop is not None else self.stop
         self.datasets = self._build_datasets()
+        self.profiler = StepProfiler(config.profile, self.rank)
 
     def _build_datasets(self):
         data = self.config.data
@@ -227,6 +229,7 @@ class Trainer:
             try:
                 return self._run_stages()
             finally:
+                self.profiler.close()
                 self.metrics.close()
 
     @contextlib.contextmanager
@@ -288,7 +291,8 @@ class Trainer:
         window_seconds, window_steps, skipped = 0.0, 0, 0
         while stage_iteration < stage.iterations:
             step_start = time.perf_counter()
-            loss, grad_norm, was_skipped = train_step(self.model, self.optimizer, self.scheduler, iterator, stage)
+            with self.profiler.step(stage.first_iteration + stage_iteration + 1):
+                loss, grad_norm, was_skipped = train_step(self.model, self.optimizer, self.scheduler, iterator, stage)
             stage_iteration += 1
             consumed += stage.samples_per_step
             skipped += int(was_skipped)

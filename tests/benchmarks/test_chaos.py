@@ -65,8 +65,8 @@ def test_one_sigterm_trial_resumes_to_the_reference(one_trial):
 
 
 def test_bad_input_matrix_cases(tiny_corpus, tmp_path, one_trial):
-    """Six rows of the matrix, one per kind of input: a JSONL line, a .bin/.idx pair, a checkpoint
-    shard (of the trial's finished reference run), three trainer flags (two bad values; a
+    """Seven rows of the matrix, one per kind of input: a JSONL line, a .bin/.idx pair, a checkpoint
+    shard (of the trial's finished reference run), four trainer flags (three bad values; a
     sequence length the corpus cannot fill)."""
     reference = str(one_trial[3] / "reference-tp1")
     cases = bad_input_cases.build_cases(
@@ -84,6 +84,7 @@ def test_bad_input_matrix_cases(tiny_corpus, tmp_path, one_trial):
         "train-bad-lr",
         "train-seq-length-beyond-corpus",
         "train-exit-duration-zero",
+        "train-profile-window",
     ):
         result = bad_inputs.run_case(next(case for case in cases if case.name == name))
         assert result["ok"], result
