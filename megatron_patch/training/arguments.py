@@ -167,6 +167,7 @@ def make_config(
         overlap_grad_reduce=flags.overlap_grad_reduce,
         overlap_param_gather=flags.overlap_param_gather,
         profile=_profile_settings(flags, world_size),
+        manual_gc_interval=flags.manual_gc_interval if flags.manual_gc else None,
     )
 
 
@@ -279,6 +280,8 @@ def _check_flag_combinations(flags: argparse.Namespace, seq_length: int) -> None
         raise ArgumentError(f"--exit-duration-in-mins {flags.exit_duration_in_mins} must be > 0")
     if flags.exit_duration_in_mins and not flags.save:
         raise ArgumentError("--exit-duration-in-mins needs --save DIR (the run saves a checkpoint when it stops)")
+    if flags.manual_gc_interval < 0:
+        raise ArgumentError(f"--manual-gc-interval {flags.manual_gc_interval} must be >= 0 (0: collect at start only)")
     if flags.eval_iters < 0:
         raise ArgumentError(f"--eval-iters {flags.eval_iters} must be >= 0 (0 turns validation off)")
     if flags.eval_interval is not None and flags.eval_interval < 1:

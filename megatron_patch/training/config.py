@@ -91,3 +91,4 @@ class TrainerConfig:
     overlap_grad_reduce: bool
     overlap_param_gather: bool
     profile: Optional[ProfileSettings] = None  # --profile
+    manual_gc_interval: Optional[int] = None  # --manual-gc: steps between collections (0: start only); None: off

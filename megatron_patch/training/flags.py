@@ -217,6 +217,15 @@ def build_parser() -> ArgumentParser:
     log.add_argument("--wandb-exp-name", default=None, help="the W&B run's name (needed with --wandb-project)")
     log.add_argument("--wandb-save-dir", default=None, help="where W&B keeps the run's files (default: <--save>/wandb)")
     log.add_argument(
+        "--manual-gc",
+        action="store_true",
+        help="turn Python's automatic garbage collection off during training and collect at the same steps "
+        "on every rank (avoids one rank's collection pause stalling the others)",
+    )
+    log.add_argument(
+        "--manual-gc-interval", type=int, default=0, help="with --manual-gc: steps between collections (0: start only)"
+    )
+    log.add_argument(
         "--profile",
         action="store_true",
         help="write a torch.profiler trace (Chrome format) of steps [--profile-step-start, --profile-step-end) "

@@ -31,6 +31,7 @@ from megatron_patch.training.builders import (
 from megatron_patch.training.config import TrainerConfig
 from megatron_patch.training.data import micro_batches
 from megatron_patch.training.flops import flops_per_position, measure_bf16_matmul_tflops
+from megatron_patch.training.manual_gc import ManualGC
 from megatron_patch.training.metrics import MetricsWriter, peak_memory_gib, reset_peak_memory
 from megatron_patch.training.plan import StagePlan
 from megatron_patch.training.preemption import StopSignals
@@ -96,6 +97,7 @@ class Trainer:
         self._stop_scope = contextlib.nullcontext() if stop is not None else self.stop
         self.datasets = self._build_datasets()
         self.profiler = StepProfiler(config.profile, self.rank)
+        self.manual_gc = ManualGC(config.manual_gc_interval)
 
     def _build_datasets(self):
         data = self.config.data
@@ -225,7 +227,7 @@ class Trainer:
     # ----------------------------------------------------------------- run
     def run(self) -> dict:
         """Train the planned stages; returns the summary (``interrupted`` after a stop signal)."""
-        with self._stop_scope, self._locked_save_folder():
+        with self._stop_scope, self._locked_save_folder(), self.manual_gc:
             try:
                 return self._run_stages()
             finally:
@@ -291,8 +293,10 @@ class Trainer:
         window_seconds, window_steps, skipped = 0.0, 0, 0
         while stage_iteration < stage.iterations:
             step_start = time.perf_counter()
-            with self.profiler.step(stage.first_iteration + stage_iteration + 1):
+            iteration = stage.first_iteration + stage_iteration + 1
+            with self.profiler.step(iteration):
                 loss, grad_norm, was_skipped = train_step(self.model, self.optimizer, self.scheduler, iterator, stage)
+            self.manual_gc.after_step(iteration)  # timed with the step
             stage_iteration += 1
             consumed += stage.samples_per_step
             skipped += int(was_skipped)
@@ -304,7 +308,6 @@ class Trainer:
             result.last_loss = loss
             window_steps += 1
             window_seconds += elapsed
-            iteration = stage.first_iteration + stage_iteration
             if stage_iteration % log.log_interval == 0 or stage_iteration == stage.iterations:
                 self.metrics.log_step(
                     stage=stage.name,
