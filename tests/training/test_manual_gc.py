@@ -32,9 +32,7 @@ class CountingGC:
 
 
 @pytest.mark.parametrize("interval", [5, 0])
-def test_collections_at_the_interval_with_the_collector_off(
-    cpu_world, tiny_corpus, tmp_path, monkeypatch, interval
-):
+def test_collections_at_the_interval_with_the_collector_off(cpu_world, tiny_corpus, tmp_path, monkeypatch, interval):
     steps = []  # per step: was the automatic collector on?
     counting = CountingGC(steps)
     monkeypatch.setattr(manual_gc, "gc", counting)
