@@ -1,7 +1,9 @@
 """One writer per ``--save`` folder: an exclusive lock that a second trainer fails on at once.
 
 The lock is ``flock`` on ``DIR/.lock`` (rank 0 takes it for the run). The kernel drops it when
-the holder exits in any way, kill -9 included, so a stale lock never blocks a resume. The file
+the holder, and every process it forked (they share the open file), have exited in any way,
+kill -9 included; the trainer's forked helpers (checkpoint writers, data workers) end with it
+(``runtime/child_processes.py``), so a stale lock never blocks a resume. The file
 records the holder (host, pid, start time) for the message the second writer prints, and is
 removed on release. ``flock`` is exclusive between the processes of one machine and, on a shared
 file system, as far as that file system implements it (NFSv4 and Lustre mounted with ``flock``
