@@ -3,7 +3,7 @@ uninterrupted run's losses bit for bit and its whole final checkpoint (RNG state
 SIGTERM to the process group after a save saves and exits 0, leaving no process behind; a kill
 between renaming a checkpoint into place and writing the tracker resumes from the newest one
 and leaves the tracker naming the newest; an interrupted save leaves the previous checkpoint
-loadable."""
+loadable; kill -9 of the trainer inside a save leaves no checkpoint writer running, and resumes."""
 
 import os
 import shutil
@@ -213,3 +213,49 @@ def test_resume_of_a_finished_run_repairs_the_tracker(tiny_corpus, tmp_path, uni
     assert code == 0, output[-3000:]
     assert (save / checkpoint.TRACKER).read_text() == f"{ITERS}\n"
     assert f"named 10; now names {ITERS}" in output
+
+
+# the trainer with megatron's checkpoint writer (a process forked per save) slowed down, so that a
+# kill lands inside a save
+SLOW_WRITER_TRAINER = """
+import sys, time
+from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+write = FileSystemWriterAsync.write_preloaded_data
+FileSystemWriterAsync.write_preloaded_data = staticmethod(lambda *a, **k: (time.sleep(60), write(*a, **k))[1])
+from megatron_patch.training import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_inside_a_save_leaves_no_writer_and_the_resume_runs(tiny_corpus, tmp_path):
+    """kill -9 of the trainer alone (as the OOM killer does it) while its forked checkpoint writer
+    works: the writer ends with it (else it kept the --save lock and every resume was refused)."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.training.common import REPO_ROOT
+
+    save = tmp_path / "run"
+    args = trainer_args(tiny_corpus, save, "--eval-iters", "0", "--save-interval", "2", train_iters=ITERS)
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER_TRAINER, *args],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    writers = []
+    while not (writers and (save / "iter_0000002.tmp").is_dir()) and time.time() < deadline:
+        writers = [p for p in psutil.Process(trainer.pid).children(recursive=True) if p.is_running()]
+        time.sleep(0.02)
+    assert writers and (save / "iter_0000002.tmp").is_dir(), "no save under way"
+    trainer.kill()
+    trainer.wait()
+    gone, alive = psutil.wait_procs(writers, timeout=10)
+    assert not alive, alive
+    code, output = _finish(launch(args + ["--load", str(save)]))
+    assert code == 0, output[-3000:]
+    assert checkpoint.tracker_value(str(save)) == ITERS
