@@ -93,8 +93,11 @@ class Trainer:
         if not config.cpu and config.model.bf16:
             self.peak_tflops = measure_bf16_matmul_tflops()
         checkpoints = config.checkpoints
-        self.stop = stop or StopSignals(checkpoints.exit_signals, time_limit_minutes=checkpoints.exit_duration_minutes)
-        self._stop_scope = contextlib.nullcontext() if stop is not None else self.stop
+        if stop is not None:  # held by the caller
+            self.stop, self._stop_scope = stop, contextlib.nullcontext()
+        else:  # installed by run()
+            self.stop = StopSignals(checkpoints.exit_signals, time_limit_minutes=checkpoints.exit_duration_minutes)
+            self._stop_scope = self.stop
         self.datasets = self._build_datasets()
         self.profiler = StepProfiler(config.profile, self.rank)
         self.manual_gc = ManualGC(config.manual_gc_interval)
@@ -226,7 +229,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- run
     def run(self) -> dict:
-        """Train the planned stages; returns the summary (``interrupted`` after a stop signal)."""
+        """Train the planned stages; returns the summary (``interrupted`` after a stop signal or the time limit)."""
         with self._stop_scope, self._locked_save_folder(), self.manual_gc:
             try:
                 return self._run_stages()
@@ -274,7 +277,7 @@ class Trainer:
     def _run_stage(
         self, stage: StagePlan, result: StageResult, resumed: bool, stage_iteration: int, consumed: int
     ) -> bool:
-        """Train ``stage`` from ``stage_iteration``; returns True when stopped by a signal."""
+        """Train ``stage`` from ``stage_iteration``; returns True when stopped (a signal, the time limit)."""
         log, save_interval = self.config.logging, self.config.checkpoints.save_interval
         reset_peak_memory()
         if not resumed:

@@ -209,3 +209,27 @@ def test_exit_duration_saves_stops_and_the_run_resumes(cpu_world, tiny_corpus, t
         code = cli.main(flags)
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_a_trainer_made_without_stop_signals_installs_its_own(cpu_world, tiny_corpus, tmp_path, monkeypatch):
+    """``Trainer(config)`` used as a library (no ``stop`` from the command line): ``run`` holds the
+    signals itself, so SIGTERM inside step 3 saves there and stops; the handler before it is back after."""
+    from megatron_patch.runtime import parallel
+    from megatron_patch.training import loop
+    from megatron_patch.training.arguments import parse_args
+
+    train_step, steps = loop.train_step, []
+
+    def step_then_signal(*args, **kwargs):
+        steps.append(True)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", step_then_signal)
+    config = parse_args(trainer_args(tiny_corpus, tmp_path / "run", "--eval-iters", "0", train_iters=ITERS), 1)
+    parallel.init_model_parallel(1, 1, seed=config.seed)
+    before = signal.getsignal(signal.SIGTERM)
+    summary = loop.Trainer(config).run()
+    assert summary["interrupted"] and checkpoint.tracker_value(str(tmp_path / "run")) == 3
+    assert signal.getsignal(signal.SIGTERM) is before
