@@ -12,6 +12,8 @@ import torch
 from tests.conftest import REPO_ROOT
 
 BENCHMARKS = REPO_ROOT / "benchmarks"
+# throughput.py at its smallest: micro-batch 2, one untimed and two timed steps per configuration
+TINY_STEPS = ["--micro-batch-size", "2", "--steps", "2", "--warmup", "1"]
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="--cpu smoke mode refuses to run beside a GPU")
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.benchmarks.script_helpers import load_script, positive
+from tests.benchmarks.script_helpers import TINY_STEPS, load_script, positive
 
 throughput = load_script("throughput")
 loss_benchmark = load_script("loss_benchmark")
@@ -19,14 +19,9 @@ def test_scripts_on_gpu_tiny(tmp_path):
             [
                 "--model",
                 "tiny",
-                "--micro-batch-size",
-                "2",
+                *TINY_STEPS,
                 "--patch-sizes",
                 "1,2",
-                "--steps",
-                "2",
-                "--warmup",
-                "1",
                 "--output-json",
                 str(out),
             ]
@@ -41,13 +36,8 @@ def test_scripts_on_gpu_tiny(tmp_path):
             [
                 "--model",
                 "tiny",
-                "--micro-batch-size",
-                "2",
+                *TINY_STEPS,
                 "--patch-sizes",
-                "1",
-                "--steps",
-                "2",
-                "--warmup",
                 "1",
                 "--phase-times",
                 "--output-json",

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tests.benchmarks.script_helpers import CPU_ONLY, load_module, load_script, positive
+from tests.benchmarks.script_helpers import CPU_ONLY, TINY_STEPS, load_module, load_script, positive
 from tests.conftest import REPO_ROOT
 
 throughput = load_script("throughput")
@@ -23,14 +23,9 @@ def test_throughput_cpu_smoke(tmp_path, capsys):
     code = throughput.main(
         [
             "--cpu",
-            "--micro-batch-size",
-            "2",
+            *TINY_STEPS,
             "--patch-sizes",
             "1,4",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
             "--output-json",
             str(out),
         ]
@@ -67,14 +62,9 @@ def test_throughput_phase_times_from_megatron_timers(tmp_path, capsys):
         [
             "--cpu",
             "--phase-times",
-            "--micro-batch-size",
-            "2",
+            *TINY_STEPS,
             "--patch-sizes",
             "1,4",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
             "--output-json",
             str(out),
         ]
