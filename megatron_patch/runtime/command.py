@@ -25,6 +25,7 @@ from typing import Callable, Iterator, Optional
 
 from megatron_patch import quiet_known_notices
 from megatron_patch.errors import ArgumentError, DataError, UserError
+from megatron_patch.runtime.child_processes import end_forked_children_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +102,6 @@ def run_main(body: Callable[[], Optional[int]], *, io_errors_are_user_errors: bo
     while writing outputs) as one line, exit code 2; for tools whose outputs are staged, so nothing
     is left behind then.
     """
-    from megatron_patch.runtime.child_processes import end_forked_children_with_parent
-
     end_forked_children_with_parent()  # a command killed outright leaves no forked helper behind
     try:
         code = body()
