@@ -33,7 +33,6 @@ class StepProfiler:
         self.settings = settings if settings is not None and rank in settings.ranks else None
         self.rank = rank
         self._profiler = None
-        self._range = None
         self._first = self._last = None
 
     def step(self, iteration: int):
@@ -46,7 +45,7 @@ class StepProfiler:
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self._profiler = torch.profiler.profile(activities=activities)
-            self._profiler.__enter__()
+            self._profiler.start()
             self._first = iteration
         self._last = iteration
         return self._step_range(iteration)
@@ -65,7 +64,7 @@ class StepProfiler:
         profiler, self._profiler = self._profiler, None
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        profiler.__exit__(None, None, None)
+        profiler.stop()
         folder = self.settings.folder
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"rank{self.rank}_iters{self._first}-{self._last}.json")
