@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import List
 
-if str(Path(__file__).resolve().parents[1]) not in sys.path:  # the package, for scripts run from anywhere
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if _REPO_ROOT not in sys.path:  # the package, for scripts run from anywhere
+    sys.path.insert(0, _REPO_ROOT)
 
 # the scripts' writers of JSON and reports: a half-written file never looks complete
 from megatron_patch.runtime.atomic_file import write_json, write_text  # noqa: E402, F401
