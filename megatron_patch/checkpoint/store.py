@@ -14,6 +14,14 @@ write leaves a complete ``iter_N`` newer than the tracker, which resuming takes 
 save's tracker write names). Existing complete checkpoints are never overwritten. Loading checks
 the files against the manifest first (``verify=False`` skips that).
 
+Data-parallel replicas hold the same model weights (and, without the distributed optimizer, the
+same optimizer state). By default each replicated shard is written by one replica, the shards
+spread evenly over them (megatron's fully parallel save, as Megatron-LM's
+``--ckpt-fully-parallel-save``), so no single rank writes the whole replicated state while the
+others wait; ``fully_parallel_load`` likewise has each replica read a share and exchange the rest
+over the data-parallel group. Either way the files are the same ``torch_dist`` checkpoint, loadable
+at any layout.
+
 Saving runs in this process: megatron's torch_dist writer would otherwise collect its results
 through a ``multiprocessing`` Manager process that a SIGTERM to the process group kills, which
 made the save on the pre-emption path fail (``_in_process_write_results``).
@@ -31,7 +39,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import (
+    get_default_load_sharded_strategy,
+    get_default_save_sharded_strategy,
+)
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelLoadStrategyWrapper,
+    FullyParallelSaveStrategyWrapper,
+)
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_patch.architecture.build import unwrap
@@ -225,13 +241,43 @@ def _sharded_state(model, optimizer=None, scheduler=None, with_rng=False, is_loa
     return state
 
 
-def save_checkpoint(root, iteration, model, optimizer, scheduler, progress, flags, shape, keep_last) -> str:
-    """Write ``root/iter_N`` atomically on every rank; returns its path. Skips an existing ``iter_N``
-    (the checkpoint this run resumed from, identical by construction)."""
+def _data_parallel_group():
+    """The group of this rank's data-parallel replicas, or None when there is only one."""
+    if parallel_state.get_data_parallel_world_size(with_context_parallel=True) == 1:
+        return None
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def save_strategy(fully_parallel: bool = True):
+    """The sharded save strategy for ``dist_checkpointing.save``: with ``fully_parallel`` and more
+    than one data-parallel replica, torch_dist wrapped so the replicas share the writing of
+    replicated shards; otherwise None (dist_checkpointing's default, torch_dist)."""
+    group = _data_parallel_group()
+    if not fully_parallel or group is None:
+        return None
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
+
+
+def load_strategy(ckpt: str, fully_parallel: bool = False):
+    """The sharded load strategy for ``ckpt``: with ``fully_parallel`` and more than one
+    data-parallel replica, each replica reads a share of the replicated shards and receives the rest
+    from the others; otherwise None (the strategy the checkpoint names)."""
+    group = _data_parallel_group()
+    if not fully_parallel or group is None:
+        return None
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(ckpt), group)
+
+
+def save_checkpoint(
+    root, iteration, model, optimizer, scheduler, progress, flags, shape, keep_last, fully_parallel=True
+) -> Optional[str]:
+    """Write ``root/iter_N`` atomically on every rank; returns its path, or None where a complete
+    ``iter_N`` exists (the checkpoint this run resumed from, identical by construction), which is
+    kept. ``fully_parallel``: see :func:`save_strategy`."""
     final = checkpoint_dir(root, iteration)
     rank = dist.get_rank()
     if os.path.exists(final) and _existing(root, final, iteration):
-        return final
+        return None
     partial_dir = final + ".tmp"
     if rank == 0:
         os.makedirs(root, exist_ok=True)
@@ -239,7 +285,9 @@ def save_checkpoint(root, iteration, model, optimizer, scheduler, progress, flag
         os.makedirs(partial_dir)
     dist.barrier()
     _in_process_write_results()
-    dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, with_rng=True), partial_dir)
+    dist_checkpointing.save(
+        _sharded_state(model, optimizer, scheduler, with_rng=True), partial_dir, save_strategy(fully_parallel)
+    )
     dist.barrier()
     if rank == 0:
         meta = {
@@ -257,7 +305,6 @@ def save_checkpoint(root, iteration, model, optimizer, scheduler, progress, flag
         atomic_file.write_text(os.path.join(root, TRACKER), f"{iteration}\n")
         _prune(root, keep_last)
     dist.barrier()
-    logger.info("saved checkpoint %s", final)
     return final
 
 
@@ -342,14 +389,17 @@ def last_line(error: BaseException) -> str:
     return lines[-1][:200] if lines else type(error).__name__
 
 
-def load_checkpoint(path, model, shape, optimizer=None, scheduler=None, restore_rng=True, verify=True) -> dict:
+def load_checkpoint(
+    path, model, shape, optimizer=None, scheduler=None, restore_rng=True, verify=True, fully_parallel=False
+) -> dict:
     """Load model weights (and, when given, optimizer, scheduler and RNG) from ``path`` (a ``--save``
     root or one checkpoint). Returns the checkpoint's metadata (``progress`` and ``args``).
 
     With ``verify`` (the default) every file is first checked against the checkpoint's manifest
     (``manifest.py``: sizes and CRC-32, about 0.5 s per GB on the slowest rank), so a truncated or
     overwritten shard is named before dist_checkpointing reads it; ``verify=False`` skips that (the
-    tools' ``--no-checkpoint-verify``). A checkpoint without a manifest loads with a warning."""
+    tools' ``--no-checkpoint-verify``). A checkpoint without a manifest loads with a warning.
+    ``fully_parallel``: see :func:`load_strategy`."""
     ckpt = resolve_checkpoint(path)
     meta = read_metadata(ckpt)
     check_model_shape(ckpt, meta, shape)
@@ -362,7 +412,7 @@ def load_checkpoint(path, model, shape, optimizer=None, scheduler=None, restore_
         prepare_optimizer_state_for_loading(optimizer)
     request = _sharded_state(model, optimizer, scheduler, with_rng=with_rng, is_loading=True)
     try:
-        state = dist_checkpointing.load(request, ckpt)
+        state = dist_checkpointing.load(request, ckpt, load_strategy(ckpt, fully_parallel))
     except (Exception, CheckpointException) as error:  # torch's CheckpointException is a BaseException
         raise CheckpointError(
             f"checkpoint {ckpt} could not be loaded ({last_line(error)}): it is corrupt "

@@ -230,7 +230,7 @@ def convert(plan: ConversionPlan) -> ConversionResult:
             source, plan.tensor_parallel, plan.pipeline_parallel, virtual_pipeline=plan.virtual_pipeline
         )
         checkpoint_info.load_weights(model, source, verify=plan.verify)
-        dist_checkpointing.save(ckpt.model_sharded_state(model), partial_ckpt)
+        dist_checkpointing.save(ckpt.model_sharded_state(model), partial_ckpt, ckpt.save_strategy())
         del model
         dist.barrier()
         manifest.write_manifest(partial_ckpt)  # collective: each rank checksums its own shards

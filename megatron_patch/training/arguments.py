@@ -152,6 +152,8 @@ def make_config(
             verify=flags.checkpoint_verify,
             exit_signals=_exit_signals(flags.exit_signal),
             exit_duration_minutes=flags.exit_duration_in_mins,
+            fully_parallel_save=flags.ckpt_fully_parallel_save,
+            fully_parallel_load=flags.ckpt_fully_parallel_load,
         ),
         logging=LogSettings(
             log_interval=flags.log_interval,

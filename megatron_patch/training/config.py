@@ -51,6 +51,8 @@ class CheckpointSettings:
     verify: bool = True  # check every file against the manifest before loading
     exit_signals: Tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)  # save, then exit 0
     exit_duration_minutes: Optional[float] = None  # save, then exit 0, after a step ending this late
+    fully_parallel_save: bool = True  # data-parallel replicas share the writing of replicated shards
+    fully_parallel_load: bool = False  # ... and the reading, exchanging what they read
 
 
 @dataclass(frozen=True)

@@ -189,6 +189,25 @@ def build_parser() -> ArgumentParser:
         help="load without checking every file against the checkpoint's manifest (sizes, CRC-32)",
     )
     ckpt.add_argument(
+        "--ckpt-fully-parallel-save",
+        action="store_true",
+        default=True,
+        help="the data-parallel replicas share the writing of replicated shards, each shard written "
+        "once (the default, as in Megatron-LM)",
+    )
+    ckpt.add_argument(
+        "--no-ckpt-fully-parallel-save",
+        dest="ckpt_fully_parallel_save",
+        action="store_false",
+        help="the first data-parallel replica writes every replicated shard while the others wait",
+    )
+    ckpt.add_argument(
+        "--ckpt-fully-parallel-load",
+        action="store_true",
+        help="each data-parallel replica reads a share of the replicated shards and receives the rest "
+        "from the others (fewer reads of the file system; exchanges them over the network)",
+    )
+    ckpt.add_argument(
         "--exit-signal",
         default=DEFAULT_SIGNALS,
         help="signals that save a checkpoint at the current step and exit 0 (comma list; "

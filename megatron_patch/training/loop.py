@@ -163,7 +163,8 @@ class Trainer:
             return
         progress = checkpoint_progress(self.plan, stage, stage_iteration, consumed_samples, results)
         gather_updated_parameters(self.model)
-        ckpt.save_checkpoint(
+        start = time.perf_counter()
+        path = ckpt.save_checkpoint(
             checkpoints.save,
             iteration,
             self.model,
@@ -173,7 +174,10 @@ class Trainer:
             self.config.flags,
             self.shape,
             checkpoints.keep_last,
+            fully_parallel=checkpoints.fully_parallel_save,
         )
+        if path is not None:
+            self.metrics.log_checkpoint(stage.name, iteration, path, time.perf_counter() - start)
 
     def _stop_flag(self) -> bool:
         flag = torch.tensor([1.0 if self.stop.reason() else 0.0], device=self._device())
@@ -191,7 +195,12 @@ class Trainer:
         results = [StageResult(stage.name) for stage in stages]
         if checkpoints.pretrained_checkpoint:
             ckpt.load_checkpoint(
-                checkpoints.pretrained_checkpoint, self.model, self.shape, restore_rng=False, verify=checkpoints.verify
+                checkpoints.pretrained_checkpoint,
+                self.model,
+                self.shape,
+                restore_rng=False,
+                verify=checkpoints.verify,
+                fully_parallel=checkpoints.fully_parallel_load,
             )
             self.optimizer.reload_model_params()
             return 0, 0, 0, results
@@ -221,7 +230,15 @@ class Trainer:
         index = names.index(progress["stage"])
         stage = stages[index]
         self.scheduler = build_scheduler(self.config.optimizer, self.optimizer, stage.iterations)
-        ckpt.load_checkpoint(load, self.model, self.shape, self.optimizer, self.scheduler, verify=checkpoints.verify)
+        ckpt.load_checkpoint(
+            load,
+            self.model,
+            self.shape,
+            self.optimizer,
+            self.scheduler,
+            verify=checkpoints.verify,
+            fully_parallel=checkpoints.fully_parallel_load,
+        )
         results = restore_results(stages, progress, self.flops_per_position)
         if progress["stage_iteration"] >= stage.iterations and index + 1 < len(stages):
             return index + 1, 0, 0, results  # at the boundary: the next stage starts fresh

@@ -186,6 +186,15 @@ class MetricsWriter:
         self._record({"kind": "valid", "stage": stage, "iteration": iteration, "loss": loss, "ppl": ppl})
         self._scalars({"valid/loss": loss}, iteration)
 
+    def log_checkpoint(self, stage: str, iteration: int, path: str, seconds: float) -> None:
+        """A checkpoint of ``iteration`` complete on every rank at ``path``, ``seconds`` after the
+        save began (all ranks' writes, the manifest and the rename)."""
+        if not self.enabled:
+            return
+        logger.info("[%s] saved checkpoint %s in %.2f s", stage, path, seconds)
+        self._record({"kind": "checkpoint", "stage": stage, "iteration": iteration, "path": path, "seconds": seconds})
+        self._scalars({"checkpoint/save_seconds": seconds}, iteration)
+
     def _scalars(self, scalars: dict, iteration: int) -> None:
         """``{tag: value}`` to TensorBoard and W&B; x axis: the global iteration (tokens per step
         are equal in both stages); None values are left out."""
