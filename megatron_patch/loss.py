@@ -114,10 +114,10 @@ class _VocabParallelPatchCrossEntropy(torch.autograd.Function):
             grad_input = VocabParallelCrossEntropy.calculate_gradients(
                 grad_2d,
                 arange_1d,
-                local_targets.reshape(-1),
+                local_targets.reshape(-1),  # [s, b, 1] -> [s*b]
                 softmax_update,
                 grad_input,
-                grad_output.squeeze(-1),
+                grad_output.squeeze(-1),  # [s, b, 1] -> [s, b]
             )
             return grad_input, None, None
         grad_input = softmax.mul_(grad_output.sum(dim=-1, keepdim=True))
@@ -127,6 +127,7 @@ class _VocabParallelPatchCrossEntropy(torch.autograd.Function):
         rows = torch.arange(grad_2d.size(0), device=grad_2d.device).repeat_interleave(patch_size)
         weights = grad_output.to(grad_2d.dtype) * (~target_mask).to(grad_2d.dtype)  # [s, b, K]
         # accumulate=True: duplicate ids among the K targets each subtract their own weight
+        # targets and weights [s, b, K] -> [s*b*K], row-major like ``rows``
         grad_2d.index_put_((rows, local_targets.reshape(-1)), -weights.reshape(-1), accumulate=True)
         return grad_input, None, None
 

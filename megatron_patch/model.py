@@ -108,7 +108,10 @@ class PatchGPTModel(GPTModel):
             return super().compute_language_model_loss(labels, logits)
         targets = labels if labels.dim() == 3 else labels.unsqueeze(-1)  # [b, s] -> [b, s, 1]
         losses = vocab_parallel_patch_cross_entropy(
-            logits, targets.transpose(0, 1), tp_group=self.pg_collection.tp, fused=self.fused_cross_entropy
+            logits,
+            targets.transpose(0, 1),  # [b, T, K] -> [T, b, K], sequence first as the logits
+            tp_group=self.pg_collection.tp,
+            fused=self.fused_cross_entropy,
         )  # [T, b, K]
         losses = losses.transpose(0, 1).contiguous()  # [T, b, K] -> [b, T, K], batch first as GPTModel returns
         return losses if labels.dim() == 3 else losses.squeeze(-1)

@@ -190,7 +190,7 @@ def to_llama(
         qkv = layers["self_attention.linear_qkv.weight"][i].reshape(g, H // g + 2, d, h)
         out[p + "self_attn.q_proj.weight"] = qkv[:, : H // g].reshape(H * d, h)  # [g, H/g, d, h] -> [H*d, h]
         out[p + "self_attn.k_proj.weight"] = qkv[:, H // g].reshape(g * d, h)  # [g, d, h] -> [g*d, h]
-        out[p + "self_attn.v_proj.weight"] = qkv[:, H // g + 1].reshape(g * d, h)
+        out[p + "self_attn.v_proj.weight"] = qkv[:, H // g + 1].reshape(g * d, h)  # [g, d, h] -> [g*d, h]
         out[p + "self_attn.o_proj.weight"] = layers["self_attention.linear_proj.weight"][i]
         fc1 = layers["mlp.linear_fc1.weight"][i]  # [2f, h] = [gate; up]
         out[p + "mlp.gate_proj.weight"] = fc1[:f]
