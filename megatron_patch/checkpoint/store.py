@@ -269,11 +269,12 @@ def load_strategy(ckpt: str, fully_parallel: bool = False):
 
 
 def save_checkpoint(
-    root, iteration, model, optimizer, scheduler, progress, flags, shape, keep_last, fully_parallel=True
+    root, iteration, model, optimizer, scheduler, progress, flags, shape, keep_last, fully_parallel=True, retain=()
 ) -> Optional[str]:
     """Write ``root/iter_N`` atomically on every rank; returns its path, or None where a complete
     ``iter_N`` exists (the checkpoint this run resumed from, identical by construction), which is
-    kept. ``fully_parallel``: see :func:`save_strategy`."""
+    kept. Then only the ``keep_last`` newest checkpoints are kept (0: all), besides those of the
+    iterations in ``retain``, which are never removed. ``fully_parallel``: see :func:`save_strategy`."""
     final = checkpoint_dir(root, iteration)
     rank = dist.get_rank()
     if os.path.exists(final) and _existing(root, final, iteration):
@@ -303,7 +304,7 @@ def save_checkpoint(
     if rank == 0:
         os.replace(partial_dir, final)
         atomic_file.write_text(os.path.join(root, TRACKER), f"{iteration}\n")
-        _prune(root, keep_last)
+        _prune(root, keep_last, retain)
     dist.barrier()
     return final
 
@@ -354,13 +355,16 @@ def _is_plain(value) -> bool:
     )
 
 
-def _prune(root: str, keep_last: int) -> None:
+def _prune(root: str, keep_last: int, retain=()) -> None:
+    """Remove all but the ``keep_last`` newest complete checkpoints of ``root``, counting and
+    removing none of the iterations in ``retain``."""
     if keep_last <= 0:
         return
+    kept = {os.path.basename(checkpoint_dir(root, iteration)) for iteration in retain}
     complete = sorted(
         name
         for name in os.listdir(root)
-        if name.startswith("iter_") and not name.endswith(".tmp") and os.path.exists(os.path.join(root, name, METADATA))
+        if _ITER_DIR.match(name) and name not in kept and os.path.exists(os.path.join(root, name, METADATA))
     )
     for name in complete[:-keep_last]:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)

@@ -175,6 +175,7 @@ class Trainer:
             self.shape,
             checkpoints.keep_last,
             fully_parallel=checkpoints.fully_parallel_save,
+            retain=self.plan.stage_ends[:-1],
         )
         if path is not None:
             self.metrics.log_checkpoint(stage.name, iteration, path, time.perf_counter() - start)

@@ -84,6 +84,12 @@ class RunPlan:
         return self.train_iters - self.patch_iters
 
     @property
+    def stage_ends(self) -> Tuple[int, ...]:
+        """The global iteration at which each stage of this job ends (and is saved), in order: all
+        but the last are stage boundaries, whose checkpoints pruning keeps."""
+        return tuple(stage.first_iteration + stage.iterations for stage in self.stages)
+
+    @property
     def theoretical_relative_cost(self) -> float:
         """Model FLOPs of this job's stages over token-level training of the same tokens: λ/K + 1 - λ
         for both stages, 1/K for the patch stage alone, 1 for the token stage alone (a control arm,

@@ -327,6 +327,14 @@ def test_a_resumed_run_logs_each_step_once(cpu_world, tiny_corpus, tmp_path):
     assert iterations == [1, 2, 3, 4, 5, 6]
 
 
+def test_pruning_keeps_the_newest_checkpoints_and_the_stage_boundary(cpu_world, tiny_corpus, tmp_path):
+    """--keep-last-checkpoints 2 with a save every 2 steps: 2, 4 and 6 go, 10 and 12 stay, and so
+    does 8, the patch stage's last (what --pretrained-checkpoint and the conversion tool read)."""
+    save = tmp_path / "run"
+    _run(trainer_args(tiny_corpus, save, "--save-interval", "2", "--eval-iters", "0", train_iters=12))
+    assert sorted(path.name for path in save.glob("iter_*")) == ["iter_0000008", "iter_0000010", "iter_0000012"]
+
+
 def test_a_second_trainer_on_the_same_save_folder_fails_at_once(cpu_world, tiny_corpus, tmp_path, capsys):
     from megatron_patch.checkpoint.lock import SaveDirLock
 
