@@ -5,13 +5,14 @@ with the uninterrupted run.
         --trials 30 --work-dir /tmp/chaos --output-json chaos.json
 
 The run: the ``tiny`` preset, K=4, lambda=2/3, ``--train-iters 12`` (8 patch steps, then 4 token
-steps), a checkpoint every 2 steps, on CPU; at TP=1 one process (``python``), at TP=2 two under
-``torchrun``, each in a process group of its own. One uninterrupted run per layout is the
-reference. A trial picks a layout, a signal (SIGKILL or SIGTERM), a target (the whole process
-group, as scancel or a SLURM time limit delivers it; at TP=2 also the launcher only, or the
-worker processes only) and a moment: a random iteration's log record plus a random delay of up
-to 1.5 mean step times of the reference run (saves included), so kills land inside steps, inside
-saves and at the stage switch alike.
+steps), a checkpoint every 2 steps, on CPU, in three layouts (``--layouts``): ``tp1``, one
+process (``python``); ``tp2``, TP=2 on two processes under ``torchrun``; ``dp2``, DP=2 on two (at
+micro-batch 2; the replicas share the writing of every save), each in a process group of its own.
+One uninterrupted run per layout is the reference. A trial picks a layout, a signal (SIGKILL or
+SIGTERM), a target (the whole process group, as scancel or a SLURM time limit delivers it; under
+torchrun also the launcher only, or the worker processes only) and a moment: a random iteration's
+log record plus a random delay of up to 1.5 mean step times of the reference run (saves
+included), so kills land inside steps, inside saves and at the stage switch alike.
 The trial then resumes with ``--load`` until the run completes and checks:
 
 * losses, gradient norms and learning rates of every iteration equal the reference's bit for bit
@@ -31,6 +32,7 @@ from ``examples/data/tiny.jsonl.xz`` with tools/train_tokenizer.py and tools/pre
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -47,7 +49,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (  # noqa: E402
     command_line,
     environment,
-    positive_int_list,
     tiny_run_flags,
     write_json,
 )
@@ -60,7 +61,15 @@ ITERS = 12
 SAVE_INTERVAL = 2
 
 
-def run_args(opts, tensor_parallel: int, save: str) -> List[str]:
+# layout: (trainer processes, flags after the tiny run's)
+LAYOUTS = {
+    "tp1": (1, []),
+    "tp2": (2, ["--tensor-model-parallel-size", "2"]),
+    "dp2": (2, ["--micro-batch-size", "2"]),  # K x micro-batch x DP = 16, the global batch
+}
+
+
+def run_args(opts, layout: str, save: str) -> List[str]:
     return [
         *tiny_run_flags(opts.data_path, opts.tokenizer_model, ITERS),
         "--eval-iters",
@@ -69,19 +78,22 @@ def run_args(opts, tensor_parallel: int, save: str) -> List[str]:
         str(SAVE_INTERVAL),
         "--keep-last-checkpoints",
         "0",
-        "--tensor-model-parallel-size",
-        str(tensor_parallel),
+        *LAYOUTS[layout][1],
         "--save",
         save,
     ]
 
 
-def launch(tensor_parallel: int, args: List[str], log_path: str) -> subprocess.Popen:
+def processes(layout: str) -> int:
+    return LAYOUTS[layout][0]
+
+
+def launch(layout: str, args: List[str], log_path: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1")
     launcher = (
         [sys.executable]
-        if tensor_parallel == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tensor_parallel}"]
+        if processes(layout) == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes(layout)}"]
     )
     log = open(log_path, "a")
     return subprocess.Popen(
@@ -119,20 +131,20 @@ def wait_group_gone(pgid: int, timeout: float = 30.0) -> bool:
     return False
 
 
-def reference_run(opts, tensor_parallel: int) -> dict:
+def reference_run(opts, layout: str) -> dict:
     """The uninterrupted run at this layout: its --save folder, records and training span (s)."""
-    save = os.path.join(opts.work_dir, f"reference-tp{tensor_parallel}")
+    save = os.path.join(opts.work_dir, f"reference-{layout}")
     shutil.rmtree(save, ignore_errors=True)
     log = save + ".log"
     start = time.time()
-    process = launch(tensor_parallel, run_args(opts, tensor_parallel, save), log)
+    process = launch(layout, run_args(opts, layout, save), log)
     first_step = None
     while process.poll() is None:
         if first_step is None and records(save):
             first_step = time.time()
         time.sleep(0.01)
     if process.returncode != 0:
-        raise RuntimeError(f"the reference run at TP={tensor_parallel} failed (exit {process.returncode}); see {log}")
+        raise RuntimeError(f"the reference run of layout {layout} failed (exit {process.returncode}); see {log}")
     return {
         "save": save,
         "records": records(save),
@@ -141,10 +153,10 @@ def reference_run(opts, tensor_parallel: int) -> dict:
     }
 
 
-def resume_until_done(opts, tensor_parallel: int, save: str, log: str, limit: int = 3) -> List[int]:
+def resume_until_done(opts, layout: str, save: str, log: str, limit: int = 3) -> List[int]:
     codes = []
     while len(codes) < limit:
-        process = launch(tensor_parallel, run_args(opts, tensor_parallel, save) + ["--load", save], log)
+        process = launch(layout, run_args(opts, layout, save) + ["--load", save], log)
         codes.append(process.wait())
         if codes[-1] == 0:
             break
@@ -199,10 +211,11 @@ def workers(launcher_pid: int) -> list:
 
 
 def run_trial(opts, index: int, rng: random.Random, references: dict) -> dict:
-    tensor_parallel = rng.choice(opts.tensor_parallel)
+    layout = rng.choice(opts.layouts)
+    ranks = processes(layout)
     sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
-    target = rng.choice(["group", "launcher", "workers"]) if tensor_parallel > 1 else "group"
-    reference = references[tensor_parallel]
+    target = rng.choice(["group", "launcher", "workers"]) if ranks > 1 else "group"
+    reference = references[layout]
     step = (reference["end"] - reference["first_step"]) / ITERS  # seconds per step, saves included
     after, extra = rng.randint(1, ITERS), rng.uniform(0.0, 1.5 * step)
     save = os.path.join(opts.work_dir, f"trial-{index:03d}")
@@ -210,13 +223,13 @@ def run_trial(opts, index: int, rng: random.Random, references: dict) -> dict:
     log = save + ".log"
     trial = {
         "trial": index,
-        "tp": tensor_parallel,
+        "layout": layout,
         "signal": sig.name,
         "target": target,
         "after_iteration": after,
         "extra_s": round(extra, 2),
     }
-    process = launch(tensor_parallel, run_args(opts, tensor_parallel, save), log)
+    process = launch(layout, run_args(opts, layout, save), log)
     while process.poll() is None and max(records(save), default=0) < after:
         time.sleep(0.005)
     deadline = time.time() + extra
@@ -251,21 +264,21 @@ def run_trial(opts, index: int, rng: random.Random, references: dict) -> dict:
     if sig == signal.SIGTERM and "note" not in trial and finished:
         trial["note"] = "signal after the last step: the run finished"
     if sig == signal.SIGTERM and "note" not in trial:
-        stopped = [re.search(rf"\[rank {r}\][^\n]*stopped by SIGTERM", output) for r in range(tensor_parallel)]
+        stopped = [re.search(rf"\[rank {r}\][^\n]*stopped by SIGTERM", output) for r in range(ranks)]
         failures = ("BrokenPipeError", "ChildFailedError", "[rank0]: Traceback", "[rank1]: Traceback")
         worker_ok = all(stopped) and not any(text in output for text in failures)
-        if tensor_parallel == 1:
+        if ranks == 1:
             worker_ok = worker_ok and "Traceback" not in output
         trial["workers_saved"] = worker_ok
         if not worker_ok:
             problems.append("not every rank saved and stopped on SIGTERM")
-        if (tensor_parallel == 1 or target == "workers") and code != 0:
+        if (ranks == 1 or target == "workers") and code != 0:
             problems.append(f"exit status {code} after SIGTERM")
         if not trial["group_gone"]:
             problems.append("processes left after SIGTERM")
         if trial["saved_at"] is None or f"stopped by SIGTERM at iteration {trial['saved_at']}" not in output:
             problems.append(f"no checkpoint at the stop step (tracker {trial['saved_at']})")
-    trial["resume_exits"] = resume_until_done(opts, tensor_parallel, save, log)
+    trial["resume_exits"] = resume_until_done(opts, layout, save, log)
     problems += check(trial, reference, save)
     trial["problems"] = problems
     trial["ok"] = not problems
@@ -308,19 +321,32 @@ def run_bad_inputs(opts, reference: dict) -> List[dict]:
     return results
 
 
+def layout_list(text: str) -> List[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in LAYOUTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: layouts are {', '.join(LAYOUTS)} (comma-separated)")
+    return names
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="benchmarks/chaos.py", description=__doc__.split("\n")[0])
     parser.add_argument("--data-path", required=True, help="a .bin/.idx prefix")
     parser.add_argument("--tokenizer-model", required=True)
     parser.add_argument("--trials", type=int, default=30)
-    parser.add_argument("--tensor-parallel", type=positive_int_list, default=[1, 2], help="layouts to draw from")
+    parser.add_argument(
+        "--layouts",
+        type=layout_list,
+        default=list(LAYOUTS),
+        help=f"comma list of the layouts to draw from ({', '.join(LAYOUTS)}; default all)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", required=True)
     parser.add_argument("--keep", action="store_true", help="keep the folders of trials that pass")
     parser.add_argument(
         "--bad-inputs",
         action="store_true",
-        help="also run the bad-input matrix (benchmarks/bad_inputs.py) against the TP=1 reference run",
+        help="also run the bad-input matrix (benchmarks/bad_inputs.py) against the tp1 reference run",
     )
     parser.add_argument(
         "--bad-inputs-subprocess",
@@ -340,21 +366,21 @@ def _chaos(argv: List[str]) -> int:
     opts = build_parser().parse_args(argv)
     if opts.trials < 0:
         raise ArgumentError(f"--trials {opts.trials} must be >= 0")
-    if opts.bad_inputs and 1 not in opts.tensor_parallel:
-        raise ArgumentError("--bad-inputs runs against the TP=1 reference: include 1 in --tensor-parallel")
+    if opts.bad_inputs and "tp1" not in opts.layouts:
+        raise ArgumentError("--bad-inputs runs against the tp1 reference: include tp1 in --layouts")
     for path in (opts.data_path + ".bin", opts.data_path + ".idx", opts.tokenizer_model):
         if not os.path.isfile(path):
             raise ArgumentError(f"{path}: no such file")
     os.makedirs(opts.work_dir, exist_ok=True)
     rng = random.Random(opts.seed)
-    references = {tp: reference_run(opts, tp) for tp in opts.tensor_parallel}
+    references = {layout: reference_run(opts, layout) for layout in opts.layouts}
     trials = []
-    print("trial  TP  signal   target    after it + s  killed@it  exit  saved@it  resume exits  result")
+    print("trial  layout  signal   target    after it + s  killed@it  exit  saved@it  resume exits  result")
     for index in range(opts.trials):
         trial = run_trial(opts, index, rng, references)
         trials.append(trial)
         print(
-            f"{index:5d}  {trial['tp']:2d}  {trial['signal']:7s}  {trial['target']:8s}  "
+            f"{index:5d}  {trial['layout']:6s}  {trial['signal']:7s}  {trial['target']:8s}  "
             f"{trial['after_iteration']:5d} + {trial['extra_s']:4.1f}  "
             f"{trial['killed_at_iteration']:9d}  {trial['exit']:4d}  {str(trial['saved_at']):>8s}  "
             f"{str(trial['resume_exits']):12s}  {'ok' if trial['ok'] else '; '.join(trial['problems'])}"
@@ -368,7 +394,7 @@ def _chaos(argv: List[str]) -> int:
         f"and final checkpoint; SIGTERM: {sum(bool(t.get('workers_saved')) for t in sigterms)}/{len(sigterms)} "
         f"saved on every rank at the stop step"
     )
-    matrix = run_bad_inputs(opts, references[1]) if opts.bad_inputs else []
+    matrix = run_bad_inputs(opts, references["tp1"]) if opts.bad_inputs else []
     failed += [case for case in matrix if not case["ok"]]
     if opts.output_json:
         write_json(
@@ -378,7 +404,9 @@ def _chaos(argv: List[str]) -> int:
                 "environment": environment(True),
                 "iterations": ITERS,
                 "save_interval": SAVE_INTERVAL,
-                "references": {tp: {k: v for k, v in r.items() if k != "records"} for tp, r in references.items()},
+                "references": {
+                    layout: {k: v for k, v in r.items() if k != "records"} for layout, r in references.items()
+                },
                 "trials": trials,
                 "bad_inputs": matrix,
             },
