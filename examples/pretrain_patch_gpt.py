@@ -10,4 +10,4 @@ if __name__ == "__main__":
 
     from megatron_patch.training.cli import main
 
-    sys.exit(main())
+    sys.exit(main(process_exits=True))

@@ -11,7 +11,10 @@ from typing import List, Optional
 from megatron_patch.runtime.command import configure_logging, run_main
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, process_exits: bool = False) -> int:
+    """The trainer on ``argv`` (default: the command line); returns the exit code. ``process_exits``:
+    the process ends when this returns (the command line), so stop signals that arrive after the run
+    are ignored rather than handed back to the caller's handlers."""
     configure_logging("train")  # before the first import of megatron.core (some notices fire on import)
 
     def body() -> None:
@@ -26,10 +29,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         from megatron_patch.training.preemption import StopSignals
 
         # held until the command returns: a stop signal during start-up stops the run at its first
-        # step (with a checkpoint); one during the teardown after the last save is only noted. The
-        # time limit counts from here.
+        # step (with a checkpoint); one during the teardown after the last save is only noted, and
+        # (process_exits) one after it ignored. The time limit counts from here.
         checkpoints = config.checkpoints
-        stop_signals = StopSignals(checkpoints.exit_signals, time_limit_minutes=checkpoints.exit_duration_minutes)
+        stop_signals = StopSignals(
+            checkpoints.exit_signals,
+            time_limit_minutes=checkpoints.exit_duration_minutes,
+            ignore_on_exit=process_exits,
+        )
         with stop_signals as stop, parallel.distributed_world(cpu=config.cpu):
             model = config.model
             parallel.init_model_parallel(
@@ -41,4 +48,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(process_exits=True))

@@ -61,14 +61,20 @@ class StopSignals:
 
     ``time_limit_minutes`` (``--exit-duration-in-mins``): :meth:`reason` also asks to stop once
     that long has passed since this object was made (the trainer makes it at start-up).
+
+    ``ignore_on_exit``: on exit the signals are ignored instead, for a process that ends once the
+    run has ended: a scheduler's signal that arrives while torch is being torn down would otherwise
+    end a finished run with the signal's default action, and its exit status would say it failed.
     """
 
     def __init__(
         self,
         signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGUSR1),
         time_limit_minutes: Optional[float] = None,
+        ignore_on_exit: bool = False,
     ):
         self.signals = tuple(signals)
+        self.ignore_on_exit = ignore_on_exit
         self.requested: Optional[str] = None
         self.time_limit_minutes = time_limit_minutes
         self._started = time.monotonic()
@@ -103,5 +109,5 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.ignore_on_exit else handler)
         self._previous.clear()

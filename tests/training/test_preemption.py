@@ -16,7 +16,7 @@ import pytest
 
 from megatron_patch.checkpoint import store as checkpoint
 from megatron_patch.training.preemption import StopSignals, parse_signals
-from tests.training.common import ENTRY, REPO_ROOT, train_records, trainer_args
+from tests.training.common import ENTRY, REPO_ROOT, launch, train_records, trainer_args
 
 ITERS = 12
 
@@ -233,3 +233,22 @@ def test_a_trainer_made_without_stop_signals_installs_its_own(cpu_world, tiny_co
     summary = loop.Trainer(config).run()
     assert summary["interrupted"] and checkpoint.tracker_value(str(tmp_path / "run")) == 3
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_stop_signal_after_the_run_has_ended_leaves_exit_status_0(tiny_corpus, tmp_path):
+    """A SIGTERM that arrives once the run has finished and said so (a job ending at its time
+    limit), while the process tears torch down, is ignored: the exit status stays 0, so a scheduler's
+    dependent jobs (SLURM ``afterok``) and torchrun (no restart) see the finished run it is."""
+    process = launch(trainer_args(tiny_corpus, tmp_path / "run", "--eval-iters", "0"))
+    for line in process.stdout:
+        if "FLOPs relative to token-only training" in line:  # the summary's line: the run has ended
+            break
+    else:
+        raise AssertionError(f"no summary; exit {process.wait()}")
+    signals = 0
+    while process.poll() is None:
+        process.send_signal(signal.SIGTERM)  # the trainer alone, until it exits
+        signals += 1
+        time.sleep(0.01)
+    output = process.stdout.read()
+    assert process.wait() == 0 and signals > 1, (process.returncode, signals, output[-2000:])
