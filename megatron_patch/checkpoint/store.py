@@ -33,7 +33,7 @@ import os
 import queue
 import re
 import shutil
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -89,16 +89,20 @@ def tracker_value(root: str) -> Optional[int]:
     return int(text)
 
 
-def newest_complete(root: str) -> Optional[int]:
-    """The highest N with a complete ``root/iter_N`` (renamed into place, so it holds its metadata)."""
+def complete_iterations(root: str) -> List[int]:
+    """Every N with a complete ``root/iter_N`` (renamed into place, so it holds its metadata), in order."""
     if not os.path.isdir(root):
-        return None
-    found = [
+        return []
+    return sorted(
         int(m.group(1))
         for m in map(_ITER_DIR.match, os.listdir(root))
         if m and os.path.isfile(os.path.join(root, m.group(0), METADATA))
-    ]
-    return max(found, default=None)
+    )
+
+
+def newest_complete(root: str) -> Optional[int]:
+    """The highest N with a complete ``root/iter_N``."""
+    return max(complete_iterations(root), default=None)
 
 
 def read_tracker(root: str) -> Optional[int]:
@@ -360,14 +364,9 @@ def _prune(root: str, keep_last: int, retain=()) -> None:
     removing none of the iterations in ``retain``."""
     if keep_last <= 0:
         return
-    kept = {os.path.basename(checkpoint_dir(root, iteration)) for iteration in retain}
-    complete = sorted(
-        name
-        for name in os.listdir(root)
-        if _ITER_DIR.match(name) and name not in kept and os.path.exists(os.path.join(root, name, METADATA))
-    )
-    for name in complete[:-keep_last]:
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    prunable = [iteration for iteration in complete_iterations(root) if iteration not in retain]
+    for iteration in prunable[:-keep_last]:
+        shutil.rmtree(checkpoint_dir(root, iteration), ignore_errors=True)
 
 
 def check_files(ckpt: str, verify: bool = True) -> None:
