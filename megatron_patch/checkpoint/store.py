@@ -22,9 +22,10 @@ others wait; ``fully_parallel_load`` likewise has each replica read a share and 
 over the data-parallel group. Either way the files are the same ``torch_dist`` checkpoint, loadable
 at any layout.
 
-Saving runs in this process: megatron's torch_dist writer would otherwise collect its results
-through a ``multiprocessing`` Manager process that a SIGTERM to the process group kills, which
-made the save on the pre-emption path fail (``_in_process_write_results``).
+Saving (the trainer's and the conversion tool's, through ``write_sharded``) runs in this process:
+megatron's torch_dist writer would otherwise collect its results through a ``multiprocessing``
+Manager process that a SIGTERM to the process group kills, which made the save on the pre-emption
+path fail (``_in_process_write_results``).
 """
 
 import json
@@ -272,6 +273,14 @@ def load_strategy(ckpt: str, fully_parallel: bool = False):
     return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(ckpt), group)
 
 
+def write_sharded(state: dict, folder: str, fully_parallel: bool = True) -> None:
+    """Write the sharded ``state`` into the existing ``folder`` (collective, every rank) in this
+    process: the one call of ``dist_checkpointing.save`` for the trainer's checkpoints and the
+    conversion tool's. ``fully_parallel``: see :func:`save_strategy`."""
+    _in_process_write_results()
+    dist_checkpointing.save(state, folder, save_strategy(fully_parallel))
+
+
 def save_checkpoint(
     root, iteration, model, optimizer, scheduler, progress, flags, shape, keep_last, fully_parallel=True, retain=()
 ) -> Optional[str]:
@@ -289,10 +298,7 @@ def save_checkpoint(
         shutil.rmtree(partial_dir, ignore_errors=True)
         os.makedirs(partial_dir)
     dist.barrier()
-    _in_process_write_results()
-    dist_checkpointing.save(
-        _sharded_state(model, optimizer, scheduler, with_rng=True), partial_dir, save_strategy(fully_parallel)
-    )
+    write_sharded(_sharded_state(model, optimizer, scheduler, with_rng=True), partial_dir, fully_parallel)
     dist.barrier()
     if rank == 0:
         meta = {

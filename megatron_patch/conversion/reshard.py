@@ -29,7 +29,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
 
 from megatron_patch.architecture.build import padded_vocab_size
 from megatron_patch.checkpoint import info as checkpoint_info
@@ -230,7 +229,7 @@ def convert(plan: ConversionPlan) -> ConversionResult:
             source, plan.tensor_parallel, plan.pipeline_parallel, virtual_pipeline=plan.virtual_pipeline
         )
         checkpoint_info.load_weights(model, source, verify=plan.verify)
-        dist_checkpointing.save(ckpt.model_sharded_state(model), partial_ckpt, ckpt.save_strategy())
+        ckpt.write_sharded(ckpt.model_sharded_state(model), partial_ckpt)
         del model
         dist.barrier()
         manifest.write_manifest(partial_ckpt)  # collective: each rank checksums its own shards

@@ -4,12 +4,14 @@ exit 2, and leaves nothing behind; a failed self-check exits 1 and leaves nothin
 (Resharding across TP/PP and the token stage started from the result: tests/dist.)"""
 
 import json
+import multiprocessing
 import os
 import shutil
 
 import pytest
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from megatron_patch.checkpoint import store as checkpoint
 from megatron_patch.conversion import reshard
@@ -151,3 +153,13 @@ def test_a_completed_conversion_removes_a_killed_runs_partial_folder(trained, tm
     assert os.path.isdir(live.path)
     assert not os.path.exists(tmp_path / "out" / ".owner")  # the staged folder's owner file is not output
     live.release()
+
+
+def test_the_conversion_starts_no_helper_process(trained, tmp_path, capsys, monkeypatch):
+    """megatron's torch_dist writer collects its results through a multiprocessing Manager it
+    starts at its first save unless given a queue; a SIGTERM to the process group kills that helper
+    and the save fails. The conversion saves as the trainer does: in this process."""
+    monkeypatch.setattr(filesystem_async, "_results_queue", None)  # as in a fresh process
+    code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["patch"], "--save", tmp_path / "out"], capsys)
+    assert code == 0, err
+    assert multiprocessing.active_children() == []
