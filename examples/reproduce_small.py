@@ -26,8 +26,8 @@ Data (``--data-dir``, default ``.data`` in the checkout): ``train.jsonl.xz`` (th
 corpus of about 30 M tokens) for training (``tiny.jsonl.xz`` with ``--reduced``: the bundled
 ``examples/data/tiny.jsonl.xz`` fits, 0.6 M tokens), ``valid.jsonl.xz`` and
 ``wikitext103_test.jsonl.xz`` (JSON Lines with a ``text`` field) for evaluation only. Every step
-is a project command run as a subprocess (tools/*.py, examples/pretrain_patch_gpt.py under
-torchrun); a step whose output exists is skipped. The report
+is a project command run as a subprocess (tools/*.py, examples/pretrain_patch_gpt.py, under
+torchrun when ``--nproc`` > 1); a step whose output exists is skipped. The report
 (``report.md``) has a table of held-out loss / perplexity / wall time per run and a PNG of the
 token-level validation loss against training tokens and against training compute (matplotlib, if
 installed: the ``plot`` extra); ``curves.json`` holds the plotted points.
@@ -214,7 +214,9 @@ def main(argv=None) -> int:
             f"tokens ({train_tokens // tokens_per_step} steps), --stage-split epochs",
             flush=True,
         )
-    launcher = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    launcher = [py]  # one process: the trainer alone (a world of one), no torchrun agent beside it
+    if args.nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
     names = list(dict.fromkeys(selected))  # in the order given
     seeds = list(range(1, args.seeds + 1))
     for seed in seeds:

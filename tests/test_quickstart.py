@@ -30,6 +30,7 @@ def test_reduced_quickstart_runs_end_to_end(tmp_path):
     for name in ("token_stage", "control", "baseline"):
         evaluation = json.loads((work / f"eval_{name}.json").read_text())
         assert evaluation["tokens"] > 0 and evaluation["loss"] < math.log(1000)  # better than uniform
+        assert evaluation["documents"] == 3  # --reduced: 3 of the 10 held-out documents
     # a re-run reuses every step
     again = subprocess.run(
         [sys.executable, "examples/quickstart.py", "--reduced", "--workdir", str(work)],
