@@ -251,6 +251,8 @@ def main(argv=None) -> int:
                 ] + (["--cpu"] if args.cpu else [])
                 if s["max_documents"]:
                     command += ["--max-documents", s["max_documents"]]
+                if s["eval_mbs"]:
+                    command += ["--micro-batch-size", s["eval_mbs"]]
                 _run(f"evaluate {folder} on {data_name}", command, output)
     write_report(work, names, seeds)
     return 0

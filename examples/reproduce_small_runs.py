@@ -34,6 +34,7 @@ def settings(reduced: bool, cpu: bool) -> dict:
             "lr": "2e-3",
             "eval_interval": 8,
             "max_documents": 4,
+            "eval_mbs": 32,  # windows per evaluation micro-batch (evaluate.py's default 4 is slow on CPU)
             "sample_lines": 2000,
             "train_file": "tiny.jsonl.xz",
         }
@@ -48,6 +49,7 @@ def settings(reduced: bool, cpu: bool) -> dict:
         "lr": "1e-3",
         "eval_interval": 50,
         "max_documents": None,
+        "eval_mbs": None,  # evaluate.py's default
         "sample_lines": 300000,
         "train_file": "train.jsonl.xz",
     }
