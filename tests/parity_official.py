@@ -175,15 +175,15 @@ def trained_and_exported(tiny_corpus: dict, folder: str, *layout) -> dict:
     in ``folder`` (the same path on every rank), export its final checkpoint with
     tools/export_hf.py, and load both sides: ``{info, tensor_parallel, hf, hf_fp32, prefix}``, with
     transformers' Llama in float64 (the reference) and in float32 (the rounding floor)."""
+    from megatron_patch.checkpoint import folders
     from megatron_patch.checkpoint import info as checkpoint_info
-    from megatron_patch.checkpoint import store
     from megatron_patch.training import cli
     from tests.training.common import trainer_args
     from tools import export_hf
 
     root = os.path.join(folder, "run")
     assert cli.main(trainer_args(tiny_corpus, root, "--eval-iters", "0", *layout, train_iters=TRAIN_ITERS)) == 0
-    checkpoint = store.checkpoint_dir(root, TRAIN_ITERS)
+    checkpoint = folders.checkpoint_dir(root, TRAIN_ITERS)
     hf_folder = os.path.join(folder, "hf")
     assert export_hf.main(["--cpu", "--load", checkpoint, "--save", hf_folder]) == 0
     return {

@@ -14,6 +14,7 @@ import torch
 
 from megatron_patch.architecture.build import ModelSettings, build_model_chunks
 from megatron_patch.architecture.presets import ModelPreset, get_preset
+from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as ckpt
 from megatron_patch.errors import ArgumentError, CheckpointError
 from megatron_patch.runtime import cpu_mode, parallel
@@ -78,9 +79,9 @@ def read_checkpoint(path: str, flag: str = "--load", model: Optional[str] = None
     """
     if not path:
         raise ArgumentError(f"{flag} is empty: name a checkpoint folder")
-    found = ckpt.resolve_checkpoint(path)
+    found = folders.resolve_checkpoint(path)
     meta = ckpt.read_metadata(found)
-    file = os.path.join(found, ckpt.METADATA)
+    file = os.path.join(found, folders.METADATA)
     args, shape = meta.get("args"), meta.get("model_shape")
     if not isinstance(args, dict) or not isinstance(shape, dict) or "model" not in args or "vocab_size" not in shape:
         raise CheckpointError(

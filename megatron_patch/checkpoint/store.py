@@ -1,6 +1,6 @@
 """Checkpoints through megatron's dist_checkpointing (torch_dist), written atomically.
 
-Layout of ``--save DIR``::
+Layout of ``--save DIR`` (its folders and tracker: ``folders.py``)::
 
     DIR/latest_checkpointed_iteration.txt   the tracker: the newest complete checkpoint
     DIR/iter_0000100/                        one checkpoint (dist_checkpointing files)
@@ -32,9 +32,8 @@ import json
 import logging
 import os
 import queue
-import re
 import shutil
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -53,6 +52,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_patch.architecture.build import unwrap
 from megatron_patch.checkpoint import manifest
+from megatron_patch.checkpoint.folders import (
+    METADATA,
+    TRACKER,
+    checkpoint_dir,
+    prune,
+    repair_tracker,
+    resolve_checkpoint,
+)
 from megatron_patch.errors import CheckpointError
 from megatron_patch.runtime import atomic_file
 from megatron_patch.training.builders import (
@@ -62,82 +69,9 @@ from megatron_patch.training.builders import (
 
 logger = logging.getLogger(__name__)
 
-TRACKER = "latest_checkpointed_iteration.txt"
-METADATA = "megatron_patch.json"
 FORMAT_VERSION = 1
 # what dist_checkpointing's torch_dist format needs besides the ranks' __R_I.distcp shards
 REQUIRED_FILES = ("common.pt", "metadata.json", ".metadata")
-_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
-_WARNED = set()  # (root, tracker, newest) already reported by read_tracker
-
-
-def checkpoint_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def tracker_value(root: str) -> Optional[int]:
-    """The iteration written in ``root``'s tracker file, or None when there is none."""
-    path = os.path.join(root, TRACKER)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-    except (OSError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: unreadable tracker ({error}); fix or delete it") from None
-    if not text.isdigit():
-        raise CheckpointError(f"{path}: tracker holds {text[:40]!r}, not an iteration number; fix or delete it")
-    return int(text)
-
-
-def complete_iterations(root: str) -> List[int]:
-    """Every N with a complete ``root/iter_N`` (renamed into place, so it holds its metadata), in order."""
-    if not os.path.isdir(root):
-        return []
-    return sorted(
-        int(m.group(1))
-        for m in map(_ITER_DIR.match, os.listdir(root))
-        if m and os.path.isfile(os.path.join(root, m.group(0), METADATA))
-    )
-
-
-def newest_complete(root: str) -> Optional[int]:
-    """The highest N with a complete ``root/iter_N``."""
-    return max(complete_iterations(root), default=None)
-
-
-def read_tracker(root: str) -> Optional[int]:
-    """The iteration to resume from: the tracker's, or a newer complete checkpoint's where a kill
-    came between renaming it into place and writing the tracker; None when ``root`` holds none."""
-    named, newest = tracker_value(root), newest_complete(root)
-    if newest is not None and (named is None or newest > named):
-        if (root, named, newest) not in _WARNED:
-            _WARNED.add((root, named, newest))
-            logger.warning(
-                "%s: %s names %s but %s is complete and newer (the save was interrupted before the "
-                "tracker write): using it",
-                root,
-                TRACKER,
-                named,
-                checkpoint_dir(root, newest),
-            )
-        return newest
-    return named
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory from either a ``--save`` root (via its tracker) or a checkpoint itself."""
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path}: no such directory")
-    if os.path.exists(os.path.join(path, METADATA)):
-        return path
-    iteration = read_tracker(path)
-    if iteration is None:
-        raise CheckpointError(f"{path} holds no checkpoint (no {TRACKER} or {METADATA}): point at a --save directory")
-    found = checkpoint_dir(path, iteration)
-    if not os.path.exists(os.path.join(found, METADATA)):
-        raise CheckpointError(f"{found}: named by {TRACKER} but missing or incomplete; restore it or fix the tracker")
-    return found
 
 
 def read_metadata(ckpt: str) -> dict:
@@ -314,7 +248,7 @@ def save_checkpoint(
     if rank == 0:
         os.replace(partial_dir, final)
         atomic_file.write_text(os.path.join(root, TRACKER), f"{iteration}\n")
-        _prune(root, keep_last, retain)
+        prune(root, keep_last, retain)
     dist.barrier()
     return final
 
@@ -327,19 +261,10 @@ def _existing(root: str, final: str, iteration: int) -> bool:
             f"{final} exists but holds no {METADATA} (not a complete checkpoint): move it away "
             f"or delete it, then resume"
         )
-    _repair_tracker(root)
+    repair_tracker(root)
     dist.barrier()
     logger.info("checkpoint %s exists and is complete; not writing it again", final)
     return True
-
-
-def _repair_tracker(root: str) -> None:
-    """Make ``root``'s tracker name its newest complete checkpoint (rank 0), where a kill between
-    the rename and the tracker write left it behind; a resumed run may save nothing more."""
-    named, newest = tracker_value(root), newest_complete(root)
-    if dist.get_rank() == 0 and newest is not None and named != newest:
-        atomic_file.write_text(os.path.join(root, TRACKER), f"{newest}\n")
-        logger.warning("%s named %s; now names %s, the newest complete checkpoint", TRACKER, named, newest)
 
 
 def _in_process_write_results() -> None:
@@ -363,16 +288,6 @@ def _is_plain(value) -> bool:
         or isinstance(value, (str, int, float, bool))
         or (isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value))
     )
-
-
-def _prune(root: str, keep_last: int, retain=()) -> None:
-    """Remove all but the ``keep_last`` newest complete checkpoints of ``root``, counting and
-    removing none of the iterations in ``retain``."""
-    if keep_last <= 0:
-        return
-    prunable = [iteration for iteration in complete_iterations(root) if iteration not in retain]
-    for iteration in prunable[:-keep_last]:
-        shutil.rmtree(checkpoint_dir(root, iteration), ignore_errors=True)
 
 
 def check_files(ckpt: str, verify: bool = True) -> None:
@@ -414,7 +329,7 @@ def load_checkpoint(
     check_model_shape(ckpt, meta, shape)
     check_files(ckpt, verify)
     if optimizer is not None and ckpt != path:  # resuming from a --save root: its tracker names what it resumes
-        _repair_tracker(path)
+        repair_tracker(path)
     same_layout = meta.get("layout") == layout_record(model)
     with_rng = restore_rng and same_layout
     if optimizer is not None:

@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_patch.architecture.build import padded_vocab_size
+from megatron_patch.checkpoint import folders, manifest
 from megatron_patch.checkpoint import info as checkpoint_info
-from megatron_patch.checkpoint import manifest
 from megatron_patch.checkpoint import store as ckpt
 from megatron_patch.errors import ArgumentError, VerificationError
 from megatron_patch.evaluation.logits import fixed_tokens, forward_logits
@@ -221,7 +221,7 @@ def convert(plan: ConversionPlan) -> ConversionResult:
             source.progress.get("stage_iteration"),
         )
     with StagedFolder(plan.save) as staged:
-        partial_ckpt = ckpt.checkpoint_dir(staged.path, 0)
+        partial_ckpt = folders.checkpoint_dir(staged.path, 0)
         if dist.get_rank() == 0:
             os.makedirs(partial_ckpt)
         dist.barrier()
@@ -235,8 +235,8 @@ def convert(plan: ConversionPlan) -> ConversionResult:
         manifest.write_manifest(partial_ckpt)  # collective: each rank checksums its own shards
         meta = _metadata(plan, world_size)
         if dist.get_rank() == 0:
-            atomic_file.write_json(os.path.join(partial_ckpt, ckpt.METADATA), meta, sort_keys=True)
-            atomic_file.write_text(os.path.join(staged.path, ckpt.TRACKER), "0\n")
+            atomic_file.write_json(os.path.join(partial_ckpt, folders.METADATA), meta, sort_keys=True)
+            atomic_file.write_text(os.path.join(staged.path, folders.TRACKER), "0\n")
         dist.barrier()
         difference = _verify(plan, staged.path)
         logger.info(
@@ -252,10 +252,10 @@ def convert(plan: ConversionPlan) -> ConversionResult:
             )
         if dist.get_rank() == 0:  # record the check in the metadata before publishing
             meta["conversion"].update(max_abs_logit_diff=difference, tolerance=plan.tolerance)
-            atomic_file.write_json(os.path.join(partial_ckpt, ckpt.METADATA), meta, sort_keys=True)
+            atomic_file.write_json(os.path.join(partial_ckpt, folders.METADATA), meta, sort_keys=True)
         staged.commit()
     return ConversionResult(
-        ckpt.checkpoint_dir(plan.save, 0), difference, plan.tolerance, time.perf_counter() - start, meta
+        folders.checkpoint_dir(plan.save, 0), difference, plan.tolerance, time.perf_counter() - start, meta
     )
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as ckpt
 from megatron_patch.checkpoint.lock import SaveDirLock
 from megatron_patch.data.datasets import StageDataConfig, build_stage_datasets, plan_stage_split
@@ -206,20 +207,20 @@ class Trainer:
             self.optimizer.reload_model_params()
             return 0, 0, 0, results
         if not checkpoints.load:
-            if checkpoints.save and ckpt.read_tracker(checkpoints.save) is not None:
+            if checkpoints.save and folders.read_tracker(checkpoints.save) is not None:
                 raise CheckpointError(
                     f"--save {checkpoints.save} already holds checkpoints (latest iteration "
-                    f"{ckpt.read_tracker(checkpoints.save)}): pass --load {checkpoints.save} to resume, or use an "
+                    f"{folders.read_tracker(checkpoints.save)}): pass --load {checkpoints.save} to resume, or use an "
                     f"empty directory"
                 )
             return 0, 0, 0, results
         load = checkpoints.load
         if not os.path.isdir(load) or (
-            ckpt.read_tracker(load) is None and not os.path.exists(os.path.join(load, ckpt.METADATA))
+            folders.read_tracker(load) is None and not os.path.exists(os.path.join(load, folders.METADATA))
         ):
             logger.warning("--load %s holds no checkpoint yet: starting from scratch", load)
             return 0, 0, 0, results
-        meta = ckpt.read_metadata(ckpt.resolve_checkpoint(load))
+        meta = ckpt.read_metadata(folders.resolve_checkpoint(load))
         _check_same_plan(self.config.flags, meta)
         progress = meta["progress"]
         names = [stage.name for stage in stages]

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as checkpoint
 from megatron_patch.training import cli
 from tests.model_helpers import shared_tmp
@@ -22,7 +23,7 @@ ITERS = 3  # K=4, lambda=2/3: 2 patch steps (checkpoint iter 2), then 1 token st
 def _model_tensors(path):
     from megatron.core import dist_checkpointing
 
-    tensors = dist_checkpointing.load_plain_tensors(checkpoint.resolve_checkpoint(path))
+    tensors = dist_checkpointing.load_plain_tensors(folders.resolve_checkpoint(path))
     return {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor) and not k.startswith("optimizer.")}
 
 
@@ -45,7 +46,7 @@ def patch_checkpoint(world, tiny_corpus, tmp_path_factory):
         )
     )
     assert code == 0
-    path = checkpoint.checkpoint_dir(root, 2)
+    path = folders.checkpoint_dir(root, 2)
     meta = checkpoint.read_metadata(path)
     assert meta["progress"]["stage"] == "patch" and meta["layout"]["tensor"] == 2
     return path
@@ -97,17 +98,17 @@ def converted(patch_checkpoint, tmp_path_factory):
 def test_round_trip_keeps_weights_and_logits(patch_checkpoint, converted):
     source = _model_tensors(patch_checkpoint)
     for name in ("pp2", "back"):
-        meta = checkpoint.read_metadata(checkpoint.resolve_checkpoint(converted[name]))
+        meta = checkpoint.read_metadata(folders.resolve_checkpoint(converted[name]))
         assert meta["progress"]["stage"] == "token" and meta["iteration"] == 0
         assert meta["conversion"]["max_abs_logit_diff"] <= 1e-5  # the tool's own logits check
         tensors = _model_tensors(converted[name])
         assert tensors.keys() == source.keys()
         assert all(torch.equal(tensors[k], source[k]) for k in source), name
-    pp2 = checkpoint.read_metadata(checkpoint.resolve_checkpoint(converted["pp2"]))
+    pp2 = checkpoint.read_metadata(folders.resolve_checkpoint(converted["pp2"]))
     assert pp2["layout"] == {"data": 1, "pipeline": 2, "tensor": 1}
     assert pp2["conversion"]["source_layout"] == {"data": 1, "pipeline": 1, "tensor": 2}
     assert pp2["conversion"]["patch_size"] == 4
-    back = checkpoint.read_metadata(checkpoint.resolve_checkpoint(converted["back"]))
+    back = checkpoint.read_metadata(folders.resolve_checkpoint(converted["back"]))
     assert back["conversion"]["source_layout"] == {"data": 1, "pipeline": 2, "tensor": 1}
     dist.barrier()
 
@@ -133,7 +134,7 @@ def test_token_stage_trains_from_the_converted_checkpoint(converted, tiny_corpus
         )
     )
     assert code == 0
-    final = checkpoint.read_metadata(checkpoint.resolve_checkpoint(save))
+    final = checkpoint.read_metadata(folders.resolve_checkpoint(save))
     assert final["progress"]["stage"] == "token" and final["progress"]["stage_complete"]
     if dist.get_rank() == 0:
         records = train_records(save)

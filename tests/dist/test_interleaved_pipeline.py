@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as checkpoint
 from megatron_patch.training import cli
 from tests import model_helpers as mh
@@ -49,7 +50,7 @@ def runs(world, tiny_corpus, tmp_path_factory):
     reference = shared_tmp(tmp_path_factory, "pp1")
     _run(tiny_corpus, reference, "--save-interval", str(START))
     interleaved = shared_tmp(tmp_path_factory, "pp2v2")
-    start = checkpoint.checkpoint_dir(reference, START)
+    start = folders.checkpoint_dir(reference, START)
     _run(tiny_corpus, interleaved, *INTERLEAVED, "--save-interval", "3", "--load", start)
     return {
         "pp1": reference,
@@ -76,11 +77,11 @@ def test_both_stages_follow_pp1_from_the_same_weights(runs):
 
 
 def test_the_checkpoint_records_the_layout_and_holds_every_chunk(runs):
-    final = checkpoint.read_metadata(checkpoint.resolve_checkpoint(runs["pp2v2"]))
+    final = checkpoint.read_metadata(folders.resolve_checkpoint(runs["pp2v2"]))
     assert final["layout"] == {"pipeline": 2, "tensor": 1, "data": 1, "virtual_pipeline": 2}
     assert final["args"]["virtual_pipeline_model_parallel_size"] == 2
     assert final["progress"]["stage"] == "token" and final["progress"]["stage_complete"]
-    single = checkpoint.read_metadata(checkpoint.resolve_checkpoint(runs["pp1"]))
+    single = checkpoint.read_metadata(folders.resolve_checkpoint(runs["pp1"]))
     assert single["layout"] == {"pipeline": 1, "tensor": 1, "data": 2}  # as before virtual stages
     saved, expected = (_model_tensors(runs[name]) for name in ("pp2v2", "pp1"))
     assert sorted(saved) == sorted(expected)  # the same global names: every layer of every chunk
@@ -91,7 +92,7 @@ def test_resuming_at_pp2_v2_follows_the_run_bit_for_bit(runs, tiny_corpus, tmp_p
     """Iteration 3 (patch stage) of the interleaved run: both chunks' weights, the optimizer state
     of both and the LR schedule come back."""
     save = shared_tmp(tmp_path_factory, "pp2v2-resumed")
-    _run(tiny_corpus, save, *INTERLEAVED, "--load", checkpoint.checkpoint_dir(runs["pp2v2"], 3))
+    _run(tiny_corpus, save, *INTERLEAVED, "--load", folders.checkpoint_dir(runs["pp2v2"], 3))
     if dist.get_rank() == 0:
         uninterrupted, resumed = runs["pp2v2_records"]["train"], train_records(save)
         assert sorted(resumed) == list(range(4, ITERS + 1))
@@ -102,7 +103,7 @@ def test_resuming_at_pp2_v2_follows_the_run_bit_for_bit(runs, tiny_corpus, tmp_p
 
 
 def _model_tensors(path):
-    tensors = mh.plain(checkpoint.resolve_checkpoint(path))
+    tensors = mh.plain(folders.resolve_checkpoint(path))
     return {key: value for key, value in tensors.items() if not key.startswith("optimizer.")}
 
 
@@ -123,16 +124,16 @@ def converted(runs, tmp_path_factory):
 def test_conversion_to_pp1_and_back_keeps_the_weights(runs, converted):
     source = _model_tensors(runs["pp2v2"])
     for name in ("pp1", "back"):
-        meta = checkpoint.read_metadata(checkpoint.resolve_checkpoint(converted[name]))
+        meta = checkpoint.read_metadata(folders.resolve_checkpoint(converted[name]))
         assert meta["conversion"]["max_abs_logit_diff"] <= 1e-5  # the tool's own logits check
         tensors = _model_tensors(converted[name])
         assert tensors.keys() == source.keys()
         assert all(torch.equal(tensors[key], source[key]) for key in source), name
-    pp1 = checkpoint.read_metadata(checkpoint.resolve_checkpoint(converted["pp1"]))
+    pp1 = checkpoint.read_metadata(folders.resolve_checkpoint(converted["pp1"]))
     assert pp1["layout"] == {"pipeline": 1, "tensor": 1, "data": 2}
     assert pp1["conversion"]["source_layout"] == {"pipeline": 2, "tensor": 1, "data": 1, "virtual_pipeline": 2}
     assert pp1["args"]["virtual_pipeline_model_parallel_size"] is None
-    back = checkpoint.read_metadata(checkpoint.resolve_checkpoint(converted["back"]))
+    back = checkpoint.read_metadata(folders.resolve_checkpoint(converted["back"]))
     assert back["layout"] == {"pipeline": 2, "tensor": 1, "data": 1, "virtual_pipeline": 2}
     assert back["args"]["virtual_pipeline_model_parallel_size"] == 2
     dist.barrier()

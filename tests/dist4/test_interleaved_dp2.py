@@ -13,6 +13,7 @@ depends on the layout, so the first step is not compared).
 import pytest
 import torch.distributed as dist
 
+from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as checkpoint
 from megatron_patch.training import cli
 from tests.model_helpers import shared_tmp
@@ -35,13 +36,13 @@ def runs(world, tiny_corpus, tmp_path_factory):
     reference = shared_tmp(tmp_path_factory, "dp4")
     _run(tiny_corpus, reference, "--save-interval", str(START))
     interleaved = shared_tmp(tmp_path_factory, "dp2pp2v2")
-    _run(tiny_corpus, interleaved, *INTERLEAVED, "--load", checkpoint.checkpoint_dir(reference, START))
+    _run(tiny_corpus, interleaved, *INTERLEAVED, "--load", folders.checkpoint_dir(reference, START))
     return {"dp4": reference, "dp2pp2v2": interleaved}
 
 
 def test_dp2_pp2_v2_follows_pp1_dp4_from_the_same_weights(runs):
     if dist.get_rank() == 0:
-        final = checkpoint.read_metadata(checkpoint.resolve_checkpoint(runs["dp2pp2v2"]))
+        final = checkpoint.read_metadata(folders.resolve_checkpoint(runs["dp2pp2v2"]))
         assert final["layout"] == {"pipeline": 2, "tensor": 1, "data": 2, "virtual_pipeline": 2}
         assert final["progress"]["stage"] == "token" and final["progress"]["stage_complete"]
         for kind, keys in (("train", ("loss", "grad_norm")), ("valid", ("loss",))):

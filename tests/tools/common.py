@@ -7,7 +7,7 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_patch.architecture.presets import get_preset, transformer_config
-from megatron_patch.checkpoint.store import resolve_checkpoint
+from megatron_patch.checkpoint.folders import resolve_checkpoint
 from megatron_patch.model import build_patch_gpt_model
 from megatron_patch.runtime import parallel
 

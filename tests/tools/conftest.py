@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_patch.checkpoint import store as checkpoint
+from megatron_patch.checkpoint import folders
 from megatron_patch.training import cli
 from tests.training.common import trainer_args
 
@@ -32,7 +32,7 @@ def trained(world, tiny_corpus, tmp_path_factory):
     assert code == 0
     return {
         "root": str(root),
-        "patch": checkpoint.checkpoint_dir(str(root), 4),
-        "final": checkpoint.checkpoint_dir(str(root), ITERS),
+        "patch": folders.checkpoint_dir(str(root), 4),
+        "final": folders.checkpoint_dir(str(root), ITERS),
         "corpus": tiny_corpus,
     }

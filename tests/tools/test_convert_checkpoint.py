@@ -13,6 +13,7 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as checkpoint
 from megatron_patch.conversion import reshard
 from megatron_patch.runtime.owned_temp import OwnedTempDir
@@ -28,8 +29,8 @@ def test_patch_checkpoint_becomes_a_token_stage_start(trained, tmp_path, capsys)
     )
     assert code == 0, err
     assert "max absolute difference 0.000e+00" in out  # same layout: the very same weights
-    assert checkpoint.read_tracker(str(save)) == 0
-    converted = checkpoint.resolve_checkpoint(str(save))
+    assert folders.read_tracker(str(save)) == 0
+    converted = folders.resolve_checkpoint(str(save))
     meta = checkpoint.read_metadata(converted)
     source = checkpoint.read_metadata(trained["patch"])
     assert meta["iteration"] == 0
@@ -71,7 +72,7 @@ def _corrupt_copy(trained, tmp_path, what):
                 with open(copy / name, "r+b") as f:
                     f.truncate(100)
     else:
-        (copy / checkpoint.METADATA).write_text("{not json")
+        (copy / folders.METADATA).write_text("{not json")
     return copy
 
 

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from megatron_patch.checkpoint.store import read_metadata, resolve_checkpoint
+from megatron_patch.checkpoint.folders import resolve_checkpoint
+from megatron_patch.checkpoint.store import read_metadata
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
 from megatron_patch.evaluation import zero_shot
 from megatron_patch.evaluation.next_sentence import split_sentences

@@ -11,7 +11,7 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-from megatron_patch.checkpoint import store as checkpoint
+from megatron_patch.checkpoint import folders
 from tests.tools.common import (
     ROWS,
     VOCAB,
@@ -90,16 +90,16 @@ def _checkpoint_with(trained, tmp_path, edit):
     dist_checkpointing.save(
         {k: ShardedTensor.from_rank_offsets(k, v.contiguous(), replica_id=0) for k, v in tensors.items()}, str(folder)
     )
-    shutil.copy(os.path.join(trained["final"], checkpoint.METADATA), folder)
+    shutil.copy(os.path.join(trained["final"], folders.METADATA), folder)
     return folder
 
 
 def _edited_args(trained, tmp_path, **changes):
     folder = tmp_path / "args"
     shutil.copytree(trained["final"], folder)
-    meta = json.load(open(folder / checkpoint.METADATA))
+    meta = json.load(open(folder / folders.METADATA))
     meta["args"].update(changes)
-    (folder / checkpoint.METADATA).write_text(json.dumps(meta))
+    (folder / folders.METADATA).write_text(json.dumps(meta))
     return folder
 
 

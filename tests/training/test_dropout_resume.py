@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as checkpoint
 from megatron_patch.checkpoint.compare import differences
 from megatron_patch.training import cli
@@ -48,8 +49,8 @@ def uninterrupted(world, tiny_corpus, tmp_path_factory):
 def _cut_back_to(save, iteration):
     """The --save folder as a run killed right after its checkpoint at ``iteration`` leaves it."""
     for later in range(iteration + 2, ITERS + 1, 2):
-        shutil.rmtree(checkpoint.checkpoint_dir(str(save), later))
-    (save / checkpoint.TRACKER).write_text(f"{iteration}\n")
+        shutil.rmtree(folders.checkpoint_dir(str(save), later))
+    (save / folders.TRACKER).write_text(f"{iteration}\n")
 
 
 @pytest.mark.parametrize("resume_at", [6, 10], ids=["patch-stage", "token-stage"])
@@ -63,8 +64,8 @@ def test_dropout_run_resumes_bit_for_bit(cpu_world, tiny_corpus, tmp_path, unint
     for iteration in range(resume_at + 1, ITERS + 1):
         assert records[iteration]["loss"] == reference[iteration]["loss"], iteration
         assert records[iteration]["grad_norm"] == reference[iteration]["grad_norm"], iteration
-    final = checkpoint.checkpoint_dir(str(uninterrupted), ITERS)
-    assert differences(final, checkpoint.checkpoint_dir(str(resumed), ITERS)) == []
+    final = folders.checkpoint_dir(str(uninterrupted), ITERS)
+    assert differences(final, folders.checkpoint_dir(str(resumed), ITERS)) == []
 
 
 def test_dropout_is_on(cpu_world, tiny_corpus, tmp_path, uninterrupted):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy
 import pytest
 
-from megatron_patch.checkpoint import store as checkpoint
+from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint.compare import differences
 from megatron_patch.training import cli, loop
 from megatron_patch.training.arguments import parse_args
@@ -165,7 +165,7 @@ def test_kill_9_at_the_switch_then_resume_matches_uninterrupted_run(short_corpus
         time.sleep(0.005)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    resumed_from = checkpoint.read_tracker(str(killed))
+    resumed_from = folders.read_tracker(str(killed))
     assert resumed_from is not None and resumed_from < iters
     code, output = _finish(launch(args + ["--save", str(killed), "--load", str(killed)]))
     assert code == 0, output[-3000:]
@@ -174,7 +174,7 @@ def test_kill_9_at_the_switch_then_resume_matches_uninterrupted_run(short_corpus
     for iteration in range(1, iters + 1):
         for key in ("loss", "lr", "grad_norm"):
             assert observed[iteration][key] == expected[iteration][key], (iteration, key, resumed_from)
-    assert differences(checkpoint.checkpoint_dir(str(full), iters), checkpoint.checkpoint_dir(str(killed), iters)) == []
+    assert differences(folders.checkpoint_dir(str(full), iters), folders.checkpoint_dir(str(killed), iters)) == []
     summary = [json.loads(line) for line in Path(killed, "metrics.jsonl").read_text().splitlines()][-1]
     assert summary["kind"] == "summary" and summary["stage_split"] == "epochs"
     assert summary["stages"]["token"]["epochs"] == pytest.approx(

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as checkpoint
 from megatron_patch.checkpoint.compare import differences
 from tests.training.common import launch, train_records, trainer_args
@@ -46,9 +47,9 @@ def _group_gone(process) -> bool:
 
 
 def _final_checkpoint_equal(save, reference_save):
-    final = checkpoint.checkpoint_dir(str(save), ITERS)
-    assert checkpoint.tracker_value(str(save)) == ITERS
-    assert differences(checkpoint.checkpoint_dir(str(reference_save), ITERS), final) == []
+    final = folders.checkpoint_dir(str(save), ITERS)
+    assert folders.tracker_value(str(save)) == ITERS
+    assert differences(folders.checkpoint_dir(str(reference_save), ITERS), final) == []
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(
     _wait_for_iteration(process, save, kill_after)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    resumed_from = checkpoint.read_tracker(str(save))
+    resumed_from = folders.read_tracker(str(save))
     code, output = _finish(launch(args + ["--load", str(save)]))
     assert code == 0, output[-3000:]
     records = train_records(save)
@@ -108,7 +109,7 @@ def test_resume_takes_a_complete_checkpoint_newer_than_the_tracker(
     """A kill between renaming iter_10 into place and writing the tracker (still naming 8)."""
     save = tmp_path / "run"
     shutil.copytree(uninterrupted_run, save, ignore=shutil.ignore_patterns("iter_0000012", "metrics.jsonl"))
-    (save / checkpoint.TRACKER).write_text("8\n")
+    (save / folders.TRACKER).write_text("8\n")
     args = trainer_args(
         tiny_corpus,
         save,
@@ -123,7 +124,7 @@ def test_resume_takes_a_complete_checkpoint_newer_than_the_tracker(
     code, output = _finish(launch(args + ["--load", str(save)]))
     assert code == 0, output[-3000:]
     assert "names 8 but" in output and "iter_0000010 is complete and newer" in output, output[-3000:]
-    assert "loaded full state from " + checkpoint.checkpoint_dir(str(save), 10) in output
+    assert "loaded full state from " + folders.checkpoint_dir(str(save), 10) in output
     records = train_records(save)
     assert sorted(records) == [11, 12]  # only the steps after the newest checkpoint ran
     for iteration in (11, 12):
@@ -154,10 +155,10 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tiny_corpus, tmp_path, uninte
     assert code == 0, output[-3000:]
     assert "stopped by SIGTERM" in output
     assert _group_gone(process)  # no helper process outlives the trainer
-    saved = checkpoint.tracker_value(str(save))
+    saved = folders.tracker_value(str(save))
     assert saved is not None and 3 <= saved < ITERS and "stopped by SIGTERM at iteration %d" % saved in output
     assert not [name for name in os.listdir(save) if name.endswith(".tmp")], os.listdir(save)
-    checkpoint.check_files(checkpoint.checkpoint_dir(str(save), saved))  # complete, matches its manifest
+    checkpoint.check_files(folders.checkpoint_dir(str(save), saved))  # complete, matches its manifest
     code, output = _finish(launch(args + ["--load", str(save)]))
     assert code == 0, output[-3000:]
     records = train_records(save)
@@ -181,8 +182,8 @@ def test_interrupted_save_leaves_previous_checkpoint(world, model_parallel, tiny
     assert cli.main(args) == 0
     # roll the run back to iteration 2, as if it had stopped there
     for iteration in (4, 6):
-        shutil.rmtree(checkpoint.checkpoint_dir(str(save), iteration))
-    (save / checkpoint.TRACKER).write_text("2\n")
+        shutil.rmtree(folders.checkpoint_dir(str(save), iteration))
+    (save / folders.TRACKER).write_text("2\n")
     real_save = dist_checkpointing.save
 
     def dying_save(state, directory, *args, **kwargs):
@@ -194,12 +195,12 @@ def test_interrupted_save_leaves_previous_checkpoint(world, model_parallel, tiny
     with pytest.raises(KeyboardInterrupt):
         cli.main(args + ["--load", str(save)])
     monkeypatch.setattr(dist_checkpointing, "save", real_save)
-    assert checkpoint.read_tracker(str(save)) == 2
-    assert os.path.isdir(checkpoint.checkpoint_dir(str(save), 4) + ".tmp"), os.listdir(save)
-    assert not os.path.exists(checkpoint.checkpoint_dir(str(save), 4))
+    assert folders.read_tracker(str(save)) == 2
+    assert os.path.isdir(folders.checkpoint_dir(str(save), 4) + ".tmp"), os.listdir(save)
+    assert not os.path.exists(folders.checkpoint_dir(str(save), 4))
     # resuming loads iteration 2 and finishes, replacing the partial directory
     assert cli.main(args + ["--load", str(save)]) == 0
-    assert checkpoint.read_tracker(str(save)) == 6
+    assert folders.read_tracker(str(save)) == 6
 
 
 def test_resume_of_a_finished_run_repairs_the_tracker(tiny_corpus, tmp_path, uninterrupted_run):
@@ -207,11 +208,11 @@ def test_resume_of_a_finished_run_repairs_the_tracker(tiny_corpus, tmp_path, uni
     run has no step left to save, and still leaves the tracker naming the newest checkpoint."""
     save = tmp_path / "run"
     shutil.copytree(uninterrupted_run, save)
-    (save / checkpoint.TRACKER).write_text("10\n")
+    (save / folders.TRACKER).write_text("10\n")
     args = trainer_args(tiny_corpus, save, "--save-interval", "2", "--eval-iters", "0", train_iters=ITERS)
     code, output = _finish(launch(args + ["--load", str(save)]))
     assert code == 0, output[-3000:]
-    assert (save / checkpoint.TRACKER).read_text() == f"{ITERS}\n"
+    assert (save / folders.TRACKER).read_text() == f"{ITERS}\n"
     assert f"named 10; now names {ITERS}" in output
 
 
@@ -258,4 +259,4 @@ def test_kill_9_inside_a_save_leaves_no_writer_and_the_resume_runs(tiny_corpus, 
     assert not alive, alive
     code, output = _finish(launch(args + ["--load", str(save)]))
     assert code == 0, output[-3000:]
-    assert checkpoint.tracker_value(str(save)) == ITERS
+    assert folders.tracker_value(str(save)) == ITERS

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as checkpoint
 from megatron_patch.training.preemption import StopSignals, parse_signals
 from tests.training.common import ENTRY, REPO_ROOT, launch, train_records, trainer_args
@@ -86,16 +87,16 @@ def test_sigterm_under_torchrun_saves_on_every_rank(tiny_corpus, tmp_path, targe
     assert "BrokenPipeError" not in output and "ChildFailedError" not in output, output[-3000:]
     # signalled itself too, torchrun re-raises the signal once its workers are done (exit status 1)
     assert process.returncode in ((0, 1) if target == "group" else (0,)), output[-3000:]
-    saved = checkpoint.tracker_value(str(save))
+    saved = folders.tracker_value(str(save))
     assert saved is not None and saved >= 3 and f"stopped by SIGTERM at iteration {saved}" in output
     assert not [name for name in os.listdir(save) if name.endswith(".tmp")], os.listdir(save)
-    checkpoint.check_files(checkpoint.checkpoint_dir(str(save), saved))
+    checkpoint.check_files(folders.checkpoint_dir(str(save), saved))
     resumed = _torchrun(args + ["--load", str(save)])
     output, _ = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, output[-3000:]
-    assert f"loaded full state from {checkpoint.checkpoint_dir(str(save), saved)}" in output
+    assert f"loaded full state from {folders.checkpoint_dir(str(save), saved)}" in output
     assert sorted(train_records(save)) == list(range(1, ITERS + 1))
-    assert checkpoint.tracker_value(str(save)) == ITERS
+    assert folders.tracker_value(str(save)) == ITERS
 
 
 @pytest.mark.parametrize(
@@ -175,7 +176,7 @@ def test_a_stop_signal_outside_the_steps_is_handled(cpu_world, tiny_corpus, tmp_
     finally:
         signal.signal(signal.SIGTERM, previous)
     expected = 1 if when == "start-up" else ITERS
-    assert checkpoint.tracker_value(str(save)) == expected
+    assert folders.tracker_value(str(save)) == expected
     assert sorted(train_records(save)) == list(range(1, expected + 1))
 
 
@@ -195,13 +196,13 @@ def test_exit_duration_saves_stops_and_the_run_resumes(cpu_world, tiny_corpus, t
     save = tmp_path / "run"
     args = trainer_args(tiny_corpus, save, "--eval-iters", "0", train_iters=ITERS)
     assert cli.main(args + ["--exit-duration-in-mins", "1e-6"]) == 0
-    assert checkpoint.tracker_value(str(save)) == 1
+    assert folders.tracker_value(str(save)) == 1
     assert sorted(train_records(save)) == [1]
     with open(save / "metrics.jsonl") as f:
         summaries = [record for record in map(json.loads, f) if record["kind"] == "summary"]
     assert summaries[-1]["interrupted"] is True
     assert cli.main(args + ["--load", str(save)]) == 0
-    assert checkpoint.tracker_value(str(save)) == ITERS
+    assert folders.tracker_value(str(save)) == ITERS
     assert sorted(train_records(save)) == list(range(1, ITERS + 1))
     capsys.readouterr()
     no_save = trainer_args(tiny_corpus, None, "--exit-duration-in-mins", "5", train_iters=ITERS)
@@ -231,7 +232,7 @@ def test_a_trainer_made_without_stop_signals_installs_its_own(cpu_world, tiny_co
     parallel.init_model_parallel(1, 1, seed=config.seed)
     before = signal.getsignal(signal.SIGTERM)
     summary = loop.Trainer(config).run()
-    assert summary["interrupted"] and checkpoint.tracker_value(str(tmp_path / "run")) == 3
+    assert summary["interrupted"] and folders.tracker_value(str(tmp_path / "run")) == 3
     assert signal.getsignal(signal.SIGTERM) is before
 
 

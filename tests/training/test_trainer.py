@@ -10,6 +10,7 @@ import pytest
 import torch
 from megatron.core.models.gpt import GPTModel
 
+from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as checkpoint
 from megatron_patch.training import builders, cli, loop
 from megatron_patch.training.arguments import parse_args
@@ -85,8 +86,8 @@ def test_two_stages_train_and_switch_resets_optimizer_and_lr(cpu_world, tiny_cor
     token_docs = set(trainer.datasets.token_train.indices.tolist())
     assert patch_docs and token_docs and not patch_docs & token_docs
     # the boundary checkpoint and the final one are complete
-    assert checkpoint.read_tracker(str(tmp_path / "run")) == 24
-    meta = checkpoint.read_metadata(checkpoint.checkpoint_dir(str(tmp_path / "run"), 16))
+    assert folders.read_tracker(str(tmp_path / "run")) == 24
+    meta = checkpoint.read_metadata(folders.checkpoint_dir(str(tmp_path / "run"), 16))
     assert meta["progress"]["stage"] == "patch" and meta["progress"]["stage_complete"]
     # TensorBoard (last: skips without it) holds the same curves as metrics.jsonl
     events = _tensorboard_scalars(tmp_path / "tb")
@@ -247,7 +248,7 @@ def test_nan_loss_stops_without_saving_the_bad_state(cpu_world, tiny_corpus, tmp
     records = train_records(save)
     last_good = max(records)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records.values())
-    assert checkpoint.read_tracker(str(save)) == last_good  # nothing written after the bad step
+    assert folders.read_tracker(str(save)) == last_good  # nothing written after the bad step
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "other_shape", "changed_plan", "not_empty_save", "bad_flags"])
@@ -260,7 +261,7 @@ def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_pat
         argv = trainer_args(tiny_corpus, None, "--stage", "token", "--pretrained-checkpoint", str(tmp_path / "nowhere"))
         expected = "no such directory"
     elif case == "corrupt":
-        ckpt_dir = checkpoint.checkpoint_dir(str(run), 3)
+        ckpt_dir = folders.checkpoint_dir(str(run), 3)
         for name in os.listdir(ckpt_dir):
             if name.endswith(".distcp"):
                 with open(os.path.join(ckpt_dir, name), "r+b") as f:
@@ -291,7 +292,7 @@ def test_load_of_a_folder_never_created_starts_fresh(cpu_world, tiny_corpus, tmp
     of it starts from scratch, as with an empty folder."""
     run = tmp_path / "never-created"
     assert cli.main(trainer_args(tiny_corpus, run, "--load", str(run), "--eval-iters", "0", train_iters=3)) == 0
-    assert checkpoint.read_tracker(str(run)) == 3
+    assert folders.read_tracker(str(run)) == 3
     assert "holds no checkpoint yet: starting from scratch" in caplog.text
 
 
@@ -319,8 +320,8 @@ def test_a_resumed_run_logs_each_step_once(cpu_world, tiny_corpus, tmp_path):
     )
     assert cli.main(argv) == 0
     for iteration in (4, 6):  # as if killed right after the save at iteration 2
-        shutil.rmtree(checkpoint.checkpoint_dir(str(run), iteration))
-    (run / checkpoint.TRACKER).write_text("2\n")
+        shutil.rmtree(folders.checkpoint_dir(str(run), iteration))
+    (run / folders.TRACKER).write_text("2\n")
     assert cli.main(argv + ["--load", str(run)]) == 0
     with open(run / "metrics.jsonl") as f:
         iterations = [json.loads(line)["iteration"] for line in f if '"kind": "train"' in line]
