@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as `python tools/convert_checkpoint.py` fro
 
 
 def build_parser():
-    from megatron_patch.runtime.command import ArgumentParser, add_layout_flags
+    from megatron_patch.runtime.command import ArgumentParser, add_checkpoint_verify_flag, add_layout_flags
 
     parser = ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n")[0])
     parser.add_argument("--load", required=True, help="source: a --save root (its latest checkpoint) or one checkpoint")
@@ -36,12 +36,7 @@ def build_parser():
     add_layout_flags(parser, "target")
     parser.add_argument("--force", action="store_true", help="replace an existing --save folder")
     parser.add_argument("--cpu", action="store_true", help="CPU mode over gloo")
-    parser.add_argument(
-        "--no-checkpoint-verify",
-        dest="checkpoint_verify",
-        action="store_false",
-        help="load without checking every file against the checkpoint's manifest",
-    )
+    add_checkpoint_verify_flag(parser)
     parser.add_argument(
         "--tolerance", type=float, default=1e-3, help="max absolute logit difference accepted by the self-check (fp32)"
     )

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as `python tools/evaluate.py` from a checko
 
 
 def build_parser():
-    from megatron_patch.runtime.command import ArgumentParser, add_layout_flags
+    from megatron_patch.runtime.command import ArgumentParser, add_checkpoint_verify_flag, add_layout_flags
 
     parser = ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
     parser.add_argument("--load", required=True, help="a --save root (its latest checkpoint) or one checkpoint")
@@ -47,12 +47,7 @@ def build_parser():
     add_layout_flags(parser)
     parser.add_argument("--fp32", action="store_true", help="run a bf16 checkpoint in fp32")
     parser.add_argument("--cpu", action="store_true", help="CPU mode over gloo")
-    parser.add_argument(
-        "--no-checkpoint-verify",
-        dest="checkpoint_verify",
-        action="store_false",
-        help="load without checking every file against the checkpoint's manifest",
-    )
+    add_checkpoint_verify_flag(parser)
     parser.add_argument("--model", default=None, help="optional guard: the preset the checkpoint must have")
     parser.add_argument("--output-json", default=None, help="also write the results here (JSON)")
     return parser

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as `python tools/export_hf.py` from a check
 
 
 def build_parser():
-    from megatron_patch.runtime.command import ArgumentParser
+    from megatron_patch.runtime.command import ArgumentParser, add_checkpoint_verify_flag
 
     parser = ArgumentParser(prog="export_hf.py", description=__doc__.split("\n")[0])
     parser.add_argument("--load", required=True, help="a --save root (its latest checkpoint) or one checkpoint")
@@ -45,12 +45,7 @@ def build_parser():
     parser.add_argument("--tolerance", type=float, default=1e-3, help="max absolute logit difference (--verify-logits)")
     parser.add_argument("--model", default=None, help="optional guard: the preset the checkpoint must have")
     parser.add_argument("--cpu", action="store_true", help="CPU mode over gloo")
-    parser.add_argument(
-        "--no-checkpoint-verify",
-        dest="checkpoint_verify",
-        action="store_false",
-        help="load without checking every file against the checkpoint's manifest",
-    )
+    add_checkpoint_verify_flag(parser)
     return parser
 
 

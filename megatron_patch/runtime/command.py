@@ -69,6 +69,17 @@ def add_layout_flags(parser: argparse.ArgumentParser, role: str = "") -> None:
     )
 
 
+def add_checkpoint_verify_flag(parser) -> None:
+    """``--no-checkpoint-verify`` (sets ``checkpoint_verify`` False) on ``parser`` or an argument group:
+    every command that loads a checkpoint checks its files against the manifest unless told not to."""
+    parser.add_argument(
+        "--no-checkpoint-verify",
+        dest="checkpoint_verify",
+        action="store_false",
+        help="load without checking every file against the checkpoint's manifest (sizes, CRC-32)",
+    )
+
+
 def rank() -> int:
     """This process's rank: torch.distributed's once initialised, else torchrun's RANK (or 0).
     Never imports torch: a command that has not (a bad flag) reports in milliseconds."""

@@ -4,7 +4,7 @@ it into the trainer's configuration.
 """
 
 from megatron_patch.architecture.presets import PRESETS
-from megatron_patch.runtime.command import ArgumentParser
+from megatron_patch.runtime.command import ArgumentParser, add_checkpoint_verify_flag
 from megatron_patch.training.preemption import DEFAULT_SIGNALS
 
 
@@ -182,12 +182,7 @@ def build_parser() -> ArgumentParser:
     ckpt.add_argument("--load", default=None, help="resume from the latest checkpoint in this directory")
     ckpt.add_argument("--save-interval", type=int, default=None, help="steps between checkpoints")
     ckpt.add_argument("--keep-last-checkpoints", type=int, default=2, help="checkpoints kept (0 = all)")
-    ckpt.add_argument(
-        "--no-checkpoint-verify",
-        dest="checkpoint_verify",
-        action="store_false",
-        help="load without checking every file against the checkpoint's manifest (sizes, CRC-32)",
-    )
+    add_checkpoint_verify_flag(ckpt)
     ckpt.add_argument(
         "--ckpt-fully-parallel-save",
         action="store_true",
