@@ -52,7 +52,8 @@ from benchmarks.common import (  # noqa: E402
     tiny_run_flags,
     write_json,
 )
-from megatron_patch.errors import ArgumentError  # noqa: E402
+from megatron_patch.checkpoint.folders import checkpoint_dir, tracker_value  # noqa: E402
+from megatron_patch.errors import ArgumentError, CheckpointError  # noqa: E402
 from megatron_patch.runtime.command import ArgumentParser, run_main  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,17 +165,12 @@ def resume_until_done(opts, layout: str, save: str, log: str, limit: int = 3) ->
 
 
 def tracker(save: str) -> Optional[int]:
-    """The iteration ``save``'s tracker file names (read here, not through the trainer's modules,
-    so that this driver does not import megatron)."""
-    path = os.path.join(save, "latest_checkpointed_iteration.txt")
-    if not os.path.exists(path):
+    """The iteration ``save``'s tracker file names; None when there is none or it names no
+    iteration (the trial's checks then fail on it)."""
+    try:
+        return tracker_value(save)
+    except CheckpointError:
         return None
-    text = open(path).read().strip()
-    return int(text) if text.isdigit() else None
-
-
-def checkpoint_dir(save: str, iteration: int) -> str:
-    return os.path.join(save, f"iter_{iteration:07d}")
 
 
 def check(trial: dict, reference: dict, save: str) -> List[str]:

@@ -13,8 +13,6 @@ import re
 import shutil
 from typing import List, Optional
 
-import torch.distributed as dist
-
 from megatron_patch.errors import CheckpointError
 from megatron_patch.runtime import atomic_file
 
@@ -95,11 +93,12 @@ def resolve_checkpoint(path: str) -> str:
     return found
 
 
-def repair_tracker(root: str) -> None:
-    """Make ``root``'s tracker name its newest complete checkpoint (rank 0), where a kill between
-    the rename and the tracker write left it behind; a resumed run may save nothing more."""
+def repair_tracker(root: str, writer: bool) -> None:
+    """Make ``root``'s tracker name its newest complete checkpoint, where a kill between the rename
+    and the tracker write left it behind (a resumed run may save nothing more). ``writer``: this
+    process writes it (rank 0); the others only read."""
     named, newest = tracker_value(root), newest_complete(root)
-    if dist.get_rank() == 0 and newest is not None and named != newest:
+    if writer and newest is not None and named != newest:
         atomic_file.write_text(os.path.join(root, TRACKER), f"{newest}\n")
         logger.warning("%s named %s; now names %s, the newest complete checkpoint", TRACKER, named, newest)
 

@@ -261,7 +261,7 @@ def _existing(root: str, final: str, iteration: int) -> bool:
             f"{final} exists but holds no {METADATA} (not a complete checkpoint): move it away "
             f"or delete it, then resume"
         )
-    repair_tracker(root)
+    repair_tracker(root, dist.get_rank() == 0)
     dist.barrier()
     logger.info("checkpoint %s exists and is complete; not writing it again", final)
     return True
@@ -329,7 +329,7 @@ def load_checkpoint(
     check_model_shape(ckpt, meta, shape)
     check_files(ckpt, verify)
     if optimizer is not None and ckpt != path:  # resuming from a --save root: its tracker names what it resumes
-        repair_tracker(path)
+        repair_tracker(path, dist.get_rank() == 0)
     same_layout = meta.get("layout") == layout_record(model)
     with_rng = restore_rng and same_layout
     if optimizer is not None:
