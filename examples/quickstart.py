@@ -197,22 +197,13 @@ def main(argv=None) -> int:
     common = training_flags(s, data, tensor_parallel=2)
     train = _torchrun(2) + ["examples/pretrain_patch_gpt.py"]
     runs = {name: work / name for name in ("patch_stage", "token_init", "token_stage", "control", "baseline")}
-    run_step(
-        "patch stage (K=4, TP=2)",
-        train
-        + common
-        + [
-            "--patch-size",
-            PATCH_SIZE,
-            "--stage",
-            "patch",
-            "--save",
-            runs["patch_stage"],
-            "--summary-json",
-            runs["patch_stage"] / "summary.json",
-        ],
-        runs["patch_stage"] / "summary.json",
-    )
+
+    def train_step(title: str, name: str, flags: list) -> None:
+        """A trainer run saving to ``runs[name]``; done once it has written its summary.json."""
+        summary = runs[name] / "summary.json"
+        run_step(title, train + common + flags + ["--save", runs[name], "--summary-json", summary], summary)
+
+    train_step("patch stage (K=4, TP=2)", "patch_stage", ["--patch-size", PATCH_SIZE, "--stage", "patch"])
     run_step(
         "convert patch checkpoint -> token-stage start",
         _torchrun(2)
@@ -228,48 +219,11 @@ def main(argv=None) -> int:
         ],
         runs["token_init"],
     )
-    run_step(
-        "token stage (TP=2)",
-        train
-        + common
-        + [
-            "--patch-size",
-            PATCH_SIZE,
-            "--stage",
-            "token",
-            "--pretrained-checkpoint",
-            runs["token_init"],
-            "--save",
-            runs["token_stage"],
-            "--summary-json",
-            runs["token_stage"] / "summary.json",
-        ],
-        runs["token_stage"] / "summary.json",
-    )
+    token_stage = ["--patch-size", PATCH_SIZE, "--stage", "token"]
+    train_step("token stage (TP=2)", "token_stage", token_stage + ["--pretrained-checkpoint", runs["token_init"]])
     # the same token stage (same documents, steps and schedule) from random initialisation
-    run_step(
-        "control: the token stage alone, from scratch (TP=2)",
-        train
-        + common
-        + [
-            "--patch-size",
-            PATCH_SIZE,
-            "--stage",
-            "token",
-            "--save",
-            runs["control"],
-            "--summary-json",
-            runs["control"] / "summary.json",
-        ],
-        runs["control"] / "summary.json",
-    )
-    run_step(
-        "baseline: the same tokens token-only (TP=2)",
-        train
-        + common
-        + ["--patch-size", "1", "--save", runs["baseline"], "--summary-json", runs["baseline"] / "summary.json"],
-        runs["baseline"] / "summary.json",
-    )
+    train_step("control: the token stage alone, from scratch (TP=2)", "control", token_stage)
+    train_step("baseline: the same tokens token-only (TP=2)", "baseline", ["--patch-size", "1"])
     evaluations = {}
     for name in ("token_stage", "control", "baseline"):
         output = work / f"eval_{name}.json"
