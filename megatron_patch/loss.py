@@ -58,6 +58,7 @@ def patch_targets(
     has_full_target = index[:, -1] <= tokens - 1  # [T]
     index = index.clamp(max=tokens - 1)
     targets = labels[:, index].long()  # [b, K*T] gathered at [T, K] -> [b, T, K]
+    # [T] -> [1, T, 1] -> [b, T, K]
     mask = has_full_target.view(1, num_patches, 1).to(torch.float32).expand(batch, num_patches, patch_size)
     if loss_mask is not None:
         if loss_mask.shape != labels.shape:
