@@ -224,32 +224,19 @@ def main(argv=None) -> int:
     # the same token stage (same documents, steps and schedule) from random initialisation
     train_step("control: the token stage alone, from scratch (TP=2)", "control", token_stage)
     train_step("baseline: the same tokens token-only (TP=2)", "baseline", ["--patch-size", "1"])
-    evaluations = {}
-    for name in ("token_stage", "control", "baseline"):
-        output = work / f"eval_{name}.json"
-        run_step(
-            f"evaluate {name} on held-out documents (TP=2)",
-            _torchrun(2)
-            + [
-                "tools/evaluate.py",
-                "--cpu",
-                "--load",
-                runs[name],
-                "--input",
-                data["heldout"],
-                "--tokenizer-model",
-                data["tokenizer"],
-                "--tensor-model-parallel-size",
-                "2",
-                "--micro-batch-size",
-                s["eval_micro_batch"],
-                "--output-json",
-                output,
-            ]
-            + (["--max-documents", s["eval_documents"]] if s["eval_documents"] else []),
-            output,
-        )
-        evaluations[name] = json.loads(output.read_text())
+    evaluated = ("token_stage", "control", "baseline")
+    outputs = {name: work / f"eval_{name}.json" for name in evaluated}
+    pending = [name for name in evaluated if not outputs[name].exists()]  # one model build for all of them
+    run_step(
+        f"evaluate {', '.join(pending or evaluated)} on held-out documents (TP=2)",
+        _torchrun(2)
+        + ["tools/evaluate.py", "--cpu", "--load", *(runs[name] for name in pending)]
+        + ["--input", data["heldout"], "--tokenizer-model", data["tokenizer"], "--tensor-model-parallel-size", "2"]
+        + ["--micro-batch-size", s["eval_micro_batch"], "--output-json", *(outputs[name] for name in pending)]
+        + (["--max-documents", s["eval_documents"]] if s["eval_documents"] else []),
+        outputs[(pending or evaluated)[-1]],
+    )
+    evaluations = {name: json.loads(outputs[name].read_text()) for name in evaluated}
     _report(runs, evaluations)
     return 0
 

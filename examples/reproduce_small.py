@@ -232,28 +232,21 @@ def main(argv=None) -> int:
                 + ["--save", save, "--summary-json", save / "summary.json"],
                 save / "summary.json",
             )
-            for data_name, data_file in (
-                ("valid", data_dir / "valid.jsonl.xz"),
-                ("wikitext103", data_dir / "wikitext103_test.jsonl.xz"),
-            ):
-                output = work / f"eval_{folder}_{data_name}.json"
-                command = [
-                    py,
-                    "tools/evaluate.py",
-                    "--load",
-                    save,
-                    "--input",
-                    data_file,
-                    "--tokenizer-model",
-                    tokenizer,
-                    "--output-json",
-                    output,
-                ] + (["--cpu"] if args.cpu else [])
-                if s["max_documents"]:
-                    command += ["--max-documents", s["max_documents"]]
-                if s["eval_mbs"]:
-                    command += ["--micro-batch-size", s["eval_mbs"]]
-                _run(f"evaluate {folder} on {data_name}", command, output)
+        for data_name, data_file in (
+            ("valid", data_dir / "valid.jsonl.xz"),
+            ("wikitext103", data_dir / "wikitext103_test.jsonl.xz"),
+        ):  # every run of the seed in one call per data set: one model build, the runs' weights in turn
+            folders = [run_folder(name, seed) for name in names]
+            outputs = {folder: work / f"eval_{folder}_{data_name}.json" for folder in folders}
+            pending = [folder for folder in folders if not outputs[folder].exists()]
+            command = [py, "tools/evaluate.py", "--load", *(work / folder for folder in pending)]
+            command += ["--input", data_file, "--tokenizer-model", tokenizer]
+            command += ["--output-json", *(outputs[folder] for folder in pending)] + (["--cpu"] if args.cpu else [])
+            if s["max_documents"]:
+                command += ["--max-documents", s["max_documents"]]
+            if s["eval_mbs"]:
+                command += ["--micro-batch-size", s["eval_mbs"]]
+            _run(f"evaluate {', '.join(pending or folders)} on {data_name}", command, outputs[(pending or folders)[-1]])
     write_report(work, names, seeds)
     return 0
 

@@ -6,7 +6,8 @@ JSONL / text files (``--input``, one line = one document, .gz/.xz/.zst allowed, 
 after one leading EOD; every token is scored once. Windows of ``--seq-length`` tokens (default:
 the checkpoint's T): ``--window non-overlapping`` (default) or ``--window sliding --stride S``.
 Bits per byte count the UTF-8 bytes of the evaluated text (for a prefix: of the detokenized
-documents). Example::
+documents). Several checkpoints of one model (``--load A B ...``, one ``--output-json`` each)
+are evaluated in turn on the same tokens by one model build. Example::
 
     python tools/evaluate.py --cpu --load runs/final --input data/wikitext103_test.jsonl.xz \\
         --output-json wikitext.json
@@ -26,7 +27,13 @@ def build_parser():
     from megatron_patch.runtime.command import ArgumentParser, add_checkpoint_verify_flag, add_layout_flags
 
     parser = ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--load", required=True, help="a --save root (its latest checkpoint) or one checkpoint")
+    parser.add_argument(
+        "--load",
+        required=True,
+        nargs="+",
+        help="a --save root (its latest checkpoint) or one checkpoint; several of one model (preset, T, "
+        "vocabulary, dtype) are evaluated in turn on the same data by one model build",
+    )
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--data-path", default=None, help="a .bin/.idx prefix (without the extension)")
     data.add_argument("--input", nargs="+", default=None, help="JSONL or text files, or quoted globs")
@@ -49,8 +56,63 @@ def build_parser():
     parser.add_argument("--cpu", action="store_true", help="CPU mode over gloo")
     add_checkpoint_verify_flag(parser)
     parser.add_argument("--model", default=None, help="optional guard: the preset the checkpoint must have")
-    parser.add_argument("--output-json", default=None, help="also write the results here (JSON)")
+    parser.add_argument(
+        "--output-json", nargs="+", default=None, help="also write the results here (JSON), one file per --load"
+    )
     return parser
+
+
+def _model_of(info) -> str:
+    """What two checkpoints must share to be evaluated by one model build, in words."""
+    dtype = "bf16" if info.bf16 else "fp32"
+    return f"preset {info.preset.name}, T={info.seq_length}, {info.padded_vocab_size} vocabulary rows, {dtype}"
+
+
+def _read_checkpoints(args) -> list:
+    """The ``--load`` checkpoints' infos, checked to share one model and to match ``--output-json``."""
+    from megatron_patch.checkpoint import info as checkpoint_info
+    from megatron_patch.errors import ArgumentError
+
+    if args.output_json and len(args.output_json) != len(args.load):
+        raise ArgumentError(
+            f"--output-json: {len(args.output_json)} file(s) for {len(args.load)} --load checkpoint(s); "
+            "give one per checkpoint, in the same order"
+        )
+    for output in args.output_json or ():
+        if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
+            raise ArgumentError(f"--output-json {output}: its folder does not exist; create it first")
+    if args.output_json and len(set(map(os.path.abspath, args.output_json))) < len(args.output_json):
+        raise ArgumentError(
+            f"--output-json {' '.join(args.output_json)}: a file is named twice; name one per checkpoint"
+        )
+    infos = [checkpoint_info.read_checkpoint(path, "--load", args.model) for path in args.load]
+    first = infos[0]
+    for info in infos[1:]:
+        same = info.preset == first.preset and info.transformer_impl == first.transformer_impl
+        if not same or _model_of(info) != _model_of(first):
+            raise ArgumentError(
+                f"--load {info.path}: its model ({_model_of(info)}) is not {first.path}'s "
+                f"({_model_of(first)}); evaluate it in a call of its own"
+            )
+    return infos
+
+
+def _tokenizer_path(args, infos) -> str:
+    """``--tokenizer-model``, else the one tokenizer the checkpoints were trained with."""
+    from megatron_patch.errors import ArgumentError
+
+    if args.tokenizer_model:
+        return args.tokenizer_model
+    recorded = {info.tokenizer_model for info in infos}
+    if None in recorded or "" in recorded:
+        first = next(info for info in infos if not info.tokenizer_model)
+        raise ArgumentError(f"checkpoint {first.path} records no tokenizer: pass --tokenizer-model")
+    if len(recorded) > 1:
+        raise ArgumentError(
+            f"--load: the checkpoints were trained with different tokenizers ({', '.join(sorted(recorded))}); "
+            "pass --tokenizer-model, or evaluate them in separate calls"
+        )
+    return recorded.pop()
 
 
 def _run(args) -> None:
@@ -61,15 +123,14 @@ def _run(args) -> None:
     from megatron_patch.data.tokenizer import SentencePieceTokenizer
     from megatron_patch.errors import ArgumentError
     from megatron_patch.evaluation import perplexity, token_stream
-    from megatron_patch.runtime import atomic_file, command
+    from megatron_patch.runtime import command
 
     if len(args.json_keys) != 1:
         raise ArgumentError(f"--json-keys {' '.join(args.json_keys)}: evaluate one key at a time")
     if args.max_documents is not None and args.max_documents < 1:
         raise ArgumentError(f"--max-documents {args.max_documents} must be >= 1")
-    if args.output_json and not os.path.isdir(os.path.dirname(os.path.abspath(args.output_json))):
-        raise ArgumentError(f"--output-json {args.output_json}: its folder does not exist; create it first")
-    info = checkpoint_info.read_checkpoint(args.load, "--load", args.model)
+    infos = _read_checkpoints(args)
+    info = infos[0]  # the model every checkpoint shares
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     virtual = checkpoint_info.check_layout(
         info, tp, pp, args.virtual_pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage
@@ -83,14 +144,12 @@ def _run(args) -> None:
             settings.seq_length,
             info.seq_length,
         )
-    tokenizer_path = args.tokenizer_model or info.tokenizer_model
-    if not tokenizer_path:
-        raise ArgumentError(f"checkpoint {info.path} records no tokenizer: pass --tokenizer-model")
-    tokenizer = SentencePieceTokenizer(tokenizer_path)
-    trained_tp = int(info.args.get("tensor_model_parallel_size", info.layout.get("tensor", 1)))
-    perplexity.check_tokenizer(
-        tokenizer, info.padded_vocab_size, info.divisible_by, trained_tp, info.path, info.tokenizer_model
-    )
+    tokenizer = SentencePieceTokenizer(_tokenizer_path(args, infos))
+    for each in infos:
+        trained_tp = int(each.args.get("tensor_model_parallel_size", each.layout.get("tensor", 1)))
+        perplexity.check_tokenizer(
+            tokenizer, each.padded_vocab_size, each.divisible_by, trained_tp, each.path, each.tokenizer_model
+        )
     if args.data_path:
         corpus = token_stream.corpus_from_prefix(args.data_path, tokenizer, args.max_documents)
         described = {"data_path": args.data_path}
@@ -100,52 +159,67 @@ def _run(args) -> None:
     with command.command_world(args.cpu) as world_size:
         checkpoint_info.check_world(world_size, tp, pp)
         model = checkpoint_info.build_model(info, tp, pp, bf16=False if args.fp32 else None, virtual_pipeline=virtual)
-        checkpoint_info.load_weights(model, info, verify=args.checkpoint_verify)
-        result = perplexity.evaluate(model, corpus, settings, pad=tokenizer.eod)
-        if command.rank() != 0:
-            return
-        report = {
-            "checkpoint": info.path,
-            "iteration": info.meta.get("iteration"),
-            "stage": info.progress.get("stage"),
-            "model": info.preset.name,
-            **described,
-            "tokenizer_model": tokenizer.model_path,
-            "layout": layout_of(tp, pp, world_size // (tp * pp), virtual),
-            "dtype": "float32" if args.fp32 or not info.bf16 else "bfloat16",
-            **result.to_dict(),
-            "bytes_counted": "UTF-8 bytes of the documents' text"
-            if args.input
-            else "UTF-8 bytes of the detokenized documents",
-            "scoring": "documents in order, each followed by EOD, after one leading EOD; every token (EODs "
-            "included) scored once",
-        }
-        if args.output_json:
-            atomic_file.write_json(args.output_json, report)
-        window = "non-overlapping"
-        if result.window == "sliding":
-            context = result.seq_length - result.stride + 1
-            window = f"sliding, stride {result.stride} (at least {context} tokens of context)"
-        print(
-            f"checkpoint: {info.path} ({report['stage']} stage, iteration {report['iteration']}, "
-            f"model {info.preset.name})"
-        )
-        print(
-            f"data: {args.data_path or ' '.join(args.input)}: {result.documents} documents, {result.bytes} bytes "
-            f"({report['bytes_counted']})"
-        )
-        virtual_text = f" V={virtual}" if virtual else ""
-        print(
-            f"windows: {window}, {result.seq_length} tokens; TP={tp} PP={pp}{virtual_text} "
-            f"DP={report['layout']['data']}"
-        )
-        print(f"tokens scored: {result.tokens} (EODs included) in {result.seconds:.1f} s")
-        print(
-            f"loss {result.loss:.4f} nats/token | perplexity {result.perplexity:.3f} | "
-            f"bits per byte {result.bits_per_byte:.4f}"
-        )
-        if args.output_json:
-            print(f"wrote {args.output_json}")
+        for index, each in enumerate(infos):
+            checkpoint_info.load_weights(model, each, verify=args.checkpoint_verify)
+            result = perplexity.evaluate(model, corpus, settings, pad=tokenizer.eod)
+            if command.rank() == 0:
+                output = args.output_json[index] if args.output_json else None
+                _report(
+                    args,
+                    each,
+                    result,
+                    described,
+                    tokenizer,
+                    layout_of(tp, pp, world_size // (tp * pp), virtual),
+                    output,
+                )
+
+
+def _report(args, info, result, described: dict, tokenizer, layout: dict, output) -> None:
+    """Print one checkpoint's results and, given ``output``, write them there as JSON (rank 0)."""
+    from megatron_patch.runtime import atomic_file
+
+    report = {
+        "checkpoint": info.path,
+        "iteration": info.meta.get("iteration"),
+        "stage": info.progress.get("stage"),
+        "model": info.preset.name,
+        **described,
+        "tokenizer_model": tokenizer.model_path,
+        "layout": layout,
+        "dtype": "float32" if args.fp32 or not info.bf16 else "bfloat16",
+        **result.to_dict(),
+        "bytes_counted": "UTF-8 bytes of the documents' text"
+        if args.input
+        else "UTF-8 bytes of the detokenized documents",
+        "scoring": "documents in order, each followed by EOD, after one leading EOD; every token (EODs "
+        "included) scored once",
+    }
+    if output:
+        atomic_file.write_json(output, report)
+    window = "non-overlapping"
+    if result.window == "sliding":
+        context = result.seq_length - result.stride + 1
+        window = f"sliding, stride {result.stride} (at least {context} tokens of context)"
+    print(
+        f"checkpoint: {info.path} ({report['stage']} stage, iteration {report['iteration']}, model {info.preset.name})"
+    )
+    print(
+        f"data: {args.data_path or ' '.join(args.input)}: {result.documents} documents, {result.bytes} bytes "
+        f"({report['bytes_counted']})"
+    )
+    virtual_text = f" V={layout['virtual_pipeline']}" if layout.get("virtual_pipeline") else ""
+    print(
+        f"windows: {window}, {result.seq_length} tokens; TP={layout['tensor']} PP={layout['pipeline']}"
+        f"{virtual_text} DP={layout['data']}"
+    )
+    print(f"tokens scored: {result.tokens} (EODs included) in {result.seconds:.1f} s")
+    print(
+        f"loss {result.loss:.4f} nats/token | perplexity {result.perplexity:.3f} | "
+        f"bits per byte {result.bits_per_byte:.4f}"
+    )
+    if output:
+        print(f"wrote {output}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -6,6 +6,7 @@ of the model (megatron's GPTModel, called directly), cross-entropy in float64
 import json
 import lzma
 import math
+import shutil
 
 import pytest
 import torch
@@ -113,6 +114,28 @@ def test_prefix_and_jsonl_of_the_same_documents_agree(trained, tiny_jsonl, tmp_p
     assert jsonl["bytes"] == prefix["bytes"]  # detokenizing gives the text back
 
 
+def test_several_checkpoints_in_one_call_equal_one_call_each(trained, tmp_path, capsys):
+    """--load A B with one --output-json each: one model build, the weights of each loaded in turn,
+    the same results (bit for bit) as a call per checkpoint."""
+    data = _write_jsonl(tmp_path / "eval.jsonl", TEXTS)
+    checkpoints = [trained["patch"], trained["final"]]
+    together = [tmp_path / "patch.json", tmp_path / "final.json"]
+    code, out, err = call(
+        evaluate, ["--cpu", "--load", *checkpoints, "--input", data, "--output-json", *together], capsys
+    )
+    assert code == 0, err
+    assert out.count("checkpoint: ") == 2 and all(f"wrote {path}" in out for path in together)
+    for checkpoint, output in zip(checkpoints, together):
+        alone = tmp_path / "alone.json"
+        code, _, err = call(evaluate, ["--cpu", "--load", checkpoint, "--input", data, "--output-json", alone], capsys)
+        assert code == 0, err
+        expected, got = json.load(open(alone)), json.load(open(output))
+        assert got["checkpoint"] == checkpoint and got["loss_sum_nats"] == expected["loss_sum_nats"]
+        assert {k: v for k, v in got.items() if k != "seconds"} == {k: v for k, v in expected.items() if k != "seconds"}
+    first, second = (json.load(open(path)) for path in together)
+    assert first["stage"] == "patch" and second["stage"] == "token" and first["loss"] != second["loss"]
+
+
 def _tokenizer(tmp_path, texts, vocab):
     corpus = _write_jsonl(tmp_path / f"tok{vocab}.jsonl", texts)
     prefix = tmp_path / f"tok{vocab}"
@@ -125,6 +148,17 @@ def _tokenizer(tmp_path, texts, vocab):
 def other_texts(tiny_jsonl):
     with lzma.open(tiny_jsonl, "rt", encoding="utf-8") as f:
         return [json.loads(line)["text"] for line in list(f)[-8:]]
+
+
+def _with_other_length(trained, folder):
+    """A copy of the final checkpoint whose metadata says it was trained at T=64 (another model to
+    build than the original's T=32), for the several-checkpoints error."""
+    copy = folder / "other_length"
+    shutil.copytree(trained["final"], copy)
+    meta = json.loads((copy / "megatron_patch.json").read_text())
+    meta["args"]["seq_length"] = 2 * SEQ
+    (copy / "megatron_patch.json").write_text(json.dumps(meta))
+    return copy
 
 
 BAD = {
@@ -146,6 +180,17 @@ BAD = {
     "tp-heads": (
         lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl", "--tensor-model-parallel-size", "3"],
         "does not divide the 4 attention heads",
+    ),
+    "outputs-per-checkpoint": (
+        lambda t, p, o: ["--load", t["patch"], t["final"], "--input", p / "d.jsonl"],
+        "--output-json: 1 file(s) for 2 --load checkpoint(s); give one per checkpoint",
+    ),
+    "two-models-in-one-call": (
+        lambda t, p, o: [
+            *("--load", t["final"], _with_other_length(t, p), "--input", p / "d.jsonl"),
+            *("--output-json", p / "final.json", p / "other.json"),  # one each (replaces the test's one)
+        ],
+        f"its model (preset tiny, T={2 * SEQ}, 576 vocabulary rows, fp32) is not",
     ),
     "other-shape": (
         lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl", "--model", "cpu-small"],
