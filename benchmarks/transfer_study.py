@@ -156,26 +156,17 @@ def _train_and_score(name: str, run: dict, flags: list, work: Path, data: dict) 
         seconds={stage: value["seconds"] for stage, value in summary["stages"].items()},
         tokens=summary["total_tokens"],
     )
-    for label, checkpoint in scored.items():
-        output = work / f"eval_{name}_{label}.json"
-        _step(
-            [
-                py,
-                "tools/evaluate.py",
-                "--cpu",
-                "--load",
-                checkpoint,
-                "--input",
-                data["heldout"],
-                "--tokenizer-model",
-                data["tokenizer"],
-                "--output-json",
-                output,
-            ],
-            output,
-            log,
-        )
-        result[f"loss_{label}"] = json.loads(output.read_text())["loss"]
+    outputs = {label: work / f"eval_{name}_{label}.json" for label in scored}
+    pending = [label for label in scored if not outputs[label].exists()]  # all of them in one call
+    _step(
+        [py, "tools/evaluate.py", "--cpu", "--load", *(scored[label] for label in pending)]
+        + ["--input", data["heldout"], "--tokenizer-model", data["tokenizer"], "--micro-batch-size", "32"]
+        + ["--output-json", *(outputs[label] for label in pending)],
+        outputs[(pending or list(scored))[-1]],
+        log,
+    )
+    for label in scored:
+        result[f"loss_{label}"] = json.loads(outputs[label].read_text())["loss"]
     print(f"== {name}: held-out loss {result['loss_final']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
     return result
 
