@@ -114,3 +114,35 @@ def run_case(case: Case, subprocess_mode: bool = False, timeout: float = 600) ->
         "problems": problems,
         "ok": not problems,
     }
+
+
+def run_matrix(
+    work: str, prefix: str, tokenizer: str, root: str, final: str, subprocess_mode: bool = False
+) -> List[dict]:
+    """Build the cases in ``work`` (``bad_input_cases.build_cases``: a good corpus ``prefix`` and its
+    ``tokenizer`` model, a finished run's ``root`` and its ``final`` checkpoint), run each, print one
+    row per case and a summary line; returns :func:`run_case`'s results."""
+    from benchmarks.bad_input_cases import build_cases
+
+    cases = build_cases(work, prefix, tokenizer, root, final)
+    print(f"bad-input matrix: {len(cases)} cases")
+    print("case                          tool                exit  result  error line")
+    results = []
+    for case in cases:
+        result = run_case(case, subprocess_mode=subprocess_mode)
+        results.append(result)
+        print(
+            f"{case.name:28s}  {case.tool:18s}  {str(result['exit']):>4s}  "
+            f"{'ok' if result['ok'] else ','.join(result['problems']):6s}  {result['line'][:160]}",
+            flush=True,
+        )
+    ok = sum(r["ok"] for r in results)
+    counts = {
+        kind: sum(any(p.startswith(kind) for p in r["problems"]) for r in results)
+        for kind in ("accepted", "traceback", "lines", "unnamed", "leftover", "timeout")
+    }
+    print(
+        f"bad inputs: {ok}/{len(results)} one-line errors naming the input with nothing left behind; "
+        + ", ".join(f"{kind} {count}" for kind, count in counts.items())
+    )
+    return results

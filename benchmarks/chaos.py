@@ -283,40 +283,6 @@ def run_trial(opts, index: int, rng: random.Random, references: dict) -> dict:
     return trial
 
 
-def run_bad_inputs(opts, reference: dict) -> List[dict]:
-    from benchmarks.bad_input_cases import build_cases
-    from benchmarks.bad_inputs import run_case
-
-    cases = build_cases(
-        os.path.join(opts.work_dir, "bad-inputs"),
-        opts.data_path,
-        opts.tokenizer_model,
-        reference["save"],
-        checkpoint_dir(reference["save"], ITERS),
-    )
-    print(f"bad-input matrix: {len(cases)} cases")
-    print("case                          tool                exit  result  error line")
-    results = []
-    for case in cases:
-        result = run_case(case, subprocess_mode=opts.bad_inputs_subprocess)
-        results.append(result)
-        print(
-            f"{case.name:28s}  {case.tool:18s}  {str(result['exit']):>4s}  "
-            f"{'ok' if result['ok'] else ','.join(result['problems']):6s}  {result['line'][:160]}",
-            flush=True,
-        )
-    ok = sum(r["ok"] for r in results)
-    counts = {
-        kind: sum(any(p.startswith(kind) for p in r["problems"]) for r in results)
-        for kind in ("accepted", "traceback", "lines", "unnamed", "leftover", "timeout")
-    }
-    print(
-        f"bad inputs: {ok}/{len(results)} one-line errors naming the input with nothing left behind; "
-        + ", ".join(f"{kind} {count}" for kind, count in counts.items())
-    )
-    return results
-
-
 def layout_list(text: str) -> List[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in LAYOUTS]
@@ -390,7 +356,14 @@ def _chaos(argv: List[str]) -> int:
         f"and final checkpoint; SIGTERM: {sum(bool(t.get('workers_saved')) for t in sigterms)}/{len(sigterms)} "
         f"saved on every rank at the stop step"
     )
-    matrix = run_bad_inputs(opts, references["tp1"]) if opts.bad_inputs else []
+    matrix = []
+    if opts.bad_inputs:
+        from benchmarks.bad_inputs import run_matrix
+
+        reference = references["tp1"]["save"]
+        work = os.path.join(opts.work_dir, "bad-inputs")
+        final = checkpoint_dir(reference, ITERS)
+        matrix = run_matrix(work, opts.data_path, opts.tokenizer_model, reference, final, opts.bad_inputs_subprocess)
     failed += [case for case in matrix if not case["ok"]]
     if opts.output_json:
         write_json(
