@@ -159,9 +159,11 @@ def _run(args) -> None:
     with command.command_world(args.cpu) as world_size:
         checkpoint_info.check_world(world_size, tp, pp)
         model = checkpoint_info.build_model(info, tp, pp, bf16=False if args.fp32 else None, virtual_pipeline=virtual)
+        results = []
         for index, each in enumerate(infos):
             checkpoint_info.load_weights(model, each, verify=args.checkpoint_verify)
             result = perplexity.evaluate(model, corpus, settings, pad=tokenizer.eod)
+            results.append(result)
             if command.rank() == 0:
                 output = args.output_json[index] if args.output_json else None
                 _report(
@@ -173,6 +175,8 @@ def _run(args) -> None:
                     layout_of(tp, pp, world_size // (tp * pp), virtual),
                     output,
                 )
+        if command.rank() == 0 and len(infos) > 1:
+            _comparison(infos, results)
 
 
 def _report(args, info, result, described: dict, tokenizer, layout: dict, output) -> None:
@@ -220,6 +224,16 @@ def _report(args, info, result, described: dict, tokenizer, layout: dict, output
     )
     if output:
         print(f"wrote {output}")
+
+
+def _comparison(infos: list, results: list) -> None:
+    """One table of the checkpoints evaluated in this call, on the same tokens (rank 0)."""
+    print(f"\n{'checkpoint':<60s} {'stage':>6s} {'iteration':>9s} {'loss':>8s} {'perplexity':>11s} {'bits/byte':>9s}")
+    for info, result in zip(infos, results):
+        print(
+            f"{info.path[-60:]:<60s} {str(info.progress.get('stage')):>6s} {str(info.meta.get('iteration')):>9s} "
+            f"{result.loss:8.4f} {result.perplexity:11.3f} {result.bits_per_byte:9.4f}"
+        )
 
 
 def main(argv: Optional[List[str]] = None) -> int:

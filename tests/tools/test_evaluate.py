@@ -134,6 +134,11 @@ def test_several_checkpoints_in_one_call_equal_one_call_each(trained, tmp_path, 
         assert {k: v for k, v in got.items() if k != "seconds"} == {k: v for k, v in expected.items() if k != "seconds"}
     first, second = (json.load(open(path)) for path in together)
     assert first["stage"] == "patch" and second["stage"] == "token" and first["loss"] != second["loss"]
+    table = out[out.index("\ncheckpoint ") :].splitlines()[2:]  # the closing comparison, one row each
+    assert [row.split()[:4] for row in table] == [
+        [result["checkpoint"][-60:], result["stage"], str(result["iteration"]), f"{result['loss']:.4f}"]
+        for result in (first, second)
+    ]
 
 
 def _tokenizer(tmp_path, texts, vocab):
