@@ -33,11 +33,12 @@ CORPUS = REPO / "examples" / "data" / "tiny.jsonl.xz"
 HELD_OUT_EVERY = 10  # every 10th document (after a seeded shuffle) is held out for evaluation
 SEED = 1234
 PATCH_SIZE, PATCH_FRACTION = 4, 2 / 3
+EVAL_MICRO_BATCH = 32  # windows; at evaluate.py's default of 4 a CPU evaluation is mostly gloo calls
 
 
 def settings(reduced: bool) -> dict:
     """Model, tokenizer vocabulary, T (tokens), steps of both stages together, warmup steps, peak lr,
-    held-out documents evaluated (None: all), windows per evaluation micro-batch."""
+    held-out documents evaluated (None: all)."""
     if reduced:  # 3 of the 10 held-out documents (~24k tokens, about what the runs train on)
         return {
             "model": "tiny",
@@ -47,7 +48,6 @@ def settings(reduced: bool) -> dict:
             "warmup": 4,
             "lr": "2e-3",
             "eval_documents": 3,
-            "eval_micro_batch": 32,
         }
     return {
         "model": "cpu-small",
@@ -57,7 +57,6 @@ def settings(reduced: bool) -> dict:
         "warmup": 20,
         "lr": "2e-3",
         "eval_documents": None,
-        "eval_micro_batch": 32,  # evaluate.py's default 4 spends most of a CPU evaluation in gloo calls
     }
 
 
@@ -232,7 +231,7 @@ def main(argv=None) -> int:
         _torchrun(2)
         + ["tools/evaluate.py", "--cpu", "--load", *(runs[name] for name in pending)]
         + ["--input", data["heldout"], "--tokenizer-model", data["tokenizer"], "--tensor-model-parallel-size", "2"]
-        + ["--micro-batch-size", s["eval_micro_batch"], "--output-json", *(outputs[name] for name in pending)]
+        + ["--micro-batch-size", EVAL_MICRO_BATCH, "--output-json", *(outputs[name] for name in pending)]
         + (["--max-documents", s["eval_documents"]] if s["eval_documents"] else []),
         outputs[(pending or evaluated)[-1]],
     )

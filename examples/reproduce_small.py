@@ -236,9 +236,9 @@ def main(argv=None) -> int:
             ("valid", data_dir / "valid.jsonl.xz"),
             ("wikitext103", data_dir / "wikitext103_test.jsonl.xz"),
         ):  # every run of the seed in one call per data set: one model build, the runs' weights in turn
-            folders = [run_folder(name, seed) for name in names]
-            outputs = {folder: work / f"eval_{folder}_{data_name}.json" for folder in folders}
-            pending = [folder for folder in folders if not outputs[folder].exists()]
+            run_folders = [run_folder(name, seed) for name in names]
+            outputs = {folder: work / f"eval_{folder}_{data_name}.json" for folder in run_folders}
+            pending = [folder for folder in run_folders if not outputs[folder].exists()]
             command = [py, "tools/evaluate.py", "--load", *(work / folder for folder in pending)]
             command += ["--input", data_file, "--tokenizer-model", tokenizer]
             command += ["--output-json", *(outputs[folder] for folder in pending)] + (["--cpu"] if args.cpu else [])
@@ -246,7 +246,8 @@ def main(argv=None) -> int:
                 command += ["--max-documents", s["max_documents"]]
             if s["eval_mbs"]:
                 command += ["--micro-batch-size", s["eval_mbs"]]
-            _run(f"evaluate {', '.join(pending or folders)} on {data_name}", command, outputs[(pending or folders)[-1]])
+            done = outputs[(pending or run_folders)[-1]]
+            _run(f"evaluate {', '.join(pending or run_folders)} on {data_name}", command, done)
     write_report(work, names, seeds)
     return 0
 
