@@ -68,9 +68,8 @@ def _model_of(info) -> str:
     return f"preset {info.preset.name}, T={info.seq_length}, {info.padded_vocab_size} vocabulary rows, {dtype}"
 
 
-def _read_checkpoints(args) -> list:
-    """The ``--load`` checkpoints' infos, checked to share one model and to match ``--output-json``."""
-    from megatron_patch.checkpoint import info as checkpoint_info
+def _check_outputs(args) -> None:
+    """``--output-json``: one file per ``--load`` checkpoint, each distinct, in existing folders."""
     from megatron_patch.errors import ArgumentError
 
     if args.output_json and len(args.output_json) != len(args.load):
@@ -85,6 +84,13 @@ def _read_checkpoints(args) -> list:
         raise ArgumentError(
             f"--output-json {' '.join(args.output_json)}: a file is named twice; name one per checkpoint"
         )
+
+
+def _read_checkpoints(args) -> list:
+    """The ``--load`` checkpoints' infos, checked to share one model."""
+    from megatron_patch.checkpoint import info as checkpoint_info
+    from megatron_patch.errors import ArgumentError
+
     infos = [checkpoint_info.read_checkpoint(path, "--load", args.model) for path in args.load]
     first = infos[0]
     for info in infos[1:]:
@@ -129,6 +135,7 @@ def _run(args) -> None:
         raise ArgumentError(f"--json-keys {' '.join(args.json_keys)}: evaluate one key at a time")
     if args.max_documents is not None and args.max_documents < 1:
         raise ArgumentError(f"--max-documents {args.max_documents} must be >= 1")
+    _check_outputs(args)
     infos = _read_checkpoints(args)
     info = infos[0]  # the model every checkpoint shares
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -159,6 +166,7 @@ def _run(args) -> None:
     with command.command_world(args.cpu) as world_size:
         checkpoint_info.check_world(world_size, tp, pp)
         model = checkpoint_info.build_model(info, tp, pp, bf16=False if args.fp32 else None, virtual_pipeline=virtual)
+        layout = layout_of(tp, pp, world_size // (tp * pp), virtual)
         results = []
         for index, each in enumerate(infos):
             checkpoint_info.load_weights(model, each, verify=args.checkpoint_verify)
@@ -166,15 +174,7 @@ def _run(args) -> None:
             results.append(result)
             if command.rank() == 0:
                 output = args.output_json[index] if args.output_json else None
-                _report(
-                    args,
-                    each,
-                    result,
-                    described,
-                    tokenizer,
-                    layout_of(tp, pp, world_size // (tp * pp), virtual),
-                    output,
-                )
+                _report(args, each, result, described, tokenizer, layout, output)
         if command.rank() == 0 and len(infos) > 1:
             _comparison(infos, results)
 
