@@ -153,9 +153,13 @@ def _run(args) -> None:
         )
     tokenizer = SentencePieceTokenizer(_tokenizer_path(args, infos))
     for each in infos:
-        trained_tp = int(each.args.get("tensor_model_parallel_size", each.layout.get("tensor", 1)))
         perplexity.check_tokenizer(
-            tokenizer, each.padded_vocab_size, each.divisible_by, trained_tp, each.path, each.tokenizer_model
+            tokenizer,
+            each.padded_vocab_size,
+            each.divisible_by,
+            each.trained_tensor_parallel,
+            each.path,
+            each.tokenizer_model,
         )
     if args.data_path:
         corpus = token_stream.corpus_from_prefix(args.data_path, tokenizer, args.max_documents)

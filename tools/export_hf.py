@@ -75,8 +75,14 @@ def _run(args) -> None:
     if not tokenizer_path:
         raise ArgumentError(f"checkpoint {info.path} records no tokenizer: pass --tokenizer-model")
     tokenizer = SentencePieceTokenizer(tokenizer_path)
-    trained_tp = int(info.args.get("tensor_model_parallel_size", info.layout.get("tensor", 1)))
-    check_tokenizer(tokenizer, info.padded_vocab_size, info.divisible_by, trained_tp, info.path, info.tokenizer_model)
+    check_tokenizer(
+        tokenizer,
+        info.padded_vocab_size,
+        info.divisible_by,
+        info.trained_tensor_parallel,
+        info.path,
+        info.tokenizer_model,
+    )
     if info.progress.get("stage") == "patch":
         logger.warning(
             "%s is a patch-stage checkpoint: its weights predict the next patch, not the next token; "

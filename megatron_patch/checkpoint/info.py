@@ -67,6 +67,12 @@ class CheckpointInfo:
         return int(self.args.get("make_vocab_size_divisible_by", 128))
 
     @property
+    def trained_tensor_parallel(self) -> int:
+        """The TP the checkpoint was saved at (its args, else its layout; 1 when it records neither):
+        with :attr:`divisible_by`, the multiple its vocabulary was padded to."""
+        return int(self.args.get("tensor_model_parallel_size", self.layout.get("tensor", 1)))
+
+    @property
     def transformer_impl(self) -> str:
         return self.args.get("transformer_impl", "auto")
 
