@@ -55,7 +55,6 @@ class ConversionPlan:
     tensor_parallel: int
     pipeline_parallel: int
     tolerance: float = 1e-3
-    force: bool = False
     make_vocab_size_divisible_by: Optional[int] = None  # default: the source run's
     tokenizer_vocab_size: Optional[int] = None
     verify: bool = True  # check the source's files against its manifest before loading
@@ -294,11 +293,10 @@ def plan_from_flags(
         final,
         tensor_parallel,
         pipeline_parallel,
-        tolerance,
-        force,
-        make_vocab_size_divisible_by,
-        vocab,
-        verify,
-        virtual_pipeline,
-        layers_per_virtual_stage,
+        tolerance=tolerance,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        tokenizer_vocab_size=vocab,
+        verify=verify,
+        virtual_pipeline=virtual_pipeline,
+        layers_per_virtual_stage=layers_per_virtual_stage,
     )
