@@ -103,30 +103,11 @@ def _read_checkpoints(args) -> list:
     return infos
 
 
-def _tokenizer_path(args, infos) -> str:
-    """``--tokenizer-model``, else the one tokenizer the checkpoints were trained with."""
-    from megatron_patch.errors import ArgumentError
-
-    if args.tokenizer_model:
-        return args.tokenizer_model
-    recorded = {info.tokenizer_model for info in infos}
-    if None in recorded or "" in recorded:
-        first = next(info for info in infos if not info.tokenizer_model)
-        raise ArgumentError(f"checkpoint {first.path} records no tokenizer: pass --tokenizer-model")
-    if len(recorded) > 1:
-        raise ArgumentError(
-            f"--load: the checkpoints were trained with different tokenizers ({', '.join(sorted(recorded))}); "
-            "pass --tokenizer-model, or evaluate them in separate calls"
-        )
-    return recorded.pop()
-
-
 def _run(args) -> None:
     import logging
 
     from megatron_patch.checkpoint import info as checkpoint_info
     from megatron_patch.checkpoint.store import layout_of
-    from megatron_patch.data.tokenizer import SentencePieceTokenizer
     from megatron_patch.errors import ArgumentError
     from megatron_patch.evaluation import perplexity, token_stream
     from megatron_patch.runtime import command
@@ -151,7 +132,7 @@ def _run(args) -> None:
             settings.seq_length,
             info.seq_length,
         )
-    tokenizer = SentencePieceTokenizer(_tokenizer_path(args, infos))
+    tokenizer = checkpoint_info.load_tokenizer(infos, args.tokenizer_model)
     for each in infos:
         perplexity.check_tokenizer(
             tokenizer,

@@ -57,7 +57,6 @@ def _run(args) -> None:
 
     from megatron_patch.checkpoint import info as checkpoint_info
     from megatron_patch.conversion import hf_export
-    from megatron_patch.data.tokenizer import SentencePieceTokenizer
     from megatron_patch.errors import ArgumentError, VerificationError
     from megatron_patch.evaluation.logits import fixed_tokens, forward_logits
     from megatron_patch.evaluation.perplexity import check_tokenizer
@@ -71,10 +70,7 @@ def _run(args) -> None:
     info = checkpoint_info.read_checkpoint(args.load, "--load", args.model)
     hf_export.check_architecture_args(info)
     final = check_output_folder(args.save, args.force, "--save")
-    tokenizer_path = args.tokenizer_model or info.tokenizer_model
-    if not tokenizer_path:
-        raise ArgumentError(f"checkpoint {info.path} records no tokenizer: pass --tokenizer-model")
-    tokenizer = SentencePieceTokenizer(tokenizer_path)
+    tokenizer = checkpoint_info.load_tokenizer([info], args.tokenizer_model)
     check_tokenizer(
         tokenizer,
         info.padded_vocab_size,

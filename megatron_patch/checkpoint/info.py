@@ -8,7 +8,7 @@ tools never ask for flags the checkpoint already records. A ``--model`` given an
 import logging
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -16,7 +16,7 @@ from megatron_patch.architecture.build import ModelSettings, build_model_chunks
 from megatron_patch.architecture.presets import ModelPreset, get_preset
 from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as ckpt
-from megatron_patch.errors import ArgumentError, CheckpointError
+from megatron_patch.errors import ArgumentError, CheckpointError, DataError
 from megatron_patch.runtime import cpu_mode, parallel
 
 logger = logging.getLogger(__name__)
@@ -110,6 +110,40 @@ def read_checkpoint(path: str, flag: str = "--load", model: Optional[str] = None
         logger.warning("--model %s has the shape of the checkpoint's preset %s", model, preset.name)
     seq_length = int(args.get("seq_length") or preset.seq_length)
     return CheckpointInfo(found, meta, preset, seq_length, vocab_size, bool(args.get("bf16", False)))
+
+
+def load_tokenizer(infos: Sequence[CheckpointInfo], tokenizer_model: Optional[str] = None):
+    """The SentencePiece tokenizer of the checkpoints ``infos``: ``tokenizer_model`` (the tool's
+    ``--tokenizer-model``), else the one they were all trained with.
+
+    Raises ``ArgumentError`` when a checkpoint records no tokenizer or they record different ones,
+    and ``DataError`` for a file that cannot be read; when that file is the recorded one (the usual
+    cause: the checkpoint was copied to another machine, or the tokenizer moved), the line names
+    the checkpoint and says to pass the tokenizer's path with ``--tokenizer-model``.
+    """
+    from megatron_patch.data.tokenizer import SentencePieceTokenizer
+
+    if tokenizer_model:
+        return SentencePieceTokenizer(tokenizer_model)
+    for info in infos:
+        if not info.tokenizer_model:
+            raise ArgumentError(f"checkpoint {info.path} records no tokenizer: pass --tokenizer-model")
+    recorded = sorted({info.tokenizer_model for info in infos})
+    if len(recorded) > 1:
+        raise ArgumentError(
+            f"--load: the checkpoints were trained with different tokenizers ({', '.join(recorded)}); "
+            "pass --tokenizer-model, or evaluate them in separate calls"
+        )
+    path, checkpoint = recorded[0], infos[0].path
+    if not os.path.isfile(path):
+        raise DataError(
+            f"tokenizer {path}, recorded in checkpoint {checkpoint}, does not exist (it moved, or the checkpoint "
+            f"was copied from another machine): pass the tokenizer's path with --tokenizer-model"
+        )
+    try:
+        return SentencePieceTokenizer(path)
+    except DataError as error:
+        raise DataError(f"checkpoint {checkpoint}'s tokenizer: {error}") from None
 
 
 def _divisors(n: int) -> str:

@@ -273,21 +273,13 @@ def plan_from_flags(
     virtual_pipeline: Optional[int] = None,
     layers_per_virtual_stage: Optional[int] = None,
 ) -> ConversionPlan:
-    """Check the flags against the source checkpoint (no distributed call); ArgumentError/CheckpointError."""
-    from megatron_patch.data.tokenizer import SentencePieceTokenizer
-
+    """Check the flags against the source checkpoint and its tokenizer (no distributed call);
+    ArgumentError/CheckpointError/DataError."""
     info = checkpoint_info.read_checkpoint(load, "--load", model)
     final = check_output_folder(save, force, "--save")
-    tokenizer_path = tokenizer_model or info.tokenizer_model
-    if not tokenizer_path:
-        raise ArgumentError(f"checkpoint {info.path} records no tokenizer: pass --tokenizer-model")
     if make_vocab_size_divisible_by is not None and make_vocab_size_divisible_by < 1:
         raise ArgumentError(f"--make-vocab-size-divisible-by {make_vocab_size_divisible_by} must be >= 1")
-    try:
-        vocab = SentencePieceTokenizer(tokenizer_path).vocab_size
-    except ValueError as error:
-        hint = "" if tokenizer_model else " (recorded in the checkpoint's args; pass --tokenizer-model if it moved)"
-        raise ArgumentError(f"{error}{hint}") from None
+    vocab = checkpoint_info.load_tokenizer([info], tokenizer_model).vocab_size
     return ConversionPlan(
         info,
         final,

@@ -25,6 +25,8 @@ from collections import OrderedDict
 import sentencepiece
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from megatron_patch.errors import DataError
+
 
 class SentencePieceTokenizer(MegatronTokenizerBase):
     """Tokenizer over a SentencePiece ``.model`` file, usable as ``GPTDatasetConfig.tokenizer``.
@@ -33,8 +35,8 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
         model_path: path to the ``.model`` file.
 
     Raises:
-        ValueError: the file is missing or unreadable, is not a SentencePiece model, or has no
-            eos piece (one-line message naming the path and the fix).
+        DataError: the file is missing or unreadable, is not a SentencePiece model, or has no
+            eos piece (one-line message naming the path and the fix; a ``ValueError`` too).
     """
 
     def __init__(self, model_path: str) -> None:
@@ -44,7 +46,7 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
             with open(model_path, "rb") as stream:
                 proto = stream.read()
         except OSError as err:
-            raise ValueError(
+            raise DataError(
                 f"cannot read tokenizer model '{model_path}': {err.strerror}; pass the .model "
                 f"file written by tools/train_tokenizer.py (--tokenizer-model)"
             ) from None
@@ -55,12 +57,12 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
         try:
             processor.LoadFromSerializedProto(proto)
         except Exception:  # sentencepiece raises RuntimeError or OSError, depending on version
-            raise ValueError(
+            raise DataError(
                 f"tokenizer model '{model_path}' is not a SentencePiece model; pass the .model "
                 f"file written by tools/train_tokenizer.py (--tokenizer-model)"
             ) from None
         if processor.eos_id() < 0:
-            raise ValueError(
+            raise DataError(
                 f"tokenizer model '{model_path}' has no eos piece to use as end of document; "
                 f"train one with tools/train_tokenizer.py (it defines </s> as id 2)"
             )

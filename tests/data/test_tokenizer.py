@@ -45,14 +45,18 @@ def test_pickle_round_trip(tokenizer):
 
 
 @pytest.mark.parametrize("content", [None, b"not a sentencepiece model"])
-def test_unreadable_model_is_a_value_error_naming_the_path(tmp_path, content):
+def test_unreadable_model_is_a_data_error_naming_the_path(tmp_path, content):
+    """A DataError (the tools report it as one line, exit code 2), still a ValueError for callers
+    that catch that."""
     from megatron_patch.data.tokenizer import SentencePieceTokenizer
+    from megatron_patch.errors import DataError
 
     path = tmp_path / "broken.model"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(DataError) as info:
         SentencePieceTokenizer(str(path))
+    assert isinstance(info.value, ValueError)
     message = str(info.value)
     assert str(path) in message and "tools/train_tokenizer.py" in message
     assert "\n" not in message
