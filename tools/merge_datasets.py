@@ -10,7 +10,14 @@ Examples::
 name order (``x_2`` before ``x_10``). ``--output-prefix`` is the full prefix of the merged pair;
 its folder must exist. The merged pair is written under temporary names and renamed when
 complete. Documents keep their order, so merging the shards of
-``tools/preprocess_data.py --partitions N`` gives the same bytes as a run without partitions.
+``tools/preprocess_data.py --partitions N --no-merge-partitions`` gives the same bytes as a run
+without partitions (without ``--no-merge-partitions`` that tool merges its shards itself).
+
+A folder must hold one corpus: it is refused when it holds partition shards next to their
+merge (``x_0_text_document`` ... and ``x_text_document``: every document would be merged twice)
+or pairs of several JSON keys (``x_text_document`` and ``x_title_document``); pass the prefixes
+explicitly then. The report counts documents (index entries, empty ones included), sequences
+(what GPT training samples: one per document with tokens) and tokens.
 """
 
 from __future__ import annotations
@@ -37,14 +44,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_inputs(inputs: list[str], output_prefix: str) -> list[str]:
-    """Prefixes to merge: the given ones, or the pairs found in one folder (minus the output)."""
-    from megatron_patch.data.indexed import check_prefix, prefixes_in_folder
+    """Prefixes to merge: the given ones, or the pairs found in one folder (minus the output),
+    which must be one corpus (``check_one_corpus``)."""
+    from megatron_patch.data.indexed import check_one_corpus, check_prefix, prefixes_in_folder
 
     if len(inputs) == 1 and os.path.isdir(inputs[0]):
         output = os.path.abspath(output_prefix)
         prefixes = [p for p in prefixes_in_folder(inputs[0]) if os.path.abspath(p) != output]
         if not prefixes:
             raise DataError(f"folder '{inputs[0]}' holds no .bin/.idx pair to merge; check --input")
+        check_one_corpus(inputs[0], prefixes)
         return prefixes
     for prefix in inputs:
         if prefix.endswith((".bin", ".idx")):
@@ -70,10 +79,13 @@ def _merge(argv: list[str] | None) -> None:
     with StagedOutputs(folder, "merge_datasets") as staged:
         bin_path = staged.path(args.output_prefix + ".bin")
         idx_path = staged.path(args.output_prefix + ".idx")
-        documents, tokens = merge_datasets(prefixes, bin_path, idx_path)
-        verify_dataset(bin_path[: -len(".bin")], documents, tokens)
+        counts = merge_datasets(prefixes, bin_path, idx_path)
+        verify_dataset(bin_path[: -len(".bin")], counts.sequences, counts.tokens, counts.documents)
         paths = staged.commit()
-    print(f"merged {len(prefixes)} datasets: {documents} documents, {tokens} tokens")
+    print(
+        f"merged {len(prefixes)} datasets: {counts.documents} documents ({counts.empty} of them empty), "
+        f"{counts.sequences} sequences, {counts.tokens} tokens"
+    )
     for prefix in prefixes:
         print(f"  from {prefix}")
     print(f"wrote {' and '.join(paths)} in {time.time() - start:.1f} s")

@@ -83,10 +83,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def sample_sentences(args: argparse.Namespace) -> tuple[list[str], int, int]:
+def sample_sentences(args: argparse.Namespace) -> tuple[list[str], int, int, int]:
     """Reservoir-sample training lines.
 
     Returns (sentences, lines eligible, bad input lines skipped, lines too long for SentencePiece).
+    A bad input line (invalid UTF-8 or JSON, a lone surrogate escape, ...) stops the run with its
+    ``file:line`` unless ``--skip-bad-lines``.
     """
     files = expand_inputs(args.input)
     if any(f.format == "text" for f in files) and len(args.json_keys) > 1:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+from typing import NamedTuple
 
 import numpy
 from megatron.core.datasets.indexed_dataset import (
@@ -134,10 +135,75 @@ def prefixes_in_folder(folder: str) -> list[str]:
     return [os.path.join(folder, name) for name in sorted(names, key=natural_key)]
 
 
-def merge_datasets(prefixes: list[str], bin_path: str, idx_path: str) -> tuple[int, int]:
+def check_one_corpus(folder: str, prefixes: list[str]) -> None:
+    """DataError unless the pairs ``prefixes`` of ``folder`` can be merged as one corpus.
+
+    Refused, as each would put documents into the merge that do not belong there:
+
+    * partition shards next to their merge, ``P_{i}_K_document`` and ``P_K_document``
+      (``tools/preprocess_data.py --partitions`` writes both): every document twice;
+    * pairs of more than one JSON key (names ending in ``_text_document`` and
+      ``_title_document``): another field's texts as documents. The key is taken to be the last
+      ``_``-separated word before ``_document``; names without ``_document`` are not checked.
+
+    The fix in both cases is to pass the prefixes to merge explicitly.
+    """
+    names = {os.path.basename(prefix) for prefix in prefixes}
+    for name in sorted(names, key=natural_key):
+        if not name.endswith("_document"):
+            continue
+        # a shard without its "_{i}" is the name of the merge of the shards
+        for number in re.finditer(r"_\d+(?=_)", name):
+            merge = name[: number.start()] + name[number.end() :]
+            if merge in names:
+                shards = _shards_of(merge, names)
+                raise DataError(
+                    f"folder '{folder}' holds both the partition shards {shards[0]} .. {shards[-1]} "
+                    f"({len(shards)} pairs) and their merge {merge} (tools/preprocess_data.py --partitions "
+                    f"writes both), so every document would be merged twice; pass the prefixes to merge "
+                    f"explicitly (--input PREFIX [PREFIX ...]), or move the shards or the merge out of the folder"
+                )
+    keys: dict[str, str] = {}  # key -> first name with it
+    for name in sorted(names, key=natural_key):
+        key = re.fullmatch(r".*_([^_]+)_document", name)
+        if key:
+            keys.setdefault(key.group(1), name)
+    if len(keys) > 1:
+        shown = ", ".join(f"{name} (key '{key}')" for key, name in list(keys.items())[:3])
+        raise DataError(
+            f"folder '{folder}' holds pairs of {len(keys)} JSON keys ({shown}), whose documents would be "
+            f"merged into one dataset; pass the prefixes of one key explicitly (--input PREFIX [PREFIX ...]), "
+            f"or move the other keys' pairs out of the folder"
+        )
+
+
+def _shards_of(merge: str, names: set[str]) -> list[str]:
+    """Names in ``names`` that are a shard of ``merge`` (``merge`` with one ``_{i}`` inserted)."""
+    shards = []
+    for name in names:
+        for number in re.finditer(r"_\d+(?=_)", name):
+            if name[: number.start()] + name[number.end() :] == merge:
+                shards.append(name)
+                break
+    return sorted(shards, key=natural_key)
+
+
+class MergeCounts(NamedTuple):
+    """What :func:`merge_datasets` wrote. ``sequences``: entries of ``sequence_lengths``, the
+    samples GPT training draws from (one per document with tokens, as
+    ``tools/preprocess_data.py`` writes); ``tokens``: their tokens; ``documents``: entries of
+    ``document_indices`` minus one, ``empty`` of them without a sequence."""
+
+    sequences: int
+    tokens: int
+    documents: int
+    empty: int
+
+
+def merge_datasets(prefixes: list[str], bin_path: str, idx_path: str) -> MergeCounts:
     """Concatenate the pairs of ``prefixes`` (in order) into ``bin_path``/``idx_path``.
 
-    Returns ``(documents, tokens)`` of the result. All inputs must share one token dtype.
+    Returns the counts of the result. All inputs must share one token dtype.
     """
     if not prefixes:
         raise DataError("nothing to merge; pass at least one prefix or a folder with .bin/.idx")
@@ -154,7 +220,9 @@ def merge_datasets(prefixes: list[str], bin_path: str, idx_path: str) -> tuple[i
         builder.add_index(prefix)
     builder.finalize(idx_path)
     tokens = int(numpy.sum(builder.sequence_lengths, dtype=numpy.int64))
-    return len(builder.sequence_lengths), tokens
+    document_indices = numpy.asarray(builder.document_indices)  # [documents + 1] sequence offsets
+    empty = int(numpy.count_nonzero(numpy.diff(document_indices) == 0))
+    return MergeCounts(len(builder.sequence_lengths), tokens, len(document_indices) - 1, empty)
 
 
 def verify_dataset(prefix: str, sequences: int, tokens: int, documents: int | None = None) -> None:
