@@ -23,6 +23,7 @@ import io
 import json
 import lzma
 import os
+import re
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Sequence
 
@@ -31,6 +32,7 @@ from megatron_patch.errors import DataError
 FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text"}
 COMPRESSIONS = (".gz", ".xz", ".zst")
 _GLOB_CHARS = set("*?[")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,8 @@ def parse_line(raw: bytes, fmt: str, keys: Sequence[str]) -> dict[str, str]:
     """Decode one line into ``{key: text}``; :class:`BadLineError` if it cannot be used.
 
     ``fmt`` is ``json`` or ``text`` (then ``keys`` holds one key). Empty texts are returned as
-    ``""``; deciding what to do with them is the caller's business.
+    ``""``; deciding what to do with them is the caller's business. Every text returned is valid
+    Unicode (encodes to UTF-8): invalid bytes and lone surrogate escapes are bad lines.
     """
     try:
         line = raw.decode("utf-8")
@@ -205,6 +208,8 @@ def parse_line(raw: bytes, fmt: str, keys: Sequence[str]) -> dict[str, str]:
             f"a JSON {type(record).__name__} where an object was expected",
             "write one JSON object per line",
         )
+    # strict UTF-8 decoding refuses surrogates, so only a JSON escape (\uXXXX) can bring one in
+    escaped = "\\u" in line
     texts = {}
     for key in keys:
         if key not in record:
@@ -221,5 +226,19 @@ def parse_line(raw: bytes, fmt: str, keys: Sequence[str]) -> dict[str, str]:
                 f"key '{key}' holds a JSON {type(value).__name__}, not a string",
                 "store the text as a JSON string",
             )
+        if escaped:
+            _check_surrogates(key, value)
         texts[key] = value
     return texts
+
+
+def _check_surrogates(key: str, text: str) -> None:
+    """BadLineError for a lone surrogate in ``text``: JSON can spell one (``"\\ud800"``) although
+    it is no Unicode character, so no UTF-8 encoder (SentencePiece's included) takes the text."""
+    found = _SURROGATE.search(text)
+    if found:
+        raise BadLineError(
+            f"key '{key}' holds an invalid Unicode escape: the lone surrogate \\u{ord(found.group()):04x} at "
+            f"character {found.start()} of its text",
+            "remove it or write the intended character (a surrogate pair such as \\ud83d\\ude00 is valid)",
+        )

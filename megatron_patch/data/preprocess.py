@@ -117,37 +117,21 @@ class _Encoder:
                 continue
             results.append(("ok", len(texts)))
             texts.extend(record[key] for key in self.keys)
-        ids = self._encode_texts(texts)
+        # parse_line returns valid Unicode only (a lone surrogate escape is a bad line there)
+        ids = self.processor.encode(texts, out_type=int, num_threads=1) if texts else []
         out = []
         for result in results:
             if result[0] == "bad":
                 out.append(result)
                 continue
             first = result[1]
-            parts = ids[first : first + len(self.keys)]
-            if any(p is None for p in parts):
-                out.append(("bad", "text holds an invalid Unicode escape", "fix or remove it"))
-                continue
             arrays = []
-            for part in parts:
+            for part in ids[first : first + len(self.keys)]:
                 if part and self.append_eod:
                     part = part + [self.eod]
                 arrays.append(numpy.asarray(part, dtype=self.dtype))
             out.append(("ok", arrays))
         return out
-
-    def _encode_texts(self, texts: list[str]) -> list[list[int] | None]:
-        """Token ids per text; None for a text that cannot be encoded (lone surrogates)."""
-        try:
-            return self.processor.encode(texts, out_type=int, num_threads=1)
-        except (UnicodeEncodeError, TypeError, RuntimeError):
-            out = []
-            for text in texts:
-                try:
-                    out.append(self.processor.encode(text, out_type=int))
-                except (UnicodeEncodeError, TypeError, RuntimeError):
-                    out.append(None)
-            return out
 
 
 _WORKER_ENCODER: _Encoder | None = None
