@@ -63,7 +63,8 @@ def init_model_parallel(
     virtual_pipeline_parallel: Optional[int] = None,
     seed: int = 1234,
 ) -> None:
-    """(Re)build megatron's model-parallel groups and seed every RNG stream.
+    """(Re)build megatron's model-parallel groups and seed every RNG stream (``seed_all``: each
+    pipeline stage from its own seed).
 
     The world size must be a multiple of ``tensor_parallel * pipeline_parallel``; the rest is data
     parallelism. ``virtual_pipeline_parallel``: V model chunks per pipeline rank (None: one, the
@@ -203,13 +204,27 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+PIPELINE_SEED_STRIDE = 100  # Megatron-LM's _set_random_seed: seed + 100 x pipeline rank
+
+
 def seed_all(seed: int) -> None:
-    """Seed torch (CPU and CUDA) and megatron's model-parallel RNG tracker."""
+    """Seed torch (CPU and CUDA) and megatron's model-parallel RNG tracker for this rank.
+
+    Each pipeline stage draws from its own streams, seeded ``seed + 100 * pipeline rank`` as in
+    Megatron-LM (its ``_set_random_seed``); otherwise every stage would initialise its layers from
+    the same random numbers. Tensor- and data-parallel ranks of one stage share the seed (megatron's
+    tracker then offsets the tensor-parallel stream per TP rank). Call after megatron's groups exist
+    (``init_model_parallel`` does); without them the rank counts as pipeline rank 0.
+    """
+    pipeline_rank = 0
+    if parallel_state.model_parallel_is_initialized():
+        pipeline_rank = parallel_state.get_pipeline_model_parallel_rank()
+    stage_seed = seed + PIPELINE_SEED_STRIDE * pipeline_rank
     if cpu_mode.is_enabled():
-        cpu_mode.seed_model_parallel_rng(seed)
+        cpu_mode.seed_model_parallel_rng(stage_seed)
     else:
-        torch.manual_seed(seed)
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        torch.manual_seed(stage_seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
 
 
 @contextlib.contextmanager
