@@ -233,19 +233,23 @@ def distributed_world(cpu: bool, timeout_minutes: int = 30) -> Iterator[int]:
 
     A group this call created is torn down at the end, megatron's model-parallel state with it; a
     group that already existed (a test session, a tool called from another tool) is left alone.
+    In CPU mode every ``torch.compile``'d function (megatron's ``jit_fuser``: the opt-in fusions)
+    runs eagerly inside the context, also those wrapped at import, before it began, and those
+    already compiled: torch's ``force_eager`` stance, restored at the end.
     Raises ArgumentError when the world cannot be formed (no GPU without CPU mode, CPU mode beside
     a GPU).
     """
     owns_process_group = not dist.is_initialized()
-    if cpu:
-        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    init_distributed(cpu=cpu, timeout_minutes=timeout_minutes)
-    try:
-        yield dist.get_world_size()
-    finally:
-        if owns_process_group and dist.is_initialized():
-            # destroying the world shuts every group down, in torch's own order (NCCL's abort was
-            # collective in some versions), so megatron's groups are only forgotten here
-            if parallel_state.model_parallel_is_initialized():
-                parallel_state.destroy_model_parallel()
-            dist.destroy_process_group()
+    # TORCHDYNAMO_DISABLE set here would come too late: it only acts when torch.compile wraps a function
+    eager = torch.compiler.set_stance("force_eager") if cpu else contextlib.nullcontext()
+    with eager:
+        init_distributed(cpu=cpu, timeout_minutes=timeout_minutes)
+        try:
+            yield dist.get_world_size()
+        finally:
+            if owns_process_group and dist.is_initialized():
+                # destroying the world shuts every group down, in torch's own order (NCCL's abort was
+                # collective in some versions), so megatron's groups are only forgotten here
+                if parallel_state.model_parallel_is_initialized():
+                    parallel_state.destroy_model_parallel()
+                dist.destroy_process_group()

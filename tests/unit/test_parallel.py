@@ -8,18 +8,21 @@ import textwrap
 from tests.conftest import REPO_ROOT
 
 
-def _python(code, **env):
-    full_env = dict(os.environ, TORCHDYNAMO_DISABLE="1", **env)
+def _python(code, argv=(), timeout=120, **env):
+    """Run ``code`` in a fresh interpreter (``argv``: its sys.argv[1:]); ``env`` adds variables, a
+    None value removes one (TORCHDYNAMO_DISABLE=1 unless told otherwise)."""
+    full_env = dict(os.environ, **{"TORCHDYNAMO_DISABLE": "1", **env})
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         if name not in env:
             full_env.pop(name, None)
+    full_env = {name: value for name, value in full_env.items() if value is not None}
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [sys.executable, "-c", textwrap.dedent(code), *argv],
         cwd=REPO_ROOT,
         env=full_env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
 
 
@@ -82,3 +85,36 @@ def test_rebuilding_the_layout_releases_the_old_groups(model_parallel):
     for _ in range(3):
         model_parallel(1, 1)
     assert len(os.listdir("/proc/self/task")) <= threads_after_first
+
+
+def test_cpu_mode_trainer_runs_compiled_functions_eagerly(tiny_corpus):
+    """``--cpu`` with every opt-in fusion, in a process started without TORCHDYNAMO_DISABLE: megatron's
+    ``jit_fuser`` wrapped the fused functions in torch.compile at import, yet nothing is compiled
+    (CPU mode is eager, so its results are the eager functions' bit for bit) while the fused RoPE
+    does run."""
+    from tests.training.common import trainer_args
+
+    fusions = ["--rope-fusion", "--bias-swiglu-fusion", "--cross-entropy-fusion"]
+    result = _python(
+        """
+        import sys
+        import torch
+        from megatron_patch.architecture import attention
+        from megatron_patch.training import cli
+        assert hasattr(attention.apply_rotary, "_torchdynamo_orig_callable"), "jit_fuser did not compile it"
+        calls = []
+        fused = attention.apply_rotary
+        attention.apply_rotary = lambda *args: calls.append(1) or fused(*args)
+        code = cli.main(sys.argv[1:])
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        print("exit", code, "fused RoPE calls", len(calls), "compiled graphs", graphs)
+    """,
+        argv=trainer_args(tiny_corpus, None, *fusions, "--eval-iters", "0", train_iters=3),
+        timeout=600,
+        TORCHDYNAMO_DISABLE=None,
+        OMP_NUM_THREADS="1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith("exit 0 fused RoPE calls ") and line.endswith(" compiled graphs 0"), line
+    assert int(line.split()[5]) > 0, line
