@@ -122,8 +122,45 @@ def open_binary(file: InputFile) -> tuple[BinaryIO, BinaryIO]:
             f"input '{file.path}' is zstd-compressed but the 'zstandard' module is not installed; "
             f"run 'pip install zstandard' or decompress it first (zstd -d '{file.path}')"
         ) from None
-    reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-    return io.BufferedReader(reader), raw
+    return io.BufferedReader(_ZstdFrames(raw, zstandard.ZstdDecompressor()), 1 << 20), raw
+
+
+class _ZstdFrames(io.RawIOBase):
+    """Decompressed bytes of the zstd frames of ``raw``, one after the other.
+
+    ``zstandard``'s ``stream_reader`` ends quietly where a truncated file ends; here a frame cut
+    off by the end of the file raises ``EOFError``, as ``gzip`` and ``lzma`` do.
+    """
+
+    def __init__(self, raw: BinaryIO, decompressor) -> None:
+        super().__init__()
+        self._raw = raw
+        self._decompressor = decompressor
+        self._frame = None  # the decompressobj of the frame being read; None between frames
+        self._input = b""  # compressed bytes read from raw, not yet given to a frame
+        self._output = memoryview(b"")  # decompressed bytes not yet returned
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._output:
+            if self._frame is not None and self._frame.eof:
+                self._input, self._frame = self._frame.unused_data, None
+            if not self._input:
+                self._input = self._raw.read(1 << 16)
+                if not self._input:
+                    if self._frame is not None:
+                        raise EOFError("compressed file ended before the end-of-stream marker was reached")
+                    return 0
+            if self._frame is None:
+                self._frame = self._decompressor.decompressobj()
+            data, self._input = self._input, b""
+            self._output = memoryview(self._frame.decompress(data))
+        count = min(len(buffer), len(self._output))
+        buffer[:count] = self._output[:count]
+        self._output = self._output[count:]
+        return count
 
 
 def iter_lines(files: Sequence[InputFile]) -> Iterator[tuple[int, int, bytes, int]]:
