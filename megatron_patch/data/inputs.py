@@ -21,6 +21,7 @@ import glob
 import gzip
 import io
 import json
+import logging
 import lzma
 import os
 import re
@@ -33,6 +34,8 @@ FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text"}
 COMPRESSIONS = (".gz", ".xz", ".zst")
 _GLOB_CHARS = set("*?[")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,10 +76,22 @@ def expand_inputs(patterns: Sequence[str]) -> list[InputFile]:
 
     Each glob's matches are sorted by name. A missing file, a directory, or a glob that matches
     no file is a :class:`DataError`.
+
+    Every file is read once, at its first place in the list (files are compared by
+    ``os.path.realpath``, so ``./a.jsonl`` and a symlink to it are the same file). A file that
+    several patterns match (``g/*.jsonl`` and ``g/**/*.jsonl``, as ``**`` also matches no folder;
+    or ``g/a.jsonl`` and ``g/*.jsonl``) is an overlap of patterns, the normal way to select files
+    with globs, so it is de-duplicated with one info line. The same file named twice by plain
+    paths, without a glob, cannot be an overlap: it is a typo or an attempt to weight that file
+    twice, which these tools do not do (weights belong to the data blend), so it is a
+    :class:`DataError`.
     """
     if not patterns:
         raise DataError("no input given; pass --input FILE [FILE ...] (files or quoted globs)")
     files: list[InputFile] = []
+    named: dict[str, str] = {}  # realpath -> the plain path that named it
+    seen: set[str] = set()
+    overlaps: list[str] = []
     for pattern in patterns:
         if _GLOB_CHARS & set(pattern):
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
@@ -93,8 +108,29 @@ def expand_inputs(patterns: Sequence[str]) -> list[InputFile]:
         elif not os.path.exists(pattern):
             raise DataError(f"--input file '{pattern}' does not exist; fix the path")
         else:
+            real = os.path.realpath(pattern)
+            if real in named:
+                same = "" if named[real] == pattern else f" (as '{named[real]}' and '{pattern}')"
+                raise DataError(
+                    f"--input file '{named[real]}' is given twice{same}; list each file once "
+                    f"(the tools read every file once; weight corpora in the training data blend)"
+                )
+            named[real] = pattern
             matches = [pattern]
-        files.extend(describe_file(path) for path in matches)
+        for path in matches:
+            real = os.path.realpath(path)
+            if real in seen:
+                overlaps.append(path)
+                continue
+            seen.add(real)
+            files.append(describe_file(path))
+    if overlaps:
+        logger.info(
+            "%d --input match(es) repeat a file already listed (patterns overlap); every file is read once, "
+            "at its first place (e.g. '%s')",
+            len(overlaps),
+            overlaps[0],
+        )
     return files
 
 

@@ -1,8 +1,11 @@
 """Which input files the data tools read, and how: each file once, and all of a .zst file or an
 error (through tools/preprocess_data.py and tools/train_tokenizer.py main)."""
 
+import os
+
 import pytest
 
+from tests.data.conftest import write_jsonl
 from tests.data.test_bad_inputs import assert_no_outputs, fails
 
 
@@ -22,7 +25,61 @@ def preprocess(tools, tokenizer_model, tmp_path):
     return run
 
 
-def _zst_corpus(tmp_path, zstandard, frames: int):
+@pytest.fixture
+def folder(tmp_path, tiny_records):
+    """g/a.jsonl (3 documents), g/b.jsonl (4) and g/sub/c.jsonl (5)."""
+    (tmp_path / "g" / "sub").mkdir(parents=True)
+    write_jsonl(tmp_path / "g" / "a.jsonl", tiny_records[:3])
+    write_jsonl(tmp_path / "g" / "b.jsonl", tiny_records[3:7])
+    write_jsonl(tmp_path / "g" / "sub" / "c.jsonl", tiny_records[7:12])
+    return tmp_path / "g"
+
+
+@pytest.mark.parametrize(
+    "patterns, lines",
+    [
+        (["*.jsonl", "**/*.jsonl"], 12),  # ** also matches no folder: a.jsonl and b.jsonl twice
+        (["a.jsonl", "*.jsonl"], 7),
+        (["*.jsonl", "a.jsonl"], 7),
+        (["**/c.jsonl", "sub/*.jsonl", "sub/../sub/c.jsonl"], 5),
+    ],
+)
+def test_a_file_matched_by_several_patterns_is_read_once(preprocess, folder, capsys, caplog, patterns, lines):
+    with caplog.at_level("INFO", logger="megatron_patch.data.inputs"):
+        assert preprocess(*(folder / p for p in patterns)) == 0
+    assert lines_read(capsys) == lines
+    notes = [r.getMessage() for r in caplog.records if "patterns overlap" in r.getMessage()]
+    assert len(notes) == 1 and "every file is read once" in notes[0]
+
+
+def test_files_in_order_of_first_mention(preprocess, folder, tools, tokenizer_model, tmp_path, capsys):
+    """De-duplication keeps each file at its first place: b then a, as if listed so."""
+    assert preprocess(folder / "b.jsonl", folder / "*.jsonl") == 0
+    (tmp_path / "ref").mkdir()
+    argv = ["--input", str(folder / "b.jsonl"), str(folder / "a.jsonl"), "--tokenizer-model", str(tokenizer_model)]
+    assert tools.preprocess_data.main([*argv, "--output-prefix", str(tmp_path / "ref" / "x")]) == 0
+    for ext in (".bin", ".idx"):
+        got = (tmp_path / "out" / f"x_text_document{ext}").read_bytes()
+        assert got == (tmp_path / "ref" / f"x_text_document{ext}").read_bytes()
+
+
+@pytest.mark.parametrize("second", ["a.jsonl", "./a.jsonl", "link.jsonl"])
+def test_a_file_named_twice_is_an_error(preprocess, folder, tools, capsys, second, tmp_path, monkeypatch):
+    os.symlink(folder / "a.jsonl", folder / "link.jsonl")
+    monkeypatch.chdir(folder)
+    fails(
+        capsys, preprocess("a.jsonl", "b.jsonl", second), "--input file 'a.jsonl' is given twice", "list each file once"
+    )
+    assert_no_outputs(tmp_path / "out")
+    out = tmp_path / "tok"
+    code = tools.train_tokenizer.main(
+        ["--input", "a.jsonl", second, "--output-prefix", str(out), "--vocab-size", "300"]
+    )
+    fails(capsys, code, "given twice")
+    assert not list(tmp_path.glob("tok*"))
+
+
+def _zst_corpus(zstandard, frames: int):
     """5000 JSON lines compressed as ``frames`` zstd frames, one after the other."""
     text = "".join(f'{{"text": "document {i}"}}\n' for i in range(5000)).encode()
     step = len(text) // frames
@@ -36,7 +93,7 @@ def _zst_corpus(tmp_path, zstandard, frames: int):
 @pytest.mark.parametrize("partitions", ["1", "2"])  # 2: lines are counted first (count_lines)
 def test_zst_is_read_whole_or_refused_when_truncated(preprocess, tmp_path, capsys, frames, partitions):
     zstandard = pytest.importorskip("zstandard")
-    data = _zst_corpus(tmp_path, zstandard, frames)
+    data = _zst_corpus(zstandard, frames)
     whole = tmp_path / "c.jsonl.zst"
     whole.write_bytes(data)
     assert preprocess(whole, extra=["--partitions", partitions]) == 0
@@ -53,6 +110,6 @@ def test_zst_is_read_whole_or_refused_when_truncated(preprocess, tmp_path, capsy
 def test_zst_with_trailing_garbage_is_refused(preprocess, tmp_path, capsys):
     zstandard = pytest.importorskip("zstandard")
     path = tmp_path / "c.jsonl.zst"
-    path.write_bytes(_zst_corpus(tmp_path, zstandard, 1) + b"not zstd at all")
+    path.write_bytes(_zst_corpus(zstandard, 1) + b"not zstd at all")
     fails(capsys, preprocess(path), str(path), "truncated or corrupt")
     assert_no_outputs(tmp_path / "out")
