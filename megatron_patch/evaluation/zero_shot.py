@@ -51,7 +51,9 @@ INSTALL_HINT = "pip install -e .[eval]"
 class TaskScore:
     """One task's result. Accuracies are fractions of the items (0-1); ``items`` is the number of
     items scored (fewer than the task's with ``limit``); ``metrics`` holds every metric the harness
-    computed (``acc``, ``acc_norm``, ...), ``value`` the reported one."""
+    computed, ``value`` the reported one, named ``metric``. A metric's name is the harness's for the
+    filter ``none`` (``acc``, ``acc_norm``, ...) and carries its filter otherwise
+    (``exact_match,strict-match``)."""
 
     task: str
     metric: str
@@ -143,35 +145,76 @@ def _is_unreachable(error: Exception) -> bool:
     )
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _metric_keys(result: dict) -> Dict[str, str]:
+    """``{name: harness key}`` of the numeric metrics of one task's result (standard errors left
+    out), in the harness's order. The harness keys a value by metric and filter (``acc,none``,
+    ``exact_match,strict-match``); the name is the metric alone for the filter ``none`` (``acc``),
+    else the harness's key (``exact_match,strict-match``), so that no two filters share a name."""
+    keys = {}
+    for key, found in result.items():
+        metric, _, filter_name = key.partition(",")
+        if filter_name and not metric.endswith("_stderr") and _is_number(found):
+            keys[metric if filter_name == "none" else key] = key
+    return keys
+
+
 def metric_for(task: str, result: dict) -> str:
-    """The metric reported for ``task``: :data:`REPORTED_METRICS`' choice, else ``acc_norm`` where
-    the harness computed it, else ``acc``, else the first metric of the result (sorted by name)."""
-    available = sorted(
-        key.split(",")[0]
-        for key in result
-        if "," in key and "_stderr" not in key and isinstance(result[key], (int, float))
-    )
-    for metric in (REPORTED_METRICS.get(task), "acc_norm", "acc"):
-        if metric in available:
-            return metric
-    if not available:
-        raise UserError(f"task {task}: the harness returned no numeric metric ({sorted(result)})")
-    return available[0]
+    """The name of the metric reported for ``task`` (see :func:`_metric_keys`). The metric:
+    :data:`REPORTED_METRICS`' choice, else ``acc_norm`` where the harness computed it, else ``acc``,
+    else the first by name. Its filter: ``none`` where the harness computed the metric without a
+    filter, else the first filter the task defines (the harness keeps the order of the task's
+    ``filter_list``: gsm8k's ``strict-match`` before ``flexible-extract``). ArgumentError when the
+    result holds no numeric metric."""
+    keys = _metric_keys(result)
+    if not keys:
+        raise ArgumentError(
+            f"--tasks {task}: lm-evaluation-harness computed no numeric metric for it (its result holds "
+            f"{', '.join(sorted(result)) or 'nothing'}); pass a task that computes one, or a group with an "
+            f"aggregate_metric_list"
+        )
+    names: Dict[str, List[str]] = {}  # metric -> its names, one per filter, in the harness's order
+    for name, key in keys.items():
+        names.setdefault(key.partition(",")[0], []).append(name)
+    metric = next(m for m in (REPORTED_METRICS.get(task), "acc_norm", "acc", min(names)) if m in names)
+    return metric if metric in names[metric] else names[metric][0]
 
 
-def _score(task: str, result: dict, items: Optional[int]) -> TaskScore:
+def task_score(task: str, result: dict, items: Optional[int] = None) -> TaskScore:
+    """One task's :class:`TaskScore` from its entry of the harness's ``results`` (``{"acc,none":
+    0.5, "acc_stderr,none": 0.02, ...}``): the reported metric (:func:`metric_for`), its value and
+    standard error (None where the harness has none, e.g. ``"N/A"``), and every numeric metric
+    under its name (filter included where it is not ``none``)."""
+    keys = _metric_keys(result)
     metric = metric_for(task, result)
+    name, _, filter_name = keys[metric].partition(",")
+    stderr = result.get(f"{name}_stderr,{filter_name}")
+    return TaskScore(
+        task,
+        metric,
+        float(result[keys[metric]]),
+        float(stderr) if _is_number(stderr) else None,
+        items,
+        {each: float(result[key]) for each, key in keys.items()},
+    )
 
-    def value(name):
-        found = result.get(f"{name},none")
-        return float(found) if isinstance(found, (int, float)) else None
 
-    metrics = {
-        key.split(",")[0]: float(found)
-        for key, found in result.items()
-        if "," in key and "_stderr" not in key and isinstance(found, (int, float))
+def score_results(tasks: Sequence[str], output: dict) -> dict:
+    """``{"scores": [TaskScore dict per task], "average": mean of the reported values (None for one
+    task)}`` from the output of the harness's ``simple_evaluate`` (its ``results`` and
+    ``n-samples``); a group's result counts the items of all its tasks in ``sample_len``."""
+    results, counts = output["results"], output.get("n-samples", {})
+    scores = []
+    for task in tasks:
+        result = results.get(task, {})  # a group without aggregate_metric_list may be left out
+        scores.append(task_score(task, result, result.get("sample_len", counts.get(task, {}).get("effective"))))
+    return {
+        "scores": [asdict(score) for score in scores],
+        "average": sum(score.value for score in scores) / len(scores) if len(scores) > 1 else None,
     }
-    return TaskScore(task, metric, value(metric), value(f"{metric}_stderr"), items, metrics)
 
 
 def _model_args(hf_folder: str, dtype: str) -> dict:
@@ -260,15 +303,9 @@ def evaluate(
         logger.warning(
             "%d requests were longer than the model's positions: their context was cut from the left", truncations.count
         )
-    results, counts = output["results"], output.get("n-samples", {})
-    scores = []
-    for task in tasks:  # a group's result counts the items of all its tasks in sample_len
-        items = results[task].get("sample_len", counts.get(task, {}).get("effective"))
-        scores.append(_score(task, results[task], items))
     report = {
         "model": os.path.abspath(hf_folder),
-        "scores": [asdict(score) for score in scores],
-        "average": sum(s.value for s in scores) / len(scores) if len(scores) > 1 else None,
+        **score_results(tasks, output),
         "truncated_requests": truncations.count,
         "settings": {
             "tasks": list(tasks),
