@@ -26,7 +26,8 @@ setup(
         # matplotlib, the reproduction's loss plot; tensorboard, the trainer's event files;
         # lm-eval, the zero-shot tool on the shipped task; wandb, offline W&B runs; ruff (pinned: its
         # formatter's output is checked in CI), lint and format; pytest-xdist, the single-process
-        # tests on two workers (one core each: the tests run torch with one thread)
+        # tests on two workers (one core each: the tests run torch with one thread); zstandard, the
+        # .zst inputs
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",
@@ -38,6 +39,7 @@ setup(
             "lm-eval[hf]>=0.4.13,<0.5",
             "wandb>=0.31",
             "ruff==0.17.6",
+            "zstandard",
         ],
         "gpu": ["transformer-engine[pytorch]", "apex"],
         "hf": ["transformers>=4.40", "safetensors", "protobuf"],
@@ -47,6 +49,8 @@ setup(
         "eval": ["lm-eval[hf]>=0.4.13,<0.5", "transformers>=4.40", "safetensors", "protobuf"],
         # --wandb-project: Weights & Biases runs (training/tracking.py)
         "wandb": ["wandb>=0.31"],
+        # .jsonl.zst / .txt.zst inputs of the tokenizer, preprocessing and evaluation tools
+        "zstd": ["zstandard"],
     },
     entry_points={
         "console_scripts": [
