@@ -31,6 +31,11 @@ class SDPAttention(MegatronModule):
     Shapes: query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]`` -> context ``[sq, b, np*hn]``
     (np, ng: this rank's query heads and key/value groups).
 
+    Masks as in megatron's local ``DotProductAttention``: ``attention_mask`` None gives causal
+    attention (mask type ``causal``) or none; a given boolean mask (``[b or 1, 1, sq, sk]``, True =
+    masked out) is applied instead of the causal one. Unlike megatron's, a query whose keys are all
+    masked gets a zero context (megatron: the mean of the values).
+
     ``rotary_base``: rotate query and key here (fused RoPE over the whole head dimension, positions
     0..s-1, megatron's frequencies for this base); None leaves positions to the caller. Bind it
     with ``functools.partial`` in the layer spec (megatron calls the core-attention builder with
@@ -63,7 +68,7 @@ class SDPAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.num_heads_per_partition = divide(config.num_attention_heads, tp_size)
         self.num_groups_per_partition = divide(config.num_query_groups, tp_size)
-        self.head_dim = divide(config.kv_channels * config.num_attention_heads, config.num_attention_heads)
+        self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else self.head_dim**-0.5
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.rotary = None
@@ -92,9 +97,17 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SDPAttention takes neither packed sequences nor an attention bias")
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
-        causal = mask_type == AttnMaskType.causal
-        # megatron masks are True where attention is forbidden; SDPA's bool masks the opposite
-        sdpa_mask = None if causal or attention_mask is None else ~attention_mask
+        if attention_mask is None:
+            sdpa_mask, causal = None, mask_type == AttnMaskType.causal
+        else:
+            # as megatron's local attention: a given mask replaces the causal one, whatever the mask
+            # type; megatron's masks are True where attention is forbidden, SDPA's boolean ones the opposite
+            if attention_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"attention_mask of dtype {attention_mask.dtype}: SDPAttention takes megatron's boolean "
+                    f"masks (True = masked out)"
+                )
+            sdpa_mask, causal = ~attention_mask, False
         seq_q, batch = query.shape[0], query.shape[1]
         if self.rotary is not None:
             if key.shape[0] != seq_q:

@@ -108,6 +108,37 @@ def test_sdpa_spec_equals_megatron_local_attention(model_parallel):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sdpa_applies_a_given_mask_as_megatron_local_attention_does(model_parallel, dtype):
+    """A boolean attention_mask (True = masked out) given with the causal mask type replaces the causal
+    mask in megatron's DotProductAttention; SDPAttention gives its output (GQA: 4 heads, 2 groups),
+    which differs from plain causal attention. Every query keeps one key (megatron and SDPA differ
+    only on fully masked rows)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_patch.architecture.attention import SDPAttention
+
+    model_parallel(1, 1)
+    config = transformer_config(get_preset("tiny"), cpu=True, num_query_groups=2)
+    seq, batch, head_dim = 12, 2, config.kv_channels
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(seq, batch, 4, head_dim, generator=generator, dtype=dtype)  # [s, b, np, hn]
+    key, value = (torch.randn(seq, batch, 2, head_dim, generator=generator, dtype=dtype) for _ in range(2))
+    # [b, 1, s, s], True = masked: random keys hidden (both directions), each query's own key kept
+    mask = torch.rand(batch, 1, seq, seq, generator=generator) < 0.4
+    mask &= ~torch.eye(seq, dtype=torch.bool)
+    local = DotProductAttention(config, 1, AttnMaskType.causal, "self")
+    sdpa = SDPAttention(config, 1, AttnMaskType.causal, "self")
+    expected = local(query, key, value, mask)  # [s, b, np*hn]
+    got = sdpa(query, key, value, mask)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+    causal = sdpa(query, key, value, None)
+    assert (causal - expected).abs().max() > 0.1  # the mask was applied, not the causal one
+    torch.testing.assert_close(causal, local(query, key, value, None), rtol=tolerance, atol=tolerance)
+
+
 def test_bad_settings_fail_with_one_line_errors(model_parallel):
     model = _tiny(model_parallel)
     tokens = torch.zeros(2, 4 * T + 2, dtype=torch.long)
@@ -117,6 +148,10 @@ def test_bad_settings_fail_with_one_line_errors(model_parallel):
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="integer K >= 1"):
             model(tokens, None, None, patch_size=bad)
+    batch = mh.batches(4)[0]  # token labels [b, K*T], not the next-patch targets [b, T, K]
+    for labels in (batch["labels"], batch["labels"].view(2, T, 4)[..., :2]):
+        with pytest.raises(ValueError, match=r"labels of shape \[2, (64|16, 2)\] at patch_size K=4: .*patch_targets"):
+            model(batch["tokens"], None, None, labels=labels, patch_size=4)
     preset = get_preset("tiny")
     with pytest.raises(ValueError, match="does not divide the 4 attention heads") as error:
         transformer_config(preset, tensor_parallel=3)
