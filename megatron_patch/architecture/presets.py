@@ -13,7 +13,7 @@ and are to be confirmed with measured per-layer figures.
 """
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +156,50 @@ def get_preset(name: str) -> ModelPreset:
         raise ArgumentError(f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)}") from None
 
 
+def check_layout(
+    preset: ModelPreset,
+    tensor_parallel: int,
+    pipeline_parallel: int,
+    where: Optional[str] = None,
+    padded_vocab_size: Optional[int] = None,
+) -> None:
+    """Raise ``ArgumentError`` (one line: the flag, the size it must divide, the sizes that fit) unless
+    both sizes are >= 1, the tensor-parallel size divides the attention heads, the query groups, the
+    FFN (SwiGLU) width and, when given, the padded vocabulary rows (megatron splits each across the
+    TP ranks), and the pipeline-parallel size divides the layers.
+
+    ``where``: what the model is, for the message (default ``model preset 'NAME'``).
+    """
+    where = where or f"model preset {preset.name!r}"
+    for flag, value in (
+        ("--tensor-model-parallel-size", tensor_parallel),
+        ("--pipeline-model-parallel-size", pipeline_parallel),
+    ):
+        if value < 1:
+            raise ArgumentError(f"{flag} {value} must be >= 1")
+    groups = preset.num_query_groups or preset.num_attention_heads
+    counts = [
+        ("attention heads", preset.num_attention_heads),
+        ("query groups", groups),
+        ("FFN hidden size", preset.ffn_hidden_size),
+    ]
+    if padded_vocab_size is not None:
+        counts.append(("vocabulary rows", padded_vocab_size))
+    for what, count in counts:
+        if count % tensor_parallel:
+            fits = [d for d in range(1, groups + 1) if all(n % d == 0 for _, n in counts)]
+            raise ArgumentError(
+                f"--tensor-model-parallel-size {tensor_parallel} does not divide the {count} {what} of {where}: "
+                f"use one of {', '.join(map(str, fits))}"
+            )
+    if preset.num_layers % pipeline_parallel:
+        fits = [d for d in range(1, preset.num_layers + 1) if preset.num_layers % d == 0]
+        raise ArgumentError(
+            f"--pipeline-model-parallel-size {pipeline_parallel} does not divide the {preset.num_layers} layers "
+            f"of {where}: use one of {', '.join(map(str, fits))}"
+        )
+
+
 def transformer_config(
     preset: ModelPreset,
     *,
@@ -170,7 +214,7 @@ def transformer_config(
     """megatron ``TransformerConfig`` for ``preset`` in the paper's architecture.
 
     Args:
-        tensor_parallel, pipeline_parallel: model-parallel sizes; must divide the heads and layers.
+        tensor_parallel, pipeline_parallel: model-parallel sizes (``check_layout``).
         sequence_parallel: megatron sequence parallelism (needs tensor_parallel > 1).
         bf16: bf16 parameters and compute (fp32 main weights live in the optimizer).
         cpu: build weights on the CPU (CPU mode), which also makes tensor-parallel shards exact
@@ -178,18 +222,7 @@ def transformer_config(
         recompute: "none", "selective" (attention core) or "full" (every layer).
         overrides: any further ``TransformerConfig`` field.
     """
-    heads, layers = preset.num_attention_heads, preset.num_layers
-    groups = preset.num_query_groups or heads
-    if heads % tensor_parallel or groups % tensor_parallel:
-        raise ArgumentError(
-            f"--tensor-model-parallel-size {tensor_parallel} does not divide the {heads} attention "
-            f"heads ({groups} groups) of preset {preset.name!r}: pick a divisor"
-        )
-    if layers % pipeline_parallel:
-        raise ArgumentError(
-            f"--pipeline-model-parallel-size {pipeline_parallel} does not divide the {layers} layers "
-            f"of preset {preset.name!r}: pick a divisor"
-        )
+    check_layout(preset, tensor_parallel, pipeline_parallel)
     if sequence_parallel and tensor_parallel == 1:
         raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1: drop the flag")
     recompute_settings = {
@@ -201,11 +234,11 @@ def transformer_config(
         raise ArgumentError(f"--recompute-granularity {recompute!r}: use none, selective or full")
     dtype = torch.bfloat16 if bf16 else torch.float32
     settings = dict(
-        num_layers=layers,
+        num_layers=preset.num_layers,
         hidden_size=preset.hidden_size,
         ffn_hidden_size=preset.ffn_hidden_size,
-        num_attention_heads=heads,
-        num_query_groups=groups,
+        num_attention_heads=preset.num_attention_heads,
+        num_query_groups=preset.num_query_groups or preset.num_attention_heads,
         normalization="RMSNorm",
         layernorm_epsilon=1e-6,
         gated_linear_unit=True,

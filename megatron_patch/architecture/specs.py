@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_patch.architecture.attention import SDPAttention
 from megatron_patch.architecture.norm import RMSNorm
+from megatron_patch.errors import ArgumentError
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,35 @@ def transformer_engine_available() -> bool:
     except Exception:  # TE raises assorted errors without a GPU or with a mismatched torch
         return False
     return True
+
+
+def resolve_transformer_impl(transformer_impl: str, rope_fusion: bool = False) -> str:
+    """``--transformer-impl`` as the model will be built: "local" or "transformer_engine" ("auto":
+    Transformer Engine when it imports, else local), decided when the flags are read.
+
+    Raises ``ArgumentError`` (one line, with the fix) for Transformer Engine asked for where it does
+    not import, and for ``--rope-fusion`` (local spec only) with Transformer Engine, named or picked.
+    """
+    if rope_fusion and transformer_impl == "transformer_engine":
+        raise ArgumentError(
+            "--rope-fusion is for --transformer-impl local (Transformer Engine fuses RoPE itself): drop one"
+        )
+    available = transformer_engine_available()
+    if transformer_impl == "transformer_engine" and not available:
+        raise ArgumentError(
+            "--transformer-impl transformer_engine: transformer_engine does not import here: install "
+            "transformer-engine[pytorch] or use --transformer-impl local (or auto)"
+        )
+    if transformer_impl == "auto":
+        if rope_fusion and available:
+            raise ArgumentError(
+                "--rope-fusion is for --transformer-impl local, and --transformer-impl auto picks Transformer "
+                "Engine here (it imports, and fuses RoPE itself): add --transformer-impl local or drop --rope-fusion"
+            )
+        return "transformer_engine" if available else "local"
+    if transformer_impl not in ("local", "transformer_engine"):
+        raise ArgumentError(f"--transformer-impl {transformer_impl!r}: use auto, local or transformer_engine")
+    return transformer_impl
 
 
 def get_local_layer_spec(fused_rope_base: Optional[float] = None) -> ModuleSpec:

@@ -156,6 +156,8 @@ def test_bad_settings_fail_with_one_line_errors(model_parallel):
     with pytest.raises(ValueError, match="does not divide the 4 attention heads") as error:
         transformer_config(preset, tensor_parallel=3)
     assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="^--tensor-model-parallel-size 5 does not divide the 13824 FFN hidden size"):
+        transformer_config(get_preset("13b"), tensor_parallel=5)  # 40 heads: only the SwiGLU width does not split
     with pytest.raises(ValueError, match="does not divide the 4 layers"):
         transformer_config(preset, pipeline_parallel=3)
     with pytest.raises(ValueError, match="not divisible by --tensor-model-parallel-size 2"):
