@@ -12,7 +12,8 @@ import os
 from typing import List, Optional
 
 from megatron_patch.architecture.build import ModelSettings, padded_vocab_size
-from megatron_patch.architecture.presets import get_preset
+from megatron_patch.architecture.presets import check_layout, get_preset
+from megatron_patch.architecture.specs import resolve_transformer_impl
 from megatron_patch.errors import ArgumentError, DataError
 from megatron_patch.runtime.parallel import resolve_virtual_pipeline
 from megatron_patch.training.config import (
@@ -57,6 +58,11 @@ def make_config(
             raise ArgumentError(f"--{name.replace('_', '-')} {getattr(flags, name)} must be >= 1")
     if seq_length < 1:
         raise ArgumentError(f"--seq-length {seq_length} must be >= 1")
+    if flags.patch_size > 1 and flags.stage != "token" and seq_length < 2:
+        raise ArgumentError(
+            f"--seq-length {seq_length} with --patch-size {flags.patch_size}: a patch-stage sample of one patch has "
+            f"no next patch to score (every target masked, zero gradient): use --seq-length >= 2 (T, in patches)"
+        )
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(flags, name) < 1.0:
             raise ArgumentError(f"--{name.replace('_', '-')} {getattr(flags, name)} must lie in [0, 1)")
@@ -65,7 +71,7 @@ def make_config(
             f"world size {world_size} is not a multiple of TP x PP = {tp * pp}: launch a multiple "
             f"of {tp * pp} processes or change --tensor/--pipeline-model-parallel-size"
         )
-    _check_layout_fits_preset(preset, tp, pp)
+    check_layout(preset, tp, pp, where=f"--model {preset.name}")
     virtual = resolve_virtual_pipeline(
         preset.num_layers,
         pp,
@@ -75,6 +81,8 @@ def make_config(
     )
     dp = world_size // (tp * pp)
     _check_flag_combinations(flags, seq_length)
+    _check_optimizer_and_data_flags(flags)
+    transformer_impl = resolve_transformer_impl(flags.transformer_impl, flags.rope_fusion)
     plan = make_plan(
         patch_size=flags.patch_size,
         patch_data_fraction=flags.patch_data_fraction,
@@ -102,7 +110,7 @@ def make_config(
         sequence_parallel=flags.sequence_parallel,
         bf16=flags.bf16,
         recompute=recompute,
-        transformer_impl=flags.transformer_impl,
+        transformer_impl=transformer_impl,  # auto resolved; the checkpoint records the flag as given
         bias_swiglu_fusion=flags.bias_swiglu_fusion,
         rope_fusion=flags.rope_fusion,
         cross_entropy_fusion=flags.cross_entropy_fusion,
@@ -195,20 +203,6 @@ def _exit_signals(text: str):
         raise ArgumentError(str(error)) from None
 
 
-def _check_layout_fits_preset(preset, tp: int, pp: int) -> None:
-    heads, groups = preset.num_attention_heads, preset.num_query_groups or preset.num_attention_heads
-    if heads % tp or groups % tp:
-        raise ArgumentError(
-            f"--tensor-model-parallel-size {tp} does not divide the {heads} attention heads "
-            f"({groups} groups) of --model {preset.name}: pick a divisor"
-        )
-    if preset.num_layers % pp:
-        raise ArgumentError(
-            f"--pipeline-model-parallel-size {pp} does not divide the {preset.num_layers} layers "
-            f"of --model {preset.name}: pick a divisor"
-        )
-
-
 def _virtual_flag(flags: argparse.Namespace, virtual: int) -> str:
     """The virtual-pipeline flag as given, for messages."""
     if flags.num_layers_per_virtual_pipeline_stage is not None:
@@ -245,13 +239,28 @@ def _tokenizer_vocab_size(path: str) -> int:
         raise DataError(str(error)) from None
 
 
+def _check_optimizer_and_data_flags(flags: argparse.Namespace) -> None:
+    """One-line errors for optimizer and data flags out of range (else torch or megatron fails later,
+    with a traceback)."""
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(flags, name)
+        if not 0.0 <= value < 1.0:
+            raise ArgumentError(f"--{name.replace('_', '-')} {value} must lie in [0, 1) (defaults 0.9 and 0.95)")
+    if not 0.0 < flags.adam_eps < math.inf:
+        raise ArgumentError(f"--adam-eps {flags.adam_eps} must be > 0 (default 1e-8)")
+    if not 0.0 <= flags.weight_decay < math.inf:
+        raise ArgumentError(f"--weight-decay {flags.weight_decay} must be >= 0 (0: no decay; default 0.1)")
+    if flags.make_vocab_size_divisible_by < 1:
+        raise ArgumentError(
+            f"--make-vocab-size-divisible-by {flags.make_vocab_size_divisible_by} must be >= 1 (default 128)"
+        )
+    if flags.num_workers < 0:
+        raise ArgumentError(f"--num-workers {flags.num_workers} must be >= 0 (0: batches are read in the trainer)")
+
+
 def _check_flag_combinations(flags: argparse.Namespace, seq_length: int) -> None:
     """One-line errors for flags that contradict each other (batch and budget: ``plan.make_plan``)."""
     tp = flags.tensor_model_parallel_size
-    if flags.rope_fusion and flags.transformer_impl == "transformer_engine":
-        raise ArgumentError(
-            "--rope-fusion is for --transformer-impl local (Transformer Engine fuses RoPE itself): drop one"
-        )
     if flags.overlap_param_gather and not (flags.use_distributed_optimizer and flags.overlap_grad_reduce):
         raise ArgumentError(
             "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce: add them"

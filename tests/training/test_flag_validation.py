@@ -1,0 +1,90 @@
+"""Flags the trainer refuses before anything starts: out-of-range optimizer and data values, a patch
+stage of one patch per sample, a TP that does not split the SwiGLU width, and the layer
+implementation (--transformer-impl, resolved when the flags are read). Each ends the command with
+exit code 2 and one stderr line naming the flag and its value, and the value next to it is accepted."""
+
+import pytest
+
+from megatron_patch.architecture import specs
+from megatron_patch.training import cli
+from megatron_patch.training.arguments import parse_args
+from tests.training.common import trainer_args
+
+
+def _refused(capsys, argv):
+    """The one stderr line of a command that must end with exit code 2."""
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "flag, bad, good",
+    [
+        ("--make-vocab-size-divisible-by", "0", "1"),
+        ("--num-workers", "-1", "0"),
+        ("--adam-beta1", "1.5", "0"),
+        ("--adam-beta1", "nan", "0.9"),
+        ("--adam-beta2", "1.0", "0.999"),
+        ("--adam-beta2", "-0.1", "0.95"),
+        ("--adam-eps", "0.0", "1e-12"),
+        ("--adam-eps", "-0.001", "1e-08"),
+        ("--weight-decay", "-1.0", "0"),
+        ("--weight-decay", "inf", "0.1"),
+    ],
+)
+def test_out_of_range_values_give_one_line_errors(tiny_corpus, capsys, flag, bad, good):
+    line = _refused(capsys, trainer_args(tiny_corpus, None, flag, bad))
+    assert f"{flag} {bad} must" in line, line
+    parse_args(trainer_args(tiny_corpus, None, flag, good), world_size=1)
+
+
+def test_patch_stage_needs_two_patches_per_sample(tiny_corpus, capsys):
+    """T=1 patch has no next patch: every target of the patch stage would be masked."""
+    line = _refused(capsys, trainer_args(tiny_corpus, None, "--seq-length", "1", "--patch-size", "4"))
+    assert "--seq-length 1 with --patch-size 4" in line and "--seq-length >= 2" in line, line
+    config = parse_args(trainer_args(tiny_corpus, None, "--seq-length", "2", "--patch-size", "4"), world_size=1)
+    assert config.model.seq_length == 2
+    # T=1 token is a sample with one target: fine without a patch stage
+    parse_args(trainer_args(tiny_corpus, None, "--seq-length", "1", "--patch-size", "1"), world_size=1)
+    parse_args(trainer_args(tiny_corpus, None, "--seq-length", "1", "--stage", "token"), world_size=1)
+
+
+def test_tensor_parallel_size_must_split_the_swiglu_width(tiny_corpus, capsys, monkeypatch):
+    """13b at TP=5: the 40 heads split, its SwiGLU width of 13824 does not (megatron asserted at build)."""
+    argv = trainer_args(tiny_corpus, None, "--tensor-model-parallel-size", "5")
+    argv[argv.index("tiny")] = "13b"
+    monkeypatch.setenv("WORLD_SIZE", "5")  # as torchrun would launch it
+    line = _refused(capsys, argv)
+    assert line == (
+        "error: --tensor-model-parallel-size 5 does not divide the 13824 FFN hidden size of --model 13b: "
+        "use one of 1, 2, 4, 8"
+    ), line
+    argv[argv.index("5")] = "4"
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert parse_args(argv).model.tensor_parallel == 4
+
+
+def test_transformer_engine_asked_for_where_it_does_not_import(tiny_corpus, capsys):
+    if specs.transformer_engine_available():
+        pytest.skip("transformer_engine imports on this machine")
+    line = _refused(capsys, trainer_args(tiny_corpus, None, "--transformer-impl", "transformer_engine"))
+    assert "--transformer-impl transformer_engine: transformer_engine does not import" in line, line
+    assert "--transformer-impl local" in line, line
+    config = parse_args(trainer_args(tiny_corpus, None, "--rope-fusion"), world_size=1)
+    assert config.model.transformer_impl == "local"  # auto, resolved when the flags are read
+    assert config.flags["transformer_impl"] == "auto"  # what checkpoints record: the flag as given
+
+
+def test_rope_fusion_where_auto_picks_transformer_engine(tiny_corpus, capsys, monkeypatch):
+    """Where TE imports, --transformer-impl auto means TE, which --rope-fusion (local spec) does not
+    combine with: refused when the flags are read, not with a traceback at model build."""
+    monkeypatch.setattr(specs, "transformer_engine_available", lambda: True)
+    line = _refused(capsys, trainer_args(tiny_corpus, None, "--rope-fusion"))
+    assert "--rope-fusion" in line and "--transformer-impl auto picks Transformer Engine" in line, line
+    assert "add --transformer-impl local" in line, line
+    config = parse_args(trainer_args(tiny_corpus, None, "--rope-fusion", "--transformer-impl", "local"), world_size=1)
+    assert config.model.transformer_impl == "local"
+    assert parse_args(trainer_args(tiny_corpus, None), world_size=1).model.transformer_impl == "transformer_engine"
