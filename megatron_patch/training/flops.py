@@ -23,7 +23,18 @@ from megatron_patch.architecture.presets import ModelPreset
 
 
 def flops_per_position(preset: ModelPreset, seq_length: int, vocab_size: int) -> float:
-    """Forward+backward FLOPs per decoder position (token or patch)."""
+    """Model FLOPs (forward + backward, Megatron's convention above) of one decoder position.
+
+    Args:
+        preset: the model's shape.
+        seq_length: T, the decoder positions of a sample: tokens in the token stage, patches in the
+            patch stage (a patch-stage sample of K*T tokens has T positions); sets the attention term.
+        vocab_size: rows of the output layer (the padded vocabulary).
+
+    Returns:
+        FLOPs per decoder position (one token, or one patch of K tokens); times the positions of a
+        step gives the step's FLOPs.
+    """
     h, f, s = preset.hidden_size, preset.ffn_hidden_size, seq_length
     groups = preset.num_query_groups or preset.num_attention_heads
     head_dim = h // preset.num_attention_heads
