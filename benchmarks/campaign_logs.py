@@ -11,10 +11,11 @@ import re
 from typing import List, Optional
 
 # the trainer's log line (megatron_patch/training/metrics.py), e.g. "[patch] iter 5/40 (global 5) | tokens
-# 1.311M | ... | 412,345 tok/s | 300.1 TFLOP/s MFU 38.0% | peak mem 27.01 GiB"
+# 1.311M | ... | 412,345 tok/s | 300.1 TFLOP/s/GPU MFU 38.0% | peak mem 27.01 GiB"; before the figure was
+# per GPU the unit had no "/GPU")
 TRAINER_LINE = re.compile(
     r"\[(?P<stage>patch|token)\] iter (?P<iter>\d+)/(?P<iters>\d+) \(global \d+\) \|.*?\| "
-    r"(?P<tps>[\d,]+) tok/s \| (?P<flops>[\d.]+) (?P<unit>TFLOP/s|GFLOP/s)(?: MFU (?P<mfu>[\d.]+)%)?"
+    r"(?P<tps>[\d,]+) tok/s \| (?P<flops>[\d.]+) (?P<unit>TFLOP/s|GFLOP/s)(?:/GPU)?(?: MFU (?P<mfu>[\d.]+)%)?"
     r"(?: \| peak mem (?P<peak>[\d.]+) GiB)?"
 )
 # throughput.py's progress line, e.g. "  recompute=none b=16 K=1: 283.1 ms, 115,855 tok/s, 303.8 TFLOP/s, ..."
@@ -29,12 +30,12 @@ def _number(text: Optional[str], scale: float = 1.0) -> Optional[float]:
 
 
 def trainer_windows(text: str) -> List[dict]:
-    """The trainer's log lines: one dict per logged window (tokens/s, TFLOP/s, MFU, peak GiB)."""
+    """The trainer's log lines: one dict per logged window (tokens/s, TFLOP/s per GPU, MFU, peak GiB)."""
     windows = []
     for m in TRAINER_LINE.finditer(text):
         window = {"stage": m["stage"], "iteration": int(m["iter"]), "stage_iters": int(m["iters"])}
         window["tokens_per_s"] = _number(m["tps"])
-        window["tflops"] = _number(m["flops"], 1e-3 if m["unit"] == "GFLOP/s" else 1.0)
+        window["tflops_per_gpu"] = _number(m["flops"], 1e-3 if m["unit"] == "GFLOP/s" else 1.0)
         window.update(mfu=_number(m["mfu"], 0.01), peak_memory_gib=_number(m["peak"]))
         windows.append(window)
     return windows

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "megatron_patch.json"
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+_PARTIAL_DIR = re.compile(r"^iter_\d{7,}\.tmp$")  # a save in progress, or one that was killed
 _WARNED = set()  # (root, tracker, newest) already reported by read_tracker
 
 
@@ -111,3 +112,13 @@ def prune(root: str, keep_last: int, retain=()) -> None:
     prunable = [iteration for iteration in complete_iterations(root) if iteration not in retain]
     for iteration in prunable[:-keep_last]:
         shutil.rmtree(checkpoint_dir(root, iteration), ignore_errors=True)
+
+
+def remove_partial_saves(root: str) -> None:
+    """Remove every ``iter_N.tmp`` of ``root``. Called after a save completed: saves are synchronous
+    and the ``--save`` lock admits one trainer, so any that is left comes from a save that was
+    killed (at an iteration that may never be saved again, e.g. a pre-emption's)."""
+    for name in os.listdir(root):
+        if _PARTIAL_DIR.match(name):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            logger.info("removed %s, left by an interrupted save", os.path.join(root, name))

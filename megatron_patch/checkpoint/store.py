@@ -57,6 +57,7 @@ from megatron_patch.checkpoint.folders import (
     TRACKER,
     checkpoint_dir,
     prune,
+    remove_partial_saves,
     repair_tracker,
     resolve_checkpoint,
 )
@@ -248,6 +249,7 @@ def save_checkpoint(
     if rank == 0:
         os.replace(partial_dir, final)
         atomic_file.write_text(os.path.join(root, TRACKER), f"{iteration}\n")
+        remove_partial_saves(root)
         prune(root, keep_last, retain)
     dist.barrier()
     return final

@@ -279,8 +279,6 @@ def _check_flag_combinations(flags: argparse.Namespace, seq_length: int) -> None
         raise ArgumentError(f"--patch-data-fraction {flags.patch_data_fraction} must lie in (0, 1); the paper uses 2/3")
     if flags.pretrained_checkpoint and flags.stage != "token":
         raise ArgumentError("--pretrained-checkpoint is for --stage token (the patch stage starts from scratch)")
-    if flags.pretrained_checkpoint and flags.load:
-        raise ArgumentError("give --load (resume) or --pretrained-checkpoint (fresh token stage), not both")
     if flags.wandb_project is not None and not flags.wandb_exp_name:
         raise ArgumentError(f"--wandb-project {flags.wandb_project} needs --wandb-exp-name: name the run")
     if flags.save_interval is not None and flags.save_interval < 1:

@@ -140,10 +140,16 @@ def reset_optimizer_state(optimizer) -> None:
     """Forget Adam's moments and step counts; keep the (fp32 main) weights.
 
     Used at the stage switch: the paper restarts the optimizer from the patch-stage weights, and
-    keeping megatron's fp32 main weights avoids rounding them through the bf16 model copy.
+    keeping megatron's fp32 main weights avoids rounding them through the bf16 model copy. torch's
+    Adam counts steps in each parameter's state; Transformer Engine's and Apex's FusedAdam (used by
+    megatron when installed) count them in the parameter group (``group["step"]``), as does a
+    distributed optimizer's loaded state: both go, so the first token-stage update is bias-corrected
+    as step 1.
     """
     for sub in sub_optimizers(optimizer):
         sub.optimizer.state.clear()
+        for group in sub.optimizer.param_groups:
+            group.pop("step", None)
 
 
 def _torch_adam_under_distributed_optimizer(optimizer) -> list:

@@ -33,7 +33,7 @@ def main(argv: Optional[List[str]] = None, process_exits: bool = False) -> int:
         # (process_exits) one after it ignored. The time limit counts from here.
         checkpoints = config.checkpoints
         stop_signals = StopSignals(
-            checkpoints.exit_signals,
+            checkpoints.stop_signals,
             time_limit_minutes=checkpoints.exit_duration_minutes,
             ignore_on_exit=process_exits,
         )

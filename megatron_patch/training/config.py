@@ -54,6 +54,13 @@ class CheckpointSettings:
     fully_parallel_save: bool = True  # data-parallel replicas share the writing of replicated shards
     fully_parallel_load: bool = False  # ... and the reading, exchanging what they read
 
+    @property
+    def stop_signals(self) -> Tuple[signal.Signals, ...]:
+        """The signals that stop the run with a checkpoint: ``exit_signals``, or none without
+        ``--save``: nothing could be saved, so a signal ends the run as it ends any program, with a
+        status that tells the scheduler the run did not finish."""
+        return self.exit_signals if self.save else ()
+
 
 @dataclass(frozen=True)
 class LogSettings:

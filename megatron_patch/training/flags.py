@@ -89,7 +89,8 @@ def build_parser() -> ArgumentParser:
     patch.add_argument(
         "--pretrained-checkpoint",
         default=None,
-        help="--stage token: initialise the weights (only) from this checkpoint",
+        help="--stage token: initialise the weights (only) from the patch stage's last checkpoint or the "
+        "conversion tool's output; with --load too, --load wins once it holds a checkpoint (a requeued job resumes)",
     )
 
     par = parser.add_argument_group("parallelism")
@@ -206,7 +207,7 @@ def build_parser() -> ArgumentParser:
         "--exit-signal",
         default=DEFAULT_SIGNALS,
         help="signals that save a checkpoint at the current step and exit 0 (comma list; "
-        "SLURM: --signal=USR1@90 sends SIGUSR1 ahead of the time limit)",
+        "SLURM: --signal=USR1@90 sends SIGUSR1 ahead of the time limit); without --save none is taken",
     )
     ckpt.add_argument(
         "--exit-duration-in-mins",

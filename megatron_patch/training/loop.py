@@ -52,6 +52,7 @@ PLAN_FLAGS = (
     "data_path",
     "split",
     "stage_split",
+    "seed",  # the order of the samples, which consumed_samples counts along
 )
 
 
@@ -97,7 +98,7 @@ class Trainer:
         if stop is not None:  # held by the caller
             self.stop, self._stop_scope = stop, contextlib.nullcontext()
         else:  # installed by run()
-            self.stop = StopSignals(checkpoints.exit_signals, time_limit_minutes=checkpoints.exit_duration_minutes)
+            self.stop = StopSignals(checkpoints.stop_signals, time_limit_minutes=checkpoints.exit_duration_minutes)
             self._stop_scope = self.stop
         self.datasets = self._build_datasets()
         self.profiler = StepProfiler(config.profile, self.rank)
@@ -141,11 +142,13 @@ class Trainer:
     def _dataset(self, stage: StagePlan):
         return self.datasets.patch_train if stage.name == "patch" else self.datasets.token_train
 
-    def _iterator(self, dataset, consumed_samples):
+    def _iterator(self, dataset, consumed_samples: int, micro_batch_size: int):
+        """Micro-batches of ``micro_batch_size`` samples of ``dataset`` for this data-parallel rank,
+        from the ``consumed_samples``-th sample of the global order on."""
         return micro_batches(
             dataset,
             consumed_samples,
-            self.plan.validation.micro_batch_size,
+            micro_batch_size,
             parallel_state.get_data_parallel_rank(),
             parallel_state.get_data_parallel_world_size(),
             num_workers=self.config.data.num_workers,
@@ -156,7 +159,11 @@ class Trainer:
         if self.datasets.valid is None or not self.plan.validation.iterations:
             return None
         gather_updated_parameters(self.model)
-        return evaluate(self.model, lambda: self._iterator(self.datasets.valid, 0), self.plan.validation)
+        return evaluate(
+            self.model,
+            lambda: self._iterator(self.datasets.valid, 0, self.plan.validation.micro_batch_size),
+            self.plan.validation,
+        )
 
     def _save(self, iteration, stage: StagePlan, stage_iteration, consumed_samples, results):
         checkpoints = self.config.checkpoints
@@ -191,13 +198,34 @@ class Trainer:
 
     # ----------------------------------------------------------------- resume
     def _resume(self):
-        """Returns (stage index, stage iteration, consumed samples, results) to start from."""
+        """Returns (stage index, stage iteration, consumed samples, results) to start from.
+
+        As in Megatron-LM, ``--load`` wins when it holds a checkpoint (a requeued job resumes);
+        otherwise the run starts fresh, its weights from ``--pretrained-checkpoint`` when given. A
+        fresh start refuses a ``--save`` that already holds checkpoints (they would be taken for
+        this run's)."""
         checkpoints = self.config.checkpoints
         stages = self.plan.stages
-        results = [StageResult(stage.name) for stage in stages]
+        load = checkpoints.load
+        if load and (folders.read_tracker(load) is not None or os.path.exists(os.path.join(load, folders.METADATA))):
+            return self._resume_from(load)
+        if load:
+            logger.warning(
+                "--load %s holds no checkpoint yet: starting %s",
+                load,
+                "from --pretrained-checkpoint" if checkpoints.pretrained_checkpoint else "from scratch",
+            )
+        if checkpoints.save and folders.read_tracker(checkpoints.save) is not None:
+            raise CheckpointError(
+                f"--save {checkpoints.save} already holds checkpoints (latest iteration "
+                f"{folders.read_tracker(checkpoints.save)}): pass --load {checkpoints.save} to resume, or use an "
+                f"empty directory"
+            )
         if checkpoints.pretrained_checkpoint:
+            path = checkpoints.pretrained_checkpoint
+            self._check_token_stage_start(path, ckpt.read_metadata(folders.resolve_checkpoint(path)))
             ckpt.load_checkpoint(
-                checkpoints.pretrained_checkpoint,
+                path,
                 self.model,
                 self.shape,
                 restore_rng=False,
@@ -205,22 +233,52 @@ class Trainer:
                 fully_parallel=checkpoints.fully_parallel_load,
             )
             self.optimizer.reload_model_params()
-            return 0, 0, 0, results
-        if not checkpoints.load:
-            if checkpoints.save and folders.read_tracker(checkpoints.save) is not None:
-                raise CheckpointError(
-                    f"--save {checkpoints.save} already holds checkpoints (latest iteration "
-                    f"{folders.read_tracker(checkpoints.save)}): pass --load {checkpoints.save} to resume, or use an "
-                    f"empty directory"
-                )
-            return 0, 0, 0, results
-        load = checkpoints.load
-        if not os.path.isdir(load) or (
-            folders.read_tracker(load) is None and not os.path.exists(os.path.join(load, folders.METADATA))
+        return 0, 0, 0, [StageResult(stage.name) for stage in stages]
+
+    def _check_token_stage_start(self, path: str, meta: dict) -> None:
+        """``--pretrained-checkpoint`` must hold the patch stage's weights (its checkpoint, or the
+        conversion tool's copy of one) of the same K and lambda: the token stage's budget is the
+        last 1 - lambda of ``--train-tokens``. A checkpoint from the middle of the patch stage is
+        taken with a warning, as by the conversion tool."""
+        progress, conversion = meta["progress"], meta.get("conversion")
+        stage = conversion["source_stage"] if conversion else progress.get("stage")
+        complete = conversion.get("source_stage_complete") if conversion else progress.get("stage_complete")
+        if stage != "patch":
+            raise CheckpointError(
+                f"--pretrained-checkpoint {path} holds {stage}-stage weights: start the token stage from the "
+                f"patch stage's last checkpoint (its --save's iter_N at the stage boundary, which pruning keeps) "
+                f"or from the conversion tool's output"
+            )
+        if complete is False:
+            logger.warning("--pretrained-checkpoint %s is from the middle of the patch stage", path)
+        for name, value in (
+            ("patch_size", self.plan.patch_size),
+            ("patch_data_fraction", self.plan.patch_data_fraction),
         ):
-            logger.warning("--load %s holds no checkpoint yet: starting from scratch", load)
-            return 0, 0, 0, results
-        meta = ckpt.read_metadata(folders.resolve_checkpoint(load))
+            if progress.get(name) is not None and progress[name] != value:
+                flag = "--" + name.replace("_", "-")
+                raise CheckpointError(
+                    f"--pretrained-checkpoint {path} was trained with {flag} {progress[name]}, this run has "
+                    f"{value}: give the patch stage's value (it sets the token stage's share of --train-tokens)"
+                )
+
+    def _resume_from(self, load: str):
+        """Resume the run from the checkpoint ``load`` (a ``--save`` root or one of its checkpoints)."""
+        checkpoints = self.config.checkpoints
+        stages = self.plan.stages
+        found = folders.resolve_checkpoint(load)
+        meta = ckpt.read_metadata(found)
+        if "conversion" in meta:
+            raise CheckpointError(
+                f"--load {load} is the conversion tool's output (weights only, no optimizer state): start the "
+                f"token stage from it with --pretrained-checkpoint {load}"
+            )
+        if checkpoints.save and os.path.realpath(os.path.dirname(found)) != os.path.realpath(checkpoints.save):
+            if folders.read_tracker(checkpoints.save) is not None:
+                raise CheckpointError(
+                    f"--save {checkpoints.save} already holds checkpoints of another run (latest iteration "
+                    f"{folders.read_tracker(checkpoints.save)}) than --load {load}: use an empty --save directory"
+                )
         _check_same_plan(self.config.flags, meta)
         progress = meta["progress"]
         names = [stage.name for stage in stages]
@@ -310,7 +368,7 @@ class Trainer:
                 stage.sample_tokens,
                 stage.patch_size,
             )
-        iterator = self._iterator(self._dataset(stage), consumed)
+        iterator = self._iterator(self._dataset(stage), consumed, stage.micro_batch_size)
         flops_per_step = self.flops_per_position * stage.positions_per_step
         window_seconds, window_steps, skipped = 0.0, 0, 0
         while stage_iteration < stage.iterations:
@@ -342,13 +400,13 @@ class Trainer:
                     grad_norm=grad_norm,
                     skipped=skipped,
                     tokens_per_s=window_steps * stage.tokens_per_step / window_seconds,
-                    tflops=window_steps * flops_per_step / window_seconds / 1e12,
+                    tflops_per_gpu=window_steps * flops_per_step / window_seconds / 1e12 / dist.get_world_size(),
                     peak_tflops=self.peak_tflops,
                 )
                 window_seconds, window_steps = 0.0, 0
-            if log.eval_interval and iteration % log.eval_interval == 0:
-                self.metrics.log_valid(stage.name, iteration, self._validate())
             stop = self._stop_flag()
+            if log.eval_interval and iteration % log.eval_interval == 0 and not stop:  # stopping: save first
+                self.metrics.log_valid(stage.name, iteration, self._validate())
             if stop or stage_iteration == stage.iterations or (save_interval and iteration % save_interval == 0):
                 self._save(iteration, stage, stage_iteration, consumed, self.results)
             if stop:

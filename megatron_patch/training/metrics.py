@@ -124,13 +124,16 @@ class MetricsWriter:
         grad_norm,
         skipped,
         tokens_per_s,
-        tflops,
+        tflops_per_gpu,
         peak_tflops: Optional[float],
     ) -> None:
+        """One training log record. ``tokens_per_s``: the whole run's rate (all ranks);
+        ``tflops_per_gpu``: model FLOP/s of the window divided by the world size (TFLOP/s), and MFU
+        that over ``peak_tflops``, one GPU's measured bf16 matmul ceiling."""
         if not self.enabled:
             return
         loss_name = "patch loss" if stage == "patch" else "loss"
-        mfu = tflops / peak_tflops if peak_tflops else None
+        mfu = tflops_per_gpu / peak_tflops if peak_tflops else None
         peak_memory = peak_memory_gib()
         parts = [
             f"[{stage}] iter {stage_iteration}/{stage_iters} (global {iteration})",
@@ -140,7 +143,7 @@ class MetricsWriter:
             f"grad norm {grad_norm:.3f}" if grad_norm is not None else "grad norm n/a",
             f"skipped {skipped}",
             f"{tokens_per_s:,.0f} tok/s",
-            (f"{tflops:.1f} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.2f} GFLOP/s")
+            (f"{tflops_per_gpu:.1f} TFLOP/s/GPU" if tflops_per_gpu >= 1 else f"{tflops_per_gpu * 1e3:.2f} GFLOP/s/GPU")
             + (f" MFU {100 * mfu:.1f}%" if mfu is not None else ""),
             f"peak mem {peak_memory:.2f} GiB",
         ]
@@ -156,7 +159,7 @@ class MetricsWriter:
             "grad_norm": grad_norm,
             "skipped": skipped,
             "tokens_per_s": tokens_per_s,
-            "tflops": tflops,
+            "tflops_per_gpu": tflops_per_gpu,
             "mfu": mfu,
             "peak_memory_gib": peak_memory,
         }
@@ -168,7 +171,7 @@ class MetricsWriter:
                 "train/grad_norm": grad_norm,
                 "train/skipped": skipped,
                 "train/tokens_per_s": tokens_per_s,
-                "train/tflops": tflops,
+                "train/tflops_per_gpu": tflops_per_gpu,
                 "train/mfu": mfu,
                 "train/peak_memory_gib": peak_memory,
             },

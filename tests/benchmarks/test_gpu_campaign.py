@@ -253,14 +253,15 @@ def test_a_part_past_its_budget_stops_its_run_and_still_writes_the_summary(tmp_p
     assert "| throughput | base | timed out after 2 s |" in (out / "summary.md").read_text()
 
 
-def test_partial_output_is_read_back():
+@pytest.mark.parametrize("unit", ["TFLOP/s/GPU", "TFLOP/s"])  # the trainer's line now, and before it said per GPU
+def test_partial_output_is_read_back(unit):
     rows = campaign_logs.throughput_partial_rows(
         "  recompute=none b=16 K=4: 285.4 ms, 459,327 tok/s, 301.1 TFLOP/s, loss 1 -> 2\n"
     )
     assert rows[0]["tokens_per_s"] == 459327 and rows[0]["patch_size"] == 4 and rows[0]["partial"]
     line = (
         "12:00:00 [rank 0] [token] iter 10/20 (global 50) | tokens 5.243M | loss 5.1 | lr 3.0e-04 | grad norm 0.5 "
-        "| skipped 0 | 117,195 tok/s | 307.3 TFLOP/s MFU 38.9% | peak mem 26.89 GiB\n"
+        f"| skipped 0 | 117,195 tok/s | 307.3 {unit} MFU 38.9% | peak mem 26.89 GiB\n"
     )
     (window,) = campaign_logs.trainer_windows(line)
     assert window == {
@@ -268,7 +269,7 @@ def test_partial_output_is_read_back():
         "iteration": 10,
         "stage_iters": 20,
         "tokens_per_s": 117195.0,
-        "tflops": 307.3,
+        "tflops_per_gpu": 307.3,
         "mfu": pytest.approx(0.389),
         "peak_memory_gib": 26.89,
     }

@@ -8,6 +8,8 @@ the DP=2 run's trajectory, since the global batch and the data order do not depe
 (Fresh initialisation does depend on it, so the patch stages are compared at the model level, in
 test_model_layouts.py.)"""
 
+import json
+
 import pytest
 import torch.distributed as dist
 
@@ -62,6 +64,20 @@ def test_both_stages_learn(trajectories, name):
     token = [records[i]["loss"] for i in range(13, 19)]
     assert {records[i]["stage"] for i in range(1, 13)} == {"patch"}
     assert sum(patch[-3:]) < sum(patch[:3]) and sum(token[-2:]) < sum(token[:2])
+
+
+@pytest.mark.parametrize("name", ["dp2", "tp2", "pp2"])
+def test_model_flops_are_logged_per_gpu(trajectories, name):
+    """Each log window's TFLOP/s (and so MFU) is the run's model FLOP/s over the 2 ranks: the
+    window's tokens/s (all ranks) times the stage's model FLOPs per token, halved."""
+    if dist.get_rank() != 0:
+        return
+    with open(trajectories[name + "_save"] + "/metrics.jsonl") as f:
+        (summary,) = [record for record in map(json.loads, f) if record["kind"] == "summary"]
+    flops_per_token = {stage: s["flops"] / s["tokens"] for stage, s in summary["stages"].items()}
+    for record in trajectories[name].values():
+        expected = record["tokens_per_s"] * flops_per_token[record["stage"]] / 2 / 1e12
+        assert record["tflops_per_gpu"] == pytest.approx(expected, rel=1e-9), record
 
 
 @pytest.mark.parametrize(

@@ -168,7 +168,8 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tiny_corpus, tmp_path, uninte
 
 def test_interrupted_save_leaves_previous_checkpoint(world, model_parallel, tiny_corpus, tmp_path, monkeypatch):
     """A save that dies half-way (here: the writer raises after writing part of it) leaves the
-    tracker on the previous checkpoint, which still loads; the partial one is not mistaken for one."""
+    tracker on the previous checkpoint, which still loads; the partial one is not mistaken for one,
+    and the next completed save removes every partial one."""
     import shutil
 
     from megatron.core import dist_checkpointing
@@ -198,9 +199,13 @@ def test_interrupted_save_leaves_previous_checkpoint(world, model_parallel, tiny
     assert folders.read_tracker(str(save)) == 2
     assert os.path.isdir(folders.checkpoint_dir(str(save), 4) + ".tmp"), os.listdir(save)
     assert not os.path.exists(folders.checkpoint_dir(str(save), 4))
-    # resuming loads iteration 2 and finishes, replacing the partial directory
+    # as if a pre-emption's save at iteration 3 (never saved again) had been killed too
+    shutil.copytree(folders.checkpoint_dir(str(save), 4) + ".tmp", folders.checkpoint_dir(str(save), 3) + ".tmp")
+    # resuming loads iteration 2 and finishes, replacing the partial directory; its first save
+    # removes the other one
     assert cli.main(args + ["--load", str(save)]) == 0
     assert folders.read_tracker(str(save)) == 6
+    assert not [name for name in os.listdir(save) if name.endswith(".tmp")], os.listdir(save)
 
 
 def test_resume_of_a_finished_run_repairs_the_tracker(tiny_corpus, tmp_path, uninterrupted_run):

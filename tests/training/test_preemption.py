@@ -180,6 +180,28 @@ def test_a_stop_signal_outside_the_steps_is_handled(cpu_world, tiny_corpus, tmp_
     assert sorted(train_records(save)) == list(range(1, expected + 1))
 
 
+def test_without_save_the_stop_signals_are_left_alone(cpu_world, tiny_corpus, monkeypatch):
+    """Without --save no checkpoint can be written, so the trainer takes no stop signal: SIGTERM does
+    what it does to any program (by default it ends the process with a failing status, so the
+    scheduler does not record a finished run); here the handler that was there before sees it."""
+    from megatron_patch.training import cli, loop
+
+    reached = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: reached.append(True))
+    build = loop.Trainer._build_datasets
+
+    def build_then_signal(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return build(self)
+
+    monkeypatch.setattr(loop.Trainer, "_build_datasets", build_then_signal)
+    try:
+        assert cli.main(trainer_args(tiny_corpus, None, "--eval-iters", "0", train_iters=3)) == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert reached == [True]
+
+
 def test_the_time_limit_asks_to_stop_once_passed():
     stop = StopSignals((), time_limit_minutes=0.002)  # 120 ms
     assert stop.reason() is None
@@ -194,10 +216,11 @@ def test_exit_duration_saves_stops_and_the_run_resumes(cpu_world, tiny_corpus, t
     from megatron_patch.training import cli
 
     save = tmp_path / "run"
-    args = trainer_args(tiny_corpus, save, "--eval-iters", "0", train_iters=ITERS)
+    args = trainer_args(tiny_corpus, save, "--eval-interval", "1", train_iters=ITERS)
     assert cli.main(args + ["--exit-duration-in-mins", "1e-6"]) == 0
     assert folders.tracker_value(str(save)) == 1
     assert sorted(train_records(save)) == [1]
+    assert train_records(save, "valid") == {}  # stopping, the run saves instead of validating first
     with open(save / "metrics.jsonl") as f:
         summaries = [record for record in map(json.loads, f) if record["kind"] == "summary"]
     assert summaries[-1]["interrupted"] is True

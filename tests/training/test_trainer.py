@@ -51,7 +51,11 @@ def test_two_stages_train_and_switch_resets_optimizer_and_lr(cpu_world, tiny_cor
 
     def spy_reset(optimizer):
         before = _optimizer_state_size(optimizer)
+        groups = [group for sub in builders.sub_optimizers(optimizer) for group in sub.optimizer.param_groups]
+        for group in groups:  # where TE's and Apex's FusedAdam count steps (not installed here)
+            group["step"] = 41
         original_reset(optimizer)
+        assert not any("step" in group for group in groups)  # the first token-stage update is step 1
         resets.append((before, _optimizer_state_size(optimizer)))
 
     monkeypatch.setattr(loop, "reset_optimizer_state", spy_reset)
@@ -95,7 +99,7 @@ def test_two_stages_train_and_switch_resets_optimizer_and_lr(cpu_world, tiny_cor
     assert [step for step, _ in events["train/loss"]] == list(range(17, 25))
     assert events["train/loss"][-1][1] == pytest.approx(records[24]["loss"], rel=1e-6)
     assert dict(events["valid/loss"])[24] == pytest.approx(valid[24]["loss"], rel=1e-6)
-    assert {"train/lr", "train/grad_norm", "train/skipped", "train/tokens_per_s", "train/tflops"} <= set(events)
+    assert {"train/lr", "train/grad_norm", "train/skipped", "train/tokens_per_s", "train/tflops_per_gpu"} <= set(events)
 
 
 def test_fused_torch_adam_follows_foreach_and_resumes_bit_for_bit(cpu_world, tiny_corpus, tmp_path):
@@ -251,7 +255,21 @@ def test_nan_loss_stops_without_saving_the_bad_state(cpu_world, tiny_corpus, tmp
     assert folders.read_tracker(str(save)) == last_good  # nothing written after the bad step
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "other_shape", "changed_plan", "not_empty_save", "bad_flags"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "corrupt",
+        "other_shape",
+        "changed_plan",
+        "changed_seed",
+        "not_empty_save",
+        "pretrained_into_used_save",
+        "pretrained_token_stage",
+        "pretrained_other_patch_size",
+        "bad_flags",
+    ],
+)
 def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_path, capsys, case):
     run = tmp_path / "run"
     if case != "missing" and case != "bad_flags":
@@ -275,9 +293,33 @@ def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_pat
     elif case == "changed_plan":
         argv = trainer_args(tiny_corpus, run, "--load", str(run), train_iters=6)
         expected = "written with --train-iters 3, this run has 6: resume with the same value"
+    elif case == "changed_seed":
+        argv = trainer_args(tiny_corpus, run, "--load", str(run), "--seed", "7", train_iters=3)
+        expected = "this run has 7: resume with the same value"
     elif case == "not_empty_save":
         argv = trainer_args(tiny_corpus, run, train_iters=3)
         expected = "already holds checkpoints"
+    elif case == "pretrained_into_used_save":  # its checkpoints would be taken for this run's
+        boundary = folders.checkpoint_dir(str(run), 2)
+        argv = trainer_args(tiny_corpus, run, "--stage", "token", "--pretrained-checkpoint", boundary, train_iters=3)
+        expected = "already holds checkpoints"
+    elif case == "pretrained_token_stage":  # the root's tracker names the final, token-stage checkpoint
+        argv = trainer_args(tiny_corpus, None, "--stage", "token", "--pretrained-checkpoint", str(run), train_iters=3)
+        expected = "holds token-stage weights: start the token stage from the patch stage's last checkpoint"
+    elif case == "pretrained_other_patch_size":
+        boundary = folders.checkpoint_dir(str(run), 2)
+        argv = trainer_args(
+            tiny_corpus,
+            None,
+            "--stage",
+            "token",
+            "--pretrained-checkpoint",
+            boundary,
+            "--patch-size",
+            "2",
+            train_iters=3,
+        )
+        expected = "was trained with --patch-size 4, this run has 2: give the patch stage's value"
     else:
         argv = trainer_args(tiny_corpus, None, "--global-batch-size", "8")
         expected = "must be a multiple of K x micro-batch"
@@ -285,6 +327,53 @@ def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and expected in err[0], err
+
+
+def test_a_requeued_token_stage_resumes_from_load_not_from_the_pretrained_weights(
+    cpu_world, tiny_corpus, tmp_path, capsys
+):
+    """The launch scripts always pass --load SAVE: with --pretrained-checkpoint too (Megatron-LM's
+    rule), the first run starts from the patch stage's weights and a requeued one resumes from its
+    own --save. A converted checkpoint (weights only) given as --load is named as such."""
+    from tools import convert_checkpoint
+
+    patch = tmp_path / "patch"
+    assert cli.main(trainer_args(tiny_corpus, patch, "--stage", "patch", "--eval-iters", "0", train_iters=12)) == 0
+    boundary = folders.checkpoint_dir(str(patch), 8)
+    token = tmp_path / "token"
+    argv = trainer_args(
+        tiny_corpus,
+        token,
+        "--stage",
+        "token",
+        "--load",
+        str(token),
+        "--pretrained-checkpoint",
+        boundary,
+        "--save-interval",
+        "2",
+        "--keep-last-checkpoints",
+        "0",
+        "--eval-iters",
+        "0",
+        train_iters=12,
+    )
+    assert cli.main(argv) == 0
+    uninterrupted = train_records(token)
+    assert sorted(uninterrupted) == [9, 10, 11, 12]
+    shutil.rmtree(folders.checkpoint_dir(str(token), 12))  # as if killed after the save at 10
+    (token / folders.TRACKER).write_text("10\n")
+    assert cli.main(argv) == 0
+    resumed = train_records(token)
+    assert [resumed[i]["loss"] for i in (11, 12)] == [uninterrupted[i]["loss"] for i in (11, 12)]
+    assert folders.read_tracker(str(token)) == 12
+
+    converted = tmp_path / "converted"
+    assert convert_checkpoint.main(["--cpu", "--load", boundary, "--save", str(converted)]) == 0
+    capsys.readouterr()
+    assert cli.main(trainer_args(tiny_corpus, None, "--stage", "token", "--load", str(converted))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "(weights only, no optimizer state): start the token stage from it with" in err[0], err
 
 
 def test_load_of_a_folder_never_created_starts_fresh(cpu_world, tiny_corpus, tmp_path, caplog):
