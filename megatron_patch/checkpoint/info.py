@@ -14,6 +14,7 @@ import torch
 
 from megatron_patch.architecture.build import ModelSettings, build_model_chunks
 from megatron_patch.architecture.presets import ModelPreset, get_preset
+from megatron_patch.architecture.presets import check_layout as check_preset_layout
 from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as ckpt
 from megatron_patch.errors import ArgumentError, CheckpointError, DataError
@@ -146,10 +147,6 @@ def load_tokenizer(infos: Sequence[CheckpointInfo], tokenizer_model: Optional[st
         raise DataError(f"checkpoint {checkpoint}'s tokenizer: {error}") from None
 
 
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-
-
 def check_layout(
     info: CheckpointInfo,
     tensor_parallel: int,
@@ -160,41 +157,16 @@ def check_layout(
     """ArgumentError unless TP divides the heads, query groups, FFN width and vocabulary and PP the
     layers, and the virtual-pipeline flags (``--virtual-pipeline-model-parallel-size`` or
     ``--num-layers-per-virtual-pipeline-stage``, at most one) fit PP and the layers. Returns V, the
-    virtual pipeline stages per rank (None: one chunk per rank)."""
+    virtual pipeline stages per rank (None: one chunk per rank). The sizes: ``presets.check_layout``."""
     preset = info.preset
-    for flag, value in (
-        ("--tensor-model-parallel-size", tensor_parallel),
-        ("--pipeline-model-parallel-size", pipeline_parallel),
-    ):
-        if value < 1:
-            raise ArgumentError(f"{flag} {value} must be >= 1")
-    groups = preset.num_query_groups or preset.num_attention_heads
-    counts = (
-        ("attention heads", preset.num_attention_heads),
-        ("query groups", groups),
-        ("FFN hidden size", preset.ffn_hidden_size),
-        ("vocabulary rows", info.padded_vocab_size),
-    )
-    valid = [d for d in range(1, groups + 1) if all(count % d == 0 for _, count in counts)]
-    for what, count in counts:
-        if count % tensor_parallel:
-            raise ArgumentError(
-                f"--tensor-model-parallel-size {tensor_parallel} does not divide the {count} {what} of "
-                f"checkpoint {info.path} (model {preset.name!r}): use one of "
-                f"{', '.join(map(str, valid))}"
-            )
-    if preset.num_layers % pipeline_parallel:
-        raise ArgumentError(
-            f"--pipeline-model-parallel-size {pipeline_parallel} does not divide the {preset.num_layers} "
-            f"layers of checkpoint {info.path} (model {preset.name!r}): use one of "
-            f"{_divisors(preset.num_layers)}"
-        )
+    where = f"checkpoint {info.path} (model {preset.name!r})"
+    check_preset_layout(preset, tensor_parallel, pipeline_parallel, where, padded_vocab_size=info.padded_vocab_size)
     return parallel.resolve_virtual_pipeline(
         preset.num_layers,
         pipeline_parallel,
         virtual_size,
         layers_per_virtual_stage,
-        f" of checkpoint {info.path} (model {preset.name!r})",
+        f" of {where}",
     )
 
 
