@@ -67,3 +67,23 @@ def junit_counts(path: str) -> Optional[dict]:
         if kind in ("failed", "errors"):
             counts["failures"].append(f"{case.get('classname')}::{case.get('name')}")
     return counts
+
+
+# pytest -v's line for a finished test, e.g. "tests/unit/test_rope.py::test_fused_on_gpu PASSED [ 14%]"
+PYTEST_LINE = re.compile(r"^(?P<test>\S+::\S+) (?P<outcome>PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", re.M)
+
+
+def pytest_log_counts(text: str) -> Optional[dict]:
+    """The counts of :func:`junit_counts` from pytest ``-v`` output, for a run stopped before it wrote
+    its junit file (``partial``: True); None when no test finished."""
+    found = PYTEST_LINE.findall(text)
+    if not found:
+        return None
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failures": [], "partial": True}
+    kinds = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "errors"}
+    for test, outcome in found:
+        kind = kinds.get(outcome, "skipped")
+        counts[kind] += 1
+        if kind in ("failed", "errors"):
+            counts["failures"].append(test)
+    return counts

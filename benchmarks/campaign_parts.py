@@ -12,8 +12,16 @@ from pathlib import Path
 from typing import List
 
 from campaign_figures import cost_figures
-from campaign_logs import junit_counts, throughput_partial_rows, trainer_windows
-from campaign_options import ACCUM_RUN, ACTIVATION_RUNS, ALL_LEVERS, LEVERS, THROUGHPUT_RUNS, cost_plan
+from campaign_logs import junit_counts, pytest_log_counts, throughput_partial_rows, trainer_windows
+from campaign_options import (
+    ACCUM_RUN,
+    ACTIVATION_RUNS,
+    ALL_LEVERS,
+    ALL_SIZES_RUNS,
+    LEVERS,
+    THROUGHPUT_RUNS,
+    cost_plan,
+)
 from campaign_runner import Campaign
 
 PY = sys.executable
@@ -27,14 +35,17 @@ def part_tests(c: Campaign) -> None:
     part = c.begin("tests")
     xml = c.work / "tests.xml"
     paths = [p for p in c.opts.test_paths.split(",") if p]
-    c.run(part, "pytest -m gpu", [PY, "-m", "pytest", "-m", "gpu", "-q", "-rfE", f"--junitxml={xml}", *paths])
-    part["counts"] = junit_counts(str(xml))
+    # -v: a line per finished test, so a run stopped at its time limit (no junit file) still counts
+    _, output = c.run(
+        part, "pytest -m gpu", [PY, "-m", "pytest", "-m", "gpu", "-v", "-rfE", f"--junitxml={xml}", *paths]
+    )
+    part["counts"] = junit_counts(str(xml)) or pytest_log_counts(output)
 
 
 def part_throughput(c: Campaign) -> None:
     opts, part = c.opts, c.begin("throughput")
-    sizes = ",".join(map(str, opts.micro_batch_sizes))
     for name in opts.throughput_runs:
+        sizes = ",".join(map(str, opts.micro_batch_sizes if name in ALL_SIZES_RUNS else opts.micro_batch_sizes[:1]))
         json_path = c.work / f"throughput_{name}.json"
         steps, warmup, micro = (opts.steps, opts.warmup, 1)
         if name == ACCUM_RUN:

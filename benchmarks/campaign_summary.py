@@ -95,6 +95,7 @@ def summary_markdown(state: dict, accum_run: str) -> str:
         c = parts["tests"]["counts"]
         counts = f"{c['passed']} passed, {c['failed']} failed, {c['errors']} errors, {c['skipped']} skipped"
         failing = "; failing: " + ", ".join(c["failures"]) if c["failures"] else ""
+        failing += " (from the log: the run was stopped before pytest's report)" if c.get("partial") else ""
         lines += ["## Tests (`-m gpu`)", "", counts + failing, ""]
     for name, render in (("throughput", _throughput_lines), ("cost", _cost_lines), ("activations", _activation_lines)):
         if parts.get(name, {}).get("runs"):
