@@ -22,6 +22,8 @@ from campaign_options import ACCUM_RUN
 from campaign_summary import summary_markdown
 from common import write_json, write_text
 
+from megatron_patch.runtime.child_processes import end_with_parent_after_exec
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "megatron_patch.gpu_campaign/1"
 
@@ -88,8 +90,10 @@ class Campaign:
                 log.write(f"\n$ {record['command']}\n")
                 log.flush()
                 offset, started = log.tell(), time.monotonic()
-                # its own process group, so that a stop reaches its compile workers too
+                # its own process group, so that a stop reaches its compile workers too; and killed
+                # with the harness, should the device's time limit kill it outright
                 kw = dict(cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                kw.update(preexec_fn=end_with_parent_after_exec)
                 proc = subprocess.Popen(cmd, **kw)
                 try:
                     rc = proc.wait(timeout=left)

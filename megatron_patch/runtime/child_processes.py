@@ -13,7 +13,8 @@ registers an at-fork hook: each process forked afterwards asks the kernel for SI
 parent ends (Linux ``prctl(PR_SET_PDEATHSIG)``; the hook is inherited, so helpers of helpers too),
 and ends at once if the parent ended before the request took effect. Processes started with
 ``exec`` (``subprocess``, torch.compile's workers) are not affected. Elsewhere than on Linux it
-does nothing.
+does nothing. :func:`end_with_parent_after_exec` is the same request for one ``subprocess`` (its
+``preexec_fn``: the request survives ``exec``).
 """
 
 import ctypes
@@ -45,3 +46,10 @@ def end_forked_children_with_parent() -> None:
         return
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
     os.register_at_fork(before=_note_forking_process, after_in_child=_end_with_parent)
+
+
+def end_with_parent_after_exec() -> None:
+    """``preexec_fn`` of a ``subprocess.Popen``: the started program gets SIGKILL when the process
+    that started it ends (Linux; elsewhere nothing), e.g. a benchmark run whose harness was killed."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

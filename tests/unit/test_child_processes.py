@@ -69,3 +69,31 @@ def test_without_it_the_helper_outlives_the_command_and_keeps_the_lock(tmp_path)
             SaveDirLock(str(tmp_path / "save")).acquire()
     finally:
         os.kill(helper, signal.SIGKILL)
+
+
+# starts a program in a session of its own (as the GPU campaign starts its runs), then is killed
+KILLED_STARTER = """
+import os, signal, subprocess, sys
+from megatron_patch.runtime.child_processes import end_with_parent_after_exec
+preexec = end_with_parent_after_exec if sys.argv[1] == "requested" else None
+quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # the test reads the pid, not until EOF
+run = subprocess.Popen(["sleep", "60"], start_new_session=True, preexec_fn=preexec, **quiet)
+print(run.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("mode", ["requested", "control"])
+def test_a_started_program_ends_with_its_killed_starter_when_asked(mode):
+    starter = subprocess.run(
+        [sys.executable, "-c", KILLED_STARTER, mode], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    pid = int(starter.stdout.split()[0])
+    try:
+        deadline = time.time() + 10
+        while _running(pid) and time.time() < deadline and mode == "requested":
+            time.sleep(0.05)
+        assert _running(pid) is (mode == "control")
+    finally:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
