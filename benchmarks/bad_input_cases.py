@@ -75,7 +75,8 @@ def _write(path: str, data: bytes) -> str:
 def build_cases(work: str, prefix: str, tokenizer: str, root: str, final: str) -> List[Case]:
     """``prefix``/``tokenizer``: a good corpus and its model; ``root``: a finished --save folder of
     the chaos run (12 iterations, tiny preset); ``final``: its last checkpoint."""
-    os.makedirs(work, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)  # a re-run's cases and leftovers are its own
+    os.makedirs(work)
     w = lambda *parts: os.path.join(work, *parts)  # noqa: E731
     out = w("out")
     os.makedirs(out, exist_ok=True)
@@ -223,7 +224,12 @@ def build_cases(work: str, prefix: str, tokenizer: str, root: str, final: str) -
         tool_case(tool, f"{short}-missing", ["--load", w("absent-ckpt")], ["absent-ckpt"])
         other_shape = ["--load", final, "--model", "cpu-small"]
         tool_case(tool, f"{short}-other-shape", other_shape, [final, "another model shape"])
-    tool_case("evaluate", "eval-tp3", ["--load", final, "--tensor-model-parallel-size", "3"], ["3"])
+    tool_case(
+        "evaluate",
+        "eval-tp3",
+        ["--load", final, "--tensor-model-parallel-size", "3"],
+        ["--tensor-model-parallel-size 3"],
+    )
     tool_case("evaluate", "eval-stride", ["--load", final, "--stride", "4"], ["--stride 4"])
     cases.append(
         Case(
@@ -266,14 +272,15 @@ def build_cases(work: str, prefix: str, tokenizer: str, root: str, final: str) -
             "eval-bad-jsonl",
             "evaluate",
             ["--cpu", "--load", final, "--input", w("bad.jsonl")],
-            ["bad.jsonl"],
+            ["bad.jsonl, line 2"],
             [],
             [out],
         )
     )
-    tool_case("convert_checkpoint", "convert-tp3", ["--load", final, "--tensor-model-parallel-size", "3"], ["3"])
-    tool_case("convert_checkpoint", "convert-pp3", ["--load", final, "--pipeline-model-parallel-size", "3"], ["3"])
-    tool_case("convert_checkpoint", "convert-world", ["--load", final, "--tensor-model-parallel-size", "2"], ["2"])
+    tp3, pp3 = ["--tensor-model-parallel-size", "3"], ["--pipeline-model-parallel-size", "3"]
+    tool_case("convert_checkpoint", "convert-tp3", ["--load", final, *tp3], ["--tensor-model-parallel-size 3"])
+    tool_case("convert_checkpoint", "convert-pp3", ["--load", final, *pp3], ["--pipeline-model-parallel-size 3"])
+    tool_case("convert_checkpoint", "convert-world", ["--load", final, "--tensor-model-parallel-size", "2"], ["= 2"])
     os.makedirs(os.path.join(out, "taken"), exist_ok=True)
     taken = ["--cpu", "--load", final, "--save", os.path.join(out, "taken")]
     cases.append(Case("export-existing-output", "export_hf", taken, ["taken"], [], [out]))
@@ -307,7 +314,7 @@ def build_cases(work: str, prefix: str, tokenizer: str, root: str, final: str) -
     trainer("train-profile-window", ["--profile", "--profile-step-start", "0"], ["--profile-step-start 0"])
     trainer("train-seq-length-beyond-corpus", ["--seq-length", "100000"], ["--seq-length 100000", prefix])
     trainer("train-bad-flag", ["--bogus"], ["--bogus"])
-    trainer("train-tp3", ["--tensor-model-parallel-size", "3"], ["3"])
+    trainer("train-tp3", ["--tensor-model-parallel-size", "3"], ["TP x PP = 3"])
     for kind in ("truncated-shard", "zeroed-shard", "no-common.pt", "no-.metadata", "bad-manifest"):
         resumable = os.path.join(damaged, f"trainer-{kind}")
         shutil.copytree(root, resumable)

@@ -13,13 +13,14 @@ SIGTERM), a target (the whole process group, as scancel or a SLURM time limit de
 torchrun also the launcher only, or the worker processes only) and a moment: a random iteration's
 log record plus a random delay of up to 1.5 mean step times of the reference run (saves
 included), so kills land inside steps, inside saves and at the stage switch alike.
-The trial then resumes with ``--load`` until the run completes and checks:
+The trial then resumes with ``--load`` (the first resume must complete the run; up to three are
+made, so the other checks still compare a finished run) and checks:
 
 * losses, gradient norms and learning rates of every iteration equal the reference's bit for bit
   (the last record per iteration of ``metrics.jsonl``);
 * the final checkpoint equals the reference's (``megatron_patch.checkpoint.compare``: every shard
   byte for byte, RNG states included), and the tracker names it;
-* nothing is left: no ``iter_*.tmp``, no process of the killed run's group;
+* nothing is left: no ``iter_*.tmp``, no process of the killed run's group (after either signal);
 * after a SIGTERM: a checkpoint at the step where it stopped, written by every rank
   (each rank logs "stopped by SIGTERM"), and exit status 0 (under torchrun: the workers', and
   the launcher's when only the workers were signalled; a launcher that received the signal
@@ -135,8 +136,8 @@ def wait_group_gone(pgid: int, timeout: float = 30.0) -> bool:
 def reference_run(opts, layout: str) -> dict:
     """The uninterrupted run at this layout: its --save folder, records and training span (s)."""
     save = os.path.join(opts.work_dir, f"reference-{layout}")
-    shutil.rmtree(save, ignore_errors=True)
     log = save + ".log"
+    _remove(save, log)
     start = time.time()
     process = launch(layout, run_args(opts, layout, save), log)
     first_step = None
@@ -215,8 +216,8 @@ def run_trial(opts, index: int, rng: random.Random, references: dict) -> dict:
     step = (reference["end"] - reference["first_step"]) / ITERS  # seconds per step, saves included
     after, extra = rng.randint(1, ITERS), rng.uniform(0.0, 1.5 * step)
     save = os.path.join(opts.work_dir, f"trial-{index:03d}")
-    shutil.rmtree(save, ignore_errors=True)
     log = save + ".log"
+    _remove(save, log)  # an earlier run's (same --work-dir): its lines would be read as this trial's
     trial = {
         "trial": index,
         "layout": layout,
@@ -270,17 +271,25 @@ def run_trial(opts, index: int, rng: random.Random, references: dict) -> dict:
             problems.append("not every rank saved and stopped on SIGTERM")
         if (ranks == 1 or target == "workers") and code != 0:
             problems.append(f"exit status {code} after SIGTERM")
-        if not trial["group_gone"]:
-            problems.append("processes left after SIGTERM")
         if trial["saved_at"] is None or f"stopped by SIGTERM at iteration {trial['saved_at']}" not in output:
             problems.append(f"no checkpoint at the stop step (tracker {trial['saved_at']})")
+    if not trial["group_gone"]:  # after any signal: forked helpers end with their process (SIGKILL included)
+        problems.append(f"processes left after {sig.name}")
     trial["resume_exits"] = resume_until_done(opts, layout, save, log)
+    if trial["resume_exits"] != [0]:  # e.g. the --save lock still held by something the kill left
+        problems.append(f"resume exit statuses {trial['resume_exits']}: the first resume did not finish the run")
     problems += check(trial, reference, save)
     trial["problems"] = problems
     trial["ok"] = not problems
     if trial["ok"] and not opts.keep:
-        shutil.rmtree(save, ignore_errors=True)
+        _remove(save, log)
     return trial
+
+
+def _remove(save: str, log: str) -> None:
+    shutil.rmtree(save, ignore_errors=True)
+    if os.path.exists(log):
+        os.remove(log)
 
 
 def layout_list(text: str) -> List[str]:

@@ -33,7 +33,7 @@ sequence (b = 1), 2 bytes per element:
 * SwiGLU MLP: fc1 input 2sh; gate|up output 4sf; SiLU output and megatron's ``up + offset`` copy 4sf;
   fc2 input 2sf
 * together, for multi-head attention (gd = h): 16sh + 10sf + 4as bytes per layer
-  (46.9 sh for the 370M shape, against Korthikanti's 34 sh for a GeLU 4h MLP with dropout)
+  (42.9 sh for the 370M shape, against Korthikanti's 34 sh for a GeLU 4h MLP with dropout)
 * selective recompute (megatron's ``core_attn``): the log-sum-exp is recomputed, -4as; SDPA's output
   stays (the projection keeps it)
 * full recompute (one layer per checkpoint): each layer keeps its input 2sh; the layer being

@@ -40,18 +40,27 @@ from megatron_patch.runtime.command import ArgumentParser, run_main  # noqa: E40
 
 quiet_known_notices()  # the presets import megatron.core, whose import prints them
 from megatron_patch.architecture.build import padded_vocab_size  # noqa: E402
-from megatron_patch.architecture.presets import PRESETS, ModelPreset, get_preset  # noqa: E402
+from megatron_patch.architecture.presets import PRESETS, ModelPreset, check_layout, get_preset  # noqa: E402
 
 GIB = 2**30
 RECOMPUTE_ORDER = ("none", "selective", "full")
 
 
+def _fits(preset: ModelPreset, tensor_parallel: int) -> bool:
+    """Whether the trainer takes this TP for the preset (``presets.check_layout``: heads, query
+    groups and SwiGLU width)."""
+    try:
+        check_layout(preset, tensor_parallel, 1)
+    except ArgumentError:
+        return False
+    return True
+
+
 def candidates(preset: ModelPreset, gpus: int, opts, activations: Dict[str, Activations]) -> List[dict]:
     """Every layout (TP, PP, b, recompute) with its memory, sorted by preference."""
-    heads, groups = preset.num_attention_heads, preset.num_query_groups or preset.num_attention_heads
     rows = []
     for tp in opts.tensor_parallel_sizes:
-        if tp > min(gpus, opts.gpus_per_node) or heads % tp or groups % tp:
+        if tp > min(gpus, opts.gpus_per_node) or not _fits(preset, tp):
             continue
         vocab = padded_vocab_size(opts.vocab_size, opts.make_vocab_size_divisible_by, tp)
         for pp in (d for d in range(1, preset.num_layers + 1) if preset.num_layers % d == 0):
@@ -154,20 +163,20 @@ def gib(value: float) -> str:
     return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
 
 
-def plan_table(chosen: List[dict]) -> str:
-    lines = [
-        "| model | GPUs | TP | PP | DP | micro-batch | recompute | params/rank (M) | weights+grads+optimizer GiB "
-        "| activations GiB | total GiB | activations from |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+def plan_table(chosen: List[dict], fits_column: bool = False) -> str:
+    """The layouts as a markdown table; ``fits_column``: also whether each fits the budget (``--all``)."""
+    header = "| model | GPUs | TP | PP | DP | micro-batch | recompute | params/rank (M) | weights+grads+optimizer GiB "
+    header += "| activations GiB | total GiB | activations from |" + (" fits |" if fits_column else "")
+    lines = [header, "| --- " * (12 + fits_column) + "|"]
     for r in chosen:
         if r.get("none_feasible"):
-            lines.append(f"| {r['model']} | {r['gpus']} | no feasible layout | | | | | | | | | |")
+            lines.append(f"| {r['model']} | {r['gpus']} | no feasible layout |" + " |" * (9 + fits_column))
             continue
         lines.append(
             f"| {r['model']} | {r['gpus']} | {r['tp']} | {r['pp']} | {r['dp']} | {r['micro_batch_size']} "
             f"| {r['recompute']} | {r['parameters_per_rank'] / 1e6:,.1f} | {gib(r['static_gib'])} "
             f"| {gib(r['activation_gib'])} | {gib(r['total_gib'])} | {r['activations_from']} |"
+            + ((" yes |" if r["feasible"] else " over budget |") if fits_column else "")
         )
     return "\n".join(lines)
 
@@ -225,7 +234,7 @@ def _memory_plan(argv: List[str]) -> int:
             print(f"- {note}")
     if opts.all:
         print("\nAll layouts considered (preference order):\n")
-        print(plan_table([dict(r, activations_from=("fits" if r["feasible"] else "over budget")) for r in considered]))
+        print(plan_table(considered, fits_column=True))
     if opts.output_json:
         write_json(
             opts.output_json,

@@ -19,7 +19,7 @@ run ``tools/preprocess_data.py --append-eod`` as a subprocess and measure:
 * ``peak RSS MB``: the same sum of resident set sizes (shared pages counted once per process);
 * ``max process RSS MB``: the largest resident set any single process of the run reached, as the
   kernel recorded it (``ru_maxrss`` of a wrapper's waited-for children; exact, not sampled);
-* ``vs 1x``: peak PSS divided by the peak PSS of the smallest scale with the same worker count;
+* ``vs smallest``: peak PSS divided by the peak PSS of the smallest scale with the same worker count;
 * ``wall s`` and ``load``: the run's wall time and the 1-minute load average before it (only to
   judge the wall time; memory does not depend on the machine's load).
 
@@ -258,7 +258,7 @@ def _preprocess_memory(argv: list[str]) -> int:
     print()
     print(
         "| workers | scale | input MB | documents | peak PSS MB | peak RSS MB | max process RSS MB "
-        "| vs 1x | wall s | load |"
+        "| vs smallest | wall s | load |"
     )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:

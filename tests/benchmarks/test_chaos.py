@@ -65,9 +65,9 @@ def test_one_sigterm_trial_resumes_to_the_reference(one_trial):
 
 
 def test_bad_input_matrix_cases(tiny_corpus, tmp_path, one_trial):
-    """Seven rows of the matrix, one per kind of input: a JSONL line, a .bin/.idx pair, a checkpoint
-    shard (of the trial's finished reference run), four trainer flags (three bad values; a
-    sequence length the corpus cannot fill)."""
+    """Rows of the matrix, one per kind of input: a JSONL line, a .bin/.idx pair, a checkpoint shard
+    (of the trial's finished reference run), five trainer flags (four bad values; a sequence length
+    the corpus cannot fill), and the tools' layout and input errors."""
     reference = str(one_trial[3] / "reference-tp1")
     cases = bad_input_cases.build_cases(
         str(tmp_path / "bad"),
@@ -85,6 +85,10 @@ def test_bad_input_matrix_cases(tiny_corpus, tmp_path, one_trial):
         "train-seq-length-beyond-corpus",
         "train-exit-duration-zero",
         "train-profile-window",
+        "train-tp3",
+        "eval-tp3",
+        "eval-bad-jsonl",
+        "convert-world",
     ):
         result = bad_inputs.run_case(next(case for case in cases if case.name == name))
         assert result["ok"], result
