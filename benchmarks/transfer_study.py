@@ -20,7 +20,9 @@ held-out documents:
 transfer = control loss - (patch + token) loss, paired by seed (both arms read the same token-stage
 documents in the same order): positive means the patch stage helped. The report (``report.md``,
 ``results.json``, ``transfer.png`` in the workdir) gives the mean, the sample standard deviation and
-the range over seeds. A run whose outputs exist is not trained again, so an interrupted study resumes.
+the range over seeds. A run that trained to its end is not trained again, and every run passes
+``--load`` of its own ``--save`` folder, so an interrupted study resumes each unfinished run from its
+last checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -113,9 +114,7 @@ class StudyError(RuntimeError):
     pass
 
 
-def _step(command: list, done: Path, log: Path) -> None:
-    if done.exists():
-        return
+def _step(command: list, log: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1")
     with open(log, "a", encoding="utf-8") as out:
         out.write(f"$ {' '.join(str(c) for c in command)}\n")
@@ -133,20 +132,28 @@ def _finished(save: Path) -> bool:
     return summary.exists() and not json.loads(summary.read_text()).get("interrupted", True)
 
 
+def train(flags: list, save: Path, log: Path) -> dict:
+    """Train one run into ``save`` unless it trained to its end; returns its summary. ``--load`` of
+    the same folder: a run killed (or stopped by a signal) after a checkpoint resumes from it, one
+    killed before its first checkpoint starts afresh."""
+    if not _finished(save):
+        _step(
+            [sys.executable, "examples/pretrain_patch_gpt.py", *flags]
+            + ["--save", save, "--load", save, "--summary-json", save / "summary.json"],
+            log,
+        )
+        if not _finished(save):  # a trainer stopped by a signal saves, writes this summary and exits 0
+            raise StudyError(f"the run in {save} stopped before its end; re-run to resume it")
+    return json.loads((save / "summary.json").read_text())
+
+
 def _train_and_score(name: str, run: dict, flags: list, work: Path, data: dict) -> dict:
     """Train one run (unless done), score its final checkpoint (and, for patch + token, its switch
     checkpoint) on the held-out documents; returns the run with its losses and step seconds."""
     py = sys.executable
     save, log = work / name, work / "logs" / f"{name}.log"
     start = time.perf_counter()
-    if save.exists() and not _finished(save):
-        shutil.rmtree(save)  # an interrupted run of this study: train it again from the start
-    _step(
-        [py, "examples/pretrain_patch_gpt.py"] + flags + ["--save", save, "--summary-json", save / "summary.json"],
-        save / "summary.json",
-        log,
-    )
-    summary = json.loads((save / "summary.json").read_text())
+    summary = train(flags, save, log)
     scored = {"final": save}
     if run["arm"] == "patch+token":
         scored["after_patch"] = save / f"iter_{summary['stages']['patch']['iterations']:07d}"
@@ -158,13 +165,13 @@ def _train_and_score(name: str, run: dict, flags: list, work: Path, data: dict) 
     )
     outputs = {label: work / f"eval_{name}_{label}.json" for label in scored}
     pending = [label for label in scored if not outputs[label].exists()]  # all of them in one call
-    _step(
-        [py, "tools/evaluate.py", "--cpu", "--load", *(scored[label] for label in pending)]
-        + ["--input", data["heldout"], "--tokenizer-model", data["tokenizer"], "--micro-batch-size", "32"]
-        + ["--output-json", *(outputs[label] for label in pending)],
-        outputs[(pending or list(scored))[-1]],
-        log,
-    )
+    if pending:
+        _step(
+            [py, "tools/evaluate.py", "--cpu", "--load", *(scored[label] for label in pending)]
+            + ["--input", data["heldout"], "--tokenizer-model", data["tokenizer"], "--micro-batch-size", "32"]
+            + ["--output-json", *(outputs[label] for label in pending)],
+            log,
+        )
     for label in scored:
         result[f"loss_{label}"] = json.loads(outputs[label].read_text())["loss"]
     print(f"== {name}: held-out loss {result['loss_final']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)

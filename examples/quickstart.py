@@ -11,7 +11,9 @@ last 1-lambda of the tokens with the same schedule (``--stage token`` without
 stage: positive means the patch stage helped the token stage, negative means it hurt.
 
 Every step is the project's real command (tools/*.py, torchrun examples/pretrain_patch_gpt.py)
-run as a subprocess; a step whose output already exists is skipped, so a re-run resumes.
+run as a subprocess; a step whose output already exists is skipped, so a re-run resumes. A trainer
+run counts as done once its summary.json says it trained to the end; every run passes ``--load`` of
+its own ``--save`` folder, so one killed (or stopped by a signal) after a checkpoint resumes from it.
 ``--reduced`` is the same pipeline with fewer steps, evaluated on 3 of the held-out documents (what CI runs).
 """
 
@@ -60,9 +62,26 @@ def settings(reduced: bool) -> dict:
     }
 
 
-def run_step(step: str, command: list, done: Path, log: Path = None) -> None:
-    """Run one pipeline step unless its output ``done`` exists; stream its output (or write it to ``log``)."""
-    if done.exists():
+def trained(save: Path) -> bool:
+    """The trainer run saving to ``save`` trained to its end: its summary.json exists and is not
+    marked ``interrupted`` (the trainer writes one too when a stop signal or --exit-duration-in-mins
+    ends it early, after saving a checkpoint)."""
+    summary = save / "summary.json"
+    return summary.exists() and not json.loads(summary.read_text()).get("interrupted", True)
+
+
+def train_command(launcher: list, flags: list, save: Path) -> list:
+    """The trainer's command line for one run saving to ``save``, with ``--load`` of the same folder:
+    the trainer resumes when the folder holds a checkpoint (a re-run after a kill) and starts fresh
+    when it holds none; with ``--pretrained-checkpoint`` too, ``--load`` wins once it holds one."""
+    outputs = ["--save", save, "--load", save, "--summary-json", save / "summary.json"]
+    return [*launcher, "examples/pretrain_patch_gpt.py", *flags, *outputs]
+
+
+def run_step(step: str, command: list, done: Path, log: Path = None, finished=Path.exists) -> None:
+    """Run one pipeline step unless ``finished(done)`` (by default: its output ``done`` exists);
+    stream its output (or write it to ``log``)."""
+    if finished(done):
         print(f"== {step}: done already ({done.relative_to(REPO) if done.is_relative_to(REPO) else done})", flush=True)
         return
     print(f"== {step}: {' '.join(str(c) for c in command)}", flush=True)
@@ -79,6 +98,8 @@ def run_step(step: str, command: list, done: Path, log: Path = None) -> None:
             f"{Path(sys.argv[0]).stem}: step '{step}' failed with exit code {result.returncode}; fix the "
             f"error{where} and re-run"
         )
+    if not finished(done):  # a trainer stopped by a signal saves, writes an interrupted summary and exits 0
+        sys.exit(f"{Path(sys.argv[0]).stem}: step '{step}' stopped before its end; re-run to resume it")
     print(f"== {step}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
@@ -194,13 +215,11 @@ def main(argv=None) -> int:
     work = Path(args.workdir).resolve()
     data = prepare_data(work, s)
     common = training_flags(s, data, tensor_parallel=2)
-    train = _torchrun(2) + ["examples/pretrain_patch_gpt.py"]
     runs = {name: work / name for name in ("patch_stage", "token_init", "token_stage", "control", "baseline")}
 
     def train_step(title: str, name: str, flags: list) -> None:
-        """A trainer run saving to ``runs[name]``; done once it has written its summary.json."""
-        summary = runs[name] / "summary.json"
-        run_step(title, train + common + flags + ["--save", runs[name], "--summary-json", summary], summary)
+        """A trainer run saving to ``runs[name]``; done once it has trained to its end."""
+        run_step(title, train_command(_torchrun(2), common + flags, runs[name]), runs[name], finished=trained)
 
     train_step("patch stage (K=4, TP=2)", "patch_stage", ["--patch-size", PATCH_SIZE, "--stage", "patch"])
     run_step(

@@ -27,7 +27,9 @@ corpus of about 30 M tokens) for training (``tiny.jsonl.xz`` with ``--reduced``:
 ``examples/data/tiny.jsonl.xz`` fits, 0.6 M tokens), ``valid.jsonl.xz`` and
 ``wikitext103_test.jsonl.xz`` (JSON Lines with a ``text`` field) for evaluation only. Every step
 is a project command run as a subprocess (tools/*.py, examples/pretrain_patch_gpt.py, under
-torchrun when ``--nproc`` > 1); a step whose output exists is skipped. The report
+torchrun when ``--nproc`` > 1); a step whose output exists is skipped, a training run once its
+summary.json says it trained to the end. Every run passes ``--load`` of its own ``--save`` folder, so
+a run killed (or stopped by a signal) after a checkpoint resumes from it on a re-run. The report
 (``report.md``) has a table of held-out loss / perplexity / wall time per run and a PNG of the
 token-level validation loss against training tokens and against training compute (matplotlib, if
 installed: the ``plot`` extra); ``curves.json`` holds the plotted points.
@@ -40,8 +42,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the reproduce_small_*.py beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the quickstart.py and reproduce_small_*.py beside it
 
+from quickstart import train_command, trained  # noqa: E402
 from reproduce_small_report import write_report  # noqa: E402
 from reproduce_small_runs import (  # noqa: E402
     FRACTIONS,  # noqa: F401 (tests read the runs' names, settings and flags from this script)
@@ -60,8 +63,9 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".data"  # git-ignored: where the corpora are copied
 
 
-def _run(step: str, command: list, done: Path) -> None:
-    if done.exists():
+def _run(step: str, command: list, done: Path, finished=Path.exists) -> None:
+    """Run one step unless ``finished(done)`` (by default: its output ``done`` exists)."""
+    if finished(done):
         print(f"== {step}: done already", flush=True)
         return
     print(f"== {step}: {' '.join(str(c) for c in command)}", flush=True)
@@ -69,6 +73,8 @@ def _run(step: str, command: list, done: Path) -> None:
     start = time.perf_counter()
     if subprocess.run([str(c) for c in command], cwd=REPO, env=env).returncode != 0:
         sys.exit(f"reproduce_small: step '{step}' failed; fix the error above and re-run")
+    if not finished(done):  # a trainer stopped by a signal saves, writes an interrupted summary and exits 0
+        sys.exit(f"reproduce_small: step '{step}' stopped before its end; re-run to resume it")
     print(f"== {step}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
@@ -224,14 +230,7 @@ def main(argv=None) -> int:
         for name in names:
             folder = run_folder(name, seed)
             save = work / folder
-            _run(
-                f"train {folder}",
-                launcher
-                + ["examples/pretrain_patch_gpt.py"]
-                + runs[name]
-                + ["--save", save, "--summary-json", save / "summary.json"],
-                save / "summary.json",
-            )
+            _run(f"train {folder}", train_command(launcher, runs[name], save), save, finished=trained)
         for data_name, data_file in (
             ("valid", data_dir / "valid.jsonl.xz"),
             ("wikitext103", data_dir / "wikitext103_test.jsonl.xz"),

@@ -1,11 +1,52 @@
-"""The quick start, reduced (same pipeline and commands, fewer steps), so it cannot silently break."""
+"""The quick start, reduced (same pipeline and commands, fewer steps), so it cannot silently break;
+and how it re-runs a training step that did not finish."""
 
+import importlib.util
 import json
 import math
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
+
+# A trainer stand-in for the command line train_command builds: writes --summary-json, marked
+# interrupted when its first flag is "stopped" (as a trainer stopped by a signal does), and exits 0.
+STAND_IN = (
+    "import json, os, sys; a = sys.argv; path = a[a.index('--summary-json') + 1]; "
+    "os.makedirs(os.path.dirname(path), exist_ok=True); "
+    "open(path, 'w').write(json.dumps({'interrupted': a[2] == 'stopped'}))"
+)
+
+
+def _quickstart():
+    spec = importlib.util.spec_from_file_location("examples_quickstart", REPO_ROOT / "examples" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_training_step_resumes_its_own_folder_until_it_finishes(tmp_path, capsys):
+    """Every trainer run loads its own --save folder (the trainer resumes from a checkpoint there,
+    so a re-run after a kill is not refused as a fresh start into a used folder), and a run whose
+    summary says it was stopped is neither done nor passed over: the step fails, and a re-run trains."""
+    quickstart = _quickstart()
+    save = tmp_path / "run"
+    launcher = [sys.executable, "-c", STAND_IN]
+    command = [str(c) for c in quickstart.train_command(launcher, ["--cpu"], save)]
+    assert command[command.index("--save") + 1] == command[command.index("--load") + 1] == str(save)
+
+    def train(how):
+        quickstart.run_step("train", quickstart.train_command(launcher, [how], save), save, finished=quickstart.trained)
+
+    with pytest.raises(SystemExit, match="step 'train' stopped before its end; re-run to resume it"):
+        train("stopped")
+    assert not quickstart.trained(save)
+    train("finished")
+    assert quickstart.trained(save)
+    train("stopped")  # not run again
+    assert "== train: done already" in capsys.readouterr().out and quickstart.trained(save)
 
 
 def test_reduced_quickstart_runs_end_to_end(tmp_path):

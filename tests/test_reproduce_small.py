@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.test_quickstart import STAND_IN
 from tests.trainer_plan import stages
 
 
@@ -51,6 +52,27 @@ def test_every_run_passes_the_trainers_validation(reduced, cpu, tmp_path, tiny_c
         assert plans[f"control-{name}"] == {"token": plans[name]["token"]}
         flags = [str(flag) for flag in runs[f"control-{name}"]]
         assert "--pretrained-checkpoint" not in flags and flags[flags.index("--seed") + 1] == "3"
+
+
+def test_a_training_run_resumes_its_own_folder_until_it_finishes(tmp_path, capsys):
+    """The training step's command loads its own --save folder (a re-run after a kill resumes from
+    the checkpoint there instead of being refused), and a run whose summary says it was stopped is
+    not taken for done (a trainer stand-in writes the summary; the trainer's resume is tested in
+    tests/training)."""
+    repro = _reproduce_small()
+    save = tmp_path / "lambda-2_3"
+    launcher = [sys.executable, "-c", STAND_IN]
+    command = [str(c) for c in repro.train_command(launcher, ["--cpu"], save)]
+    assert command[command.index("--save") + 1] == command[command.index("--load") + 1] == str(save)
+
+    def train(how):
+        repro._run("train lambda-2_3", repro.train_command(launcher, [how], save), save, finished=repro.trained)
+
+    with pytest.raises(SystemExit, match="step 'train lambda-2_3' stopped before its end; re-run to resume it"):
+        train("stopped")
+    train("finished")
+    train("stopped")  # not run again
+    assert "== train lambda-2_3: done already" in capsys.readouterr().out and repro.trained(save)
 
 
 def test_a_process_count_that_splits_no_patch_batch_is_refused(tmp_path):

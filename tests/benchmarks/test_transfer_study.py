@@ -1,11 +1,15 @@
-"""benchmarks/transfer_study.py without training: its run plan, the flags each run gives the
-trainer (the control is the token stage alone, as long as patch + token's), the paired transfer
-arithmetic, and one-line flag errors. The study itself is run by hand (about 40 CPU minutes)."""
+"""benchmarks/transfer_study.py without the study: its run plan, the flags each run gives the
+trainer (the control is the token stage alone, as long as patch + token's), the resume of a stopped
+run (one tiny run, in-process), the paired transfer arithmetic, and one-line flag errors. The study
+itself is run by hand (about 40 CPU minutes)."""
 
 import importlib.util
 import statistics
 import sys
 from fractions import Fraction
+from types import SimpleNamespace
+
+import pytest
 
 from tests.conftest import REPO_ROOT
 from tests.trainer_plan import stages as trainer_stages
@@ -47,6 +51,39 @@ def test_plan_and_trainer_flags(tiny_corpus):
     assert stages["token-only-seed1"] == {"token": (1, s["train_iters"])}
     flags = [str(flag) for flag in study.run_flags(runs["control-lambda1_4-seed2"], s, data, quickstart)]
     assert "--pretrained-checkpoint" not in flags and flags[flags.index("--seed") + 1] == "2"
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint(world, model_parallel, tiny_corpus, tmp_path, monkeypatch):
+    """study.train passes --load of the run's own --save folder: a run stopped after its first step
+    (by --exit-duration-in-mins, which saves and writes an interrupted summary, as SIGTERM does) is
+    not taken for done, and its re-run resumes from that checkpoint to the end (a fresh start would
+    be refused: the folder holds checkpoints). The trainer runs in this process, not as a subprocess."""
+    from megatron_patch.training import cli
+    from tests.training.common import train_records
+
+    model_parallel(1, 1)
+    study = _study()
+    quickstart = study._quickstart()
+    s = quickstart.settings(reduced=True)
+    data = {"prefix": tiny_corpus["prefix"], "tokenizer": tiny_corpus["tokenizer"]}
+    run = study.plan_runs([1], [Fraction(1, 2)], [4])["patch_token-lambda1_2-K4-seed1"]
+    flags = study.run_flags(run, s, data, quickstart)
+    commands = []
+
+    def in_process(command, **kwargs):  # [python, examples/pretrain_patch_gpt.py, flags...]
+        commands.append([str(c) for c in command])
+        return SimpleNamespace(returncode=cli.main(commands[-1][2:]))
+
+    monkeypatch.setattr(study, "subprocess", SimpleNamespace(run=in_process, STDOUT=None))
+    save, log = tmp_path / "run", tmp_path / "run.log"
+    with pytest.raises(study.StudyError, match="stopped before its end; re-run to resume it"):
+        study.train(flags + ["--exit-duration-in-mins", "1e-9"], save, log)
+    assert sorted(train_records(save)) == [1]
+    summary = study.train(flags, save, log)
+    assert not summary["interrupted"] and summary["stages"]["token"]["iterations"] == s["train_iters"] // 2
+    assert sorted(train_records(save)) == list(range(1, s["train_iters"] + 1))
+    assert all(command[command.index("--load") + 1] == str(save) for command in commands) and len(commands) == 2
+    assert study.train(flags, save, log) == summary and len(commands) == 2  # finished: not trained again
 
 
 def test_transfer_is_paired_by_seed():
