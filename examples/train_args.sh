@@ -9,7 +9,9 @@
 #   TRAIN_TOKENS         optional: token budget of both stages (default 360e9, the paper's)
 #
 # It defines the bash array TRAIN_ARGS; the scripts pass "${TRAIN_ARGS[@]}" and then their own
-# command-line arguments, so flags given there override these (argparse keeps the last value).
+# command-line arguments, so a flag with a value given there overrides the one here (argparse keeps
+# the last value). Not the budget: --train-tokens is always passed and the trainer refuses
+# --train-iters beside it, so set TRAIN_TOKENS instead.
 : "${MODEL:?}" "${TP:?}" "${PP:?}" "${MBS:?}"
 : "${DATA:?set DATA to a .bin/.idx prefix (tools/preprocess_data.py)}"
 : "${TOKENIZER:?set TOKENIZER to the SentencePiece .model}"
