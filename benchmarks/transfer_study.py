@@ -318,6 +318,7 @@ def _study(argv) -> int:
     quickstart = _quickstart()
     s = quickstart.settings(args.reduced)
     work = Path(args.workdir).resolve()
+    quickstart.check_workdir(work, s, "transfer_study")
     (work / "logs").mkdir(parents=True, exist_ok=True)
     data = quickstart.prepare_data(work / "corpus", s)
     runs = plan_runs(args.seeds, args.fractions, args.patch_sizes)

@@ -62,6 +62,28 @@ def settings(reduced: bool) -> dict:
     }
 
 
+def check_workdir(work: Path, made_with: dict, script: str) -> None:
+    """Record in ``work/settings.json`` what ``work``'s outputs are made with, or exit with one line
+    when it holds another record: a step whose output exists is not run again, so a workdir of other
+    settings (another mode, budget or corpus) would have its results reported as this run's."""
+    made_with = json.loads(json.dumps(made_with, default=str))  # as it reads back
+    record = work / "settings.json"
+    if record.exists():
+        before = json.loads(record.read_text())
+        keys = sorted({*before, *made_with})
+        changed = [f"{k} {before.get(k)!r} -> {made_with.get(k)!r}" for k in keys if before.get(k) != made_with.get(k)]
+        if changed:
+            sys.exit(
+                f"{script}: --workdir {work} holds outputs made with other settings ({'; '.join(changed)}): "
+                f"use another --workdir, or delete it to start over"
+            )
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    partial = record.with_name(record.name + ".tmp")
+    partial.write_text(json.dumps(made_with, indent=1, sort_keys=True) + "\n")
+    os.replace(partial, record)
+
+
 def trained(save: Path) -> bool:
     """The trainer run saving to ``save`` trained to its end: its summary.json exists and is not
     marked ``interrupted`` (the trainer writes one too when a stop signal or --exit-duration-in-mins
@@ -213,6 +235,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     s = settings(args.reduced)
     work = Path(args.workdir).resolve()
+    check_workdir(work, s, "quickstart")
     data = prepare_data(work, s)
     common = training_flags(s, data, tensor_parallel=2)
     runs = {name: work / name for name in ("patch_stage", "token_init", "token_stage", "control", "baseline")}

@@ -44,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the quickstart.py and reproduce_small_*.py beside it
 
-from quickstart import train_command, trained  # noqa: E402
+from quickstart import check_workdir, train_command, trained  # noqa: E402
 from reproduce_small_report import write_report  # noqa: E402
 from reproduce_small_runs import (  # noqa: E402
     FRACTIONS,  # noqa: F401 (tests read the runs' names, settings and flags from this script)
@@ -167,6 +167,8 @@ def main(argv=None) -> int:
                 f"{s['train_file']}, valid.jsonl.xz and wikitext103_test.jsonl.xz"
             )
     work = Path(args.workdir).resolve()
+    made_with = {**s, "epochs": args.epochs, "train_documents": args.train_documents, "data_dir": data_dir}
+    check_workdir(work, made_with, "reproduce_small")
     (work / "data").mkdir(parents=True, exist_ok=True)
     py = sys.executable
     train_file = data_dir / s["train_file"]
@@ -207,16 +209,18 @@ def main(argv=None) -> int:
         ],
         Path(str(prefix) + ".idx"),
     )
-    # one pass over the training split (--split 99,1,0 keeps 1% of the documents for in-run validation)
-    train_tokens = s["train_tokens"] or int(_training_tokens(prefix) * 0.99)
+    # one pass over the training split (--split 99,1,0 keeps 1% of the documents for in-run
+    # validation; _training_tokens counts the other 99%), the trainer rounding down to whole steps
+    split_tokens = _training_tokens(prefix)
+    train_tokens = s["train_tokens"] or split_tokens
     stage_split, eval_interval = "documents", None
     if args.epochs is not None:
         tokens_per_step = s["gbs"] * s["seq_length"]
-        train_tokens = epoch_budget(_training_tokens(prefix), args.epochs, tokens_per_step)
+        train_tokens = epoch_budget(split_tokens, args.epochs, tokens_per_step)
         stage_split = "epochs"
         eval_interval = max(s["eval_interval"], train_tokens // tokens_per_step // 20)  # about 20 validations
         print(
-            f"== budget: {args.epochs:g} epochs of {_training_tokens(prefix)} training tokens = {train_tokens} "
+            f"== budget: {args.epochs:g} epochs of {split_tokens} training tokens = {train_tokens} "
             f"tokens ({train_tokens // tokens_per_step} steps), --stage-split epochs",
             flush=True,
         )

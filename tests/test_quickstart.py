@@ -85,3 +85,14 @@ def test_reduced_quickstart_runs_end_to_end(tmp_path):
     assert again.stdout.count("done already") == 7  # tokenizer, preprocessing, 4 trainer runs, conversion
     assert "== evaluate control on held-out documents (TP=2): " in again.stdout
     assert json.loads((work / "eval_control.json").read_text())["loss"] == losses["control"]
+    # the full quick start refuses the reduced one's workdir, whose finished runs it would report
+    full = subprocess.run(
+        [sys.executable, "examples/quickstart.py", "--workdir", str(work)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert full.returncode == 1 and full.stdout == "", full.stdout[-2000:]
+    assert full.stderr.startswith(f"quickstart: --workdir {work} holds outputs made with other settings (")
+    assert "model 'tiny' -> 'cpu-small'" in full.stderr and len(full.stderr.strip().splitlines()) == 1

@@ -179,6 +179,10 @@ def test_reduced_reproduction_runs_and_reports(tmp_path, reduced_data):
         f"[{min(transfers):.4f}, {max(transfers):.4f}] |"
     ) in report
     assert "| token-only |" not in report and "over seeds 1, 2" in report
+    # the multi-epoch recipe refuses this one-pass workdir, whose finished runs it would report
+    epochs = subprocess.run(command + ["--epochs", "2"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert epochs.returncode == 1 and "== " not in epochs.stdout, epochs.stdout[-2000:]
+    assert "holds outputs made with other settings (epochs None -> 2.0)" in epochs.stderr, epochs.stderr[-2000:]
 
 
 def test_unknown_run_names_are_refused(tmp_path):
