@@ -27,6 +27,7 @@ last checkpoint.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -48,11 +49,14 @@ from benchmarks.common import (  # noqa: E402
     write_json,
     write_text,
 )
+from megatron_patch.checkpoint.folders import checkpoint_dir  # noqa: E402
 from megatron_patch.errors import ArgumentError  # noqa: E402
 from megatron_patch.runtime.command import ArgumentParser, run_main  # noqa: E402
 
 
+@functools.lru_cache(maxsize=None)
 def _quickstart():
+    """examples/quickstart.py as a module (its corpus, flags and run helpers), loaded once."""
     spec = importlib.util.spec_from_file_location("examples_quickstart", REPO / "examples" / "quickstart.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -126,23 +130,14 @@ def _step(command: list, log: Path) -> None:
         raise StudyError(f"{command[1]} exited with code {code}; see {log}")
 
 
-def _finished(save: Path) -> bool:
-    """The run in ``save`` trained to the end (a SIGTERM'd trainer also writes a summary, marked)."""
-    summary = save / "summary.json"
-    return summary.exists() and not json.loads(summary.read_text()).get("interrupted", True)
-
-
 def train(flags: list, save: Path, log: Path) -> dict:
     """Train one run into ``save`` unless it trained to its end; returns its summary. ``--load`` of
     the same folder: a run killed (or stopped by a signal) after a checkpoint resumes from it, one
     killed before its first checkpoint starts afresh."""
-    if not _finished(save):
-        _step(
-            [sys.executable, "examples/pretrain_patch_gpt.py", *flags]
-            + ["--save", save, "--load", save, "--summary-json", save / "summary.json"],
-            log,
-        )
-        if not _finished(save):  # a trainer stopped by a signal saves, writes this summary and exits 0
+    quickstart = _quickstart()
+    if not quickstart.trained(save):
+        _step(quickstart.train_command([sys.executable], flags, save), log)
+        if not quickstart.trained(save):  # a trainer stopped by a signal saves, writes this summary and exits 0
             raise StudyError(f"the run in {save} stopped before its end; re-run to resume it")
     return json.loads((save / "summary.json").read_text())
 
@@ -156,7 +151,7 @@ def _train_and_score(name: str, run: dict, flags: list, work: Path, data: dict) 
     summary = train(flags, save, log)
     scored = {"final": save}
     if run["arm"] == "patch+token":
-        scored["after_patch"] = save / f"iter_{summary['stages']['patch']['iterations']:07d}"
+        scored["after_patch"] = Path(checkpoint_dir(str(save), summary["stages"]["patch"]["iterations"]))
     result = dict(
         run,
         fraction=None if run["fraction"] is None else str(run["fraction"]),
@@ -325,7 +320,7 @@ def _study(argv) -> int:
     print(f"== {len(runs)} runs, {args.jobs} at a time; logs in {work / 'logs'}", flush=True)
     results, failures = {}, []
     if args.report_only:  # finished runs only (scoring a finished run that was not scored yet)
-        runs = {name: run for name, run in runs.items() if _finished(work / name)}
+        runs = {name: run for name, run in runs.items() if quickstart.trained(work / name)}
         print(f"== --report-only: {len(runs)} finished runs", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {
