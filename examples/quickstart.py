@@ -100,14 +100,18 @@ def train_command(launcher: list, flags: list, save: Path) -> list:
     return [*launcher, "examples/pretrain_patch_gpt.py", *flags, *outputs]
 
 
-def run_step(step: str, command: list, done: Path, log: Path = None, finished=Path.exists) -> None:
+CPU_ENV = {"OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1"}  # each process one thread, no compiles
+
+
+def run_step(step: str, command: list, done: Path, log: Path = None, finished=Path.exists, extra_env=CPU_ENV) -> None:
     """Run one pipeline step unless ``finished(done)`` (by default: its output ``done`` exists);
-    stream its output (or write it to ``log``)."""
+    stream its output (or write it to ``log``); ``extra_env``: set for the step (the quick start's
+    CPU settings by default). Exits with one line when the step fails or ends unfinished."""
     if finished(done):
         print(f"== {step}: done already ({done.relative_to(REPO) if done.is_relative_to(REPO) else done})", flush=True)
         return
     print(f"== {step}: {' '.join(str(c) for c in command)}", flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, **extra_env, PYTHONUNBUFFERED="1")
     start = time.perf_counter()
     if log is None:
         result = subprocess.run([str(c) for c in command], cwd=REPO, env=env)

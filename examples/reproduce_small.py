@@ -37,14 +37,12 @@ installed: the ``plot`` extra); ``curves.json`` holds the plotted points.
 
 import argparse
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the quickstart.py and reproduce_small_*.py beside it
 
-from quickstart import check_workdir, train_command, trained  # noqa: E402
+from quickstart import check_workdir, run_step, train_command, trained  # noqa: E402
 from reproduce_small_report import write_report  # noqa: E402
 from reproduce_small_runs import (  # noqa: E402
     FRACTIONS,  # noqa: F401 (tests read the runs' names, settings and flags from this script)
@@ -64,18 +62,9 @@ DATA = REPO / ".data"  # git-ignored: where the corpora are copied
 
 
 def _run(step: str, command: list, done: Path, finished=Path.exists) -> None:
-    """Run one step unless ``finished(done)`` (by default: its output ``done`` exists)."""
-    if finished(done):
-        print(f"== {step}: done already", flush=True)
-        return
-    print(f"== {step}: {' '.join(str(c) for c in command)}", flush=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    start = time.perf_counter()
-    if subprocess.run([str(c) for c in command], cwd=REPO, env=env).returncode != 0:
-        sys.exit(f"reproduce_small: step '{step}' failed; fix the error above and re-run")
-    if not finished(done):  # a trainer stopped by a signal saves, writes an interrupted summary and exits 0
-        sys.exit(f"reproduce_small: step '{step}' stopped before its end; re-run to resume it")
-    print(f"== {step}: {time.perf_counter() - start:.1f} s", flush=True)
+    """Run one step unless ``finished(done)`` (quickstart's ``run_step``, with the environment as it
+    is: the runs may use a GPU and its threads)."""
+    run_step(step, command, done, finished=finished, extra_env={})
 
 
 def _training_tokens(prefix: Path) -> int:
