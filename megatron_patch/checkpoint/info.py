@@ -15,6 +15,7 @@ import torch
 from megatron_patch.architecture.build import ModelSettings, build_model_chunks
 from megatron_patch.architecture.presets import ModelPreset, get_preset
 from megatron_patch.architecture.presets import check_layout as check_preset_layout
+from megatron_patch.architecture.specs import transformer_engine_available
 from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as ckpt
 from megatron_patch.errors import ArgumentError, CheckpointError, DataError
@@ -194,6 +195,12 @@ def build_model(
     Returns the chunks, one per virtual stage (``[chunk]`` without; a ``Float16Module`` around the
     model in bf16, as the trainer runs it).
     """
+    if info.transformer_impl == "transformer_engine" and not transformer_engine_available():
+        raise CheckpointError(
+            f"checkpoint {info.path} was trained with --transformer-impl transformer_engine, whose layers "
+            f"cannot be built here (transformer_engine does not import): run this where "
+            f"transformer-engine[pytorch] is installed"
+        )
     settings = ModelSettings(
         preset=info.preset,
         seq_length=info.seq_length,

@@ -1,13 +1,16 @@
 """Shared pieces of the checkpoint-tool tests: calling a tool's ``main``, an independent Megatron
 forward pass, plain tensors of a checkpoint."""
 
+import json
 import os
+import shutil
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_patch.architecture.presets import get_preset, transformer_config
-from megatron_patch.checkpoint.folders import resolve_checkpoint
+from megatron_patch.checkpoint import manifest
+from megatron_patch.checkpoint.folders import METADATA, resolve_checkpoint
 from megatron_patch.model import build_patch_gpt_model
 from megatron_patch.runtime import parallel
 
@@ -57,3 +60,16 @@ def model_tensors(checkpoint):
     """The model's tensors of a checkpoint, unsharded (optimizer state left out)."""
     tensors = dist_checkpointing.load_plain_tensors(resolve_checkpoint(str(checkpoint)))
     return {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor) and not k.startswith("optimizer.")}
+
+
+def copy_recording(checkpoint, copy, **args):
+    """A copy of ``checkpoint`` at ``copy`` whose metadata records ``args`` (e.g. the tokenizer of
+    another machine), its manifest kept right, so that the copy loads with verification."""
+    shutil.copytree(checkpoint, copy)
+    meta = json.loads((copy / METADATA).read_text())
+    meta["args"].update(args)
+    (copy / METADATA).write_text(json.dumps(meta))
+    record = json.loads((copy / manifest.MANIFEST).read_text())
+    record["files"].update(manifest.describe(str(copy), [METADATA]))
+    (copy / manifest.MANIFEST).write_text(json.dumps(record))
+    return copy

@@ -10,25 +10,10 @@ import shutil
 
 import pytest
 
-from megatron_patch.checkpoint import folders, manifest
-from tests.tools.common import assert_one_line_error, call, leftovers
+from tests.tools.common import assert_one_line_error, call, copy_recording, leftovers
 from tools import convert_checkpoint, evaluate, evaluate_zero_shot, export_hf
 
 TEXTS = ["It was the best of times, it was the worst of times.", "Alice was beginning to get very tired."]
-
-
-def _copy_recording(trained, folder, tokenizer):
-    """A copy of the final checkpoint whose metadata records ``tokenizer``, its manifest kept right
-    (so that the copy loads with verification)."""
-    checkpoint = folder / "copied"
-    shutil.copytree(trained["final"], checkpoint)
-    meta = json.loads((checkpoint / folders.METADATA).read_text())
-    meta["args"]["tokenizer_model"] = str(tokenizer)
-    (checkpoint / folders.METADATA).write_text(json.dumps(meta))
-    record = json.loads((checkpoint / manifest.MANIFEST).read_text())
-    record["files"].update(manifest.describe(str(checkpoint), [folders.METADATA]))
-    (checkpoint / manifest.MANIFEST).write_text(json.dumps(record))
-    return checkpoint
 
 
 @pytest.fixture
@@ -39,7 +24,7 @@ def moved(trained, tmp_path):
     recorded.parent.mkdir()
     new.parent.mkdir()
     shutil.copy(trained["corpus"]["tokenizer"], recorded)
-    checkpoint = _copy_recording(trained, tmp_path, recorded)
+    checkpoint = copy_recording(trained["final"], tmp_path / "copied", tokenizer_model=str(recorded))
     os.rename(recorded, new)
     return checkpoint, recorded, new
 
@@ -104,7 +89,7 @@ def test_evaluate_zero_shot_through_the_export(moved, tmp_path, capsys):
 def test_a_recorded_file_that_is_no_tokenizer_names_the_checkpoint(trained, tmp_path, capsys):
     recorded = tmp_path / "tok.model"
     recorded.write_bytes(b"not a sentencepiece model")
-    checkpoint = _copy_recording(trained, tmp_path, recorded)
+    checkpoint = copy_recording(trained["final"], tmp_path / "copied", tokenizer_model=str(recorded))
     save = tmp_path / "hf"
     code, _, err = call(export_hf, ["--cpu", "--load", checkpoint, "--save", save], capsys)
     assert_one_line_error(code, err, f"checkpoint {checkpoint}'s tokenizer: tokenizer model '{recorded}'")
