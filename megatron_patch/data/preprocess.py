@@ -271,15 +271,6 @@ class _Writers:
                 verify_dataset(merged, stats.documents, stats.tokens, documents)
 
 
-def _load_tokenizer(model_path: str):
-    from megatron_patch.data.tokenizer import SentencePieceTokenizer
-
-    try:
-        return SentencePieceTokenizer(model_path)
-    except ValueError as err:
-        raise DataError(str(err)) from None
-
-
 def preprocess(config: PreprocessConfig) -> PreprocessReport:
     """Tokenize ``config.input`` into ``{output_prefix}_{key}_document.{bin,idx}`` (see module doc).
 
@@ -288,7 +279,9 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
             folder, unreadable tokenizer, no document with text). Nothing is left behind then.
     """
     start = time.time()
-    tokenizer = _load_tokenizer(config.tokenizer_model)
+    from megatron_patch.data.tokenizer import SentencePieceTokenizer
+
+    tokenizer = SentencePieceTokenizer(config.tokenizer_model)  # DataError (one line) when unreadable
     folder = output_folder(config.output_prefix)
     files = expand_inputs(config.input)
     if any(f.format == "text" for f in files) and len(config.json_keys) > 1:

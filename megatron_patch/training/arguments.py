@@ -14,7 +14,7 @@ from typing import List, Optional
 from megatron_patch.architecture.build import ModelSettings, padded_vocab_size
 from megatron_patch.architecture.presets import check_layout, get_preset
 from megatron_patch.architecture.specs import resolve_transformer_impl
-from megatron_patch.errors import ArgumentError, DataError
+from megatron_patch.errors import ArgumentError
 from megatron_patch.runtime.parallel import resolve_virtual_pipeline
 from megatron_patch.training.config import (
     CheckpointSettings,
@@ -233,10 +233,7 @@ def _tokenizer_vocab_size(path: str) -> int:
 
     if not os.path.isfile(path):
         raise ArgumentError(f"--tokenizer-model {path}: no such file (train one with tools/train_tokenizer.py)")
-    try:
-        return SentencePieceTokenizer(path).vocab_size
-    except ValueError as error:
-        raise DataError(str(error)) from None
+    return SentencePieceTokenizer(path).vocab_size  # DataError (one line) when not a SentencePiece model
 
 
 def _check_optimizer_and_data_flags(flags: argparse.Namespace) -> None:
