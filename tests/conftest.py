@@ -56,6 +56,13 @@ def model_parallel(world):
     parallel.destroy_model_parallel()
 
 
+@pytest.fixture
+def cpu_world(world, model_parallel):
+    """A world of one with megatron's groups at TP=1, PP=1 (the in-process trainer tests)."""
+    model_parallel(1, 1)
+    return world
+
+
 @pytest.fixture(scope="session")
 def tiny_jsonl():
     """The bundled corpus, ``examples/data/tiny.jsonl.xz`` (the tests fail, never skip, without it)."""

@@ -17,12 +17,6 @@ ITERS = 12  # 8 patch steps, 4 token steps
 DROPOUT = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
 
 
-@pytest.fixture
-def cpu_world(world, model_parallel):
-    model_parallel(1, 1)
-    return world
-
-
 def _argv(corpus, save, *extra):
     return trainer_args(
         corpus,

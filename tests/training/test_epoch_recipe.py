@@ -80,12 +80,6 @@ def epoch_args(corpus, save=None, *extra, epochs=4):
     )
 
 
-@pytest.fixture
-def cpu_world(world, model_parallel):
-    model_parallel(1, 1)
-    return world
-
-
 def _run(argv):
     from megatron_patch.runtime import parallel
 

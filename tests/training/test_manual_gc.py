@@ -11,12 +11,6 @@ from tests.training.common import trainer_args
 ITERS = 12
 
 
-@pytest.fixture
-def cpu_world(world, model_parallel):
-    model_parallel(1, 1)
-    return world
-
-
 class CountingGC:
     """The gc module for manual_gc.py, recording after how many steps each collection ran."""
 

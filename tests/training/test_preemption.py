@@ -137,12 +137,6 @@ def test_stop_signals_set_the_flag_and_restore_the_handlers():
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
-@pytest.fixture
-def cpu_world(world, model_parallel):
-    model_parallel(1, 1)
-    return world
-
-
 @pytest.mark.parametrize("when", ["start-up", "after the run"])
 def test_a_stop_signal_outside_the_steps_is_handled(cpu_world, tiny_corpus, tmp_path, monkeypatch, when):
     """SIGTERM while the trainer builds its datasets stops the run after its first step, with a

@@ -13,12 +13,6 @@ from tests.training.common import trainer_args
 ITERS = 12  # K=4, lambda=2/3: 8 patch steps, then 4 token steps
 
 
-@pytest.fixture
-def cpu_world(world, model_parallel):
-    model_parallel(1, 1)
-    return world
-
-
 def test_the_trace_holds_the_window_across_the_stage_boundary(cpu_world, tiny_corpus, tmp_path, caplog):
     save = tmp_path / "run"
     window = ["--profile", "--profile-step-start", "8", "--profile-step-end", "10"]
