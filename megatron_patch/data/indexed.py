@@ -149,20 +149,23 @@ def check_one_corpus(folder: str, prefixes: list[str]) -> None:
     The fix in both cases is to pass the prefixes to merge explicitly.
     """
     names = {os.path.basename(prefix) for prefix in prefixes}
-    for name in sorted(names, key=natural_key):
-        if not name.endswith("_document"):
-            continue
-        # a shard without its "_{i}" is the name of the merge of the shards
-        for number in re.finditer(r"_\d+(?=_)", name):
-            merge = name[: number.start()] + name[number.end() :]
-            if merge in names:
-                shards = _shards_of(merge, names)
-                raise DataError(
-                    f"folder '{folder}' holds both the partition shards {shards[0]} .. {shards[-1]} "
-                    f"({len(shards)} pairs) and their merge {merge} (tools/preprocess_data.py --partitions "
-                    f"writes both), so every document would be merged twice; pass the prefixes to merge "
-                    f"explicitly (--input PREFIX [PREFIX ...]), or move the shards or the merge out of the folder"
-                )
+    shards_of: dict[str, list[str]] = {}  # merge name -> its shards in the folder
+    for name in names:
+        if name.endswith("_document"):
+            # a shard without its "_{i}" is the name of the merge of the shards
+            for number in re.finditer(r"_\d+(?=_)", name):
+                merge = name[: number.start()] + name[number.end() :]
+                if merge in names:
+                    shards_of.setdefault(merge, []).append(name)
+    if shards_of:
+        merge = min(shards_of, key=natural_key)
+        shards = sorted(shards_of[merge], key=natural_key)
+        raise DataError(
+            f"folder '{folder}' holds both the partition shards {shards[0]} .. {shards[-1]} "
+            f"({len(shards)} pairs) and their merge {merge} (tools/preprocess_data.py --partitions "
+            f"writes both), so every document would be merged twice; pass the prefixes to merge "
+            f"explicitly (--input PREFIX [PREFIX ...]), or move the shards or the merge out of the folder"
+        )
     keys: dict[str, str] = {}  # key -> first name with it
     for name in sorted(names, key=natural_key):
         key = re.fullmatch(r".*_([^_]+)_document", name)
@@ -175,17 +178,6 @@ def check_one_corpus(folder: str, prefixes: list[str]) -> None:
             f"merged into one dataset; pass the prefixes of one key explicitly (--input PREFIX [PREFIX ...]), "
             f"or move the other keys' pairs out of the folder"
         )
-
-
-def _shards_of(merge: str, names: set[str]) -> list[str]:
-    """Names in ``names`` that are a shard of ``merge`` (``merge`` with one ``_{i}`` inserted)."""
-    shards = []
-    for name in names:
-        for number in re.finditer(r"_\d+(?=_)", name):
-            if name[: number.start()] + name[number.end() :] == merge:
-                shards.append(name)
-                break
-    return sorted(shards, key=natural_key)
 
 
 class MergeCounts(NamedTuple):
