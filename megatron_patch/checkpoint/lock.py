@@ -10,6 +10,7 @@ file system, as far as that file system implements it (NFSv4 and Lustre mounted 
 do); across nodes of a file system that does not, the lock only guards the node it runs on.
 """
 
+import contextlib
 import fcntl
 import json
 import os
@@ -17,7 +18,9 @@ import socket
 import time
 from typing import Optional
 
-from megatron_patch.checkpoint.store import CheckpointError
+import torch.distributed as dist
+
+from megatron_patch.errors import CheckpointError
 
 LOCK = ".lock"
 
@@ -83,3 +86,28 @@ class SaveDirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def locked_save_folder(save: Optional[str]):
+    """Rank 0 holds the lock of the ``--save`` folder ``save`` (None: nothing to lock) for the
+    ``with`` block; every rank raises the same one-line error when another trainer holds it. A
+    folder created here and left empty (a failed start) is removed."""
+    lock, created, refusal = None, False, [None]
+    if save and dist.get_rank() == 0:
+        created = not os.path.exists(save)
+        try:
+            lock = SaveDirLock(save).acquire()
+        except CheckpointError as error:
+            refusal[0] = str(error)
+    if save and dist.get_world_size() > 1:
+        dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise CheckpointError(refusal[0])
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+            if created and not os.listdir(save):
+                os.rmdir(save)

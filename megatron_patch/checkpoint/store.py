@@ -25,14 +25,18 @@ at any layout.
 Saving (the trainer's and the conversion tool's, through ``write_sharded``) runs in this process:
 megatron's torch_dist writer would otherwise collect its results through a ``multiprocessing``
 Manager process that a SIGTERM to the process group kills, which made the save on the pre-emption
-path fail (``_in_process_write_results``).
+path fail (``_use_write_results_queue``). With ``--async-save`` the shards are written by a forked
+process while training goes on, and the checkpoint is completed (metadata, manifest, rename,
+tracker) once every rank's writer has ended (``async_save.py``).
 """
 
+import functools
 import json
 import logging
 import os
 import queue
 import shutil
+import time
 from typing import Optional
 
 import torch
@@ -51,7 +55,8 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_patch.architecture.build import unwrap
-from megatron_patch.checkpoint import manifest
+from megatron_patch.checkpoint import async_save, manifest
+from megatron_patch.checkpoint.async_save import PendingSave
 from megatron_patch.checkpoint.folders import (
     METADATA,
     TRACKER,
@@ -212,47 +217,77 @@ def write_sharded(state: dict, folder: str, fully_parallel: bool = True) -> None
     """Write the sharded ``state`` into the existing ``folder`` (collective, every rank) in this
     process: the one call of ``dist_checkpointing.save`` for the trainer's checkpoints and the
     conversion tool's. ``fully_parallel``: see :func:`save_strategy`."""
-    _in_process_write_results()
+    _use_write_results_queue(queue.SimpleQueue())
     dist_checkpointing.save(state, folder, save_strategy(fully_parallel))
 
 
 def save_checkpoint(
-    root, iteration, model, optimizer, scheduler, progress, flags, shape, keep_last, fully_parallel=True, retain=()
+    root,
+    iteration,
+    model,
+    optimizer,
+    scheduler,
+    progress,
+    flags,
+    shape,
+    keep_last,
+    fully_parallel=True,
+    retain=(),
+    pending: Optional[PendingSave] = None,
 ) -> Optional[str]:
     """Write ``root/iter_N`` atomically on every rank; returns its path, or None where a complete
     ``iter_N`` exists (the checkpoint this run resumed from, identical by construction), which is
     kept. Then only the ``keep_last`` newest checkpoints are kept (0: all), besides those of the
-    iterations in ``retain``, which are never removed. ``fully_parallel``: see :func:`save_strategy`."""
+    iterations in ``retain``, which are never removed. ``fully_parallel``: see :func:`save_strategy`.
+
+    With ``pending`` the save first waits for the one in flight, then hands the writing of the
+    shards to a forked process and returns; ``pending`` completes the checkpoint later
+    (``async_save.py``). The returned path is then where the checkpoint will be."""
+    started = time.perf_counter()
+    if pending is not None:
+        pending.wait()  # its completion removes partial saves: it must not meet this one's
     final = checkpoint_dir(root, iteration)
-    rank = dist.get_rank()
     if os.path.exists(final) and _existing(root, final, iteration):
         return None
     partial_dir = final + ".tmp"
-    if rank == 0:
+    if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(partial_dir, ignore_errors=True)
         os.makedirs(partial_dir)
     dist.barrier()
-    write_sharded(_sharded_state(model, optimizer, scheduler, with_rng=True), partial_dir, fully_parallel)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "iteration": iteration,
+        "progress": progress,
+        "model_shape": shape,
+        "layout": layout_record(model),
+        "args": {key: value for key, value in flags.items() if _is_plain(value)},
+    }
+    state = _sharded_state(model, optimizer, scheduler, with_rng=True)
+    complete = functools.partial(_complete_save, root, partial_dir, final, meta, keep_last, tuple(retain))
+    if pending is None:
+        write_sharded(state, partial_dir, fully_parallel)
+        complete()
+    else:
+        _use_write_results_queue(async_save.results_queue())
+        request = dist_checkpointing.save(state, partial_dir, save_strategy(fully_parallel), async_sharded_save=True)
+        pending.start(request, complete, final, started)
+    return final
+
+
+def _complete_save(root, partial_dir, final, meta, keep_last, retain) -> None:
+    """After every rank's shards are written: the metadata, the manifest, the rename, the tracker,
+    the removal of killed saves and pruning (collective)."""
     dist.barrier()
-    if rank == 0:
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "iteration": iteration,
-            "progress": progress,
-            "model_shape": shape,
-            "layout": layout_record(model),
-            "args": {key: value for key, value in flags.items() if _is_plain(value)},
-        }
+    if dist.get_rank() == 0:
         atomic_file.write_json(os.path.join(partial_dir, METADATA), meta, sort_keys=True)
     manifest.write_manifest(partial_dir)  # collective: every rank checksums its own shards
-    if rank == 0:
+    if dist.get_rank() == 0:
         os.replace(partial_dir, final)
-        atomic_file.write_text(os.path.join(root, TRACKER), f"{iteration}\n")
+        atomic_file.write_text(os.path.join(root, TRACKER), f"{meta['iteration']}\n")
         remove_partial_saves(root)
         prune(root, keep_last, retain)
     dist.barrier()
-    return final
 
 
 def _existing(root: str, final: str, iteration: int) -> bool:
@@ -269,19 +304,19 @@ def _existing(root: str, final: str, iteration: int) -> bool:
     return True
 
 
-def _in_process_write_results() -> None:
-    """Give megatron's torch_dist writer an in-process queue for its results.
+def _use_write_results_queue(results) -> None:
+    """Set the queue megatron's torch_dist writer returns each save's write results through.
 
-    megatron-core 0.16.1 (``strategies/filesystem_async.py``) collects each save's write results
-    through a queue of a ``multiprocessing`` Manager that it spawns at the first save and that
-    lives, in the trainer's process group, until the trainer exits. A SIGTERM to the group
-    (scancel, a time limit, torchrun's forwarding) kills it, and the save on the pre-emption path
-    then fails with BrokenPipeError; a kill -9 of the trainer leaves it running. Synchronous saves
-    put and get the results in this process (the forked writers report through a queue of their
-    own), so a plain queue serves and no helper process exists.
+    megatron-core 0.16.1 (``strategies/filesystem_async.py``) takes it from a module global that it
+    fills, at the first save, with the queue of a ``multiprocessing`` Manager it spawns; that
+    helper lives in the trainer's process group until the trainer exits, so a SIGTERM to the group
+    (scancel, a time limit, torchrun's forwarding) kills it and the save on the pre-emption path
+    fails with BrokenPipeError; a kill -9 of the trainer leaves it running. A synchronous save puts
+    and gets the results in this process (its forked writers report through a queue of their own),
+    so it is given a plain queue; an async save's writer is a forked process, so it is given the
+    queue of the Manager that ``async_save.results_queue`` starts with the stop signals ignored.
     """
-    if not isinstance(filesystem_async._results_queue, queue.SimpleQueue):
-        filesystem_async._results_queue = queue.SimpleQueue()
+    filesystem_async._results_queue = results
 
 
 def _is_plain(value) -> bool:

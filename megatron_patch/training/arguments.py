@@ -162,6 +162,7 @@ def make_config(
             exit_duration_minutes=flags.exit_duration_in_mins,
             fully_parallel_save=flags.ckpt_fully_parallel_save,
             fully_parallel_load=flags.ckpt_fully_parallel_load,
+            async_save=flags.async_save,
         ),
         logging=LogSettings(
             log_interval=flags.log_interval,
@@ -282,6 +283,8 @@ def _check_flag_combinations(flags: argparse.Namespace, seq_length: int) -> None
         raise ArgumentError(f"--save-interval {flags.save_interval} must be >= 1")
     if flags.save_interval and not flags.save:
         raise ArgumentError("--save-interval needs --save DIR")
+    if flags.async_save and not flags.save:
+        raise ArgumentError("--async-save needs --save DIR")
     if flags.exit_duration_in_mins is not None and not flags.exit_duration_in_mins > 0:
         raise ArgumentError(f"--exit-duration-in-mins {flags.exit_duration_in_mins} must be > 0")
     if flags.exit_duration_in_mins and not flags.save:

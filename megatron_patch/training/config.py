@@ -53,6 +53,7 @@ class CheckpointSettings:
     exit_duration_minutes: Optional[float] = None  # save, then exit 0, after a step ending this late
     fully_parallel_save: bool = True  # data-parallel replicas share the writing of replicated shards
     fully_parallel_load: bool = False  # ... and the reading, exchanging what they read
+    async_save: bool = False  # interval saves written by a forked process while training goes on
 
     @property
     def stop_signals(self) -> Tuple[signal.Signals, ...]:

@@ -204,6 +204,13 @@ def build_parser() -> ArgumentParser:
         "from the others (fewer reads of the file system; exchanges them over the network)",
     )
     ckpt.add_argument(
+        "--async-save",
+        action="store_true",
+        help="write each interval's checkpoint in a forked process while training goes on (as Megatron-LM's); "
+        "it is completed at a later step once every rank's writer has ended; saves at a stop or the "
+        "end of the run stay synchronous",
+    )
+    ckpt.add_argument(
         "--exit-signal",
         default=DEFAULT_SIGNALS,
         help="signals that save a checkpoint at the current step and exit 0 (comma list; "

@@ -18,7 +18,8 @@ from megatron.core import parallel_state
 
 from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as ckpt
-from megatron_patch.checkpoint.lock import SaveDirLock
+from megatron_patch.checkpoint.async_save import PendingSave
+from megatron_patch.checkpoint.lock import locked_save_folder
 from megatron_patch.data.datasets import StageDataConfig, build_stage_datasets, plan_stage_split
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
 from megatron_patch.errors import CheckpointError
@@ -103,6 +104,8 @@ class Trainer:
         self.datasets = self._build_datasets()
         self.profiler = StepProfiler(config.profile, self.rank)
         self.manual_gc = ManualGC(config.manual_gc_interval)
+        self.pending_save = PendingSave(self._saved_in_background) if checkpoints.async_save else None
+        self._in_flight = None  # (stage name, iteration) of the save in flight
 
     def _build_datasets(self):
         data = self.config.data
@@ -165,10 +168,14 @@ class Trainer:
             self.plan.validation,
         )
 
-    def _save(self, iteration, stage: StagePlan, stage_iteration, consumed_samples, results):
+    def _save(self, iteration, stage: StagePlan, stage_iteration, consumed_samples, results, background=False):
+        """Save at ``iteration``; ``background``: in a forked writer, with ``--async-save``."""
         checkpoints = self.config.checkpoints
         if not checkpoints.save:
             return
+        pending = self.pending_save if background else None
+        if self.pending_save is not None and pending is None:
+            self.pending_save.wait()  # complete the save in flight before this one
         progress = checkpoint_progress(self.plan, stage, stage_iteration, consumed_samples, results)
         gather_updated_parameters(self.model)
         start = time.perf_counter()
@@ -184,9 +191,16 @@ class Trainer:
             checkpoints.keep_last,
             fully_parallel=checkpoints.fully_parallel_save,
             retain=self.plan.stage_ends[:-1],
+            pending=pending,
         )
-        if path is not None:
+        if path is not None and pending is not None:
+            self._in_flight = (stage.name, iteration, time.perf_counter() - start)
+        elif path is not None:
             self.metrics.log_checkpoint(stage.name, iteration, path, time.perf_counter() - start)
+
+    def _saved_in_background(self, path: str, seconds: float) -> None:
+        stage_name, iteration, blocked = self._in_flight
+        self.metrics.log_checkpoint(stage_name, iteration, path, seconds, blocked_seconds=blocked)
 
     def _stop_flag(self) -> bool:
         flag = torch.tensor([1.0 if self.stop.reason() else 0.0], device=self._device())
@@ -307,37 +321,12 @@ class Trainer:
     # ----------------------------------------------------------------- run
     def run(self) -> dict:
         """Train the planned stages; returns the summary (``interrupted`` after a stop signal or the time limit)."""
-        with self._stop_scope, self._locked_save_folder(), self.manual_gc:
+        with self._stop_scope, locked_save_folder(self.config.checkpoints.save), self.manual_gc:
             try:
                 return self._run_stages()
             finally:
                 self.profiler.close()
                 self.metrics.close()
-
-    @contextlib.contextmanager
-    def _locked_save_folder(self):
-        """Rank 0 holds the ``--save`` folder's lock for the run (``checkpoint/lock.py``); every rank
-        raises the same one-line error when another trainer holds it. A folder this run created
-        and left empty (a failed start) is removed."""
-        save = self.config.checkpoints.save
-        lock, created, refusal = None, False, [None]
-        if save and self.rank == 0:
-            created = not os.path.exists(save)
-            try:
-                lock = SaveDirLock(save).acquire()
-            except CheckpointError as error:
-                refusal[0] = str(error)
-        if save and dist.get_world_size() > 1:
-            dist.broadcast_object_list(refusal, src=0)
-        if refusal[0] is not None:
-            raise CheckpointError(refusal[0])
-        try:
-            yield
-        finally:
-            if lock is not None:
-                lock.release()
-                if created and not os.listdir(save):
-                    os.rmdir(save)
 
     def _run_stages(self) -> dict:
         start_index, stage_iteration, consumed, results = self._resume()
@@ -404,11 +393,14 @@ class Trainer:
                     peak_tflops=self.peak_tflops,
                 )
                 window_seconds, window_steps = 0.0, 0
+            if self.pending_save is not None:
+                self.pending_save.poll()
             stop = self._stop_flag()
             if log.eval_interval and iteration % log.eval_interval == 0 and not stop:  # stopping: save first
                 self.metrics.log_valid(stage.name, iteration, self._validate())
             if stop or stage_iteration == stage.iterations or (save_interval and iteration % save_interval == 0):
-                self._save(iteration, stage, stage_iteration, consumed, self.results)
+                last = stop or iteration == self.plan.stage_ends[-1]
+                self._save(iteration, stage, stage_iteration, consumed, self.results, background=not last)
             if stop:
                 logger.warning(
                     "stopped by %s at iteration %d; resume with --load %s",
@@ -428,6 +420,8 @@ class Trainer:
         return False
 
     def _summary(self, results, interrupted: bool) -> dict:
+        if self.pending_save is not None:
+            self.pending_save.wait()
         epochs = self.plan.epochs(self._data_tokens(self.datasets.splits), {r.name: r.tokens for r in results})
         for r in results:
             r.epochs = epochs.get(r.name)

@@ -189,22 +189,36 @@ class MetricsWriter:
         self._record({"kind": "valid", "stage": stage, "iteration": iteration, "loss": loss, "ppl": ppl})
         self._scalars({"valid/loss": loss}, iteration)
 
-    def log_checkpoint(self, stage: str, iteration: int, path: str, seconds: float) -> None:
+    def log_checkpoint(
+        self, stage: str, iteration: int, path: str, seconds: float, blocked_seconds: Optional[float] = None
+    ) -> None:
         """A checkpoint of ``iteration`` complete on every rank at ``path``, ``seconds`` after the
-        save began (all ranks' writes, the manifest and the rename)."""
+        save began (all ranks' writes, the manifest and the rename). ``blocked_seconds``: for a save
+        written in the background (``--async-save``), the part of it training waited for."""
         if not self.enabled:
             return
-        logger.info("[%s] saved checkpoint %s in %.2f s", stage, path, seconds)
-        self._record({"kind": "checkpoint", "stage": stage, "iteration": iteration, "path": path, "seconds": seconds})
-        self._scalars({"checkpoint/save_seconds": seconds}, iteration)
+        record = {"kind": "checkpoint", "stage": stage, "iteration": iteration, "path": path, "seconds": seconds}
+        if blocked_seconds is None:
+            logger.info("[%s] saved checkpoint %s in %.2f s", stage, path, seconds)
+        else:
+            logger.info(
+                "[%s] saved checkpoint %s in %.2f s, in the background (training waited %.2f s)",
+                stage,
+                path,
+                seconds,
+                blocked_seconds,
+            )
+            record["blocked_seconds"] = blocked_seconds
+        self._record(record)
+        self._scalars({"checkpoint/save_seconds": seconds, "checkpoint/blocked_seconds": blocked_seconds}, iteration)
 
     def _scalars(self, scalars: dict, iteration: int) -> None:
         """``{tag: value}`` to TensorBoard and W&B; x axis: the global iteration (tokens per step
         are equal in both stages); None values are left out."""
+        scalars = {tag: value for tag, value in scalars.items() if value is not None}
         if self.tensorboard is not None:
             for tag, value in scalars.items():
-                if value is not None:
-                    self.tensorboard.add_scalar(tag, value, iteration)
+                self.tensorboard.add_scalar(tag, value, iteration)
         if self.wandb is not None:
             self.wandb.log(scalars, step=iteration)
 

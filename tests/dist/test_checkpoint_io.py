@@ -2,8 +2,9 @@
 plain optimizer, so the model and its whole Adam state are replicated): by default both replicas
 write an even share of the replicated shards (against the control, --no-ckpt-fully-parallel-save,
 where rank 0 writes nearly everything), the two checkpoints hold the same tensors, a resume that
-reads with --ckpt-fully-parallel-load follows the uninterrupted run bit for bit, and every save is
-logged with its duration."""
+reads with --ckpt-fully-parallel-load follows the uninterrupted run bit for bit, every save is
+logged with its duration, and the same run with --async-save (each rank's share written by a
+forked process while training goes on) writes the same checkpoints."""
 
 import glob
 import json
@@ -15,6 +16,8 @@ import pytest
 import torch.distributed as dist
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
 
+from megatron_patch.checkpoint import folders as checkpoint_folders
+from megatron_patch.checkpoint.compare import differences
 from megatron_patch.training import cli
 from tests import model_helpers as mh
 from tests.model_helpers import shared_tmp
@@ -35,8 +38,9 @@ def runs(world, tiny_corpus, tmp_path_factory):
     if world != 2:
         pytest.skip("runs in a 2-rank world")
     shared = shared_tmp(tmp_path_factory, "checkpoint-io")
-    folders = {name: os.path.join(shared, name) for name in ("shared", "rank0", "resumed")}
+    folders = {name: os.path.join(shared, name) for name in ("shared", "rank0", "resumed", "async")}
     _train(tiny_corpus, folders["shared"], "--save-interval", "3")
+    _train(tiny_corpus, folders["async"], "--save-interval", "3", "--async-save")
     _train(tiny_corpus, folders["rank0"], "--save-interval", "6", "--no-ckpt-fully-parallel-save")
     if dist.get_rank() == 0:  # a --save folder whose latest checkpoint is the shared run's iteration 6
         os.makedirs(folders["resumed"])
@@ -97,3 +101,16 @@ def test_every_save_is_logged_with_its_duration(runs):
     assert [record["stage"] for record in saves] == ["patch"] * 3 + ["token"] * 2
     for record in saves:
         assert record["seconds"] > 0 and os.path.isdir(record["path"]), record
+
+
+def test_background_saves_write_the_same_checkpoints(runs):
+    if dist.get_rank() != 0:
+        return
+    iterations = checkpoint_folders.complete_iterations(runs["async"])
+    assert iterations == [3, 6, 8, 9, 12]
+    for iteration in iterations:
+        written, reference = (checkpoint_folders.checkpoint_dir(runs[name], iteration) for name in ("async", "shared"))
+        assert differences(reference, written) == [], iteration
+    with open(os.path.join(runs["async"], "metrics.jsonl")) as f:
+        saves = [record for record in map(json.loads, f) if record["kind"] == "checkpoint"]
+    assert [record["iteration"] for record in saves if "blocked_seconds" in record] == [3, 6, 8, 9]

@@ -140,7 +140,9 @@ def test_fused_torch_adam_follows_foreach_and_resumes_bit_for_bit(cpu_world, tin
 def test_fused_torch_adam_resumes_on_gpu(world, model_parallel, tiny_corpus, tmp_path):
     """On CUDA torch's fused AdamW keeps each step counter on the parameter's device; a bf16
     distributed-optimizer run resumed mid token stage (iteration 10) must put them there again, one
-    per parameter, holding the stage's step count (2 + the 2 steps after the resume)."""
+    per parameter, holding the stage's step count (2 + the 2 steps after the resume). The saves go
+    to the background (``--async-save``): iteration 10's is copied off the GPU and written by a
+    forked process, and the resume reads it."""
     model_parallel(1, 1)
     argv = [
         arg
@@ -157,6 +159,7 @@ def test_fused_torch_adam_resumes_on_gpu(world, model_parallel, tiny_corpus, tmp
             "5",
             "--keep-last-checkpoints",
             "0",
+            "--async-save",
             train_iters=12,
         )
         if arg != "--cpu"

@@ -1,0 +1,165 @@
+"""``--async-save`` through the real entry point: the checkpoints written in the background are
+the synchronous run's, file for file; a resume from one gives the uninterrupted run's losses; a
+SIGTERM to the process group while a background save is in flight completes it, saves at the stop
+and exits 0; kill -9 of the trainer while its background writer works leaves the previous
+checkpoint, no writer, and a run that resumes."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from megatron_patch.checkpoint import folders
+from megatron_patch.checkpoint import store as checkpoint
+from megatron_patch.checkpoint.compare import differences
+from tests.training.common import REPO_ROOT, launch, train_records, trainer_args
+
+ITERS = 12  # 8 patch steps (global 1-8), then 4 token steps (global 9-12)
+FLAGS = ("--save-interval", "2", "--eval-iters", "0", "--keep-last-checkpoints", "0")
+
+
+def _finish(process, timeout=240):
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output
+
+
+def _records(save, kind):
+    with open(os.path.join(save, "metrics.jsonl")) as f:
+        return [record for record in map(json.loads, f) if record["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def synchronous_run(tiny_corpus, tmp_path_factory):
+    save = tmp_path_factory.mktemp("sync") / "run"
+    code, output = _finish(launch(trainer_args(tiny_corpus, save, *FLAGS, train_iters=ITERS)))
+    assert code == 0, output[-3000:]
+    return save
+
+
+@pytest.fixture(scope="module")
+def async_run(tiny_corpus, tmp_path_factory):
+    save = tmp_path_factory.mktemp("async") / "run"
+    code, output = _finish(launch(trainer_args(tiny_corpus, save, *FLAGS, "--async-save", train_iters=ITERS)))
+    assert code == 0, output[-3000:]
+    return save, output
+
+
+def test_background_checkpoints_equal_the_synchronous_ones(async_run, synchronous_run):
+    save, output = async_run
+    assert folders.tracker_value(str(save)) == ITERS
+    assert folders.complete_iterations(str(save)) == list(range(2, ITERS + 1, 2))
+    assert not [name for name in os.listdir(save) if name.endswith(".tmp")]
+    for iteration in range(2, ITERS + 1, 2):
+        ours, reference = (folders.checkpoint_dir(str(s), iteration) for s in (save, synchronous_run))
+        checkpoint.check_files(ours)  # complete and matching its manifest
+        assert differences(reference, ours) == [], iteration
+    saved = {r["iteration"]: r for r in _records(save, "checkpoint")}
+    assert sorted(saved) == list(range(2, ITERS + 1, 2))
+    # interval saves go to the background, the run's last stays synchronous
+    assert all("blocked_seconds" in saved[i] for i in range(2, ITERS, 2)), saved
+    assert "blocked_seconds" not in saved[ITERS]
+    assert "in the background (training waited" in output
+    losses = train_records(save)
+    reference = train_records(synchronous_run)
+    assert [losses[i]["loss"] for i in range(1, ITERS + 1)] == [reference[i]["loss"] for i in range(1, ITERS + 1)]
+
+
+def test_resume_from_a_background_checkpoint_matches_the_run(tiny_corpus, tmp_path, async_run, synchronous_run):
+    source, _ = async_run
+    save = tmp_path / "run"
+    shutil.copytree(folders.checkpoint_dir(str(source), 6), save / "iter_0000006")  # as a kill at step 7 leaves it
+    (save / folders.TRACKER).write_text("6\n")
+    args = trainer_args(tiny_corpus, save, *FLAGS, "--async-save", train_iters=ITERS)
+    code, output = _finish(launch(args + ["--load", str(save)]))
+    assert code == 0, output[-3000:]
+    records, reference = train_records(save), train_records(synchronous_run)
+    assert sorted(records) == list(range(7, ITERS + 1))
+    assert [records[i]["loss"] for i in range(7, ITERS + 1)] == [reference[i]["loss"] for i in range(7, ITERS + 1)]
+    assert (
+        differences(folders.checkpoint_dir(str(synchronous_run), ITERS), folders.checkpoint_dir(str(save), ITERS)) == []
+    )
+
+
+# the trainer with megatron's checkpoint writer slowed down, so that a signal or a kill lands while
+# a background save is in flight
+SLOW_WRITER_TRAINER = """
+import sys, time
+from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+write = FileSystemWriterAsync.write_preloaded_data
+delay = float(sys.argv[1])
+FileSystemWriterAsync.write_preloaded_data = staticmethod(lambda *a, **k: (time.sleep(delay), write(*a, **k))[1])
+from megatron_patch.training import cli
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def _slow_trainer(args, delay_s):
+    return subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER_TRAINER, str(delay_s), *args],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1"),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for(condition, what, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{what} did not happen")
+
+
+def test_sigterm_during_a_background_save_completes_it_and_saves_at_the_stop(tiny_corpus, tmp_path, synchronous_run):
+    save = tmp_path / "run"
+    args = trainer_args(tiny_corpus, save, *FLAGS, "--async-save", train_iters=ITERS)
+    trainer = _slow_trainer(args, 3)
+    _wait_for(lambda: (save / "iter_0000002.tmp").is_dir() and train_records_safe(save) >= 3, "a save in flight")
+    assert not (save / "iter_0000002").exists()  # still in flight while training went on
+    os.killpg(trainer.pid, signal.SIGTERM)
+    code, output = _finish(trainer)
+    assert code == 0, output[-3000:]
+    stopped = folders.tracker_value(str(save))
+    assert f"stopped by SIGTERM at iteration {stopped}" in output, output[-3000:]
+    assert 2 in folders.complete_iterations(str(save)) and stopped > 2
+    assert not [name for name in os.listdir(save) if name.endswith(".tmp")], os.listdir(save)
+    for iteration in folders.complete_iterations(str(save)):
+        checkpoint.check_files(folders.checkpoint_dir(str(save), iteration))
+    code, output = _finish(launch(args + ["--load", str(save)]))
+    assert code == 0, output[-3000:]
+    records, reference = train_records(save), train_records(synchronous_run)
+    assert [records[i]["loss"] for i in range(1, ITERS + 1)] == [reference[i]["loss"] for i in range(1, ITERS + 1)]
+
+
+def train_records_safe(save) -> int:
+    try:
+        return max(train_records(save), default=0)
+    except (OSError, ValueError):
+        return 0
+
+
+def test_kill_9_during_a_background_save_leaves_the_previous_checkpoint(tiny_corpus, tmp_path):
+    save = tmp_path / "run"
+    args = trainer_args(tiny_corpus, save, *FLAGS, "--async-save", train_iters=ITERS)
+    trainer = _slow_trainer(args, 60)
+    _wait_for(lambda: (save / "iter_0000002.tmp").is_dir() and train_records_safe(save) >= 3, "a save in flight")
+    helpers = psutil.Process(trainer.pid).children(recursive=True)
+    assert helpers, "no background writer"
+    trainer.kill()
+    trainer.wait()
+    _, alive = psutil.wait_procs(helpers, timeout=10)
+    assert not alive, alive  # the writer and megatron's helpers ended with the trainer
+    assert folders.read_tracker(str(save)) is None and not (save / "iter_0000002").exists()
+    code, output = _finish(launch(args + ["--load", str(save)]))
+    assert code == 0, output[-3000:]
+    assert folders.tracker_value(str(save)) == ITERS
