@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -142,6 +143,24 @@ def _is_unreachable(error: Exception) -> bool:
     names = {cls.__name__ for cls in type(error).__mro__}
     return isinstance(error, ConnectionError) or bool(
         names & {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "DatasetNotFoundError"}
+    )
+
+
+def _is_choice_too_long(error: Exception) -> bool:
+    """The harness's ``hf`` model asserts that each choice (the continuation it scores) fits the
+    model's positions; the assertion has no message, so it is known by its source line."""
+    frames = traceback.extract_tb(error.__traceback__) if isinstance(error, AssertionError) else []
+    line = (frames[-1].line or "") if frames else ""
+    return "continuation_enc" in line and "max_length" in line
+
+
+def _choice_too_long_error(hf_folder: str, harness_version: str) -> DataError:
+    with open(os.path.join(hf_folder, "config.json"), encoding="utf-8") as f:
+        positions = json.load(f).get("max_position_embeddings")
+    return DataError(
+        f"a task's answer choice is longer than the model's {positions} positions (lm-evaluation-harness "
+        f"{harness_version} scores each choice whole and stops there): leave that task out, or evaluate a "
+        f"model trained with a longer --seq-length"
     )
 
 
@@ -295,6 +314,8 @@ def evaluate(
     except Exception as error:
         if _is_unreachable(error):
             raise _offline_error(error) from None
+        if _is_choice_too_long(error):
+            raise _choice_too_long_error(hf_folder, lm_eval.__version__) from None
         raise
     finally:
         harness_logger.removeFilter(truncations)

@@ -276,6 +276,43 @@ def test_unreachable_hub_dataset_is_one_line(exported, tmp_path, capsys, monkeyp
     assert not os.path.exists(output)
 
 
+LONG_CHOICE_TASK = """task: tiny_long_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+"""
+
+
+def test_a_choice_longer_than_the_model_is_one_line(exported, tmp_path, capsys):
+    """The harness stops on an answer choice longer than the model's positions (T=128 here) with a
+    bare assertion; the tool names the limit and the way out instead."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    long = " ".join(["the sea was calm and the ship sailed on"] * 40)  # far over 128 tokens
+    item = {"context": "It was morning.", "choices": ["Then it rained.", long], "label": 0}
+    (folder / "items.jsonl").write_text(json.dumps(item) + "\n")
+    (folder / "tiny_long_choice.yaml").write_text(LONG_CHOICE_TASK.format(data=folder / "items.jsonl"))
+    output = tmp_path / "out.json"
+    code, _, err = call(
+        evaluate_zero_shot,
+        ["--hf-model", exported, "--include-path", folder, "--tasks", "tiny_long_choice", "--output-json", output],
+        capsys,
+    )
+    # stderr also carries the harness's progress bars, which run until the failing request
+    errors = [line[line.index("error: ") :] for line in err if "error: " in line]
+    assert code == 2 and len(errors) == 1 and not any("AssertionError" in line for line in err), err
+    assert f"longer than the model's {SEQ} positions" in errors[0] and "--seq-length" in errors[0], errors
+    assert not os.path.exists(output)
+
+
 def test_paper_tasks_are_the_default():
     parser = evaluate_zero_shot.build_parser()
     args = parser.parse_args(["--load", "x", "--output-json", "y"])
