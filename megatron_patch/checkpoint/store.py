@@ -243,9 +243,9 @@ def save_checkpoint(
     With ``pending`` the save first waits for the one in flight, then hands the writing of the
     shards to a forked process and returns; ``pending`` completes the checkpoint later
     (``async_save.py``). The returned path is then where the checkpoint will be."""
-    started = time.perf_counter()
     if pending is not None:
         pending.wait()  # its completion removes partial saves: it must not meet this one's
+    started = time.perf_counter()
     final = checkpoint_dir(root, iteration)
     if os.path.exists(final) and _existing(root, final, iteration):
         return None
