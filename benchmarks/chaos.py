@@ -8,7 +8,9 @@ The run: the ``tiny`` preset, K=4, lambda=2/3, ``--train-iters 12`` (8 patch ste
 steps), a checkpoint every 2 steps, on CPU, in three layouts (``--layouts``): ``tp1``, one
 process (``python``); ``tp2``, TP=2 on two processes under ``torchrun``; ``dp2``, DP=2 on two (at
 micro-batch 2; the replicas share the writing of every save), each in a process group of its own.
-One uninterrupted run per layout is the reference. A trial picks a layout, a signal (SIGKILL or
+One uninterrupted run per layout is the reference. With ``--async-save`` the trials write their
+interval saves in the background (the references stay synchronous, so their checkpoints are also
+the check of the background ones). A trial picks a layout, a signal (SIGKILL or
 SIGTERM), a target (the whole process group, as scancel or a SLURM time limit delivers it; under
 torchrun also the launcher only, or the worker processes only) and a moment: a random iteration's
 log record plus a random delay of up to 1.5 mean step times of the reference run (saves
@@ -71,7 +73,8 @@ LAYOUTS = {
 }
 
 
-def run_args(opts, layout: str, save: str) -> List[str]:
+def run_args(opts, layout: str, save: str, trial: bool = True) -> List[str]:
+    """The run's flags; a trial's (not the reference's) with ``--async-save`` when asked."""
     return [
         *tiny_run_flags(opts.data_path, opts.tokenizer_model, ITERS),
         "--eval-iters",
@@ -81,6 +84,7 @@ def run_args(opts, layout: str, save: str) -> List[str]:
         "--keep-last-checkpoints",
         "0",
         *LAYOUTS[layout][1],
+        *(["--async-save"] if trial and opts.async_save else []),
         "--save",
         save,
     ]
@@ -139,7 +143,7 @@ def reference_run(opts, layout: str) -> dict:
     log = save + ".log"
     _remove(save, log)
     start = time.time()
-    process = launch(layout, run_args(opts, layout, save), log)
+    process = launch(layout, run_args(opts, layout, save, trial=False), log)
     first_step = None
     while process.poll() is None:
         if first_step is None and records(save):
@@ -324,6 +328,12 @@ def build_parser() -> ArgumentParser:
         action="store_true",
         help="run each bad-input case in a process of its own (as a user does; slower)",
     )
+    parser.add_argument(
+        "--async-save",
+        action="store_true",
+        help="the trials (not the reference runs) write their interval saves in the background, so "
+        "signals also land while a background save is in flight",
+    )
     parser.add_argument("--output-json", default=None)
     return parser
 
@@ -382,6 +392,7 @@ def _chaos(argv: List[str]) -> int:
                 "environment": environment(True),
                 "iterations": ITERS,
                 "save_interval": SAVE_INTERVAL,
+                "async_save": opts.async_save,
                 "references": {
                     layout: {k: v for k, v in r.items() if k != "records"} for layout, r in references.items()
                 },

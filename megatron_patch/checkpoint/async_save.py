@@ -100,7 +100,7 @@ class PendingSave:
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
             raise CheckpointError(
                 f"the background save of {path} failed ({lines[-1][:200] if lines else type(error).__name__}): "
-                f"the previous checkpoint is intact; resume from it with --load"
+                f"the checkpoints completed before it are untouched; resume with --load"
             ) from None
         if done:
             self._path = None

@@ -106,3 +106,13 @@ def test_bad_flags_give_one_line(tmp_path, capsys):
     assert err[1] == "error: --trials -1 must be >= 0"
     assert "--data-path" in err[2] and err[2].endswith("(see benchmarks/chaos.py --help)")
     assert not work.exists()  # nothing created before the flags are checked
+
+
+def test_async_save_reaches_the_trials_and_not_the_references():
+    opts = chaos.build_parser().parse_args(["--data-path", "d", "--tokenizer-model", "t", "--work-dir", "w"])
+    assert "--async-save" not in chaos.run_args(opts, "tp1", "s")
+    opts = chaos.build_parser().parse_args(
+        ["--data-path", "d", "--tokenizer-model", "t", "--work-dir", "w", "--async-save"]
+    )
+    assert "--async-save" in chaos.run_args(opts, "dp2", "s")  # the trials and their resumes
+    assert "--async-save" not in chaos.run_args(opts, "dp2", "s", trial=False)  # the reference

@@ -2,8 +2,10 @@
 the synchronous run's, file for file; a resume from one gives the uninterrupted run's losses; a
 SIGTERM to the process group while a background save is in flight completes it, saves at the stop
 and exits 0; kill -9 of the trainer while its background writer works leaves the previous
-checkpoint, no writer, and a run that resumes."""
+checkpoint, no writer, and a run that resumes; a background write that fails stops the run with
+one line and keeps the previous checkpoint."""
 
+import functools
 import json
 import os
 import shutil
@@ -163,3 +165,37 @@ def test_kill_9_during_a_background_save_leaves_the_previous_checkpoint(tiny_cor
     code, output = _finish(launch(args + ["--load", str(save)]))
     assert code == 0, output[-3000:]
     assert folders.tracker_value(str(save)) == ITERS
+
+
+def test_a_failed_background_write_is_one_line_and_keeps_the_previous_checkpoint(
+    cpu_world, tiny_corpus, tmp_path, monkeypatch, capsys
+):
+    """The forked writer of iteration 4's save fails (a full disk): the run stops with one line
+    naming the save, the tracker stays on iteration 2, whose checkpoint loads, and the partial
+    ``iter_0000004.tmp`` is never taken for a checkpoint; a resume trains to the end."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_patch.training import cli
+
+    write_item = filesystem_async._write_item
+
+    @functools.wraps(write_item)  # megatron reads its signature
+    def full_disk(*args, **kwargs):
+        stream = next(arg for arg in args if hasattr(arg, "name") and hasattr(arg, "write"))
+        if "iter_0000004.tmp" in str(stream.name):
+            raise OSError(28, "No space left on device")
+        return write_item(*args, **kwargs)
+
+    save = tmp_path / "run"
+    args = trainer_args(tiny_corpus, save, *FLAGS, "--async-save", train_iters=ITERS)
+    monkeypatch.setattr(filesystem_async, "_write_item", full_disk)
+    assert cli.main(args) == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "background save of" in error[0] and "iter_0000004 failed" in error[0], error
+    assert "No space left on device" in error[0], error
+    assert folders.read_tracker(str(save)) == 2 and not (save / "iter_0000004").exists()
+    checkpoint.check_files(folders.checkpoint_dir(str(save), 2))
+    monkeypatch.setattr(filesystem_async, "_write_item", write_item)
+    assert cli.main(args + ["--load", str(save)]) == 0
+    assert folders.tracker_value(str(save)) == ITERS
+    assert not [name for name in os.listdir(save) if name.endswith(".tmp")], os.listdir(save)
