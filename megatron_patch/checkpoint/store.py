@@ -55,7 +55,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_patch.architecture.build import unwrap
-from megatron_patch.checkpoint import async_save, manifest
+from megatron_patch.checkpoint import manifest
 from megatron_patch.checkpoint.async_save import PendingSave
 from megatron_patch.checkpoint.folders import (
     METADATA,
@@ -269,7 +269,7 @@ def save_checkpoint(
         write_sharded(state, partial_dir, fully_parallel)
         complete()
     else:
-        _use_write_results_queue(async_save.results_queue())
+        _use_write_results_queue(pending.results_queue())
         request = dist_checkpointing.save(state, partial_dir, save_strategy(fully_parallel), async_sharded_save=True)
         pending.start(request, complete, final, started)
     return final

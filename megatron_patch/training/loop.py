@@ -104,8 +104,11 @@ class Trainer:
         self.datasets = self._build_datasets()
         self.profiler = StepProfiler(config.profile, self.rank)
         self.manual_gc = ManualGC(config.manual_gc_interval)
-        self.pending_save = PendingSave(self._saved_in_background) if checkpoints.async_save else None
+        self.pending_save = (
+            PendingSave(self._saved_in_background, checkpoints.stop_signals) if checkpoints.async_save else None
+        )
         self._in_flight = None  # (stage name, iteration) of the save in flight
+        self._iteration = 0  # the global iteration last trained
 
     def _build_datasets(self):
         data = self.config.data
@@ -178,7 +181,7 @@ class Trainer:
             self.pending_save.wait()  # complete the save in flight before this one
         progress = checkpoint_progress(self.plan, stage, stage_iteration, consumed_samples, results)
         gather_updated_parameters(self.model)
-        start = time.perf_counter()
+        start = time.perf_counter()  # a background save times itself, after waiting for the one in flight
         path = ckpt.save_checkpoint(
             checkpoints.save,
             iteration,
@@ -194,13 +197,15 @@ class Trainer:
             pending=pending,
         )
         if path is not None and pending is not None:
-            self._in_flight = (stage.name, iteration, time.perf_counter() - start)
+            self._in_flight = (stage.name, iteration)
         elif path is not None:
             self.metrics.log_checkpoint(stage.name, iteration, path, time.perf_counter() - start)
 
-    def _saved_in_background(self, path: str, seconds: float) -> None:
-        stage_name, iteration, blocked = self._in_flight
-        self.metrics.log_checkpoint(stage_name, iteration, path, seconds, blocked_seconds=blocked)
+    def _saved_in_background(self, path: str, seconds: float, blocked_seconds: float) -> None:
+        stage_name, iteration = self._in_flight
+        self.metrics.log_checkpoint(
+            stage_name, iteration, path, seconds, blocked_seconds=blocked_seconds, completed_at=self._iteration
+        )
 
     def _stop_flag(self) -> bool:
         flag = torch.tensor([1.0 if self.stop.reason() else 0.0], device=self._device())
@@ -362,7 +367,7 @@ class Trainer:
         window_seconds, window_steps, skipped = 0.0, 0, 0
         while stage_iteration < stage.iterations:
             step_start = time.perf_counter()
-            iteration = stage.first_iteration + stage_iteration + 1
+            iteration = self._iteration = stage.first_iteration + stage_iteration + 1
             with self.profiler.step(iteration):
                 loss, grad_norm, was_skipped = train_step(self.model, self.optimizer, self.scheduler, iterator, stage)
             self.manual_gc.after_step(iteration)  # timed with the step

@@ -190,11 +190,19 @@ class MetricsWriter:
         self._scalars({"valid/loss": loss}, iteration)
 
     def log_checkpoint(
-        self, stage: str, iteration: int, path: str, seconds: float, blocked_seconds: Optional[float] = None
+        self,
+        stage: str,
+        iteration: int,
+        path: str,
+        seconds: float,
+        blocked_seconds: Optional[float] = None,
+        completed_at: Optional[int] = None,
     ) -> None:
         """A checkpoint of ``iteration`` complete on every rank at ``path``, ``seconds`` after the
-        save began (all ranks' writes, the manifest and the rename). ``blocked_seconds``: for a save
-        written in the background (``--async-save``), the part of it training waited for."""
+        save began (all ranks' writes, the manifest and the rename). For a save written in the
+        background (``--async-save``): ``blocked_seconds``, the part of it training waited for, and
+        ``completed_at``, the iteration at whose end it was completed; its scalars are logged at that
+        iteration (W&B takes no step lower than one it has logged)."""
         if not self.enabled:
             return
         record = {"kind": "checkpoint", "stage": stage, "iteration": iteration, "path": path, "seconds": seconds}
@@ -208,9 +216,10 @@ class MetricsWriter:
                 seconds,
                 blocked_seconds,
             )
-            record["blocked_seconds"] = blocked_seconds
+            record.update(blocked_seconds=blocked_seconds, completed_at_iteration=completed_at)
         self._record(record)
-        self._scalars({"checkpoint/save_seconds": seconds, "checkpoint/blocked_seconds": blocked_seconds}, iteration)
+        scalars = {"checkpoint/save_seconds": seconds, "checkpoint/blocked_seconds": blocked_seconds}
+        self._scalars(scalars, iteration if completed_at is None else completed_at)
 
     def _scalars(self, scalars: dict, iteration: int) -> None:
         """``{tag: value}`` to TensorBoard and W&B; x axis: the global iteration (tokens per step

@@ -65,6 +65,8 @@ def test_background_checkpoints_equal_the_synchronous_ones(async_run, synchronou
     assert sorted(saved) == list(range(2, ITERS + 1, 2))
     # interval saves go to the background, the run's last stays synchronous
     assert all("blocked_seconds" in saved[i] for i in range(2, ITERS, 2)), saved
+    # completed at a later step's end (its scalars are logged there: W&B steps only go up)
+    assert all(ITERS >= saved[i]["completed_at_iteration"] > i for i in range(2, ITERS, 2)), saved
     assert "blocked_seconds" not in saved[ITERS]
     assert "in the background (training waited" in output
     losses = train_records(save)
