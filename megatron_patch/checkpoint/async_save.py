@@ -141,6 +141,16 @@ class PendingSave:
             time.sleep(POLL_S)
         self._finish(done, began)
 
+    def abort(self) -> None:
+        """Kill the writer in flight without completing its checkpoint (it stays an ``iter_N.tmp``,
+        which the next completed save removes): for a run ending on an error, so that nothing
+        writes into ``--save`` once the run has released its lock. Not collective."""
+        for call in self._calls.async_calls:
+            call.async_caller.close(abort=True)
+        self._calls.async_calls.clear()
+        self._path = None
+        self._host_copies.clear()
+
     def _finalize_if_done(self) -> bool:
         try:
             return bool(self._calls.maybe_finalize_async_calls(blocking=False))

@@ -329,6 +329,10 @@ class Trainer:
         with self._stop_scope, locked_save_folder(self.config.checkpoints.save), self.manual_gc:
             try:
                 return self._run_stages()
+            except BaseException:
+                if self.pending_save is not None:
+                    self.pending_save.abort()  # before the --save lock is released
+                raise
             finally:
                 self.profiler.close()
                 self.metrics.close()

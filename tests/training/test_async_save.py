@@ -4,7 +4,8 @@ the synchronous run's, file for file (so a resume from one is a resume from thos
 SIGTERM to the process group while a background save is in flight completes it, saves at the stop
 and exits 0; kill -9 of the trainer while its background writer works leaves the previous
 checkpoint, no writer, and a run that resumes; a background write that fails stops the run with
-one line and keeps the previous checkpoint."""
+one line and keeps the previous checkpoint; a run that ends on an error kills its writer before it
+releases the --save lock."""
 
 import functools
 import json
@@ -185,3 +186,41 @@ def test_a_failed_background_write_is_one_line_and_keeps_the_previous_checkpoint
     assert cli.main(args + ["--load", str(save)]) == 0
     assert folders.tracker_value(str(save)) == ITERS
     assert not [name for name in os.listdir(save) if name.endswith(".tmp")], os.listdir(save)
+
+
+def test_a_run_ending_on_an_error_stops_its_writer_before_releasing_the_lock(
+    cpu_world, tiny_corpus, tmp_path, monkeypatch
+):
+    """A step fails (here: a NaN loss at iteration 3) while iteration 2's save is being written:
+    the writer is killed before the run releases --save's lock (else it would go on writing into a
+    folder that a requeued run may already use), and its checkpoint stays an ``iter_N.tmp``."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    from megatron_patch.checkpoint import async_save
+    from megatron_patch.errors import NonFiniteLossError
+    from megatron_patch.training import cli, loop
+
+    write = FileSystemWriterAsync.write_preloaded_data
+    monkeypatch.setattr(
+        FileSystemWriterAsync, "write_preloaded_data", staticmethod(lambda *a, **k: (time.sleep(60), write(*a, **k))[1])
+    )
+    train_step = loop.train_step
+    steps = []
+
+    def failing_step(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            raise NonFiniteLossError("the loss of iteration 3 is nan")
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", failing_step)
+    save = tmp_path / "run"
+    started = time.perf_counter()
+    assert cli.main(trainer_args(tiny_corpus, save, *FLAGS, "--async-save", train_iters=ITERS)) != 0
+    assert time.perf_counter() - started < 50  # not held up by the writer's 60 s
+    manager = async_save._MANAGER._process.pid if async_save._MANAGER is not None else None
+    writers = [p for p in psutil.Process().children(recursive=True) if p.pid != manager and p.is_running()]
+    _, alive = psutil.wait_procs(writers, timeout=10)
+    assert not alive, alive
+    assert (save / "iter_0000002.tmp").is_dir() and folders.read_tracker(str(save)) is None
+    assert not (save / ".lock").exists()  # released
