@@ -80,11 +80,6 @@ class PendingSave:
         self._completing = False
         self._host_copies: list = []  # the shards' host copies of the save in flight
 
-    @property
-    def path(self) -> Optional[str]:
-        """Where the checkpoint in flight will be once complete; None when none is."""
-        return self._path
-
     def results_queue(self):
         """:func:`results_queue` for this trainer's stop signals."""
         return results_queue(self._stop_signals)

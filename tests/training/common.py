@@ -45,3 +45,21 @@ def launch(args, **kwargs):
         text=True,
         **kwargs,
     )
+
+
+# the trainer with megatron's checkpoint writer slowed down by argv[1] seconds per file, so that a
+# signal or a kill lands while a save is being written
+_SLOW_WRITER_TRAINER = """
+import sys, time
+from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+write = FileSystemWriterAsync.write_preloaded_data
+delay = float(sys.argv[1])
+FileSystemWriterAsync.write_preloaded_data = staticmethod(lambda *a, **k: (time.sleep(delay), write(*a, **k))[1])
+from megatron_patch.training import cli
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def slow_writer_command(delay_s, args):
+    """The command line of the trainer on ``args`` whose checkpoint writes each wait ``delay_s``."""
+    return [sys.executable, "-c", _SLOW_WRITER_TRAINER, str(delay_s), *args]

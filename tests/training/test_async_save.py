@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
@@ -22,7 +21,7 @@ from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as checkpoint
 from megatron_patch.checkpoint.compare import differences
 from megatron_patch.checkpoint.lock import SaveDirLock
-from tests.training.common import REPO_ROOT, launch, train_records, trainer_args
+from tests.training.common import REPO_ROOT, launch, slow_writer_command, train_records, trainer_args
 
 ITERS = 12  # 8 patch steps (global 1-8), then 4 token steps (global 9-12)
 FLAGS = ("--save-interval", "2", "--eval-iters", "0", "--keep-last-checkpoints", "0")
@@ -76,22 +75,9 @@ def test_background_checkpoints_equal_the_synchronous_ones(async_run, synchronou
     assert [losses[i]["loss"] for i in range(1, ITERS + 1)] == [reference[i]["loss"] for i in range(1, ITERS + 1)]
 
 
-# the trainer with megatron's checkpoint writer slowed down, so that a signal or a kill lands while
-# a background save is in flight
-SLOW_WRITER_TRAINER = """
-import sys, time
-from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-write = FileSystemWriterAsync.write_preloaded_data
-delay = float(sys.argv[1])
-FileSystemWriterAsync.write_preloaded_data = staticmethod(lambda *a, **k: (time.sleep(delay), write(*a, **k))[1])
-from megatron_patch.training import cli
-sys.exit(cli.main(sys.argv[2:]))
-"""
-
-
 def _slow_trainer(args, delay_s):
     return subprocess.Popen(
-        [sys.executable, "-c", SLOW_WRITER_TRAINER, str(delay_s), *args],
+        slow_writer_command(delay_s, args),
         cwd=REPO_ROOT,
         env=dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1"),
         start_new_session=True,
@@ -114,7 +100,7 @@ def test_sigterm_during_a_background_save_completes_it_and_saves_at_the_stop(tin
     save = tmp_path / "run"
     args = trainer_args(tiny_corpus, save, *FLAGS, "--async-save", train_iters=ITERS)
     trainer = _slow_trainer(args, 3)
-    _wait_for(lambda: (save / "iter_0000002.tmp").is_dir() and train_records_safe(save) >= 3, "a save in flight")
+    _wait_for(lambda: (save / "iter_0000002.tmp").is_dir() and _last_trained_iteration(save) >= 3, "a save in flight")
     assert not (save / "iter_0000002").exists()  # still in flight while training went on
     os.killpg(trainer.pid, signal.SIGTERM)
     code, output = _finish(trainer)
@@ -131,7 +117,7 @@ def test_sigterm_during_a_background_save_completes_it_and_saves_at_the_stop(tin
     assert [records[i]["loss"] for i in range(1, ITERS + 1)] == [reference[i]["loss"] for i in range(1, ITERS + 1)]
 
 
-def train_records_safe(save) -> int:
+def _last_trained_iteration(save) -> int:
     try:
         return max(train_records(save), default=0)
     except (OSError, ValueError):
@@ -142,7 +128,7 @@ def test_kill_9_during_a_background_save_leaves_the_previous_checkpoint(tiny_cor
     save = tmp_path / "run"
     args = trainer_args(tiny_corpus, save, *FLAGS, "--async-save", train_iters=ITERS)
     trainer = _slow_trainer(args, 60)
-    _wait_for(lambda: (save / "iter_0000002.tmp").is_dir() and train_records_safe(save) >= 3, "a save in flight")
+    _wait_for(lambda: (save / "iter_0000002.tmp").is_dir() and _last_trained_iteration(save) >= 3, "a save in flight")
     helpers = psutil.Process(trainer.pid).children(recursive=True)
     assert helpers, "no background writer"
     trainer.kill()

@@ -15,7 +15,7 @@ import pytest
 from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as checkpoint
 from megatron_patch.checkpoint.compare import differences
-from tests.training.common import launch, train_records, trainer_args
+from tests.training.common import launch, slow_writer_command, train_records, trainer_args
 
 ITERS = 12  # 8 patch steps (global 1-8), then 4 token steps (global 9-12)
 
@@ -221,23 +221,10 @@ def test_resume_of_a_finished_run_repairs_the_tracker(tiny_corpus, tmp_path, uni
     assert f"named 10; now names {ITERS}" in output
 
 
-# the trainer with megatron's checkpoint writer (a process forked per save) slowed down, so that a
-# kill lands inside a save
-SLOW_WRITER_TRAINER = """
-import sys, time
-from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-write = FileSystemWriterAsync.write_preloaded_data
-FileSystemWriterAsync.write_preloaded_data = staticmethod(lambda *a, **k: (time.sleep(60), write(*a, **k))[1])
-from megatron_patch.training import cli
-sys.exit(cli.main(sys.argv[1:]))
-"""
-
-
 def test_kill_9_inside_a_save_leaves_no_writer_and_the_resume_runs(tiny_corpus, tmp_path):
     """kill -9 of the trainer alone (as the OOM killer does it) while its forked checkpoint writer
     works: the writer ends with it (else it kept the --save lock and every resume was refused)."""
     import subprocess
-    import sys
 
     import psutil
 
@@ -246,7 +233,7 @@ def test_kill_9_inside_a_save_leaves_no_writer_and_the_resume_runs(tiny_corpus, 
     save = tmp_path / "run"
     args = trainer_args(tiny_corpus, save, "--eval-iters", "0", "--save-interval", "2", train_iters=ITERS)
     trainer = subprocess.Popen(
-        [sys.executable, "-c", SLOW_WRITER_TRAINER, *args],
+        slow_writer_command(60, args),
         cwd=REPO_ROOT,
         env=dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1"),
         stdout=subprocess.DEVNULL,
