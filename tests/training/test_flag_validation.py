@@ -88,3 +88,8 @@ def test_rope_fusion_where_auto_picks_transformer_engine(tiny_corpus, capsys, mo
     config = parse_args(trainer_args(tiny_corpus, None, "--rope-fusion", "--transformer-impl", "local"), world_size=1)
     assert config.model.transformer_impl == "local"
     assert parse_args(trainer_args(tiny_corpus, None), world_size=1).model.transformer_impl == "transformer_engine"
+
+
+def test_async_save_without_save_is_one_line(tiny_corpus, capsys, tmp_path):
+    assert _refused(capsys, trainer_args(tiny_corpus, None, "--async-save")) == "error: --async-save needs --save DIR"
+    parse_args(trainer_args(tiny_corpus, tmp_path / "run", "--async-save"), world_size=1)  # with --save: accepted
