@@ -53,14 +53,14 @@ def _run(args) -> None:
     import logging
     import time
 
-    import torch
-
+    from megatron_patch.checkpoint import folders
     from megatron_patch.checkpoint import info as checkpoint_info
     from megatron_patch.conversion import hf_export
     from megatron_patch.errors import ArgumentError, VerificationError
     from megatron_patch.evaluation.logits import fixed_tokens, forward_logits
     from megatron_patch.evaluation.perplexity import check_tokenizer
     from megatron_patch.runtime import command
+    from megatron_patch.runtime.rank_zero import on_rank_zero
     from megatron_patch.runtime.staged_folder import StagedFolder, check_output_folder
 
     logger = logging.getLogger("megatron_patch.tools.export_hf")
@@ -70,6 +70,7 @@ def _run(args) -> None:
     info = checkpoint_info.read_checkpoint(args.load, "--load", args.model)
     hf_export.check_architecture_args(info)
     final = check_output_folder(args.save, args.force, "--save")
+    folders.check_replaceable(final, "--save", (info.path, os.path.dirname(info.path)))
     tokenizer = checkpoint_info.load_tokenizer([info], args.tokenizer_model)
     check_tokenizer(
         tokenizer,
@@ -103,10 +104,8 @@ def _run(args) -> None:
             "padded_vocab_size": info.padded_vocab_size,
             "tokenizer_vocab_size": tokenizer.vocab_size,
         }
-        with StagedFolder(final) as staged:
-            hf_export.rank_zero_first(
-                hf_export.write_folder, staged.path, weights, config, tokenizer, info.seq_length, provenance
-            )
+        with StagedFolder(final, force=args.force) as staged:
+            on_rank_zero(hf_export.write_folder, staged.path, weights, config, tokenizer, info.seq_length, provenance)
             difference = None
             if args.verify_logits:
                 tokens = fixed_tokens(tokenizer.vocab_size, 2, min(info.seq_length, 64))
@@ -114,12 +113,9 @@ def _run(args) -> None:
                 checkpoint_info.load_weights(model, info, verify=False)  # checked by read_tensors above
                 reference = forward_logits(model, tokens, info.padded_vocab_size)[..., :vocab_size]
                 del model
-                hf_logits = hf_export.rank_zero_first(hf_export.transformers_logits, staged.path, tokens)
-                result = [None]
-                if command.rank() == 0:
-                    result[0] = (hf_logits - reference).abs().max().item()
-                torch.distributed.broadcast_object_list(result, src=0)
-                difference = result[0]
+                difference = on_rank_zero(
+                    lambda: (hf_export.transformers_logits(staged.path, tokens) - reference).abs().max().item()
+                )
                 logger.info("max |logits(transformers) - logits(megatron)| = %.3e", difference)
                 if not difference <= args.tolerance:
                     raise VerificationError(

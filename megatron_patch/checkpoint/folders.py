@@ -7,13 +7,14 @@ the rename and the tracker write leaves a complete checkpoint newer than the tra
 ``read_tracker`` takes and ``repair_tracker`` records.
 """
 
+import json
 import logging
 import os
 import re
 import shutil
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
-from megatron_patch.errors import CheckpointError
+from megatron_patch.errors import ArgumentError, CheckpointError
 from megatron_patch.runtime import atomic_file
 
 logger = logging.getLogger(__name__)
@@ -21,7 +22,8 @@ logger = logging.getLogger(__name__)
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "megatron_patch.json"
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
-_PARTIAL_DIR = re.compile(r"^iter_\d{7,}\.tmp$")  # a save in progress, or one that was killed
+# a save in progress or killed (.tmp), or a pruned checkpoint being removed (.removing)
+_PARTIAL_DIR = re.compile(r"^iter_\d{7,}\.(tmp|removing)$")
 _WARNED = set()  # (root, tracker, newest) already reported by read_tracker
 
 
@@ -94,12 +96,41 @@ def resolve_checkpoint(path: str) -> str:
     return found
 
 
-def repair_tracker(root: str, writer: bool) -> None:
+def check_replaceable(final: str, flag: str, sources: Sequence[str]) -> None:
+    """ArgumentError when a tool's output folder ``final`` (replaced with ``--force``) is, or holds,
+    one of the ``sources`` it reads, or holds a training run's checkpoint: ``--force`` replaces a
+    tool's earlier output (a converted checkpoint, an export), never what training wrote."""
+    real = os.path.realpath(final)
+    for source in sources:
+        source_real = os.path.realpath(source)
+        if source_real == real or source_real.startswith(real + os.sep):
+            raise ArgumentError(f"{flag} {final} would replace the source checkpoint {source}: choose another folder")
+    if not os.path.isdir(final):
+        return
+    candidates = [final] + [checkpoint_dir(final, iteration) for iteration in complete_iterations(final)]
+    trained = [path for path in candidates if os.path.isfile(os.path.join(path, METADATA)) and not _converted(path)]
+    if trained:
+        raise ArgumentError(
+            f"{flag} {final} holds the training checkpoint {trained[-1]}; --force replaces only a tool's earlier "
+            f"output: choose another folder"
+        )
+
+
+def _converted(checkpoint: str) -> bool:
+    """Whether ``checkpoint`` was written by the conversion tool (an unreadable one counts as not)."""
+    try:
+        with open(os.path.join(checkpoint, METADATA)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "conversion" in meta
+
+
+def repair_tracker(root: str) -> None:
     """Make ``root``'s tracker name its newest complete checkpoint, where a kill between the rename
-    and the tracker write left it behind (a resumed run may save nothing more). ``writer``: this
-    process writes it (rank 0); the others only read."""
+    and the tracker write left it behind (a resumed run may save nothing more). Rank 0's work."""
     named, newest = tracker_value(root), newest_complete(root)
-    if writer and newest is not None and named != newest:
+    if newest is not None and named != newest:
         atomic_file.write_text(os.path.join(root, TRACKER), f"{newest}\n")
         logger.warning("%s named %s; now names %s, the newest complete checkpoint", TRACKER, named, newest)
 
@@ -111,14 +142,19 @@ def prune(root: str, keep_last: int, retain=()) -> None:
         return
     prunable = [iteration for iteration in complete_iterations(root) if iteration not in retain]
     for iteration in prunable[:-keep_last]:
-        shutil.rmtree(checkpoint_dir(root, iteration), ignore_errors=True)
+        # renamed first, so a removal cut short (a kill, a busy file) never leaves an iter_N that
+        # holds its metadata but lacks shards; the next save's remove_partial_saves finishes it
+        removing = checkpoint_dir(root, iteration) + ".removing"
+        os.replace(checkpoint_dir(root, iteration), removing)
+        shutil.rmtree(removing, ignore_errors=True)
 
 
 def remove_partial_saves(root: str) -> None:
-    """Remove every ``iter_N.tmp`` of ``root``. Called after a save completed: saves are synchronous
-    and the ``--save`` lock admits one trainer, so any that is left comes from a save that was
-    killed (at an iteration that may never be saved again, e.g. a pre-emption's)."""
+    """Remove every ``iter_N.tmp`` and ``iter_N.removing`` of ``root``. Called after a save
+    completed: one save is in flight at a time and the ``--save`` lock admits one trainer, so any
+    that is left comes from a save that was killed (at an iteration that may never be saved again,
+    e.g. a pre-emption's) or from pruning that was."""
     for name in os.listdir(root):
         if _PARTIAL_DIR.match(name):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-            logger.info("removed %s, left by an interrupted save", os.path.join(root, name))
+            logger.info("removed %s, left by an interrupted save or removal", os.path.join(root, name))

@@ -18,9 +18,9 @@ import socket
 import time
 from typing import Optional
 
-import torch.distributed as dist
-
+from megatron_patch.checkpoint.folders import METADATA
 from megatron_patch.errors import CheckpointError
+from megatron_patch.runtime.rank_zero import on_rank_zero
 
 LOCK = ".lock"
 
@@ -91,19 +91,16 @@ class SaveDirLock:
 @contextlib.contextmanager
 def locked_save_folder(save: Optional[str]):
     """Rank 0 holds the lock of the ``--save`` folder ``save`` (None: nothing to lock) for the
-    ``with`` block; every rank raises the same one-line error when another trainer holds it. A
-    folder created here and left empty (a failed start) is removed."""
-    lock, created, refusal = None, False, [None]
-    if save and dist.get_rank() == 0:
-        created = not os.path.exists(save)
-        try:
-            lock = SaveDirLock(save).acquire()
-        except CheckpointError as error:
-            refusal[0] = str(error)
-    if save and dist.get_world_size() > 1:
-        dist.broadcast_object_list(refusal, src=0)
-    if refusal[0] is not None:
-        raise CheckpointError(refusal[0])
+    ``with`` block; every rank raises the same one-line error when another trainer holds it, when
+    ``save`` cannot be created (a file on its path, no permission) or when it is one checkpoint
+    (``iter_N``) rather than a ``--save`` folder. A folder created here and left empty (a failed
+    start) is removed."""
+    if not save:
+        yield
+        return
+    taken = {}  # rank 0's lock stays in rank 0's process: only the verdict is shared
+    on_rank_zero(lambda: taken.update(_lock(save)))
+    lock, created = taken.get("lock"), taken.get("created", False)
     try:
         yield
     finally:
@@ -111,3 +108,19 @@ def locked_save_folder(save: Optional[str]):
             lock.release()
             if created and not os.listdir(save):
                 os.rmdir(save)
+
+
+def _lock(save: str) -> dict:
+    """Take the lock of ``save``: ``{"lock": SaveDirLock, "created": whether save was made here}``."""
+    if os.path.isfile(os.path.join(save, METADATA)):
+        raise CheckpointError(
+            f"--save {save} is one checkpoint (it holds {METADATA}), not a --save folder: pass its parent "
+            f"to resume that run, or a new folder"
+        )
+    created = not os.path.exists(save)
+    try:
+        return {"lock": SaveDirLock(save).acquire(), "created": created}
+    except OSError as error:
+        raise CheckpointError(
+            f"--save {save} cannot be created or locked ({error.strerror or error}): choose a writable folder"
+        ) from None

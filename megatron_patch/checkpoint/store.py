@@ -68,6 +68,7 @@ from megatron_patch.checkpoint.folders import (
 )
 from megatron_patch.errors import CheckpointError
 from megatron_patch.runtime import atomic_file
+from megatron_patch.runtime.rank_zero import on_rank_zero
 from megatron_patch.training.builders import (
     prepare_optimizer_state_for_loading,
     restore_adam_step_counters,
@@ -87,6 +88,10 @@ def read_metadata(ckpt: str) -> dict:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path}: unreadable checkpoint metadata ({error}); the checkpoint is corrupt") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(
+            f"{path}: holds a JSON {type(meta).__name__}, not checkpoint metadata; the checkpoint is corrupt"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
     return meta
@@ -247,7 +252,8 @@ def save_checkpoint(
         pending.wait()  # its completion removes partial saves: it must not meet this one's
     started = time.perf_counter()
     final = checkpoint_dir(root, iteration)
-    if os.path.exists(final) and _existing(root, final, iteration):
+    if on_rank_zero(_existing, root, final):  # rank 0's view of the shared folder decides for all
+        logger.info("checkpoint %s exists and is complete; not writing it again", final)
         return None
     partial_dir = final + ".tmp"
     if dist.get_rank() == 0:
@@ -290,17 +296,17 @@ def _complete_save(root, partial_dir, final, meta, keep_last, retain) -> None:
     dist.barrier()
 
 
-def _existing(root: str, final: str, iteration: int) -> bool:
+def _existing(root: str, final: str) -> bool:
     """True when ``final`` is a complete checkpoint (then the tracker is made to name the newest
     complete one); an incomplete ``final`` (no metadata: not written by this code) is an error."""
+    if not os.path.exists(final):
+        return False
     if not os.path.exists(os.path.join(final, METADATA)):
         raise CheckpointError(
             f"{final} exists but holds no {METADATA} (not a complete checkpoint): move it away "
             f"or delete it, then resume"
         )
-    repair_tracker(root, dist.get_rank() == 0)
-    dist.barrier()
-    logger.info("checkpoint %s exists and is complete; not writing it again", final)
+    repair_tracker(root)
     return True
 
 
@@ -344,6 +350,28 @@ def check_files(ckpt: str, verify: bool = True) -> None:
             )
 
 
+def _check_optimizer_layout(ckpt: str, meta: dict, layout: dict, optimizer) -> None:
+    """The distributed optimizer's state (saved ``dp_reshardable``) resumes across data
+    parallelism only: CheckpointError when the tensor, pipeline or virtual pipeline sizes differ."""
+    saved = meta.get("layout") or {}
+    distributed = bool(meta.get("args", {}).get("use_distributed_optimizer")) or bool(
+        getattr(getattr(optimizer, "config", None), "use_distributed_optimizer", False)
+    )
+    model_parallel = ("tensor", "pipeline", "virtual_pipeline")
+    if distributed and any(saved.get(key) != layout.get(key) for key in model_parallel):
+        raise CheckpointError(
+            f"checkpoint {ckpt} was saved at {describe_layout(saved)} with the distributed optimizer, whose state "
+            f"resumes at the same tensor and pipeline sizes only (this run: {describe_layout(layout)}): resume at "
+            f"{describe_layout(saved)}"
+        )
+
+
+def describe_layout(layout: dict) -> str:
+    """``TP=.. PP=..`` (and ``V=..`` with virtual pipeline stages) of a recorded layout."""
+    text = f"TP={layout.get('tensor')} PP={layout.get('pipeline')}"
+    return text + (f" V={layout['virtual_pipeline']}" if layout.get("virtual_pipeline") else "")
+
+
 def last_line(error: BaseException) -> str:
     """The last non-empty line of an exception's message (torch's are many lines long), cut to 200 characters."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -365,9 +393,9 @@ def load_checkpoint(
     meta = read_metadata(ckpt)
     check_model_shape(ckpt, meta, shape)
     check_files(ckpt, verify)
-    if optimizer is not None and ckpt != path:  # resuming from a --save root: its tracker names what it resumes
-        repair_tracker(path, dist.get_rank() == 0)
     same_layout = meta.get("layout") == layout_record(model)
+    if optimizer is not None:
+        _check_optimizer_layout(ckpt, meta, layout_record(model), optimizer)
     with_rng = restore_rng and same_layout
     if optimizer is not None:
         prepare_optimizer_state_for_loading(optimizer)

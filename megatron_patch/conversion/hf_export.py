@@ -41,7 +41,6 @@ from collections import OrderedDict
 from typing import Dict, Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -326,18 +325,3 @@ def transformers_logits(folder: str, tokens: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(input_ids=tokens).logits.float()
-
-
-def rank_zero_first(function, *args):
-    """Run ``function`` on rank 0 and share its exception (if any) with every rank."""
-    holder = [None]
-    result = None
-    if dist.get_rank() == 0:
-        try:
-            result = function(*args)
-        except UserError as error:
-            holder[0] = error
-    dist.broadcast_object_list(holder, src=0)
-    if holder[0] is not None:
-        raise holder[0]
-    return result

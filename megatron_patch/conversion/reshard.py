@@ -60,6 +60,7 @@ class ConversionPlan:
     verify: bool = True  # check the source's files against its manifest before loading
     virtual_pipeline: Optional[int] = None  # target V (None: one chunk per rank)
     layers_per_virtual_stage: Optional[int] = None  # or the target's layers per virtual stage
+    force: bool = False  # replace an existing output folder (a tool's output, never the source)
 
     def __post_init__(self) -> None:
         if not self.tolerance >= 0:
@@ -73,12 +74,7 @@ class ConversionPlan:
         )
         self.layers_per_virtual_stage = None  # resolved into virtual_pipeline
         self._check_vocabulary_padding()
-        source_root = os.path.dirname(self.source.path)
-        for protected in (self.source.path, source_root):
-            if os.path.abspath(protected) == self.save or os.path.abspath(protected).startswith(self.save + os.sep):
-                raise ArgumentError(
-                    f"--save {self.save} would replace the source checkpoint {self.source.path}: choose another folder"
-                )
+        folders.check_replaceable(self.save, "--save", (self.source.path, os.path.dirname(self.source.path)))
 
     def _check_vocabulary_padding(self) -> None:
         """The trainer at the target TP pads the tokenizer's vocabulary to a multiple of
@@ -104,12 +100,6 @@ class ConversionResult:
     tolerance: float
     seconds: float
     metadata: dict = field(default_factory=dict)
-
-
-def describe_layout(layout: dict) -> str:
-    """``TP=.. PP=..`` (and ``V=..`` with virtual pipeline stages) of a recorded layout."""
-    text = f"TP={layout.get('tensor')} PP={layout.get('pipeline')}"
-    return text + (f" V={layout['virtual_pipeline']}" if layout.get("virtual_pipeline") else "")
 
 
 def _layout(plan: ConversionPlan, world_size: int) -> dict:
@@ -208,9 +198,9 @@ def convert(plan: ConversionPlan) -> ConversionResult:
         "converting %s (%s stage, %s, model %s) to %s in %s",
         source.path,
         source.progress.get("stage"),
-        describe_layout(source.layout),
+        ckpt.describe_layout(source.layout),
         source.preset.name,
-        describe_layout(_layout(plan, world_size)),
+        ckpt.describe_layout(_layout(plan, world_size)),
         plan.save,
     )
     if source.progress.get("stage") == "patch" and not source.progress.get("stage_complete", True):
@@ -219,7 +209,7 @@ def convert(plan: ConversionPlan) -> ConversionResult:
             source.path,
             source.progress.get("stage_iteration"),
         )
-    with StagedFolder(plan.save) as staged:
+    with StagedFolder(plan.save, force=plan.force) as staged:
         partial_ckpt = folders.checkpoint_dir(staged.path, 0)
         if dist.get_rank() == 0:
             os.makedirs(partial_ckpt)
@@ -240,7 +230,7 @@ def convert(plan: ConversionPlan) -> ConversionResult:
         difference = _verify(plan, staged.path)
         logger.info(
             "max |logits(converted, %s) - logits(source, TP=1 PP=1)| = %.3e (tolerance %.1e)",
-            describe_layout(_layout(plan, world_size)),
+            ckpt.describe_layout(_layout(plan, world_size)),
             difference,
             plan.tolerance,
         )
@@ -291,4 +281,5 @@ def plan_from_flags(
         verify=verify,
         virtual_pipeline=virtual_pipeline,
         layers_per_virtual_stage=layers_per_virtual_stage,
+        force=force,
     )

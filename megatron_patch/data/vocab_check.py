@@ -18,13 +18,12 @@ import json
 import logging
 import os
 import time
-from typing import Callable
 
 import numpy
-import torch
 
 from megatron_patch.errors import DataError
 from megatron_patch.runtime import atomic_file
+from megatron_patch.runtime.rank_zero import on_rank_zero
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ def check_vocab(prefix: str, dtype, vocab_size: int, cache_folder: str) -> None:
         vocab_size: the tokenizer's vocabulary size.
         cache_folder: where the max-id record is kept (megatron's index cache folder).
     """
-    largest = _on_rank_zero(lambda: max_token_id(prefix, dtype, cache_folder))
+    largest = on_rank_zero(max_token_id, prefix, dtype, cache_folder)
     if largest >= vocab_size:
         raise DataError(
             f"'{prefix}' holds token id {largest} but the tokenizer has only {vocab_size} ids; "
@@ -101,33 +100,3 @@ def _write_record(record_path: str, record: dict) -> None:
         logger.warning(
             f"could not record the max token id in {record_path} ({error}); the next run scans the file again"
         )
-
-
-def _on_rank_zero(compute: Callable[[], int]) -> int:
-    """``compute()`` on rank 0, broadcast to every rank (locally without a process group).
-
-    A DataError or any other failure on rank 0 is raised on every rank, so no rank is left
-    waiting at a later collective.
-    """
-    dist = torch.distributed
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return compute()
-    outcome = [None]
-    failure = None
-    if dist.get_rank() == 0:
-        try:
-            outcome[0] = ("value", compute())
-        except DataError as error:
-            outcome[0] = ("data_error", str(error))
-        except Exception as error:  # re-raised below on rank 0 itself, reported on the others
-            failure = error
-            outcome[0] = ("failure", f"{type(error).__name__}: {error}")
-    dist.broadcast_object_list(outcome, src=0)
-    kind, value = outcome[0]
-    if kind == "value":
-        return value
-    if kind == "data_error":
-        raise DataError(value)
-    if failure is not None:
-        raise failure
-    raise RuntimeError(f"rank 0 failed to read the largest token id: {value}")

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megatron_patch.errors import ArgumentError
 from megatron_patch.runtime.owned_temp import OwnedTempDir, remove_abandoned
+from megatron_patch.runtime.rank_zero import on_rank_zero
 
 logger = logging.getLogger(__name__)
 
@@ -39,49 +40,54 @@ class StagedFolder:
     Use as a context manager on every rank; leaving the block without ``commit`` removes it.
     """
 
-    def __init__(self, final: str) -> None:
+    def __init__(self, final: str, force: bool = False) -> None:
         self.final = final
+        self.force = force  # replace a folder at ``final`` (checked again at commit: one may have appeared)
         self.committed = False
         self._prefix = f".{os.path.basename(final)}.partial-"
         self._owned = None
-        holder = [None]
-        if dist.get_rank() == 0:
-            parent = os.path.dirname(final)
-            try:
-                os.makedirs(parent, exist_ok=True)
-                self._owned = OwnedTempDir(parent, self._prefix)
-                holder[0] = self._owned.path
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(holder[0], 0o777 & ~umask)  # mkdtemp makes it private; the output is not
-            except OSError as error:
-                holder[0] = ArgumentError(f"cannot write into {parent}: {error.strerror}; choose a writable folder")
-        dist.broadcast_object_list(holder, src=0)
-        if isinstance(holder[0], ArgumentError):
-            raise holder[0]
-        self.path = holder[0]
+        self.path = on_rank_zero(self._create)
+
+    def _create(self) -> str:
+        """Rank 0: make the temporary folder (readable like any output) and own it."""
+        parent = os.path.dirname(self.final)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            self._owned = OwnedTempDir(parent, self._prefix)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self._owned.path, 0o777 & ~umask)  # mkdtemp makes it private; the output is not
+        except OSError as error:
+            raise ArgumentError(f"cannot write into {parent}: {error.strerror}; choose a writable folder") from None
+        return self._owned.path
 
     def commit(self) -> str:
         """Rename the temporary folder to the final name (replacing an old one); returns it."""
         dist.barrier()
-        if dist.get_rank() == 0:
-            old = None
-            if os.path.exists(self.final):
-                old = tempfile.mkdtemp(
-                    prefix=f".{os.path.basename(self.final)}.replaced-", dir=os.path.dirname(self.final)
-                )
-                os.rmdir(old)
-                os.replace(self.final, old)
-            self._owned.forget_owner()
-            os.replace(self.path, self.final)
-            self._owned.release()
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-                logger.info("replaced %s", self.final)
-            remove_abandoned(os.path.dirname(self.final), self._prefix)
+        on_rank_zero(self._publish)
         self.committed = True
         dist.barrier()
         return self.final
+
+    def _publish(self) -> None:
+        """Rank 0: move an old ``final`` aside, rename the temporary folder into place, remove the old."""
+        old = None
+        if os.path.exists(self.final):
+            if not self.force:
+                raise ArgumentError(
+                    f"{self.final} was created by someone else while this ran: pass --force to replace it, "
+                    f"or choose a new folder"
+                )
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.final)}.replaced-", dir=os.path.dirname(self.final))
+            os.rmdir(old)
+            os.replace(self.final, old)
+        self._owned.forget_owner()
+        os.replace(self.path, self.final)
+        self._owned.release()
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            logger.info("replaced %s", self.final)
+        remove_abandoned(os.path.dirname(self.final), self._prefix)
 
     def __enter__(self) -> "StagedFolder":
         return self

@@ -23,6 +23,7 @@ from megatron_patch.checkpoint.lock import locked_save_folder
 from megatron_patch.data.datasets import StageDataConfig, build_stage_datasets, plan_stage_split
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
 from megatron_patch.errors import CheckpointError
+from megatron_patch.runtime.rank_zero import on_rank_zero
 from megatron_patch.training.builders import (
     build_model,
     build_optimizer,
@@ -55,16 +56,28 @@ PLAN_FLAGS = (
     "stage_split",
     "seed",  # the order of the samples, which consumed_samples counts along
 )
+# what a resume takes from the checkpoint's optimizer and scheduler state, whatever the flags say
+# (megatron's scheduler reads the peak and final learning rates from the loaded parameter groups)
+OPTIMIZER_FLAGS = (
+    "lr",
+    "min_lr",
+    "lr_warmup_iters",
+    "lr_decay_style",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_eps",
+)
 
 
-def _check_same_plan(flags: dict, meta) -> None:
-    """A resumed run must keep the budget and the stage split the checkpoint was written under."""
+def _check_same_flags(flags: dict, meta, names, source: str, fix: str) -> None:
+    """CheckpointError unless every flag of ``names`` that the checkpoint ``source`` records has the
+    value this run gives it."""
     saved = meta.get("args", {})
-    for name in PLAN_FLAGS:
+    for name in names:
         if name in saved and saved[name] != flags[name]:
             raise CheckpointError(
-                f"--load checkpoint was written with --{name.replace('_', '-')} {saved[name]}, this run has "
-                f"{flags[name]}: resume with the same value (start a new --save directory to change it)"
+                f"{source} was written with --{name.replace('_', '-')} {saved[name]}, this run has {flags[name]}: {fix}"
             )
 
 
@@ -225,26 +238,15 @@ class Trainer:
         this run's)."""
         checkpoints = self.config.checkpoints
         stages = self.plan.stages
-        load = checkpoints.load
-        if load and (folders.read_tracker(load) is not None or os.path.exists(os.path.join(load, folders.METADATA))):
-            return self._resume_from(load)
-        if load:
-            logger.warning(
-                "--load %s holds no checkpoint yet: starting %s",
-                load,
-                "from --pretrained-checkpoint" if checkpoints.pretrained_checkpoint else "from scratch",
-            )
-        if checkpoints.save and folders.read_tracker(checkpoints.save) is not None:
-            raise CheckpointError(
-                f"--save {checkpoints.save} already holds checkpoints (latest iteration "
-                f"{folders.read_tracker(checkpoints.save)}): pass --load {checkpoints.save} to resume, or use an "
-                f"empty directory"
-            )
+        found = on_rank_zero(self._checkpoint_to_resume)  # every rank loads the checkpoint rank 0 sees
+        if found is not None:
+            return self._resume_from(found)
         if checkpoints.pretrained_checkpoint:
             path = checkpoints.pretrained_checkpoint
-            self._check_token_stage_start(path, ckpt.read_metadata(folders.resolve_checkpoint(path)))
+            pretrained = on_rank_zero(folders.resolve_checkpoint, path)  # the same checkpoint on every rank
+            self._check_token_stage_start(path, ckpt.read_metadata(pretrained))
             ckpt.load_checkpoint(
-                path,
+                pretrained,
                 self.model,
                 self.shape,
                 restore_rng=False,
@@ -253,6 +255,45 @@ class Trainer:
             )
             self.optimizer.reload_model_params()
         return 0, 0, 0, [StageResult(stage.name) for stage in stages]
+
+    def _checkpoint_to_resume(self) -> Optional[str]:
+        """Rank 0: the checkpoint directory ``--load`` names, or None for a fresh start; refuses a
+        ``--save`` whose checkpoints would be mixed with this run's."""
+        load, save = self.config.checkpoints.load, self.config.checkpoints.save
+        saved = folders.read_tracker(save) if save else None
+        if load and (folders.read_tracker(load) is not None or os.path.exists(os.path.join(load, folders.METADATA))):
+            found = folders.resolve_checkpoint(load)
+            if not save:
+                return found
+            if os.path.realpath(os.path.dirname(found)) != os.path.realpath(save):
+                if saved is not None:
+                    raise CheckpointError(
+                        f"--save {save} already holds checkpoints of another run (latest iteration {saved}) than "
+                        f"--load {load}: use an empty --save directory"
+                    )
+                return found
+            iteration = ckpt.read_metadata(found).get("iteration")
+            later = [n for n in folders.complete_iterations(save) if isinstance(iteration, int) and n > iteration]
+            if later:
+                raise CheckpointError(
+                    f"--load {load} is iteration {iteration} but --save {save} also holds the later checkpoints "
+                    f"{', '.join(map(str, later))} of the run it comes from, which this run would not overwrite: "
+                    f"to go back, pass a new --save folder (or move the later iter_N folders away)"
+                )
+            folders.repair_tracker(save)  # a kill between a save's rename and its tracker write
+            return found
+        if load:
+            logger.warning(
+                "--load %s holds no checkpoint yet: starting %s",
+                load,
+                "from --pretrained-checkpoint" if self.config.checkpoints.pretrained_checkpoint else "from scratch",
+            )
+        if saved is not None:
+            raise CheckpointError(
+                f"--save {save} already holds checkpoints (latest iteration {saved}): pass --load {save} to "
+                f"resume, or use an empty directory"
+            )
+        return None
 
     def _check_token_stage_start(self, path: str, meta: dict) -> None:
         """``--pretrained-checkpoint`` must hold the patch stage's weights (its checkpoint, or the
@@ -280,25 +321,33 @@ class Trainer:
                     f"--pretrained-checkpoint {path} was trained with {flag} {progress[name]}, this run has "
                     f"{value}: give the patch stage's value (it sets the token stage's share of --train-tokens)"
                 )
+        # the token stage is the rest of the patch run's plan: its budget, data and split (not its seed)
+        _check_same_flags(
+            self.config.flags,
+            meta,
+            [name for name in PLAN_FLAGS if name != "seed"],
+            f"--pretrained-checkpoint {path}",
+            "give the patch run's value (the token stage trains on the rest of its plan)",
+        )
 
-    def _resume_from(self, load: str):
-        """Resume the run from the checkpoint ``load`` (a ``--save`` root or one of its checkpoints)."""
+    def _resume_from(self, found: str):
+        """Resume the run from the checkpoint directory ``found`` (what ``--load`` names)."""
         checkpoints = self.config.checkpoints
         stages = self.plan.stages
-        found = folders.resolve_checkpoint(load)
+        load = checkpoints.load
         meta = ckpt.read_metadata(found)
         if "conversion" in meta:
             raise CheckpointError(
                 f"--load {load} is the conversion tool's output (weights only, no optimizer state): start the "
                 f"token stage from it with --pretrained-checkpoint {load}"
             )
-        if checkpoints.save and os.path.realpath(os.path.dirname(found)) != os.path.realpath(checkpoints.save):
-            if folders.read_tracker(checkpoints.save) is not None:
-                raise CheckpointError(
-                    f"--save {checkpoints.save} already holds checkpoints of another run (latest iteration "
-                    f"{folders.read_tracker(checkpoints.save)}) than --load {load}: use an empty --save directory"
-                )
-        _check_same_plan(self.config.flags, meta)
+        _check_same_flags(
+            self.config.flags,
+            meta,
+            PLAN_FLAGS + OPTIMIZER_FLAGS,
+            "--load checkpoint",
+            "resume with the same value (start a new --save directory to change it)",
+        )
         progress = meta["progress"]
         names = [stage.name for stage in stages]
         if progress["stage"] not in names:
@@ -310,7 +359,7 @@ class Trainer:
         stage = stages[index]
         self.scheduler = build_scheduler(self.config.optimizer, self.optimizer, stage.iterations)
         ckpt.load_checkpoint(
-            load,
+            found,
             self.model,
             self.shape,
             self.optimizer,

@@ -174,3 +174,33 @@ def test_token_stage_from_the_boundary_checkpoint_matches_data_parallel(
     for iteration in range(13, ITERS + 1):
         a, b = reference[iteration]["loss"], other[iteration]["loss"]
         assert abs(a - b) <= 1e-5 * abs(a), (iteration, a, b)
+
+
+def test_a_resume_at_another_tensor_size_with_the_distributed_optimizer_is_refused(
+    trajectories, tiny_corpus, tmp_path_factory, capsys
+):
+    """The distributed optimizer's state reshards across data parallelism only: resuming the DP=2
+    run at TP=2 is one line naming both layouts (it was a "corrupt checkpoint" error)."""
+    name = "dp2-distopt-overlap"
+    source = [trajectories[name + "_save"] + "/iter_0000005" if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(source, src=0)
+    argv = trainer_args(
+        tiny_corpus,
+        shared_tmp(tmp_path_factory, name + "-at-tp2"),
+        *LAYOUTS[name],
+        "--tensor-model-parallel-size",
+        "2",
+        "--micro-batch-size",
+        "2",
+        "--eval-iters",
+        "1",
+        "--load",
+        source[0],
+        train_iters=ITERS,
+    )
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    if dist.get_rank() == 0:
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "saved at TP=1 PP=1 with the distributed optimizer" in err[0], err
+        assert "(this run: TP=2 PP=1): resume at TP=1 PP=1" in err[0], err

@@ -137,6 +137,47 @@ def test_output_may_not_replace_the_source(trained, tmp_path, capsys):
     assert os.path.isdir(copy / "iter_0000004")
 
 
+@pytest.mark.parametrize("through", ["path", "symlink"])
+def test_output_may_not_replace_the_sources_run_folder(trained, tmp_path, capsys, through):
+    run = tmp_path / "run"
+    shutil.copytree(trained["root"], run)
+    save = run
+    if through == "symlink":  # the same folder under another name
+        save = tmp_path / "alias"
+        save.symlink_to(run)
+    code, _, err = call(
+        convert_checkpoint, ["--cpu", "--load", run / "iter_0000004", "--save", save, "--force"], capsys
+    )
+    assert_one_line_error(code, err, "would replace the source checkpoint")
+    assert os.path.isdir(run / "iter_0000004") and os.path.isdir(run / "iter_0000006")
+
+
+def test_force_never_replaces_a_training_checkpoint(trained, tmp_path, capsys):
+    """--force replaces an earlier conversion, not what training wrote (here another run's checkpoint)."""
+    other = tmp_path / "other" / "iter_0000006"
+    shutil.copytree(trained["final"], other)
+    code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["patch"], "--save", other, "--force"], capsys)
+    assert_one_line_error(code, err, f"holds the training checkpoint {other}; --force replaces only a tool's earlier")
+    assert sorted(os.listdir(other)) == sorted(os.listdir(trained["final"]))
+
+
+def test_an_output_that_appears_during_the_conversion_is_not_replaced(trained, tmp_path, capsys, monkeypatch):
+    """Without --force the final name is checked again at the rename: a folder made there meanwhile
+    (another conversion into the same name) is kept, and this one's output is removed."""
+    save = tmp_path / "out"
+    verify = reshard._verify
+
+    def verify_then_someone_writes(plan, converted):
+        save.mkdir()
+        (save / "theirs.txt").write_text("theirs")
+        return verify(plan, converted)
+
+    monkeypatch.setattr(reshard, "_verify", verify_then_someone_writes)
+    code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["patch"], "--save", save], capsys)
+    assert_one_line_error(code, err, "was created by someone else while this ran: pass --force")
+    assert os.listdir(save) == ["theirs.txt"] and not leftovers(tmp_path)
+
+
 def test_failed_self_check_exits_1_and_leaves_nothing(trained, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(reshard, "_verify", lambda plan, converted: 0.5)
     save = tmp_path / "out"

@@ -146,3 +146,21 @@ def test_existing_output_needs_force(trained, tmp_path, capsys):
     code, _, err = call(export_hf, ["--cpu", "--load", trained["final"], "--save", save], capsys)
     assert_one_line_error(code, err, "already exists: pass --force")
     assert os.listdir(save) == []
+
+
+@pytest.mark.parametrize("target", ["run", "parent"])
+def test_force_never_replaces_the_checkpoints_it_reads(trained, tmp_path, capsys, target):
+    run = tmp_path / "runs" / "run"
+    shutil.copytree(trained["root"], run)
+    save = run if target == "run" else run.parent
+    code, _, err = call(export_hf, ["--cpu", "--load", run, "--save", save, "--force"], capsys)
+    assert_one_line_error(code, err, "would replace the source checkpoint")
+    assert os.path.isdir(run / "iter_0000006") and (run / folders.TRACKER).exists()
+
+
+def test_force_never_replaces_another_runs_checkpoints(trained, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(trained["root"], other)
+    code, _, err = call(export_hf, ["--cpu", "--load", trained["final"], "--save", other, "--force"], capsys)
+    assert_one_line_error(code, err, "holds the training checkpoint")
+    assert sorted(os.listdir(other)) == sorted(os.listdir(trained["root"]))

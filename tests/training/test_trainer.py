@@ -262,6 +262,12 @@ def test_nan_loss_stops_without_saving_the_bad_state(cpu_world, tiny_corpus, tmp
         "pretrained_into_used_save",
         "pretrained_token_stage",
         "pretrained_other_patch_size",
+        "pretrained_other_budget",
+        "rollback_into_the_same_save",
+        "changed_lr",
+        "save_is_a_checkpoint",
+        "save_is_a_file",
+        "metadata_not_an_object",
         "bad_flags",
     ],
 )
@@ -315,6 +321,27 @@ def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_pat
             train_iters=3,
         )
         expected = "was trained with --patch-size 4, this run has 2: give the patch stage's value"
+    elif case == "pretrained_other_budget":  # the token stage is the rest of the patch run's plan
+        boundary = folders.checkpoint_dir(str(run), 2)
+        argv = trainer_args(tiny_corpus, None, "--stage", "token", "--pretrained-checkpoint", boundary, train_iters=6)
+        expected = "was written with --train-iters 3, this run has 6: give the patch run's value"
+    elif case == "rollback_into_the_same_save":  # it would keep the old iteration 3 and prune its own
+        argv = trainer_args(tiny_corpus, run, "--load", folders.checkpoint_dir(str(run), 2), train_iters=3)
+        expected = "is iteration 2 but --save " + str(run) + " also holds the later checkpoints 3"
+    elif case == "changed_lr":  # the loaded optimizer would keep the old peak learning rate
+        argv = trainer_args(tiny_corpus, run, "--load", str(run), "--lr", "1e-4", train_iters=3)
+        expected = "was written with --lr 0.003, this run has 0.0001: resume with the same value"
+    elif case == "save_is_a_checkpoint":  # a resume would later read this checkpoint's own metadata
+        argv = trainer_args(tiny_corpus, folders.checkpoint_dir(str(run), 3), train_iters=3)
+        expected = "is one checkpoint (it holds megatron_patch.json), not a --save folder"
+    elif case == "save_is_a_file":
+        (tmp_path / "a_file").write_text("")
+        argv = trainer_args(tiny_corpus, tmp_path / "a_file" / "run", train_iters=3)
+        expected = "cannot be created or locked"
+    elif case == "metadata_not_an_object":
+        (run / "iter_0000003" / folders.METADATA).write_text("[1, 2]")
+        argv = trainer_args(tiny_corpus, run, "--load", str(run), train_iters=3)
+        expected = "holds a JSON list, not checkpoint metadata"
     else:
         argv = trainer_args(tiny_corpus, None, "--global-batch-size", "8")
         expected = "must be a multiple of K x micro-batch"
