@@ -73,9 +73,17 @@ def run_schedule(
     return totals
 
 
+# megatron's DistributedDataParallel (check_for_nan_in_grad) raises a RuntimeError saying this
+GRADIENT_CHECK = "in local grad norm"
+NON_FINITE_ADVICE = (
+    ": stopping without applying this step or saving its state; lower --lr, raise --lr-warmup-iters or "
+    "check the data, then resume from the last checkpoint"
+)
+
+
 def train_step(model, optimizer, scheduler, data_iterator, stage: StagePlan):
     """One optimizer step of ``stage``. Raises ``NonFiniteLossError`` (before updating anything) on
-    NaN/Inf.
+    a NaN/Inf loss or gradient.
 
     Returns ``(loss, grad_norm, skipped)``: the mean loss over scored targets, the gradient norm
     before clipping (None when unavailable) and whether the optimizer skipped the update.
@@ -83,13 +91,16 @@ def train_step(model, optimizer, scheduler, data_iterator, stage: StagePlan):
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    totals = run_schedule(model, data_iterator, stage, forward_only=False)
+    try:
+        totals = run_schedule(model, data_iterator, stage, forward_only=False)
+    except RuntimeError as error:  # megatron's check of the gradients before their reduction
+        if GRADIENT_CHECK not in str(error):
+            raise
+        what = "NaN" if "found NaN" in str(error) else "Inf"
+        raise NonFiniteLossError(f"a gradient is {what}{NON_FINITE_ADVICE}") from None
     loss = (totals[0] / totals[1].clamp(min=1.0)).item()
     if not math.isfinite(loss):
-        raise NonFiniteLossError(
-            f"loss is {loss}: stopping without applying this step or saving its state; lower --lr, "
-            f"raise --lr-warmup-iters or check the data, then resume from the last checkpoint"
-        )
+        raise NonFiniteLossError(f"loss is {loss}{NON_FINITE_ADVICE}")
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=1)

@@ -243,11 +243,40 @@ def test_nan_loss_stops_without_saving_the_bad_state(cpu_world, tiny_corpus, tmp
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
-    assert len(err) == 1 and err[0].startswith("error: loss is ") and "resume from the last checkpoint" in err[0]
+    # the gradient check (before the reduction) or the loss check (after it) stops the step
+    assert len(err) == 1 and err[0].startswith(("error: loss is ", "error: a gradient is ")), err
+    assert "resume from the last checkpoint" in err[0]
     records = train_records(save)
     last_good = max(records)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records.values())
     assert folders.read_tracker(str(save)) == last_good  # nothing written after the bad step
+
+
+def test_nan_gradient_of_a_finite_loss_stops_without_applying_it(cpu_world, tiny_corpus, tmp_path, capsys, monkeypatch):
+    """bf16 has no loss scaler to skip a step: a NaN gradient (here put into one weight's gradient
+    from the third backward on, the loss staying finite) stops the run before the update."""
+    build = builders.build_model_chunks
+    backwards = []
+
+    def nan_from_the_third_backward(gradient):
+        backwards.append(1)
+        return gradient * float("nan") if len(backwards) >= 3 else gradient
+
+    def chunks_with_a_nan_gradient(*args, **kwargs):
+        chunks = build(*args, **kwargs)
+        next(chunks[0].parameters()).register_hook(nan_from_the_third_backward)
+        return chunks
+
+    monkeypatch.setattr(builders, "build_model_chunks", chunks_with_a_nan_gradient)
+    save = tmp_path / "nan-grad"
+    argv = trainer_args(tiny_corpus, save, "--save-interval", "1", "--eval-iters", "0")  # 1 micro-batch per step
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith("error: a gradient is NaN: stopping without applying this step"), err
+    records = train_records(save)
+    assert sorted(records) == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in records.values())
+    assert folders.read_tracker(str(save)) == 2  # nothing written after the bad step
 
 
 @pytest.mark.parametrize(
