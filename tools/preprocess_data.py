@@ -29,7 +29,11 @@ import warnings
 if __package__ in (None, ""):  # run as `python tools/preprocess_data.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_patch.errors import ArgumentError  # noqa: E402
 from megatron_patch.runtime.command import ArgumentParser, run_main  # noqa: E402
+
+NAME_MAX = 255
+"""The longest file name in bytes on common file systems (ext4, XFS, NFS, Lustre)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,7 +70,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument(
         "--chunk-bytes", type=int, default=1 << 20, help="bytes of text per worker task (does not change the output)"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_json_keys(args.json_keys, args.output_prefix, args.partitions)
+    return args
+
+
+def check_json_keys(keys: list[str], output_prefix: str, partitions: int) -> None:
+    """ArgumentError for a ``--json-keys`` key that cannot be part of the output file names
+    ``PREFIX_{key}_document.bin`` (``PREFIX_{shard}_{key}_document.bin`` with ``--partitions``):
+    one holding a path separator or NUL, or one that makes a name longer than NAME_MAX bytes.
+    Checked before any input is read, since the outputs are named only when writing starts."""
+    from megatron_patch.data.indexed import dataset_prefix
+
+    forbidden = [c for c in ("/", os.altsep, "\0") if c]
+    for key in keys:
+        found = [c for c in forbidden if c in key]
+        if found:
+            safe = "".join("_" if c in forbidden else c for c in key)
+            raise ArgumentError(
+                f"--json-keys {key!r}: the key is part of the output file names (PREFIX_{{key}}_document.bin) "
+                f"and cannot hold {found[0]!r}; rename the key in the input files, e.g. to {safe!r}"
+            )
+        longest = os.path.basename(dataset_prefix(output_prefix, key, partitions - 1 if partitions > 1 else None))
+        size = len(os.fsencode(longest + ".bin"))
+        if size > NAME_MAX:
+            raise ArgumentError(
+                f"--json-keys {key[:40]!r}...: the output file name {longest[:60]}... would be {size} bytes, "
+                f"over the {NAME_MAX} a file name may have; shorten the key (rename it in the input files) "
+                f"or the file name part of --output-prefix"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,11 +10,15 @@ writes ``tokenizers/spm32k.model`` and ``tokenizers/spm32k.vocab`` (both atomica
 see ``megatron_patch/data/tokenizer.py``.
 
 Training sentences are the non-empty lines of the documents; lines longer than 4192 bytes
-(SentencePiece's sentence limit) are left out and counted. When there are more than
+(SentencePiece's sentence limit) are left out and counted, as SentencePiece itself would drop
+them (they are not cut into pieces: a cut at a byte count would split words and give SentencePiece
+text boundaries the corpus does not have). A corpus whose lines are all that long is an error that
+says so; break its text into shorter lines (a sentence or paragraph each). When there are more than
 ``--input-sentence-size`` lines, a uniform sample of that many is drawn with ``--seed``
 (reservoir sampling, so memory stays bounded).
 Normalisation is the identity and whitespace is kept as is, so ``detokenize(tokenize(text))``
-gives back ``text`` (up to a leading space).
+gives back ``text`` (up to a leading space), except that U+2581 ("▁"), SentencePiece's mark for a
+space in its pieces, comes back as a space.
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ logger = logging.getLogger("train_tokenizer")
 
 MAX_SENTENCE_BYTES = 4192
 """SentencePiece's ``max_sentence_length``: longer training lines are left out (and counted)."""
+
+WHITESPACE_MARK = "\u2581"
+"""SentencePiece's "▁": spaces become it in the pieces, and decoding turns every one into a space."""
 
 SPECIAL_PIECES = {"unk": (0, "<unk>"), "bos": (1, "<s>"), "eos": (2, "</s>"), "pad": (3, "<pad>")}
 
@@ -88,7 +95,8 @@ def sample_sentences(args: argparse.Namespace) -> tuple[list[str], int, int, int
 
     Returns (sentences, lines eligible, bad input lines skipped, lines too long for SentencePiece).
     A bad input line (invalid UTF-8 or JSON, a lone surrogate escape, ...) stops the run with its
-    ``file:line`` unless ``--skip-bad-lines``.
+    ``file:line`` unless ``--skip-bad-lines``. No eligible line is a DataError that says why: every
+    non-empty line over MAX_SENTENCE_BYTES (naming the first), or no text at all.
     """
     files = expand_inputs(args.input)
     if any(f.format == "text" for f in files) and len(args.json_keys) > 1:
@@ -97,6 +105,7 @@ def sample_sentences(args: argparse.Namespace) -> tuple[list[str], int, int, int
     cap = args.input_sentence_size
     reservoir: list[str] = []
     seen = bad = too_long = 0
+    first_too_long = ""  # "file:line, N bytes" of the first line left out for its length
     for index, line_number, raw, _ in iter_lines(files):
         try:
             texts = parse_line(raw, files[index].format, args.json_keys)
@@ -111,8 +120,11 @@ def sample_sentences(args: argparse.Namespace) -> tuple[list[str], int, int, int
             for sentence in text.splitlines():
                 if not sentence.strip():
                     continue
-                if len(sentence) * 4 > MAX_SENTENCE_BYTES and (len(sentence.encode("utf-8")) > MAX_SENTENCE_BYTES):
+                # at most 4 UTF-8 bytes per character: encode only lines that may be too long
+                size = len(sentence.encode("utf-8")) if len(sentence) * 4 > MAX_SENTENCE_BYTES else 0
+                if size > MAX_SENTENCE_BYTES:
                     too_long += 1  # the trainer would drop it; count it here instead
+                    first_too_long = first_too_long or f"{files[index].path}:{line_number}, {size} bytes"
                     continue
                 seen += 1
                 if cap == 0 or len(reservoir) < cap:
@@ -121,8 +133,15 @@ def sample_sentences(args: argparse.Namespace) -> tuple[list[str], int, int, int
                     slot = rng.randrange(seen)
                     if slot < cap:
                         reservoir[slot] = sentence
+    skipped = f" ({bad} bad lines skipped)" if bad else ""
+    if not reservoir and too_long:
+        raise DataError(
+            f"all {too_long} non-empty text lines{skipped} are longer than {MAX_SENTENCE_BYTES} bytes, SentencePiece's "
+            f"sentence limit, so none is left to train on (the first in {first_too_long}); break the text "
+            f"into shorter lines, e.g. one sentence or paragraph per line"
+        )
     if not reservoir:
-        raise DataError(f"no text found in {len(files)} input file(s); check --input and --json-keys")
+        raise DataError(f"no text found in {len(files)} input file(s){skipped}; check --input and --json-keys")
     return reservoir, seen, bad, too_long
 
 
@@ -173,7 +192,12 @@ def train(args: argparse.Namespace, sentences: list[str]) -> bytes:
 
 
 def check_model(proto: bytes, sentences: list[str]):
-    """Load the trained model; check its special pieces and a round trip. Returns the processor."""
+    """Load the trained model; check its special pieces and a round trip. Returns the processor.
+
+    The round trip is compared up to what the model is meant to change (module docstring): the
+    leading space (SentencePiece's dummy prefix, hence the ``strip``) and WHITESPACE_MARK, which
+    decodes as a space.
+    """
     import sentencepiece
 
     processor = sentencepiece.SentencePieceProcessor(model_proto=proto)
@@ -182,7 +206,8 @@ def check_model(proto: bytes, sentences: list[str]):
         if got != expected or processor.id_to_piece(got) != piece:
             raise RuntimeError(f"trained model has {name} id {got}, expected {expected} ({piece})")
     sample = sentences[0].strip()
-    if processor.decode(processor.encode(sample)).strip() != sample:
+    expected = sample.replace(WHITESPACE_MARK, " ").strip()
+    if processor.decode(processor.encode(sample)).strip() != expected:
         raise RuntimeError(f"trained model does not round-trip the text {sample[:60]!r}")
     return processor
 

@@ -32,7 +32,10 @@ stage its own documents:
   are weighted by their tokens in that stage.
 * **Caching and ranks.** Megatron caches the sample indices (``.npy``) under ``cache_dir`` (or
   next to the data). The cache key includes the stage and its document range, so a new λ or
-  split never reuses stale indices, and the tokenizer's sha256. With torch.distributed
+  split never reuses stale indices, the tokenizer's sha256, and the size and modification time
+  of the prefix's ``.bin`` and ``.idx`` (:func:`prefix_files`), so a prefix rewritten in place
+  (re-preprocessed, e.g. with ``--append-eod``: as many documents, other lengths) gets fresh
+  indices instead of ones that point into the old tokens. With torch.distributed
   initialised, rank 0 builds (and caches) every dataset first, then a barrier, then the other
   ranks load them (``BlendedMegatronDatasetBuilder.build_generic_dataset``); without it, the
   datasets are built in this process. The largest token id of each ``.bin`` is checked against
@@ -62,6 +65,7 @@ from megatron_patch.data.indexed import check_prefix
 from megatron_patch.data.split import STAGE_SPLITS, PrefixSplit, parse_data_path, parse_split, split_prefix
 from megatron_patch.data.vocab_check import check_vocab
 from megatron_patch.errors import DataError
+from megatron_patch.runtime.rank_zero import on_rank_zero
 
 logger = logging.getLogger(__name__)
 
@@ -132,26 +136,50 @@ class StageDatasets:
 
 @dataclass
 class StageGPTDatasetConfig(GPTDatasetConfig):
-    """``GPTDatasetConfig`` plus the stage, its document range and the stage split, all part of the
-    cache key."""
+    """``GPTDatasetConfig`` plus the stage, its document range, the stage split and the identity of
+    the prefix's files (:func:`prefix_files`), all part of the cache key."""
 
     stage: str = ""
     stage_documents: tuple[int, int] = (0, 0)
     stage_split: str = "documents"
+    prefix_files: dict[str, int] = field(default_factory=dict)
 
 
 class StageGPTDataset(GPTDataset):
-    """A ``GPTDataset`` whose cache key also holds the stage and its document range.
+    """A ``GPTDataset`` whose cache key also holds the stage, its document range and the identity
+    of the prefix's files.
 
     Megatron's key (``_key_config_attributes``) holds neither the document indices nor λ, so two
     stages of one prefix, or one stage before and after a change of λ, would share index files.
     The stage split is in the key too: a token-only run's token stage covers all training documents
-    in either split.
+    in either split. Nor does it depend on the ``.bin``/``.idx`` contents (only on the path and the
+    sample count), so a prefix re-preprocessed in place with as many documents would be served the
+    old document/sample indices: samples cut at the old lengths, or an IndexError past the end.
     """
 
     @staticmethod
     def _key_config_attributes() -> list[str]:
-        return GPTDataset._key_config_attributes() + ["stage", "stage_documents", "stage_split"]
+        return GPTDataset._key_config_attributes() + ["stage", "stage_documents", "stage_split", "prefix_files"]
+
+
+def prefix_files(prefixes: list[str]) -> dict[str, dict[str, int]]:
+    """``{prefix: {"bin_bytes", "bin_mtime_ns", "idx_bytes", "idx_mtime_ns"}}``: what identifies
+    the current files of each prefix in the cache key (as the vocabulary check keys its record).
+
+    A rewritten file has a new modification time (and usually a new size), hence a new key and
+    fresh indices; reading it costs two ``stat`` calls per prefix, not a scan. Taken on rank 0 and
+    broadcast (:func:`~megatron_patch.runtime.rank_zero.on_rank_zero`), so every rank looks for
+    the index files rank 0 wrote even where hosts see other times for the same file.
+    """
+    identities = {}
+    for prefix in dict.fromkeys(prefixes):
+        identity = {}
+        for suffix in ("bin", "idx"):
+            status = os.stat(f"{prefix}.{suffix}")
+            identity[f"{suffix}_bytes"] = status.st_size
+            identity[f"{suffix}_mtime_ns"] = status.st_mtime_ns
+        identities[prefix] = identity
+    return identities
 
 
 def stage_seed(config: StageDataConfig, stage: str) -> int:
@@ -206,7 +234,10 @@ def _attribute(stage: str) -> str:
     return {"patch_train": "patch", "token_train": "token", "valid": "valid"}[stage]
 
 
-def _gpt_config(config: StageDataConfig, tokenizer, stage: str, documents=(0, 0)):
+def _gpt_config(config: StageDataConfig, tokenizer, stage: str, documents=(0, 0), files=None):
+    """The megatron config of one dataset; ``files`` is its prefix's :func:`prefix_files` entry
+    (left empty for the low-level dataset and the blend, whose keys do not use it: a blend's key
+    holds its members' keys)."""
     return StageGPTDatasetConfig(
         random_seed=stage_seed(config, stage),
         sequence_length=config.sample_tokens[stage],
@@ -221,6 +252,7 @@ def _gpt_config(config: StageDataConfig, tokenizer, stage: str, documents=(0, 0)
         stage=stage,
         stage_documents=tuple(documents),
         stage_split=config.stage_split,
+        prefix_files=dict(files or {}),
     )
 
 
@@ -253,8 +285,9 @@ def _members(config: StageDataConfig, stage: str, splits: list[PrefixSplit]) -> 
     return members
 
 
-def _build_stage(config, tokenizer, stage, splits, low_level, num_samples) -> Dataset | None:
-    """One stage: a StageGPTDataset per prefix, blended when there are several."""
+def _build_stage(config, tokenizer, stage, splits, low_level, files, num_samples) -> Dataset | None:
+    """One stage: a StageGPTDataset per prefix, blended when there are several; ``files`` is
+    :func:`prefix_files` of the prefixes."""
     length = config.sample_tokens[stage]
     index_split = Split.valid if stage == "valid" else Split.train
     members = _members(config, stage, splits)
@@ -287,7 +320,7 @@ def _build_stage(config, tokenizer, stage, splits, low_level, num_samples) -> Da
                 f"{documents.tokens} tokens gives {per_epoch}; its documents will repeat "
                 f"(the paper sees each token once; --stage-split epochs runs its multi-epoch recipe)",
             )
-        gpt_config = _gpt_config(config, tokenizer, stage, (documents.begin, documents.end))
+        gpt_config = _gpt_config(config, tokenizer, stage, (documents.begin, documents.end), files[split.prefix])
         datasets.append(
             _build(
                 StageGPTDataset,
@@ -355,6 +388,7 @@ def build_stage_datasets(config: StageDataConfig, tokenizer, num_samples: dict[s
         for prefix in dict.fromkeys(config.prefixes)
     }
     splits = plan_stage_split(config, low_level)
+    files = on_rank_zero(prefix_files, list(low_level))
     for prefix, dataset in low_level.items():
         check_vocab(prefix, dataset.index.dtype, tokenizer.vocab_size, index_cache_folder(config, prefix))
     for split in splits:
@@ -370,7 +404,7 @@ def build_stage_datasets(config: StageDataConfig, tokenizer, num_samples: dict[s
         _members(config, stage, splits)
     datasets = dict.fromkeys(STAGES)
     for stage in stages:
-        datasets[stage] = _build_stage(config, tokenizer, stage, splits, low_level, num_samples[stage])
+        datasets[stage] = _build_stage(config, tokenizer, stage, splits, low_level, files, num_samples[stage])
     return StageDatasets(
         patch_train=datasets["patch_train"],
         token_train=datasets["token_train"],

@@ -11,8 +11,12 @@ Unit: **one line of an input file is one document**.
   ``zstandard`` module).
 
 Files are read as bytes and decoded per line (strict UTF-8), so an invalid byte is reported with
-its file and line number. :func:`parse_line` runs in the worker processes of the preprocessing
-tool; everything else runs in the main process.
+its file and line number. A UTF-8 byte-order mark (``EF BB BF``, as some Windows editors write)
+at the start of a file is dropped, as Python's ``utf-8-sig`` codec drops it: it marks the
+encoding and is no text, so it neither breaks line 1 of a JSON Lines file nor joins the first
+document of a text file. Anywhere else U+FEFF is a character like any other.
+:func:`parse_line` runs in the worker processes of the preprocessing tool; everything else runs
+in the main process.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text"}
 COMPRESSIONS = (".gz", ".xz", ".zst")
 _GLOB_CHARS = set("*?[")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+BYTE_ORDER_MARK = b"\xef\xbb\xbf"
+"""U+FEFF in UTF-8: a byte-order mark when it opens a file (dropped there, see the module doc)."""
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +208,9 @@ class _ZstdFrames(io.RawIOBase):
 def iter_lines(files: Sequence[InputFile]) -> Iterator[tuple[int, int, bytes, int]]:
     """Yield ``(file index, line number from 1, raw line bytes, bytes read from disk so far)``.
 
-    The last field sums the on-disk (compressed) bytes of the files before plus the read position
-    in the current file, to compare with the sum of ``InputFile.size``.
+    The raw bytes of line 1 come without a leading byte-order mark (BYTE_ORDER_MARK). The last
+    field sums the on-disk (compressed) bytes of the files before plus the read position in the
+    current file, to compare with the sum of ``InputFile.size``.
     """
     done = 0
     for index, file in enumerate(files):
@@ -211,6 +218,8 @@ def iter_lines(files: Sequence[InputFile]) -> Iterator[tuple[int, int, bytes, in
         line_number = 0
         try:
             for line_number, line in enumerate(stream, start=1):
+                if line_number == 1 and line.startswith(BYTE_ORDER_MARK):
+                    line = line[len(BYTE_ORDER_MARK) :]
                 yield index, line_number, line, done + raw.tell()
         except Exception as err:
             _raise_if_read_error(file, f" after line {line_number}", err)

@@ -88,6 +88,21 @@ def test_missing_key(preprocess, tmp_path, capsys):
     assert_no_outputs(tmp_path / "out")
 
 
+@pytest.mark.parametrize(
+    "key, needles",
+    [
+        ("a/b", ["--json-keys 'a/b'", "cannot hold '/'", "rename the key in the input files", "'a_b'"]),
+        ("k" * 300, ["--json-keys 'kkkk", "bytes", "shorten the key"]),
+    ],
+)
+def test_a_json_key_that_cannot_be_in_a_file_name(preprocess, tmp_path, capsys, key, needles):
+    """The key is part of the output file names (PREFIX_{key}_document.bin): one that cannot be
+    is refused before any input is read."""
+    path = write_jsonl(tmp_path / "c.jsonl", [{key: "some text"}])
+    fails(capsys, preprocess(path, extra=["--json-keys", "text", key]), *needles)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_text_that_is_not_a_string(preprocess, tmp_path, capsys):
     path = write_jsonl(tmp_path / "c.jsonl", [GOOD, GOOD, {"text": 17}])
     fails(capsys, preprocess(path), f"{path}:3:", "key 'text' holds a JSON int")

@@ -1,6 +1,7 @@
 """Which input files the data tools read, and how: each file once, and all of a .zst file or an
 error (through tools/preprocess_data.py and tools/train_tokenizer.py main)."""
 
+import json
 import os
 
 import pytest
@@ -113,3 +114,32 @@ def test_zst_with_trailing_garbage_is_refused(preprocess, tmp_path, capsys):
     path.write_bytes(_zst_corpus(zstandard, 1) + b"not zstd at all")
     fails(capsys, preprocess(path), str(path), "truncated or corrupt")
     assert_no_outputs(tmp_path / "out")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt", ".jsonl.gz"])
+def test_a_byte_order_mark_at_the_start_of_each_file_is_dropped(tools, tokenizer_model, tiny_records, tmp_path, suffix):
+    """A UTF-8 byte-order mark (EF BB BF, as Windows editors write) at the start of an input file
+    is not text: dropped as utf-8-sig drops it, for every file, so the pair is byte-identical to
+    the one of the same files without it (before: line 1 was "malformed JSON", or in a .txt the
+    mark was part of the first document)."""
+    import gzip
+
+    texts = [r["text"].split("\n")[0] for r in tiny_records[:6]]
+    if suffix == ".txt":
+        parts = ["".join(t + "\n" for t in texts[:3]), "".join(t + "\n" for t in texts[3:])]
+    else:
+        parts = ["".join(json.dumps({"text": t}) + "\n" for t in chunk) for chunk in (texts[:3], texts[3:])]
+
+    def run(name: str, mark: bytes) -> bytes:
+        (tmp_path / name).mkdir()
+        paths = []
+        for i, part in enumerate(parts):
+            data = mark + part.encode("utf-8")
+            path = tmp_path / name / f"{i}{suffix}"
+            path.write_bytes(gzip.compress(data, mtime=0) if suffix.endswith(".gz") else data)
+            paths.append(str(path))
+        argv = ["--input", *paths, "--tokenizer-model", str(tokenizer_model), "--append-eod"]
+        assert tools.preprocess_data.main([*argv, "--output-prefix", str(tmp_path / name / "x")]) == 0
+        return b"".join((tmp_path / name / f"x_text_document{ext}").read_bytes() for ext in (".bin", ".idx"))
+
+    assert run("bom", b"\xef\xbb\xbf") == run("plain", b"")

@@ -140,6 +140,33 @@ def test_new_lambda_is_not_served_from_a_stale_cache(corpus_prefix, tokenizer, t
     assert used_documents(data.token_train) == set(range(cut, 92))
 
 
+def test_a_rewritten_prefix_is_not_served_from_a_stale_cache(tiny_records, tokenizer_model, tokenizer, tools, tmp_path):
+    """Re-preprocessing a prefix with --append-eod keeps its document count, hence the stage
+    ranges, but lengthens every document: the indices cached for the old files must not be reused
+    (they would point into the wrong tokens, or past the end of the file)."""
+    write_jsonl(tmp_path / "c.jsonl", tiny_records[:30])
+    prefix = str(tmp_path / "c_text_document")
+
+    def preprocess(*flags) -> None:
+        argv = ["--input", str(tmp_path / "c.jsonl"), "--tokenizer-model", str(tokenizer_model)]
+        assert tools.preprocess_data.main([*argv, "--output-prefix", str(tmp_path / "c"), *flags]) == 0
+
+    counts = {"token_train": 500, "valid": 20}
+    token_only = dict(patch_size=1, patch_data_fraction=0.0)
+    preprocess()
+    old = build_stage_datasets(config([prefix], tmp_path, **token_only), tokenizer, counts)
+    preprocess("--append-eod")
+    new = build_stage_datasets(config([prefix], tmp_path, **token_only), tokenizer, counts)
+    fresh = build_stage_datasets(config([prefix], tmp_path / "fresh", **token_only), tokenizer, counts)
+    assert [(s.token.begin, s.token.end, s.valid.begin, s.valid.end) for s in old.splits] == [
+        (s.token.begin, s.token.end, s.valid.begin, s.valid.end) for s in new.splits
+    ]
+    for stage in ("token_train", "valid"):
+        got, want = getattr(new, stage), getattr(fresh, stage)
+        assert len(got) == len(want)
+        assert all(torch.equal(got[i]["tokens"], want[i]["tokens"]) for i in range(len(want)))
+
+
 def test_a_zero_count_skips_a_dataset(corpus_prefix, tokenizer, tmp_path):
     """A token-stage-only job asks for no patch samples, and the reverse."""
     full = build_stage_datasets(config([corpus_prefix], tmp_path), tokenizer, SAMPLES)

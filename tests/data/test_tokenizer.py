@@ -139,3 +139,33 @@ def test_unwritable_output_folder_is_reported_before_training(tmp_path, tools, c
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot write to output folder '/proc'" in err[0], err
+
+
+def test_a_line_with_the_whitespace_mark_trains(tmp_path, tiny_records, tools, capsys):
+    """U+2581 ("▁"), SentencePiece's whitespace mark, decodes as a space: a valid corpus whose
+    checked line holds one (the first line, while all lines fit the sample) still trains, and the
+    model maps the mark to a space as the check expects."""
+    import sentencepiece
+
+    records = [{"text": "x\u2581y foo bar \u2581lead"}] + tiny_records[:10]
+    corpus = write_jsonl(tmp_path / "lowline.jsonl", records)
+    argv = ["--input", str(corpus), "--vocab-size", "400", "--output-prefix", str(tmp_path / "t")]
+    assert tools.train_tokenizer.main(argv) == 0, capsys.readouterr().err
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "t.model"))
+    assert processor.decode(processor.encode("x\u2581y foo bar \u2581lead")) == "x y foo bar  lead"
+
+
+def test_only_lines_over_the_sentence_limit_says_so(tmp_path, tools, capsys):
+    """Lines longer than SentencePiece's sentence limit are left out; when that leaves nothing,
+    the error names the limit, the first such line and the fix, not --input/--json-keys."""
+    limit = tools.train_tokenizer.MAX_SENTENCE_BYTES
+    long_line = " ".join(["alpha", "beta", "gamma"] * (limit // 10))
+    corpus = write_jsonl(tmp_path / "long.jsonl", [{"text": ""}, {"text": long_line}, {"text": long_line}])
+    code = tools.train_tokenizer.main(["--input", str(corpus), "--output-prefix", str(tmp_path / "t")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert f"{corpus}:2" in err[0] and f"{len(long_line)} bytes" in err[0], err[0]
+    assert f"all 2 non-empty text lines are longer than {limit} bytes" in err[0], err[0]
+    assert "shorter lines" in err[0] and "--json-keys" not in err[0], err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.jsonl"]
