@@ -7,6 +7,7 @@ written back onto the parsed flags.
 """
 
 import argparse
+import logging
 import math
 import os
 from typing import List, Optional
@@ -15,6 +16,7 @@ from megatron_patch.architecture.build import ModelSettings, padded_vocab_size
 from megatron_patch.architecture.presets import check_layout, get_preset
 from megatron_patch.architecture.specs import resolve_transformer_impl
 from megatron_patch.errors import ArgumentError
+from megatron_patch.runtime.command import rank
 from megatron_patch.runtime.parallel import resolve_virtual_pipeline
 from megatron_patch.training.config import (
     CheckpointSettings,
@@ -24,9 +26,13 @@ from megatron_patch.training.config import (
     ProfileSettings,
     TrainerConfig,
 )
-from megatron_patch.training.flags import build_parser
+from megatron_patch.training.flags import PROFILE_RANKS, PROFILE_STEP_END, PROFILE_STEP_START, build_parser
 from megatron_patch.training.plan import make_plan
 from megatron_patch.training.preemption import parse_signals
+
+logger = logging.getLogger(__name__)
+
+SEED_LIMIT = 2**32  # numpy's RandomState (megatron's dataset shuffles) takes seeds 0 .. 2**32 - 1
 
 
 def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None) -> TrainerConfig:
@@ -82,6 +88,7 @@ def make_config(
     dp = world_size // (tp * pp)
     _check_flag_combinations(flags, seq_length)
     _check_optimizer_and_data_flags(flags)
+    _check_summary_json(flags.summary_json)
     transformer_impl = resolve_transformer_impl(flags.transformer_impl, flags.rope_fusion)
     plan = make_plan(
         patch_size=flags.patch_size,
@@ -98,6 +105,7 @@ def make_config(
     )
     if virtual is not None:
         _check_interleaved_microbatches(plan, pp, _virtual_flag(flags, virtual))
+    _warn_warmup_beyond_stages(plan, flags.lr_warmup_iters)
     if tokenizer_vocab_size is None:
         tokenizer_vocab_size = _tokenizer_vocab_size(flags.tokenizer_model)
     model = ModelSettings(
@@ -117,6 +125,8 @@ def make_config(
         hidden_dropout=flags.hidden_dropout,
         attention_dropout=flags.attention_dropout,
     )
+    profile = _profile_settings(flags, world_size)
+    manual_gc_interval = _or_default(flags.manual_gc_interval, 0)
     recorded = dict(
         vars(flags),
         seq_length=seq_length,
@@ -125,6 +135,10 @@ def make_config(
         world_size=world_size,
         data_parallel_size=dp,
         virtual_pipeline_model_parallel_size=virtual,
+        manual_gc_interval=manual_gc_interval,
+        profile_step_start=_or_default(flags.profile_step_start, PROFILE_STEP_START),
+        profile_step_end=_or_default(flags.profile_step_end, PROFILE_STEP_END),
+        profile_ranks=_or_default(flags.profile_ranks, list(PROFILE_RANKS)),
     )
     return TrainerConfig(
         flags=recorded,
@@ -177,24 +191,72 @@ def make_config(
         seed=flags.seed,
         overlap_grad_reduce=flags.overlap_grad_reduce,
         overlap_param_gather=flags.overlap_param_gather,
-        profile=_profile_settings(flags, world_size),
-        manual_gc_interval=flags.manual_gc_interval if flags.manual_gc else None,
+        profile=profile,
+        manual_gc_interval=manual_gc_interval if flags.manual_gc else None,
     )
+
+
+def _or_default(value, default):
+    """A flag whose default is None (so that a value the user gives can be told apart): its value."""
+    return default if value is None else value
 
 
 def _profile_settings(flags, world_size: int) -> Optional[ProfileSettings]:
     if not flags.profile:
         return None
-    start, end = flags.profile_step_start, flags.profile_step_end
+    start = _or_default(flags.profile_step_start, PROFILE_STEP_START)
+    end = _or_default(flags.profile_step_end, PROFILE_STEP_END)
+    ranks = _or_default(flags.profile_ranks, PROFILE_RANKS)
     if not 1 <= start < end:
         raise ArgumentError(f"--profile-step-start {start} / --profile-step-end {end}: need 1 <= start < end")
-    outside = [rank for rank in flags.profile_ranks if not 0 <= rank < world_size]
+    outside = [rank for rank in ranks if not 0 <= rank < world_size]
     if outside:
         raise ArgumentError(f"--profile-ranks {outside[0]} is not a rank of this run's {world_size} processes")
     folder = flags.profile_dir or (os.path.join(flags.save, "profile") if flags.save else None)
     if not folder:
         raise ArgumentError("--profile needs --profile-dir DIR (or --save DIR: the traces go to <--save>/profile)")
-    return ProfileSettings(start, end, tuple(sorted(set(flags.profile_ranks))), folder)
+    return ProfileSettings(start, end, tuple(sorted(set(ranks))), folder)
+
+
+def _check_summary_json(path: Optional[str]) -> None:
+    """``--summary-json`` is written when the run ends (or stops): its folder must exist and take
+    files now, else the run would fail at its very end."""
+    if path is None:
+        return
+    if not path:
+        raise ArgumentError("--summary-json needs a file path (e.g. --summary-json summary.json)")
+    if os.path.isdir(path):
+        raise ArgumentError(
+            f"--summary-json {path} is a directory: name a file in it (e.g. {os.path.join(path, 'summary.json')})"
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise ArgumentError(
+            f"--summary-json {path}: its folder {folder} {what}: create the folder or name a file in an existing one"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ArgumentError(
+            f"--summary-json {path}: its folder {folder} is not writable: name a file in a folder you can write to"
+        )
+
+
+def _warn_warmup_beyond_stages(plan, warmup_iters: int) -> None:
+    """Each stage restarts the LR warm-up; the scheduler clamps a longer warm-up to the stage, which
+    then warms up from start to end and never decays: said once, on rank 0."""
+    if rank() != 0:
+        return
+    for stage in plan.stages:
+        if warmup_iters > stage.iterations:
+            steps = f"{stage.iterations} iteration{'' if stage.iterations == 1 else 's'}"
+            logger.warning(
+                "--lr-warmup-iters %d is more than the %s stage's %s: its LR warms up over the whole stage "
+                "and never decays (each stage restarts the warm-up); lower --lr-warmup-iters below %d",
+                warmup_iters,
+                stage.name,
+                steps,
+                stage.iterations,
+            )
 
 
 def _exit_signals(text: str):
@@ -254,6 +316,8 @@ def _check_optimizer_and_data_flags(flags: argparse.Namespace) -> None:
         )
     if flags.num_workers < 0:
         raise ArgumentError(f"--num-workers {flags.num_workers} must be >= 0 (0: batches are read in the trainer)")
+    if not 0 <= flags.seed < SEED_LIMIT:
+        raise ArgumentError(f"--seed {flags.seed} must lie in [0, {SEED_LIMIT - 1}] (numpy's range; default 1234)")
 
 
 def _check_flag_combinations(flags: argparse.Namespace, seq_length: int) -> None:
@@ -289,12 +353,29 @@ def _check_flag_combinations(flags: argparse.Namespace, seq_length: int) -> None
         raise ArgumentError(f"--exit-duration-in-mins {flags.exit_duration_in_mins} must be > 0")
     if flags.exit_duration_in_mins and not flags.save:
         raise ArgumentError("--exit-duration-in-mins needs --save DIR (the run saves a checkpoint when it stops)")
-    if flags.manual_gc_interval < 0:
+    if flags.manual_gc_interval is not None and flags.manual_gc_interval < 0:
         raise ArgumentError(f"--manual-gc-interval {flags.manual_gc_interval} must be >= 0 (0: collect at start only)")
+    if flags.manual_gc_interval is not None and not flags.manual_gc:
+        raise ArgumentError(
+            f"--manual-gc-interval {flags.manual_gc_interval} needs --manual-gc (without it Python collects "
+            f"garbage as usual): add --manual-gc or drop --manual-gc-interval"
+        )
+    for name in ("profile_step_start", "profile_step_end", "profile_ranks", "profile_dir"):
+        value = getattr(flags, name)  # None: not given
+        if value is not None and not flags.profile:
+            flag = "--" + name.replace("_", "-")
+            value = " ".join(map(str, value)) if isinstance(value, list) else value
+            raise ArgumentError(
+                f"{flag} {value} needs --profile (nothing is profiled without it): add --profile or drop {flag}"
+            )
     if flags.eval_iters < 0:
         raise ArgumentError(f"--eval-iters {flags.eval_iters} must be >= 0 (0 turns validation off)")
     if flags.eval_interval is not None and flags.eval_interval < 1:
         raise ArgumentError(f"--eval-interval {flags.eval_interval} must be >= 1")
+    if flags.eval_interval is not None and flags.eval_iters == 0 and rank() == 0:
+        # a warning, not a refusal: the launch scripts pass an --eval-interval, and appending
+        # --eval-iters 0 to them is how validation is turned off
+        logger.warning("--eval-interval %d does nothing with --eval-iters 0 (validation is off)", flags.eval_interval)
     if flags.keep_last_checkpoints < 0:
         raise ArgumentError(f"--keep-last-checkpoints {flags.keep_last_checkpoints} must be >= 0")
     if flags.lr <= 0 or flags.min_lr < 0 or flags.min_lr > flags.lr:

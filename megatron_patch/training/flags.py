@@ -7,6 +7,11 @@ from megatron_patch.architecture.presets import PRESETS
 from megatron_patch.runtime.command import ArgumentParser, add_checkpoint_verify_flag
 from megatron_patch.training.preemption import DEFAULT_SIGNALS
 
+# --profile's window and ranks when not given (Megatron-LM's defaults)
+PROFILE_STEP_START = 10
+PROFILE_STEP_END = 12
+PROFILE_RANKS = (0,)
+
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
@@ -166,7 +171,7 @@ def build_parser() -> ArgumentParser:
         "fused (one pass)",
     )
     opt.add_argument("--bf16", action="store_true", help="bf16 parameters and compute, fp32 main weights")
-    opt.add_argument("--seed", type=int, default=1234)
+    opt.add_argument("--seed", type=int, default=1234, help="0 to 2**32 - 1 (numpy's range)")
 
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -226,10 +231,17 @@ def build_parser() -> ArgumentParser:
 
     log = parser.add_argument_group("logging and evaluation")
     log.add_argument("--log-interval", type=int, default=10)
-    log.add_argument("--eval-interval", type=int, default=None, help="steps between validations")
+    log.add_argument(
+        "--eval-interval",
+        type=int,
+        default=None,
+        help="steps between validations (needs --eval-iters > 0; default: at the end of each stage only)",
+    )
     log.add_argument("--eval-iters", type=int, default=10, help="global batches per validation (0: none)")
     log.add_argument("--tensorboard-dir", default=None)
-    log.add_argument("--summary-json", default=None, help="also write the final summary here (JSON)")
+    log.add_argument(
+        "--summary-json", default=None, help="also write the final summary here (JSON; its folder must exist)"
+    )
     log.add_argument(
         "--wandb-project",
         default=None,
@@ -245,7 +257,10 @@ def build_parser() -> ArgumentParser:
         "on every rank (avoids one rank's collection pause stalling the others)",
     )
     log.add_argument(
-        "--manual-gc-interval", type=int, default=0, help="with --manual-gc: steps between collections (0: start only)"
+        "--manual-gc-interval",
+        type=int,
+        default=None,  # None: not given (refused without --manual-gc); resolved to 0 in arguments.py
+        help="with --manual-gc: steps between collections (0, the default: start only)",
     )
     log.add_argument(
         "--profile",
@@ -253,8 +268,27 @@ def build_parser() -> ArgumentParser:
         help="write a torch.profiler trace (Chrome format) of steps [--profile-step-start, --profile-step-end) "
         "and log the operators with the most self time",
     )
-    log.add_argument("--profile-step-start", type=int, default=10, help="first global iteration profiled")
-    log.add_argument("--profile-step-end", type=int, default=12, help="first global iteration not profiled")
-    log.add_argument("--profile-ranks", type=int, nargs="+", default=[0], help="global ranks that profile")
-    log.add_argument("--profile-dir", default=None, help="where the traces go (default: <--save>/profile)")
+    # default None: not given (refused without --profile); resolved to the PROFILE_* defaults in arguments.py
+    log.add_argument(
+        "--profile-step-start",
+        type=int,
+        default=None,
+        help=f"with --profile: first global iteration profiled (default {PROFILE_STEP_START})",
+    )
+    log.add_argument(
+        "--profile-step-end",
+        type=int,
+        default=None,
+        help=f"with --profile: first global iteration not profiled (default {PROFILE_STEP_END})",
+    )
+    log.add_argument(
+        "--profile-ranks",
+        type=int,
+        nargs="+",
+        default=None,
+        help=f"with --profile: global ranks that profile (default {' '.join(map(str, PROFILE_RANKS))})",
+    )
+    log.add_argument(
+        "--profile-dir", default=None, help="with --profile: where the traces go (default: <--save>/profile)"
+    )
     return parser

@@ -390,6 +390,10 @@ class Trainer:
         start_index, stage_iteration, consumed, results = self._resume()
         self.metrics.open(resumed_from=self.plan.stages[start_index].first_iteration + stage_iteration)
         self.results = results
+        if start_index > 0 and stage_iteration == 0 and results[start_index - 1].valid_loss is None:
+            # resumed at a stage boundary whose closing validation did not run (a stop at the stage's
+            # last step saves first): the weights are that stage's last, so it runs now
+            self._close_stage(self.plan.stages[start_index - 1], results[start_index - 1], validated=False)
         for index in range(start_index, len(self.plan.stages)):
             resumed = index == start_index and stage_iteration > 0
             stopped = self._run_stage(self.plan.stages[index], results[index], resumed, stage_iteration, consumed)
@@ -454,8 +458,12 @@ class Trainer:
             if self.pending_save is not None:
                 self.pending_save.poll()
             stop = self._stop_flag()
-            if log.eval_interval and iteration % log.eval_interval == 0 and not stop:  # stopping: save first
+            # a stop saves first, without validating
+            validated = bool(log.eval_interval and iteration % log.eval_interval == 0 and not stop)
+            if validated:
                 self.metrics.log_valid(stage.name, iteration, self._validate())
+            if stage_iteration == stage.iterations and not stop:
+                self._close_stage(stage, result, validated)  # before the stage's last save, which records it
             if stop or stage_iteration == stage.iterations or (save_interval and iteration % save_interval == 0):
                 last = stop or iteration == self.plan.stage_ends[-1]
                 self._save(iteration, stage, stage_iteration, consumed, self.results, background=not last)
@@ -468,14 +476,16 @@ class Trainer:
                 )
                 result.peak_memory_gib = peak_memory_gib()
                 return True
-        last_iteration = stage.first_iteration + stage.iterations
-        if not (log.eval_interval and last_iteration % log.eval_interval == 0):
-            result.valid_loss = self._validate()
-            self.metrics.log_valid(stage.name, last_iteration, result.valid_loss)
-        else:
-            result.valid_loss = self.metrics.last_valid_loss
         result.peak_memory_gib = peak_memory_gib()  # the peak only grows within a stage: read it once
         return False
+
+    def _close_stage(self, stage: StagePlan, result: StageResult, validated: bool) -> None:
+        """The stage's closing validation; ``validated``: its last step's interval validation just ran."""
+        if validated:
+            result.valid_loss = self.metrics.last_valid_loss
+        else:
+            result.valid_loss = self._validate()
+            self.metrics.log_valid(stage.name, stage.first_iteration + stage.iterations, result.valid_loss)
 
     def _summary(self, results, interrupted: bool) -> dict:
         if self.pending_save is not None:

@@ -25,9 +25,9 @@ class StageResult:
     tokens: int = 0
     flops: float = 0.0
     seconds: float = 0.0
-    last_loss: float = float("nan")
+    last_loss: Optional[float] = None  # None: not known (no step yet; a checkpoint that did not record it)
     epochs: Optional[float] = None  # passes over the stage's documents (tokens trained on / tokens they hold)
-    valid_loss: Optional[float] = None
+    valid_loss: Optional[float] = None  # the stage's closing validation; None: none (yet)
     peak_memory_gib: Optional[float] = None  # of this process's part of the stage (not kept on resume)
 
 
@@ -35,7 +35,10 @@ def checkpoint_progress(
     plan: RunPlan, stage: StagePlan, stage_iteration: int, consumed_samples: int, results: Sequence[StageResult]
 ) -> dict:
     """The progress record saved with a checkpoint after ``stage_iteration`` steps of ``stage``
-    (``consumed_samples``: samples of the stage's dataset read so far)."""
+    (``consumed_samples``: samples of the stage's dataset read so far). Each stage's last training
+    loss and closing validation loss are recorded (None where not known yet: the stage's closing
+    validation runs before its last save, but a stop at its last step saves without it), so a
+    resumed run's summary keeps those of the stages it does not run again."""
     return {
         "stage": stage.name,
         "stage_iteration": stage_iteration,
@@ -45,17 +48,22 @@ def checkpoint_progress(
         "patch_data_fraction": plan.patch_data_fraction,
         "consumed_tokens": {r.name: r.tokens for r in results},
         "seconds": {r.name: r.seconds for r in results},
+        "last_loss": {r.name: r.last_loss for r in results},
+        "valid_loss": {r.name: r.valid_loss for r in results},
     }
 
 
 def restore_results(stages: Sequence[StagePlan], progress: dict, flops_per_position: float) -> List[StageResult]:
     """Each planned stage's result as recorded by :func:`checkpoint_progress` (steps and FLOPs
-    from the tokens consumed; losses and peak memory start afresh)."""
+    from the tokens consumed; the losses as recorded, None from a checkpoint written before they
+    were; peak memory starts afresh)."""
     results = []
     for stage in stages:
         result = StageResult(stage.name)
         result.tokens = progress["consumed_tokens"].get(stage.name, 0)
         result.seconds = progress["seconds"].get(stage.name, 0.0)
+        result.last_loss = progress.get("last_loss", {}).get(stage.name)
+        result.valid_loss = progress.get("valid_loss", {}).get(stage.name)
         result.iterations = result.tokens // stage.tokens_per_step
         result.flops = result.iterations * flops_per_position * stage.positions_per_step
         results.append(result)

@@ -1,0 +1,275 @@
+"""Flags and summaries, through the trainer's command line: an output path, seed or flag combination
+the run could not honour is refused when the flags are read (one stderr line, exit code 2, before
+the model is built), a warm-up longer than a stage is logged, and the summaries hold strict JSON
+(null for a loss the run does not know) with each finished stage's losses kept across a resume."""
+
+import json
+import logging
+import os
+import shutil
+import signal
+
+import pytest
+
+from megatron_patch.training import arguments, cli, loop
+from megatron_patch.training.arguments import parse_args
+from megatron_patch.training.progress import restore_results
+from tests.training.common import train_records, trainer_args
+
+ITERS = 12  # 8 patch steps, 4 token steps
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """A flag check that is missing lets the trainer be built: fail loudly there (exit code 1)."""
+
+    def built(self, *args, **kwargs):
+        raise AssertionError("the trainer was built: the flags were not refused when read")
+
+    monkeypatch.setattr(loop.Trainer, "__init__", built)
+
+
+def _refused(capsys, argv):
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def _strict_json(text):
+    """JSON as the standard defines it: NaN and Infinity are not JSON."""
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+# ----------------------------------------------------------------- --summary-json and --seed
+
+
+@pytest.mark.parametrize("case", ["no-folder", "folder-is-a-file", "path-is-a-folder"])
+def test_summary_json_that_cannot_be_written_is_refused_at_start(tiny_corpus, tmp_path, capsys, no_model, case):
+    """Before: the run trained to the end (or to a SIGTERM stop) and then failed with a
+    FileNotFoundError traceback, exit code 1."""
+    if case == "no-folder":
+        path, expected = tmp_path / "absent" / "summary.json", "does not exist"
+    elif case == "folder-is-a-file":
+        (tmp_path / "file").write_text("")
+        path, expected = tmp_path / "file" / "summary.json", "is a file"
+    else:
+        path, expected = tmp_path, "is a directory"
+    line = _refused(capsys, trainer_args(tiny_corpus, None, "--summary-json", str(path)))
+    assert f"--summary-json {path}" in line and expected in line, line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into any folder")
+def test_summary_json_in_a_read_only_folder_is_refused(tiny_corpus, tmp_path, capsys, no_model):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        line = _refused(capsys, trainer_args(tiny_corpus, None, "--summary-json", str(folder / "s.json")))
+    finally:
+        folder.chmod(0o755)
+    assert "is not writable" in line, line
+
+
+def test_summary_json_in_an_existing_folder_is_accepted(tiny_corpus, tmp_path):
+    (tmp_path / "old.json").write_text("{}")  # an existing file is replaced at the end
+    for path in (tmp_path / "new.json", tmp_path / "old.json"):
+        config = parse_args(trainer_args(tiny_corpus, None, "--summary-json", str(path)), world_size=1)
+        assert config.logging.summary_json == str(path)
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_seed_outside_numpy_s_range_is_one_line(tiny_corpus, capsys, no_model, seed):
+    """Before: numpy's ValueError traceback when the datasets were built."""
+    line = _refused(capsys, trainer_args(tiny_corpus, None, "--seed", seed))
+    assert f"--seed {seed} must lie in [0, 4294967295]" in line, line
+    for good in ("0", str(2**32 - 1)):
+        assert parse_args(trainer_args(tiny_corpus, None, "--seed", good), world_size=1).seed == int(good)
+
+
+# ----------------------------------------------------------------- flags that would do nothing
+
+
+@pytest.mark.parametrize(
+    "flags, needs, message",
+    [
+        (["--manual-gc-interval", "4"], ["--manual-gc"], "--manual-gc-interval 4 needs --manual-gc"),
+        (["--manual-gc-interval", "0"], ["--manual-gc"], "--manual-gc-interval 0 needs --manual-gc"),
+        (["--profile-step-start", "10"], ["--profile"], "--profile-step-start 10 needs --profile"),
+        (["--profile-step-end", "12"], ["--profile"], "--profile-step-end 12 needs --profile"),
+        (["--profile-ranks", "0"], ["--profile"], "--profile-ranks 0 needs --profile"),
+        (["--profile-dir", "p"], ["--profile"], "--profile-dir p needs --profile"),
+    ],
+)
+def test_a_flag_whose_switch_is_off_is_refused(tiny_corpus, tmp_path, capsys, no_model, flags, needs, message):
+    """Each was silently ignored; the same flags with the switch on are accepted. Values equal to
+    the defaults count: the user gave them."""
+    save = tmp_path / "run"
+    line = _refused(capsys, trainer_args(tiny_corpus, save, *flags))
+    assert message in line, line
+    parse_args(trainer_args(tiny_corpus, save, *flags, *needs), world_size=1)
+
+
+def test_the_switches_alone_keep_their_defaults(tiny_corpus, tmp_path):
+    save = tmp_path / "run"
+    config = parse_args(trainer_args(tiny_corpus, save, "--manual-gc", "--profile"), world_size=1)
+    assert config.manual_gc_interval == 0  # collect at start only
+    assert (config.profile.first_step, config.profile.end_step, config.profile.ranks) == (10, 12, (0,))
+    assert config.profile.folder == os.path.join(str(save), "profile")
+    flags = config.flags  # what checkpoints and W&B record: the values the run uses
+    assert (flags["manual_gc_interval"], flags["profile_step_start"], flags["profile_step_end"]) == (0, 10, 12)
+    assert flags["profile_ranks"] == [0]
+    config = parse_args(trainer_args(tiny_corpus, save), world_size=1)
+    assert config.manual_gc_interval is None and config.profile is None and config.logging.eval_interval is None
+    config = parse_args(trainer_args(tiny_corpus, save, "--eval-iters", "0"), world_size=1)
+    assert config.plan.validation.iterations == 0
+
+
+def test_an_eval_interval_without_validation_is_said(tiny_corpus, tmp_path, caplog):
+    """A warning, not a refusal: the launch scripts pass --eval-interval, and appending --eval-iters 0
+    to them turns validation off."""
+    with caplog.at_level(logging.WARNING, logger="megatron_patch.training.arguments"):
+        config = parse_args(trainer_args(tiny_corpus, tmp_path / "run", "--eval-iters", "0", "--eval-interval", "5"), 1)
+    assert config.plan.validation.iterations == 0
+    assert "--eval-interval 5 does nothing with --eval-iters 0 (validation is off)" in caplog.text
+
+
+# ----------------------------------------------------------------- warm-up longer than a stage
+
+
+def test_a_warmup_longer_than_a_stage_is_logged(tiny_corpus, caplog, monkeypatch):
+    """--lr-warmup-iters 6 of 8 patch and 4 token steps: the token stage is all warm-up (the
+    scheduler clamps it to the stage) and its LR never decays: said once, on rank 0."""
+    argv = trainer_args(tiny_corpus, None, "--lr-warmup-iters", "6", train_iters=ITERS)
+    with caplog.at_level(logging.WARNING, logger="megatron_patch"):
+        parse_args(argv, world_size=1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert "--lr-warmup-iters 6" in warnings[0] and "token stage's 4 iterations" in warnings[0], warnings
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megatron_patch"):
+        parse_args(trainer_args(tiny_corpus, None, "--lr-warmup-iters", "4", train_iters=ITERS), world_size=1)
+        monkeypatch.setattr(arguments, "rank", lambda: 1)  # another rank of the same run
+        parse_args(argv, world_size=1)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_the_warmup_warning_comes_from_the_command(cpu_world, tiny_corpus, tmp_path, caplog):
+    """Through the command line, a run of --stage token alone (its one stage is the whole budget)."""
+    argv = trainer_args(
+        tiny_corpus, tmp_path / "run", "--stage", "token", "--eval-iters", "0", "--lr-warmup-iters", "5", train_iters=3
+    )
+    with caplog.at_level(logging.INFO):
+        assert cli.main(argv) == 0
+    assert "--lr-warmup-iters 5 is more than the token stage's 1 iteration:" in caplog.text
+
+
+# ----------------------------------------------------------------- summaries
+
+
+def test_summaries_are_json_and_keep_finished_stages_losses_across_a_resume(
+    cpu_world, tiny_corpus, tmp_path, monkeypatch
+):
+    """SIGTERM in the token stage's second step: the stop saves there (exit 0, summary written);
+    the resumed run's summary still holds the patch stage's last and validation losses, and every
+    line of metrics.jsonl and the --summary-json file is strict JSON (before: "last_loss": NaN for
+    the stage finished before the resume, and its valid_loss null)."""
+    train_step, steps = loop.train_step, []
+
+    def step_then_signal(*args, **kwargs):
+        steps.append(True)
+        if len(steps) == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(*args, **kwargs)
+
+    save, summary_path = tmp_path / "run", tmp_path / "summary.json"
+    argv = trainer_args(tiny_corpus, save, "--summary-json", str(summary_path), train_iters=ITERS)
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "train_step", step_then_signal)
+        assert cli.main(argv) == 0
+    stopped = _strict_json(summary_path.read_text())
+    assert stopped["interrupted"] and stopped["stages"]["token"]["iterations"] == 2
+    patch_stage = stopped["stages"]["patch"]
+    assert patch_stage["last_loss"] == train_records(save)[8]["loss"]
+    assert patch_stage["valid_loss"] == train_records(save, "valid")[8]["loss"]
+
+    assert cli.main(argv + ["--load", str(save)]) == 0
+    text = summary_path.read_text()
+    resumed = _strict_json(text)
+    assert not resumed["interrupted"]
+    assert resumed["stages"]["patch"]["last_loss"] == patch_stage["last_loss"]
+    assert resumed["stages"]["patch"]["valid_loss"] == patch_stage["valid_loss"]
+    assert resumed["stages"]["token"]["last_loss"] == train_records(save)[ITERS]["loss"]
+    assert resumed["stages"]["token"]["valid_loss"] == train_records(save, "valid")[ITERS]["loss"]
+    with open(save / "metrics.jsonl") as f:
+        summaries = [record for record in map(_strict_json, f) if record["kind"] == "summary"]
+    assert [s["interrupted"] for s in summaries] == [True, False]
+
+
+@pytest.mark.parametrize("stop_at_the_boundary", [False, True])
+def test_a_resume_at_the_stage_boundary_keeps_the_patch_stages_validation(
+    cpu_world, tiny_corpus, tmp_path, monkeypatch, stop_at_the_boundary
+):
+    """The patch stage's closing validation runs before its last save, so a resume from that
+    checkpoint reports it. A SIGTERM in the stage's last step saves there without validating; the
+    resumed run validates those weights (the patch stage's last) before the token stage starts."""
+    train_step, steps = loop.train_step, []
+
+    def step_then_signal(*args, **kwargs):
+        steps.append(True)
+        if len(steps) == 8:  # the patch stage's last step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(*args, **kwargs)
+
+    save, summary_path = tmp_path / "run", tmp_path / "summary.json"
+    argv = trainer_args(tiny_corpus, save, "--summary-json", str(summary_path), train_iters=ITERS)
+    uninterrupted = tmp_path / "uninterrupted"
+    assert cli.main(trainer_args(tiny_corpus, uninterrupted, train_iters=ITERS)) == 0
+    expected = train_records(uninterrupted, "valid")[8]["loss"]
+    if stop_at_the_boundary:
+        with monkeypatch.context() as patch:
+            patch.setattr(loop, "train_step", step_then_signal)
+            assert cli.main(argv) == 0
+        assert 8 not in train_records(save, "valid")  # the stop saved without validating
+    else:
+        assert cli.main(argv) == 0
+        for name in os.listdir(save):  # back to the boundary checkpoint, as if the run had ended there
+            if name.startswith("iter_") and name != "iter_0000008":
+                shutil.rmtree(save / name)
+        (save / "latest_checkpointed_iteration.txt").write_text("8\n")
+    assert cli.main(argv + ["--load", str(save)]) == 0
+    resumed = _strict_json(summary_path.read_text())
+    assert resumed["stages"]["patch"]["valid_loss"] == pytest.approx(expected, rel=1e-6)
+    assert train_records(save, "valid")[8]["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_stage_not_run_has_a_null_last_loss(cpu_world, tiny_corpus, tmp_path, monkeypatch):
+    """SIGTERM in the patch stage: the token stage has no loss yet: null, not NaN."""
+    train_step, steps = loop.train_step, []
+
+    def step_then_signal(*args, **kwargs):
+        steps.append(True)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", step_then_signal)
+    summary_path = tmp_path / "summary.json"
+    argv = trainer_args(tiny_corpus, tmp_path / "run", "--eval-iters", "0", "--summary-json", str(summary_path))
+    assert cli.main(argv) == 0
+    summary = _strict_json(summary_path.read_text())
+    assert summary["interrupted"] and summary["stages"]["token"]["last_loss"] is None
+    assert summary["stages"]["token"]["valid_loss"] is None
+
+
+def test_progress_of_older_checkpoints_restores_unknown_losses_as_null(tiny_corpus):
+    """Checkpoints written before the losses were recorded in their progress."""
+    plan = parse_args(trainer_args(tiny_corpus, None, train_iters=ITERS), world_size=1).plan
+    progress = {"consumed_tokens": {"patch": 8 * 512, "token": 512}, "seconds": {"patch": 1.0, "token": 0.1}}
+    results = restore_results(plan.stages, progress, 1.0)
+    assert [(r.last_loss, r.valid_loss) for r in results] == [(None, None), (None, None)]
