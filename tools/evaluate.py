@@ -134,14 +134,7 @@ def _run(args) -> None:
         )
     tokenizer = checkpoint_info.load_tokenizer(infos, args.tokenizer_model)
     for each in infos:
-        perplexity.check_tokenizer(
-            tokenizer,
-            each.padded_vocab_size,
-            each.divisible_by,
-            each.trained_tensor_parallel,
-            each.path,
-            each.tokenizer_model,
-        )
+        checkpoint_info.check_tokenizer(tokenizer, each)
     if args.data_path:
         corpus = token_stream.corpus_from_prefix(args.data_path, tokenizer, args.max_documents)
         described = {"data_path": args.data_path}

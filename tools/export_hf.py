@@ -58,7 +58,6 @@ def _run(args) -> None:
     from megatron_patch.conversion import hf_export
     from megatron_patch.errors import ArgumentError, VerificationError
     from megatron_patch.evaluation.logits import fixed_tokens, forward_logits
-    from megatron_patch.evaluation.perplexity import check_tokenizer
     from megatron_patch.runtime import command
     from megatron_patch.runtime.rank_zero import on_rank_zero
     from megatron_patch.runtime.staged_folder import StagedFolder, check_output_folder
@@ -72,14 +71,7 @@ def _run(args) -> None:
     final = check_output_folder(args.save, args.force, "--save")
     folders.check_replaceable(final, "--save", (info.path, os.path.dirname(info.path)))
     tokenizer = checkpoint_info.load_tokenizer([info], args.tokenizer_model)
-    check_tokenizer(
-        tokenizer,
-        info.padded_vocab_size,
-        info.divisible_by,
-        info.trained_tensor_parallel,
-        info.path,
-        info.tokenizer_model,
-    )
+    checkpoint_info.check_tokenizer(tokenizer, info)
     if info.progress.get("stage") == "patch":
         logger.warning(
             "%s is a patch-stage checkpoint: its weights predict the next patch, not the next token; "

@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from megatron_patch.architecture.build import ModelSettings, build_model_chunks
+from megatron_patch.architecture.build import ModelSettings, build_model_chunks, padded_vocab_size
 from megatron_patch.architecture.presets import ModelPreset, get_preset
 from megatron_patch.architecture.presets import check_layout as check_preset_layout
 from megatron_patch.architecture.specs import transformer_engine_available
@@ -65,6 +65,12 @@ class CheckpointInfo:
         return self.args.get("tokenizer_model")
 
     @property
+    def tokenizer_vocab_sha256(self) -> Optional[str]:
+        """The trained tokenizer's :attr:`~megatron_patch.data.tokenizer.SentencePieceTokenizer.vocab_sha256`
+        (None for checkpoints written before it was recorded)."""
+        return self.args.get("tokenizer_vocab_sha256")
+
+    @property
     def divisible_by(self) -> int:
         return int(self.args.get("make_vocab_size_divisible_by", 128))
 
@@ -112,6 +118,45 @@ def read_checkpoint(path: str, flag: str = "--load", model: Optional[str] = None
         logger.warning("--model %s has the shape of the checkpoint's preset %s", model, preset.name)
     seq_length = int(args.get("seq_length") or preset.seq_length)
     return CheckpointInfo(found, meta, preset, seq_length, vocab_size, bool(args.get("bf16", False)))
+
+
+def check_tokenizer(tokenizer, info: CheckpointInfo) -> None:
+    """ArgumentError unless ``tokenizer`` is the one ``info``'s model was trained with: its
+    vocabulary pads to the model's rows and its pieces are the same, compared through the digest
+    the checkpoint records or, for older checkpoints, with the recorded tokenizer file when it is
+    at hand (else with a warning that they cannot be compared)."""
+    from megatron_patch.data.tokenizer import SentencePieceTokenizer
+
+    recorded, rows = info.tokenizer_model, info.padded_vocab_size
+    padded = padded_vocab_size(tokenizer.vocab_size, info.divisible_by, info.trained_tensor_parallel)
+    if tokenizer.vocab_size > rows or padded != rows:
+        raise ArgumentError(
+            f"tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} pieces (padded: {padded}) but "
+            f"checkpoint {info.path} has {rows} vocabulary rows: pass the tokenizer the model "
+            f"was trained with{f' ({recorded})' if recorded else ''} as --tokenizer-model"
+        )
+    if info.tokenizer_vocab_sha256 is not None:
+        if tokenizer.vocab_sha256 != info.tokenizer_vocab_sha256:
+            raise ArgumentError(
+                f"tokenizer {tokenizer.model_path} has another vocabulary than the one checkpoint {info.path} "
+                f"was trained with ({recorded}, pieces sha256 {info.tokenizer_vocab_sha256[:12]}): pass that "
+                f"one as --tokenizer-model"
+            )
+        return
+    if not recorded or recorded == tokenizer.model_path:
+        return
+    try:
+        original = SentencePieceTokenizer(recorded)
+    except ValueError:
+        logger.warning("cannot read the checkpoint's tokenizer %s to compare vocabularies", recorded)
+        return
+    if original.vocab != tokenizer.vocab:
+        shared = min(original.vocab_size, tokenizer.vocab_size)
+        differing = next((i for i in range(shared) if original.piece(i) != tokenizer.piece(i)), shared)
+        raise ArgumentError(
+            f"tokenizer {tokenizer.model_path} has another vocabulary than the one checkpoint {info.path} "
+            f"was trained with ({recorded}; first difference at id {differing}): pass that one as --tokenizer-model"
+        )
 
 
 def load_tokenizer(infos: Sequence[CheckpointInfo], tokenizer_model: Optional[str] = None):

@@ -115,6 +115,13 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
         return self._vocab
 
     @property
+    def vocab_sha256(self) -> str:
+        """sha256 of the pieces in id order: what ids mean, unlike :attr:`sha256` of the file, which
+        also covers the training settings (a tokenizer trained again identically has the same)."""
+        pieces = (self._processor.id_to_piece(i) for i in range(self.vocab_size))
+        return hashlib.sha256("\n".join(pieces).encode("utf-8")).hexdigest()
+
+    @property
     def inv_vocab(self) -> dict[int, str]:
         """``{id: piece}``."""
         return {i: piece for piece, i in self.vocab.items()}

@@ -24,7 +24,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_patch.architecture.build import padded_vocab_size
 from megatron_patch.errors import ArgumentError, VerificationError
 from megatron_patch.evaluation.token_stream import EvalCorpus, micro_batch, windows
 from megatron_patch.runtime.parallel import chunk_iterators, collective_device, microbatch_multiple
@@ -80,43 +79,6 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def check_tokenizer(
-    tokenizer, vocab_rows: int, divisible_by: int, tensor_parallel: int, checkpoint: str, recorded: Optional[str]
-) -> None:
-    """ArgumentError unless ``tokenizer`` is the model's: its vocabulary pads to the model's rows and,
-    when the checkpoint's own tokenizer file is at hand, its pieces are the same."""
-    from megatron_patch.data.tokenizer import SentencePieceTokenizer
-
-    padded = padded_vocab_size(tokenizer.vocab_size, divisible_by, tensor_parallel)
-    if tokenizer.vocab_size > vocab_rows or padded != vocab_rows:
-        raise ArgumentError(
-            f"tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} pieces (padded: {padded}) but "
-            f"checkpoint {checkpoint} has {vocab_rows} vocabulary rows: pass the tokenizer the model "
-            f"was trained with{f' ({recorded})' if recorded else ''} as --tokenizer-model"
-        )
-    if not recorded or recorded == tokenizer.model_path:
-        return
-    try:
-        original = SentencePieceTokenizer(recorded)
-    except ValueError:
-        logger.warning("cannot read the checkpoint's tokenizer %s to compare vocabularies", recorded)
-        return
-    if original.sha256 != tokenizer.sha256 and original.vocab != tokenizer.vocab:
-        differing = next(
-            (
-                i
-                for i in range(min(original.vocab_size, tokenizer.vocab_size))
-                if original.piece(i) != tokenizer.piece(i)
-            ),
-            min(original.vocab_size, tokenizer.vocab_size),
-        )
-        raise ArgumentError(
-            f"tokenizer {tokenizer.model_path} has another vocabulary than the one checkpoint {checkpoint} "
-            f"was trained with ({recorded}; first difference at id {differing}): pass that one as "
-            f"--tokenizer-model"
-        )
 
 
 def _schedule(model: List[torch.nn.Module], corpus: EvalCorpus, settings: EvalSettings, pad: int) -> torch.Tensor:

@@ -106,8 +106,10 @@ def make_config(
     if virtual is not None:
         _check_interleaved_microbatches(plan, pp, _virtual_flag(flags, virtual))
     _warn_warmup_beyond_stages(plan, flags.lr_warmup_iters)
+    vocab_sha256 = None  # recorded in checkpoints: the tools check the tokenizer they are given against it
     if tokenizer_vocab_size is None:
-        tokenizer_vocab_size = _tokenizer_vocab_size(flags.tokenizer_model)
+        tokenizer = _load_tokenizer(flags.tokenizer_model)
+        tokenizer_vocab_size, vocab_sha256 = tokenizer.vocab_size, tokenizer.vocab_sha256
     model = ModelSettings(
         preset=preset,
         seq_length=seq_length,
@@ -135,6 +137,7 @@ def make_config(
         world_size=world_size,
         data_parallel_size=dp,
         virtual_pipeline_model_parallel_size=virtual,
+        tokenizer_vocab_sha256=vocab_sha256,
         manual_gc_interval=manual_gc_interval,
         profile_step_start=_or_default(flags.profile_step_start, PROFILE_STEP_START),
         profile_step_end=_or_default(flags.profile_step_end, PROFILE_STEP_END),
@@ -291,12 +294,12 @@ def _check_interleaved_microbatches(plan, pp: int, virtual_flag: str) -> None:
             )
 
 
-def _tokenizer_vocab_size(path: str) -> int:
+def _load_tokenizer(path: str):
     from megatron_patch.data.tokenizer import SentencePieceTokenizer
 
     if not os.path.isfile(path):
         raise ArgumentError(f"--tokenizer-model {path}: no such file (train one with tools/train_tokenizer.py)")
-    return SentencePieceTokenizer(path).vocab_size  # DataError (one line) when not a SentencePiece model
+    return SentencePieceTokenizer(path)  # DataError (one line) when not a SentencePiece model
 
 
 def _check_optimizer_and_data_flags(flags: argparse.Namespace) -> None:

@@ -81,6 +81,19 @@ def _check_same_flags(flags: dict, meta, names, source: str, fix: str) -> None:
             )
 
 
+def _check_same_tokenizer(flags: dict, meta, source: str) -> None:
+    """CheckpointError when the checkpoint ``source`` records another tokenizer vocabulary than
+    ``--tokenizer-model``'s (ids would mean other pieces than the model learnt)."""
+    saved = meta.get("args", {}).get("tokenizer_vocab_sha256")
+    given = flags.get("tokenizer_vocab_sha256")
+    if saved and given and saved != given:
+        raise CheckpointError(
+            f"{source} was trained with another tokenizer ({meta['args'].get('tokenizer_model')}, pieces sha256 "
+            f"{saved[:12]}) than --tokenizer-model {flags['tokenizer_model']} (pieces sha256 {given[:12]}): "
+            f"pass the one it was trained with"
+        )
+
+
 class Trainer:
     """Runs the stages of ``config.plan`` on this rank (distributed state already initialised).
 
@@ -321,6 +334,7 @@ class Trainer:
                     f"--pretrained-checkpoint {path} was trained with {flag} {progress[name]}, this run has "
                     f"{value}: give the patch stage's value (it sets the token stage's share of --train-tokens)"
                 )
+        _check_same_tokenizer(self.config.flags, meta, f"--pretrained-checkpoint {path}")
         # the token stage is the rest of the patch run's plan: its budget, data and split (not its seed)
         _check_same_flags(
             self.config.flags,
@@ -341,6 +355,7 @@ class Trainer:
                 f"--load {load} is the conversion tool's output (weights only, no optimizer state): start the "
                 f"token stage from it with --pretrained-checkpoint {load}"
             )
+        _check_same_tokenizer(self.config.flags, meta, "--load checkpoint")
         _check_same_flags(
             self.config.flags,
             meta,

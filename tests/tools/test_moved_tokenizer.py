@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+from tests.conftest import REPO_ROOT
 from tests.tools.common import assert_one_line_error, call, copy_recording, leftovers
 from tools import convert_checkpoint, evaluate, evaluate_zero_shot, export_hf
 
@@ -95,3 +96,38 @@ def test_a_recorded_file_that_is_no_tokenizer_names_the_checkpoint(trained, tmp_
     assert_one_line_error(code, err, f"checkpoint {checkpoint}'s tokenizer: tokenizer model '{recorded}'")
     assert "is not a SentencePiece model" in err[0] and "--tokenizer-model" in err[0]
     assert not save.exists()
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(tmp_path_factory, trained):
+    """A tokenizer of 500 pieces trained on the same corpus: it pads to the same 576 rows as the
+    checkpoint's 512, so only its pieces tell it apart."""
+    from tools import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("other_tokenizer")
+    source = str(REPO_ROOT / "examples" / "data" / "tiny.jsonl.xz")
+    assert train_tokenizer.main(["--input", source, "--vocab-size", "500", "--output-prefix", str(folder / "tok")]) == 0
+    return folder / "tok.model"
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "export_hf"])
+def test_another_tokenizer_of_the_same_size_is_refused_where_the_recorded_one_is_gone(
+    trained, moved, other_tokenizer, tmp_path, capsys, tool
+):
+    """The checkpoint records its tokenizer's pieces (sha256), so a wrong --tokenizer-model is found
+    even where the recorded file cannot be read to compare (before: a warning, and wrong results)."""
+    checkpoint, recorded, _ = moved
+    if tool == "evaluate":
+        data = tmp_path / "d.jsonl"
+        data.write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS))
+        output = tmp_path / "out.json"
+        argv = ["--cpu", "--input", data, "--output-json", output]
+        code, _, err = call(evaluate, [*argv, "--load", checkpoint, "--tokenizer-model", other_tokenizer], capsys)
+    else:
+        pytest.importorskip("safetensors")
+        output = tmp_path / "hf"
+        argv = ["--cpu", "--save", output, "--load", checkpoint, "--tokenizer-model", other_tokenizer]
+        code, _, err = call(export_hf, argv, capsys)
+    assert_one_line_error(code, err, f"tokenizer {other_tokenizer} has another vocabulary than the one checkpoint")
+    assert f"({recorded}, pieces sha256 " in err[0] and "pass that one as --tokenizer-model" in err[0]
+    assert not output.exists() and not leftovers(tmp_path)

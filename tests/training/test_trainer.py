@@ -12,7 +12,9 @@ from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as checkpoint
 from megatron_patch.training import builders, cli, loop
 from megatron_patch.training.arguments import parse_args
+from tests.conftest import REPO_ROOT
 from tests.training.common import train_records, trainer_args
+from tools import train_tokenizer
 
 
 def _run(argv):
@@ -292,6 +294,7 @@ def test_nan_gradient_of_a_finite_loss_stops_without_applying_it(cpu_world, tiny
         "pretrained_token_stage",
         "pretrained_other_patch_size",
         "pretrained_other_budget",
+        "pretrained_other_tokenizer",
         "rollback_into_the_same_save",
         "changed_lr",
         "save_is_a_checkpoint",
@@ -354,6 +357,19 @@ def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_pat
         boundary = folders.checkpoint_dir(str(run), 2)
         argv = trainer_args(tiny_corpus, None, "--stage", "token", "--pretrained-checkpoint", boundary, train_iters=6)
         expected = "was written with --train-iters 3, this run has 6: give the patch run's value"
+    elif case == "pretrained_other_tokenizer":  # 512 pieces too (the data's ids fit), other ones
+        other = tmp_path / "unigram"
+        source = str(REPO_ROOT / "examples" / "data" / "tiny.jsonl.xz")
+        assert (
+            train_tokenizer.main(
+                ["--input", source, "--vocab-size", "512", "--model-type", "unigram", "--output-prefix", str(other)]
+            )
+            == 0
+        )
+        boundary = folders.checkpoint_dir(str(run), 2)
+        argv = trainer_args(tiny_corpus, None, "--stage", "token", "--pretrained-checkpoint", boundary, train_iters=3)
+        argv[argv.index("--tokenizer-model") + 1] = str(other) + ".model"
+        expected = "was trained with another tokenizer"
     elif case == "rollback_into_the_same_save":  # it would keep the old iteration 3 and prune its own
         argv = trainer_args(tiny_corpus, run, "--load", folders.checkpoint_dir(str(run), 2), train_iters=3)
         expected = "is iteration 2 but --save " + str(run) + " also holds the later checkpoints 3"
