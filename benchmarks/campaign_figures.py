@@ -78,6 +78,24 @@ def throughput_rows(part: dict) -> List[dict]:
     return rows
 
 
+def gain_vs_base(rows: List[dict], base_run: str = "base") -> Dict[Tuple[str, int, int], Tuple[float, Optional[float]]]:
+    """Each row's step-time gain over ``base_run``'s row at the same b, K and micro-batches per step
+    (base median / row median - 1: 0.05 is 5% faster), and the noise it is judged against: the
+    larger of the two rows' max - min step times over base's median (None where a row has no
+    spread: a stopped run's rows). (run, b, K) -> (gain, noise)."""
+    key = lambda r: (r["micro_batch_size"], r["patch_size"], r["num_microbatches"])  # noqa: E731
+    base = {key(r): r for r in rows if r["run"] == base_run and "error" not in r}
+    gains = {}
+    for r in rows:
+        b = base.get(key(r))
+        if r["run"] == base_run or b is None or "error" in r:
+            continue
+        spreads = [x["step_s_max"] - x["step_s_min"] for x in (r, b) if x.get("step_s_max") is not None]
+        noise = max(spreads) / b["step_s_median"] if len(spreads) == 2 else None
+        gains[(r["run"], r["micro_batch_size"], r["patch_size"])] = (b["step_s_median"] / r["step_s_median"] - 1, noise)
+    return gains
+
+
 def target_values(parts: Dict[str, dict], accum_run: str) -> Dict[str, Tuple[float, str]]:
     """The issue's four figures, from whichever parts ran: name -> (value, note)."""
     values = {}

@@ -18,11 +18,13 @@ from campaign_options import (
     ACTIVATION_RUNS,
     ALL_LEVERS,
     ALL_SIZES_RUNS,
+    COST_RUNS,
     LEVERS,
+    TESTS_RUN,
     THROUGHPUT_RUNS,
     cost_plan,
 )
-from campaign_runner import Campaign
+from campaign_runner import REPO_ROOT, Campaign
 
 PY = sys.executable
 
@@ -34,11 +36,15 @@ def _model_flags(opts, model: str = "370m") -> List[str]:
 def part_tests(c: Campaign) -> None:
     part = c.begin("tests")
     xml = c.work / "tests.xml"
-    paths = [p for p in c.opts.test_paths.split(",") if p]
-    # -v: a line per finished test, so a run stopped at its time limit (no junit file) still counts
-    _, output = c.run(
-        part, "pytest -m gpu", [PY, "-m", "pytest", "-m", "gpu", "-v", "-rfE", f"--junitxml={xml}", *paths]
-    )
+    named = [p for p in c.opts.test_paths.split(",") if p]
+    # a path that is gone would stop pytest before it runs anything: listed, not passed
+    paths = [p for p in named if (REPO_ROOT / p).exists()]
+    if len(paths) < len(named):
+        part["missing_paths"] = [p for p in named if p not in paths]
+    # -v: a line per finished test, so a run stopped at its time limit (no junit file) still counts;
+    # --continue-on-collection-errors: a file that fails to import costs its own tests, not the others'
+    cmd = [PY, "-m", "pytest", "-m", "gpu", "-v", "-rfE", "--continue-on-collection-errors", f"--junitxml={xml}"]
+    _, output = c.run(part, TESTS_RUN, [*cmd, *paths])
     part["counts"] = junit_counts(str(xml)) or pytest_log_counts(output)
 
 
@@ -61,32 +67,74 @@ def part_throughput(c: Campaign) -> None:
         c.save()
 
 
+def lever_flags(names: List[str]) -> List[str]:
+    """The trainer flags of ``--cost-levers`` names (all, none, or lever names)."""
+    return [flag for name in names for flag in {"all": ALL_LEVERS, "none": [], **LEVERS}[name]]
+
+
+def lever_failure(record: dict, levers: List[str]) -> bool:
+    """Whether a run with levers exited with an error before its time was up: not a timeout, a stop
+    or a skip, which say nothing about the levers."""
+    return bool(levers) and record["status"].startswith("failed")
+
+
+def _error_line(output: str) -> str:
+    """The line that says why a run failed: the last one naming an error, else the last one."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    named = [line for line in lines if "error" in line.lower() or "exception" in line.lower()]
+    return ((named or lines or ["no output"])[-1])[:300]
+
+
 def part_cost(c: Campaign) -> None:
+    """Two-stage, then token-only, with ``--cost-levers``; when the two-stage run with levers exits
+    with an error (a lever's compile, say), both runs again without levers in the time left, so that
+    the cost targets are still measured, and the part records which levers and why."""
     opts, manifest, data = c.opts, c.opts.manifest, Path(c.opts.data_dir)
-    levers = [flag for name in opts.cost_levers for flag in {"all": ALL_LEVERS, "none": [], **LEVERS}[name]]
+    levers = lever_flags(opts.cost_levers)
     model = ["--model", "370m", "--bf16", "--seq-length", str(opts.seq_length)]
     model = ["--model", "tiny", "--cpu"] if opts.cpu else model
     setting = f"{'tiny, CPU' if opts.cpu else '370m, bf16'}, {opts.cost_steps} steps of {opts.cost_global_batch} x "
     setting += f"{opts.seq_length} tokens, micro-batch {opts.cost_micro_batch}, levers: {' '.join(levers) or 'none'}"
     tokens = opts.cost_steps * opts.cost_global_batch * opts.seq_length
-    part = c.begin("cost", setting=setting, data=manifest, tokens_per_run=tokens)
+    part = c.begin("cost", setting=setting, data=manifest, tokens_per_run=tokens, levers=levers)
     if manifest["plan"] != cost_plan(opts):
         part["note"] = f"data prepared for {manifest['plan']}: documents may repeat, or go unread"
     common = [PY, "examples/pretrain_patch_gpt.py", *model, "--micro-batch-size", str(opts.cost_micro_batch)]
     common += ["--global-batch-size", str(opts.cost_global_batch), "--train-iters", str(opts.cost_steps)]
     common += "--lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 5 --split 100,0,0 --eval-iters 0".split()
     common += ["--data-path", str(data / manifest["prefix"]), "--tokenizer-model", str(data / manifest["tokenizer"])]
-    common += ["--log-interval", str(opts.cost_log_interval), "--data-cache-path", str(c.work / "data_cache"), *levers]
-    runs = {"two-stage": ["--stage", "both", "--patch-size", "4", "--patch-data-fraction", repr(2 / 3)]}
-    runs["token-only"] = ["--patch-size", "1"]  # after two-stage, which alone gives the in-trainer ratio
-    for name, flags in runs.items():
-        summary = c.work / f"summary_{name}.json"
-        record, output = c.run(part, name, [*common, *flags, "--summary-json", str(summary)])
+    common += ["--log-interval", str(opts.cost_log_interval), "--data-cache-path", str(c.work / "data_cache")]
+    failed = _cost_runs(c, part, common, levers, "")
+    if failed is not None:
+        record, output = failed
+        reason = f"the two-stage run {record['status']} after {record['seconds']:.0f} s: {_error_line(output)}"
+        part["fallback"] = {"cost_levers": opts.cost_levers, "flags": levers, "reason": reason, "rerun_with": "none"}
+        part["levers"] = []
+        print(f"[cost] {reason}; both runs again with --cost-levers none", flush=True)
+        _cost_runs(c, part, common, [], " (no levers)")
+
+
+def _cost_runs(c: Campaign, part: dict, common: List[str], levers: List[str], suffix: str):
+    """Two-stage, then token-only (after two-stage, which alone gives the in-trainer ratio), with
+    ``levers``; the part's figures from these runs. Returns (record, output) of a two-stage run that
+    failed with levers (then token-only is not run), else None."""
+    two_stage, token_only = COST_RUNS
+    runs = {two_stage: ["--stage", "both", "--patch-size", "4", "--patch-data-fraction", repr(2 / 3)]}
+    runs[token_only] = ["--patch-size", "1"]
+    done = {}
+    for role, flags in runs.items():
+        summary = c.work / f"summary_{role}{'-no-levers' if suffix else ''}.json"
+        cmd = [*common, *levers, *flags, "--summary-json", str(summary)]
+        record, output = c.run(part, role + suffix, cmd, role=role, levers=" ".join(levers) or "none")
         record["windows"] = trainer_windows(output)
         ok = record["status"] == "ok" and summary.exists()
         record["summary"] = json.loads(summary.read_text()) if ok else None
-        part["figures"] = cost_figures({r["name"]: r for r in part["runs"]})
+        done[role] = record
+        part["figures"] = cost_figures(done)
         c.save()
+        if role == two_stage and lever_failure(record, levers):
+            return record, output
+    return None
 
 
 def part_activations(c: Campaign) -> None:

@@ -1,6 +1,7 @@
 """The GPU campaign's runner: each run a subprocess in its own process group, given the time its part
-has left and stopped there (SIGTERM, then SIGKILL), its output appended to the part's log, and
-every part's JSON and ``summary.md`` rewritten under temporary names after each run.
+has left and stopped there (SIGTERM, then SIGKILL), its output appended to the one ``campaign.log``
+(the device returns at most 8 files: the summary, four part JSONs and one log), and every part's
+JSON and ``summary.md`` rewritten under temporary names after each run.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 from typing import List, Tuple
 
-from campaign_options import ACCUM_RUN
+from campaign_options import ACCUM_RUN, COST_RUNS, TESTS_RUN
 from campaign_summary import summary_markdown
 from common import write_json, write_text
 
@@ -26,6 +27,7 @@ from megatron_patch.runtime.child_processes import end_with_parent_after_exec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "megatron_patch.gpu_campaign/1"
+LOG_NAME = "campaign.log"  # every run's output, part after part
 
 
 class Stopped(Exception):
@@ -62,8 +64,12 @@ class Campaign:
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
         self.state = {"schema": SCHEMA, "command": "python benchmarks/gpu_campaign.py " + shlex.join(argv)}
         self.state.update(cpu=opts.cpu, parts_requested=opts.parts, environment=environment(opts.cpu))
-        self.state.update(elapsed_s=0.0, parts={})
-        self.part_end, self.log = math.inf, None
+        # what each part is to run, for the summary's list of what did not finish and how to rerun it
+        runs = {"tests": [TESTS_RUN], "throughput": opts.throughput_runs, "cost": list(COST_RUNS)}
+        runs["activations"] = opts.activations_runs
+        self.state.update(argv=list(argv), plan={part: runs[part] for part in opts.parts}, elapsed_s=0.0, parts={})
+        self.part_end, self.log = math.inf, self.out / LOG_NAME
+        self.log.write_text("")
 
     def begin(self, name: str, **fields) -> dict:
         """Start part ``name``: its budget, and with a deadline also what earlier parts left, but never
@@ -72,15 +78,15 @@ class Campaign:
         own = now + getattr(self.opts, f"{name}_budget_s")
         later = sum(getattr(self.opts, f"{p}_budget_s") for p in parts[parts.index(name) + 1 :])
         self.part_end = own if self.deadline == math.inf else min(self.deadline, max(own, self.deadline - later))
-        self.log = self.out / f"{name}.log"
-        self.log.write_text("")
+        with open(self.log, "a") as log:
+            log.write(f"\n===== part {name}\n")
         part = self.state["parts"][name] = {"part": name, "runs": [], **fields}
         self.save()
         return part
 
     def run(self, part: dict, name: str, cmd: List[str], **fields) -> Tuple[dict, str]:
         """Run ``cmd`` (an argument list) in the repository root with the time the part has left,
-        its output appended to the part's log; returns its record (status, seconds) and output."""
+        its output appended to the log; returns its record (status, seconds) and output."""
         record = {"name": name, "command": shlex.join(cmd), "status": "skipped (no time left)", "seconds": 0.0}
         part["runs"].append(dict(record, **fields))
         record = part["runs"][-1]

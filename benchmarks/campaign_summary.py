@@ -6,9 +6,10 @@ Nothing here runs a model or imports the package. Units: seconds, tokens, GiB, M
 
 from __future__ import annotations
 
-from typing import List
+import shlex
+from typing import Dict, List
 
-from campaign_figures import TARGETS, steady, target_values, throughput_rows
+from campaign_figures import TARGETS, gain_vs_base, steady, target_values, throughput_rows
 from common import MIB, fmt
 
 
@@ -22,19 +23,29 @@ def _mib(value) -> str:
 
 
 def _throughput_lines(part: dict) -> List[str]:
-    rows = []
-    for r in throughput_rows(part):
+    rows, all_rows = [], throughput_rows(part)
+    gains = gain_vs_base(all_rows)
+    for r in all_rows:
         head = [r["run"] + (" (partial)" if r.get("partial") else ""), str(r["num_microbatches"])]
         head += [str(r["micro_batch_size"]), str(r["patch_size"])]
         if "error" in r:
-            rows.append(head + ["error: " + r["error"][:60]] + [""] * 5)
+            rows.append(head + ["error: " + r["error"][:60]] + [""] * 7)
             continue
-        cells = [f"{1e3 * r['step_s_median']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['tflops']:.1f}"]
+        spread = "n/a" if r.get("step_s_min") is None else f"{1e3 * r['step_s_min']:.1f}-{1e3 * r['step_s_max']:.1f}"
+        gain, noise = gains.get((r["run"], r["micro_batch_size"], r["patch_size"]), (None, None))
+        versus = "" if gain is None else f"{gain:+.1%}" + ("" if noise is None else f" (noise {noise:.1%})")
+        cells = [f"{1e3 * r['step_s_median']:.1f}", spread, versus, f"{r['tokens_per_s']:,.0f}", f"{r['tflops']:.1f}"]
         cells += [fmt(r.get("mfu"), ".3f", "n/a"), fmt(r.get("peak_memory_gib"), ".2f", "n/a")]
         rows.append(head + cells + [fmt(r.get("ratio_vs_token"), ".3f")])
-    header = ["run", "micro-batches", "b", "K", "step ms", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "patch/token"]
+    header = ["run", "micro-batches", "b", "K", "step ms (median)", "step ms (min-max)", "vs base", "tokens/s"]
+    header += ["TFLOP/s", "MFU", "peak GiB", "patch/token"]
     title = "## Throughput (`throughput.py`; MFU against the bf16 matmul measured in each run)"
-    return [title, ""] + _table(header, rows)
+    note = (
+        "vs base: the step-time gain over `base` at the same b and K (base median / median - 1); noise: the "
+        "larger of the two rows' max - min step time over base's median. A lever helps where its gain, at K=1 "
+        "and at K=4, exceeds both its noise and 1% (the runs are separate processes)."
+    )
+    return [title, ""] + _table(header, rows) + ([note, ""] if gains else [])
 
 
 def _cost_lines(part: dict) -> List[str]:
@@ -52,7 +63,15 @@ def _cost_lines(part: dict) -> List[str]:
             cells += [fmt(rate and rate["tokens_per_s"], ",.0f"), fmt(rate and rate["mfu"], ".3f", "n/a")]
             rows.append(cells + [fmt(s and s.get("peak_memory_gib"), ".2f", "n/a")])
     header = ["run", "stage", "steps", "tokens", "wall s", "tokens/s (wall)", "tokens/s (steady)", "MFU (steady)"]
-    lines = [f"## End-to-end cost in the trainer ({part['setting']})", ""] + _table(header + ["peak GiB"], rows)
+    lines = [f"## End-to-end cost in the trainer ({part['setting']})", ""]
+    if part.get("fallback"):
+        fb = part["fallback"]
+        lines += [
+            f"Fallback: with --cost-levers {','.join(fb['cost_levers'])} ({' '.join(fb['flags'])}) {fb['reason']}; "
+            "both runs ran again with --cost-levers none: the figures and targets below are without levers.",
+            "",
+        ]
+    lines += _table(header + ["peak GiB"], rows)
     f = part.get("figures", {})
     if f:
         lines.append(
@@ -81,6 +100,60 @@ def _activation_lines(part: dict) -> List[str]:
     return [title, ""] + _table(header + ["fwd+bwd peak above base MiB"], rows)
 
 
+UNFINISHED = ("timed out", "skipped", "stopped")  # run statuses that a second call reruns (not "failed")
+REPLACED_FLAGS = ("--parts", "--throughput-runs", "--activations-runs", "--out", "--deadline-s")
+
+
+def unfinished(state: dict) -> Dict[str, List[str]]:
+    """Each requested part's runs that did not finish (timed out, skipped, stopped, or never
+    started), part -> run names; a run's latest attempt counts (the cost part's runs after a
+    fallback: by their role)."""
+    left = {}
+    for name, planned in state.get("plan", {}).items():
+        latest = {r.get("role", r["name"]): r for r in state["parts"].get(name, {}).get("runs", [])}
+        runs = [run for run in planned if run not in latest or latest[run]["status"].startswith(UNFINISHED)]
+        if runs:
+            left[name] = runs
+    return left
+
+
+def rerun_argv(state: dict, left: Dict[str, List[str]]) -> List[str]:
+    """The campaign's arguments that run just ``left`` (:func:`unfinished`): the call's own flags
+    with the parts and runs replaced, ``--cost-levers none`` after a cost fallback, ``--out $OUT``
+    and ``--deadline-s N`` (N: chosen from the device time left)."""
+    fallback = "cost" in left and state["parts"].get("cost", {}).get("fallback")
+    replaced = REPLACED_FLAGS + (("--cost-levers",) if fallback else ())
+    args, skip = [], False
+    for arg in state["argv"]:
+        if skip:
+            skip = False
+        elif arg in replaced:
+            skip = True
+        elif not arg.startswith(tuple(flag + "=" for flag in replaced)):
+            args.append(arg)
+    args += ["--parts", ",".join(left)]
+    for part in ("throughput", "activations"):
+        args += [f"--{part}-runs", ",".join(left[part])] if part in left else []
+    return args + (["--cost-levers", "none"] if fallback else []) + ["--out", "$OUT", "--deadline-s", "N"]
+
+
+def _unfinished_lines(state: dict) -> List[str]:
+    left = unfinished(state)
+    if not left:
+        return []
+    listed = "; ".join(f"{part}: {', '.join(runs)}" for part, runs in left.items())
+    words = [arg if arg in ("$OUT", "N") else shlex.quote(arg) for arg in rerun_argv(state, left)]
+    return [
+        "## Not finished (timed out, skipped or stopped)",
+        "",
+        listed + '. To run just these (benchmarks/README.md, "Issue 16": the optional second call; '
+        "N from the device time left):",
+        "",
+        "`python3 benchmarks/gpu_campaign.py " + " ".join(words) + "`",
+        "",
+    ]
+
+
 def summary_markdown(state: dict, accum_run: str) -> str:
     """Everything that ran so far: environment, one line per run, each part's table, the targets."""
     env, parts = state["environment"], state["parts"]
@@ -91,6 +164,7 @@ def summary_markdown(state: dict, accum_run: str) -> str:
     runs = [[name, r["name"], r["status"], f"{r['seconds']:.1f}"] for name, part in parts.items() for r in part["runs"]]
     lines += [""] + _table(["part", "run", "status", "seconds"], runs)
     lines += [f"{name} error: {part['error']}\n" for name, part in parts.items() if "error" in part]
+    lines += _unfinished_lines(state)
     if parts.get("tests", {}).get("counts"):
         c = parts["tests"]["counts"]
         counts = f"{c['passed']} passed, {c['failed']} failed, {c['errors']} errors, {c['skipped']} skipped"

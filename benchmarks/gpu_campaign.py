@@ -5,19 +5,26 @@ Usage (benchmarks/README.md, "Issue 16: the GPU campaign", has the device comman
 part runs)::
 
     python benchmarks/gpu_campaign.py --prepare --corpus train.jsonl.xz --data-dir .campaign   # once, on CPU
-    python3 benchmarks/gpu_campaign.py --parts tests,throughput --out OUT --deadline-s 320     # GPU, call 1
-    python3 benchmarks/gpu_campaign.py --parts cost,activations --data-dir .campaign --out OUT --deadline-s 320
+    python3 benchmarks/gpu_campaign.py --parts tests,throughput,cost,activations --data-dir .campaign \
+        --out OUT --deadline-s 560                             # GPU: the one main device call
+    python3 benchmarks/gpu_campaign.py --parts throughput --throughput-runs rope,ce,adam --out OUT \
+        --deadline-s N                                         # optional second call: what did not finish
     python benchmarks/gpu_campaign.py ... --cpu            # rehearsal: tiny preset, CPU mode, few steps
 
-Parts, in this order: ``tests`` (``pytest -m gpu``), ``throughput`` (``throughput.py``: the four
-MFU levers alone and together, and together at 8 micro-batches per step), ``cost`` (the trainer,
-``--stage both`` against token-only on the same tokens of the prepared corpus) and
-``activations`` (``throughput.py --measure-layer-activations``). Every run is a subprocess given
-the time its part has left and stopped there: a part's ``--<part>-budget-s`` is reserved for it,
-and within ``--deadline-s`` it may also use what earlier parts left. OUT receives ``summary.md``
-and per part ``<part>.json`` and ``<part>.log``, rewritten under temporary names after every run,
-so a campaign stopped at its time limit leaves what finished. ``--unpack DIR`` writes each run's
-own ``throughput.py`` JSON from those files (for ``memory_plan.py --measured``).
+Parts, in this order: ``tests`` (``pytest -m gpu`` over the files that hold GPU tests),
+``throughput`` (``throughput.py``: the four MFU levers together at 8 micro-batches per step, none
+and all four at one, then each alone), ``cost`` (the trainer, ``--stage both`` against token-only
+on the same tokens of the prepared corpus, with the levers; without them if the two-stage run with
+them exits with an error) and ``activations`` (``throughput.py --measure-layer-activations``).
+Every run is a subprocess given the time its part has left and stopped there: a part's
+``--<part>-budget-s`` is reserved for it (the defaults add up to the main call's deadline, 560 s,
+less 10 s for the summary), and within ``--deadline-s`` it may also use what earlier parts left.
+OUT receives ``summary.md``, per part ``<part>.json``, rewritten under temporary names after every
+run, and ``campaign.log``, every run's output (6 files: the device returns at most 8), so a
+campaign stopped at its time limit leaves what finished; the summary follows its run list with
+the flags that rerun what did not finish.
+``--unpack DIR`` writes each run's own ``throughput.py`` JSON from those files (for
+``memory_plan.py --measured``).
 
 Optional parts, not run by this script (one device call each, when a window has time left;
 benchmarks/README.md has the commands): ``multi-epoch``, the multi-epoch recipe's three arms
