@@ -222,8 +222,9 @@ def _profile_settings(flags, world_size: int) -> Optional[ProfileSettings]:
 
 
 def _check_summary_json(path: Optional[str]) -> None:
-    """``--summary-json`` is written when the run ends (or stops): its folder must exist and take
-    files now, else the run would fail at its very end."""
+    """``--summary-json`` is written when the run ends (or stops), its folder created then (it may
+    be inside ``--save``): a folder that could not be created or written must be refused now, else
+    the run would fail at its very end."""
     if path is None:
         return
     if not path:
@@ -232,15 +233,14 @@ def _check_summary_json(path: Optional[str]) -> None:
         raise ArgumentError(
             f"--summary-json {path} is a directory: name a file in it (e.g. {os.path.join(path, 'summary.json')})"
         )
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):  # the nearest folder on the path that exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ArgumentError(f"--summary-json {path}: {existing} on its path is a file: name a file in a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise ArgumentError(
-            f"--summary-json {path}: its folder {folder} {what}: create the folder or name a file in an existing one"
-        )
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ArgumentError(
-            f"--summary-json {path}: its folder {folder} is not writable: name a file in a folder you can write to"
+            f"--summary-json {path}: {existing} is not writable: name a file in a folder you can write to"
         )
 
 

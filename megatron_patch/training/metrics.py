@@ -256,6 +256,7 @@ class MetricsWriter:
         logger.info("\n".join(lines))
         self._record({"kind": "summary", **summary})
         if self.summary_path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.summary_path)), exist_ok=True)  # checked at start
             atomic_file.write_json(self.summary_path, summary)
 
     def close(self) -> None:

@@ -49,15 +49,16 @@ def _strict_json(text):
 # ----------------------------------------------------------------- --summary-json and --seed
 
 
-@pytest.mark.parametrize("case", ["no-folder", "folder-is-a-file", "path-is-a-folder"])
+@pytest.mark.parametrize("case", ["folder-is-a-file", "file-above-the-folder", "path-is-a-folder"])
 def test_summary_json_that_cannot_be_written_is_refused_at_start(tiny_corpus, tmp_path, capsys, no_model, case):
-    """Before: the run trained to the end (or to a SIGTERM stop) and then failed with a
-    FileNotFoundError traceback, exit code 1."""
-    if case == "no-folder":
-        path, expected = tmp_path / "absent" / "summary.json", "does not exist"
-    elif case == "folder-is-a-file":
+    """Before: the run trained to the end (or to a SIGTERM stop) and then failed with a traceback,
+    exit code 1."""
+    if case == "folder-is-a-file":
         (tmp_path / "file").write_text("")
-        path, expected = tmp_path / "file" / "summary.json", "is a file"
+        path, expected = tmp_path / "file" / "summary.json", "on its path is a file"
+    elif case == "file-above-the-folder":
+        (tmp_path / "file").write_text("")
+        path, expected = tmp_path / "file" / "sub" / "summary.json", "on its path is a file"
     else:
         path, expected = tmp_path, "is a directory"
     line = _refused(capsys, trainer_args(tiny_corpus, None, "--summary-json", str(path)))
@@ -74,6 +75,15 @@ def test_summary_json_in_a_read_only_folder_is_refused(tiny_corpus, tmp_path, ca
     finally:
         folder.chmod(0o755)
     assert "is not writable" in line, line
+
+
+def test_summary_json_in_a_folder_the_run_creates_is_written(cpu_world, tiny_corpus, tmp_path):
+    """The usual --save DIR --summary-json DIR/summary.json: the folder is made by the run."""
+    save = tmp_path / "run"
+    summary = save / "s" / "summary.json"
+    argv = trainer_args(tiny_corpus, save, "--eval-iters", "0", "--summary-json", str(summary), train_iters=3)
+    assert cli.main(argv) == 0
+    assert not _strict_json(summary.read_text())["interrupted"]
 
 
 def test_summary_json_in_an_existing_folder_is_accepted(tiny_corpus, tmp_path):
