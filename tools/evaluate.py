@@ -37,11 +37,15 @@ def build_parser():
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--data-path", default=None, help="a .bin/.idx prefix (without the extension)")
     data.add_argument("--input", nargs="+", default=None, help="JSONL or text files, or quoted globs")
-    parser.add_argument("--json-keys", nargs="+", default=["text"], help="the JSON key holding the text (one)")
+    parser.add_argument(
+        "--json-keys", nargs="+", default=None, help="with --input: the JSON key holding the text (one; default text)"
+    )
     parser.add_argument(
         "--tokenizer-model", default=None, help="SentencePiece model (default: the one the checkpoint was trained with)"
     )
-    parser.add_argument("--max-documents", type=int, default=None, help="evaluate only the first N documents")
+    parser.add_argument(
+        "--max-documents", type=int, default=None, help="evaluate only the first N documents (empty ones count)"
+    )
     parser.add_argument("--seq-length", type=int, default=None, help="T, tokens per window (default: the checkpoint's)")
     parser.add_argument("--micro-batch-size", type=int, default=4, help="windows per micro-batch")
     parser.add_argument("--window", choices=["non-overlapping", "sliding"], default="non-overlapping")
@@ -112,8 +116,11 @@ def _run(args) -> None:
     from megatron_patch.evaluation import perplexity, token_stream
     from megatron_patch.runtime import command
 
-    if len(args.json_keys) != 1:
-        raise ArgumentError(f"--json-keys {' '.join(args.json_keys)}: evaluate one key at a time")
+    if args.json_keys is not None and args.data_path:
+        raise ArgumentError("--json-keys names the text of --input files: a --data-path prefix is already tokenized")
+    json_keys = args.json_keys or ["text"]
+    if len(json_keys) != 1:
+        raise ArgumentError(f"--json-keys {' '.join(json_keys)}: evaluate one key at a time")
     if args.max_documents is not None and args.max_documents < 1:
         raise ArgumentError(f"--max-documents {args.max_documents} must be >= 1")
     _check_outputs(args)
@@ -124,7 +131,7 @@ def _run(args) -> None:
         info, tp, pp, args.virtual_pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage
     )
     settings = perplexity.EvalSettings(
-        args.seq_length or info.seq_length, args.micro_batch_size, args.window, args.stride
+        info.seq_length if args.seq_length is None else args.seq_length, args.micro_batch_size, args.window, args.stride
     )
     if settings.seq_length > info.seq_length:
         logging.getLogger("megatron_patch.tools.evaluate").warning(
@@ -139,8 +146,8 @@ def _run(args) -> None:
         corpus = token_stream.corpus_from_prefix(args.data_path, tokenizer, args.max_documents)
         described = {"data_path": args.data_path}
     else:
-        corpus = token_stream.corpus_from_files(args.input, tokenizer, args.json_keys[0], args.max_documents)
-        described = {"input": args.input, "json_key": args.json_keys[0]}
+        corpus = token_stream.corpus_from_files(args.input, tokenizer, json_keys[0], args.max_documents)
+        described = {"input": args.input, "json_key": json_keys[0]}
     with command.command_world(args.cpu) as world_size:
         checkpoint_info.check_world(world_size, tp, pp)
         model = checkpoint_info.build_model(info, tp, pp, bf16=False if args.fp32 else None, virtual_pipeline=virtual)

@@ -111,8 +111,8 @@ def corpus_from_files(
     files = expand_inputs(list(patterns))
     documents, text_bytes, empty = [], 0, 0
     eod = tokenizer.eod
-    for file_index, line_number, raw, _ in iter_lines(files):
-        if max_documents is not None and len(documents) >= max_documents:
+    for read, (file_index, line_number, raw, _) in enumerate(iter_lines(files)):
+        if max_documents is not None and read >= max_documents:  # empty ones count, as in a prefix
             break
         file = files[file_index]
         try:

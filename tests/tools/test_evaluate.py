@@ -114,6 +114,19 @@ def test_prefix_and_jsonl_of_the_same_documents_agree(trained, tiny_jsonl, tmp_p
     assert jsonl["bytes"] == prefix["bytes"]  # detokenizing gives the text back
 
 
+def test_max_documents_counts_empty_ones_in_files_as_in_a_prefix(trained, tiny_jsonl, tmp_path, capsys):
+    """The prefix counts its index entries, empty documents included; --input now counts lines the
+    same way (it counted non-empty documents only)."""
+    with lzma.open(tiny_jsonl, "rt", encoding="utf-8") as f:
+        first = [json.loads(next(f))["text"] for _ in range(3)]
+    data = _write_jsonl(tmp_path / "gap.jsonl", [first[0], "", first[1], first[2]])
+    output = tmp_path / "r.json"
+    argv = ["--cpu", "--load", trained["root"], "--input", data, "--max-documents", "3", "--output-json", output]
+    code, _, err = call(evaluate, argv, capsys)
+    assert code == 0, err
+    assert json.load(open(output))["documents"] == 2  # lines 1 and 3; line 2 is empty
+
+
 def test_several_checkpoints_in_one_call_equal_one_call_each(trained, tmp_path, capsys):
     """--load A B with one --output-json each: one model build, the weights of each loaded in turn,
     the same results (bit for bit) as a call per checkpoint."""
@@ -200,6 +213,14 @@ BAD = {
     "other-shape": (
         lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl", "--model", "cpu-small"],
         "another model shape",
+    ),
+    "seq-length-zero": (  # it meant the checkpoint's T
+        lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl", "--seq-length", "0"],
+        "--seq-length 0 must be >= 1",
+    ),
+    "json-keys-with-a-prefix": (  # it was ignored
+        lambda t, p, o: ["--load", t["final"], "--data-path", t["corpus"]["prefix"], "--json-keys", "body"],
+        "--json-keys names the text of --input files",
     ),
 }
 
