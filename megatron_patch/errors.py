@@ -43,3 +43,10 @@ class NonFiniteLossError(UserError):
     """The loss of a training step was NaN or Inf; the step was not applied (exit code 1)."""
 
     exit_code = 1
+
+
+class ProcessDiedError(UserError):
+    """A helper process of a tool died (killed by a signal, e.g. the out-of-memory killer); the
+    tool stopped and left no output (exit code 1)."""
+
+    exit_code = 1

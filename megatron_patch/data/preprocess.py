@@ -3,12 +3,14 @@
 
 Pipeline: the main process reads lines (one line = one document, see
 :mod:`megatron_patch.data.inputs`), groups them into chunks of about ``chunk_bytes`` bytes of
-one file, and hands the chunks to a ``multiprocessing.Pool`` (``workers`` > 1) or encodes them
-itself (``workers`` = 1). Results are taken back **in submission order** through a bounded window
-of ``4 * workers`` chunks in flight, so the output is byte-identical for any worker count and
-memory stays bounded for any input size. Each document becomes one sequence of token ids
-(``+ [eod]`` with ``append_eod``) written with ``IndexedDatasetBuilder`` in the dtype
-``DType.optimal_dtype(vocab_size)`` (uint16 below 65500 pieces, else int32).
+one file, and hands the chunks to a process pool (``workers`` > 1; ``concurrent.futures``, whose
+pool reports a worker killed by a signal, where ``multiprocessing.Pool`` waits for its lost task
+for ever) or encodes them itself (``workers`` = 1). Results are taken back **in submission
+order** through a bounded window of ``4 * workers`` chunks in flight, so the output is
+byte-identical for any worker count and memory stays bounded for any input size. Each document
+becomes one sequence of token ids (``+ [eod]`` with ``append_eod``) written with
+``IndexedDatasetBuilder`` in the dtype ``DType.optimal_dtype(vocab_size)`` (uint16 below 65500
+pieces, else int32).
 
 Empty documents (a text that encodes to no token; it gets no EOD either) are kept as Megatron-LM's
 ``tools/preprocess_data.py`` keeps them: an entry in the index's ``document_indices`` that holds
@@ -25,9 +27,10 @@ byte for byte. Everything is staged in a temporary folder and renamed only once 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -37,7 +40,7 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from megatron_patch.data.indexed import dataset_prefix, merge_datasets, verify_dataset
 from megatron_patch.data.inputs import BadLineError, count_lines, expand_inputs, iter_lines, parse_line
 from megatron_patch.data.staging import StagedOutputs, output_folder
-from megatron_patch.errors import DataError
+from megatron_patch.errors import DataError, ProcessDiedError
 
 logger = logging.getLogger(__name__)
 
@@ -153,16 +156,24 @@ def _ordered(chunks: Iterator, encoder_args: tuple, workers: int) -> Iterator:
         for meta, fmt, lines in chunks:
             yield meta, encoder.encode(fmt, lines)
         return
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=encoder_args) as pool:
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=encoder_args)
+    try:
         pending: deque = deque()
         for meta, fmt, lines in chunks:
-            pending.append((meta, pool.apply_async(_encode_in_worker, (fmt, lines))))
+            pending.append((meta, pool.submit(_encode_in_worker, fmt, lines)))
             if len(pending) >= 4 * workers:
                 meta, result = pending.popleft()
-                yield meta, result.get()
+                yield meta, result.result()
         while pending:
             meta, result = pending.popleft()
-            yield meta, result.get()
+            yield meta, result.result()
+    except BrokenProcessPool:
+        raise ProcessDiedError(
+            f"a tokenizing worker process died (killed by a signal, e.g. the out-of-memory killer with "
+            f"--workers {workers}): nothing was written; re-run with fewer --workers or more memory"
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _chunks(files, chunk_bytes: int) -> Iterator:

@@ -3,18 +3,21 @@
 
 import importlib.util
 import lzma
+import os
+import signal
 
 import numpy
 import pytest
 
+from megatron_patch.data import preprocess as preprocess_module
 from tests.data.conftest import write_jsonl
 
 GOOD = {"text": "A perfectly good document.", "source": "test"}
 
 
-def fails(capsys, code: int, *needles: str) -> str:
-    """Check a user-error exit and return the error line."""
-    assert code == 2
+def fails(capsys, code: int, *needles: str, exit_code: int = 2) -> str:
+    """Check a one-line error exit (a user error's code by default) and return the error line."""
+    assert code == exit_code
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -295,3 +298,24 @@ def test_intact_pairs_pass_the_check(corpus_prefix, tmp_path):
     builder.add_document(numpy.arange(3), [3])
     builder.finalize(str(tmp_path / "e.idx"))
     check_prefix(str(tmp_path / "e"))
+
+
+ENCODE_IN_WORKER = preprocess_module._encode_in_worker
+
+
+def _encode_or_die(fmt, lines):
+    """The worker's encoding, except that a chunk holding the marker kills its process outright."""
+    if any(b"kill this worker" in line for line in lines):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return ENCODE_IN_WORKER(fmt, lines)
+
+
+def test_a_worker_killed_by_a_signal_stops_the_run_with_one_line(preprocess, tmp_path, capsys, monkeypatch):
+    """multiprocessing.Pool waited for ever for the task of a worker the OOM killer took; the
+    process pool now reports it: one line, exit 1, nothing written."""
+    monkeypatch.setattr(preprocess_module, "_encode_in_worker", _encode_or_die)  # the workers fork with it
+    records = [GOOD] * 30 + [{"text": "kill this worker"}] + [GOOD] * 30
+    path = write_jsonl(tmp_path / "c.jsonl", records)
+    code = preprocess(path, extra=["--workers", "2", "--chunk-bytes", "64"])
+    fails(capsys, code, "a tokenizing worker process died", "fewer --workers", exit_code=1)
+    assert_no_outputs(tmp_path / "out")
