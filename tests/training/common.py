@@ -21,6 +21,17 @@ def trainer_args(corpus, save=None, *extra, train_iters=12):
     return args + list(extra)
 
 
+def refused_line(capsys, argv):
+    """The one stderr line of a trainer command that must end with exit code 2 (a user's error)."""
+    from megatron_patch.training import cli
+
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
 def train_records(save, kind="train"):
     """metrics.jsonl records of ``kind``, the last record per global iteration (resumed runs repeat)."""
     records = {}

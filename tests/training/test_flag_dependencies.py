@@ -14,7 +14,7 @@ import pytest
 from megatron_patch.training import arguments, cli, loop
 from megatron_patch.training.arguments import parse_args
 from megatron_patch.training.progress import restore_results
-from tests.training.common import train_records, trainer_args
+from tests.training.common import refused_line, train_records, trainer_args
 
 ITERS = 12  # 8 patch steps, 4 token steps
 
@@ -27,14 +27,6 @@ def no_model(monkeypatch):
         raise AssertionError("the trainer was built: the flags were not refused when read")
 
     monkeypatch.setattr(loop.Trainer, "__init__", built)
-
-
-def _refused(capsys, argv):
-    code = cli.main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 def _strict_json(text):
@@ -61,7 +53,7 @@ def test_summary_json_that_cannot_be_written_is_refused_at_start(tiny_corpus, tm
         path, expected = tmp_path / "file" / "sub" / "summary.json", "on its path is a file"
     else:
         path, expected = tmp_path, "is a directory"
-    line = _refused(capsys, trainer_args(tiny_corpus, None, "--summary-json", str(path)))
+    line = refused_line(capsys, trainer_args(tiny_corpus, None, "--summary-json", str(path)))
     assert f"--summary-json {path}" in line and expected in line, line
 
 
@@ -71,7 +63,7 @@ def test_summary_json_in_a_read_only_folder_is_refused(tiny_corpus, tmp_path, ca
     folder.mkdir()
     folder.chmod(0o555)
     try:
-        line = _refused(capsys, trainer_args(tiny_corpus, None, "--summary-json", str(folder / "s.json")))
+        line = refused_line(capsys, trainer_args(tiny_corpus, None, "--summary-json", str(folder / "s.json")))
     finally:
         folder.chmod(0o755)
     assert "is not writable" in line, line
@@ -96,7 +88,7 @@ def test_summary_json_in_an_existing_folder_is_accepted(tiny_corpus, tmp_path):
 @pytest.mark.parametrize("seed", ["-1", str(2**32)])
 def test_seed_outside_numpy_s_range_is_one_line(tiny_corpus, capsys, no_model, seed):
     """Before: numpy's ValueError traceback when the datasets were built."""
-    line = _refused(capsys, trainer_args(tiny_corpus, None, "--seed", seed))
+    line = refused_line(capsys, trainer_args(tiny_corpus, None, "--seed", seed))
     assert f"--seed {seed} must lie in [0, 4294967295]" in line, line
     for good in ("0", str(2**32 - 1)):
         assert parse_args(trainer_args(tiny_corpus, None, "--seed", good), world_size=1).seed == int(good)
@@ -120,7 +112,7 @@ def test_a_flag_whose_switch_is_off_is_refused(tiny_corpus, tmp_path, capsys, no
     """Each was silently ignored; the same flags with the switch on are accepted. Values equal to
     the defaults count: the user gave them."""
     save = tmp_path / "run"
-    line = _refused(capsys, trainer_args(tiny_corpus, save, *flags))
+    line = refused_line(capsys, trainer_args(tiny_corpus, save, *flags))
     assert message in line, line
     parse_args(trainer_args(tiny_corpus, save, *flags, *needs), world_size=1)
 

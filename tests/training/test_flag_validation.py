@@ -6,18 +6,8 @@ exit code 2 and one stderr line naming the flag and its value, and the value nex
 import pytest
 
 from megatron_patch.architecture import specs
-from megatron_patch.training import cli
 from megatron_patch.training.arguments import parse_args
-from tests.training.common import trainer_args
-
-
-def _refused(capsys, argv):
-    """The one stderr line of a command that must end with exit code 2."""
-    code = cli.main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+from tests.training.common import refused_line, trainer_args
 
 
 @pytest.mark.parametrize(
@@ -36,14 +26,14 @@ def _refused(capsys, argv):
     ],
 )
 def test_out_of_range_values_give_one_line_errors(tiny_corpus, capsys, flag, bad, good):
-    line = _refused(capsys, trainer_args(tiny_corpus, None, flag, bad))
+    line = refused_line(capsys, trainer_args(tiny_corpus, None, flag, bad))
     assert f"{flag} {bad} must" in line, line
     parse_args(trainer_args(tiny_corpus, None, flag, good), world_size=1)
 
 
 def test_patch_stage_needs_two_patches_per_sample(tiny_corpus, capsys):
     """T=1 patch has no next patch: every target of the patch stage would be masked."""
-    line = _refused(capsys, trainer_args(tiny_corpus, None, "--seq-length", "1", "--patch-size", "4"))
+    line = refused_line(capsys, trainer_args(tiny_corpus, None, "--seq-length", "1", "--patch-size", "4"))
     assert "--seq-length 1 with --patch-size 4" in line and "--seq-length >= 2" in line, line
     config = parse_args(trainer_args(tiny_corpus, None, "--seq-length", "2", "--patch-size", "4"), world_size=1)
     assert config.model.seq_length == 2
@@ -57,7 +47,7 @@ def test_tensor_parallel_size_must_split_the_swiglu_width(tiny_corpus, capsys, m
     argv = trainer_args(tiny_corpus, None, "--tensor-model-parallel-size", "5")
     argv[argv.index("tiny")] = "13b"
     monkeypatch.setenv("WORLD_SIZE", "5")  # as torchrun would launch it
-    line = _refused(capsys, argv)
+    line = refused_line(capsys, argv)
     assert line == (
         "error: --tensor-model-parallel-size 5 does not divide the 13824 FFN hidden size of --model 13b: "
         "use one of 1, 2, 4, 8"
@@ -70,7 +60,7 @@ def test_tensor_parallel_size_must_split_the_swiglu_width(tiny_corpus, capsys, m
 def test_transformer_engine_asked_for_where_it_does_not_import(tiny_corpus, capsys):
     if specs.transformer_engine_available():
         pytest.skip("transformer_engine imports on this machine")
-    line = _refused(capsys, trainer_args(tiny_corpus, None, "--transformer-impl", "transformer_engine"))
+    line = refused_line(capsys, trainer_args(tiny_corpus, None, "--transformer-impl", "transformer_engine"))
     assert "--transformer-impl transformer_engine: transformer_engine does not import" in line, line
     assert "--transformer-impl local" in line, line
     config = parse_args(trainer_args(tiny_corpus, None, "--rope-fusion"), world_size=1)
@@ -82,7 +72,7 @@ def test_rope_fusion_where_auto_picks_transformer_engine(tiny_corpus, capsys, mo
     """Where TE imports, --transformer-impl auto means TE, which --rope-fusion (local spec) does not
     combine with: refused when the flags are read, not with a traceback at model build."""
     monkeypatch.setattr(specs, "transformer_engine_available", lambda: True)
-    line = _refused(capsys, trainer_args(tiny_corpus, None, "--rope-fusion"))
+    line = refused_line(capsys, trainer_args(tiny_corpus, None, "--rope-fusion"))
     assert "--rope-fusion" in line and "--transformer-impl auto picks Transformer Engine" in line, line
     assert "add --transformer-impl local" in line, line
     config = parse_args(trainer_args(tiny_corpus, None, "--rope-fusion", "--transformer-impl", "local"), world_size=1)
@@ -91,5 +81,6 @@ def test_rope_fusion_where_auto_picks_transformer_engine(tiny_corpus, capsys, mo
 
 
 def test_async_save_without_save_is_one_line(tiny_corpus, capsys, tmp_path):
-    assert _refused(capsys, trainer_args(tiny_corpus, None, "--async-save")) == "error: --async-save needs --save DIR"
+    line = refused_line(capsys, trainer_args(tiny_corpus, None, "--async-save"))
+    assert line == "error: --async-save needs --save DIR"
     parse_args(trainer_args(tiny_corpus, tmp_path / "run", "--async-save"), world_size=1)  # with --save: accepted
