@@ -11,7 +11,6 @@ outright (kill -9) is removed by the next run that commits into the same parent 
 import logging
 import os
 import shutil
-import tempfile
 
 import torch.distributed as dist
 
@@ -70,24 +69,29 @@ class StagedFolder:
         return self.final
 
     def _publish(self) -> None:
-        """Rank 0: move an old ``final`` aside, rename the temporary folder into place, remove the old."""
-        old = None
+        """Rank 0: move an old ``final`` aside, rename the temporary folder into place, remove the old.
+
+        The old output is moved into an owned ``.NAME.replaced-XXXX`` folder, so that a kill before
+        its removal leaves a folder the next commit into the same parent removes."""
+        parent, name = os.path.dirname(self.final), os.path.basename(self.final)
+        replaced = None
         if os.path.exists(self.final):
             if not self.force:
                 raise ArgumentError(
                     f"{self.final} was created by someone else while this ran: pass --force to replace it, "
                     f"or choose a new folder"
                 )
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.final)}.replaced-", dir=os.path.dirname(self.final))
-            os.rmdir(old)
-            os.replace(self.final, old)
+            replaced = OwnedTempDir(parent, f".{name}.replaced-")
+            os.replace(self.final, os.path.join(replaced.path, name))
         self._owned.forget_owner()
         os.replace(self.path, self.final)
         self._owned.release()
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if replaced is not None:
+            shutil.rmtree(replaced.path, ignore_errors=True)
+            replaced.release()
             logger.info("replaced %s", self.final)
-        remove_abandoned(os.path.dirname(self.final), self._prefix)
+        remove_abandoned(parent, f".{name}.replaced-")
+        remove_abandoned(parent, self._prefix)
 
     def __enter__(self) -> "StagedFolder":
         return self

@@ -197,6 +197,19 @@ def test_a_completed_conversion_removes_a_killed_runs_partial_folder(trained, tm
     live.release()
 
 
+def test_a_replacement_removes_the_old_output_a_killed_replacement_left(trained, tmp_path, capsys):
+    """--force moves the old output into an owned .NAME.replaced- folder before removing it; one
+    that a kill left behind (holding an old output) is removed by the next commit there."""
+    killed = killed_owner_folder(tmp_path, ".out.replaced-")
+    os.makedirs(os.path.join(killed, "out"))  # the old output it held
+    (tmp_path / "out").mkdir()
+    argv = ["--cpu", "--load", trained["patch"], "--save", tmp_path / "out", "--force"]
+    code, _, err = call(convert_checkpoint, argv, capsys)
+    assert code == 0, err
+    assert not os.path.exists(killed)
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.path.isdir(tmp_path / "out" / "iter_0000000")
+
+
 def test_the_conversion_starts_no_helper_process(trained, tmp_path, capsys, monkeypatch):
     """megatron's torch_dist writer collects its results through a multiprocessing Manager it
     starts at its first save unless given a queue; a SIGTERM to the process group kills that helper
