@@ -32,9 +32,6 @@ def build_model(config: TrainerConfig) -> List[torch.nn.Module]:
         overlap_grad_reduce=config.overlap_grad_reduce,
         overlap_param_gather=config.overlap_param_gather,
         use_distributed_optimizer=config.optimizer.distributed,
-        # as Megatron-LM's default --check-for-nan-in-loss-and-grad: a NaN/Inf gradient of a finite loss
-        # stops the step before the update (bf16 has no loss scaler to skip it); step.train_step says so
-        check_for_nan_in_grad=True,
     )
     model = [
         DistributedDataParallel(transformer_config, ddp_config, chunk, disable_bucketing=index > 0)

@@ -73,12 +73,24 @@ def run_schedule(
     return totals
 
 
-# megatron's DistributedDataParallel (check_for_nan_in_grad) raises a RuntimeError saying this
-GRADIENT_CHECK = "in local grad norm"
 NON_FINITE_ADVICE = (
     ": stopping without applying this step or saving its state; lower --lr, raise --lr-warmup-iters or "
     "check the data, then resume from the last checkpoint"
 )
+
+
+def gradients_finite(model) -> bool:
+    """Whether every rank's gradients are finite: the reduced gradients (megatron's ``main_grad``)
+    the optimizer is about to apply, their largest magnitude checked per rank and the verdict
+    all-reduced over the world, so every rank stops, or goes on, alike. bf16 has no loss scaler to
+    skip such a step, and megatron's clipping lets a NaN norm through (``clip_coeff < 1`` is
+    False), so without this a finite loss with a NaN gradient would be applied (and saved)."""
+    grads = [p.main_grad for chunk in model for p in chunk.parameters() if getattr(p, "main_grad", None) is not None]
+    device = next(model[0].parameters()).device
+    largest = torch.nn.utils.get_total_norm(grads, norm_type=math.inf) if grads else torch.zeros((), device=device)
+    bad = (~torch.isfinite(largest)).to(torch.float32).reshape(1).to(device)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0
 
 
 def train_step(model, optimizer, scheduler, data_iterator, stage: StagePlan):
@@ -91,16 +103,12 @@ def train_step(model, optimizer, scheduler, data_iterator, stage: StagePlan):
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    try:
-        totals = run_schedule(model, data_iterator, stage, forward_only=False)
-    except RuntimeError as error:  # megatron's check of the gradients before their reduction
-        if GRADIENT_CHECK not in str(error):
-            raise
-        what = "NaN" if "found NaN" in str(error) else "Inf"
-        raise NonFiniteLossError(f"a gradient is {what}{NON_FINITE_ADVICE}") from None
+    totals = run_schedule(model, data_iterator, stage, forward_only=False)
     loss = (totals[0] / totals[1].clamp(min=1.0)).item()
     if not math.isfinite(loss):
         raise NonFiniteLossError(f"loss is {loss}{NON_FINITE_ADVICE}")
+    if not gradients_finite(model):
+        raise NonFiniteLossError(f"a gradient is NaN or Inf (the loss, {loss:.4f}, is not){NON_FINITE_ADVICE}")
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=1)
