@@ -85,6 +85,7 @@ def resolve_checkpoint(path: str) -> str:
     """A checkpoint directory from either a ``--save`` root (via its tracker) or a checkpoint itself."""
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path}: no such directory")
+    path = os.path.normpath(path)  # "ROOT/iter_N/" is ROOT's checkpoint, as "ROOT/iter_N" is
     if os.path.exists(os.path.join(path, METADATA)):
         return path
     iteration = read_tracker(path)
@@ -145,7 +146,12 @@ def prune(root: str, keep_last: int, retain=()) -> None:
         # renamed first, so a removal cut short (a kill, a busy file) never leaves an iter_N that
         # holds its metadata but lacks shards; the next save's remove_partial_saves finishes it
         removing = checkpoint_dir(root, iteration) + ".removing"
-        os.replace(checkpoint_dir(root, iteration), removing)
+        try:
+            shutil.rmtree(removing, ignore_errors=True)  # one left by a removal that was cut short
+            os.replace(checkpoint_dir(root, iteration), removing)
+        except OSError as error:  # pruning must not end the run (the other ranks wait in a barrier)
+            logger.warning("could not remove %s (%s); it is kept", checkpoint_dir(root, iteration), error)
+            continue
         shutil.rmtree(removing, ignore_errors=True)
 
 

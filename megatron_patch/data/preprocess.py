@@ -170,7 +170,8 @@ def _ordered(chunks: Iterator, encoder_args: tuple, workers: int) -> Iterator:
     except BrokenProcessPool:
         raise ProcessDiedError(
             f"a tokenizing worker process died (killed by a signal, e.g. the out-of-memory killer with "
-            f"--workers {workers}): nothing was written; re-run with fewer --workers or more memory"
+            f"--workers {workers}, or it failed to start): nothing was written; re-run with fewer --workers "
+            f"or more memory"
         ) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

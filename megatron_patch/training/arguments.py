@@ -254,7 +254,7 @@ def _warn_warmup_beyond_stages(plan, warmup_iters: int) -> None:
             steps = f"{stage.iterations} iteration{'' if stage.iterations == 1 else 's'}"
             logger.warning(
                 "--lr-warmup-iters %d is more than the %s stage's %s: its LR warms up over the whole stage "
-                "and never decays (each stage restarts the warm-up); lower --lr-warmup-iters below %d",
+                "and never decays (each stage restarts the warm-up); a new run with --lr-warmup-iters below %d decays",
                 warmup_iters,
                 stage.name,
                 steps,

@@ -335,14 +335,24 @@ class Trainer:
                     f"{value}: give the patch stage's value (it sets the token stage's share of --train-tokens)"
                 )
         _check_same_tokenizer(self.config.flags, meta, f"--pretrained-checkpoint {path}")
-        # the token stage is the rest of the patch run's plan: its budget, data and split (not its seed)
+        # the token stage is the rest of the patch run's plan: its budget and split (not its seed); the
+        # data's path may differ on another machine or mount, so a different one is only said
         _check_same_flags(
             self.config.flags,
             meta,
-            [name for name in PLAN_FLAGS if name != "seed"],
+            [name for name in PLAN_FLAGS if name not in ("seed", "data_path")],
             f"--pretrained-checkpoint {path}",
             "give the patch run's value (the token stage trains on the rest of its plan)",
         )
+        saved_data = meta.get("args", {}).get("data_path")
+        if saved_data is not None and saved_data != self.config.flags["data_path"]:
+            logger.warning(
+                "--pretrained-checkpoint %s was trained on --data-path %s, this run reads %s: the token stage "
+                "takes the documents after the patch stage's share of this data, which must be the same corpus",
+                path,
+                " ".join(map(str, saved_data)) if isinstance(saved_data, list) else saved_data,
+                " ".join(map(str, self.config.flags["data_path"])),
+            )
 
     def _resume_from(self, found: str):
         """Resume the run from the checkpoint directory ``found`` (what ``--load`` names)."""
@@ -405,10 +415,15 @@ class Trainer:
         start_index, stage_iteration, consumed, results = self._resume()
         self.metrics.open(resumed_from=self.plan.stages[start_index].first_iteration + stage_iteration)
         self.results = results
-        if start_index > 0 and stage_iteration == 0 and results[start_index - 1].valid_loss is None:
-            # resumed at a stage boundary whose closing validation did not run (a stop at the stage's
-            # last step saves first): the weights are that stage's last, so it runs now
-            self._close_stage(self.plan.stages[start_index - 1], results[start_index - 1], validated=False)
+        # resumed right after a stage's last step whose closing validation did not run (a stop at
+        # that step saves first): the weights are that stage's last, so it runs now
+        finished = None
+        if stage_iteration >= self.plan.stages[start_index].iterations:  # the last stage, complete
+            finished = start_index
+        elif stage_iteration == 0 and start_index > 0:  # at a stage boundary
+            finished = start_index - 1
+        if finished is not None and results[finished].valid_loss is None:
+            self._close_stage(self.plan.stages[finished], results[finished], validated=False)
         for index in range(start_index, len(self.plan.stages)):
             resumed = index == start_index and stage_iteration > 0
             stopped = self._run_stage(self.plan.stages[index], results[index], resumed, stage_iteration, consumed)

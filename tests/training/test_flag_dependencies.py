@@ -213,18 +213,19 @@ def test_summaries_are_json_and_keep_finished_stages_losses_across_a_resume(
     assert [s["interrupted"] for s in summaries] == [True, False]
 
 
-@pytest.mark.parametrize("stop_at_the_boundary", [False, True])
-def test_a_resume_at_the_stage_boundary_keeps_the_patch_stages_validation(
-    cpu_world, tiny_corpus, tmp_path, monkeypatch, stop_at_the_boundary
+@pytest.mark.parametrize("stop_step", [None, 8, ITERS])
+def test_a_resume_after_a_stages_last_step_keeps_its_validation(
+    cpu_world, tiny_corpus, tmp_path, monkeypatch, stop_step
 ):
-    """The patch stage's closing validation runs before its last save, so a resume from that
-    checkpoint reports it. A SIGTERM in the stage's last step saves there without validating; the
-    resumed run validates those weights (the patch stage's last) before the token stage starts."""
+    """A stage's closing validation runs before its last save, so a resume from that checkpoint
+    (None: the patch stage's, the run rolled back to it) reports it. A SIGTERM in a stage's last
+    step (8: the patch stage's, 12: the token stage's, the run's last) saves there without
+    validating; the resumed run validates those weights (that stage's last) first."""
     train_step, steps = loop.train_step, []
 
     def step_then_signal(*args, **kwargs):
         steps.append(True)
-        if len(steps) == 8:  # the patch stage's last step
+        if len(steps) == stop_step:
             os.kill(os.getpid(), signal.SIGTERM)
         return train_step(*args, **kwargs)
 
@@ -232,22 +233,24 @@ def test_a_resume_at_the_stage_boundary_keeps_the_patch_stages_validation(
     argv = trainer_args(tiny_corpus, save, "--summary-json", str(summary_path), train_iters=ITERS)
     uninterrupted = tmp_path / "uninterrupted"
     assert cli.main(trainer_args(tiny_corpus, uninterrupted, train_iters=ITERS)) == 0
-    expected = train_records(uninterrupted, "valid")[8]["loss"]
-    if stop_at_the_boundary:
-        with monkeypatch.context() as patch:
-            patch.setattr(loop, "train_step", step_then_signal)
-            assert cli.main(argv) == 0
-        assert 8 not in train_records(save, "valid")  # the stop saved without validating
-    else:
+    expected = {it: record["loss"] for it, record in train_records(uninterrupted, "valid").items()}
+    if stop_step is None:
         assert cli.main(argv) == 0
         for name in os.listdir(save):  # back to the boundary checkpoint, as if the run had ended there
             if name.startswith("iter_") and name != "iter_0000008":
                 shutil.rmtree(save / name)
         (save / "latest_checkpointed_iteration.txt").write_text("8\n")
+    else:
+        with monkeypatch.context() as patch:
+            patch.setattr(loop, "train_step", step_then_signal)
+            assert cli.main(argv) == 0
+        assert stop_step not in train_records(save, "valid")  # the stop saved without validating
     assert cli.main(argv + ["--load", str(save)]) == 0
     resumed = _strict_json(summary_path.read_text())
-    assert resumed["stages"]["patch"]["valid_loss"] == pytest.approx(expected, rel=1e-6)
-    assert train_records(save, "valid")[8]["loss"] == pytest.approx(expected, rel=1e-6)
+    assert not resumed["interrupted"]
+    for stage, iteration in (("patch", 8), ("token", ITERS)):
+        assert resumed["stages"][stage]["valid_loss"] == pytest.approx(expected[iteration], rel=1e-6), stage
+        assert train_records(save, "valid")[iteration]["loss"] == pytest.approx(expected[iteration], rel=1e-6)
 
 
 def test_a_stage_not_run_has_a_null_last_loss(cpu_world, tiny_corpus, tmp_path, monkeypatch):

@@ -297,6 +297,7 @@ def test_nan_gradient_of_a_finite_loss_stops_without_applying_it(cpu_world, tiny
         "pretrained_other_budget",
         "pretrained_other_tokenizer",
         "rollback_into_the_same_save",
+        "rollback_with_a_trailing_slash",
         "changed_lr",
         "save_is_a_checkpoint",
         "save_is_a_file",
@@ -374,6 +375,9 @@ def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_pat
     elif case == "rollback_into_the_same_save":  # it would keep the old iteration 3 and prune its own
         argv = trainer_args(tiny_corpus, run, "--load", folders.checkpoint_dir(str(run), 2), train_iters=3)
         expected = "is iteration 2 but --save " + str(run) + " also holds the later checkpoints 3"
+    elif case == "rollback_with_a_trailing_slash":  # the same checkpoint, not "another run"
+        argv = trainer_args(tiny_corpus, run, "--load", folders.checkpoint_dir(str(run), 2) + "/", train_iters=3)
+        expected = "is iteration 2 but --save " + str(run) + " also holds the later checkpoints 3"
     elif case == "changed_lr":  # the loaded optimizer would keep the old peak learning rate
         argv = trainer_args(tiny_corpus, run, "--load", str(run), "--lr", "1e-4", train_iters=3)
         expected = "was written with --lr 0.003, this run has 0.0001: resume with the same value"
@@ -410,6 +414,23 @@ def test_a_failure_outside_this_package_shows_its_traceback(cpu_world, tiny_corp
     assert code == 1, err
     assert err[0] == "Traceback (most recent call last):" and any("torch.zeros(2).view(3)" in line for line in err)
     assert err[-1].startswith("error: unexpected RuntimeError in ") and "test_trainer.py:" in err[-1], err[-1]
+
+
+def test_a_token_stage_on_the_same_data_under_another_path_runs_and_says_so(cpu_world, tiny_corpus, tmp_path, caplog):
+    """The data of the patch run may sit at another path (another machine or mount): the token
+    stage starts, with a warning naming both paths (budget and split must still agree)."""
+    run = tmp_path / "run"
+    assert cli.main(trainer_args(tiny_corpus, run, "--eval-iters", "0", train_iters=3)) == 0
+    moved = tmp_path / "mounted"
+    moved.mkdir()
+    for suffix in (".bin", ".idx"):
+        os.symlink(tiny_corpus["prefix"] + suffix, moved / ("tiny_text_document" + suffix))
+    corpus = dict(tiny_corpus, prefix=str(moved / "tiny_text_document"))
+    boundary = folders.checkpoint_dir(str(run), 2)
+    argv = trainer_args(corpus, None, "--stage", "token", "--pretrained-checkpoint", boundary, "--eval-iters", "0")
+    with caplog.at_level("WARNING", logger="megatron_patch.training.loop"):
+        assert cli.main([*argv, "--train-iters", "3"]) == 0
+    assert f"was trained on --data-path {tiny_corpus['prefix']}, this run reads {corpus['prefix']}" in caplog.text
 
 
 def test_pruning_keeps_the_newest_checkpoints_and_the_stage_boundary(cpu_world, tiny_corpus, tmp_path):
