@@ -23,6 +23,7 @@ torchrun's forwarding) would kill in the middle of a pre-empted run's last save.
 forked helper it ends with the trainer (``runtime/child_processes.py``).
 """
 
+import gc
 import logging
 import multiprocessing
 import signal
@@ -44,8 +45,13 @@ POLL_S = 0.05  # between the collective checks of a wait
 WAIT_WARNING_S = 60.0  # a wait longer than this is reported, and again after as long
 
 
-def _ignore(signals: tuple) -> None:
-    """In the Manager's process: a stop signal is the trainer's to handle (it saves, then exits)."""
+def _start_manager_process(signals: tuple) -> None:
+    """First thing in the Manager's (forked) process: a stop signal is the trainer's to handle (it
+    saves, then exits), and the garbage collector never visits what the fork copied from the
+    trainer (``gc.freeze``): finalizing those objects (torch's among them) in a forked child is not
+    safe, and once crashed the Manager in a long-lived test process, failing a later save with
+    BrokenPipeError."""
+    gc.freeze()
     for number in signals:
         signal.signal(number, signal.SIG_IGN)
 
@@ -58,7 +64,7 @@ def results_queue(stop_signals: Iterable[signal.Signals] = ()):
     if _QUEUE is None:
         ignored = tuple(dict.fromkeys((*ALWAYS_IGNORED, *stop_signals)))
         _MANAGER = SyncManager(ctx=multiprocessing.get_context("fork"))
-        _MANAGER.start(initializer=_ignore, initargs=(ignored,))
+        _MANAGER.start(initializer=_start_manager_process, initargs=(ignored,))
         _QUEUE = _MANAGER.Queue()
     return _QUEUE
 
