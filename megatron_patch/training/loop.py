@@ -3,12 +3,12 @@
 At the boundary the weights are kept, Adam's state is emptied, a new LR schedule (with a new
 warmup) starts, the data continues on the token stage's dataset (its own documents with
 ``--stage-split documents``; all training documents again, in a new order, with ``epochs``), and
-a checkpoint is written. ``--load`` resumes inside either stage or at the boundary.
+a checkpoint is written. ``--load`` resumes inside either stage or at the boundary (what the
+checkpoint must share with the run: :mod:`~megatron_patch.training.resume`).
 """
 
 import contextlib
 import logging
-import os
 import time
 from typing import Optional
 
@@ -24,6 +24,7 @@ from megatron_patch.data.datasets import StageDataConfig, build_stage_datasets, 
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
 from megatron_patch.errors import CheckpointError
 from megatron_patch.runtime.rank_zero import on_rank_zero
+from megatron_patch.training import resume
 from megatron_patch.training.builders import (
     build_model,
     build_optimizer,
@@ -251,13 +252,13 @@ class Trainer:
         this run's)."""
         checkpoints = self.config.checkpoints
         stages = self.plan.stages
-        found = on_rank_zero(self._checkpoint_to_resume)  # every rank loads the checkpoint rank 0 sees
+        found = on_rank_zero(resume.checkpoint_to_resume, checkpoints)  # every rank loads the checkpoint rank 0 sees
         if found is not None:
             return self._resume_from(found)
         if checkpoints.pretrained_checkpoint:
             path = checkpoints.pretrained_checkpoint
             pretrained = on_rank_zero(folders.resolve_checkpoint, path)  # the same checkpoint on every rank
-            self._check_token_stage_start(path, ckpt.read_metadata(pretrained))
+            resume.check_token_stage_start(self.config.flags, self.plan, path, ckpt.read_metadata(pretrained))
             ckpt.load_checkpoint(
                 pretrained,
                 self.model,
@@ -269,117 +270,15 @@ class Trainer:
             self.optimizer.reload_model_params()
         return 0, 0, 0, [StageResult(stage.name) for stage in stages]
 
-    def _checkpoint_to_resume(self) -> Optional[str]:
-        """Rank 0: the checkpoint directory ``--load`` names, or None for a fresh start; refuses a
-        ``--save`` whose checkpoints would be mixed with this run's."""
-        load, save = self.config.checkpoints.load, self.config.checkpoints.save
-        saved = folders.read_tracker(save) if save else None
-        if load and (folders.read_tracker(load) is not None or os.path.exists(os.path.join(load, folders.METADATA))):
-            found = folders.resolve_checkpoint(load)
-            if not save:
-                return found
-            if os.path.realpath(os.path.dirname(found)) != os.path.realpath(save):
-                if saved is not None:
-                    raise CheckpointError(
-                        f"--save {save} already holds checkpoints of another run (latest iteration {saved}) than "
-                        f"--load {load}: use an empty --save directory"
-                    )
-                return found
-            iteration = ckpt.read_metadata(found).get("iteration")
-            later = [n for n in folders.complete_iterations(save) if isinstance(iteration, int) and n > iteration]
-            if later:
-                raise CheckpointError(
-                    f"--load {load} is iteration {iteration} but --save {save} also holds the later checkpoints "
-                    f"{', '.join(map(str, later))} of the run it comes from, which this run would not overwrite: "
-                    f"to go back, pass a new --save folder (or move the later iter_N folders away)"
-                )
-            folders.repair_tracker(save)  # a kill between a save's rename and its tracker write
-            return found
-        if load:
-            logger.warning(
-                "--load %s holds no checkpoint yet: starting %s",
-                load,
-                "from --pretrained-checkpoint" if self.config.checkpoints.pretrained_checkpoint else "from scratch",
-            )
-        if saved is not None:
-            raise CheckpointError(
-                f"--save {save} already holds checkpoints (latest iteration {saved}): pass --load {save} to "
-                f"resume, or use an empty directory"
-            )
-        return None
-
-    def _check_token_stage_start(self, path: str, meta: dict) -> None:
-        """``--pretrained-checkpoint`` must hold the patch stage's weights (its checkpoint, or the
-        conversion tool's copy of one) of the same K and lambda: the token stage's budget is the
-        last 1 - lambda of ``--train-tokens``. A checkpoint from the middle of the patch stage is
-        taken with a warning, as by the conversion tool."""
-        progress, conversion = meta["progress"], meta.get("conversion")
-        stage = conversion["source_stage"] if conversion else progress.get("stage")
-        complete = conversion.get("source_stage_complete") if conversion else progress.get("stage_complete")
-        if stage != "patch":
-            raise CheckpointError(
-                f"--pretrained-checkpoint {path} holds {stage}-stage weights: start the token stage from the "
-                f"patch stage's last checkpoint (its --save's iter_N at the stage boundary, which pruning keeps) "
-                f"or from the conversion tool's output"
-            )
-        if complete is False:
-            logger.warning("--pretrained-checkpoint %s is from the middle of the patch stage", path)
-        for name, value in (
-            ("patch_size", self.plan.patch_size),
-            ("patch_data_fraction", self.plan.patch_data_fraction),
-        ):
-            if progress.get(name) is not None and progress[name] != value:
-                flag = "--" + name.replace("_", "-")
-                raise CheckpointError(
-                    f"--pretrained-checkpoint {path} was trained with {flag} {progress[name]}, this run has "
-                    f"{value}: give the patch stage's value (it sets the token stage's share of --train-tokens)"
-                )
-        _check_same_tokenizer(self.config.flags, meta, f"--pretrained-checkpoint {path}")
-        # the token stage is the rest of the patch run's plan: its budget and split (not its seed); the
-        # data's path may differ on another machine or mount, so a different one is only said
-        _check_same_flags(
-            self.config.flags,
-            meta,
-            [name for name in PLAN_FLAGS if name not in ("seed", "data_path")],
-            f"--pretrained-checkpoint {path}",
-            "give the patch run's value (the token stage trains on the rest of its plan)",
-        )
-        saved_data = meta.get("args", {}).get("data_path")
-        if saved_data is not None and saved_data != self.config.flags["data_path"]:
-            logger.warning(
-                "--pretrained-checkpoint %s was trained on --data-path %s, this run reads %s: the token stage "
-                "takes the documents after the patch stage's share of this data, which must be the same corpus",
-                path,
-                " ".join(map(str, saved_data)) if isinstance(saved_data, list) else saved_data,
-                " ".join(map(str, self.config.flags["data_path"])),
-            )
-
     def _resume_from(self, found: str):
         """Resume the run from the checkpoint directory ``found`` (what ``--load`` names)."""
         checkpoints = self.config.checkpoints
         stages = self.plan.stages
         load = checkpoints.load
         meta = ckpt.read_metadata(found)
-        if "conversion" in meta:
-            raise CheckpointError(
-                f"--load {load} is the conversion tool's output (weights only, no optimizer state): start the "
-                f"token stage from it with --pretrained-checkpoint {load}"
-            )
-        _check_same_tokenizer(self.config.flags, meta, "--load checkpoint")
-        _check_same_flags(
-            self.config.flags,
-            meta,
-            PLAN_FLAGS + OPTIMIZER_FLAGS,
-            "--load checkpoint",
-            "resume with the same value (start a new --save directory to change it)",
-        )
-        progress = meta["progress"]
         names = [stage.name for stage in stages]
-        if progress["stage"] not in names:
-            raise CheckpointError(
-                f"--load {load} is a {progress['stage']}-stage checkpoint but this run has stages {names}: use "
-                f"--stage token --pretrained-checkpoint for a separate token stage"
-            )
+        resume.check_resumed_checkpoint(self.config.flags, load, meta, names)
+        progress = meta["progress"]
         index = names.index(progress["stage"])
         stage = stages[index]
         self.scheduler = build_scheduler(self.config.optimizer, self.optimizer, stage.iterations)

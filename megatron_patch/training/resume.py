@@ -1,0 +1,181 @@
+"""Where a run starts: the checkpoint ``--load`` names (or none, for a fresh start), and what a
+checkpoint it resumes or starts the token stage from must share with the run.
+
+A resume keeps the checkpoint's plan (budget, data, split, K, lambda, seed), its optimizer and
+schedule settings (the loaded optimizer state carries them) and its tokenizer; a token stage
+started with ``--pretrained-checkpoint`` continues the patch run's plan. Each difference is one
+``CheckpointError`` line. Which checkpoint ``--load`` names is decided on rank 0
+(:func:`checkpoint_to_resume`, called through ``runtime.rank_zero.on_rank_zero``).
+"""
+
+import logging
+import os
+from typing import List, Optional
+
+from megatron_patch.checkpoint import folders
+from megatron_patch.checkpoint import store as ckpt
+from megatron_patch.errors import CheckpointError
+from megatron_patch.training.config import CheckpointSettings
+from megatron_patch.training.plan import RunPlan
+
+logger = logging.getLogger(__name__)
+
+PLAN_FLAGS = (
+    "train_iters",
+    "patch_size",
+    "patch_data_fraction",
+    "global_batch_size",
+    "seq_length",
+    "data_path",
+    "split",
+    "stage_split",
+    "seed",  # the order of the samples, which consumed_samples counts along
+)
+# what a resume takes from the checkpoint's optimizer and scheduler state, whatever the flags say
+# (megatron's scheduler reads the peak and final learning rates from the loaded parameter groups)
+OPTIMIZER_FLAGS = (
+    "lr",
+    "min_lr",
+    "lr_warmup_iters",
+    "lr_decay_style",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_eps",
+)
+
+
+def check_same_flags(flags: dict, meta, names, source: str, fix: str) -> None:
+    """CheckpointError unless every flag of ``names`` that the checkpoint ``source`` records has the
+    value this run gives it."""
+    saved = meta.get("args", {})
+    for name in names:
+        if name in saved and saved[name] != flags[name]:
+            raise CheckpointError(
+                f"{source} was written with --{name.replace('_', '-')} {saved[name]}, this run has {flags[name]}: {fix}"
+            )
+
+
+def check_same_tokenizer(flags: dict, meta, source: str) -> None:
+    """CheckpointError when the checkpoint ``source`` records another tokenizer vocabulary than
+    ``--tokenizer-model``'s (ids would mean other pieces than the model learnt)."""
+    saved = meta.get("args", {}).get("tokenizer_vocab_sha256")
+    given = flags.get("tokenizer_vocab_sha256")
+    if saved and given and saved != given:
+        raise CheckpointError(
+            f"{source} was trained with another tokenizer ({meta['args'].get('tokenizer_model')}, pieces sha256 "
+            f"{saved[:12]}) than --tokenizer-model {flags['tokenizer_model']} (pieces sha256 {given[:12]}): "
+            f"pass the one it was trained with"
+        )
+
+
+def checkpoint_to_resume(checkpoints: CheckpointSettings) -> Optional[str]:
+    """Rank 0: the checkpoint directory ``--load`` names, or None for a fresh start; refuses a
+    ``--save`` whose checkpoints would be mixed with this run's."""
+    load, save = checkpoints.load, checkpoints.save
+    saved = folders.read_tracker(save) if save else None
+    if load and (folders.read_tracker(load) is not None or os.path.exists(os.path.join(load, folders.METADATA))):
+        found = folders.resolve_checkpoint(load)
+        if not save:
+            return found
+        if os.path.realpath(os.path.dirname(found)) != os.path.realpath(save):
+            if saved is not None:
+                raise CheckpointError(
+                    f"--save {save} already holds checkpoints of another run (latest iteration {saved}) than "
+                    f"--load {load}: use an empty --save directory"
+                )
+            return found
+        iteration = ckpt.read_metadata(found).get("iteration")
+        later = [n for n in folders.complete_iterations(save) if isinstance(iteration, int) and n > iteration]
+        if later:
+            raise CheckpointError(
+                f"--load {load} is iteration {iteration} but --save {save} also holds the later checkpoints "
+                f"{', '.join(map(str, later))} of the run it comes from, which this run would not overwrite: "
+                f"to go back, pass a new --save folder (or move the later iter_N folders away)"
+            )
+        folders.repair_tracker(save)  # a kill between a save's rename and its tracker write
+        return found
+    if load:
+        logger.warning(
+            "--load %s holds no checkpoint yet: starting %s",
+            load,
+            "from --pretrained-checkpoint" if checkpoints.pretrained_checkpoint else "from scratch",
+        )
+    if saved is not None:
+        raise CheckpointError(
+            f"--save {save} already holds checkpoints (latest iteration {saved}): pass --load {save} to "
+            f"resume, or use an empty directory"
+        )
+    return None
+
+
+def check_resumed_checkpoint(flags: dict, load: str, meta: dict, stage_names: List[str]) -> None:
+    """CheckpointError unless the checkpoint ``--load`` names can resume this run: a trainer's
+    checkpoint (not the conversion tool's weights), of the same tokenizer, plan and optimizer
+    settings, and of one of this run's stages."""
+    if "conversion" in meta:
+        raise CheckpointError(
+            f"--load {load} is the conversion tool's output (weights only, no optimizer state): start the "
+            f"token stage from it with --pretrained-checkpoint {load}"
+        )
+    check_same_tokenizer(flags, meta, "--load checkpoint")
+    check_same_flags(
+        flags,
+        meta,
+        PLAN_FLAGS + OPTIMIZER_FLAGS,
+        "--load checkpoint",
+        "resume with the same value (start a new --save directory to change it)",
+    )
+    stage = meta["progress"]["stage"]
+    if stage not in stage_names:
+        raise CheckpointError(
+            f"--load {load} is a {stage}-stage checkpoint but this run has stages {stage_names}: use "
+            f"--stage token --pretrained-checkpoint for a separate token stage"
+        )
+
+
+def check_token_stage_start(flags: dict, plan: RunPlan, path: str, meta: dict) -> None:
+    """``--pretrained-checkpoint`` must hold the patch stage's weights (its checkpoint, or the
+    conversion tool's copy of one) of the same K and lambda: the token stage's budget is the
+    last 1 - lambda of ``--train-tokens``. A checkpoint from the middle of the patch stage is
+    taken with a warning, as by the conversion tool."""
+    progress, conversion = meta["progress"], meta.get("conversion")
+    stage = conversion["source_stage"] if conversion else progress.get("stage")
+    complete = conversion.get("source_stage_complete") if conversion else progress.get("stage_complete")
+    if stage != "patch":
+        raise CheckpointError(
+            f"--pretrained-checkpoint {path} holds {stage}-stage weights: start the token stage from the "
+            f"patch stage's last checkpoint (its --save's iter_N at the stage boundary, which pruning keeps) "
+            f"or from the conversion tool's output"
+        )
+    if complete is False:
+        logger.warning("--pretrained-checkpoint %s is from the middle of the patch stage", path)
+    for name, value in (
+        ("patch_size", plan.patch_size),
+        ("patch_data_fraction", plan.patch_data_fraction),
+    ):
+        if progress.get(name) is not None and progress[name] != value:
+            flag = "--" + name.replace("_", "-")
+            raise CheckpointError(
+                f"--pretrained-checkpoint {path} was trained with {flag} {progress[name]}, this run has "
+                f"{value}: give the patch stage's value (it sets the token stage's share of --train-tokens)"
+            )
+    check_same_tokenizer(flags, meta, f"--pretrained-checkpoint {path}")
+    # the token stage is the rest of the patch run's plan: its budget and split (not its seed); the
+    # data's path may differ on another machine or mount, so a different one is only said
+    check_same_flags(
+        flags,
+        meta,
+        [name for name in PLAN_FLAGS if name not in ("seed", "data_path")],
+        f"--pretrained-checkpoint {path}",
+        "give the patch run's value (the token stage trains on the rest of its plan)",
+    )
+    saved_data = meta.get("args", {}).get("data_path")
+    if saved_data is not None and saved_data != flags["data_path"]:
+        logger.warning(
+            "--pretrained-checkpoint %s was trained on --data-path %s, this run reads %s: the token stage "
+            "takes the documents after the patch stage's share of this data, which must be the same corpus",
+            path,
+            " ".join(map(str, saved_data)) if isinstance(saved_data, list) else saved_data,
+            " ".join(map(str, flags["data_path"])),
+        )
