@@ -1,0 +1,239 @@
+"""The GPU campaign's pieces without a rehearsal run: the time limits of a part, the rerun line of
+what did not finish, the lever and wall-time figures read from the runs' output, the cost part's
+fallback rule, and the one-line errors of its flags and data folder."""
+
+import shlex
+import sys
+
+import pytest
+
+from tests.benchmarks.campaign_helpers import (
+    ALL_PARTS,
+    CAMPAIGN,
+    CPU_ONLY,
+    campaign_logs,
+    campaign_options,
+    campaign_parts,
+    campaign_summary,
+    gpu_campaign,
+    read_part,
+    run_campaign,
+)
+
+
+def test_a_run_fails_over_to_no_levers_only_when_it_failed_with_levers():
+    failure = campaign_parts.lever_failure
+    levers = campaign_parts.lever_flags(["all"])
+    assert levers == campaign_options.ALL_LEVERS and campaign_parts.lever_flags(["none"]) == []
+    assert campaign_parts.lever_flags(["rope", "adam"]) == ["--rope-fusion", "--torch-adam-impl", "fused"]
+    assert failure({"status": "failed (exit 1)"}, levers) and failure({"status": "failed (exit -11)"}, levers)
+    for status in ("ok", "timed out after 40 s", "skipped (no time left)", "stopped (SIGTERM)"):
+        assert not failure({"status": status}, levers), status
+    assert not failure({"status": "failed (exit 1)"}, [])  # without levers there is nothing to fall back from
+
+
+@CPU_ONLY
+def test_a_part_past_its_budget_stops_its_run_and_still_writes_the_summary(tmp_path):
+    out = tmp_path / "out"
+    done = run_campaign(
+        [
+            sys.executable,
+            CAMPAIGN,
+            "--cpu",
+            "--parts",
+            "throughput",
+            "--throughput-runs",
+            "base,adam",
+            "--throughput-budget-s",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )  # less than its imports take
+    assert done.returncode == 1
+    runs = read_part(out, "throughput")["runs"]
+    assert [r["status"] for r in runs] == ["timed out after 2 s", "skipped (no time left)"]
+    assert runs[0]["seconds"] < 30 and runs[0]["partial_rows"] == []  # stopped, not waited for
+    text = (out / "summary.md").read_text()
+    assert "| throughput | base | timed out after 2 s |" in text
+    # what did not finish, and the flags that run just that in a second call
+    assert "## Not finished (timed out, skipped or stopped)" in text and "throughput: base, adam." in text
+    (line,) = [line for line in text.splitlines() if line.startswith("`python3 benchmarks/gpu_campaign.py ")]
+    args = shlex.split(line.strip("`"))[2:]
+    assert args[-4:] == ["--out", "$OUT", "--deadline-s", "N"]
+    assert args[args.index("--parts") + 1 :][:4] == ["throughput", "--throughput-runs", "base,adam", "--out"]
+    swap = {"$OUT": str(tmp_path / "again"), "N": "120"}
+    opts = gpu_campaign.parse_options([swap.get(a, a) for a in args])
+    assert opts.parts == ["throughput"] and opts.throughput_runs == ["base", "adam"] and opts.deadline_s == 120
+    assert opts.throughput_budget_s == 2 and opts.cpu  # the call's other flags kept
+
+
+def test_the_rerun_line_names_just_what_did_not_finish():
+    """Timed-out, skipped and stopped runs, and parts never begun, are rerun; failed runs are not; the
+    cost part whole, by its runs' roles, with --cost-levers none after a fallback."""
+    state = {
+        "argv": ["--parts", ALL_PARTS, "--data-dir", ".campaign", "--out", "/o", "--deadline-s=560"],
+        "plan": {
+            "tests": ["pytest -m gpu"],
+            "throughput": ["all-accum", "base", "rope", "ce"],
+            "cost": ["two-stage", "token-only"],
+            "activations": ["370m", "370m-all"],
+        },
+        "parts": {
+            "tests": {"runs": [{"name": "pytest -m gpu", "status": "failed (exit 1)"}]},
+            "throughput": {
+                "runs": [
+                    {"name": "all-accum", "status": "ok"},
+                    {"name": "base", "status": "failed (exit 1)"},
+                    {"name": "rope", "status": "timed out after 30 s"},
+                    {"name": "ce", "status": "skipped (no time left)"},
+                ]
+            },
+            "cost": {
+                "fallback": {"cost_levers": ["all"]},
+                "runs": [
+                    {"name": "two-stage", "role": "two-stage", "status": "failed (exit 1)"},
+                    {"name": "two-stage (no levers)", "role": "two-stage", "status": "ok"},
+                    {"name": "token-only (no levers)", "role": "token-only", "status": "stopped (SIGTERM)"},
+                ],
+            },
+        },
+    }
+    left = campaign_summary.unfinished(state)
+    assert left == {"throughput": ["rope", "ce"], "cost": ["token-only"], "activations": ["370m", "370m-all"]}
+    assert campaign_summary.rerun_argv(state, left) == [
+        "--data-dir",
+        ".campaign",
+        "--parts",
+        "throughput,cost,activations",
+        "--throughput-runs",
+        "rope,ce",
+        "--activations-runs",
+        "370m,370m-all",
+        "--cost-levers",
+        "none",
+        "--out",
+        "$OUT",
+        "--deadline-s",
+        "N",
+    ]
+    state["parts"]["cost"]["runs"][-1]["status"] = "ok"
+    del state["plan"]["activations"], state["plan"]["throughput"]
+    assert campaign_summary.unfinished(state) == {}
+
+
+def test_the_throughput_table_judges_each_lever_against_the_noise():
+    """min-max beside the median; vs base: the gain at the same b and K (not against a row of other
+    micro-batches per step), with the larger of the two rows' spreads over base's median as noise."""
+
+    def row(median, low, high, b=16, K=1):
+        return {"micro_batch_size": b, "patch_size": K, "stage": "token", "tokens_per_s": 1.0, "tflops": 1.0}, dict(
+            step_s_median=median, step_s_min=low, step_s_max=high, mfu=0.4, peak_memory_gib=40.0, ratio_vs_token=1.0
+        )
+
+    def run(name, rows, micro=1):
+        return {"name": name, "num_microbatches": micro, "payload": {"results": [{**a, **b} for a, b in rows]}}
+
+    part = {
+        "runs": [
+            run("all-accum", [row(2.0, 1.9, 2.1)], micro=8),
+            run("base", [row(0.300, 0.298, 0.303)]),
+            run("rope", [row(0.285, 0.284, 0.290)]),  # 5.3% faster, noise 6 ms / 300 ms = 2.0%
+            run("adam", [row(0.299, 0.290, 0.301)]),  # 0.3% faster, noise 11 ms / 300 ms = 3.7%
+        ]
+    }
+    gains = sys.modules["campaign_figures"].gain_vs_base(sys.modules["campaign_figures"].throughput_rows(part))
+    assert set(gains) == {("rope", 16, 1), ("adam", 16, 1)}  # all-accum has 8 micro-batches per step
+    assert gains[("rope", 16, 1)] == pytest.approx((0.300 / 0.285 - 1, 0.006 / 0.300))
+    assert gains[("adam", 16, 1)] == pytest.approx((0.300 / 0.299 - 1, 0.011 / 0.300))
+    lines = "\n".join(campaign_summary._throughput_lines(part))
+    assert "| rope | 1 | 16 | 1 | 285.0 | 284.0-290.0 | +5.3% (noise 2.0%) |" in lines
+    assert "| adam | 1 | 16 | 1 | 299.0 | 290.0-301.0 | +0.3% (noise 3.7%) |" in lines
+    assert "| base | 1 | 16 | 1 | 300.0 | 298.0-303.0 |  |" in lines
+    assert "A lever helps where its gain, at K=1 and at K=4, exceeds both its noise and 1%" in lines
+
+
+@pytest.mark.parametrize("unit", ["TFLOP/s/GPU", "TFLOP/s"])  # the trainer's line now, and before it said per GPU
+def test_partial_output_is_read_back(unit):
+    rows = campaign_logs.throughput_partial_rows(
+        "  recompute=none b=16 K=4: 285.4 ms, 459,327 tok/s, 301.1 TFLOP/s, loss 1 -> 2\n"
+    )
+    assert rows[0]["tokens_per_s"] == 459327 and rows[0]["patch_size"] == 4 and rows[0]["partial"]
+    line = (
+        "12:00:00 [rank 0] [token] iter 10/20 (global 50) | tokens 5.243M | loss 5.1 | lr 3.0e-04 | grad norm 0.5 "
+        f"| skipped 0 | 117,195 tok/s | 307.3 {unit} MFU 38.9% | peak mem 26.89 GiB\n"
+    )
+    (window,) = campaign_logs.trainer_windows(line)
+    assert window == {
+        "stage": "token",
+        "iteration": 10,
+        "stage_iters": 20,
+        "tokens_per_s": 117195.0,
+        "tflops_per_gpu": 307.3,
+        "mfu": pytest.approx(0.389),
+        "peak_memory_gib": 26.89,
+    }
+
+
+def test_a_stopped_pytest_run_is_counted_from_its_log():
+    log = (
+        "tests/unit/test_rope.py::test_fused_rope_on_gpu PASSED                   [ 14%]\n"
+        "tests/unit/test_loss.py::test_a PASSED [ 28%]\n"
+        "tests/training/test_trainer.py::test_fused_torch_adam_resumes_on_gpu FAILED [ 42%]\n"
+        "tests/unit/test_model.py::test_b[cpu] SKIPPED (no GPU) [ 57%]\n"
+    )
+    counts = campaign_logs.pytest_log_counts(log)
+    assert counts == {
+        "passed": 2,
+        "failed": 1,
+        "errors": 0,
+        "skipped": 1,
+        "failures": ["tests/training/test_trainer.py::test_fused_torch_adam_resumes_on_gpu"],
+        "partial": True,
+    }
+    assert campaign_logs.pytest_log_counts("collecting ...\n") is None
+
+
+def test_the_wall_target_is_judged_at_the_steady_rates():
+    """The sums of step times hold each stage's one-off compiles (two sets in the two-stage run):
+    the target takes the steady ratio and shows the sums' ratio beside it."""
+    figures = sys.modules["campaign_figures"]
+    parts = {"cost": {"figures": {"theory": 0.5, "wall_ratio": 0.58, "steady_ratio": 0.512}}}
+    value, note = figures.target_values(parts, "all-accum")["wall_ratio"]
+    assert value == 0.512 and note == "theory 0.500; sums of all step times 0.580"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--parts", "tests,bogus", "--out", "o"], "'tests,bogus': use a comma list of"),
+        (["--parts", "nope", "--out", "o"], "activations (see benchmarks/gpu_campaign.py --help)"),
+        (["--parts", "cost", "--out", "o"], "the cost part needs --data-dir"),
+        (["--parts", "cost", "--out", "o", "--data-dir", "nowhere"], "no manifest.json"),
+        (["--out", "o", "--cost-steps", "10"], "--cost-steps 10: use a multiple of 3"),
+        (["--parts", "tests"], "--out DIR is required"),
+        (["--prepare", "--corpus", "c.jsonl"], "--prepare needs --data-dir"),
+    ],
+)
+def test_bad_flags_give_one_line_and_exit_2(argv, message, capsys):
+    assert gpu_campaign.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_unusable_corpus_or_data_dir_is_one_line(tmp_path, capsys):
+    """--prepare's checks of the corpus and the data folder, and a manifest that is not JSON: one
+    ``error:`` line each, exit code 2, nothing created."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{")
+    cases = [
+        (["--prepare", "--corpus", str(tmp_path / "none.jsonl"), "--data-dir", str(tmp_path / "d")], "no such file"),
+        (["--prepare", "--corpus", str(tmp_path / "none.jsonl"), "--data-dir", str(bad)], "is not JSON"),
+        (["--parts", "cost", "--out", str(tmp_path / "o"), "--data-dir", str(bad)], "is not JSON"),
+    ]
+    for argv, message in cases:
+        assert gpu_campaign.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
