@@ -1,8 +1,7 @@
 """The trainer in-process (a world of one): both stages, the stage switch, K=1 against stock
-GPTModel, NaN stops, one-line errors for bad flags and bad checkpoints, pruning. (Where a run
-starts, resumes and whose --save it takes: test_run_start.py.)"""
-
-import os
+GPTModel, NaN stops, a failure outside the package keeping its traceback, pruning. (Where a run
+starts, resumes and whose --save it takes, and the one-line refusals of a bad --load, --save or
+--pretrained-checkpoint: test_run_start.py.)"""
 
 import pytest
 import torch
@@ -12,9 +11,7 @@ from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as checkpoint
 from megatron_patch.training import builders, cli, loop
 from megatron_patch.training.arguments import parse_args
-from tests.conftest import REPO_ROOT
 from tests.training.common import train_records, trainer_args
-from tools import train_tokenizer
 
 
 def _run(argv):
@@ -282,125 +279,6 @@ def test_nan_gradient_of_a_finite_loss_stops_without_applying_it(cpu_world, tiny
     assert folders.read_tracker(str(save)) == 2  # nothing written after the bad step
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "missing",
-        "corrupt",
-        "other_shape",
-        "changed_plan",
-        "changed_seed",
-        "not_empty_save",
-        "pretrained_into_used_save",
-        "pretrained_token_stage",
-        "pretrained_other_patch_size",
-        "pretrained_other_budget",
-        "pretrained_other_tokenizer",
-        "rollback_into_the_same_save",
-        "rollback_with_a_trailing_slash",
-        "changed_lr",
-        "save_is_a_checkpoint",
-        "save_is_a_file",
-        "metadata_not_an_object",
-        "bad_flags",
-    ],
-)
-def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_path, capsys, case):
-    run = tmp_path / "run"
-    if case != "missing" and case != "bad_flags":
-        assert cli.main(trainer_args(tiny_corpus, run, "--eval-iters", "0", train_iters=3)) == 0
-        capsys.readouterr()
-    if case == "missing":
-        argv = trainer_args(tiny_corpus, None, "--stage", "token", "--pretrained-checkpoint", str(tmp_path / "nowhere"))
-        expected = "no such directory"
-    elif case == "corrupt":
-        ckpt_dir = folders.checkpoint_dir(str(run), 3)
-        for name in os.listdir(ckpt_dir):
-            if name.endswith(".distcp"):
-                with open(os.path.join(ckpt_dir, name), "r+b") as f:
-                    f.truncate(100)
-        argv = trainer_args(tiny_corpus, run, "--load", str(run), train_iters=3)
-        expected = "the checkpoint is corrupt"
-    elif case == "other_shape":
-        argv = trainer_args(tiny_corpus, None, "--load", str(run), train_iters=3)
-        argv[argv.index("tiny")] = "cpu-small"
-        expected = "another model shape"
-    elif case == "changed_plan":
-        argv = trainer_args(tiny_corpus, run, "--load", str(run), train_iters=6)
-        expected = "written with --train-iters 3, this run has 6: resume with the same value"
-    elif case == "changed_seed":
-        argv = trainer_args(tiny_corpus, run, "--load", str(run), "--seed", "7", train_iters=3)
-        expected = "this run has 7: resume with the same value"
-    elif case == "not_empty_save":
-        argv = trainer_args(tiny_corpus, run, train_iters=3)
-        expected = "already holds checkpoints"
-    elif case == "pretrained_into_used_save":  # its checkpoints would be taken for this run's
-        boundary = folders.checkpoint_dir(str(run), 2)
-        argv = trainer_args(tiny_corpus, run, "--stage", "token", "--pretrained-checkpoint", boundary, train_iters=3)
-        expected = "already holds checkpoints"
-    elif case == "pretrained_token_stage":  # the root's tracker names the final, token-stage checkpoint
-        argv = trainer_args(tiny_corpus, None, "--stage", "token", "--pretrained-checkpoint", str(run), train_iters=3)
-        expected = "holds token-stage weights: start the token stage from the patch stage's last checkpoint"
-    elif case == "pretrained_other_patch_size":
-        boundary = folders.checkpoint_dir(str(run), 2)
-        argv = trainer_args(
-            tiny_corpus,
-            None,
-            "--stage",
-            "token",
-            "--pretrained-checkpoint",
-            boundary,
-            "--patch-size",
-            "2",
-            train_iters=3,
-        )
-        expected = "was trained with --patch-size 4, this run has 2: give the patch stage's value"
-    elif case == "pretrained_other_budget":  # the token stage is the rest of the patch run's plan
-        boundary = folders.checkpoint_dir(str(run), 2)
-        argv = trainer_args(tiny_corpus, None, "--stage", "token", "--pretrained-checkpoint", boundary, train_iters=6)
-        expected = "was written with --train-iters 3, this run has 6: give the patch run's value"
-    elif case == "pretrained_other_tokenizer":  # 512 pieces too (the data's ids fit), other ones
-        other = tmp_path / "unigram"
-        source = str(REPO_ROOT / "examples" / "data" / "tiny.jsonl.xz")
-        assert (
-            train_tokenizer.main(
-                ["--input", source, "--vocab-size", "512", "--model-type", "unigram", "--output-prefix", str(other)]
-            )
-            == 0
-        )
-        boundary = folders.checkpoint_dir(str(run), 2)
-        argv = trainer_args(tiny_corpus, None, "--stage", "token", "--pretrained-checkpoint", boundary, train_iters=3)
-        argv[argv.index("--tokenizer-model") + 1] = str(other) + ".model"
-        expected = "was trained with another tokenizer"
-    elif case == "rollback_into_the_same_save":  # it would keep the old iteration 3 and prune its own
-        argv = trainer_args(tiny_corpus, run, "--load", folders.checkpoint_dir(str(run), 2), train_iters=3)
-        expected = "is iteration 2 but --save " + str(run) + " also holds the later checkpoints 3"
-    elif case == "rollback_with_a_trailing_slash":  # the same checkpoint, not "another run"
-        argv = trainer_args(tiny_corpus, run, "--load", folders.checkpoint_dir(str(run), 2) + "/", train_iters=3)
-        expected = "is iteration 2 but --save " + str(run) + " also holds the later checkpoints 3"
-    elif case == "changed_lr":  # the loaded optimizer would keep the old peak learning rate
-        argv = trainer_args(tiny_corpus, run, "--load", str(run), "--lr", "1e-4", train_iters=3)
-        expected = "was written with --lr 0.003, this run has 0.0001: resume with the same value"
-    elif case == "save_is_a_checkpoint":  # a resume would later read this checkpoint's own metadata
-        argv = trainer_args(tiny_corpus, folders.checkpoint_dir(str(run), 3), train_iters=3)
-        expected = "is one checkpoint (it holds megatron_patch.json), not a --save folder"
-    elif case == "save_is_a_file":
-        (tmp_path / "a_file").write_text("")
-        argv = trainer_args(tiny_corpus, tmp_path / "a_file" / "run", train_iters=3)
-        expected = "cannot be created or locked"
-    elif case == "metadata_not_an_object":
-        (run / "iter_0000003" / folders.METADATA).write_text("[1, 2]")
-        argv = trainer_args(tiny_corpus, run, "--load", str(run), train_iters=3)
-        expected = "holds a JSON list, not checkpoint metadata"
-    else:
-        argv = trainer_args(tiny_corpus, None, "--global-batch-size", "8")
-        expected = "must be a multiple of K x micro-batch"
-    code = cli.main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert len(err) == 1 and expected in err[0], err
-
-
 def test_a_failure_outside_this_package_shows_its_traceback(cpu_world, tiny_corpus, tmp_path, capsys, monkeypatch):
     """Our own checks end in one line (exit 2); an error raised in torch or megatron is not bad input
     and keeps its traceback (exit 1)."""
@@ -414,23 +292,6 @@ def test_a_failure_outside_this_package_shows_its_traceback(cpu_world, tiny_corp
     assert code == 1, err
     assert err[0] == "Traceback (most recent call last):" and any("torch.zeros(2).view(3)" in line for line in err)
     assert err[-1].startswith("error: unexpected RuntimeError in ") and "test_trainer.py:" in err[-1], err[-1]
-
-
-def test_a_token_stage_on_the_same_data_under_another_path_runs_and_says_so(cpu_world, tiny_corpus, tmp_path, caplog):
-    """The data of the patch run may sit at another path (another machine or mount): the token
-    stage starts, with a warning naming both paths (budget and split must still agree)."""
-    run = tmp_path / "run"
-    assert cli.main(trainer_args(tiny_corpus, run, "--eval-iters", "0", train_iters=3)) == 0
-    moved = tmp_path / "mounted"
-    moved.mkdir()
-    for suffix in (".bin", ".idx"):
-        os.symlink(tiny_corpus["prefix"] + suffix, moved / ("tiny_text_document" + suffix))
-    corpus = dict(tiny_corpus, prefix=str(moved / "tiny_text_document"))
-    boundary = folders.checkpoint_dir(str(run), 2)
-    argv = trainer_args(corpus, None, "--stage", "token", "--pretrained-checkpoint", boundary, "--eval-iters", "0")
-    with caplog.at_level("WARNING", logger="megatron_patch.training.loop"):
-        assert cli.main([*argv, "--train-iters", "3"]) == 0
-    assert f"was trained on --data-path {tiny_corpus['prefix']}, this run reads {corpus['prefix']}" in caplog.text
 
 
 def test_pruning_keeps_the_newest_checkpoints_and_the_stage_boundary(cpu_world, tiny_corpus, tmp_path):
