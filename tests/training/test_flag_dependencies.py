@@ -29,6 +29,19 @@ def no_model(monkeypatch):
     monkeypatch.setattr(loop.Trainer, "__init__", built)
 
 
+def sigterm_in_step(number):
+    """``loop.train_step`` that sends this process SIGTERM during step ``number`` (1-based) of a run."""
+    train_step, steps = loop.train_step, []
+
+    def step_then_signal(*args, **kwargs):
+        steps.append(True)
+        if len(steps) == number:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(*args, **kwargs)
+
+    return step_then_signal
+
+
 def _strict_json(text):
     """JSON as the standard defines it: NaN and Infinity are not JSON."""
 
@@ -181,18 +194,10 @@ def test_summaries_are_json_and_keep_finished_stages_losses_across_a_resume(
     the resumed run's summary still holds the patch stage's last and validation losses, and every
     line of metrics.jsonl and the --summary-json file is strict JSON (before: "last_loss": NaN for
     the stage finished before the resume, and its valid_loss null)."""
-    train_step, steps = loop.train_step, []
-
-    def step_then_signal(*args, **kwargs):
-        steps.append(True)
-        if len(steps) == 10:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return train_step(*args, **kwargs)
-
     save, summary_path = tmp_path / "run", tmp_path / "summary.json"
     argv = trainer_args(tiny_corpus, save, "--summary-json", str(summary_path), train_iters=ITERS)
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "train_step", step_then_signal)
+        patch.setattr(loop, "train_step", sigterm_in_step(10))
         assert cli.main(argv) == 0
     stopped = _strict_json(summary_path.read_text())
     assert stopped["interrupted"] and stopped["stages"]["token"]["iterations"] == 2
@@ -221,14 +226,6 @@ def test_a_resume_after_a_stages_last_step_keeps_its_validation(
     (None: the patch stage's, the run rolled back to it) reports it. A SIGTERM in a stage's last
     step (8: the patch stage's, 12: the token stage's, the run's last) saves there without
     validating; the resumed run validates those weights (that stage's last) first."""
-    train_step, steps = loop.train_step, []
-
-    def step_then_signal(*args, **kwargs):
-        steps.append(True)
-        if len(steps) == stop_step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return train_step(*args, **kwargs)
-
     save, summary_path = tmp_path / "run", tmp_path / "summary.json"
     argv = trainer_args(tiny_corpus, save, "--summary-json", str(summary_path), train_iters=ITERS)
     uninterrupted = tmp_path / "uninterrupted"
@@ -242,7 +239,7 @@ def test_a_resume_after_a_stages_last_step_keeps_its_validation(
         (save / "latest_checkpointed_iteration.txt").write_text("8\n")
     else:
         with monkeypatch.context() as patch:
-            patch.setattr(loop, "train_step", step_then_signal)
+            patch.setattr(loop, "train_step", sigterm_in_step(stop_step))
             assert cli.main(argv) == 0
         assert stop_step not in train_records(save, "valid")  # the stop saved without validating
     assert cli.main(argv + ["--load", str(save)]) == 0
@@ -255,15 +252,7 @@ def test_a_resume_after_a_stages_last_step_keeps_its_validation(
 
 def test_a_stage_not_run_has_a_null_last_loss(cpu_world, tiny_corpus, tmp_path, monkeypatch):
     """SIGTERM in the patch stage: the token stage has no loss yet: null, not NaN."""
-    train_step, steps = loop.train_step, []
-
-    def step_then_signal(*args, **kwargs):
-        steps.append(True)
-        if len(steps) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return train_step(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", step_then_signal)
+    monkeypatch.setattr(loop, "train_step", sigterm_in_step(2))
     summary_path = tmp_path / "summary.json"
     argv = trainer_args(tiny_corpus, tmp_path / "run", "--eval-iters", "0", "--summary-json", str(summary_path))
     assert cli.main(argv) == 0
