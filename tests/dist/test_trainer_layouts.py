@@ -38,16 +38,20 @@ LAYOUTS = {
 ITERS = 18  # 12 patch steps, 6 token steps
 
 
+def layout_args(tiny_corpus, save, name, *extra, eval_iters=1):
+    """The tiny run in layout ``name`` (micro-batch 2, ``ITERS`` steps), plus ``extra`` flags."""
+    micro_batch = ["--micro-batch-size", "2", "--eval-iters", str(eval_iters)]
+    return trainer_args(tiny_corpus, save, *LAYOUTS[name], *micro_batch, *extra, train_iters=ITERS)
+
+
 @pytest.fixture(scope="module")
 def trajectories(world, tiny_corpus, tmp_path_factory):
     if world != 2:
         pytest.skip("runs in a 2-rank world")
     runs = {}
-    for name, layout in LAYOUTS.items():
+    for name in LAYOUTS:
         save = shared_tmp(tmp_path_factory, name)
-        code = cli.main(
-            trainer_args(tiny_corpus, save, *layout, "--micro-batch-size", "2", "--eval-iters", "1", train_iters=ITERS)
-        )
+        code = cli.main(layout_args(tiny_corpus, save, name))
         assert code == 0, name
         runs[name] = train_records(save) if dist.get_rank() == 0 else None
         runs[name + "_valid"] = train_records(save, "valid") if dist.get_rank() == 0 else None
@@ -118,20 +122,7 @@ def test_a_checkpoint_with_no_forward_before_it_holds_the_updated_weights(trajec
         assert error < 1e-5, (key, error)
     source = [source]
     save = shared_tmp(tmp_path_factory, name + "-resumed")
-    code = cli.main(
-        trainer_args(
-            tiny_corpus,
-            save,
-            *LAYOUTS[name],
-            "--micro-batch-size",
-            "2",
-            "--eval-iters",
-            "1",
-            "--load",
-            source[0],
-            train_iters=ITERS,
-        )
-    )
+    code = cli.main(layout_args(tiny_corpus, save, name, "--load", source[0]))
     assert code == 0
     if dist.get_rank() != 0:
         return
@@ -151,20 +142,7 @@ def test_token_stage_from_the_boundary_checkpoint_matches_data_parallel(
     dist.broadcast_object_list(boundary, src=0)
     save = shared_tmp(tmp_path_factory, name + "-token")
     code = cli.main(
-        trainer_args(
-            tiny_corpus,
-            save,
-            *LAYOUTS[name],
-            "--micro-batch-size",
-            "2",
-            "--eval-iters",
-            "0",
-            "--stage",
-            "token",
-            "--pretrained-checkpoint",
-            boundary[0],
-            train_iters=ITERS,
-        )
+        layout_args(tiny_corpus, save, name, "--stage", "token", "--pretrained-checkpoint", boundary[0], eval_iters=0)
     )
     assert code == 0
     if dist.get_rank() != 0:
@@ -184,20 +162,8 @@ def test_a_resume_at_another_tensor_size_with_the_distributed_optimizer_is_refus
     name = "dp2-distopt-overlap"
     source = [trajectories[name + "_save"] + "/iter_0000005" if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(source, src=0)
-    argv = trainer_args(
-        tiny_corpus,
-        shared_tmp(tmp_path_factory, name + "-at-tp2"),
-        *LAYOUTS[name],
-        "--tensor-model-parallel-size",
-        "2",
-        "--micro-batch-size",
-        "2",
-        "--eval-iters",
-        "1",
-        "--load",
-        source[0],
-        train_iters=ITERS,
-    )
+    save = shared_tmp(tmp_path_factory, name + "-at-tp2")
+    argv = layout_args(tiny_corpus, save, name, "--tensor-model-parallel-size", "2", "--load", source[0])
     capsys.readouterr()
     assert cli.main(argv) == 2
     if dist.get_rank() == 0:
