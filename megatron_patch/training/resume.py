@@ -161,12 +161,14 @@ def check_token_stage_start(flags: dict, plan: RunPlan, path: str, meta: dict) -
                 f"{value}: give the patch stage's value (it sets the token stage's share of --train-tokens)"
             )
     check_same_tokenizer(flags, meta, f"--pretrained-checkpoint {path}")
-    # the token stage is the rest of the patch run's plan: its budget and split (not its seed); the
-    # data's path may differ on another machine or mount, so a different one is only said
+    # the token stage is the rest of the patch run's plan: its budget and split (K and lambda were
+    # checked above, also for a converted checkpoint; not its seed); the data's path may differ on
+    # another machine or mount, so a different one is only said
+    not_compared = ("seed", "data_path", "patch_size", "patch_data_fraction")
     check_same_flags(
         flags,
         meta,
-        [name for name in PLAN_FLAGS if name not in ("seed", "data_path")],
+        [name for name in PLAN_FLAGS if name not in not_compared],
         f"--pretrained-checkpoint {path}",
         "give the patch run's value (the token stage trains on the rest of its plan)",
     )
