@@ -22,7 +22,6 @@ from megatron_patch.checkpoint.async_save import PendingSave
 from megatron_patch.checkpoint.lock import locked_save_folder
 from megatron_patch.data.datasets import StageDataConfig, build_stage_datasets, plan_stage_split
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
-from megatron_patch.errors import CheckpointError
 from megatron_patch.runtime.rank_zero import on_rank_zero
 from megatron_patch.training import resume
 from megatron_patch.training.builders import (
@@ -44,55 +43,6 @@ from megatron_patch.training.progress import StageResult, checkpoint_progress, r
 from megatron_patch.training.step import evaluate, train_step
 
 logger = logging.getLogger(__name__)
-
-
-PLAN_FLAGS = (
-    "train_iters",
-    "patch_size",
-    "patch_data_fraction",
-    "global_batch_size",
-    "seq_length",
-    "data_path",
-    "split",
-    "stage_split",
-    "seed",  # the order of the samples, which consumed_samples counts along
-)
-# what a resume takes from the checkpoint's optimizer and scheduler state, whatever the flags say
-# (megatron's scheduler reads the peak and final learning rates from the loaded parameter groups)
-OPTIMIZER_FLAGS = (
-    "lr",
-    "min_lr",
-    "lr_warmup_iters",
-    "lr_decay_style",
-    "weight_decay",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_eps",
-)
-
-
-def _check_same_flags(flags: dict, meta, names, source: str, fix: str) -> None:
-    """CheckpointError unless every flag of ``names`` that the checkpoint ``source`` records has the
-    value this run gives it."""
-    saved = meta.get("args", {})
-    for name in names:
-        if name in saved and saved[name] != flags[name]:
-            raise CheckpointError(
-                f"{source} was written with --{name.replace('_', '-')} {saved[name]}, this run has {flags[name]}: {fix}"
-            )
-
-
-def _check_same_tokenizer(flags: dict, meta, source: str) -> None:
-    """CheckpointError when the checkpoint ``source`` records another tokenizer vocabulary than
-    ``--tokenizer-model``'s (ids would mean other pieces than the model learnt)."""
-    saved = meta.get("args", {}).get("tokenizer_vocab_sha256")
-    given = flags.get("tokenizer_vocab_sha256")
-    if saved and given and saved != given:
-        raise CheckpointError(
-            f"{source} was trained with another tokenizer ({meta['args'].get('tokenizer_model')}, pieces sha256 "
-            f"{saved[:12]}) than --tokenizer-model {flags['tokenizer_model']} (pieces sha256 {given[:12]}): "
-            f"pass the one it was trained with"
-        )
 
 
 class Trainer:
