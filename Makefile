@@ -14,7 +14,7 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check --no-cache .
 	$(VENV)/bin/ruff format --check --no-cache .
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadscope tests/unit tests/data tests/training tests/tools tests/benchmarks tests/test_quickstart.py tests/test_reproduce_small.py
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder tests/test_quickstart.py tests/test_reproduce_small.py tests/benchmarks tests/training tests/tools tests/unit tests/data
 	$(VENV)/bin/python -m torch.distributed.run --standalone --nproc_per_node=4 -m pytest -q tests/dist4
 	$(VENV)/bin/python -m torch.distributed.run --standalone --nproc_per_node=2 -m pytest -q tests/dist
 

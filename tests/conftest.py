@@ -17,11 +17,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line(
+        "markers",
+        "slow: a module of whole-pipeline subprocess runs (30 s or more on 2 cores); collected first, so that "
+        "the xdist workers of `make test` (--no-loadscope-reorder) start on them and end together",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    items.sort(key=lambda item: "slow" not in item.keywords)  # stable: the order within each group is kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # whole-pipeline subprocess runs: scheduled first (tests/conftest.py)
+
 # A trainer stand-in for the command line train_command builds: writes --summary-json, marked
 # interrupted when its first flag is "stopped" (as a trainer stopped by a signal does), and exits 0.
 STAND_IN = (

@@ -17,6 +17,8 @@ from tests.conftest import REPO_ROOT
 from tests.test_quickstart import STAND_IN
 from tests.trainer_plan import stages
 
+pytestmark = pytest.mark.slow  # whole-pipeline subprocess runs: scheduled first (tests/conftest.py)
+
 
 def _reproduce_small():
     spec = importlib.util.spec_from_file_location(

@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # whole-pipeline subprocess runs: scheduled first (tests/conftest.py)
+
 
 def _load(name):
     spec = importlib.util.spec_from_file_location(f"benchmarks.{name}", REPO_ROOT / "benchmarks" / f"{name}.py")

@@ -31,6 +31,8 @@ from tests.benchmarks.campaign_helpers import (
 )
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # whole-pipeline subprocess runs: scheduled first (tests/conftest.py)
+
 # makes the cost part's two-stage run with levers exit with an error at its start, as a lever's failed
 # compile would: a sitecustomize.py on the campaign's PYTHONPATH (its runs inherit it); nothing in the
 # campaign knows of it

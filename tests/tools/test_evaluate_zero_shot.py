@@ -20,6 +20,8 @@ from tests.tools.common import assert_one_line_error, call, megatron_logits, meg
 from tests.training.common import trainer_args
 from tools import build_zero_shot_task, evaluate_zero_shot
 
+pytestmark = pytest.mark.slow  # whole-pipeline subprocess runs: scheduled first (tests/conftest.py)
+
 TASK = "tiny_next_sentence"
 SHIPPED = os.path.join(zero_shot.TASKS_DIR, TASK, f"{TASK}.jsonl")
 SEQ = 128  # T of the models here: the task's longest choice is 85 tokens of the tests' 512-piece tokenizer

@@ -23,6 +23,8 @@ from megatron_patch.checkpoint.compare import differences
 from megatron_patch.checkpoint.lock import SaveDirLock
 from tests.training.common import REPO_ROOT, launch, slow_writer_command, train_records, trainer_args
 
+pytestmark = pytest.mark.slow  # whole-pipeline subprocess runs: scheduled first (tests/conftest.py)
+
 ITERS = 12  # 8 patch steps (global 1-8), then 4 token steps (global 9-12)
 FLAGS = ("--save-interval", "2", "--eval-iters", "0", "--keep-last-checkpoints", "0")
 

@@ -24,6 +24,8 @@ from megatron_patch.training import cli, loop
 from megatron_patch.training.arguments import parse_args
 from tests.training.common import REPO_ROOT, launch, train_records, trainer_args
 
+pytestmark = pytest.mark.slow  # whole-pipeline subprocess runs: scheduled first (tests/conftest.py)
+
 TOKENS_PER_STEP = 16 * 32  # trainer_args: G=16 sequences of T=32 tokens
 
 

@@ -17,6 +17,8 @@ from megatron_patch.checkpoint import store as checkpoint
 from megatron_patch.checkpoint.compare import differences
 from tests.training.common import launch, slow_writer_command, train_records, trainer_args
 
+pytestmark = pytest.mark.slow  # whole-pipeline subprocess runs: scheduled first (tests/conftest.py)
+
 ITERS = 12  # 8 patch steps (global 1-8), then 4 token steps (global 9-12)
 
 

@@ -17,7 +17,11 @@ import stat
 import subprocess
 import sys
 
+import pytest
+
 from tests.training.common import REPO_ROOT, train_records
+
+pytestmark = pytest.mark.slow  # whole-pipeline subprocess runs: scheduled first (tests/conftest.py)
 
 SRUN = """#!/usr/bin/env bash
 # stand-in for srun: skip its options, start the command once per node, fail if any node fails

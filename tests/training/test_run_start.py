@@ -16,6 +16,8 @@ from tests.conftest import REPO_ROOT
 from tests.training.common import train_records, trainer_args
 from tools import train_tokenizer
 
+pytestmark = pytest.mark.slow  # whole-pipeline subprocess runs: scheduled first (tests/conftest.py)
+
 
 def test_a_requeued_token_stage_resumes_from_load_not_from_the_pretrained_weights(
     cpu_world, tiny_corpus, tmp_path, capsys
