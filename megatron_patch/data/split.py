@@ -104,13 +104,15 @@ STAGE_SPLITS = ("documents", "epochs")
 
 @dataclass(frozen=True)
 class PrefixSplit:
-    """The stage ranges of one prefix; ``longest_train_document`` in tokens bounds the λ error.
+    """The stage ranges of one prefix of ``documents`` documents holding ``tokens`` tokens;
+    ``longest_train_document`` in tokens bounds the λ error.
 
     ``train`` is the whole training range: the patch and token ranges partition it in the
     ``documents`` split and both equal it in the ``epochs`` split."""
 
     prefix: str
     documents: int
+    tokens: int
     train: DocumentRange
     patch: DocumentRange
     token: DocumentRange
@@ -173,6 +175,7 @@ def split_prefix(
     return PrefixSplit(
         prefix=prefix,
         documents=count,
+        tokens=int(cumulative[-1]),
         train=train,
         patch=train if cut is None else document_range(train_begin, cut),
         token=train if cut is None else document_range(cut, train_end),

@@ -79,6 +79,13 @@ class Trainer:
             self.stop = StopSignals(checkpoints.stop_signals, time_limit_minutes=checkpoints.exit_duration_minutes)
             self._stop_scope = self.stop
         self.datasets = self._build_datasets()
+        # what checkpoints record of the run: its flags, and the corpus they name (the document and
+        # token counts of each --data-path prefix, which identify it on another path too)
+        self.recorded = dict(
+            config.flags,
+            data_documents=[split.documents for split in self.datasets.splits],
+            data_tokens=[split.tokens for split in self.datasets.splits],
+        )
         self.profiler = StepProfiler(config.profile, self.rank)
         self.manual_gc = ManualGC(config.manual_gc_interval)
         self.pending_save = (
@@ -166,7 +173,7 @@ class Trainer:
             self.optimizer,
             self.scheduler,
             progress,
-            self.config.flags,
+            self.recorded,
             self.shape,
             checkpoints.keep_last,
             fully_parallel=checkpoints.fully_parallel_save,
@@ -208,7 +215,7 @@ class Trainer:
         if checkpoints.pretrained_checkpoint:
             path = checkpoints.pretrained_checkpoint
             pretrained = on_rank_zero(folders.resolve_checkpoint, path)  # the same checkpoint on every rank
-            resume.check_token_stage_start(self.config.flags, self.plan, path, ckpt.read_metadata(pretrained))
+            resume.check_token_stage_start(self.recorded, self.plan, path, ckpt.read_metadata(pretrained))
             ckpt.load_checkpoint(
                 pretrained,
                 self.model,
@@ -227,7 +234,7 @@ class Trainer:
         load = checkpoints.load
         meta = ckpt.read_metadata(found)
         names = [stage.name for stage in stages]
-        resume.check_resumed_checkpoint(self.config.flags, load, meta, names)
+        resume.check_resumed_checkpoint(self.recorded, load, meta, names)
         progress = meta["progress"]
         index = names.index(progress["stage"])
         stage = stages[index]

@@ -3,7 +3,10 @@ checkpoint it resumes or starts the token stage from must share with the run.
 
 A resume keeps the checkpoint's plan (budget, data, split, K, lambda, seed), its optimizer and
 schedule settings (the loaded optimizer state carries them) and its tokenizer; a token stage
-started with ``--pretrained-checkpoint`` continues the patch run's plan. Each difference is one
+started with ``--pretrained-checkpoint`` continues the patch run's plan. The data is the same
+corpus, not the same path: checkpoints record each ``--data-path`` prefix's document and token
+counts, so a run whose corpus was moved to another mount resumes (with a warning), and one whose
+corpus was rewritten under the same path does not. Each difference is one
 ``CheckpointError`` line. Which checkpoint ``--load`` names is decided on rank 0
 (:func:`checkpoint_to_resume`, called through ``runtime.rank_zero.on_rank_zero``).
 """
@@ -14,6 +17,7 @@ from typing import List, Optional
 
 from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as ckpt
+from megatron_patch.data.split import parse_data_path
 from megatron_patch.errors import CheckpointError
 from megatron_patch.training.config import CheckpointSettings
 from megatron_patch.training.plan import RunPlan
@@ -26,11 +30,12 @@ PLAN_FLAGS = (
     "patch_data_fraction",
     "global_batch_size",
     "seq_length",
-    "data_path",
     "split",
     "stage_split",
     "seed",  # the order of the samples, which consumed_samples counts along
 )
+# the corpus, per prefix of --data-path (the trainer records them): what identifies it on any path
+CORPUS_FLAGS = ("data_documents", "data_tokens")
 # what a resume takes from the checkpoint's optimizer and scheduler state, whatever the flags say
 # (megatron's scheduler reads the peak and final learning rates from the loaded parameter groups)
 OPTIMIZER_FLAGS = (
@@ -54,6 +59,48 @@ def check_same_flags(flags: dict, meta, names, source: str, fix: str) -> None:
             raise CheckpointError(
                 f"{source} was written with --{name.replace('_', '-')} {saved[name]}, this run has {flags[name]}: {fix}"
             )
+
+
+def _corpus(args: dict) -> Optional[tuple]:
+    """(blend weights, documents, tokens) of the corpus ``args`` record, or None for a checkpoint
+    older than the record."""
+    if any(args.get(name) is None for name in CORPUS_FLAGS):
+        return None
+    return (parse_data_path(args["data_path"])[1], *(list(args[name]) for name in CORPUS_FLAGS))
+
+
+def _describe_data(args: dict) -> str:
+    """``--data-path P (N documents, T tokens)``, the counts per prefix when recorded."""
+    paths = args["data_path"]
+    text = "--data-path " + (" ".join(map(str, paths)) if isinstance(paths, list) else str(paths))
+    if _corpus(args) is None:
+        return text
+    counts = [f"{n} documents, {t} tokens" for n, t in zip(*(args[name] for name in CORPUS_FLAGS))]
+    return f"{text} ({'; '.join(counts)})"
+
+
+def data_difference(flags: dict, meta, source: str) -> Optional[str]:
+    """None when this run reads the corpus the checkpoint ``source`` was trained on: its
+    --data-path, or another path to a corpus of the same blend and the same document and token
+    counts per prefix (the corpus on another mount or machine, which a warning says); otherwise
+    what differs. A checkpoint that does not record the counts must name the same --data-path."""
+    saved = meta.get("args", {})
+    if "data_path" not in saved:
+        return None
+    same_path = saved["data_path"] == flags["data_path"]
+    recorded = _corpus(saved)
+    if recorded is None and same_path:
+        return None
+    if recorded is None or recorded != _corpus(flags):
+        return f"{source} was trained on {_describe_data(saved)}, this run reads {_describe_data(flags)}"
+    if not same_path:
+        logger.warning(
+            "%s was trained on %s; this run reads the same documents and tokens under %s",
+            source,
+            _describe_data(saved),
+            " ".join(map(str, flags["data_path"])),
+        )
+    return None
 
 
 def check_same_tokenizer(flags: dict, meta, source: str) -> None:
@@ -126,6 +173,11 @@ def check_resumed_checkpoint(flags: dict, load: str, meta: dict, stage_names: Li
         "--load checkpoint",
         "resume with the same value (start a new --save directory to change it)",
     )
+    difference = data_difference(flags, meta, "--load checkpoint")
+    if difference:
+        raise CheckpointError(
+            f"{difference}: resume on the corpus it was trained on (start a new --save directory to train on another)"
+        )
     stage = meta["progress"]["stage"]
     if stage not in stage_names:
         raise CheckpointError(
@@ -162,9 +214,9 @@ def check_token_stage_start(flags: dict, plan: RunPlan, path: str, meta: dict) -
             )
     check_same_tokenizer(flags, meta, f"--pretrained-checkpoint {path}")
     # the token stage is the rest of the patch run's plan: its budget and split (K and lambda were
-    # checked above, also for a converted checkpoint; not its seed); the data's path may differ on
-    # another machine or mount, so a different one is only said
-    not_compared = ("seed", "data_path", "patch_size", "patch_data_fraction")
+    # checked above, also for a converted checkpoint; not its seed) and its corpus, whose documents
+    # after the patch stage's share it trains on; another corpus is only said (the user's choice)
+    not_compared = ("seed", "patch_size", "patch_data_fraction")
     check_same_flags(
         flags,
         meta,
@@ -172,12 +224,10 @@ def check_token_stage_start(flags: dict, plan: RunPlan, path: str, meta: dict) -
         f"--pretrained-checkpoint {path}",
         "give the patch run's value (the token stage trains on the rest of its plan)",
     )
-    saved_data = meta.get("args", {}).get("data_path")
-    if saved_data is not None and saved_data != flags["data_path"]:
+    difference = data_difference(flags, meta, f"--pretrained-checkpoint {path}")
+    if difference:
         logger.warning(
-            "--pretrained-checkpoint %s was trained on --data-path %s, this run reads %s: the token stage "
-            "takes the documents after the patch stage's share of this data, which must be the same corpus",
-            path,
-            " ".join(map(str, saved_data)) if isinstance(saved_data, list) else saved_data,
-            " ".join(map(str, flags["data_path"])),
+            "%s: the token stage takes the documents after the patch stage's share of this data, which must be the "
+            "same corpus",
+            difference,
         )

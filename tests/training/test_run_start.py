@@ -126,6 +126,7 @@ def test_a_failed_start_leaves_no_save_folder(cpu_world, tiny_corpus, tmp_path, 
         "other_shape",
         "changed_plan",
         "changed_seed",
+        "rewritten_corpus",
         "not_empty_save",
         "pretrained_into_used_save",
         "pretrained_token_stage",
@@ -143,6 +144,8 @@ def test_a_failed_start_leaves_no_save_folder(cpu_world, tiny_corpus, tmp_path, 
 )
 def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_path, capsys, case):
     run = tmp_path / "run"
+    if case == "rewritten_corpus":  # trained on a copy of the corpus, rewritten below
+        tiny_corpus = dict(tiny_corpus, prefix=_copy_corpus(tiny_corpus["prefix"], tmp_path / "copy" / "tiny"))
     if case != "missing" and case != "bad_flags":
         assert cli.main(trainer_args(tiny_corpus, run, "--eval-iters", "0", train_iters=3)) == 0
         capsys.readouterr()
@@ -167,6 +170,10 @@ def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_pat
     elif case == "changed_seed":
         argv = trainer_args(tiny_corpus, run, "--load", str(run), "--seed", "7", train_iters=3)
         expected = "this run has 7: resume with the same value"
+    elif case == "rewritten_corpus":  # re-preprocessed in place: the samples' order is another one
+        _copy_corpus(tiny_corpus["prefix"], tiny_corpus["prefix"], drop_last=1)
+        argv = trainer_args(tiny_corpus, run, "--load", str(run), train_iters=3)
+        expected = "tokens): resume on the corpus it was trained on"  # the counts of both corpora, named
     elif case == "not_empty_save":
         argv = trainer_args(tiny_corpus, run, train_iters=3)
         expected = "already holds checkpoints"
@@ -237,18 +244,47 @@ def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_pat
     assert len(err) == 1 and expected in err[0], err
 
 
-def test_a_token_stage_on_the_same_data_under_another_path_runs_and_says_so(cpu_world, tiny_corpus, tmp_path, caplog):
-    """The data of the patch run may sit at another path (another machine or mount): the token
-    stage starts, with a warning naming both paths (budget and split must still agree)."""
+def _copy_corpus(prefix: str, target, drop_last: int = 0) -> str:
+    """Write the documents of the ``.bin/.idx`` ``prefix`` but its last ``drop_last`` as ``target``
+    (megatron's builder; ``target`` may be ``prefix``, rewritten in place); returns ``target``."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    source = IndexedDataset(str(prefix))
+    documents = [source[i].copy() for i in range(len(source) - drop_last)]
+    os.makedirs(os.path.dirname(str(target)), exist_ok=True)
+    builder = IndexedDatasetBuilder(f"{target}.bin", dtype=source.index.dtype)
+    for document in documents:
+        builder.add_document(document, [len(document)])
+    builder.finalize(f"{target}.idx")
+    return str(target)
+
+
+def test_the_same_corpus_under_another_path_resumes_and_starts_the_token_stage(
+    cpu_world, tiny_corpus, tmp_path, caplog
+):
+    """The corpus of a run may sit at another path (another machine or mount): the checkpoints
+    record each prefix's document and token counts, so a resume and a token stage started from the
+    patch stage read it there, with a warning naming both paths; the resumed step is the same."""
     run = tmp_path / "run"
     assert cli.main(trainer_args(tiny_corpus, run, "--eval-iters", "0", train_iters=3)) == 0
+    uninterrupted = train_records(run)
     moved = tmp_path / "mounted"
     moved.mkdir()
     for suffix in (".bin", ".idx"):
         os.symlink(tiny_corpus["prefix"] + suffix, moved / ("tiny_text_document" + suffix))
     corpus = dict(tiny_corpus, prefix=str(moved / "tiny_text_document"))
+    said = f"was trained on --data-path {tiny_corpus['prefix']} ("
+    shutil.rmtree(folders.checkpoint_dir(str(run), 3))  # as if killed after the save at 2
+    (run / folders.TRACKER).write_text("2\n")
+    with caplog.at_level("WARNING"):
+        assert cli.main(trainer_args(corpus, run, "--load", str(run), "--eval-iters", "0", train_iters=3)) == 0
+    assert f"{said}" in caplog.text and f"this run reads the same documents and tokens under {corpus['prefix']}" in (
+        caplog.text
+    )
+    assert train_records(run)[3]["loss"] == uninterrupted[3]["loss"]
+    caplog.clear()
     boundary = folders.checkpoint_dir(str(run), 2)
     argv = trainer_args(corpus, None, "--stage", "token", "--pretrained-checkpoint", boundary, "--eval-iters", "0")
-    with caplog.at_level("WARNING", logger="megatron_patch.training.loop"):
+    with caplog.at_level("WARNING"):
         assert cli.main([*argv, "--train-iters", "3"]) == 0
-    assert f"was trained on --data-path {tiny_corpus['prefix']}, this run reads {corpus['prefix']}" in caplog.text
+    assert said in caplog.text and "this run reads the same documents and tokens" in caplog.text
