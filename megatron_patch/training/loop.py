@@ -40,7 +40,7 @@ from megatron_patch.training.plan import StagePlan
 from megatron_patch.training.preemption import StopSignals
 from megatron_patch.training.profiling import StepProfiler
 from megatron_patch.training.progress import StageResult, checkpoint_progress, restore_results, run_summary
-from megatron_patch.training.step import evaluate, train_step
+from megatron_patch.training.step import ValidationStopped, evaluate, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ class Trainer:
             self.model,
             lambda: self._iterator(self.datasets.valid, 0, self.plan.validation.micro_batch_size),
             self.plan.validation,
+            stopped=self._stop_flag,
         )
 
     def _save(self, iteration, stage: StagePlan, stage_iteration, consumed_samples, results, background=False):
@@ -279,7 +280,11 @@ class Trainer:
         elif stage_iteration == 0 and start_index > 0:  # at a stage boundary
             finished = start_index - 1
         if finished is not None and results[finished].valid_loss is None:
-            self._close_stage(self.plan.stages[finished], results[finished], validated=False)
+            try:
+                self._close_stage(self.plan.stages[finished], results[finished], validated=False)
+            except ValidationStopped:  # nothing trained since the checkpoint: the next resume validates
+                self._log_stop(self.plan.stages[finished].first_iteration + self.plan.stages[finished].iterations)
+                return self._summary(results, interrupted=True)
         for index in range(start_index, len(self.plan.stages)):
             resumed = index == start_index and stage_iteration > 0
             stopped = self._run_stage(self.plan.stages[index], results[index], resumed, stage_iteration, consumed)
@@ -344,26 +349,32 @@ class Trainer:
             if self.pending_save is not None:
                 self.pending_save.poll()
             stop = self._stop_flag()
-            # a stop saves first, without validating
+            # a stop saves first, without validating (one during a validation cuts it short)
             validated = bool(log.eval_interval and iteration % log.eval_interval == 0 and not stop)
-            if validated:
-                self.metrics.log_valid(stage.name, iteration, self._validate())
-            if stage_iteration == stage.iterations and not stop:
-                self._close_stage(stage, result, validated)  # before the stage's last save, which records it
+            try:
+                if validated:
+                    self.metrics.log_valid(stage.name, iteration, self._validate())
+                if stage_iteration == stage.iterations and not stop:
+                    self._close_stage(stage, result, validated)  # before the stage's last save, which records it
+            except ValidationStopped:
+                stop = True  # a stage's last step: the resumed run validates these weights
             if stop or stage_iteration == stage.iterations or (save_interval and iteration % save_interval == 0):
                 last = stop or iteration == self.plan.stage_ends[-1]
                 self._save(iteration, stage, stage_iteration, consumed, self.results, background=not last)
             if stop:
-                logger.warning(
-                    "stopped by %s at iteration %d; resume with --load %s",
-                    self.stop.requested or "a stop on another rank",
-                    iteration,
-                    self.config.checkpoints.save,
-                )
+                self._log_stop(iteration)
                 result.peak_memory_gib = peak_memory_gib()
                 return True
         result.peak_memory_gib = peak_memory_gib()  # the peak only grows within a stage: read it once
         return False
+
+    def _log_stop(self, iteration: int) -> None:
+        logger.warning(
+            "stopped by %s at iteration %d; resume with --load %s",
+            self.stop.requested or "a stop on another rank",
+            iteration,
+            self.config.checkpoints.save,
+        )
 
     def _close_stage(self, stage: StagePlan, result: StageResult, validated: bool) -> None:
         """The stage's closing validation; ``validated``: its last step's interval validation just ran."""

@@ -115,15 +115,32 @@ def train_step(model, optimizer, scheduler, data_iterator, stage: StagePlan):
     return loss, grad_norm, not update_successful
 
 
+class ValidationStopped(Exception):
+    """A stop (a signal, the time limit) came during a validation, which was cut short: the run
+    saves at once instead of finishing it."""
+
+
 @torch.no_grad()
-def evaluate(model, data_iterator_factory: Callable[[], Iterator], validation: StagePlan) -> float:
+def evaluate(
+    model,
+    data_iterator_factory: Callable[[], Iterator],
+    validation: StagePlan,
+    stopped: Callable[[], bool] = lambda: False,
+) -> float:
     """Token-level loss (``validation.patch_size`` is 1) over ``validation.iterations`` global
-    batches from a fresh validation iterator, so both stages' validation curves are comparable."""
+    batches from a fresh validation iterator, so both stages' validation curves are comparable.
+
+    ``stopped`` is asked before each global batch but the first (on every rank: it must agree
+    across ranks); :class:`ValidationStopped` when it says so."""
     for chunk in model:
         chunk.eval()
     try:
         iterator = data_iterator_factory()
-        totals = sum(run_schedule(model, iterator, validation, forward_only=True) for _ in range(validation.iterations))
+        totals = 0
+        for index in range(validation.iterations):
+            if index and stopped():
+                raise ValidationStopped()
+            totals = totals + run_schedule(model, iterator, validation, forward_only=True)
     finally:
         for chunk in model:
             chunk.train()

@@ -275,3 +275,32 @@ def test_a_stop_signal_after_the_run_has_ended_leaves_exit_status_0(tiny_corpus,
         time.sleep(0.01)
     output = process.stdout.read()
     assert process.wait() == 0 and signals > 1, (process.returncode, signals, output[-2000:])
+
+
+@pytest.mark.parametrize("iteration", [4, 8])
+def test_a_stop_during_a_validation_cuts_it_short_and_saves(cpu_world, tiny_corpus, tmp_path, monkeypatch, iteration):
+    """SIGTERM during the first of five validation batches: the validation stops before its second
+    batch and the run saves at that step at once (4: an interval validation, whose loss is then not
+    logged; 8: the patch stage's last step, whose validation the resumed run runs first). Before,
+    every batch of the validation and one more training step ran before the save."""
+    from megatron_patch.training import cli, step
+
+    run_schedule, validation_batches = step.run_schedule, []
+
+    def signal_in_validation(model, iterator, stage, forward_only):
+        if forward_only:
+            validation_batches.append(True)
+            if len(validation_batches) == 1 + (iteration // 4 - 1) * 5:  # the first batch at `iteration`
+                os.kill(os.getpid(), signal.SIGTERM)
+        return run_schedule(model, iterator, stage, forward_only)
+
+    save = tmp_path / "run"
+    argv = trainer_args(tiny_corpus, save, "--eval-interval", "4", "--eval-iters", "5", train_iters=ITERS)
+    with monkeypatch.context() as patch:
+        patch.setattr(step, "run_schedule", signal_in_validation)
+        assert cli.main(argv) == 0
+    assert len(validation_batches) == 1 + (iteration // 4 - 1) * 5  # no batch after the signal's
+    assert folders.tracker_value(str(save)) == iteration and max(train_records(save)) == iteration
+    assert iteration not in train_records(save, "valid")
+    assert cli.main(argv + ["--load", str(save)]) == 0
+    assert sorted(train_records(save, "valid")) == ([8, ITERS] if iteration == 4 else [4, 8, ITERS])
