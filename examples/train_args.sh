@@ -6,7 +6,7 @@
 #   DATA TOKENIZER SAVE  .bin/.idx prefix, SentencePiece .model, checkpoint directory
 #   GBS SEQ_LENGTH       optional: global batch (token-stage sequences, default 1024) and
 #                        sequence length (default 2048): 2M tokens per step in both stages
-#   TRAIN_TOKENS         optional: token budget of both stages (default 360e9, the paper's)
+#   TRAIN_TOKENS         optional: token budget of both stages (default 360000000000, the paper's 360B)
 #
 # It defines the bash array TRAIN_ARGS; the scripts pass "${TRAIN_ARGS[@]}" and then their own
 # command-line arguments, so a flag with a value given there overrides the one here (argparse keeps

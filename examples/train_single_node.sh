@@ -4,25 +4,28 @@
 #   MODEL=370m DATA=data/train_text_document TOKENIZER=tokenizers/spm32k.model \
 #   SAVE=checkpoints/370m-patch bash examples/train_single_node.sh [more trainer flags]
 #
-# Token budget: TRAIN_TOKENS (default 360e9, the paper's), global batch 1024 x 2048 tokens
+# Token budget: TRAIN_TOKENS (default 360000000000, the paper's 360B), global batch 1024 x 2048 tokens
 # (2M tokens per step in both stages); K=4, lambda=2/3. The flags are in examples/train_args.sh;
 # trainer flags after the script name override them. Re-running the same command resumes.
 set -euo pipefail
 MODEL=${MODEL:-370m}
 GPUS=${GPUS:-8}
 
-# recommended layouts on 80 GB H100s (bf16, distributed optimizer); see README "Presets"
+# recommended layouts on 80 GB H100s (bf16, distributed optimizer; see README "Presets"); TP, PP
+# and MBS set in the environment win
 case "$MODEL" in
-  370m) TP=1 PP=1 MBS=16 ;;
-  780m) TP=1 PP=1 MBS=8 ;;
-  1.3b) TP=1 PP=1 MBS=8 ;;
-  2.7b) TP=1 PP=1 MBS=4 ;;
-  6.7b) TP=1 PP=1 MBS=1 ;;
-  13b)  TP=2 PP=1 MBS=1 ;;
+  370m) TP=${TP:-1} PP=${PP:-1} MBS=${MBS:-16} ;;
+  780m) TP=${TP:-1} PP=${PP:-1} MBS=${MBS:-8} ;;
+  1.3b) TP=${TP:-1} PP=${PP:-1} MBS=${MBS:-8} ;;
+  2.7b) TP=${TP:-1} PP=${PP:-1} MBS=${MBS:-4} ;;
+  6.7b) TP=${TP:-1} PP=${PP:-1} MBS=${MBS:-1} ;;
+  13b)  TP=${TP:-2} PP=${PP:-1} MBS=${MBS:-1} ;;
   *) : "${TP:?MODEL=$MODEL has no layout here: set TP, PP and MBS}" "${PP:?set PP}" "${MBS:?set MBS}" ;;
 esac
 source examples/train_args.sh
 
+# a SIGTERM (scancel, a SLURM time limit) gives the workers this long to save before torchrun kills them
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-270}
 mkdir -p "$SAVE"
 exec torchrun --standalone --nproc_per_node="$GPUS" examples/pretrain_patch_gpt.py \
   "${TRAIN_ARGS[@]}" "$@"

@@ -16,8 +16,10 @@ from megatron_patch.training.arguments import parse_args
 from tests.training.common import REPO_ROOT
 
 PRESETS = ("370m", "780m", "1.3b", "2.7b", "6.7b", "13b")
-LAYOUT_LINE = re.compile(r"([\w.]+)\)\s+TP=(\d+) PP=(\d+) MBS=(\d+)")
+LAYOUT_LINE = re.compile(r"([\w.]+)\)\s+TP=\$\{TP:-(\d+)\} PP=\$\{PP:-(\d+)\} MBS=\$\{MBS:-(\d+)\}")
 RECORDER = '#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$LAUNCH_RECORD"\n'
+# srun's also records the CPUs per task it would give the step
+SRUN_RECORDER = RECORDER + 'printf "%s" "${SRUN_CPUS_PER_TASK:-unset}" > "$LAUNCH_RECORD.cpus"\n'
 SCRIPTS = {  # script: (world size, the environment its launcher would give it)
     "train_single_node.sh": (8, {"GPUS": "8"}),
     "train_multi_node.sbatch": (64, {"SLURM_NNODES": "8", "SLURM_JOB_NODELIST": "node[001-008]"}),
@@ -25,14 +27,18 @@ SCRIPTS = {  # script: (world size, the environment its launcher would give it)
 
 
 def _stand_ins(folder):
-    for name, body in (("torchrun", RECORDER), ("srun", RECORDER), ("scontrol", "#!/usr/bin/env bash\necho node001\n")):
+    for name, body in (
+        ("torchrun", RECORDER),
+        ("srun", SRUN_RECORDER),
+        ("scontrol", "#!/usr/bin/env bash\necho node001\n"),
+    ):
         path = folder / name
         path.write_text(body)
         path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
-def _launched_argv(script, model, tmp_path, environment, tokenizer, *extra):
-    """The whole command line the script starts (torchrun's, or srun's with torchrun in it)."""
+def _run_script(script, model, tmp_path, environment, tokenizer, *extra):
+    """The script run under bash with the stand-ins: (the finished process, its record file)."""
     bin_dir, record = tmp_path / "bin", tmp_path / f"{model}.argv"
     bin_dir.mkdir(exist_ok=True)
     _stand_ins(bin_dir)
@@ -54,6 +60,12 @@ def _launched_argv(script, model, tmp_path, environment, tokenizer, *extra):
         text=True,
         timeout=60,
     )
+    return done, record
+
+
+def _launched_argv(script, model, tmp_path, environment, tokenizer, *extra):
+    """The whole command line the script starts (torchrun's, or srun's with torchrun in it)."""
+    done, record = _run_script(script, model, tmp_path, environment, tokenizer, *extra)
     assert done.returncode == 0, done.stderr
     return record.read_text().split("\0")[:-1]
 
@@ -108,7 +120,7 @@ def test_the_slurm_script_lowers_the_micro_batch_to_what_the_patch_stage_gives_e
     )
     assert done.returncode == 2
     assert done.stderr.strip() == (
-        "2048 GPUs leave no patch-stage sequence per data-parallel rank at GBS=1024: use fewer nodes"
+        "2048 GPUs leave no patch-stage sequence per data-parallel rank at GBS=1024, K=4: use fewer nodes"
     )
 
 
@@ -144,3 +156,47 @@ def test_both_scripts_pass_the_same_trainer_flags_and_append_the_user_s(tmp_path
     assert single == multi
     assert single[-4:] == list(extra)
     assert single[single.index("--micro-batch-size") + 1] == "8"
+
+
+def _flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+def test_a_layout_in_the_environment_wins_over_the_preset_s(tmp_path):
+    for script in sorted(SCRIPTS):
+        environment = dict(SCRIPTS[script][1], TP="2", MBS="2")
+        argv = _launched_trainer_argv(script, "2.7b", tmp_path, environment, "spm.model")
+        assert (_flag(argv, "--tensor-model-parallel-size"), _flag(argv, "--micro-batch-size")) == ("2", "2"), script
+
+
+@pytest.mark.parametrize(
+    "environment, extra, micro_batch",
+    [
+        ({"MODEL": "2.7b", "GBS": "1536"}, (), "3"),  # 6 patch sequences per rank: 4 does not divide them
+        ({"MODEL": "370m"}, ("--global-batch-size", "512"), "2"),  # a trailing flag counts: 512/4/64
+        ({"MODEL": "370m"}, ("--patch-size=8",), "2"),  # 1024/8/64, in the --flag=value form too
+        ({"MODEL": "370m"}, ("--tensor-model-parallel-size", "2"), "8"),  # DP 32: 1024/4/32
+    ],
+)
+def test_the_slurm_script_s_micro_batch_divides_each_rank_s_patch_sequences(
+    tmp_path, tiny_corpus, environment, extra, micro_batch
+):
+    """The micro-batch is the largest up to the preset's that divides GBS/K/DP, with GBS, K, TP and
+    PP as the trainer will see them (the environment, or flags after the script name, which win),
+    so the trainer accepts the command at 8 nodes of 8 GPUs."""
+    world_size, slurm = SCRIPTS["train_multi_node.sbatch"]
+    model = environment.pop("MODEL")
+    argv = _launched_trainer_argv(
+        "train_multi_node.sbatch", model, tmp_path, dict(slurm, **environment), tiny_corpus["tokenizer"], *extra
+    )
+    assert _flag(argv, "--micro-batch-size") == micro_batch
+    parse_args(argv, world_size=world_size)  # accepted
+
+
+def test_the_slurm_script_takes_its_gpus_and_cpus_from_slurm_and_refuses_a_bad_number(tmp_path):
+    slurm = dict(SCRIPTS["train_multi_node.sbatch"][1], SLURM_GPUS_PER_NODE="h100:4", SLURM_CPUS_PER_TASK="32")
+    words = _launched_argv("train_multi_node.sbatch", "2.7b", tmp_path, slurm, "spm.model")
+    assert "--nproc-per-node=4" in words
+    assert (tmp_path / "2.7b.argv.cpus").read_text() == "32"  # srun of Slurm >= 22.05 is told again
+    done, _ = _run_script("train_multi_node.sbatch", "2.7b", tmp_path, dict(slurm, GBS="1024 "), "spm.model")
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == "GBS=1024  must be a positive whole number"
