@@ -41,7 +41,8 @@ setup(
             "ruff==0.17.6",
             "zstandard",
         ],
-        "gpu": ["transformer-engine[pytorch]", "apex"],
+        # NVIDIA's apex is built from its sources (github.com/NVIDIA/apex); "apex" on PyPI is another project
+        "gpu": ["transformer-engine[pytorch]"],
         "hf": ["transformers>=4.40", "safetensors", "protobuf"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
