@@ -69,14 +69,25 @@ def _corpus(args: dict) -> Optional[tuple]:
     return (parse_data_path(args["data_path"])[1], *(list(args[name]) for name in CORPUS_FLAGS))
 
 
-def _describe_data(args: dict) -> str:
-    """``--data-path P (N documents, T tokens)``, the counts per prefix when recorded."""
+def _paths(args: dict) -> str:
     paths = args["data_path"]
-    text = "--data-path " + (" ".join(map(str, paths)) if isinstance(paths, list) else str(paths))
-    if _corpus(args) is None:
-        return text
-    counts = [f"{n} documents, {t} tokens" for n, t in zip(*(args[name] for name in CORPUS_FLAGS))]
-    return f"{text} ({'; '.join(counts)})"
+    return " ".join(map(str, paths)) if isinstance(paths, list) else str(paths)
+
+
+def _corpus_change(saved: dict, flags: dict) -> str:
+    """What differs between the corpus the checkpoint records and this run's: the first prefix
+    whose counts differ, or the two --data-path values (another blend)."""
+    before, now = _corpus(saved), _corpus(flags)
+    if before[0] == now[0] and len(before[1]) == len(now[1]):
+        before_prefixes, prefixes = parse_data_path(saved["data_path"])[0], parse_data_path(flags["data_path"])[0]
+        for index, counts in enumerate(zip(*before[1:])):
+            if counts != tuple(column[index] for column in now[1:]):
+                documents, tokens = (column[index] for column in now[1:])
+                return (
+                    f"--data-path prefix {before_prefixes[index]} of {counts[0]} documents, {counts[1]} tokens; "
+                    f"this run's {prefixes[index]} holds {documents} documents, {tokens} tokens"
+                )
+    return f"--data-path {_paths(saved)}, this run reads --data-path {_paths(flags)} (another blend)"
 
 
 def data_difference(flags: dict, meta, source: str) -> Optional[str]:
@@ -88,17 +99,18 @@ def data_difference(flags: dict, meta, source: str) -> Optional[str]:
     if "data_path" not in saved:
         return None
     same_path = saved["data_path"] == flags["data_path"]
-    recorded = _corpus(saved)
-    if recorded is None and same_path:
-        return None
-    if recorded is None or recorded != _corpus(flags):
-        return f"{source} was trained on {_describe_data(saved)}, this run reads {_describe_data(flags)}"
+    if _corpus(saved) is None:
+        if same_path:
+            return None
+        return f"{source} was trained on --data-path {_paths(saved)}, this run reads --data-path {_paths(flags)}"
+    if _corpus(saved) != _corpus(flags):
+        return f"{source} was trained on {_corpus_change(saved, flags)}"
     if not same_path:
         logger.warning(
-            "%s was trained on %s; this run reads the same documents and tokens under %s",
+            "%s was trained on --data-path %s; this run reads the same documents and tokens under %s",
             source,
-            _describe_data(saved),
-            " ".join(map(str, flags["data_path"])),
+            _paths(saved),
+            _paths(flags),
         )
     return None
 

@@ -173,7 +173,7 @@ def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_pat
     elif case == "rewritten_corpus":  # re-preprocessed in place: the samples' order is another one
         _copy_corpus(tiny_corpus["prefix"], tiny_corpus["prefix"], drop_last=1)
         argv = trainer_args(tiny_corpus, run, "--load", str(run), train_iters=3)
-        expected = "tokens): resume on the corpus it was trained on"  # the counts of both corpora, named
+        expected = "tokens; this run's " + tiny_corpus["prefix"] + " holds "  # the counts of both, named
     elif case == "not_empty_save":
         argv = trainer_args(tiny_corpus, run, train_iters=3)
         expected = "already holds checkpoints"
@@ -273,18 +273,19 @@ def test_the_same_corpus_under_another_path_resumes_and_starts_the_token_stage(
     for suffix in (".bin", ".idx"):
         os.symlink(tiny_corpus["prefix"] + suffix, moved / ("tiny_text_document" + suffix))
     corpus = dict(tiny_corpus, prefix=str(moved / "tiny_text_document"))
-    said = f"was trained on --data-path {tiny_corpus['prefix']} ("
+    said = (
+        f"was trained on --data-path {tiny_corpus['prefix']}; this run reads the same documents and tokens "
+        f"under {corpus['prefix']}"
+    )
     shutil.rmtree(folders.checkpoint_dir(str(run), 3))  # as if killed after the save at 2
     (run / folders.TRACKER).write_text("2\n")
     with caplog.at_level("WARNING"):
         assert cli.main(trainer_args(corpus, run, "--load", str(run), "--eval-iters", "0", train_iters=3)) == 0
-    assert f"{said}" in caplog.text and f"this run reads the same documents and tokens under {corpus['prefix']}" in (
-        caplog.text
-    )
+    assert f"--load checkpoint {said}" in caplog.text
     assert train_records(run)[3]["loss"] == uninterrupted[3]["loss"]
     caplog.clear()
     boundary = folders.checkpoint_dir(str(run), 2)
     argv = trainer_args(corpus, None, "--stage", "token", "--pretrained-checkpoint", boundary, "--eval-iters", "0")
     with caplog.at_level("WARNING"):
         assert cli.main([*argv, "--train-iters", "3"]) == 0
-    assert said in caplog.text and "this run reads the same documents and tokens" in caplog.text
+    assert f"--pretrained-checkpoint {boundary} {said}" in caplog.text
