@@ -14,6 +14,7 @@ compares transformers' logits with Megatron's on a fixed batch. Exit codes: 0 ok
 failed, 2 bad input.
 """
 
+import functools
 import os
 import sys
 from typing import List, Optional
@@ -69,7 +70,14 @@ def _run(args) -> None:
     info = checkpoint_info.read_checkpoint(args.load, "--load", args.model)
     hf_export.check_architecture_args(info)
     final = check_output_folder(args.save, args.force, "--save")
-    folders.check_replaceable(final, "--save", (info.path, os.path.dirname(info.path)))
+    check_replaceable = functools.partial(
+        folders.check_replaceable,
+        flag="--save",
+        sources=(info.path, os.path.dirname(info.path)),
+        output_names=hf_export.EXPORT_FILES,
+        is_output=hf_export.is_export,
+    )
+    check_replaceable(final)
     tokenizer = checkpoint_info.load_tokenizer([info], args.tokenizer_model)
     checkpoint_info.check_tokenizer(tokenizer, info)
     if info.progress.get("stage") == "patch":
@@ -96,7 +104,7 @@ def _run(args) -> None:
             "padded_vocab_size": info.padded_vocab_size,
             "tokenizer_vocab_size": tokenizer.vocab_size,
         }
-        with StagedFolder(final, force=args.force) as staged:
+        with StagedFolder(final, force=args.force, check_replace=check_replaceable) as staged:
             on_rank_zero(hf_export.write_folder, staged.path, weights, config, tokenizer, info.seq_length, provenance)
             difference = None
             if args.verify_logits:

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import shutil
-from typing import List, Optional, Sequence
+from typing import Callable, Collection, List, Optional, Sequence
 
 from megatron_patch.errors import ArgumentError, CheckpointError
 from megatron_patch.runtime import atomic_file
@@ -97,10 +97,13 @@ def resolve_checkpoint(path: str) -> str:
     return found
 
 
-def check_replaceable(final: str, flag: str, sources: Sequence[str]) -> None:
-    """ArgumentError when a tool's output folder ``final`` (replaced with ``--force``) is, or holds,
-    one of the ``sources`` it reads, or holds a training run's checkpoint: ``--force`` replaces a
-    tool's earlier output (a converted checkpoint, an export), never what training wrote."""
+def check_replaceable(
+    final: str, flag: str, sources: Sequence[str], output_names: Collection[str], is_output: Callable[[str], bool]
+) -> None:
+    """ArgumentError unless ``--force`` may replace the tool's output folder ``final``: it must not
+    be, or hold, one of the ``sources`` the tool reads, and it must be empty or hold an earlier
+    output of the same tool (``is_output(final)``, and nothing but ``output_names``), so that a
+    training run, another tool's output or a user's own files are never deleted."""
     real = os.path.realpath(final)
     for source in sources:
         source_real = os.path.realpath(source)
@@ -115,6 +118,22 @@ def check_replaceable(final: str, flag: str, sources: Sequence[str]) -> None:
             f"{flag} {final} holds the training checkpoint {trained[-1]}; --force replaces only a tool's earlier "
             f"output: choose another folder"
         )
+    entries = sorted(os.listdir(final))
+    foreign = [name for name in entries if name not in output_names]
+    if foreign or (entries and not is_output(final)):
+        shown = f"'{(foreign or entries)[0]}'" + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "")
+        raise ArgumentError(
+            f"{flag} {final} holds {shown}, not this tool's earlier output; --force replaces only an empty folder "
+            f"or that output: choose another folder, or empty it"
+        )
+
+
+CONVERTED_OUTPUT = (TRACKER, os.path.basename(checkpoint_dir("", 0)))  # what the conversion tool writes
+
+
+def is_converted_output(folder: str) -> bool:
+    """Whether ``folder`` holds the conversion tool's output: its one checkpoint, iteration 0."""
+    return _converted(checkpoint_dir(folder, 0))
 
 
 def _converted(checkpoint: str) -> bool:

@@ -270,6 +270,23 @@ def tokenizer_files(tokenizer, seq_length: int) -> Dict[str, str]:
     }
 
 
+PROVENANCE = "megatron_patch_export.json"  # where the export came from; marks a folder as an export
+EXPORT_FILES = (
+    "model.safetensors",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    PROVENANCE,
+)
+
+
+def is_export(folder: str) -> bool:
+    """Whether ``folder`` holds an earlier export (what ``--force`` may replace)."""
+    return os.path.isfile(os.path.join(folder, PROVENANCE))
+
+
 def write_folder(
     folder: str, weights: "OrderedDict[str, torch.Tensor]", config: dict, tokenizer, seq_length: int, provenance: dict
 ) -> None:
@@ -293,7 +310,7 @@ def write_folder(
     for name, text in tokenizer_files(tokenizer, seq_length).items():
         with open(os.path.join(folder, name), "w") as f:
             f.write(text)
-    with open(os.path.join(folder, "megatron_patch_export.json"), "w") as f:
+    with open(os.path.join(folder, PROVENANCE), "w") as f:
         f.write(json.dumps(provenance, indent=1, sort_keys=True) + "\n")
     verify_folder(folder, weights)
 

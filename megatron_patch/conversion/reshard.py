@@ -74,7 +74,13 @@ class ConversionPlan:
         )
         self.layers_per_virtual_stage = None  # resolved into virtual_pipeline
         self._check_vocabulary_padding()
-        folders.check_replaceable(self.save, "--save", (self.source.path, os.path.dirname(self.source.path)))
+        self.check_replaceable(self.save)
+
+    def check_replaceable(self, folder: str) -> None:
+        """ArgumentError unless ``--force`` may replace ``folder`` (the source, a training run or other
+        files than an earlier conversion's are never replaced)."""
+        sources = (self.source.path, os.path.dirname(self.source.path))
+        folders.check_replaceable(folder, "--save", sources, folders.CONVERTED_OUTPUT, folders.is_converted_output)
 
     def _check_vocabulary_padding(self) -> None:
         """The trainer at the target TP pads the tokenizer's vocabulary to a multiple of
@@ -209,7 +215,7 @@ def convert(plan: ConversionPlan) -> ConversionResult:
             source.path,
             source.progress.get("stage_iteration"),
         )
-    with StagedFolder(plan.save, force=plan.force) as staged:
+    with StagedFolder(plan.save, force=plan.force, check_replace=plan.check_replaceable) as staged:
         partial_ckpt = folders.checkpoint_dir(staged.path, 0)
         if dist.get_rank() == 0:
             os.makedirs(partial_ckpt)

@@ -11,6 +11,7 @@ outright (kill -9) is removed by the next run that commits into the same parent 
 import logging
 import os
 import shutil
+from typing import Callable, Optional
 
 import torch.distributed as dist
 
@@ -39,9 +40,10 @@ class StagedFolder:
     Use as a context manager on every rank; leaving the block without ``commit`` removes it.
     """
 
-    def __init__(self, final: str, force: bool = False) -> None:
+    def __init__(self, final: str, force: bool = False, check_replace: Optional[Callable[[str], None]] = None) -> None:
         self.final = final
         self.force = force  # replace a folder at ``final`` (checked again at commit: one may have appeared)
+        self.check_replace = check_replace  # raises when the folder at ``final`` may not be replaced
         self.committed = False
         self._prefix = f".{os.path.basename(final)}.partial-"
         self._owned = None
@@ -81,6 +83,8 @@ class StagedFolder:
                     f"{self.final} was created by someone else while this ran: pass --force to replace it, "
                     f"or choose a new folder"
                 )
+            if self.check_replace is not None:
+                self.check_replace(self.final)  # what is there now, not what was there at the start
             replaced = OwnedTempDir(parent, f".{name}.replaced-")
             os.replace(self.final, os.path.join(replaced.path, name))
         self._owned.forget_owner()

@@ -51,16 +51,23 @@ def test_patch_checkpoint_becomes_a_token_stage_start(trained, tmp_path, capsys)
     assert not leftovers(tmp_path)
 
 
-def test_force_replaces_an_existing_folder(trained, tmp_path, capsys):
+def test_force_replaces_an_earlier_conversion_and_nothing_else(trained, tmp_path, capsys):
+    """--force replaces an earlier conversion's output; a folder that holds anything else (a user's
+    file beside the output, a training run one level down) is refused and left as it was."""
     save = tmp_path / "out"
-    save.mkdir()
-    (save / "stale.txt").write_text("old")
+    code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["patch"], "--save", save], capsys)
+    assert code == 0, err
     code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["root"], "--save", save, "--force"], capsys)
     assert code == 0, err
-    assert not (save / "stale.txt").exists()
     # --load of a --save root takes its latest checkpoint (the final, token-stage one)
     assert json.load(open(save / "iter_0000000" / "megatron_patch.json"))["conversion"]["source"] == trained["final"]
     assert not leftovers(tmp_path)
+    (save / "notes.txt").write_text("mine")
+    shutil.copytree(trained["root"], save / "runs" / "other")
+    code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["patch"], "--save", save, "--force"], capsys)
+    assert_one_line_error(code, err, "holds 'notes.txt' and 1 more, not this tool's earlier output; --force replaces")
+    assert (save / "notes.txt").read_text() == "mine" and os.path.isdir(save / "runs" / "other" / "iter_0000006")
+    assert os.path.isdir(save / "iter_0000000")
 
 
 def _corrupt_copy(trained, tmp_path, what):
@@ -175,6 +182,25 @@ def test_an_output_that_appears_during_the_conversion_is_not_replaced(trained, t
     monkeypatch.setattr(reshard, "_verify", verify_then_someone_writes)
     code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["patch"], "--save", save], capsys)
     assert_one_line_error(code, err, "was created by someone else while this ran: pass --force")
+    assert os.listdir(save) == ["theirs.txt"] and not leftovers(tmp_path)
+
+
+def test_a_folder_that_appears_during_the_conversion_is_not_replaced_even_with_force(
+    trained, tmp_path, capsys, monkeypatch
+):
+    """With --force the final name is checked again at the rename too: what appeared there meanwhile
+    is replaced only when it is a conversion's output."""
+    save = tmp_path / "out"
+    verify = reshard._verify
+
+    def verify_then_someone_writes(plan, converted):
+        save.mkdir()
+        (save / "theirs.txt").write_text("theirs")
+        return verify(plan, converted)
+
+    monkeypatch.setattr(reshard, "_verify", verify_then_someone_writes)
+    code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["patch"], "--save", save, "--force"], capsys)
+    assert_one_line_error(code, err, "holds 'theirs.txt', not this tool's earlier output")
     assert os.listdir(save) == ["theirs.txt"] and not leftovers(tmp_path)
 
 

@@ -12,6 +12,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from megatron_patch.checkpoint import folders
+from megatron_patch.conversion import hf_export
 from tests.tools.common import (
     ROWS,
     VOCAB,
@@ -146,6 +147,27 @@ def test_existing_output_needs_force(trained, tmp_path, capsys):
     code, _, err = call(export_hf, ["--cpu", "--load", trained["final"], "--save", save], capsys)
     assert_one_line_error(code, err, "already exists: pass --force")
     assert os.listdir(save) == []
+
+
+def test_force_replaces_an_earlier_export_and_nothing_else(trained, tmp_path, capsys):
+    """--force replaces a folder holding an earlier export (exactly the files an export writes); one
+    that also holds a user's files or a training run below it is refused and left as it was."""
+    save = tmp_path / "hf"
+    code, _, err = call(export_hf, ["--cpu", "--load", trained["final"], "--save", save], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(save)) == sorted(hf_export.EXPORT_FILES)
+    code, _, err = call(export_hf, ["--cpu", "--load", trained["final"], "--save", save, "--force"], capsys)
+    assert code == 0, err
+    shutil.copytree(trained["root"], save / "experiments" / "other_run")
+    code, _, err = call(export_hf, ["--cpu", "--load", trained["final"], "--save", save, "--force"], capsys)
+    assert_one_line_error(code, err, "holds 'experiments', not this tool's earlier output; --force replaces only")
+    assert os.path.isdir(save / "experiments" / "other_run" / "iter_0000006") and hf_export.is_export(save)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "config.json").write_text("{}")  # an export's file name, but no export
+    code, _, err = call(export_hf, ["--cpu", "--load", trained["final"], "--save", other, "--force"], capsys)
+    assert_one_line_error(code, err, "holds 'config.json', not this tool's earlier output")
+    assert os.listdir(other) == ["config.json"]
 
 
 @pytest.mark.parametrize("target", ["run", "parent"])
