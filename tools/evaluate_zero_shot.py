@@ -83,11 +83,24 @@ def _check(args) -> None:
         raise ArgumentError(f"--batch-size {args.batch_size} must be >= 1")
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.output_json))):
         raise ArgumentError(f"--output-json {args.output_json}: its folder does not exist; create it first")
-    if args.hf_model and not os.path.isfile(os.path.join(args.hf_model, "config.json")):
-        raise ArgumentError(
-            f"--hf-model {args.hf_model} holds no config.json: pass a folder written by "
-            f"tools/export_hf.py, or the checkpoint itself with --load"
-        )
+    if os.path.isdir(args.output_json):
+        raise ArgumentError(f"--output-json {args.output_json} is a folder: name the report file to write")
+    if args.hf_model:
+        for needed in (("config.json",), ("tokenizer.model", "tokenizer.json")):
+            if not any(os.path.isfile(os.path.join(args.hf_model, name)) for name in needed):
+                raise ArgumentError(
+                    f"--hf-model {args.hf_model} holds no {' or '.join(needed)}: pass a folder written by "
+                    f"tools/export_hf.py, or the checkpoint itself with --load"
+                )
+    if args.device is not None:
+        import torch
+
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            raise ArgumentError(f"--device {args.device} is not a torch device: cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ArgumentError(f"--device {args.device}: this machine has no CUDA device; pass --device cpu")
 
 
 def _export(args, folder: str) -> int:

@@ -243,11 +243,12 @@ def llama_config(info: CheckpointInfo, tokenizer, vocab_size: int, dtype: torch.
 
 def tokenizer_files(tokenizer, seq_length: int) -> Dict[str, str]:
     """tokenizer_config.json and special_tokens_map.json for the SentencePiece model (no BOS or
-    EOS added when encoding: the model was trained on raw documents separated by EOD)."""
+    EOS added when encoding: the model was trained on raw documents separated by EOD). No BOS
+    token either: the model never saw one, and lm-eval would score a choice without context after
+    BOS where the project's zero-shot tool (and training) put EOD."""
     special = {
         name: tokenizer.piece(i)
         for name, i in (
-            ("bos_token", tokenizer.bos),
             ("eos_token", tokenizer.eod),
             ("unk_token", tokenizer.unk),
             ("pad_token", tokenizer.pad),
@@ -262,6 +263,7 @@ def tokenizer_files(tokenizer, seq_length: int) -> Dict[str, str]:
         "clean_up_tokenization_spaces": False,
         "legacy": False,
         "sp_model_kwargs": {},
+        "bos_token": None,  # not the class's default "<s>"
         **special,
     }
     return {

@@ -241,6 +241,18 @@ def test_bad_inputs_are_one_line(models, tmp_path, capsys, monkeypatch):
     assert_one_line_error(code, err, "--tasks no_such_task")
     code, _, err = call(evaluate_zero_shot, ["--hf-model", tmp_path, "--output-json", output], capsys)
     assert_one_line_error(code, err, "holds no config.json")
+    (tmp_path / "config.json").write_text("{}")  # a model folder without its tokenizer
+    code, _, err = call(evaluate_zero_shot, ["--hf-model", tmp_path, "--output-json", output], capsys)
+    assert_one_line_error(code, err, "holds no tokenizer.model or tokenizer.json")
+    (tmp_path / "config.json").unlink()
+    code, _, err = call(evaluate_zero_shot, ["--cpu", "--load", models["one_step"], "--output-json", tmp_path], capsys)
+    assert_one_line_error(code, err, "is a folder: name the report file to write")
+    load = ["--cpu", "--load", models["one_step"], "--output-json", output]
+    code, _, err = call(evaluate_zero_shot, [*load, "--device", "gpu0"], capsys)
+    assert_one_line_error(code, err, "--device gpu0 is not a torch device")
+    if not torch.cuda.is_available():
+        code, _, err = call(evaluate_zero_shot, [*load, "--device", "cuda"], capsys)
+        assert_one_line_error(code, err, "this machine has no CUDA device; pass --device cpu")
     code, _, err = call(
         evaluate_zero_shot,
         ["--cpu", "--load", models["one_step"], "--include-path", tmp_path / "nope", "--output-json", output],

@@ -81,6 +81,9 @@ def test_exported_tokenizer_encodes_like_sentencepiece(trained, tmp_path, capsys
     for text in ["It was the best of times.", "Émile: 12 €\n\tindented  twice", "end"]:
         assert theirs(text)["input_ids"] == ours.tokenize(text), text
     assert theirs.eos_token_id == ours.eod and theirs.pad_token_id == ours.pad
+    # no BOS (the model never saw one): lm-eval then scores a choice without context after EOD, as
+    # training and tools/evaluate_zero_shot.py do, not after "<s>"
+    assert theirs.bos_token_id is None and theirs("It was")["input_ids"] == ours.tokenize("It was")
 
 
 def _checkpoint_with(trained, tmp_path, edit):
