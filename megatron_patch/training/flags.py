@@ -13,6 +13,17 @@ PROFILE_STEP_END = 12
 PROFILE_RANKS = (0,)
 
 
+def token_count(text: str) -> int:
+    """A whole number of tokens, also written as ``360e9`` or ``360_000_000_000`` (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not value.is_integer() or value > 2**62:
+        raise ValueError(text)  # argparse: "invalid token_count value: TEXT"
+    return int(text) if text.strip().lstrip("+-").replace("_", "").isdigit() else int(value)
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="pretrain_patch_gpt",
@@ -147,7 +158,9 @@ def build_parser() -> ArgumentParser:
     )
     budget = batch.add_mutually_exclusive_group(required=True)
     budget.add_argument("--train-iters", type=int, help="steps of both stages together (N)")
-    budget.add_argument("--train-tokens", type=int, help="training tokens of both stages together (D)")
+    budget.add_argument(
+        "--train-tokens", type=token_count, help="training tokens of both stages together (D; e.g. 360e9)"
+    )
 
     opt = parser.add_argument_group("optimizer and schedule (each stage restarts them)")
     opt.add_argument("--lr", type=float, required=True)

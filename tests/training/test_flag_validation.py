@@ -84,3 +84,17 @@ def test_async_save_without_save_is_one_line(tiny_corpus, capsys, tmp_path):
     line = refused_line(capsys, trainer_args(tiny_corpus, None, "--async-save"))
     assert line == "error: --async-save needs --save DIR"
     parse_args(trainer_args(tiny_corpus, tmp_path / "run", "--async-save"), world_size=1)  # with --save: accepted
+
+
+def test_the_token_budget_may_be_written_in_e_notation(tiny_corpus, capsys):
+    """--train-tokens 6.144e3 is 6144 (the launch scripts' comments write budgets as 360e9); a
+    count that is not whole is refused in one line."""
+    argv = trainer_args(tiny_corpus, None, train_iters=12)
+    at = argv.index("--train-iters")
+    plans = {
+        text: parse_args(argv[:at] + ["--train-tokens", text] + argv[at + 2 :], world_size=1).plan.train_iters
+        for text in ("6144", "6.144e3", "6_144")
+    }
+    assert set(plans.values()) == {12}, plans
+    line = refused_line(capsys, argv[:at] + ["--train-tokens", "6144.5"] + argv[at + 2 :])
+    assert "--train-tokens" in line and "6144.5" in line, line
