@@ -30,7 +30,7 @@ setup(
         # .zst inputs
         "test": [
             "pytest>=8",
-            "pytest-xdist>=3.6",  # 3.6: --no-loadscope-reorder
+            "pytest-xdist>=3.8",  # 3.8: --no-loadscope-reorder
             "transformers>=4.40",
             "safetensors",
             "protobuf",

@@ -27,7 +27,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    items.sort(key=lambda item: "slow" not in item.keywords)  # stable: the order within each group is kept
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the order within each group is kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
