@@ -20,6 +20,7 @@ The test range is computed (so that it is never used for training) but no datase
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -104,8 +105,9 @@ STAGE_SPLITS = ("documents", "epochs")
 
 @dataclass(frozen=True)
 class PrefixSplit:
-    """The stage ranges of one prefix of ``documents`` documents holding ``tokens`` tokens;
-    ``longest_train_document`` in tokens bounds the λ error.
+    """The stage ranges of one prefix of ``documents`` documents holding ``tokens`` tokens, whose
+    lengths in order have the digest ``lengths_sha256`` (with the counts, what identifies the
+    corpus on any path); ``longest_train_document`` in tokens bounds the λ error.
 
     ``train`` is the whole training range: the patch and token ranges partition it in the
     ``documents`` split and both equal it in the ``epochs`` split."""
@@ -113,6 +115,7 @@ class PrefixSplit:
     prefix: str
     documents: int
     tokens: int
+    lengths_sha256: str
     train: DocumentRange
     patch: DocumentRange
     token: DocumentRange
@@ -176,6 +179,7 @@ def split_prefix(
         prefix=prefix,
         documents=count,
         tokens=int(cumulative[-1]),
+        lengths_sha256=hashlib.sha256(lengths.tobytes()).hexdigest()[:16],
         train=train,
         patch=train if cut is None else document_range(train_begin, cut),
         token=train if cut is None else document_range(cut, train_end),

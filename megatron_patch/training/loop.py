@@ -79,12 +79,14 @@ class Trainer:
             self.stop = StopSignals(checkpoints.stop_signals, time_limit_minutes=checkpoints.exit_duration_minutes)
             self._stop_scope = self.stop
         self.datasets = self._build_datasets()
-        # what checkpoints record of the run: its flags, and the corpus they name (the document and
-        # token counts of each --data-path prefix, which identify it on another path too)
+        # what checkpoints record of the run: its flags, and the corpus they name (each --data-path
+        # prefix's document and token counts and the digest of its document lengths, which identify
+        # it on another path too)
         self.recorded = dict(
             config.flags,
             data_documents=[split.documents for split in self.datasets.splits],
             data_tokens=[split.tokens for split in self.datasets.splits],
+            data_lengths_sha256=[split.lengths_sha256 for split in self.datasets.splits],
         )
         self.profiler = StepProfiler(config.profile, self.rank)
         self.manual_gc = ManualGC(config.manual_gc_interval)
@@ -216,7 +218,8 @@ class Trainer:
         if checkpoints.pretrained_checkpoint:
             path = checkpoints.pretrained_checkpoint
             pretrained = on_rank_zero(folders.resolve_checkpoint, path)  # the same checkpoint on every rank
-            resume.check_token_stage_start(self.recorded, self.plan, path, ckpt.read_metadata(pretrained))
+            meta = ckpt.read_metadata(pretrained)
+            on_rank_zero(resume.check_token_stage_start, self.recorded, self.plan, path, meta)  # one verdict
             ckpt.load_checkpoint(
                 pretrained,
                 self.model,
@@ -235,7 +238,7 @@ class Trainer:
         load = checkpoints.load
         meta = ckpt.read_metadata(found)
         names = [stage.name for stage in stages]
-        resume.check_resumed_checkpoint(self.recorded, load, meta, names)
+        on_rank_zero(resume.check_resumed_checkpoint, self.recorded, load, meta, names)  # one verdict for all ranks
         progress = meta["progress"]
         index = names.index(progress["stage"])
         stage = stages[index]

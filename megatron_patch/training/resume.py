@@ -5,8 +5,9 @@ A resume keeps the checkpoint's plan (budget, data, split, K, lambda, seed), its
 schedule settings (the loaded optimizer state carries them) and its tokenizer; a token stage
 started with ``--pretrained-checkpoint`` continues the patch run's plan. The data is the same
 corpus, not the same path: checkpoints record each ``--data-path`` prefix's document and token
-counts, so a run whose corpus was moved to another mount resumes (with a warning), and one whose
-corpus was rewritten under the same path does not. Each difference is one
+counts and a digest of its document lengths in order, so a run whose corpus was moved to another
+mount resumes (with a warning), and one whose corpus was rewritten under the same path (other
+documents, or the same shuffled) does not. Each difference is one
 ``CheckpointError`` line. Which checkpoint ``--load`` names is decided on rank 0
 (:func:`checkpoint_to_resume`, called through ``runtime.rank_zero.on_rank_zero``).
 """
@@ -35,7 +36,7 @@ PLAN_FLAGS = (
     "seed",  # the order of the samples, which consumed_samples counts along
 )
 # the corpus, per prefix of --data-path (the trainer records them): what identifies it on any path
-CORPUS_FLAGS = ("data_documents", "data_tokens")
+CORPUS_FLAGS = ("data_documents", "data_tokens", "data_lengths_sha256")
 # what a resume takes from the checkpoint's optimizer and scheduler state, whatever the flags say
 # (megatron's scheduler reads the peak and final learning rates from the loaded parameter groups)
 OPTIMIZER_FLAGS = (
@@ -62,8 +63,8 @@ def check_same_flags(flags: dict, meta, names, source: str, fix: str) -> None:
 
 
 def _corpus(args: dict) -> Optional[tuple]:
-    """(blend weights, documents, tokens) of the corpus ``args`` record, or None for a checkpoint
-    older than the record."""
+    """(blend weights, documents, tokens, length digests) of the corpus ``args`` record, or None for
+    a checkpoint older than the record."""
     if any(args.get(name) is None for name in CORPUS_FLAGS):
         return None
     return (parse_data_path(args["data_path"])[1], *(list(args[name]) for name in CORPUS_FLAGS))
@@ -76,25 +77,28 @@ def _paths(args: dict) -> str:
 
 def _corpus_change(saved: dict, flags: dict) -> str:
     """What differs between the corpus the checkpoint records and this run's: the first prefix
-    whose counts differ, or the two --data-path values (another blend)."""
+    whose counts or document lengths differ, or the two --data-path values (another blend)."""
     before, now = _corpus(saved), _corpus(flags)
     if before[0] == now[0] and len(before[1]) == len(now[1]):
         before_prefixes, prefixes = parse_data_path(saved["data_path"])[0], parse_data_path(flags["data_path"])[0]
         for index, counts in enumerate(zip(*before[1:])):
             if counts != tuple(column[index] for column in now[1:]):
-                documents, tokens = (column[index] for column in now[1:])
+                documents, tokens, _ = (column[index] for column in now[1:])
+                order = " (the same counts: other documents, or the same in another order)"
                 return (
                     f"--data-path prefix {before_prefixes[index]} of {counts[0]} documents, {counts[1]} tokens; "
                     f"this run's {prefixes[index]} holds {documents} documents, {tokens} tokens"
+                    + (order if counts[:2] == (documents, tokens) else "")
                 )
     return f"--data-path {_paths(saved)}, this run reads --data-path {_paths(flags)} (another blend)"
 
 
 def data_difference(flags: dict, meta, source: str) -> Optional[str]:
     """None when this run reads the corpus the checkpoint ``source`` was trained on: its
-    --data-path, or another path to a corpus of the same blend and the same document and token
-    counts per prefix (the corpus on another mount or machine, which a warning says); otherwise
-    what differs. A checkpoint that does not record the counts must name the same --data-path."""
+    --data-path, or another path to a corpus of the same blend, the same document and token counts
+    and the same document lengths in order per prefix (the corpus on another mount or machine,
+    which a warning says); otherwise what differs. A checkpoint that does not record them must
+    name the same --data-path."""
     saved = meta.get("args", {})
     if "data_path" not in saved:
         return None
@@ -102,7 +106,11 @@ def data_difference(flags: dict, meta, source: str) -> Optional[str]:
     if _corpus(saved) is None:
         if same_path:
             return None
-        return f"{source} was trained on --data-path {_paths(saved)}, this run reads --data-path {_paths(flags)}"
+        return (
+            f"{source} was trained on --data-path {_paths(saved)}, this run reads --data-path {_paths(flags)} (a "
+            f"checkpoint this old records no document counts to recognise a moved corpus: give the old path, "
+            f"a symlink if need be)"
+        )
     if _corpus(saved) != _corpus(flags):
         return f"{source} was trained on {_corpus_change(saved, flags)}"
     if not same_path:

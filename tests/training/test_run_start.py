@@ -127,6 +127,7 @@ def test_a_failed_start_leaves_no_save_folder(cpu_world, tiny_corpus, tmp_path, 
         "changed_plan",
         "changed_seed",
         "rewritten_corpus",
+        "shuffled_corpus",
         "not_empty_save",
         "pretrained_into_used_save",
         "pretrained_token_stage",
@@ -144,7 +145,7 @@ def test_a_failed_start_leaves_no_save_folder(cpu_world, tiny_corpus, tmp_path, 
 )
 def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_path, capsys, case):
     run = tmp_path / "run"
-    if case == "rewritten_corpus":  # trained on a copy of the corpus, rewritten below
+    if case in ("rewritten_corpus", "shuffled_corpus"):  # trained on a copy of the corpus, rewritten below
         tiny_corpus = dict(tiny_corpus, prefix=_copy_corpus(tiny_corpus["prefix"], tmp_path / "copy" / "tiny"))
     if case != "missing" and case != "bad_flags":
         assert cli.main(trainer_args(tiny_corpus, run, "--eval-iters", "0", train_iters=3)) == 0
@@ -174,6 +175,10 @@ def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_pat
         _copy_corpus(tiny_corpus["prefix"], tiny_corpus["prefix"], drop_last=1)
         argv = trainer_args(tiny_corpus, run, "--load", str(run), train_iters=3)
         expected = "tokens; this run's " + tiny_corpus["prefix"] + " holds "  # the counts of both, named
+    elif case == "shuffled_corpus":  # the same documents in another order: the same counts
+        _copy_corpus(tiny_corpus["prefix"], tiny_corpus["prefix"], reverse=True)
+        argv = trainer_args(tiny_corpus, run, "--load", str(run), train_iters=3)
+        expected = "(the same counts: other documents, or the same in another order)"
     elif case == "not_empty_save":
         argv = trainer_args(tiny_corpus, run, train_iters=3)
         expected = "already holds checkpoints"
@@ -244,13 +249,15 @@ def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_pat
     assert len(err) == 1 and expected in err[0], err
 
 
-def _copy_corpus(prefix: str, target, drop_last: int = 0) -> str:
-    """Write the documents of the ``.bin/.idx`` ``prefix`` but its last ``drop_last`` as ``target``
-    (megatron's builder; ``target`` may be ``prefix``, rewritten in place); returns ``target``."""
+def _copy_corpus(prefix: str, target, drop_last: int = 0, reverse: bool = False) -> str:
+    """Write the documents of the ``.bin/.idx`` ``prefix`` but its last ``drop_last`` (in reverse
+    order with ``reverse``) as ``target`` (megatron's builder; ``target`` may be ``prefix``,
+    rewritten in place); returns ``target``."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
     source = IndexedDataset(str(prefix))
     documents = [source[i].copy() for i in range(len(source) - drop_last)]
+    documents = documents[::-1] if reverse else documents
     os.makedirs(os.path.dirname(str(target)), exist_ok=True)
     builder = IndexedDatasetBuilder(f"{target}.bin", dtype=source.index.dtype)
     for document in documents:
