@@ -42,8 +42,11 @@ def _run_script(script, model, tmp_path, environment, tokenizer, *extra):
     bin_dir, record = tmp_path / "bin", tmp_path / f"{model}.argv"
     bin_dir.mkdir(exist_ok=True)
     _stand_ins(bin_dir)
+    # what the scripts read from the environment comes from the test alone (not from a SLURM job it runs in)
+    read = ("TP", "PP", "MBS", "GBS", "GPUS", "GPUS_PER_NODE", "SEQ_LENGTH", "TRAIN_TOKENS")
+    inherited = {k: v for k, v in os.environ.items() if k not in read and not k.startswith(("SLURM_", "SRUN_"))}
     env = dict(
-        os.environ,
+        inherited,
         PATH=f"{bin_dir}:{os.environ['PATH']}",
         LAUNCH_RECORD=str(record),
         MODEL=model,
@@ -200,3 +203,7 @@ def test_the_slurm_script_takes_its_gpus_and_cpus_from_slurm_and_refuses_a_bad_n
     assert (tmp_path / "2.7b.argv.cpus").read_text() == "32"  # srun of Slurm >= 22.05 is told again
     done, _ = _run_script("train_multi_node.sbatch", "2.7b", tmp_path, dict(slurm, GBS="1024 "), "spm.model")
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == "GBS=1024  must be a positive whole number"
+    done, _ = _run_script("train_multi_node.sbatch", "2.7b", tmp_path, dict(slurm, TP="3"), "spm.model")
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+        "TP=3 x PP=1 does not divide the 32 GPUs of 8 nodes of 4"
+    )
