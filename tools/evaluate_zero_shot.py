@@ -101,6 +101,10 @@ def _check(args) -> None:
             raise ArgumentError(f"--device {args.device} is not a torch device: cpu, cuda or cuda:N") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ArgumentError(f"--device {args.device}: this machine has no CUDA device; pass --device cpu")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ArgumentError(
+                f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA devices (cuda:0 ..)"
+            )
 
 
 def _export(args, folder: str) -> int:

@@ -253,6 +253,11 @@ def test_bad_inputs_are_one_line(models, tmp_path, capsys, monkeypatch):
     if not torch.cuda.is_available():
         code, _, err = call(evaluate_zero_shot, [*load, "--device", "cuda"], capsys)
         assert_one_line_error(code, err, "this machine has no CUDA device; pass --device cpu")
+    with monkeypatch.context() as one_gpu:  # as on a machine of one GPU
+        one_gpu.setattr(torch.cuda, "is_available", lambda: True)
+        one_gpu.setattr(torch.cuda, "device_count", lambda: 1)
+        code, _, err = call(evaluate_zero_shot, [*load, "--device", "cuda:7"], capsys)
+    assert_one_line_error(code, err, "--device cuda:7: this machine has 1 CUDA devices")
     code, _, err = call(
         evaluate_zero_shot,
         ["--cpu", "--load", models["one_step"], "--include-path", tmp_path / "nope", "--output-json", output],
