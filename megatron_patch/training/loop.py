@@ -79,15 +79,8 @@ class Trainer:
             self.stop = StopSignals(checkpoints.stop_signals, time_limit_minutes=checkpoints.exit_duration_minutes)
             self._stop_scope = self.stop
         self.datasets = self._build_datasets()
-        # what checkpoints record of the run: its flags, and the corpus they name (each --data-path
-        # prefix's document and token counts and the digest of its document lengths, which identify
-        # it on another path too)
-        self.recorded = dict(
-            config.flags,
-            data_documents=[split.documents for split in self.datasets.splits],
-            data_tokens=[split.tokens for split in self.datasets.splits],
-            data_lengths_sha256=[split.lengths_sha256 for split in self.datasets.splits],
-        )
+        # what checkpoints record of the run: its flags, and the corpus they name
+        self.recorded = dict(config.flags, **self._corpus_record(self.datasets.splits))
         self.profiler = StepProfiler(config.profile, self.rank)
         self.manual_gc = ManualGC(config.manual_gc_interval)
         self.pending_save = (
@@ -108,6 +101,7 @@ class Trainer:
             stage_split=self.plan.stage_split,
         )
         splits = plan_stage_split(config)  # before building anything: reads the .idx files only
+        resume.check_ranks_read_one_corpus(self._corpus_record(splits), data.data_path)
         source = "--data-path " + " ".join(data.data_path)
         self.plan.check_epoch_budget(sum(split.train_tokens for split in splits), source)
         self.plan.check_steps_fit(self._data_tokens(splits), source)
@@ -120,6 +114,16 @@ class Trainer:
             datasets.train_tokens,
         )
         return datasets
+
+    @staticmethod
+    def _corpus_record(splits) -> dict:
+        """Each --data-path prefix's document and token counts and the digest of its document
+        lengths: what identifies the corpus on any path (``resume.CORPUS_FLAGS``)."""
+        return {
+            "data_documents": [split.documents for split in splits],
+            "data_tokens": [split.tokens for split in splits],
+            "data_lengths_sha256": [split.lengths_sha256 for split in splits],
+        }
 
     @staticmethod
     def _data_tokens(splits) -> dict:

@@ -16,10 +16,12 @@ import logging
 import os
 from typing import List, Optional
 
+import torch.distributed as dist
+
 from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as ckpt
 from megatron_patch.data.split import parse_data_path
-from megatron_patch.errors import CheckpointError
+from megatron_patch.errors import CheckpointError, DataError
 from megatron_patch.training.config import CheckpointSettings
 from megatron_patch.training.plan import RunPlan
 
@@ -62,12 +64,14 @@ def check_same_flags(flags: dict, meta, names, source: str, fix: str) -> None:
             )
 
 
-def _corpus(args: dict) -> Optional[tuple]:
-    """(blend weights, documents, tokens, length digests) of the corpus ``args`` record, or None for
-    a checkpoint older than the record."""
-    if any(args.get(name) is None for name in CORPUS_FLAGS):
-        return None
-    return (parse_data_path(args["data_path"])[1], *(list(args[name]) for name in CORPUS_FLAGS))
+def _recorded(saved: dict) -> List[str]:
+    """The corpus fields the checkpoint's args hold (older checkpoints hold fewer, or none)."""
+    return [name for name in CORPUS_FLAGS if saved.get(name) is not None]
+
+
+def _corpus(args: dict, names: List[str]) -> tuple:
+    """(blend weights, then each of ``names`` per prefix) of the corpus ``args`` name."""
+    return (parse_data_path(args["data_path"])[1], *(list(args[name]) for name in names))
 
 
 def _paths(args: dict) -> str:
@@ -75,20 +79,20 @@ def _paths(args: dict) -> str:
     return " ".join(map(str, paths)) if isinstance(paths, list) else str(paths)
 
 
-def _corpus_change(saved: dict, flags: dict) -> str:
+def _corpus_change(saved: dict, flags: dict, names: List[str]) -> str:
     """What differs between the corpus the checkpoint records and this run's: the first prefix
     whose counts or document lengths differ, or the two --data-path values (another blend)."""
-    before, now = _corpus(saved), _corpus(flags)
+    before, now = _corpus(saved, names), _corpus(flags, names)
     if before[0] == now[0] and len(before[1]) == len(now[1]):
         before_prefixes, prefixes = parse_data_path(saved["data_path"])[0], parse_data_path(flags["data_path"])[0]
-        for index, counts in enumerate(zip(*before[1:])):
-            if counts != tuple(column[index] for column in now[1:]):
-                documents, tokens, _ = (column[index] for column in now[1:])
+        for index, recorded in enumerate(zip(*before[1:])):
+            found = tuple(column[index] for column in now[1:])
+            if recorded != found:
                 order = " (the same counts: other documents, or the same in another order)"
                 return (
-                    f"--data-path prefix {before_prefixes[index]} of {counts[0]} documents, {counts[1]} tokens; "
-                    f"this run's {prefixes[index]} holds {documents} documents, {tokens} tokens"
-                    + (order if counts[:2] == (documents, tokens) else "")
+                    f"--data-path prefix {before_prefixes[index]} of {recorded[0]} documents, {recorded[1]} tokens; "
+                    f"this run's {prefixes[index]} holds {found[0]} documents, {found[1]} tokens"
+                    + (order if recorded[:2] == found[:2] else "")
                 )
     return f"--data-path {_paths(saved)}, this run reads --data-path {_paths(flags)} (another blend)"
 
@@ -97,13 +101,14 @@ def data_difference(flags: dict, meta, source: str) -> Optional[str]:
     """None when this run reads the corpus the checkpoint ``source`` was trained on: its
     --data-path, or another path to a corpus of the same blend, the same document and token counts
     and the same document lengths in order per prefix (the corpus on another mount or machine,
-    which a warning says); otherwise what differs. A checkpoint that does not record them must
-    name the same --data-path."""
+    which a warning says); otherwise what differs. A checkpoint that does not record the counts
+    must name the same --data-path."""
     saved = meta.get("args", {})
     if "data_path" not in saved:
         return None
     same_path = saved["data_path"] == flags["data_path"]
-    if _corpus(saved) is None:
+    names = _recorded(saved)
+    if "data_documents" not in names or "data_tokens" not in names:
         if same_path:
             return None
         return (
@@ -111,8 +116,8 @@ def data_difference(flags: dict, meta, source: str) -> Optional[str]:
             f"checkpoint this old records no document counts to recognise a moved corpus: give the old path, "
             f"a symlink if need be)"
         )
-    if _corpus(saved) != _corpus(flags):
-        return f"{source} was trained on {_corpus_change(saved, flags)}"
+    if _corpus(saved, names) != _corpus(flags, names):
+        return f"{source} was trained on {_corpus_change(saved, flags, names)}"
     if not same_path:
         logger.warning(
             "%s was trained on --data-path %s; this run reads the same documents and tokens under %s",
@@ -121,6 +126,22 @@ def data_difference(flags: dict, meta, source: str) -> Optional[str]:
             _paths(flags),
         )
     return None
+
+
+def check_ranks_read_one_corpus(record: dict, data_path) -> None:
+    """DataError on every rank unless every rank's ``data_path`` holds the corpus rank 0's does
+    (``record``: the counts and document-length digests per prefix): a node with a stale local
+    copy would otherwise train on other samples. Collective."""
+    corpus = [record[name] for name in CORPUS_FLAGS]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, corpus)
+    other = next((rank for rank, found in enumerate(gathered) if found != gathered[0]), None)
+    if other is not None:
+        raise DataError(
+            f"--data-path {' '.join(map(str, data_path))} holds another corpus on rank {other} "
+            f"({gathered[other][0]} documents, {gathered[other][1]} tokens per prefix) than on rank 0 "
+            f"({gathered[0][0]} documents, {gathered[0][1]} tokens): give every node the same files"
+        )
 
 
 def check_same_tokenizer(flags: dict, meta, source: str) -> None:

@@ -74,3 +74,20 @@ sys.exit(cli.main(sys.argv[2:]))
 def slow_writer_command(delay_s, args):
     """The command line of the trainer on ``args`` whose checkpoint writes each wait ``delay_s``."""
     return [sys.executable, "-c", _SLOW_WRITER_TRAINER, str(delay_s), *args]
+
+
+def copy_corpus(prefix: str, target, drop_last: int = 0, reverse: bool = False) -> str:
+    """Write the documents of the ``.bin/.idx`` ``prefix`` but its last ``drop_last`` (in reverse
+    order with ``reverse``) as ``target`` (megatron's builder; ``target`` may be ``prefix``,
+    rewritten in place); returns ``target``."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    source = IndexedDataset(str(prefix))
+    documents = [source[i].copy() for i in range(len(source) - drop_last)]
+    documents = documents[::-1] if reverse else documents
+    os.makedirs(os.path.dirname(str(target)), exist_ok=True)
+    builder = IndexedDatasetBuilder(f"{target}.bin", dtype=source.index.dtype)
+    for document in documents:
+        builder.add_document(document, [len(document)])
+    builder.finalize(f"{target}.idx")
+    return str(target)

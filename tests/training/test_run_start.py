@@ -13,7 +13,7 @@ import pytest
 from megatron_patch.checkpoint import folders
 from megatron_patch.training import cli
 from tests.conftest import REPO_ROOT
-from tests.training.common import train_records, trainer_args
+from tests.training.common import copy_corpus, train_records, trainer_args
 from tools import train_tokenizer
 
 pytestmark = pytest.mark.slow  # whole-pipeline subprocess runs: scheduled first (tests/conftest.py)
@@ -146,7 +146,7 @@ def test_a_failed_start_leaves_no_save_folder(cpu_world, tiny_corpus, tmp_path, 
 def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_path, capsys, case):
     run = tmp_path / "run"
     if case in ("rewritten_corpus", "shuffled_corpus"):  # trained on a copy of the corpus, rewritten below
-        tiny_corpus = dict(tiny_corpus, prefix=_copy_corpus(tiny_corpus["prefix"], tmp_path / "copy" / "tiny"))
+        tiny_corpus = dict(tiny_corpus, prefix=copy_corpus(tiny_corpus["prefix"], tmp_path / "copy" / "tiny"))
     if case != "missing" and case != "bad_flags":
         assert cli.main(trainer_args(tiny_corpus, run, "--eval-iters", "0", train_iters=3)) == 0
         capsys.readouterr()
@@ -172,11 +172,11 @@ def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_pat
         argv = trainer_args(tiny_corpus, run, "--load", str(run), "--seed", "7", train_iters=3)
         expected = "this run has 7: resume with the same value"
     elif case == "rewritten_corpus":  # re-preprocessed in place: the samples' order is another one
-        _copy_corpus(tiny_corpus["prefix"], tiny_corpus["prefix"], drop_last=1)
+        copy_corpus(tiny_corpus["prefix"], tiny_corpus["prefix"], drop_last=1)
         argv = trainer_args(tiny_corpus, run, "--load", str(run), train_iters=3)
         expected = "tokens; this run's " + tiny_corpus["prefix"] + " holds "  # the counts of both, named
     elif case == "shuffled_corpus":  # the same documents in another order: the same counts
-        _copy_corpus(tiny_corpus["prefix"], tiny_corpus["prefix"], reverse=True)
+        copy_corpus(tiny_corpus["prefix"], tiny_corpus["prefix"], reverse=True)
         argv = trainer_args(tiny_corpus, run, "--load", str(run), train_iters=3)
         expected = "(the same counts: other documents, or the same in another order)"
     elif case == "not_empty_save":
@@ -247,23 +247,6 @@ def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and expected in err[0], err
-
-
-def _copy_corpus(prefix: str, target, drop_last: int = 0, reverse: bool = False) -> str:
-    """Write the documents of the ``.bin/.idx`` ``prefix`` but its last ``drop_last`` (in reverse
-    order with ``reverse``) as ``target`` (megatron's builder; ``target`` may be ``prefix``,
-    rewritten in place); returns ``target``."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
-
-    source = IndexedDataset(str(prefix))
-    documents = [source[i].copy() for i in range(len(source) - drop_last)]
-    documents = documents[::-1] if reverse else documents
-    os.makedirs(os.path.dirname(str(target)), exist_ok=True)
-    builder = IndexedDatasetBuilder(f"{target}.bin", dtype=source.index.dtype)
-    for document in documents:
-        builder.add_document(document, [len(document)])
-    builder.finalize(f"{target}.idx")
-    return str(target)
 
 
 def test_the_same_corpus_under_another_path_resumes_and_starts_the_token_stage(
