@@ -3,6 +3,8 @@ parser (``build_parser``). :mod:`~megatron_patch.training.arguments` checks what
 it into the trainer's configuration.
 """
 
+import decimal
+
 from megatron_patch.architecture.presets import PRESETS
 from megatron_patch.runtime.command import ArgumentParser, add_checkpoint_verify_flag
 from megatron_patch.training.preemption import DEFAULT_SIGNALS
@@ -16,12 +18,12 @@ PROFILE_RANKS = (0,)
 def token_count(text: str) -> int:
     """A whole number of tokens, also written as ``360e9`` or ``360_000_000_000`` (argparse type)."""
     try:
-        value = float(text)
-    except ValueError:
+        value = decimal.Decimal(text.strip().replace("_", ""))
+    except decimal.InvalidOperation:
         value = None
-    if value is None or not value.is_integer() or value > 2**62:
+    if value is None or not value.is_finite() or value != value.to_integral_value() or abs(value) > 2**62:
         raise ValueError(text)  # argparse: "invalid token_count value: TEXT"
-    return int(text) if text.strip().lstrip("+-").replace("_", "").isdigit() else int(value)
+    return int(value)
 
 
 def build_parser() -> ArgumentParser:

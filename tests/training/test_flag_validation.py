@@ -96,5 +96,6 @@ def test_the_token_budget_may_be_written_in_e_notation(tiny_corpus, capsys):
         for text in ("6144", "6.144e3", "6_144")
     }
     assert set(plans.values()) == {12}, plans
-    line = refused_line(capsys, argv[:at] + ["--train-tokens", "6144.5"] + argv[at + 2 :])
-    assert "--train-tokens" in line and "6144.5" in line, line
+    for bad in ("6144.5", "6144.00001", "1e30", "nan", "0x10"):
+        line = refused_line(capsys, argv[:at] + ["--train-tokens", bad] + argv[at + 2 :])
+        assert "--train-tokens" in line and bad in line, line
