@@ -37,16 +37,22 @@ def _stand_ins(folder):
         path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
+def _inherited() -> dict:
+    """This process's environment less what the scripts read (so that a SLURM job or a shell with
+    GBS set, say, does not change what the tests expect)."""
+    read = ("TP", "PP", "MBS", "GBS", "GPUS", "GPUS_PER_NODE", "SEQ_LENGTH", "TRAIN_TOKENS")
+    read += ("MASTER_ADDR", "MASTER_PORT")
+    return {k: v for k, v in os.environ.items() if k not in read and not k.startswith(("SLURM_", "SRUN_"))}
+
+
 def _run_script(script, model, tmp_path, environment, tokenizer, *extra):
     """The script run under bash with the stand-ins: (the finished process, its record file)."""
     bin_dir, record = tmp_path / "bin", tmp_path / f"{model}.argv"
     bin_dir.mkdir(exist_ok=True)
     _stand_ins(bin_dir)
     # what the scripts read from the environment comes from the test alone (not from a SLURM job it runs in)
-    read = ("TP", "PP", "MBS", "GBS", "GPUS", "GPUS_PER_NODE", "SEQ_LENGTH", "TRAIN_TOKENS")
-    inherited = {k: v for k, v in os.environ.items() if k not in read and not k.startswith(("SLURM_", "SRUN_"))}
     env = dict(
-        inherited,
+        _inherited(),
         PATH=f"{bin_dir}:{os.environ['PATH']}",
         LAUNCH_RECORD=str(record),
         MODEL=model,
@@ -111,7 +117,7 @@ def test_the_slurm_script_lowers_the_micro_batch_to_what_the_patch_stage_gives_e
         "train_multi_node.sbatch", "370m", tmp_path, dict(environment, SLURM_NNODES="1"), tiny_corpus["tokenizer"]
     )
     assert argv[argv.index("--micro-batch-size") + 1] == "16"
-    env = dict(os.environ, MODEL="370m", DATA="d", TOKENIZER="t", SAVE=str(tmp_path / "x"), **environment)
+    env = dict(_inherited(), MODEL="370m", DATA="d", TOKENIZER="t", SAVE=str(tmp_path / "x"), **environment)
     env["SLURM_NNODES"] = "256"  # 256 patch-stage sequences cannot feed 2048 ranks (8 per node)
     done = subprocess.run(
         ["bash", str(REPO_ROOT / "examples" / "train_multi_node.sbatch")],
