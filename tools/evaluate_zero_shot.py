@@ -99,11 +99,13 @@ def _check(args) -> None:
             device = torch.device(args.device)
         except (RuntimeError, ValueError):
             raise ArgumentError(f"--device {args.device} is not a torch device: cpu, cuda or cuda:N") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ArgumentError(f"--device {args.device}: the evaluation runs on cpu, cuda or cuda:N")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ArgumentError(f"--device {args.device}: this machine has no CUDA device; pass --device cpu")
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
             raise ArgumentError(
-                f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA devices (cuda:0 ..)"
+                f"--device {args.device}: this machine has CUDA devices cuda:0 to cuda:{torch.cuda.device_count() - 1}"
             )
 
 

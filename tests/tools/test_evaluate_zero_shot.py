@@ -257,7 +257,9 @@ def test_bad_inputs_are_one_line(models, tmp_path, capsys, monkeypatch):
         one_gpu.setattr(torch.cuda, "is_available", lambda: True)
         one_gpu.setattr(torch.cuda, "device_count", lambda: 1)
         code, _, err = call(evaluate_zero_shot, [*load, "--device", "cuda:7"], capsys)
-    assert_one_line_error(code, err, "--device cuda:7: this machine has 1 CUDA devices")
+    assert_one_line_error(code, err, "--device cuda:7: this machine has CUDA devices cuda:0 to cuda:0")
+    code, _, err = call(evaluate_zero_shot, [*load, "--device", "meta"], capsys)
+    assert_one_line_error(code, err, "--device meta: the evaluation runs on cpu, cuda or cuda:N")
     code, _, err = call(
         evaluate_zero_shot,
         ["--cpu", "--load", models["one_step"], "--include-path", tmp_path / "nope", "--output-json", output],
