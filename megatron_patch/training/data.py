@@ -6,7 +6,9 @@ A global batch of G sequences is read as consecutive sample indices
 step trains on do not depend on the parallel layout.
 """
 
-from typing import Iterator, List
+import functools
+import signal
+from typing import Iterator, List, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -49,6 +51,15 @@ def _collate(samples):
     return {key: torch.stack([torch.as_tensor(sample[key]) for sample in samples]) for key in keys}
 
 
+def _ignore_stop_signals(signals: Sequence[signal.Signals], worker_id: int) -> None:
+    """``worker_init_fn``: a data worker ignores the trainer's stop signals. A job-wide SIGTERM
+    (scancel, a SLURM time limit) reaches the workers too, and torch's own handler there ends a
+    worker signalled by anyone but the trainer, which then raises in the middle of the step or of
+    the stop's save. The workers still end with the trainer (torch watches its parent)."""
+    for number in signals:
+        signal.signal(number, signal.SIG_IGN)
+
+
 def micro_batches(
     dataset: Dataset,
     consumed_samples: int,
@@ -57,13 +68,15 @@ def micro_batches(
     data_parallel_size: int,
     num_workers: int = 0,
     pin_memory: bool = False,
+    stop_signals: Sequence[signal.Signals] = (),
 ) -> Iterator[dict]:
     """An iterator of ``{tokens, labels, loss_mask}`` micro-batches, each ``[b, L]`` (L tokens).
 
     The loader gets a generator of its own: creating an iterator draws a base seed for the worker
     processes, and drawing it from the global CPU generator would leave a resumed run's RNG one
     draw away from the uninterrupted run's (the samples do not depend on it: the sampler is
-    deterministic and the datasets do no random augmentation).
+    deterministic and the datasets do no random augmentation). Its worker processes ignore
+    ``stop_signals``, which the trainer handles.
     """
     sampler = PretrainingBatchSampler(
         len(dataset), consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size
@@ -76,5 +89,6 @@ def micro_batches(
         pin_memory=pin_memory,
         persistent_workers=False,
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=functools.partial(_ignore_stop_signals, tuple(stop_signals)),
     )
     return iter(loader)

@@ -149,6 +149,7 @@ class Trainer:
             parallel_state.get_data_parallel_world_size(),
             num_workers=self.config.data.num_workers,
             pin_memory=not self.config.cpu,
+            stop_signals=self.config.checkpoints.stop_signals,
         )
 
     def _validate(self) -> Optional[float]:

@@ -304,3 +304,19 @@ def test_a_stop_during_a_validation_cuts_it_short_and_saves(cpu_world, tiny_corp
     assert iteration not in train_records(save, "valid")
     assert cli.main(argv + ["--load", str(save)]) == 0
     assert sorted(train_records(save, "valid")) == ([8, ITERS] if iteration == 4 else [4, 8, ITERS])
+
+
+def test_sigterm_to_the_job_with_data_workers_saves_and_exits_0(tiny_corpus, tmp_path):
+    """--num-workers 2: a SIGTERM to the whole process group reaches the data workers too; they
+    ignore it (torch's handler in a worker would end it, and the trainer would then raise in the
+    middle of the step or of the stop's save, with no checkpoint and exit code 1)."""
+    save = tmp_path / "run"
+    args = trainer_args(tiny_corpus, save, "--eval-iters", "0", "--num-workers", "2", train_iters=ITERS)
+    process = launch(args)
+    _wait_for_iteration(process, save, 3)
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, output[-3000:]
+    saved = folders.tracker_value(str(save))
+    assert saved is not None and saved >= 3 and f"stopped by SIGTERM at iteration {saved}" in output
+    checkpoint.check_files(folders.checkpoint_dir(str(save), saved))
