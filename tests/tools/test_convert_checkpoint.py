@@ -168,28 +168,19 @@ def test_force_never_replaces_a_training_checkpoint(trained, tmp_path, capsys):
     assert sorted(os.listdir(other)) == sorted(os.listdir(trained["final"]))
 
 
-def test_an_output_that_appears_during_the_conversion_is_not_replaced(trained, tmp_path, capsys, monkeypatch):
-    """Without --force the final name is checked again at the rename: a folder made there meanwhile
-    (another conversion into the same name) is kept, and this one's output is removed."""
-    save = tmp_path / "out"
-    verify = reshard._verify
-
-    def verify_then_someone_writes(plan, converted):
-        save.mkdir()
-        (save / "theirs.txt").write_text("theirs")
-        return verify(plan, converted)
-
-    monkeypatch.setattr(reshard, "_verify", verify_then_someone_writes)
-    code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["patch"], "--save", save], capsys)
-    assert_one_line_error(code, err, "was created by someone else while this ran: pass --force")
-    assert os.listdir(save) == ["theirs.txt"] and not leftovers(tmp_path)
-
-
-def test_a_folder_that_appears_during_the_conversion_is_not_replaced_even_with_force(
-    trained, tmp_path, capsys, monkeypatch
+@pytest.mark.parametrize(
+    "force, message",
+    [
+        ([], "was created by someone else while this ran: pass --force"),
+        (["--force"], "holds 'theirs.txt', not this tool's earlier output"),
+    ],
+)
+def test_an_output_that_appears_during_the_conversion_is_not_replaced(
+    trained, tmp_path, capsys, monkeypatch, force, message
 ):
-    """With --force the final name is checked again at the rename too: what appeared there meanwhile
-    is replaced only when it is a conversion's output."""
+    """The final name is checked again at the rename: a folder made there meanwhile (another
+    conversion into the same name, here a file of someone's) is kept and this one's output is
+    removed, without --force and with it (which replaces only a conversion's output)."""
     save = tmp_path / "out"
     verify = reshard._verify
 
@@ -199,8 +190,8 @@ def test_a_folder_that_appears_during_the_conversion_is_not_replaced_even_with_f
         return verify(plan, converted)
 
     monkeypatch.setattr(reshard, "_verify", verify_then_someone_writes)
-    code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["patch"], "--save", save, "--force"], capsys)
-    assert_one_line_error(code, err, "holds 'theirs.txt', not this tool's earlier output")
+    code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["patch"], "--save", save, *force], capsys)
+    assert_one_line_error(code, err, message)
     assert os.listdir(save) == ["theirs.txt"] and not leftovers(tmp_path)
 
 
