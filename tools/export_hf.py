@@ -56,7 +56,7 @@ def _run(args) -> None:
 
     from megatron_patch.checkpoint import folders
     from megatron_patch.checkpoint import info as checkpoint_info
-    from megatron_patch.conversion import hf_export
+    from megatron_patch.conversion import hf_export, hf_folder
     from megatron_patch.errors import ArgumentError, VerificationError
     from megatron_patch.evaluation.logits import fixed_tokens, forward_logits
     from megatron_patch.runtime import command
@@ -74,8 +74,8 @@ def _run(args) -> None:
         folders.check_replaceable,
         flag="--save",
         sources=(info.path, os.path.dirname(info.path)),
-        output_names=hf_export.EXPORT_FILES,
-        is_output=hf_export.is_export,
+        output_names=hf_folder.EXPORT_FILES,
+        is_output=hf_folder.is_export,
     )
     check_replaceable(final)
     tokenizer = checkpoint_info.load_tokenizer([info], args.tokenizer_model)

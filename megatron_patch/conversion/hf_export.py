@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_patch.checkpoint import store as ckpt
 from megatron_patch.checkpoint.info import CheckpointInfo
+from megatron_patch.conversion.hf_folder import PROVENANCE
 from megatron_patch.errors import CheckpointError, UserError, VerificationError
 
 logger = logging.getLogger(__name__)
@@ -270,23 +271,6 @@ def tokenizer_files(tokenizer, seq_length: int) -> Dict[str, str]:
         "tokenizer_config.json": json.dumps(config, indent=1) + "\n",
         "special_tokens_map.json": json.dumps(special, indent=1) + "\n",
     }
-
-
-PROVENANCE = "megatron_patch_export.json"  # where the export came from; marks a folder as an export
-EXPORT_FILES = (
-    "model.safetensors",
-    "config.json",
-    "generation_config.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    PROVENANCE,
-)
-
-
-def is_export(folder: str) -> bool:
-    """Whether ``folder`` holds an earlier export (what ``--force`` may replace)."""
-    return os.path.isfile(os.path.join(folder, PROVENANCE))
 
 
 def write_folder(

@@ -12,7 +12,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from megatron_patch.checkpoint import folders
-from megatron_patch.conversion import hf_export
+from megatron_patch.conversion import hf_folder
 from tests.tools.common import (
     ROWS,
     VOCAB,
@@ -158,13 +158,13 @@ def test_force_replaces_an_earlier_export_and_nothing_else(trained, tmp_path, ca
     save = tmp_path / "hf"
     code, _, err = call(export_hf, ["--cpu", "--load", trained["final"], "--save", save], capsys)
     assert code == 0, err
-    assert sorted(os.listdir(save)) == sorted(hf_export.EXPORT_FILES)
+    assert sorted(os.listdir(save)) == sorted(hf_folder.EXPORT_FILES)
     code, _, err = call(export_hf, ["--cpu", "--load", trained["final"], "--save", save, "--force"], capsys)
     assert code == 0, err
     shutil.copytree(trained["root"], save / "experiments" / "other_run")
     code, _, err = call(export_hf, ["--cpu", "--load", trained["final"], "--save", save, "--force"], capsys)
     assert_one_line_error(code, err, "holds 'experiments', not this tool's earlier output; --force replaces only")
-    assert os.path.isdir(save / "experiments" / "other_run" / "iter_0000006") and hf_export.is_export(save)
+    assert os.path.isdir(save / "experiments" / "other_run" / "iter_0000006") and hf_folder.is_export(save)
     other = tmp_path / "notes"
     other.mkdir()
     (other / "config.json").write_text("{}")  # an export's file name, but no export
