@@ -50,3 +50,10 @@ class ProcessDiedError(UserError):
     tool stopped and left no output (exit code 1)."""
 
     exit_code = 1
+
+
+def last_line(error: BaseException) -> str:
+    """The last non-empty line of an exception's message (torch's are many lines long), cut to 200
+    characters: what a one-line error quotes of a failure inside torch or megatron."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:200] if lines else type(error).__name__

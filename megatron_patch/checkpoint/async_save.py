@@ -26,6 +26,7 @@ forked helper it ends with the trainer (``runtime/child_processes.py``).
 import gc
 import logging
 import multiprocessing
+import os
 import signal
 import time
 from multiprocessing.managers import SyncManager
@@ -34,7 +35,7 @@ from typing import Callable, Iterable, Optional
 import torch.distributed as dist
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest
 
-from megatron_patch.errors import CheckpointError
+from megatron_patch.errors import CheckpointError, last_line
 
 logger = logging.getLogger(__name__)
 
@@ -160,11 +161,7 @@ class PendingSave:
                 raise
             path, self._path = self._path, None
             self._host_copies.clear()
-            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-            raise CheckpointError(
-                f"the background save of {path} failed ({lines[-1][:200] if lines else type(error).__name__}): "
-                f"the checkpoints completed before it are untouched; resume with --load"
-            ) from None
+            raise failed_save(path, error, background=True) from None
 
     def _finish(self, done: bool, began: float) -> None:
         self._blocked += time.perf_counter() - began
@@ -173,3 +170,14 @@ class PendingSave:
             self._path = None
             self._host_copies.clear()
             self._on_complete(path, seconds, blocked)
+
+
+def failed_save(path: str, error: BaseException, background: bool = False) -> CheckpointError:
+    """The one-line error of a save of checkpoint ``path`` that failed with ``error`` (a full disk,
+    a folder without permission; torch's CheckpointException from the writers): the checkpoints
+    completed before it are intact, and ``path`` stays an ``iter_N.tmp``, which no resume takes."""
+    root = os.path.dirname(path)
+    return CheckpointError(
+        f"the {'background ' if background else ''}save of {path} failed ({last_line(error)}): the checkpoints "
+        f"completed before it are untouched; free space (or fix permissions) in {root}, then resume with --load {root}"
+    )

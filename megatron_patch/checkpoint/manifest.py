@@ -19,11 +19,12 @@ import json
 import logging
 import os
 import zlib
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Union
 
 import torch.distributed as dist
 
 from megatron_patch.runtime import atomic_file
+from megatron_patch.runtime.rank_zero import on_rank_zero
 
 logger = logging.getLogger(__name__)
 
@@ -64,18 +65,30 @@ def _own_files(folder: str, rank: int) -> List[str]:
     return [name for name in names if name.startswith(f"__{rank}_")]
 
 
-def write_manifest(folder: str) -> Optional[str]:
+def write_manifest(folder: str) -> str:
     """Called on every rank once all files of ``folder`` are written (after a barrier), and before
-    anything else is added to it; rank 0 writes ``folder/manifest.json`` and returns its path."""
+    anything else is added to it (collective): each rank checksums its own files, rank 0 writes
+    ``folder/manifest.json``; returns its path. An ``OSError`` of any rank (a file it cannot
+    read, a manifest rank 0 cannot write) is raised on every rank, so none waits for the others."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    entries = describe(folder, _own_files(folder, rank))
+    try:
+        entries: Union[Dict[str, dict], OSError] = describe(folder, _own_files(folder, rank))
+    except OSError as error:
+        entries = error
     if dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: List[Optional[dict]] = [None] * dist.get_world_size()
+        gathered: List[Union[Dict[str, dict], OSError, None]] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, entries)
     else:
         gathered = [entries]
-    if rank != 0:
-        return None
+    if isinstance(entries, OSError):
+        raise entries
+    failures = [part for part in gathered if isinstance(part, OSError)]
+    if failures:
+        raise failures[0]
+    return on_rank_zero(_write, folder, gathered)
+
+
+def _write(folder: str, gathered: List[Dict[str, dict]]) -> str:
     files = {}
     for part in gathered:
         files.update(part)

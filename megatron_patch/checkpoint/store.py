@@ -56,7 +56,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_patch.architecture.build import unwrap
 from megatron_patch.checkpoint import manifest
-from megatron_patch.checkpoint.async_save import PendingSave
+from megatron_patch.checkpoint.async_save import PendingSave, failed_save
 from megatron_patch.checkpoint.folders import (
     METADATA,
     TRACKER,
@@ -66,7 +66,7 @@ from megatron_patch.checkpoint.folders import (
     repair_tracker,
     resolve_checkpoint,
 )
-from megatron_patch.errors import CheckpointError
+from megatron_patch.errors import CheckpointError, last_line
 from megatron_patch.runtime import atomic_file
 from megatron_patch.runtime.rank_zero import on_rank_zero
 from megatron_patch.training.builders import (
@@ -256,11 +256,6 @@ def save_checkpoint(
         logger.info("checkpoint %s exists and is complete; not writing it again", final)
         return None
     partial_dir = final + ".tmp"
-    if dist.get_rank() == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(partial_dir, ignore_errors=True)
-        os.makedirs(partial_dir)
-    dist.barrier()
     meta = {
         "format_version": FORMAT_VERSION,
         "iteration": iteration,
@@ -271,29 +266,51 @@ def save_checkpoint(
     }
     state = _sharded_state(model, optimizer, scheduler, with_rng=True)
     complete = functools.partial(_complete_save, root, partial_dir, final, meta, keep_last, tuple(retain))
-    if pending is None:
-        write_sharded(state, partial_dir, fully_parallel)
-        complete()
-    else:
-        _use_write_results_queue(pending.results_queue())
-        request = dist_checkpointing.save(state, partial_dir, save_strategy(fully_parallel), async_sharded_save=True)
-        pending.start(request, complete, final, started)
+    try:
+        on_rank_zero(_new_partial_dir, root, partial_dir)
+        if pending is None:
+            write_sharded(state, partial_dir, fully_parallel)
+            complete()
+        else:
+            _use_write_results_queue(pending.results_queue())
+            request = dist_checkpointing.save(
+                state, partial_dir, save_strategy(fully_parallel), async_sharded_save=True
+            )
+            pending.start(request, complete, final, started)
+    except (OSError, CheckpointException) as error:  # torch's CheckpointException is a BaseException
+        raise failed_save(final, error) from None
     return final
+
+
+def _new_partial_dir(root: str, partial_dir: str) -> None:
+    """An empty ``partial_dir`` (one left by a killed save of the same iteration is replaced)."""
+    os.makedirs(root, exist_ok=True)
+    shutil.rmtree(partial_dir, ignore_errors=True)
+    os.makedirs(partial_dir)
 
 
 def _complete_save(root, partial_dir, final, meta, keep_last, retain) -> None:
     """After every rank's shards are written: the metadata, the manifest, the rename, the tracker,
-    the removal of killed saves and pruning (collective)."""
+    the removal of killed saves and pruning (collective). An ``OSError`` of any rank (a full disk)
+    is the same one-line CheckpointError on every rank, and leaves the checkpoint an ``iter_N.tmp``."""
     dist.barrier()
-    if dist.get_rank() == 0:
-        atomic_file.write_json(os.path.join(partial_dir, METADATA), meta, sort_keys=True)
-    manifest.write_manifest(partial_dir)  # collective: every rank checksums its own shards
-    if dist.get_rank() == 0:
-        os.replace(partial_dir, final)
-        atomic_file.write_text(os.path.join(root, TRACKER), f"{meta['iteration']}\n")
-        remove_partial_saves(root)
-        prune(root, keep_last, retain)
-    dist.barrier()
+    try:
+        on_rank_zero(
+            functools.partial(atomic_file.write_json, sort_keys=True), os.path.join(partial_dir, METADATA), meta
+        )
+        manifest.write_manifest(partial_dir)  # every rank checksums its own shards
+        on_rank_zero(_publish, root, partial_dir, final, meta["iteration"], keep_last, retain)
+    except OSError as error:
+        raise failed_save(final, error) from None
+
+
+def _publish(root, partial_dir, final, iteration, keep_last, retain) -> None:
+    """Rename the complete ``partial_dir`` into place, point the tracker at it, then remove killed
+    saves and prune (rank 0's work)."""
+    os.replace(partial_dir, final)
+    atomic_file.write_text(os.path.join(root, TRACKER), f"{iteration}\n")
+    remove_partial_saves(root)
+    prune(root, keep_last, retain)
 
 
 def _existing(root: str, final: str) -> bool:
@@ -370,12 +387,6 @@ def describe_layout(layout: dict) -> str:
     """``TP=.. PP=..`` (and ``V=..`` with virtual pipeline stages) of a recorded layout."""
     text = f"TP={layout.get('tensor')} PP={layout.get('pipeline')}"
     return text + (f" V={layout['virtual_pipeline']}" if layout.get("virtual_pipeline") else "")
-
-
-def last_line(error: BaseException) -> str:
-    """The last non-empty line of an exception's message (torch's are many lines long), cut to 200 characters."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1][:200] if lines else type(error).__name__
 
 
 def load_checkpoint(

@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron_patch.checkpoint import store as ckpt
 from megatron_patch.checkpoint.info import CheckpointInfo
 from megatron_patch.conversion.hf_folder import PROVENANCE
-from megatron_patch.errors import CheckpointError, UserError, VerificationError
+from megatron_patch.errors import CheckpointError, UserError, VerificationError, last_line
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def read_tensors(info: CheckpointInfo, verify: bool = True) -> Dict[str, torch.T
     except (Exception, CheckpointException) as error:  # torch's CheckpointException is a BaseException
         raise ckpt.CheckpointError(
             f"checkpoint {info.path}: its tensor index could not be read "
-            f"({ckpt.last_line(error)}): it is corrupt; export an earlier one"
+            f"({last_line(error)}): it is corrupt; export an earlier one"
         ) from None
     model_keys = [key for key in metadata if not key.startswith(("optimizer.", "rng_state"))]
     unknown = [key for key in model_keys if not _known(key)]
@@ -121,7 +121,7 @@ def read_tensors(info: CheckpointInfo, verify: bool = True) -> Dict[str, torch.T
         return dist_checkpointing.load(request, info.path, validate_access_integrity=False)
     except (Exception, CheckpointException) as error:
         raise ckpt.CheckpointError(
-            f"checkpoint {info.path} could not be loaded ({ckpt.last_line(error)}): it is "
+            f"checkpoint {info.path} could not be loaded ({last_line(error)}): it is "
             f"corrupt or incomplete; export an earlier one"
         ) from None
 

@@ -5,7 +5,9 @@ exists) can differ between hosts for a while: NFS caches attributes and director
 decision that ranks must agree on, or that they would all take from the same files, is therefore
 taken by rank 0 and broadcast. A failure there is raised on every rank, so no rank is left
 waiting at a later collective: a :class:`~megatron_patch.errors.UserError` as the same one-line
-error, anything else as the original exception on rank 0 and a RuntimeError naming it elsewhere.
+error, an ``OSError`` (a full disk, a folder without permission) as the same ``OSError`` (errno,
+message and file name), anything else as the original exception on rank 0 and a RuntimeError
+naming it elsewhere.
 """
 
 from typing import Callable, TypeVar
@@ -27,8 +29,8 @@ def on_rank_zero(function: Callable[..., Result], *args) -> Result:
     if dist.get_rank() == 0:
         try:
             outcome[0] = ("result", function(*args))
-        except UserError as error:
-            outcome[0] = ("user_error", error)
+        except (UserError, OSError) as error:
+            outcome[0] = ("shared", error)
         except Exception as error:  # re-raised as is on rank 0, named on the others
             failure = error
             outcome[0] = ("failure", f"{type(error).__name__}: {error}")
@@ -36,7 +38,7 @@ def on_rank_zero(function: Callable[..., Result], *args) -> Result:
     kind, value = outcome[0]
     if kind == "result":
         return value
-    if kind == "user_error":
+    if kind == "shared":
         raise value
     if failure is not None:
         raise failure

@@ -21,16 +21,25 @@ def test_rank_zero_scans_once_and_every_rank_gets_the_error(world, tiny_corpus, 
     assert len(counted_scans) == (1 if dist.get_rank() == 0 else 0)
 
 
-def test_a_failure_on_rank_zero_reaches_every_rank(world, tiny_corpus, tmp_path_factory, monkeypatch):
+@pytest.mark.parametrize(
+    "failure, elsewhere",
+    [(PermissionError(13, "Permission denied", "tiny.bin"), PermissionError), (ValueError("bad scan"), RuntimeError)],
+    ids=["os-error", "bug"],
+)
+def test_a_failure_on_rank_zero_reaches_every_rank(world, tiny_corpus, tmp_path_factory, monkeypatch, failure, elsewhere):
+    """An OSError (an unreadable file, a full disk) is the same OSError on every rank; anything else
+    (a bug) is raised as itself on rank 0 and as a RuntimeError naming it on the others."""
     if world != 2:
         pytest.skip("runs in a 2-rank world")
     prefix = tiny_corpus["prefix"]
     dtype = IndexedDataset(prefix).index.dtype
 
-    def unreadable(bin_path, dtype):
-        raise PermissionError(13, "Permission denied", bin_path)
+    def failing_scan(bin_path, dtype):
+        raise failure
 
-    monkeypatch.setattr(vocab_check, "scan_max_token_id", unreadable)
-    expected = PermissionError if dist.get_rank() == 0 else RuntimeError
-    with pytest.raises(expected, match="Permission denied"):
-        vocab_check.check_vocab(prefix, dtype, 512, shared_tmp(tmp_path_factory, "fresh_cache"))
+    monkeypatch.setattr(vocab_check, "scan_max_token_id", failing_scan)
+    expected = type(failure) if dist.get_rank() == 0 else elsewhere
+    with pytest.raises(expected, match=str(failure.args[-1])) as raised:
+        vocab_check.check_vocab(prefix, dtype, 512, shared_tmp(tmp_path_factory, f"fresh_cache_{elsewhere.__name__}"))
+    if isinstance(failure, OSError):
+        assert raised.value.filename == "tiny.bin" and raised.value.errno == 13

@@ -1,5 +1,7 @@
 """Shared pieces of the trainer tests: the tiny two-stage command line and metrics reading."""
 
+import errno
+import functools
 import json
 import os
 import subprocess
@@ -74,6 +76,40 @@ sys.exit(cli.main(sys.argv[2:]))
 def slow_writer_command(delay_s, args):
     """The command line of the trainer on ``args`` whose checkpoint writes each wait ``delay_s``."""
     return [sys.executable, "-c", _SLOW_WRITER_TRAINER, str(delay_s), *args]
+
+
+def full_disk_in(monkeypatch, folder_name: str) -> None:
+    """Make megatron's checkpoint writer (``filesystem_async._write_item``, in this process and the
+    writers it forks) fail with ENOSPC on every file of the folder named ``folder_name`` (e.g.
+    ``iter_0000004.tmp``) and write every other file."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    write_item = filesystem_async._write_item
+
+    @functools.wraps(write_item)  # megatron reads its signature
+    def full_disk(*args, **kwargs):
+        stream = next(arg for arg in args if hasattr(arg, "name") and hasattr(arg, "write"))
+        if os.path.basename(os.path.dirname(str(stream.name))) == folder_name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_item(*args, **kwargs)
+
+    monkeypatch.setattr(filesystem_async, "_write_item", full_disk)
+
+
+def metadata_write_fails_in(monkeypatch, folder_name: str) -> None:
+    """Make the write of the checkpoint metadata (``megatron_patch.json``) into the folder named
+    ``folder_name`` fail with ENOSPC."""
+    from megatron_patch.checkpoint.folders import METADATA
+    from megatron_patch.runtime import atomic_file
+
+    write_json = atomic_file.write_json
+
+    def full_disk(path, *args, **kwargs):
+        if os.path.basename(os.path.dirname(str(path))) == folder_name and path.endswith(METADATA):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return write_json(path, *args, **kwargs)
+
+    monkeypatch.setattr(atomic_file, "write_json", full_disk)
 
 
 def copy_corpus(prefix: str, target, drop_last: int = 0, reverse: bool = False) -> str:

@@ -7,7 +7,6 @@ checkpoint, no writer and a free --save lock; a background write that fails stop
 one line and keeps the previous checkpoint; a run that ends on an error kills its writer before it
 releases the --save lock."""
 
-import functools
 import json
 import os
 import signal
@@ -21,7 +20,7 @@ from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as checkpoint
 from megatron_patch.checkpoint.compare import differences
 from megatron_patch.checkpoint.lock import SaveDirLock
-from tests.training.common import REPO_ROOT, launch, slow_writer_command, train_records, trainer_args
+from tests.training.common import REPO_ROOT, full_disk_in, launch, slow_writer_command, train_records, trainer_args
 
 pytestmark = pytest.mark.slow  # whole-pipeline subprocess runs: scheduled first (tests/conftest.py)
 
@@ -147,29 +146,18 @@ def test_a_failed_background_write_is_one_line_and_keeps_the_previous_checkpoint
     """The forked writer of iteration 4's save fails (a full disk): the run stops with one line
     naming the save, the tracker stays on iteration 2, whose checkpoint loads, and the partial
     ``iter_0000004.tmp`` is never taken for a checkpoint; a resume trains to the end."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
     from megatron_patch.training import cli
-
-    write_item = filesystem_async._write_item
-
-    @functools.wraps(write_item)  # megatron reads its signature
-    def full_disk(*args, **kwargs):
-        stream = next(arg for arg in args if hasattr(arg, "name") and hasattr(arg, "write"))
-        if "iter_0000004.tmp" in str(stream.name):
-            raise OSError(28, "No space left on device")
-        return write_item(*args, **kwargs)
 
     save = tmp_path / "run"
     args = trainer_args(tiny_corpus, save, *FLAGS, "--async-save", train_iters=ITERS)
-    monkeypatch.setattr(filesystem_async, "_write_item", full_disk)
-    assert cli.main(args) == 2
+    with monkeypatch.context() as patch:
+        full_disk_in(patch, "iter_0000004.tmp")
+        assert cli.main(args) == 2
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and "background save of" in error[0] and "iter_0000004 failed" in error[0], error
     assert "No space left on device" in error[0], error
     assert folders.read_tracker(str(save)) == 2 and not (save / "iter_0000004").exists()
     checkpoint.check_files(folders.checkpoint_dir(str(save), 2))
-    monkeypatch.setattr(filesystem_async, "_write_item", write_item)
     assert cli.main(args + ["--load", str(save)]) == 0
     assert folders.tracker_value(str(save)) == ITERS
     assert not [name for name in os.listdir(save) if name.endswith(".tmp")], os.listdir(save)

@@ -3,7 +3,8 @@ uninterrupted run's losses bit for bit and its whole final checkpoint (RNG state
 SIGTERM to the process group after a save saves and exits 0, leaving no process behind; a kill
 between renaming a checkpoint into place and writing the tracker resumes from the newest one
 and leaves the tracker naming the newest; an interrupted save leaves the previous checkpoint
-loadable; kill -9 of the trainer inside a save leaves no checkpoint writer running, and resumes."""
+loadable; a save that meets a full disk stops the run with one line and keeps the previous
+checkpoint; kill -9 of the trainer inside a save leaves no checkpoint writer running, and resumes."""
 
 import os
 import shutil
@@ -15,7 +16,14 @@ import pytest
 from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as checkpoint
 from megatron_patch.checkpoint.compare import differences
-from tests.training.common import launch, slow_writer_command, train_records, trainer_args
+from tests.training.common import (
+    full_disk_in,
+    launch,
+    metadata_write_fails_in,
+    slow_writer_command,
+    train_records,
+    trainer_args,
+)
 
 pytestmark = pytest.mark.slow  # whole-pipeline subprocess runs: scheduled first (tests/conftest.py)
 
@@ -207,6 +215,43 @@ def test_interrupted_save_leaves_previous_checkpoint(world, model_parallel, tiny
     # removes the other one
     assert cli.main(args + ["--load", str(save)]) == 0
     assert folders.read_tracker(str(save)) == 6
+    assert not [name for name in os.listdir(save) if name.endswith(".tmp")], os.listdir(save)
+
+
+@pytest.mark.parametrize("failing", [full_disk_in, metadata_write_fails_in], ids=["shards", "metadata"])
+def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(
+    cpu_world, tiny_corpus, tmp_path, monkeypatch, capsys, failing
+):
+    """Iteration 4's save meets a full disk, while megatron writes the shards or while the
+    checkpoint's metadata is written: the run stops with one line naming the save and the fix
+    (exit 2, no traceback), the tracker stays on iteration 2, whose checkpoint is intact, the
+    partial ``iter_0000004.tmp`` is never taken for a checkpoint, and a resume trains to the end."""
+    from megatron_patch.training import cli
+
+    save = tmp_path / "run"
+    args = trainer_args(
+        tiny_corpus,
+        save,
+        "--save-interval",
+        "2",
+        "--eval-iters",
+        "0",
+        "--keep-last-checkpoints",
+        "0",
+        train_iters=ITERS,
+    )
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        failing(patch, "iter_0000004.tmp")
+        assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the save of ") and "iter_0000004 failed (" in err[0], err
+    assert "No space left on device" in err[0] and err[0].endswith(f"then resume with --load {save}"), err
+    assert folders.read_tracker(str(save)) == 2 and not (save / "iter_0000004").exists()
+    assert (save / "iter_0000004.tmp").is_dir()
+    checkpoint.check_files(folders.checkpoint_dir(str(save), 2))
+    assert cli.main(args + ["--load", str(save)]) == 0
+    assert folders.tracker_value(str(save)) == ITERS
     assert not [name for name in os.listdir(save) if name.endswith(".tmp")], os.listdir(save)
 
 
