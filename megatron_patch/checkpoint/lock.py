@@ -8,11 +8,19 @@ records the holder (host, pid, start time) for the message the second writer pri
 removed on release. ``flock`` is exclusive between the processes of one machine and, on a shared
 file system, as far as that file system implements it (NFSv4 and Lustre mounted with ``flock``
 do); across nodes of a file system that does not, the lock only guards the node it runs on.
+
+A node that fails outright (a crash, a power loss) cannot release its lock: the file system keeps
+it until the node's lease runs out (about 90 s on NFSv4, the client's eviction on Lustre), and a
+job requeued at once onto other nodes would find it held. So a lock whose recorded holder is on
+another host (or unknown) is waited for, up to ``wait_seconds`` (the trainer's
+``--save-lock-wait``, 300 s by default), before the run is refused; a holder on this host is a
+live process (the kernel drops a dead one's lock) and is refused at once.
 """
 
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -22,45 +30,57 @@ from megatron_patch.checkpoint.folders import METADATA
 from megatron_patch.errors import CheckpointError
 from megatron_patch.runtime.rank_zero import on_rank_zero
 
+logger = logging.getLogger(__name__)
+
 LOCK = ".lock"
+RETRY_S = 5.0  # between two tries while the holder is another host
 
 
 class SaveDirLock:
     """``with SaveDirLock(root):`` holds the lock on ``root`` (created if missing, as saving would);
-    CheckpointError (one line, naming the holder) when another process holds it."""
+    CheckpointError (one line, naming the holder) when another process holds it: at once when the
+    holder is on this host, after ``wait_seconds`` of tries when it is on another (or unknown)."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, wait_seconds: float = 0.0):
         self.root = root
         self.path = os.path.join(root, LOCK)
+        self.wait_seconds = wait_seconds
         self._fd: Optional[int] = None
 
-    def _holder(self) -> str:
+    def _holder(self) -> Optional[dict]:
+        """The holder's record (host, pid, since), or None when it cannot be read."""
         try:
             with open(self.path) as f:
                 info = json.load(f)
-            return f"host {info['host']}, pid {info['pid']}, since {info['since']}"
+            return {key: info[key] for key in ("host", "pid", "since")}
         except (OSError, ValueError, KeyError, TypeError):
-            return "holder unknown"
+            return None
 
     def acquire(self) -> "SaveDirLock":
         os.makedirs(self.root, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
+        started = time.monotonic()
+        report_at = started
+        while (fd := self._try_lock()) is None:
+            holder = self._holder()
+            described = f"host {holder['host']}, pid {holder['pid']}" if holder else "holder unknown"
+            waited = time.monotonic() - started
+            if (holder is not None and holder["host"] == socket.gethostname()) or waited >= self.wait_seconds:
+                since = f", since {holder['since']}" if holder else ""
+                after = f"; waited {waited:.0f} s" if waited >= 1 else ""
                 raise CheckpointError(
-                    f"--save {self.root} is in use by another trainer ({self._holder()}; lock "
-                    f"{self.path}): wait for it to end, or save to another folder"
+                    f"--save {self.root} is in use by another trainer ({described}{since}; lock {self.path}{after}): "
+                    f"wait for it to end, or save to another folder"
                 ) from None
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:  # else the holder released (and removed) the file between our open and flock
-                break
-            os.close(fd)
+            if time.monotonic() >= report_at:  # at the first try, then once a minute
+                logger.warning(
+                    "--save %s is locked by %s: waiting up to %.0f s (--save-lock-wait), as a node that failed "
+                    "keeps its lock until the file system's lease on it runs out",
+                    self.root,
+                    described,
+                    self.wait_seconds,
+                )
+                report_at += 60.0
+            time.sleep(min(RETRY_S, self.wait_seconds - waited))
         info = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -70,6 +90,23 @@ class SaveDirLock:
         os.write(fd, json.dumps(info).encode())
         self._fd = fd
         return self
+
+    def _try_lock(self) -> Optional[int]:
+        """The open, locked lock file's descriptor, or None when another process holds the lock."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # else the holder released (and removed) the file between our open and flock
+                return fd
+            os.close(fd)
 
     def release(self) -> None:
         if self._fd is None:
@@ -89,9 +126,10 @@ class SaveDirLock:
 
 
 @contextlib.contextmanager
-def locked_save_folder(save: Optional[str]):
+def locked_save_folder(save: Optional[str], wait_seconds: float = 0.0):
     """Rank 0 holds the lock of the ``--save`` folder ``save`` (None: nothing to lock) for the
-    ``with`` block; every rank raises the same one-line error when another trainer holds it, when
+    ``with`` block; every rank raises the same one-line error when another trainer holds it (one on
+    another host after ``wait_seconds`` of tries: :class:`SaveDirLock`), when
     ``save`` cannot be created (a file on its path, no permission) or when it is one checkpoint
     (``iter_N``) rather than a ``--save`` folder. A folder created here and left empty (a failed
     start) is removed."""
@@ -99,7 +137,7 @@ def locked_save_folder(save: Optional[str]):
         yield
         return
     taken = {}  # rank 0's lock stays in rank 0's process: only the verdict is shared
-    on_rank_zero(lambda: taken.update(_lock(save)))
+    on_rank_zero(lambda: taken.update(_lock(save, wait_seconds)))
     lock, created = taken.get("lock"), taken.get("created", False)
     try:
         yield
@@ -110,7 +148,7 @@ def locked_save_folder(save: Optional[str]):
                 os.rmdir(save)
 
 
-def _lock(save: str) -> dict:
+def _lock(save: str, wait_seconds: float) -> dict:
     """Take the lock of ``save``: ``{"lock": SaveDirLock, "created": whether save was made here}``."""
     if os.path.isfile(os.path.join(save, METADATA)):
         raise CheckpointError(
@@ -119,7 +157,7 @@ def _lock(save: str) -> dict:
         )
     created = not os.path.exists(save)
     try:
-        return {"lock": SaveDirLock(save).acquire(), "created": created}
+        return {"lock": SaveDirLock(save, wait_seconds).acquire(), "created": created}
     except OSError as error:
         raise CheckpointError(
             f"--save {save} cannot be created or locked ({error.strerror or error}): choose a writable folder"

@@ -180,6 +180,7 @@ def make_config(
             fully_parallel_save=flags.ckpt_fully_parallel_save,
             fully_parallel_load=flags.ckpt_fully_parallel_load,
             async_save=flags.async_save,
+            lock_wait_seconds=flags.save_lock_wait,
         ),
         logging=LogSettings(
             log_interval=flags.log_interval,
@@ -381,6 +382,8 @@ def _check_flag_combinations(flags: argparse.Namespace, seq_length: int) -> None
         logger.warning("--eval-interval %d does nothing with --eval-iters 0 (validation is off)", flags.eval_interval)
     if flags.keep_last_checkpoints < 0:
         raise ArgumentError(f"--keep-last-checkpoints {flags.keep_last_checkpoints} must be >= 0")
+    if not math.isfinite(flags.save_lock_wait) or flags.save_lock_wait < 0:
+        raise ArgumentError(f"--save-lock-wait {flags.save_lock_wait} must be a number of seconds >= 0")
     if flags.lr <= 0 or flags.min_lr < 0 or flags.min_lr > flags.lr:
         raise ArgumentError(f"--lr {flags.lr} / --min-lr {flags.min_lr}: need 0 <= min-lr <= lr and lr > 0")
     if flags.lr_warmup_iters < 0:

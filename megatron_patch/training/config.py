@@ -54,6 +54,7 @@ class CheckpointSettings:
     fully_parallel_save: bool = True  # data-parallel replicas share the writing of replicated shards
     fully_parallel_load: bool = False  # ... and the reading, exchanging what they read
     async_save: bool = False  # interval saves written by a forked process while training goes on
+    lock_wait_seconds: float = 0.0  # for the --save lock held by another host (a failed node's)
 
     @property
     def stop_signals(self) -> Tuple[signal.Signals, ...]:

@@ -9,6 +9,10 @@ from megatron_patch.architecture.presets import PRESETS
 from megatron_patch.runtime.command import ArgumentParser, add_checkpoint_verify_flag
 from megatron_patch.training.preemption import DEFAULT_SIGNALS
 
+# --save-lock-wait's default: longer than NFSv4's default lease (90 s) and Lustre's usual eviction of a
+# failed client, so a job requeued at once after a node failure finds the failed node's lock released
+SAVE_LOCK_WAIT_S = 300.0
+
 # --profile's window and ranks when not given (Megatron-LM's defaults)
 PROFILE_STEP_START = 10
 PROFILE_STEP_END = 12
@@ -229,6 +233,15 @@ def build_parser() -> ArgumentParser:
         help="write each interval's checkpoint in a forked process while training goes on (as Megatron-LM's); "
         "it is completed at a later step once every rank's writer has ended; saves at a stop or the "
         "end of the run stay synchronous",
+    )
+    ckpt.add_argument(
+        "--save-lock-wait",
+        type=float,
+        default=SAVE_LOCK_WAIT_S,
+        metavar="SECONDS",
+        help="how long to wait for the --save folder's lock when another host holds it (a failed node keeps it "
+        "until the file system's lease runs out; 0: refuse at once); a holder on this host is refused at once "
+        "(default: %(default).0f)",
     )
     ckpt.add_argument(
         "--exit-signal",

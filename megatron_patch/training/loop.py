@@ -265,7 +265,11 @@ class Trainer:
     # ----------------------------------------------------------------- run
     def run(self) -> dict:
         """Train the planned stages; returns the summary (``interrupted`` after a stop signal or the time limit)."""
-        with self._stop_scope, locked_save_folder(self.config.checkpoints.save), self.manual_gc:
+        with (
+            self._stop_scope,
+            locked_save_folder(self.config.checkpoints.save, self.config.checkpoints.lock_wait_seconds),
+            self.manual_gc,
+        ):
             try:
                 return self._run_stages()
             except BaseException:

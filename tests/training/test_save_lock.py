@@ -1,28 +1,39 @@
-"""The --save folder lock: a second writer fails at once with a line naming the holder; the lock
-dies with its holder (kill -9 included) and leaves no file after a release."""
+"""The --save folder lock: a second writer on the same host fails at once with a line naming the
+holder; one whose holder is on another host (a failed node's lock, held until the file system's
+lease runs out) waits up to --save-lock-wait, then runs or fails; the lock dies with its holder
+(kill -9 included) and leaves no file after a release."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
+from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint.lock import LOCK, SaveDirLock
 from megatron_patch.checkpoint.store import CheckpointError
+from tests.training.common import refused_line, trainer_args
 
 HOLD = """
-import sys, time
+import json, os, sys, time
 from megatron_patch.checkpoint.lock import SaveDirLock
-with SaveDirLock(sys.argv[1]):
+with SaveDirLock(sys.argv[1]) as lock:
+    if sys.argv[2]:  # record another host as the holder, as a node of a shared file system would
+        os.ftruncate(lock._fd, 0)
+        os.pwrite(lock._fd, json.dumps({"host": sys.argv[2], "pid": 4242, "since": "earlier"}).encode(), 0)
     print("held", flush=True)
-    time.sleep(120)
+    time.sleep(float(sys.argv[3]))
 """
 
 
-def _holder(root):
-    process = subprocess.Popen([sys.executable, "-c", HOLD, str(root)], stdout=subprocess.PIPE, text=True)
+def _holder(root, host="", seconds=120):
+    """A process holding the lock of ``root`` for ``seconds``, recorded as on ``host`` (this host when empty)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(root), host, str(seconds)], stdout=subprocess.PIPE, text=True
+    )
     assert process.stdout.readline().strip() == "held"
     return process
 
@@ -52,3 +63,51 @@ def test_released_lock_can_be_taken_again_in_process(tmp_path):
             with pytest.raises(CheckpointError, match="in use by another trainer"):
                 SaveDirLock(str(tmp_path)).acquire()  # flock is per open file: also within one process
         assert os.listdir(tmp_path) == []
+
+
+def test_a_lock_held_by_another_host_is_waited_for_then_refused(tmp_path):
+    root = tmp_path / "save"
+    holder = _holder(root, host="node-17")
+    try:
+        started = time.monotonic()
+        with pytest.raises(CheckpointError) as error:
+            SaveDirLock(str(root), wait_seconds=2).acquire()
+        assert time.monotonic() - started >= 2
+        message = str(error.value)
+        assert "(host node-17, pid 4242, since earlier;" in message and "; waited 2 s)" in message, message
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_trainer_waits_for_a_lock_another_host_releases(cpu_world, tiny_corpus, tmp_path, caplog):
+    """The requeued job's trainer meets the failed node's lock, waits, and trains once it is released."""
+    from megatron_patch.training import cli
+
+    save = tmp_path / "save"
+    holder = _holder(save, host="node-17", seconds=3)
+    try:
+        args = trainer_args(tiny_corpus, save, "--eval-iters", "0", "--save-lock-wait", "60", train_iters=2)
+        assert cli.main(args) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "is locked by host node-17, pid 4242: waiting up to 60 s (--save-lock-wait)" in caplog.text
+    assert folders.tracker_value(str(save)) == 2
+
+
+def test_the_trainer_refuses_a_lock_of_another_host_after_its_wait(cpu_world, tiny_corpus, tmp_path, capsys):
+    save = tmp_path / "save"
+    holder = _holder(save, host="node-17")
+    try:
+        line = refused_line(capsys, trainer_args(tiny_corpus, save, "--save-lock-wait", "1", train_iters=2))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"--save {save} is in use by another trainer (host node-17" in line and "waited 1 s" in line, line
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_a_negative_lock_wait_is_refused(cpu_world, tiny_corpus, tmp_path, capsys, value):
+    line = refused_line(capsys, trainer_args(tiny_corpus, tmp_path / "save", "--save-lock-wait", value))
+    assert line == f"error: --save-lock-wait {float(value)} must be a number of seconds >= 0", line
