@@ -1,4 +1,5 @@
-"""One writer per ``--save`` folder: an exclusive lock that a second trainer fails on at once.
+"""One writer per ``--save`` folder: an exclusive lock that a second trainer fails on (at once on
+the same host, after a bounded wait when the holder is another host).
 
 The lock is ``flock`` on ``DIR/.lock`` (rank 0 takes it for the run). The kernel drops it when
 the holder, and every process it forked (they share the open file), have exited in any way,
