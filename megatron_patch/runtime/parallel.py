@@ -29,6 +29,10 @@ def init_distributed(cpu: bool, timeout_minutes: int = 30) -> None:
 
     On GPU each process takes ``cuda:LOCAL_RANK``. On CPU, CPU mode is enabled first.
     """
+    # megatron's recommendation for its TP/SP communication overlap, read when CUDA starts: set for
+    # the trainer and the benchmarks alike, so their timings compare (a value set by the launcher
+    # wins; on CPU it only silences megatron's reminder)
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if cpu:
         cpu_mode.enable()
     elif not torch.cuda.is_available():

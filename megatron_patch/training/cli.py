@@ -4,7 +4,6 @@ Exit codes follow ``runtime.command.run_main``: 0 success (or a stop saved after
 input (one line), 1 a diverged run (one line) or an unexpected failure (with its traceback).
 """
 
-import os
 import sys
 from typing import List, Optional
 
@@ -21,9 +20,6 @@ def main(argv: Optional[List[str]] = None, process_exits: bool = False) -> int:
         from megatron_patch.training.arguments import parse_args
 
         config = parse_args(argv)
-        # megatron's recommendation for its TP/SP communication overlap, read when CUDA starts (a
-        # value set by the launcher wins; on CPU it only silences megatron's reminder)
-        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         from megatron_patch.runtime import parallel
         from megatron_patch.training.loop import Trainer
         from megatron_patch.training.preemption import StopSignals

@@ -331,6 +331,7 @@ class Trainer:
             with self.profiler.step(iteration):
                 loss, grad_norm, was_skipped = train_step(self.model, self.optimizer, self.scheduler, iterator, stage)
             self.manual_gc.after_step(iteration)  # timed with the step
+            torch.cuda.synchronize()  # the optimizer's kernels, queued after its last host sync, end in the step's time
             stage_iteration += 1
             consumed += stage.samples_per_step
             skipped += int(was_skipped)
