@@ -89,6 +89,7 @@ def write_manifest(folder: str) -> str:
 
 
 def _write(folder: str, gathered: List[Dict[str, dict]]) -> str:
+    """Write ``folder/manifest.json`` from every rank's entries (rank 0's work); returns its path."""
     files = {}
     for part in gathered:
         files.update(part)
