@@ -6,12 +6,13 @@ Examples::
         --output-prefix data/train_text_document
     python tools/merge_datasets.py --input data/shards/ --output-prefix data/all_text_document
 
-``--input`` takes prefixes (without .bin/.idx) or one folder, whose pairs are merged in natural
-name order (``x_2`` before ``x_10``). ``--output-prefix`` is the full prefix of the merged pair;
-its folder must exist. The merged pair is written under temporary names and renamed when
-complete. Documents keep their order, so merging the shards of
-``tools/preprocess_data.py --partitions N --no-merge-partitions`` gives the same bytes as a run
-without partitions (without ``--no-merge-partitions`` that tool merges its shards itself).
+``--input`` takes prefixes (without .bin/.idx), each once, or one folder, whose pairs are merged in
+natural name order (``x_2`` before ``x_10``). ``--output-prefix`` is the full prefix of the merged
+pair; its folder must exist, and it must not name a pair of the input folder. The merged pair is
+written under temporary names and renamed when complete. Documents keep their order, so merging
+the shards of ``tools/preprocess_data.py --partitions N --no-merge-partitions`` gives the same
+bytes as a run without partitions (without ``--no-merge-partitions`` that tool merges its shards
+itself).
 
 A folder must hold one corpus: it is refused when it holds partition shards next to their
 merge (``x_0_text_document`` ... and ``x_text_document``: every document would be merged twice)
@@ -44,21 +45,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_inputs(inputs: list[str], output_prefix: str) -> list[str]:
-    """Prefixes to merge: the given ones, or the pairs found in one folder (minus the output),
-    which must be one corpus (``check_one_corpus``)."""
+    """Prefixes to merge: the given ones, each once, or the pairs found in one folder, which must
+    be one corpus (``check_one_corpus``) and must not hold the output pair."""
     from megatron_patch.data.indexed import check_one_corpus, check_prefix, prefixes_in_folder
+    from megatron_patch.data.inputs import note_named_once
 
-    if len(inputs) == 1 and os.path.isdir(inputs[0]):
-        output = os.path.abspath(output_prefix)
-        prefixes = [p for p in prefixes_in_folder(inputs[0]) if os.path.abspath(p) != output]
+    folders = [path for path in inputs if os.path.isdir(path)]
+    if folders and len(inputs) > 1:
+        raise DataError(
+            f"--input '{folders[0]}' is a folder among {len(inputs)} inputs, but only one folder is accepted, "
+            f"alone; merge one folder, or pass the prefixes to merge (--input PREFIX [PREFIX ...])"
+        )
+    if folders:
+        prefixes = prefixes_in_folder(folders[0])
         if not prefixes:
-            raise DataError(f"folder '{inputs[0]}' holds no .bin/.idx pair to merge; check --input")
-        check_one_corpus(inputs[0], prefixes)
+            raise DataError(f"folder '{folders[0]}' holds no .bin/.idx pair to merge; check --input")
+        output = os.path.realpath(output_prefix + ".bin")
+        for prefix in prefixes:
+            if os.path.realpath(prefix + ".bin") == output:
+                raise DataError(
+                    f"folder '{folders[0]}' holds the pair {os.path.basename(prefix)} that --output-prefix "
+                    f"'{output_prefix}' would overwrite; choose another --output-prefix (another name or folder)"
+                )
+        check_one_corpus(folders[0], prefixes)
         return prefixes
+    named: dict[str, str] = {}  # realpath of the .bin -> the prefix that named it
     for prefix in inputs:
         if prefix.endswith((".bin", ".idx")):
             raise DataError(f"--input '{prefix}': give the prefix without .bin/.idx")
         check_prefix(prefix)
+        note_named_once(named, prefix, os.path.realpath(prefix + ".bin"), "prefix")
     return list(inputs)
 
 

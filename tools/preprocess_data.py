@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     check_json_keys(args.json_keys, args.output_prefix, args.partitions)
+    if args.partitions > 1 and args.merge_partitions:
+        check_merge_names(args.json_keys, args.output_prefix, args.partitions)
     return args
 
 
@@ -99,6 +101,24 @@ def check_json_keys(keys: list[str], output_prefix: str, partitions: int) -> Non
                 f"over the {NAME_MAX} a file name may have; shorten the key (rename it in the input files) "
                 f"or the file name part of --output-prefix"
             )
+
+
+def check_merge_names(keys: list[str], output_prefix: str, partitions: int) -> None:
+    """ArgumentError for two ``--json-keys`` whose outputs get the same name with ``--partitions``:
+    the merge ``PREFIX_{key}_document`` of one and a shard ``PREFIX_{shard}_{key}_document`` of the
+    other (keys ``0_a`` and ``a``). Checked before any input is read."""
+    from megatron_patch.data.indexed import dataset_prefix
+
+    merged = {dataset_prefix(output_prefix, key): key for key in keys}
+    for key in keys:
+        for shard in range(partitions):
+            name = dataset_prefix(output_prefix, key, shard)
+            if name in merged:
+                raise ArgumentError(
+                    f"--json-keys '{merged[name]}' and '{key}' would both write {name}.bin with --partitions "
+                    f"{partitions} (the merge of key '{merged[name]}' and shard {shard} of key '{key}'); rename one "
+                    f"key in the input files, or pass --no-merge-partitions"
+                )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,12 +38,13 @@ if __package__ in (None, ""):  # run as `python tools/train_tokenizer.py` from a
 
 from megatron_patch.data.inputs import (  # noqa: E402
     BadLineError,
+    check_text_keys,
     expand_inputs,
     iter_lines,
     parse_line,
 )
 from megatron_patch.data.staging import StagedOutputs, output_folder  # noqa: E402
-from megatron_patch.errors import DataError  # noqa: E402
+from megatron_patch.errors import ArgumentError, DataError  # noqa: E402
 from megatron_patch.runtime.command import ArgumentParser, run_main  # noqa: E402
 
 logger = logging.getLogger("train_tokenizer")
@@ -53,6 +54,9 @@ MAX_SENTENCE_BYTES = 4192
 
 WHITESPACE_MARK = "\u2581"
 """SentencePiece's "▁": spaces become it in the pieces, and decoding turns every one into a space."""
+
+MAX_THREADS = 1024
+"""SentencePiece's limit on ``num_threads``."""
 
 SPECIAL_PIECES = {"unk": (0, "<unk>"), "bos": (1, "<s>"), "eos": (2, "</s>"), "pad": (3, "<pad>")}
 
@@ -72,14 +76,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
     parser.add_argument("--character-coverage", type=float, default=0.9995)
-    parser.add_argument("--num-threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--num-threads", type=int, default=min(os.cpu_count() or 1, MAX_THREADS))
     parser.add_argument("--skip-bad-lines", action="store_true", help="skip unusable lines")
     args = parser.parse_args(argv)
     if args.vocab_size < 300:
-        raise DataError(
+        raise ArgumentError(
             f"--vocab-size {args.vocab_size} is too small: 256 byte pieces and 4 special pieces "
             f"are always in the vocabulary; use at least 300 (e.g. 32000)"
         )
+    _check_range("--vocab-size", args.vocab_size, 300, 2**31 - 1, "SentencePiece's 32-bit limit; e.g. 32000")
+    _check_range("--seed", args.seed, 0, 2**32 - 1, "SentencePiece's seeds are unsigned 32-bit; default 1234")
+    _check_range("--num-threads", args.num_threads, 1, MAX_THREADS, "SentencePiece's limit; e.g. the number of cores")
     if not 0.98 <= args.character_coverage <= 1.0:
         raise DataError(
             f"--character-coverage {args.character_coverage} is outside SentencePiece's range "
@@ -88,6 +95,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.input_sentence_size < 0:
         raise DataError(f"--input-sentence-size {args.input_sentence_size} must be >= 0")
     return args
+
+
+def _check_range(flag: str, value: int, low: int, high: int, why: str) -> None:
+    """ArgumentError naming ``flag``, its ``value`` and the range unless ``low <= value <= high``."""
+    if not low <= value <= high:
+        raise ArgumentError(f"{flag} {value} must lie in [{low}, {high}] ({why})")
 
 
 def sample_sentences(args: argparse.Namespace) -> tuple[list[str], int, int, int]:
@@ -99,8 +112,7 @@ def sample_sentences(args: argparse.Namespace) -> tuple[list[str], int, int, int
     non-empty line over MAX_SENTENCE_BYTES (naming the first), or no text at all.
     """
     files = expand_inputs(args.input)
-    if any(f.format == "text" for f in files) and len(args.json_keys) > 1:
-        raise DataError("plain-text inputs hold one text per line; pass a single --json-keys key")
+    check_text_keys(files, args.json_keys)
     rng = random.Random(args.seed)
     cap = args.input_sentence_size
     reservoir: list[str] = []
@@ -172,7 +184,7 @@ def train(args: argparse.Namespace, sentences: list[str]) -> bytes:
             input_sentence_size=0,
             max_sentence_length=MAX_SENTENCE_BYTES,
             shuffle_input_sentence=False,
-            num_threads=max(1, args.num_threads),
+            num_threads=args.num_threads,
             minloglevel=2,
             **ids,
             **pieces,

@@ -29,6 +29,7 @@ import logging
 import lzma
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Sequence
 
@@ -80,8 +81,9 @@ def describe_file(path: str) -> InputFile:
 def expand_inputs(patterns: Sequence[str]) -> list[InputFile]:
     """Expand files and globs (``data/*.jsonl.xz``, ``**`` allowed) in the order given.
 
-    Each glob's matches are sorted by name. A missing file, a directory, or a glob that matches
-    no file is a :class:`DataError`.
+    Each glob's matches are sorted by name. An existing path is a plain path even when it holds
+    glob characters (``web[2024].jsonl``). A missing file, a directory, or a glob that matches no
+    file is a :class:`DataError`.
 
     Every file is read once, at its first place in the list (files are compared by
     ``os.path.realpath``, so ``./a.jsonl`` and a symlink to it are the same file). A file that
@@ -99,7 +101,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[InputFile]:
     seen: set[str] = set()
     overlaps: list[str] = []
     for pattern in patterns:
-        if _GLOB_CHARS & set(pattern):
+        if _GLOB_CHARS & set(pattern) and not os.path.exists(pattern):
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
             if not matches:
                 raise DataError(
@@ -114,14 +116,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[InputFile]:
         elif not os.path.exists(pattern):
             raise DataError(f"--input file '{pattern}' does not exist; fix the path")
         else:
-            real = os.path.realpath(pattern)
-            if real in named:
-                same = "" if named[real] == pattern else f" (as '{named[real]}' and '{pattern}')"
-                raise DataError(
-                    f"--input file '{named[real]}' is given twice{same}; list each file once "
-                    f"(the tools read every file once; weight corpora in the training data blend)"
-                )
-            named[real] = pattern
+            note_named_once(named, pattern, os.path.realpath(pattern), "file")
             matches = [pattern]
         for path in matches:
             real = os.path.realpath(path)
@@ -138,6 +133,29 @@ def expand_inputs(patterns: Sequence[str]) -> list[InputFile]:
             overlaps[0],
         )
     return files
+
+
+def note_named_once(named: dict[str, str], name: str, real: str, what: str) -> None:
+    """Record in ``named`` (realpath -> the ``--input`` name that gave it) that ``name`` is the
+    ``what`` (file, prefix) at ``real``; DataError if an earlier name was the same one."""
+    if real in named:
+        same = "" if named[real] == name else f" (as '{named[real]}' and '{name}')"
+        raise DataError(
+            f"--input {what} '{named[real]}' is given twice{same}; list each {what} once "
+            f"(the tools read every {what} once; weight corpora in the training data blend)"
+        )
+    named[real] = name
+
+
+def check_text_keys(files: Sequence[InputFile], keys: Sequence[str]) -> None:
+    """DataError if a plain-text file is among ``files`` while several ``--json-keys`` are given:
+    a line of text is one text, stored under the one key."""
+    text = next((f for f in files if f.format == "text"), None)
+    if text is not None and len(keys) > 1:
+        raise DataError(
+            f"input '{text.path}' is plain text, one text per line, but --json-keys gives {len(keys)} keys "
+            f"({' '.join(keys)}); pass a single --json-keys key, or process the plain-text files on their own"
+        )
 
 
 def open_binary(file: InputFile) -> tuple[BinaryIO, BinaryIO]:
@@ -284,6 +302,13 @@ def parse_line(raw: bytes, fmt: str, keys: Sequence[str]) -> dict[str, str]:
         raise BadLineError(
             f"malformed JSON ({err.msg} at column {err.colno})",
             "fix or remove the line",
+        ) from None
+    except RecursionError:
+        raise BadLineError("malformed JSON (nested too deeply to parse)", "fix or remove the line") from None
+    except ValueError:  # not a JSONDecodeError: the one other failure is an integer Python will not convert
+        raise BadLineError(
+            f"malformed JSON (an integer of more than {sys.get_int_max_str_digits()} digits, Python's limit)",
+            "fix or remove the line (e.g. store the number as a string)",
         ) from None
     if not isinstance(record, dict):
         raise BadLineError(

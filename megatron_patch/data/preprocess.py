@@ -38,7 +38,14 @@ import numpy
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from megatron_patch.data.indexed import dataset_prefix, merge_datasets, verify_dataset
-from megatron_patch.data.inputs import BadLineError, count_lines, expand_inputs, iter_lines, parse_line
+from megatron_patch.data.inputs import (
+    BadLineError,
+    check_text_keys,
+    count_lines,
+    expand_inputs,
+    iter_lines,
+    parse_line,
+)
 from megatron_patch.data.staging import StagedOutputs, output_folder
 from megatron_patch.errors import DataError, ProcessDiedError
 
@@ -296,8 +303,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
     tokenizer = SentencePieceTokenizer(config.tokenizer_model)  # DataError (one line) when unreadable
     folder = output_folder(config.output_prefix)
     files = expand_inputs(config.input)
-    if any(f.format == "text" for f in files) and len(config.json_keys) > 1:
-        raise DataError("plain-text inputs hold one text per line; pass a single --json-keys key")
+    check_text_keys(files, config.json_keys)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     total_lines = count_lines(files) if config.partitions > 1 else 0
     if config.partitions > 1 and config.partitions > total_lines:

@@ -21,10 +21,17 @@ logger = logging.getLogger(__name__)
 
 
 def output_folder(prefix: str, flag: str = "--output-prefix") -> str:
-    """The folder of an output prefix (``out/corpus`` -> ``out``); DataError if it is missing."""
+    """The folder of an output prefix (``out/corpus`` -> ``out``); DataError if it is missing or
+    it, or a folder above it, is a file."""
     folder = os.path.dirname(os.path.abspath(prefix))
     if os.path.basename(prefix) in ("", ".", ".."):
         raise DataError(f"{flag} '{prefix}' names a folder; add a file name prefix, e.g. out/corpus")
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "is a file, not a folder" if existing == folder else f"cannot exist: '{existing}' is a file"
+        raise DataError(f"output folder '{folder}' of {flag} '{prefix}' {what}; choose a folder for the outputs")
     if not os.path.isdir(folder):
         raise DataError(
             f"output folder '{folder}' of {flag} '{prefix}' does not exist; create it first "
@@ -42,6 +49,9 @@ class StagedOutputs:
             tmp = staged.path("/out/corpus_text_document.bin")   # write here
             ...
             staged.commit()   # renames every staged file to its final path, in staging order
+
+    An OSError while writing the staged files (a full disk) leaves the block as a DataError that
+    names the output folder.
     """
 
     def __init__(self, folder: str, tag: str) -> None:
@@ -90,3 +100,9 @@ class StagedOutputs:
         if not self._committed:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self._owned.release()
+        # an OSError raised writing an open file (a full disk) names no file: name the folder
+        if isinstance(exc, OSError) and (exc.filename is None or str(exc.filename).startswith(self.temp_dir)):
+            raise DataError(
+                f"writing the outputs in output folder '{self.folder}' failed: {exc.strerror or exc}; "
+                f"free space there (or fix its permissions) or choose another output folder; nothing was written"
+            ) from None

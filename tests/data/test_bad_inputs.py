@@ -1,6 +1,7 @@
 """Bad input to the data tools: one-line `error: ...` naming value, file:line and fix; exit code
 2; no traceback; no .bin/.idx (nor staging folder) left behind."""
 
+import errno
 import importlib.util
 import lzma
 import os
@@ -85,6 +86,54 @@ def test_skip_bad_lines_counts_and_reports(preprocess, tmp_path, capsys):
     assert "lines read: 6, bad lines skipped: 4" in out and "2 documents" in out
 
 
+HUGE_INTEGER = b'{"text": "x", "n": ' + b"1" * 5000 + b"}"
+DEEP_NESTING = b'{"text": "x", "n": ' + b"[" * 20000 + b"]" * 20000 + b"}"
+
+
+@pytest.mark.parametrize(
+    "line, reason", [(HUGE_INTEGER, "an integer of more than 4300 digits"), (DEEP_NESTING, "nested too deeply")]
+)
+def test_json_beyond_pythons_limits_is_a_bad_line(preprocess, tools, tmp_path, capsys, line, reason):
+    """json.loads raises ValueError (not JSONDecodeError) for a number over Python's limit on
+    digits and RecursionError for deep nesting: bad lines like any other malformed JSON."""
+    path = write_lines(tmp_path / "c.jsonl", [b'{"text": "good one"}', line, b'{"text": "good two"}'])
+    fails(capsys, preprocess(path), f"{path}:2: malformed JSON ({reason}", "--skip-bad-lines")
+    assert_no_outputs(tmp_path / "out")
+    assert preprocess(path, extra=["--skip-bad-lines", "--workers", "2"]) == 0
+    assert "lines read: 3, bad lines skipped: 1" in capsys.readouterr().out
+    code = tools.train_tokenizer.main(["--input", str(path), "--output-prefix", str(tmp_path / "out" / "t")])
+    fails(capsys, code, f"{path}:2: malformed JSON ({reason}", "--skip-bad-lines")
+    assert not list((tmp_path / "out").glob("t.*"))
+
+
+def test_plain_text_with_several_keys_names_the_file_and_the_keys(preprocess, tools, tmp_path, capsys):
+    path = tmp_path / "c.txt"
+    path.write_text("one\ntwo\n")
+    needles = [f"input '{path}' is plain text", "--json-keys gives 2 keys (text title)", "a single --json-keys key"]
+    fails(capsys, preprocess(path, extra=["--json-keys", "text", "title"]), *needles)
+    argv = ["--input", str(path), "--json-keys", "text", "title", "--output-prefix", str(tmp_path / "out" / "t")]
+    fails(capsys, tools.train_tokenizer.main(argv), *needles)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_keys_whose_outputs_share_a_name_are_refused_before_reading(preprocess, tmp_path, capsys, monkeypatch):
+    """With --partitions, the merge of key '0_a' and shard 0 of key 'a' are both PREFIX_0_a_document."""
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("read the input before checking the output names")
+
+    monkeypatch.setattr(preprocess_module, "expand_inputs", no_reading)
+    path = write_jsonl(tmp_path / "c.jsonl", [{"a": "one", "0_a": "two"}] * 4)
+    fails(
+        capsys,
+        preprocess(path, extra=["--json-keys", "a", "0_a", "--partitions", "2"]),
+        "--json-keys '0_a' and 'a' would both write",
+        f"{tmp_path / 'out' / 'x'}_0_a_document.bin",
+        "rename one key",
+    )
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_missing_key(preprocess, tmp_path, capsys):
     path = write_jsonl(tmp_path / "c.jsonl", [GOOD, {"body": "no text key", "source": "s"}])
     fails(capsys, preprocess(path), f"{path}:2:", "missing key 'text'", "'body'", "--json-keys")
@@ -146,6 +195,35 @@ def test_missing_output_folder(preprocess, tmp_path, capsys):
     missing = tmp_path / "no" / "such"
     fails(capsys, preprocess(path, prefix=missing / "x"), f"output folder '{missing}'", "does not exist", "mkdir -p")
     assert not missing.exists()
+
+
+def test_output_folder_that_is_a_file(preprocess, tools, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "c.jsonl", [GOOD])
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    needles = [f"output folder '{afile}'", "is a file, not a folder", "choose a folder"]
+    fails(capsys, preprocess(path, prefix=afile / "x"), *needles)
+    fails(capsys, tools.train_tokenizer.main(["--input", str(path), "--output-prefix", str(afile / "t")]), *needles)
+    fails(capsys, preprocess(path, prefix=afile / "sub" / "x"), f"'{afile}' is a file", "choose a folder")
+    assert afile.read_text() == ""
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")  # as a write to an open file: no file name
+
+
+def test_a_full_disk_names_the_output_folder(preprocess, tools, tmp_path, capsys, monkeypatch, corpus_prefix):
+    from megatron_patch.data import indexed
+
+    out = tmp_path / "out"
+    path = write_jsonl(tmp_path / "c.jsonl", [GOOD] * 3)
+    needles = [f"output folder '{out}'", "No space left on device", "free space there", "nothing was written"]
+    monkeypatch.setattr(preprocess_module._Writers, "add", _disk_full)
+    fails(capsys, preprocess(path), *needles)
+    assert_no_outputs(out)
+    monkeypatch.setattr(indexed, "merge_datasets", _disk_full)
+    fails(capsys, tools.merge_datasets.main(["--input", corpus_prefix, "--output-prefix", str(out / "m")]), *needles)
+    assert_no_outputs(out)
 
 
 @pytest.mark.parametrize("content", [None, b"\x00garbage"])

@@ -80,6 +80,16 @@ def test_a_file_named_twice_is_an_error(preprocess, folder, tools, capsys, secon
     assert not list(tmp_path.glob("tok*"))
 
 
+@pytest.mark.parametrize("name", ["web[2024].jsonl", "*.jsonl"])
+def test_an_existing_file_with_glob_characters_in_its_name_is_read(preprocess, tmp_path, tiny_records, capsys, name):
+    """An existing path is taken as it is, not as a glob: that matched no file or other files
+    (web2.jsonl matches both names as globs)."""
+    path = write_jsonl(tmp_path / name, tiny_records[:3])
+    write_jsonl(tmp_path / "web2.jsonl", tiny_records[3:8])
+    assert preprocess(path) == 0
+    assert lines_read(capsys) == 3
+
+
 def _zst_corpus(zstandard, frames: int):
     """5000 JSON lines compressed as ``frames`` zstd frames, one after the other."""
     text = "".join(f'{{"text": "document {i}"}}\n' for i in range(5000)).encode()

@@ -5,6 +5,8 @@ merging all of its pairs would store every document twice. A folder with pairs o
 would mix another field's texts into the documents. Both are refused with one line.
 """
 
+import os
+
 import pytest
 
 from tests.data.conftest import write_jsonl
@@ -102,3 +104,54 @@ def test_folder_of_separate_corpora_of_one_key_is_merged(tools, tokenizer_model,
     out = capsys.readouterr().out
     assert "merged 3 datasets: 60 documents (6 of them empty), 54 sequences" in out
     assert out.index("books_text_document") < out.index("cc_2023_text_document") < out.index("cc_2024_text_document")
+
+
+def test_folder_holding_the_output_pair_is_refused(tools, tokenizer_model, corpus, tmp_path, capsys):
+    """The pair that --output-prefix names was left out of the merge and then overwritten."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a", "b"):
+        preprocess(tools, tokenizer_model, corpus, data / name)
+    capsys.readouterr()
+    before = {path.name: path.read_bytes() for path in data.iterdir()}
+    fails(
+        capsys,
+        merge(tools, "--input", data, "--output-prefix", data / "b_text_document"),
+        f"folder '{data}' holds the pair b_text_document",
+        "would overwrite",
+        "choose another --output-prefix",
+    )
+    assert {path.name: path.read_bytes() for path in data.iterdir()} == before
+
+
+@pytest.mark.parametrize("second", ["data/a_text_document", "./data/a_text_document", "link_text_document"])
+def test_a_prefix_named_twice_is_refused(tools, tokenizer_model, corpus, tmp_path, capsys, monkeypatch, second):
+    """As tools/preprocess_data.py refuses a file named twice: the .bin files are compared by realpath."""
+    (tmp_path / "data").mkdir()
+    preprocess(tools, tokenizer_model, corpus, tmp_path / "data" / "a")
+    for ext in (".bin", ".idx"):
+        os.symlink(tmp_path / "data" / f"a_text_document{ext}", tmp_path / f"link_text_document{ext}")
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    fails(
+        capsys,
+        merge(tools, "--input", "data/a_text_document", second, "--output-prefix", "m"),
+        "--input prefix 'data/a_text_document' is given twice",
+        "list each prefix once",
+    )
+    assert not list(tmp_path.glob("m.*")) and not list(tmp_path.glob(".merge*"))
+
+
+def test_several_folders_are_refused(tools, tokenizer_model, corpus, tmp_path, capsys):
+    for name in ("w1", "w2"):
+        (tmp_path / name).mkdir()
+        preprocess(tools, tokenizer_model, corpus, tmp_path / name / "x")
+    capsys.readouterr()
+    for inputs in ([tmp_path / "w1", tmp_path / "w2"], [tmp_path / "w1", tmp_path / "w2" / "x_text_document"]):
+        fails(
+            capsys,
+            merge(tools, "--input", *inputs, "--output-prefix", tmp_path / "m"),
+            f"--input '{tmp_path / 'w1'}' is a folder",
+            "only one folder is accepted",
+        )
+    assert not list(tmp_path.glob("m.*"))

@@ -5,6 +5,7 @@ import pickle
 import pytest
 
 from tests.data.conftest import TOKENIZER_VOCAB, write_jsonl
+from tests.data.test_bad_inputs import fails
 
 
 def test_special_ids_and_megatron_interface(tokenizer):
@@ -103,6 +104,26 @@ def test_training_errors_are_one_line(tmp_path, tools, capsys):
     assert err[0].startswith("error: --input file") and "missing.jsonl" in err[0]
     assert err[1].startswith("error: --vocab-size 100 is too small")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "flag, value, allowed",
+    [
+        ("--seed", "-1", "[0, 4294967295]"),
+        ("--seed", "4294967296", "[0, 4294967295]"),
+        ("--vocab-size", "3000000000", "[300, 2147483647]"),
+        ("--num-threads", "100000", "[1, 1024]"),
+        ("--num-threads", "0", "[1, 1024]"),
+    ],
+)
+def test_numbers_out_of_range_are_refused_at_parsing(tmp_path, tools, capsys, monkeypatch, flag, value, allowed):
+    def no_reading(*args, **kwargs):
+        raise AssertionError("read the corpus before checking the flags")
+
+    monkeypatch.setattr(tools.train_tokenizer, "sample_sentences", no_reading)
+    argv = ["--input", str(tmp_path / "c.jsonl"), "--output-prefix", str(tmp_path / "t"), flag, value]
+    fails(capsys, tools.train_tokenizer.main(argv), f"error: {flag} {value} must lie in {allowed}")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_too_many_characters_for_the_vocabulary_says_raise_it(tmp_path, tools, capsys):
