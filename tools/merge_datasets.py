@@ -50,7 +50,8 @@ def resolve_inputs(inputs: list[str], output_prefix: str) -> list[str]:
     from megatron_patch.data.indexed import check_one_corpus, check_prefix, prefixes_in_folder
     from megatron_patch.data.inputs import note_named_once
 
-    folders = [path for path in inputs if os.path.isdir(path)]
+    # a prefix's own folder (megatron's index cache, PREFIX/cache) does not make it a folder input
+    folders = [path for path in inputs if os.path.isdir(path) and not os.path.isfile(path + ".bin")]
     if folders and len(inputs) > 1:
         raise DataError(
             f"--input '{folders[0]}' is a folder among {len(inputs)} inputs, but only one folder is accepted, "

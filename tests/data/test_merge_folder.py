@@ -8,6 +8,7 @@ would mix another field's texts into the documents. Both are refused with one li
 import os
 
 import pytest
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from tests.data.conftest import write_jsonl
 from tests.data.test_bad_inputs import fails
@@ -155,3 +156,18 @@ def test_several_folders_are_refused(tools, tokenizer_model, corpus, tmp_path, c
             "only one folder is accepted",
         )
     assert not list(tmp_path.glob("m.*"))
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_prefix_with_its_index_cache_folder_is_a_prefix(tools, tokenizer_model, corpus, tmp_path, count):
+    """A prefix trained on has a folder of its own name (megatron's index cache, PREFIX/cache): it
+    is still merged as a prefix, alone or with others, not taken for a folder of pairs."""
+    prefixes = []
+    for index in range(count):
+        (tmp_path / f"w{index}").mkdir()
+        preprocess(tools, tokenizer_model, corpus, tmp_path / f"w{index}" / "x")
+        prefixes.append(tmp_path / f"w{index}" / "x_text_document")
+        (prefixes[-1] / "cache").mkdir(parents=True)
+    assert merge(tools, "--input", *prefixes, "--output-prefix", tmp_path / "m") == 0
+    documents = sum(len(IndexedDataset(str(prefix))) for prefix in prefixes)
+    assert len(IndexedDataset(str(tmp_path / "m"))) == documents
