@@ -204,10 +204,15 @@ def build_cases(work: str, prefix: str, tokenizer: str, root: str, final: str) -
         "bad-manifest": lambda c: _write(os.path.join(c, "manifest.json"), b'{"files": '),
         "bad-json": lambda c: _write(os.path.join(c, "megatron_patch.json"), b"{not json"),
     }
+    from megatron_patch.checkpoint.info import patch_stage_end
+
+    patch = patch_stage_end(root)  # the conversion tool reads patch-stage weights only
+    assert patch is not None, f"{root} holds no patch-stage checkpoint"
+    source = {"evaluate": final, "export_hf": final, "convert_checkpoint": patch}
     copies = {}
     for tool in ("evaluate", "export_hf", "convert_checkpoint"):
         for kind, damage in kinds.items():
-            copies[tool, kind] = _damaged_checkpoint(final, damaged, f"{tool}-{kind}", damage)
+            copies[tool, kind] = _damaged_checkpoint(source[tool], damaged, f"{tool}-{kind}", damage)
     data = ["--data-path", prefix, "--max-documents", "4"]
 
     def tool_case(tool, name, argv, names):
@@ -278,12 +283,13 @@ def build_cases(work: str, prefix: str, tokenizer: str, root: str, final: str) -
         )
     )
     tp3, pp3 = ["--tensor-model-parallel-size", "3"], ["--pipeline-model-parallel-size", "3"]
-    tool_case("convert_checkpoint", "convert-tp3", ["--load", final, *tp3], ["--tensor-model-parallel-size 3"])
-    tool_case("convert_checkpoint", "convert-pp3", ["--load", final, *pp3], ["--pipeline-model-parallel-size 3"])
-    tool_case("convert_checkpoint", "convert-world", ["--load", final, "--tensor-model-parallel-size", "2"], ["= 2"])
+    tool_case("convert_checkpoint", "convert-tp3", ["--load", patch, *tp3], ["--tensor-model-parallel-size 3"])
+    tool_case("convert_checkpoint", "convert-pp3", ["--load", patch, *pp3], ["--pipeline-model-parallel-size 3"])
+    tool_case("convert_checkpoint", "convert-world", ["--load", patch, "--tensor-model-parallel-size", "2"], ["= 2"])
     os.makedirs(os.path.join(out, "taken"), exist_ok=True)
     taken = ["--cpu", "--load", final, "--save", os.path.join(out, "taken")]
     cases.append(Case("export-existing-output", "export_hf", taken, ["taken"], [], [out]))
+    taken = ["--cpu", "--load", patch, "--save", os.path.join(out, "taken")]
     cases.append(Case("convert-existing-output", "convert_checkpoint", taken, ["taken"], [], [out]))
 
     # ---------------------------------------------------------------- the trainer

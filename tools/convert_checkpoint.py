@@ -14,6 +14,10 @@ checks its output (logits of the converted checkpoint at the target layout again
 at TP=1 PP=1; max absolute difference printed, exit 1 beyond ``--tolerance``) before renaming it
 into place. Exit codes: 0 ok, 1 check failed, 2 bad input.
 
+A converted checkpoint converts again (to change its layout): the output keeps its patch-stage
+source's record. A token-stage source (``--load`` of a two-stage run's root names its final
+checkpoint) is refused: the line names the run's last patch-stage checkpoint.
+
 ``--virtual-pipeline-model-parallel-size V`` (or ``--num-layers-per-virtual-pipeline-stage N``)
 gives the target V model chunks per pipeline rank, for an interleaved-pipeline token stage; a
 source saved with virtual stages converts like any other.

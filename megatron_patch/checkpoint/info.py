@@ -8,7 +8,7 @@ tools never ask for flags the checkpoint already records. A ``--model`` given an
 import logging
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -118,6 +118,33 @@ def read_checkpoint(path: str, flag: str = "--load", model: Optional[str] = None
         logger.warning("--model %s has the shape of the checkpoint's preset %s", model, preset.name)
     seq_length = int(args.get("seq_length") or preset.seq_length)
     return CheckpointInfo(found, meta, preset, seq_length, vocab_size, bool(args.get("bf16", False)))
+
+
+def weights_stage(meta: dict) -> Tuple[Optional[str], Optional[bool]]:
+    """(stage, stage complete) of the weights a checkpoint's metadata ``meta`` describes: its own
+    progress, or for the conversion tool's output (iteration 0 of the token stage) the trainer's
+    checkpoint it was converted from, followed through a chain of conversions."""
+    conversion = meta.get("conversion")
+    if not isinstance(conversion, dict):
+        progress = meta.get("progress", {})
+        return progress.get("stage"), progress.get("stage_complete")
+    while isinstance(conversion.get("previous_conversion"), dict):  # the first one read the trainer's
+        conversion = conversion["previous_conversion"]
+    return conversion.get("source_stage"), conversion.get("source_stage_complete")
+
+
+def patch_stage_end(root: str) -> Optional[str]:
+    """The last patch-stage checkpoint of the run whose ``--save`` is ``root`` (at the stage
+    boundary when the patch stage is complete: pruning keeps it), or None when it holds none."""
+    for iteration in reversed(folders.complete_iterations(root)):
+        found = folders.checkpoint_dir(root, iteration)
+        try:
+            meta = ckpt.read_metadata(found)
+        except CheckpointError:
+            continue
+        if "conversion" not in meta and meta.get("progress", {}).get("stage") == "patch":
+            return found
+    return None
 
 
 def check_tokenizer(tokenizer, info: CheckpointInfo) -> None:

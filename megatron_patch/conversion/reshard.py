@@ -15,6 +15,10 @@ Output layout (a ``--save`` root, readable by ``--pretrained-checkpoint`` and ``
     DST/iter_0000000/megatron_patch.json       progress.stage "token", stage_iteration 0, and a
                                                "conversion" entry (source, K, lambda, tokens, layout)
 
+The source holds patch-stage weights: a patch-stage checkpoint, or a converted one (converted
+again to change its layout; its ``conversion`` entry's source stage is carried forward and the
+entry itself kept as ``previous_conversion``).
+
 The converted checkpoint checks itself before it is renamed into place: the logits of the
 source loaded at TP=1 PP=1 (the reference: every rank holds the whole model, in fp32) and the
 logits of the converted checkpoint re-read from disk at the target layout (fp32) must agree on a
@@ -34,7 +38,7 @@ from megatron_patch.architecture.build import padded_vocab_size
 from megatron_patch.checkpoint import folders, manifest
 from megatron_patch.checkpoint import info as checkpoint_info
 from megatron_patch.checkpoint import store as ckpt
-from megatron_patch.errors import ArgumentError, VerificationError
+from megatron_patch.errors import ArgumentError, CheckpointError, VerificationError
 from megatron_patch.evaluation.logits import fixed_tokens, forward_logits
 from megatron_patch.runtime import atomic_file
 from megatron_patch.runtime.parallel import collective_device
@@ -118,6 +122,7 @@ def _metadata(plan: ConversionPlan, world_size: int) -> dict:
     """The converted checkpoint's ``megatron_patch.json``."""
     source = plan.source
     progress = source.progress
+    stage, complete = checkpoint_info.weights_stage(source.meta)  # a converted source's is its own source's
     tp, pp = plan.tensor_parallel, plan.pipeline_parallel
     args = dict(source.args)
     args.update(
@@ -138,8 +143,8 @@ def _metadata(plan: ConversionPlan, world_size: int) -> dict:
         "tool": "tools/convert_checkpoint.py",
         "source": source.path,
         "source_iteration": source.meta.get("iteration"),
-        "source_stage": progress.get("stage"),
-        "source_stage_complete": progress.get("stage_complete"),
+        "source_stage": stage,
+        "source_stage_complete": complete,
         "source_layout": source.layout,
         "patch_size": progress.get("patch_size", source.args.get("patch_size")),
         "patch_data_fraction": progress.get("patch_data_fraction", source.args.get("patch_data_fraction")),
@@ -209,7 +214,8 @@ def convert(plan: ConversionPlan) -> ConversionResult:
         ckpt.describe_layout(_layout(plan, world_size)),
         plan.save,
     )
-    if source.progress.get("stage") == "patch" and not source.progress.get("stage_complete", True):
+    stage, complete = checkpoint_info.weights_stage(source.meta)
+    if stage == "patch" and complete is False:
         logger.warning(
             "%s is from the middle of the patch stage (iteration %s of it)",
             source.path,
@@ -254,6 +260,26 @@ def convert(plan: ConversionPlan) -> ConversionResult:
     )
 
 
+def check_patch_weights(source: checkpoint_info.CheckpointInfo, load: str) -> None:
+    """CheckpointError unless ``source``, the checkpoint ``--load`` names, holds the patch stage's
+    weights (its own, or those of the checkpoint an earlier conversion read): the token stage
+    starts from no other (the trainer's ``--pretrained-checkpoint`` check). The line names the
+    run's last patch-stage checkpoint when its folder holds one."""
+    stage, _ = checkpoint_info.weights_stage(source.meta)
+    if stage == "patch":
+        return
+    named = load if os.path.normpath(load) == source.path else f"{load} (its latest checkpoint {source.path})"
+    boundary = checkpoint_info.patch_stage_end(os.path.dirname(source.path))
+    fix = (
+        f"pass --load {boundary}, the run's last patch-stage checkpoint"
+        if boundary
+        else "pass the patch stage's last checkpoint (its --save's iter_N at the stage boundary, which pruning keeps)"
+    )
+    raise CheckpointError(
+        f"--load {named} holds {stage}-stage weights, and the token stage starts from the patch stage's: {fix}"
+    )
+
+
 def plan_from_flags(
     load: str,
     save: str,
@@ -272,10 +298,12 @@ def plan_from_flags(
     """Check the flags against the source checkpoint and its tokenizer (no distributed call);
     ArgumentError/CheckpointError/DataError."""
     info = checkpoint_info.read_checkpoint(load, "--load", model)
+    check_patch_weights(info, load)
     final = check_output_folder(save, force, "--save")
     if make_vocab_size_divisible_by is not None and make_vocab_size_divisible_by < 1:
         raise ArgumentError(f"--make-vocab-size-divisible-by {make_vocab_size_divisible_by} must be >= 1")
-    vocab = checkpoint_info.load_tokenizer([info], tokenizer_model).vocab_size
+    tokenizer = checkpoint_info.load_tokenizer([info], tokenizer_model)
+    checkpoint_info.check_tokenizer(tokenizer, info)  # the model's own, before the target's padding is checked
     return ConversionPlan(
         info,
         final,
@@ -283,7 +311,7 @@ def plan_from_flags(
         pipeline_parallel,
         tolerance=tolerance,
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-        tokenizer_vocab_size=vocab,
+        tokenizer_vocab_size=tokenizer.vocab_size,
         verify=verify,
         virtual_pipeline=virtual_pipeline,
         layers_per_virtual_stage=layers_per_virtual_stage,

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as ckpt
+from megatron_patch.checkpoint.info import weights_stage
 from megatron_patch.data.split import parse_data_path
 from megatron_patch.errors import CheckpointError, DataError
 from megatron_patch.training.config import CheckpointSettings
@@ -232,9 +233,8 @@ def check_token_stage_start(flags: dict, plan: RunPlan, path: str, meta: dict) -
     conversion tool's copy of one) of the same K and lambda: the token stage's budget is the
     last 1 - lambda of ``--train-tokens``. A checkpoint from the middle of the patch stage is
     taken with a warning, as by the conversion tool."""
-    progress, conversion = meta["progress"], meta.get("conversion")
-    stage = conversion["source_stage"] if conversion else progress.get("stage")
-    complete = conversion.get("source_stage_complete") if conversion else progress.get("stage_complete")
+    progress = meta["progress"]
+    stage, complete = weights_stage(meta)
     if stage != "patch":
         raise CheckpointError(
             f"--pretrained-checkpoint {path} holds {stage}-stage weights: start the token stage from the "

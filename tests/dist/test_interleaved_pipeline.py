@@ -55,6 +55,7 @@ def runs(world, tiny_corpus, tmp_path_factory):
     return {
         "pp1": reference,
         "pp2v2": interleaved,
+        "pp2v2_patch": folders.checkpoint_dir(interleaved, 4),  # the patch stage's end, which conversion takes
         "pp1_records": _records(reference),
         "pp2v2_records": _records(interleaved),
     }
@@ -116,13 +117,13 @@ def _convert(source, save, *layout):
 def converted(runs, tmp_path_factory):
     folder = shared_tmp(tmp_path_factory, "converted")
     pp1, back = os.path.join(folder, "pp1"), os.path.join(folder, "pp2v2")
-    _convert(runs["pp2v2"], pp1)  # TP=1 PP=1: DP=2
+    _convert(runs["pp2v2_patch"], pp1)  # TP=1 PP=1: DP=2
     _convert(pp1, back, *INTERLEAVED)
     return {"pp1": pp1, "back": back}
 
 
 def test_conversion_to_pp1_and_back_keeps_the_weights(runs, converted):
-    source = _model_tensors(runs["pp2v2"])
+    source = _model_tensors(runs["pp2v2_patch"])
     for name in ("pp1", "back"):
         meta = checkpoint.read_metadata(folders.resolve_checkpoint(converted[name]))
         assert meta["conversion"]["max_abs_logit_diff"] <= 1e-5  # the tool's own logits check
@@ -142,8 +143,8 @@ def test_conversion_to_pp1_and_back_keeps_the_weights(runs, converted):
 def test_evaluation_gives_the_same_loss_at_every_layout(runs, converted, tiny_corpus, tmp_path_factory):
     folder = shared_tmp(tmp_path_factory, "evaluate")
     cases = {
-        "pp2v2": (runs["pp2v2"], INTERLEAVED),
-        "pp2": (runs["pp2v2"], ["--pipeline-model-parallel-size", "2"]),  # resharded on load
+        "pp2v2": (runs["pp2v2_patch"], INTERLEAVED),
+        "pp2": (runs["pp2v2_patch"], ["--pipeline-model-parallel-size", "2"]),  # resharded on load
         "pp1": (converted["pp1"], []),
         "back": (converted["back"], INTERLEAVED),
     }

@@ -1,5 +1,5 @@
 """Shared pieces of the checkpoint-tool tests: calling a tool's ``main``, an independent Megatron
-forward pass, plain tensors of a checkpoint."""
+forward pass, plain tensors of a checkpoint, a tokenizer other than the trained one."""
 
 import json
 import os
@@ -73,3 +73,16 @@ def copy_recording(checkpoint, copy, **args):
     record["files"].update(manifest.describe(str(copy), [METADATA]))
     (copy / manifest.MANIFEST).write_text(json.dumps(record))
     return copy
+
+
+def tokenizer_of(folder, texts, vocab):
+    """A SentencePiece model of ``vocab`` pieces trained on ``texts`` (not the checkpoints'
+    tokenizer, even at its 512 pieces); returns its path."""
+    from tools import train_tokenizer
+
+    corpus = folder / f"tok{vocab}.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts), encoding="utf-8")
+    prefix = folder / f"tok{vocab}"
+    argv = ["--input", str(corpus), "--vocab-size", str(vocab), "--output-prefix", str(prefix)]
+    assert train_tokenizer.main(argv) == 0
+    return f"{prefix}.model"

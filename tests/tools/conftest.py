@@ -1,4 +1,8 @@
-"""A tiny two-stage run, trained once per pytest process by the trainer itself (in-process)."""
+"""A tiny two-stage run, trained once per pytest process by the trainer itself (in-process), and
+texts for a tokenizer other than its own."""
+
+import json
+import lzma
 
 import pytest
 
@@ -36,3 +40,10 @@ def trained(world, tiny_corpus, tmp_path_factory):
         "final": folders.checkpoint_dir(str(root), ITERS),
         "corpus": tiny_corpus,
     }
+
+
+@pytest.fixture(scope="session")
+def other_texts(tiny_jsonl):
+    """The bundled corpus's last 8 documents, to train a tokenizer other than the run's on."""
+    with lzma.open(tiny_jsonl, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in list(f)[-8:]]

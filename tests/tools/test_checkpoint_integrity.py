@@ -61,9 +61,9 @@ DAMAGE = {
 }
 
 
-def _damaged_copy(trained, tmp_path, how):
+def _damaged_copy(source, tmp_path, how):
     copy = tmp_path / "damaged"
-    shutil.copytree(trained["final"], copy)
+    shutil.copytree(source, copy)
     name, expected = DAMAGE[how](str(copy))
     return copy, name, expected
 
@@ -81,7 +81,8 @@ def _argv(tool, source, tmp_path):
 def test_damaged_checkpoint_is_one_line_naming_the_file(trained, tmp_path, capsys, tool, how):
     if tool is export_hf:
         pytest.importorskip("safetensors")
-    source, name, expected = _damaged_copy(trained, tmp_path, how)
+    # the conversion tool reads patch-stage weights, the others the final checkpoint
+    source, name, expected = _damaged_copy(trained["patch" if tool is convert_checkpoint else "final"], tmp_path, how)
     argv, out = _argv(tool, source, tmp_path)
     code, _, err = call(tool, argv, capsys)
     assert_one_line_error(code, err, expected)

@@ -17,8 +17,11 @@ from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as checkpoint
 from megatron_patch.conversion import reshard
 from megatron_patch.runtime.owned_temp import OwnedTempDir
+from megatron_patch.training import cli
 from tests.leftover_helpers import killed_owner_folder
-from tests.tools.common import assert_one_line_error, call, leftovers, model_tensors
+from tests.tools.common import assert_one_line_error, call, leftovers, model_tensors, tokenizer_of
+from tests.tools.conftest import ITERS, PAD_TO
+from tests.training.common import trainer_args
 from tools import convert_checkpoint
 
 
@@ -57,10 +60,14 @@ def test_force_replaces_an_earlier_conversion_and_nothing_else(trained, tmp_path
     save = tmp_path / "out"
     code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["patch"], "--save", save], capsys)
     assert code == 0, err
-    code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["root"], "--save", save, "--force"], capsys)
+    run = tmp_path / "patch-run"  # a --save root whose latest checkpoint is the patch stage's
+    shutil.copytree(trained["patch"], run / "iter_0000004")
+    (run / folders.TRACKER).write_text("4\n")
+    code, _, err = call(convert_checkpoint, ["--cpu", "--load", run, "--save", save, "--force"], capsys)
     assert code == 0, err
-    # --load of a --save root takes its latest checkpoint (the final, token-stage one)
-    assert json.load(open(save / "iter_0000000" / "megatron_patch.json"))["conversion"]["source"] == trained["final"]
+    # --load of a --save root takes its latest checkpoint
+    source = json.load(open(save / "iter_0000000" / "megatron_patch.json"))["conversion"]["source"]
+    assert source == str(run / "iter_0000004")
     assert not leftovers(tmp_path)
     (save / "notes.txt").write_text("mine")
     shutil.copytree(trained["root"], save / "runs" / "other")
@@ -68,6 +75,65 @@ def test_force_replaces_an_earlier_conversion_and_nothing_else(trained, tmp_path
     assert_one_line_error(code, err, "holds 'notes.txt' and 1 more, not this tool's earlier output; --force replaces")
     assert (save / "notes.txt").read_text() == "mine" and os.path.isdir(save / "runs" / "other" / "iter_0000006")
     assert os.path.isdir(save / "iter_0000000")
+
+
+def test_a_converted_checkpoint_converts_again_and_starts_the_token_stage(trained, tmp_path, capsys):
+    """Converting the tool's output again (to change its layout) keeps the patch-stage source's
+    record, so the trainer's token stage starts from the second output as from the first."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["patch"], "--save", first], capsys)
+    assert code == 0, err
+    code, out, err = call(convert_checkpoint, ["--cpu", "--load", first, "--save", second], capsys)
+    assert code == 0, err
+    assert f"next: --stage token --pretrained-checkpoint {second}" in out
+    info = checkpoint.read_metadata(folders.resolve_checkpoint(str(second)))["conversion"]
+    assert info["source"] == str(first / "iter_0000000") and info["previous_conversion"]["source"] == trained["patch"]
+    assert info["source_stage"] == "patch" and info["source_stage_complete"] is True
+    argv = trainer_args(
+        trained["corpus"],
+        tmp_path / "token",
+        *("--stage", "token", "--pretrained-checkpoint", second, "--eval-iters", "0"),
+        *("--make-vocab-size-divisible-by", str(PAD_TO)),
+        train_iters=ITERS,
+    )
+    assert cli.main([str(a) for a in argv]) == 0
+    assert checkpoint.read_metadata(folders.resolve_checkpoint(str(tmp_path / "token")))["progress"]["stage_complete"]
+
+
+def test_a_token_stage_source_is_refused_naming_the_patch_stage_checkpoint(trained, tmp_path, capsys):
+    """The token stage starts from patch-stage weights only: a run's root, whose latest checkpoint
+    is the token stage's, is refused at once, naming the run's patch-stage boundary checkpoint; a
+    token-stage checkpoint without one beside it is refused with the general fix."""
+    save = tmp_path / "out"
+    code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["root"], "--save", save], capsys)
+    assert_one_line_error(
+        code,
+        err,
+        f"--load {trained['root']} (its latest checkpoint {trained['final']}) holds token-stage weights, and the "
+        f"token stage starts from the patch stage's: pass --load {trained['patch']}, the run's last patch-stage",
+    )
+    alone = tmp_path / "token-run" / "iter_0000006"
+    shutil.copytree(trained["final"], alone)
+    code, _, err = call(convert_checkpoint, ["--cpu", "--load", alone, "--save", save], capsys)
+    assert_one_line_error(code, err, f"--load {alone} holds token-stage weights")
+    assert "pass the patch stage's last checkpoint (its --save's iter_N at the stage boundary" in err[0]
+    assert not save.exists() and not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "vocab, expected",
+    [(512, "another vocabulary than the one checkpoint"), (700, "has 700 pieces (padded: 768) but checkpoint")],
+    ids=["same-size", "other-size"],
+)
+def test_another_tokenizer_is_refused(trained, tmp_path, capsys, other_texts, vocab, expected):
+    """--tokenizer-model must be the model's own (the trainer would map ids to other pieces): of
+    another vocabulary of the same size, or of another size (not a TP padding matter)."""
+    save = tmp_path / "out"
+    tokenizer = tokenizer_of(tmp_path, other_texts, vocab)
+    argv = ["--cpu", "--load", trained["patch"], "--save", save, "--tokenizer-model", tokenizer]
+    code, _, err = call(convert_checkpoint, argv, capsys)
+    assert_one_line_error(code, err, expected)
+    assert not save.exists() and not leftovers(tmp_path)
 
 
 def _corrupt_copy(trained, tmp_path, what):

@@ -17,17 +17,22 @@ from tools import convert_checkpoint, evaluate, evaluate_zero_shot, export_hf
 TEXTS = ["It was the best of times, it was the worst of times.", "Alice was beginning to get very tired."]
 
 
-@pytest.fixture
-def moved(trained, tmp_path):
-    """``(checkpoint, recorded, new)``: a checkpoint trained with ``recorded``, which has since moved
-    to ``new``."""
+def _moved(trained, tmp_path, source):
+    """``(checkpoint, recorded, new)``: a copy of the checkpoint ``source`` trained with ``recorded``,
+    which has since moved to ``new``."""
     recorded, new = tmp_path / "machine_a" / "tok.model", tmp_path / "machine_b" / "tok.model"
     recorded.parent.mkdir()
     new.parent.mkdir()
     shutil.copy(trained["corpus"]["tokenizer"], recorded)
-    checkpoint = copy_recording(trained["final"], tmp_path / "copied", tokenizer_model=str(recorded))
+    checkpoint = copy_recording(source, tmp_path / "copied", tokenizer_model=str(recorded))
     os.rename(recorded, new)
     return checkpoint, recorded, new
+
+
+@pytest.fixture
+def moved(trained, tmp_path):
+    """:func:`_moved` of the run's final (token-stage) checkpoint."""
+    return _moved(trained, tmp_path, trained["final"])
 
 
 def _assert_names_the_move(code, err, checkpoint, recorded):
@@ -69,8 +74,8 @@ def test_export_hf(trained, moved, tmp_path, capsys):
     assert json.loads((save / "megatron_patch_export.json").read_text())["tokenizer_model"] == str(new)
 
 
-def test_convert_checkpoint(moved, tmp_path, capsys):
-    checkpoint, recorded, _ = moved
+def test_convert_checkpoint(trained, tmp_path, capsys):
+    checkpoint, recorded, _ = _moved(trained, tmp_path, trained["patch"])  # the tool converts patch-stage weights
     save = tmp_path / "converted"
     code, _, err = call(convert_checkpoint, ["--cpu", "--load", checkpoint, "--save", save], capsys)
     _assert_names_the_move(code, err, checkpoint, recorded)
