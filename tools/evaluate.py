@@ -72,19 +72,31 @@ def _model_of(info) -> str:
     return f"preset {info.preset.name}, T={info.seq_length}, {info.padded_vocab_size} vocabulary rows, {dtype}"
 
 
-def _check_outputs(args) -> None:
-    """``--output-json``: one file per ``--load`` checkpoint, each distinct, in existing folders."""
+def _check_outputs(args, infos: list) -> None:
+    """``--output-json``: one file per ``--load`` checkpoint, each distinct; none a folder, inside a
+    checkpoint or its run, or a file the call reads (its data, its tokenizer)."""
+    from megatron_patch.data.inputs import expand_inputs
     from megatron_patch.errors import ArgumentError
+    from megatron_patch.evaluation.report_file import check_report_path, checkpoint_folders
 
-    if args.output_json and len(args.output_json) != len(args.load):
+    if not args.output_json:
+        return
+    if len(args.output_json) != len(args.load):
         raise ArgumentError(
             f"--output-json: {len(args.output_json)} file(s) for {len(args.load)} --load checkpoint(s); "
             "give one per checkpoint, in the same order"
         )
-    for output in args.output_json or ():
-        if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
-            raise ArgumentError(f"--output-json {output}: its folder does not exist; create it first")
-    if args.output_json and len(set(map(os.path.abspath, args.output_json))) < len(args.output_json):
+    read_folders = [found for load in args.load for found in checkpoint_folders(load)]
+    if args.data_path:
+        read_files = [("--data-path", args.data_path + extension) for extension in (".bin", ".idx")]
+    else:
+        read_files = [("--input", file.path) for file in expand_inputs(args.input)]
+    if args.tokenizer_model:
+        read_files.append(("--tokenizer-model", args.tokenizer_model))
+    read_files += [("the tokenizer", info.tokenizer_model) for info in infos if info.tokenizer_model]
+    for output in args.output_json:
+        check_report_path(output, read_folders, read_files)
+    if len(set(map(os.path.abspath, args.output_json))) < len(args.output_json):
         raise ArgumentError(
             f"--output-json {' '.join(args.output_json)}: a file is named twice; name one per checkpoint"
         )
@@ -111,7 +123,7 @@ def _run(args) -> None:
     import logging
 
     from megatron_patch.checkpoint import info as checkpoint_info
-    from megatron_patch.checkpoint.store import layout_of
+    from megatron_patch.checkpoint.store import check_files, layout_of
     from megatron_patch.errors import ArgumentError
     from megatron_patch.evaluation import perplexity, token_stream
     from megatron_patch.runtime import command
@@ -123,8 +135,8 @@ def _run(args) -> None:
         raise ArgumentError(f"--json-keys {' '.join(json_keys)}: evaluate one key at a time")
     if args.max_documents is not None and args.max_documents < 1:
         raise ArgumentError(f"--max-documents {args.max_documents} must be >= 1")
-    _check_outputs(args)
     infos = _read_checkpoints(args)
+    _check_outputs(args, infos)
     info = infos[0]  # the model every checkpoint shares
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     virtual = checkpoint_info.check_layout(
@@ -150,11 +162,13 @@ def _run(args) -> None:
         described = {"input": args.input, "json_key": json_keys[0]}
     with command.command_world(args.cpu) as world_size:
         checkpoint_info.check_world(world_size, tp, pp)
+        for each in infos:  # every checkpoint's files, before the model is built and the first evaluated
+            check_files(each.path, args.checkpoint_verify)
         model = checkpoint_info.build_model(info, tp, pp, bf16=False if args.fp32 else None, virtual_pipeline=virtual)
         layout = layout_of(tp, pp, world_size // (tp * pp), virtual)
         results = []
         for index, each in enumerate(infos):
-            checkpoint_info.load_weights(model, each, verify=args.checkpoint_verify)
+            checkpoint_info.load_weights(model, each, verify=False)  # checked above
             result = perplexity.evaluate(model, corpus, settings, pad=tokenizer.eod)
             results.append(result)
             if command.rank() == 0:

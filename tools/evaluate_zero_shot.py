@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as `python tools/evaluate_zero_shot.py` fro
 
 def build_parser():
     from megatron_patch.evaluation.zero_shot import default_tasks
-    from megatron_patch.runtime.command import ArgumentParser
+    from megatron_patch.runtime.command import ArgumentParser, add_checkpoint_verify_flag
 
     parser = ArgumentParser(prog="evaluate_zero_shot.py", description=__doc__.split("\n")[0])
     model = parser.add_mutually_exclusive_group(required=True)
@@ -63,11 +63,13 @@ def build_parser():
         help="--load: SentencePiece model (default: the one the checkpoint was trained with)",
     )
     parser.add_argument("--cpu", action="store_true", help="--load: export in CPU mode over gloo")
+    add_checkpoint_verify_flag(parser)
     return parser
 
 
 def _check(args) -> None:
     from megatron_patch.errors import ArgumentError
+    from megatron_patch.evaluation.report_file import check_report_path, checkpoint_folders
 
     world_size = os.environ.get("WORLD_SIZE", "1")
     if world_size != "1":
@@ -81,10 +83,11 @@ def _check(args) -> None:
         raise ArgumentError(f"--num-fewshot {args.num_fewshot} must be >= 0")
     if args.batch_size < 1:
         raise ArgumentError(f"--batch-size {args.batch_size} must be >= 1")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output_json))):
-        raise ArgumentError(f"--output-json {args.output_json}: its folder does not exist; create it first")
-    if os.path.isdir(args.output_json):
-        raise ArgumentError(f"--output-json {args.output_json} is a folder: name the report file to write")
+    check_report_path(
+        args.output_json,
+        checkpoint_folders(args.load) if args.load else [("--hf-model", args.hf_model)],
+        [("--tokenizer-model", args.tokenizer_model)] if args.tokenizer_model else [],
+    )
     if args.hf_model:
         for needed in (("config.json",), ("tokenizer.model", "tokenizer.json")):
             if not any(os.path.isfile(os.path.join(args.hf_model, name)) for name in needed):
@@ -115,6 +118,7 @@ def _export(args, folder: str) -> int:
 
     argv = ["--load", args.load, "--save", folder]
     argv += ["--tokenizer-model", args.tokenizer_model] if args.tokenizer_model else []
+    argv += [] if args.checkpoint_verify else ["--no-checkpoint-verify"]
     return export_hf.main(argv + (["--cpu"] if args.cpu else []))
 
 

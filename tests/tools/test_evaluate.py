@@ -12,8 +12,16 @@ import pytest
 import torch
 
 from tests.reference import reference_per_target_loss
-from tests.tools.common import SEQ, assert_one_line_error, call, leftovers, megatron_logits, megatron_model
-from tools import evaluate, train_tokenizer
+from tests.tools.common import (
+    SEQ,
+    assert_one_line_error,
+    call,
+    leftovers,
+    megatron_logits,
+    megatron_model,
+    tokenizer_of,
+)
+from tools import evaluate
 
 TEXTS = [
     "It was the best of times, it was the worst of times.",
@@ -154,20 +162,6 @@ def test_several_checkpoints_in_one_call_equal_one_call_each(trained, tmp_path, 
     ]
 
 
-def _tokenizer(tmp_path, texts, vocab):
-    corpus = _write_jsonl(tmp_path / f"tok{vocab}.jsonl", texts)
-    prefix = tmp_path / f"tok{vocab}"
-    argv = ["--input", str(corpus), "--vocab-size", str(vocab), "--output-prefix", str(prefix)]
-    assert train_tokenizer.main(argv) == 0
-    return f"{prefix}.model"
-
-
-@pytest.fixture(scope="module")
-def other_texts(tiny_jsonl):
-    with lzma.open(tiny_jsonl, "rt", encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in list(f)[-8:]]
-
-
 def _with_other_length(trained, folder):
     """A copy of the final checkpoint whose metadata says it was trained at T=64 (another model to
     build than the original's T=32), for the several-checkpoints error."""
@@ -184,11 +178,11 @@ BAD = {
     "missing-data": (lambda t, p, o: ["--load", t["final"], "--data-path", p / "nothing"], "data prefix"),
     "bad-jsonl": (lambda t, p, o: ["--load", t["final"], "--input", p / "broken.jsonl"], "broken.jsonl, line 2"),
     "tokenizer-size": (
-        lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl", "--tokenizer-model", _tokenizer(p, o, 700)],
+        lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl", "--tokenizer-model", tokenizer_of(p, o, 700)],
         "has 700 pieces (padded: 768) but checkpoint",
     ),
     "tokenizer-pieces": (
-        lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl", "--tokenizer-model", _tokenizer(p, o, 512)],
+        lambda t, p, o: ["--load", t["final"], "--input", p / "d.jsonl", "--tokenizer-model", tokenizer_of(p, o, 512)],
         "another vocabulary",
     ),
     "stride-without-sliding": (
@@ -235,3 +229,49 @@ def test_bad_input_is_one_line(trained, tmp_path, capsys, other_texts, case):
     code, _, err = call(evaluate, argv, capsys)
     assert_one_line_error(code, err, expected)
     assert not output.exists() and not leftovers(tmp_path)
+
+
+def test_output_json_replaces_nothing_it_reads(trained, tmp_path, capsys):
+    """--output-json may not be written into a --load checkpoint or root, over a data, input or
+    tokenizer file, or be a folder: one line before any work, every file as it was."""
+    run = tmp_path / "run"
+    shutil.copytree(trained["final"], run / "iter_0000006")
+    (run / "latest_checkpointed_iteration.txt").write_text("6\n")
+    for extension in (".bin", ".idx"):
+        shutil.copy(trained["corpus"]["prefix"] + extension, tmp_path / f"corpus{extension}")
+    shutil.copy(trained["corpus"]["tokenizer"], tmp_path / "tok.model")
+    data = _write_jsonl(tmp_path / "eval.jsonl", TEXTS)
+    checkpoint = run / "iter_0000006"
+    cases = [
+        (["--load", checkpoint, "--input", data], checkpoint / "megatron_patch.json", f"is inside --load {checkpoint}"),
+        (["--load", run, "--input", data], run / "results.json", f"is inside --load {run}"),
+        (["--load", checkpoint, "--input", data], run / "latest_checkpointed_iteration.txt", f"is inside --load {run}"),
+        (["--load", checkpoint, "--input", data], data, f"is --input {data}"),
+        (["--load", checkpoint, "--data-path", tmp_path / "corpus"], tmp_path / "corpus.idx", "is --data-path"),
+        (
+            ["--load", checkpoint, "--input", data, "--tokenizer-model", tmp_path / "tok.model"],
+            tmp_path / "tok.model",
+            "is --tokenizer-model",
+        ),
+        (["--load", checkpoint, "--input", data], tmp_path, "is a folder: name the report file to write"),
+    ]
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    for argv, output, expected in cases:
+        code, out, err = call(evaluate, ["--cpu", *argv, "--output-json", output], capsys)
+        assert_one_line_error(code, err, expected)
+        assert out == ""  # refused before the evaluation
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+
+
+def test_a_corrupt_later_checkpoint_is_found_before_the_first_is_evaluated(trained, tmp_path, capsys):
+    copy = tmp_path / "corrupt"
+    shutil.copytree(trained["final"], copy)
+    shard = next(copy.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    data = _write_jsonl(tmp_path / "eval.jsonl", TEXTS)
+    outputs = [tmp_path / "first.json", tmp_path / "second.json"]
+    argv = ["--cpu", "--load", trained["patch"], copy, "--input", data, "--output-json", *outputs]
+    code, out, err = call(evaluate, argv, capsys)
+    assert_one_line_error(code, err, "manifest.json says")
+    assert str(copy) in err[0] and out == ""  # the first checkpoint was not evaluated
+    assert not any(path.exists() for path in outputs) and not leftovers(tmp_path)

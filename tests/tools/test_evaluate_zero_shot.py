@@ -5,6 +5,7 @@ builds; bad inputs are refused with one line."""
 
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -239,12 +240,14 @@ def test_bad_inputs_are_one_line(models, tmp_path, capsys, monkeypatch):
         capsys,
     )
     assert_one_line_error(code, err, "--tasks no_such_task")
-    code, _, err = call(evaluate_zero_shot, ["--hf-model", tmp_path, "--output-json", output], capsys)
+    model = tmp_path / "hf"
+    model.mkdir()
+    code, _, err = call(evaluate_zero_shot, ["--hf-model", model, "--output-json", output], capsys)
     assert_one_line_error(code, err, "holds no config.json")
-    (tmp_path / "config.json").write_text("{}")  # a model folder without its tokenizer
-    code, _, err = call(evaluate_zero_shot, ["--hf-model", tmp_path, "--output-json", output], capsys)
+    (model / "config.json").write_text("{}")  # a model folder without its tokenizer
+    code, _, err = call(evaluate_zero_shot, ["--hf-model", model, "--output-json", output], capsys)
     assert_one_line_error(code, err, "holds no tokenizer.model or tokenizer.json")
-    (tmp_path / "config.json").unlink()
+    shutil.rmtree(model)
     code, _, err = call(evaluate_zero_shot, ["--cpu", "--load", models["one_step"], "--output-json", tmp_path], capsys)
     assert_one_line_error(code, err, "is a folder: name the report file to write")
     load = ["--cpu", "--load", models["one_step"], "--output-json", output]
@@ -274,6 +277,50 @@ def test_bad_inputs_are_one_line(models, tmp_path, capsys, monkeypatch):
     code, _, err = call(evaluate_zero_shot, ["--cpu", "--load", models["one_step"], "--output-json", output], capsys)
     assert_one_line_error(code, err, "pip install -e .[eval]")
     assert not os.path.exists(output) and os.listdir(tmp_path) == []
+
+
+def test_output_json_replaces_nothing_it_reads(trained, tmp_path, capsys):
+    """--output-json may not be written into the --load checkpoint or its run, the --hf-model folder,
+    or over the --tokenizer-model: one line before the export, every file as it was."""
+    run = tmp_path / "run"
+    shutil.copytree(trained["final"], run / "iter_0000006")
+    (run / "latest_checkpointed_iteration.txt").write_text("6\n")
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    shutil.copy(trained["corpus"]["tokenizer"], model / "tokenizer.model")
+    load = ["--cpu", "--load", run, "--tasks", TASK]
+    cases = [
+        (load, run / "iter_0000006" / "megatron_patch.json", f"is inside --load {run}"),
+        (
+            ["--cpu", "--load", run / "iter_0000006", "--tasks", TASK],
+            run / "latest_checkpointed_iteration.txt",
+            f"is inside --load {run}",
+        ),
+        (["--hf-model", model, "--tasks", TASK], model / "config.json", f"is inside --hf-model {model}"),
+        ([*load, "--tokenizer-model", model / "tokenizer.model"], model / "tokenizer.model", "is --tokenizer-model"),
+    ]
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    for argv, output, expected in cases:
+        code, _, err = call(evaluate_zero_shot, [*argv, "--output-json", output], capsys)
+        assert_one_line_error(code, err, expected)
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+
+
+def test_no_checkpoint_verify_reaches_the_export(models, tmp_path, capsys):
+    """A checkpoint whose files no longer match its manifest (here its metadata, one byte longer) is
+    refused by the export, whose line suggests --no-checkpoint-verify; given, the export loads it."""
+    copy = tmp_path / "copy"
+    shutil.copytree(models["one_step"], copy)
+    metadata = os.path.join(resolve_checkpoint(str(copy)), "megatron_patch.json")
+    with open(metadata, "a") as f:
+        f.write("\n")
+    argv = ["--cpu", "--load", copy, "--tasks", TASK, "--limit", "2", "--output-json", tmp_path / "out.json"]
+    code, _, err = call(evaluate_zero_shot, argv, capsys)
+    assert_one_line_error(code, err, "pass --no-checkpoint-verify to skip the check")
+    code, _, err = call(evaluate_zero_shot, [*argv, "--no-checkpoint-verify"], capsys)
+    assert code == 0, err
+    assert json.load(open(tmp_path / "out.json"))["scores"][0]["items"] == 2
 
 
 def test_unreachable_hub_dataset_is_one_line(exported, tmp_path, capsys, monkeypatch):
