@@ -21,6 +21,7 @@ The test range is computed (so that it is never used for training) but no datase
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 
@@ -54,8 +55,8 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
     prefixes = items[1::2]
     if any(w is None for w in weights) or any(_as_float(p) is not None for p in prefixes):
         raise DataError(f"data_path {items} must alternate weight and prefix, e.g. ['0.7', 'p1', '0.3', 'p2']")
-    if any(w <= 0 for w in weights):
-        raise DataError(f"data_path weights {weights} must be > 0; drop prefixes of weight 0")
+    if any(not math.isfinite(w) or w <= 0 for w in weights):
+        raise DataError(f"data_path weights {weights} must be finite and > 0; drop prefixes of weight 0")
     return prefixes, weights
 
 
@@ -73,9 +74,9 @@ def parse_split(split: str) -> list[tuple[float, float] | None]:
         shares = [float(p) for p in parts]
     except ValueError:
         shares = []
-    if not 1 <= len(shares) <= 3 or any(s < 0 for s in shares) or sum(shares) <= 0:
+    if not 1 <= len(shares) <= 3 or any(not math.isfinite(s) or s < 0 for s in shares) or sum(shares) <= 0:
         raise DataError(
-            f"split {split!r} must be 1 to 3 non-negative numbers with a positive sum: "
+            f"split {split!r} must be 1 to 3 finite non-negative numbers with a positive sum: "
             f"train,valid,test shares of the documents, e.g. '949,50,1' (--split)"
         )
     shares += [0.0] * (3 - len(shares))

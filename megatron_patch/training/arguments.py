@@ -89,6 +89,7 @@ def make_config(
     _check_flag_combinations(flags, seq_length)
     _check_optimizer_and_data_flags(flags)
     _check_summary_json(flags.summary_json)
+    _check_tensorboard_dir(flags.tensorboard_dir)
     transformer_impl = resolve_transformer_impl(flags.transformer_impl, flags.rope_fusion)
     plan = make_plan(
         patch_size=flags.patch_size,
@@ -127,7 +128,7 @@ def make_config(
         hidden_dropout=flags.hidden_dropout,
         attention_dropout=flags.attention_dropout,
     )
-    profile = _profile_settings(flags, world_size)
+    profile = _profile_settings(flags, world_size, plan)
     manual_gc_interval = _or_default(flags.manual_gc_interval, 0)
     recorded = dict(
         vars(flags),
@@ -205,7 +206,7 @@ def _or_default(value, default):
     return default if value is None else value
 
 
-def _profile_settings(flags, world_size: int) -> Optional[ProfileSettings]:
+def _profile_settings(flags, world_size: int, plan) -> Optional[ProfileSettings]:
     if not flags.profile:
         return None
     start = _or_default(flags.profile_step_start, PROFILE_STEP_START)
@@ -219,6 +220,16 @@ def _profile_settings(flags, world_size: int) -> Optional[ProfileSettings]:
     folder = flags.profile_dir or (os.path.join(flags.save, "profile") if flags.save else None)
     if not folder:
         raise ArgumentError("--profile needs --profile-dir DIR (or --save DIR: the traces go to <--save>/profile)")
+    first, last = plan.stages[0].first_iteration + 1, plan.stage_ends[-1]
+    if (end <= first or start > last) and rank() == 0:  # a resume may have passed it: said, not refused
+        logger.warning(
+            "--profile-step-start %d / --profile-step-end %d lie outside this job's iterations %d-%d: nothing is "
+            "profiled; pick a window inside them",
+            start,
+            end,
+            first,
+            last,
+        )
     return ProfileSettings(start, end, tuple(sorted(set(ranks))), folder)
 
 
@@ -234,15 +245,26 @@ def _check_summary_json(path: Optional[str]) -> None:
         raise ArgumentError(
             f"--summary-json {path} is a directory: name a file in it (e.g. {os.path.join(path, 'summary.json')})"
         )
-    existing = os.path.dirname(os.path.abspath(path))
+    _check_creatable("--summary-json", path, os.path.dirname(os.path.abspath(path)), "a file in a folder")
+
+
+def _check_tensorboard_dir(path: Optional[str]) -> None:
+    """``--tensorboard-dir`` is created once the model is built: a file in its place, or a folder
+    that could not be created or written, is refused now."""
+    if path:
+        _check_creatable("--tensorboard-dir", path, os.path.abspath(path), "a folder")
+
+
+def _check_creatable(flag: str, path: str, folder: str, what: str) -> None:
+    """ArgumentError unless ``folder`` (``path``'s, created when missing) is or can be a folder
+    this process writes to: the nearest part of it that exists is a writable folder."""
+    existing = folder
     while not os.path.exists(existing):  # the nearest folder on the path that exists
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise ArgumentError(f"--summary-json {path}: {existing} on its path is a file: name a file in a folder")
+        raise ArgumentError(f"{flag} {path}: {existing} on its path is a file: name {what}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ArgumentError(
-            f"--summary-json {path}: {existing} is not writable: name a file in a folder you can write to"
-        )
+        raise ArgumentError(f"{flag} {path}: {existing} is not writable: name {what} you can write to")
 
 
 def _warn_warmup_beyond_stages(plan, warmup_iters: int) -> None:
@@ -251,10 +273,10 @@ def _warn_warmup_beyond_stages(plan, warmup_iters: int) -> None:
     if rank() != 0:
         return
     for stage in plan.stages:
-        if warmup_iters > stage.iterations:
+        if warmup_iters >= stage.iterations:
             steps = f"{stage.iterations} iteration{'' if stage.iterations == 1 else 's'}"
             logger.warning(
-                "--lr-warmup-iters %d is more than the %s stage's %s: its LR warms up over the whole stage "
+                "--lr-warmup-iters %d is not less than the %s stage's %s: its LR warms up over the whole stage "
                 "and never decays (each stage restarts the warm-up); a new run with --lr-warmup-iters below %d decays",
                 warmup_iters,
                 stage.name,
@@ -345,6 +367,8 @@ def _check_flag_combinations(flags: argparse.Namespace, seq_length: int) -> None
         raise ArgumentError(f"--patch-data-fraction {flags.patch_data_fraction} must lie in (0, 1); the paper uses 2/3")
     if flags.pretrained_checkpoint and flags.stage != "token":
         raise ArgumentError("--pretrained-checkpoint is for --stage token (the patch stage starts from scratch)")
+    if flags.wandb_project is not None and not flags.wandb_project.strip():
+        raise ArgumentError("--wandb-project is empty: name the W&B project (or drop the flag)")
     if flags.wandb_project is not None and not flags.wandb_exp_name:
         raise ArgumentError(f"--wandb-project {flags.wandb_project} needs --wandb-exp-name: name the run")
     if flags.save_interval is not None and flags.save_interval < 1:
@@ -384,8 +408,12 @@ def _check_flag_combinations(flags: argparse.Namespace, seq_length: int) -> None
         raise ArgumentError(f"--keep-last-checkpoints {flags.keep_last_checkpoints} must be >= 0")
     if not math.isfinite(flags.save_lock_wait) or flags.save_lock_wait < 0:
         raise ArgumentError(f"--save-lock-wait {flags.save_lock_wait} must be a number of seconds >= 0")
-    if flags.lr <= 0 or flags.min_lr < 0 or flags.min_lr > flags.lr:
-        raise ArgumentError(f"--lr {flags.lr} / --min-lr {flags.min_lr}: need 0 <= min-lr <= lr and lr > 0")
+    if (
+        not (math.isfinite(flags.lr) and math.isfinite(flags.min_lr))
+        or not 0 <= flags.min_lr <= flags.lr
+        or flags.lr <= 0
+    ):
+        raise ArgumentError(f"--lr {flags.lr} / --min-lr {flags.min_lr}: need finite 0 <= min-lr <= lr and lr > 0")
     if flags.lr_warmup_iters < 0:
         raise ArgumentError(f"--lr-warmup-iters {flags.lr_warmup_iters} must be >= 0")
     if not math.isfinite(flags.clip_grad) or flags.clip_grad < 0:

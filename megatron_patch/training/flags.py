@@ -268,7 +268,9 @@ def build_parser() -> ArgumentParser:
     log.add_argument("--eval-iters", type=int, default=10, help="global batches per validation (0: none)")
     log.add_argument("--tensorboard-dir", default=None)
     log.add_argument(
-        "--summary-json", default=None, help="also write the final summary here (JSON; its folder must exist)"
+        "--summary-json",
+        default=None,
+        help="also write the final summary here (JSON; its folder is created if missing)",
     )
     log.add_argument(
         "--wandb-project",
@@ -277,7 +279,11 @@ def build_parser() -> ArgumentParser:
         "offline without an API key or with WANDB_MODE=offline)",
     )
     log.add_argument("--wandb-exp-name", default=None, help="the W&B run's name (needed with --wandb-project)")
-    log.add_argument("--wandb-save-dir", default=None, help="where W&B keeps the run's files (default: <--save>/wandb)")
+    log.add_argument(
+        "--wandb-save-dir",
+        default=None,
+        help="where W&B keeps the run's files (default: <--save>/wandb, or ./wandb without --save)",
+    )
     log.add_argument(
         "--manual-gc",
         action="store_true",

@@ -92,11 +92,13 @@ class RunPlan:
     @property
     def theoretical_relative_cost(self) -> float:
         """Model FLOPs of this job's stages over token-level training of the same tokens: λ/K + 1 - λ
-        for both stages, 1/K for the patch stage alone, 1 for the token stage alone (a control arm,
-        or token-only training)."""
+        for both stages, at the λ the steps realize (``round(λN) / N``: a short job's rounding moves
+        it), 1/K for the patch stage alone, 1 for the token stage alone (a control arm, or token-only
+        training)."""
         stages = {stage.name for stage in self.stages}
         if stages == {"patch", "token"}:
-            return self.patch_data_fraction / self.patch_size + 1 - self.patch_data_fraction
+            fraction = self.patch_iters / self.train_iters
+            return fraction / self.patch_size + 1 - fraction
         return 1 / self.patch_size if stages == {"patch"} else 1.0
 
     @property

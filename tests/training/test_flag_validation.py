@@ -1,7 +1,9 @@
 """Flags the trainer refuses before anything starts: out-of-range optimizer and data values, a patch
-stage of one patch per sample, a TP that does not split the SwiGLU width, and the layer
-implementation (--transformer-impl, resolved when the flags are read). Each ends the command with
-exit code 2 and one stderr line naming the flag and its value, and the value next to it is accepted."""
+stage of one patch per sample, a TP that does not split the SwiGLU width, the layer implementation
+(--transformer-impl, resolved when the flags are read), values that are not finite (--lr, --split,
+blend weights), an empty --wandb-project and a --tensorboard-dir that is a file. Each ends the
+command with exit code 2 and one stderr line naming the flag and its value, and the value next to
+it is accepted. A warm-up as long as a stage and a profile window outside the job are said."""
 
 import pytest
 
@@ -99,3 +101,43 @@ def test_the_token_budget_may_be_written_in_e_notation(tiny_corpus, capsys):
     for bad in ("6144.5", "6144.00001", "1e30", "nan", "0x10"):
         line = refused_line(capsys, argv[:at] + ["--train-tokens", bad] + argv[at + 2 :])
         assert "--train-tokens" in line and bad in line, line
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--lr", "nan"], "--lr nan / --min-lr 0.0: need finite"),
+        (["--lr", "inf"], "--lr inf / --min-lr 0.0: need finite"),
+        (["--min-lr", "nan"], "--min-lr nan: need finite"),
+        (["--split", "nan,1,1"], "split 'nan,1,1' must be 1 to 3 finite"),
+        (["--split", "1e400,1,0"], "split '1e400,1,0' must be 1 to 3 finite"),
+        (["--wandb-project", "", "--wandb-exp-name", "run"], "--wandb-project is empty"),
+    ],
+    ids=["lr-nan", "lr-inf", "min-lr-nan", "split-nan", "split-inf", "wandb-empty"],
+)
+def test_values_that_are_not_finite_or_empty_give_one_line_errors(tiny_corpus, capsys, extra, expected):
+    line = refused_line(capsys, trainer_args(tiny_corpus, None, *extra))
+    assert expected in line, line
+
+
+def test_a_blend_weight_that_is_not_finite_is_one_line(tiny_corpus, capsys):
+    prefix = tiny_corpus["prefix"]
+    line = refused_line(capsys, trainer_args(tiny_corpus, None, "--data-path", "inf", prefix, "1", prefix))
+    assert "data_path weights [inf, 1.0] must be finite and > 0" in line, line
+
+
+def test_a_tensorboard_dir_that_is_a_file_is_refused_at_start(tiny_corpus, capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    for path in (tmp_path / "file", tmp_path / "file" / "below"):
+        line = refused_line(capsys, trainer_args(tiny_corpus, None, "--tensorboard-dir", str(path)))
+        assert line == f"error: --tensorboard-dir {path}: {tmp_path / 'file'} on its path is a file: name a folder"
+
+
+def test_warm_up_as_long_as_a_stage_and_a_profile_window_outside_the_job_are_said(tiny_corpus, tmp_path, caplog):
+    """12 steps: 8 patch, 4 token. A warm-up of 4 steps ends the token stage at its peak LR; a
+    profile window at iterations 20-30 never opens."""
+    flags = ["--lr-warmup-iters", "4", "--profile", "--profile-step-start", "20", "--profile-step-end", "30"]
+    parse_args(trainer_args(tiny_corpus, None, *flags, "--profile-dir", str(tmp_path)), world_size=1)
+    assert "--lr-warmup-iters 4 is not less than the token stage's 4 iterations" in caplog.text
+    assert "patch stage's" not in caplog.text
+    assert "--profile-step-start 20 / --profile-step-end 30 lie outside this job's iterations 1-12" in caplog.text

@@ -1,5 +1,6 @@
 """The theoretical cost a job's summary reports is that of the stages it runs: a control arm
-(token stage alone) costs what token-level training costs, not what the two-stage job does."""
+(token stage alone) costs what token-level training costs, not what the two-stage job does; and
+at the λ the job's steps realize (round(λN) / N), not the one asked for."""
 
 import pytest
 
@@ -43,3 +44,20 @@ def test_token_only_training_costs_one():
         train_iters=12,
     )
     assert plan.theoretical_relative_cost == 1.0
+
+
+def test_the_theory_is_at_the_fraction_the_steps_realize():
+    """11 steps at λ=2/3 are 7 patch + 4 token steps: 7/11/4 + 4/11, not 2/3/4 + 1/3."""
+    plan = make_plan(
+        patch_size=4,
+        patch_data_fraction=2 / 3,
+        stages="both",
+        seq_length=32,
+        micro_batch_size=2,
+        global_batch_size=16,
+        data_parallel_size=1,
+        eval_iters=0,
+        train_iters=11,
+    )
+    assert plan.patch_iters == 7
+    assert plan.theoretical_relative_cost == pytest.approx(7 / 11 / 4 + 4 / 11, abs=1e-12)
