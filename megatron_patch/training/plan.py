@@ -25,6 +25,11 @@ from typing import Dict, Optional, Tuple
 
 from megatron_patch.errors import ArgumentError
 
+# the most passes over its documents a stage may ask for: beyond it the budget is a typo (megatron
+# would build a sample index of that many passes, hundreds of GiB for --train-iters 1e12 on a small
+# corpus), where the multi-epoch recipe asks for a handful
+MAX_PASSES = 1000
+
 
 @dataclass(frozen=True)
 class StagePlan:
@@ -138,6 +143,13 @@ class RunPlan:
             tokens = data_tokens.get(stage.name, 0)
             per_pass = max(tokens - 1, 0) // stage.sample_tokens  # a sample reads L + 1 tokens
             if per_pass >= stage.samples_per_step:
+                if stage.samples > MAX_PASSES * per_pass:  # megatron's sample index would not fit in memory
+                    raise ArgumentError(
+                        f"--train-iters/--train-tokens: {self.train_iters} steps have the {stage.name} stage read "
+                        f"its documents in {data_path} {stage.samples / per_pass:.3g} times ({stage.samples} "
+                        f"samples, one pass holds {per_pass}); at most {MAX_PASSES} passes: lower the budget or "
+                        f"add data"
+                    )
                 continue
             raise ArgumentError(
                 f"--seq-length {self.seq_length}: one step of the {stage.name} stage reads "

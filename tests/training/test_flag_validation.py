@@ -141,3 +141,10 @@ def test_warm_up_as_long_as_a_stage_and_a_profile_window_outside_the_job_are_sai
     assert "--lr-warmup-iters 4 is not less than the token stage's 4 iterations" in caplog.text
     assert "patch stage's" not in caplog.text
     assert "--profile-step-start 20 / --profile-step-end 30 lie outside this job's iterations 1-12" in caplog.text
+
+
+def test_a_budget_of_more_than_a_thousand_passes_is_refused_before_any_index_is_built(tiny_corpus, capsys):
+    """--train-iters 1e12 on the tiny corpus: megatron's sample index would need hundreds of GiB."""
+    line = refused_line(capsys, trainer_args(tiny_corpus, None, train_iters=10**12))
+    assert line.startswith("error: --train-iters/--train-tokens: 1000000000000 steps have the patch stage read"), line
+    assert "at most 1000 passes: lower the budget or add data" in line, line
