@@ -106,6 +106,13 @@ class Trainer:
         self.plan.check_epoch_budget(sum(split.train_tokens for split in splits), source)
         self.plan.check_steps_fit(self._data_tokens(splits), source)
         datasets = build_stage_datasets(config, self.tokenizer, self.plan.dataset_samples())
+        if datasets.valid is None and self.plan.validation.iterations:
+            logger.warning(
+                "--split %s holds no validation documents: validation (--eval-iters %d) is off; give the split a "
+                "validation share to validate",
+                data.split,
+                self.plan.validation.iterations,
+            )
         planned = self.plan.epochs(self._data_tokens(splits))
         logger.info(
             "--stage-split %s: %s over %d training tokens",

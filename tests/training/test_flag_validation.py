@@ -3,7 +3,8 @@ stage of one patch per sample, a TP that does not split the SwiGLU width, the la
 (--transformer-impl, resolved when the flags are read), values that are not finite (--lr, --split,
 blend weights), an empty --wandb-project and a --tensorboard-dir that is a file. Each ends the
 command with exit code 2 and one stderr line naming the flag and its value, and the value next to
-it is accepted. A warm-up as long as a stage and a profile window outside the job are said."""
+it is accepted. A warm-up as long as a stage, a profile window outside the job and a split without
+validation documents are said."""
 
 import pytest
 
@@ -148,3 +149,10 @@ def test_a_budget_of_more_than_a_thousand_passes_is_refused_before_any_index_is_
     line = refused_line(capsys, trainer_args(tiny_corpus, None, train_iters=10**12))
     assert line.startswith("error: --train-iters/--train-tokens: 1000000000000 steps have the patch stage read"), line
     assert "at most 1000 passes: lower the budget or add data" in line, line
+
+
+def test_a_split_without_validation_documents_says_validation_is_off(cpu_world, tiny_corpus, caplog):
+    from megatron_patch.training import cli
+
+    assert cli.main(trainer_args(tiny_corpus, None, "--split", "100,0,0", train_iters=2)) == 0
+    assert "--split 100,0,0 holds no validation documents: validation (--eval-iters 1) is off" in caplog.text
