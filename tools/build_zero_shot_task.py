@@ -58,6 +58,7 @@ def _documents(path: str, key: str) -> List[str]:
 def _run(args) -> None:
     import json
 
+    from megatron_patch.data.staging import output_folder
     from megatron_patch.errors import ArgumentError, DataError
     from megatron_patch.evaluation.next_sentence import build_items
     from megatron_patch.runtime import atomic_file
@@ -66,9 +67,9 @@ def _run(args) -> None:
         raise ArgumentError(f"--items-per-document {args.items_per_document} must be >= 1")
     if args.choices < 2:
         raise ArgumentError(f"--choices {args.choices} must be >= 2")
-    output_folder = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(output_folder):
-        raise ArgumentError(f"--output {args.output}: its folder does not exist; create it first")
+    if os.path.isdir(args.output):
+        raise ArgumentError(f"--output {args.output} is a folder: name the task file to write")
+    output_folder(args.output, "--output")  # missing, or a file in its place: one line
     documents = _documents(args.input, args.json_key)
     items = build_items(documents, args.items_per_document, args.choices, args.seed)
     if not items:

@@ -227,6 +227,18 @@ def test_the_shipped_task_is_what_its_script_builds(tmp_path, capsys):
         assert not any(f"{item['context']} {c}" in documents[item["document"]] for c in others), item["id"]
 
 
+def test_the_task_builder_refuses_an_output_it_cannot_write(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    cases = {
+        tmp_path / "file" / "task.jsonl": "is a file, not a folder",
+        tmp_path / "missing" / "task.jsonl": "does not exist; create it first",
+        tmp_path: f"--output {tmp_path} is a folder",
+    }
+    for output, expected in cases.items():
+        code, out, err = call(build_zero_shot_task, ["--output", output], capsys)
+        assert code == 2 and len(err) == 1 and expected in err[0], err
+
+
 def test_sentence_split():
     text = 'Mr. Elliot said "No!"  He left.\nIt was 3 p.m. when Mrs. Smith came? Yes.'
     assert split_sentences(text) == ['Mr. Elliot said "No!"', "He left.", "It was 3 p.m. when Mrs. Smith came?", "Yes."]
