@@ -28,6 +28,7 @@ from tests.training.common import (
 pytestmark = pytest.mark.slow  # whole-pipeline subprocess runs: scheduled first (tests/conftest.py)
 
 ITERS = 12  # 8 patch steps (global 1-8), then 4 token steps (global 9-12)
+EVERY_CHECKPOINT = ("--save-interval", "2", "--eval-iters", "0", "--keep-last-checkpoints", "0")  # 2, 4, ..., 12 kept
 
 
 def _finish(process, timeout=240):
@@ -66,21 +67,7 @@ def _final_checkpoint_equal(save, reference_save):
 def uninterrupted_run(tiny_corpus, tmp_path_factory):
     """The run's --save folder (every checkpoint kept: iterations 2, 4, ..., 12)."""
     save = tmp_path_factory.mktemp("full") / "run"
-    code, output = _finish(
-        launch(
-            trainer_args(
-                tiny_corpus,
-                save,
-                "--save-interval",
-                "2",
-                "--eval-iters",
-                "0",
-                "--keep-last-checkpoints",
-                "0",
-                train_iters=ITERS,
-            )
-        )
-    )
+    code, output = _finish(launch(trainer_args(tiny_corpus, save, *EVERY_CHECKPOINT, train_iters=ITERS)))
     assert code == 0, output[-3000:]
     assert "Warning" not in output, output  # megatron's known notices stay out of the entry point's log
     return save
@@ -120,17 +107,7 @@ def test_resume_takes_a_complete_checkpoint_newer_than_the_tracker(
     save = tmp_path / "run"
     shutil.copytree(uninterrupted_run, save, ignore=shutil.ignore_patterns("iter_0000012", "metrics.jsonl"))
     (save / folders.TRACKER).write_text("8\n")
-    args = trainer_args(
-        tiny_corpus,
-        save,
-        "--save-interval",
-        "2",
-        "--eval-iters",
-        "0",
-        "--keep-last-checkpoints",
-        "0",
-        train_iters=ITERS,
-    )
+    args = trainer_args(tiny_corpus, save, *EVERY_CHECKPOINT, train_iters=ITERS)
     code, output = _finish(launch(args + ["--load", str(save)]))
     assert code == 0, output[-3000:]
     assert "names 8 but" in output and "iter_0000010 is complete and newer" in output, output[-3000:]
@@ -229,17 +206,7 @@ def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(
     from megatron_patch.training import cli
 
     save = tmp_path / "run"
-    args = trainer_args(
-        tiny_corpus,
-        save,
-        "--save-interval",
-        "2",
-        "--eval-iters",
-        "0",
-        "--keep-last-checkpoints",
-        "0",
-        train_iters=ITERS,
-    )
+    args = trainer_args(tiny_corpus, save, *EVERY_CHECKPOINT, train_iters=ITERS)
     capsys.readouterr()
     with monkeypatch.context() as patch:
         failing(patch, "iter_0000004.tmp")

@@ -7,6 +7,20 @@ import pytest
 from megatron_patch.training.plan import make_plan
 
 
+def _plan(patch_size, fraction, stages, train_iters=12):
+    return make_plan(
+        patch_size=patch_size,
+        patch_data_fraction=fraction,
+        stages=stages,
+        seq_length=32,
+        micro_batch_size=2,
+        global_batch_size=16,
+        data_parallel_size=1,
+        eval_iters=0,
+        train_iters=train_iters,
+    )
+
+
 @pytest.mark.parametrize(
     "stages, fraction, expected",
     [
@@ -17,47 +31,15 @@ from megatron_patch.training.plan import make_plan
     ],
 )
 def test_theoretical_cost_is_that_of_the_stages_run(stages, fraction, expected):
-    plan = make_plan(
-        patch_size=4,
-        patch_data_fraction=fraction,
-        stages=stages,
-        seq_length=32,
-        micro_batch_size=2,
-        global_batch_size=16,
-        data_parallel_size=1,
-        eval_iters=0,
-        train_iters=12,
-    )
-    assert plan.theoretical_relative_cost == pytest.approx(expected, abs=1e-12)
+    assert _plan(4, fraction, stages).theoretical_relative_cost == pytest.approx(expected, abs=1e-12)
 
 
 def test_token_only_training_costs_one():
-    plan = make_plan(
-        patch_size=1,
-        patch_data_fraction=2 / 3,
-        stages="both",
-        seq_length=32,
-        micro_batch_size=2,
-        global_batch_size=16,
-        data_parallel_size=1,
-        eval_iters=0,
-        train_iters=12,
-    )
-    assert plan.theoretical_relative_cost == 1.0
+    assert _plan(1, 2 / 3, "both").theoretical_relative_cost == 1.0
 
 
 def test_the_theory_is_at_the_fraction_the_steps_realize():
     """11 steps at λ=2/3 are 7 patch + 4 token steps: 7/11/4 + 4/11, not 2/3/4 + 1/3."""
-    plan = make_plan(
-        patch_size=4,
-        patch_data_fraction=2 / 3,
-        stages="both",
-        seq_length=32,
-        micro_batch_size=2,
-        global_batch_size=16,
-        data_parallel_size=1,
-        eval_iters=0,
-        train_iters=11,
-    )
+    plan = _plan(4, 2 / 3, "both", train_iters=11)
     assert plan.patch_iters == 7
     assert plan.theoretical_relative_cost == pytest.approx(7 / 11 / 4 + 4 / 11, abs=1e-12)
