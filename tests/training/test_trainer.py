@@ -164,7 +164,9 @@ def test_fused_torch_adam_resumes_on_gpu(world, model_parallel, tiny_corpus, tmp
         if arg != "--cpu"
     ]
     _run(argv)
-    trainer, _ = _run(argv + ["--load", str(tmp_path / "run" / "iter_0000010")])
+    # into a new --save: the run's folder still holds iteration 12, which a resume there would not overwrite
+    resume = ["--load", str(tmp_path / "run" / "iter_0000010"), "--save", str(tmp_path / "resumed")]
+    trainer, _ = _run(argv + resume)
     states = [
         (param, state) for adam in builders._torch_adams(trainer.optimizer) for param, state in adam.state.items()
     ]
