@@ -1,5 +1,6 @@
-"""Build the shipped zero-shot task ``tiny_next_sentence`` from a JSONL corpus (by default the
-bundled ``examples/data/tiny.jsonl.xz``).
+"""Build the shipped zero-shot task ``tiny_next_sentence`` from a JSONL corpus.
+
+The corpus is by default the bundled ``examples/data/tiny.jsonl.xz``.
 
 Each item is a passage of consecutive sentences from one document (the context, 100-300
 characters), the sentence that follows it in that document, and ``--choices - 1`` distractor
