@@ -63,6 +63,7 @@ from torch.utils.data import Dataset
 
 from megatron_patch.data.indexed import check_prefix
 from megatron_patch.data.split import STAGE_SPLITS, PrefixSplit, parse_data_path, parse_split, split_prefix
+from megatron_patch.data.staging import nearest_existing
 from megatron_patch.data.vocab_check import check_vocab
 from megatron_patch.errors import DataError
 from megatron_patch.runtime.rank_zero import on_rank_zero
@@ -220,9 +221,7 @@ def index_cache_folder(config: StageDataConfig, prefix: str) -> str:
 def check_cache_folder(config: StageDataConfig) -> None:
     """DataError when megatron could not write its index cache (a read-only data folder)."""
     for folder in dict.fromkeys(index_cache_folder(config, prefix) for prefix in config.prefixes):
-        existing = folder
-        while not os.path.exists(existing) and os.path.dirname(existing) != existing:
-            existing = os.path.dirname(existing)
+        existing = nearest_existing(folder)
         if not (os.path.isdir(existing) and os.access(existing, os.W_OK)):
             raise DataError(
                 f"cannot write megatron's dataset index cache to '{folder}' ('{existing}' is not "

@@ -20,15 +20,22 @@ from megatron_patch.runtime.owned_temp import OwnedTempDir, remove_abandoned
 logger = logging.getLogger(__name__)
 
 
+def nearest_existing(path: str) -> str:
+    """``path`` itself, or the nearest folder above it that exists (``/`` at the most): what
+    decides whether ``path`` can be created, and by whom."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    return existing
+
+
 def output_folder(prefix: str, flag: str = "--output-prefix") -> str:
     """The folder of an output prefix (``out/corpus`` -> ``out``); DataError if it is missing or
     it, or a folder above it, is a file."""
     folder = os.path.dirname(os.path.abspath(prefix))
     if os.path.basename(prefix) in ("", ".", ".."):
         raise DataError(f"{flag} '{prefix}' names a folder; add a file name prefix, e.g. out/corpus")
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    existing = nearest_existing(folder)
     if not os.path.isdir(existing):
         what = "is a file, not a folder" if existing == folder else f"cannot exist: '{existing}' is a file"
         raise DataError(f"output folder '{folder}' of {flag} '{prefix}' {what}; choose a folder for the outputs")

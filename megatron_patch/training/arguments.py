@@ -15,6 +15,7 @@ from typing import List, Optional
 from megatron_patch.architecture.build import ModelSettings, padded_vocab_size
 from megatron_patch.architecture.presets import check_layout, get_preset
 from megatron_patch.architecture.specs import resolve_transformer_impl
+from megatron_patch.data.staging import nearest_existing
 from megatron_patch.errors import ArgumentError
 from megatron_patch.runtime.command import rank
 from megatron_patch.runtime.parallel import resolve_virtual_pipeline
@@ -258,9 +259,7 @@ def _check_tensorboard_dir(path: Optional[str]) -> None:
 def _check_creatable(flag: str, path: str, folder: str, what: str) -> None:
     """ArgumentError unless ``folder`` (``path``'s, created when missing) is or can be a folder
     this process writes to: the nearest part of it that exists is a writable folder."""
-    existing = folder
-    while not os.path.exists(existing):  # the nearest folder on the path that exists
-        existing = os.path.dirname(existing)
+    existing = nearest_existing(folder)
     if not os.path.isdir(existing):
         raise ArgumentError(f"{flag} {path}: {existing} on its path is a file: name {what}")
     if not os.access(existing, os.W_OK | os.X_OK):
