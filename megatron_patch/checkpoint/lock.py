@@ -15,7 +15,9 @@ it until the node's lease runs out (about 90 s on NFSv4, the client's eviction o
 job requeued at once onto other nodes would find it held. So a lock whose recorded holder is on
 another host (or unknown) is waited for, up to ``wait_seconds`` (the trainer's
 ``--save-lock-wait``, 300 s by default), before the run is refused; a holder on this host is a
-live process (the kernel drops a dead one's lock) and is refused at once.
+live process (the kernel drops a dead one's lock) and is refused at once. A stop signal or the
+time limit that comes during the wait ends it at once (the scheduler's grace period is shorter than
+the wait), with the same one-line refusal naming what stopped it.
 """
 
 import contextlib
@@ -25,7 +27,7 @@ import logging
 import os
 import socket
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from megatron_patch.checkpoint.folders import METADATA
 from megatron_patch.errors import CheckpointError
@@ -35,17 +37,20 @@ logger = logging.getLogger(__name__)
 
 LOCK = ".lock"
 RETRY_S = 5.0  # between two tries while the holder is another host
+STOP_POLL_S = 0.25  # how often a stop is looked for during that pause
 
 
 class SaveDirLock:
     """``with SaveDirLock(root):`` holds the lock on ``root`` (created if missing, as saving would);
     CheckpointError (one line, naming the holder) when another process holds it: at once when the
-    holder is on this host, after ``wait_seconds`` of tries when it is on another (or unknown)."""
+    holder is on this host, after ``wait_seconds`` of tries when it is on another (or unknown), or
+    as soon as ``stop_reason`` (the trainer's :meth:`StopSignals.reason`) names a reason to stop."""
 
-    def __init__(self, root: str, wait_seconds: float = 0.0):
+    def __init__(self, root: str, wait_seconds: float = 0.0, stop_reason: Callable[[], Optional[str]] = lambda: None):
         self.root = root
         self.path = os.path.join(root, LOCK)
         self.wait_seconds = wait_seconds
+        self.stop_reason = stop_reason
         self._fd: Optional[int] = None
 
     def _holder(self) -> Optional[dict]:
@@ -65,9 +70,15 @@ class SaveDirLock:
             holder = self._holder()
             described = f"host {holder['host']}, pid {holder['pid']}" if holder else "holder unknown"
             waited = time.monotonic() - started
-            if (holder is not None and holder["host"] == socket.gethostname()) or waited >= self.wait_seconds:
+            stopped = self.stop_reason()
+            if (
+                (holder is not None and holder["host"] == socket.gethostname())
+                or waited >= self.wait_seconds
+                or stopped
+            ):
                 since = f", since {holder['since']}" if holder else ""
                 after = f"; waited {waited:.0f} s" if waited >= 1 else ""
+                after += f", then {stopped} stopped the wait" if stopped else ""
                 raise CheckpointError(
                     f"--save {self.root} is in use by another trainer ({described}{since}; lock {self.path}{after}): "
                     f"wait for it to end, or save to another folder"
@@ -81,7 +92,7 @@ class SaveDirLock:
                     self.wait_seconds,
                 )
                 report_at += 60.0
-            time.sleep(min(RETRY_S, self.wait_seconds - waited))
+            self._pause(min(RETRY_S, self.wait_seconds - waited))
         info = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -91,6 +102,12 @@ class SaveDirLock:
         os.write(fd, json.dumps(info).encode())
         self._fd = fd
         return self
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less once a stop is asked for."""
+        until = time.monotonic() + seconds
+        while (left := until - time.monotonic()) > 0 and not self.stop_reason():
+            time.sleep(min(STOP_POLL_S, left))
 
     def _try_lock(self) -> Optional[int]:
         """The open, locked lock file's descriptor, or None when another process holds the lock."""
@@ -127,10 +144,13 @@ class SaveDirLock:
 
 
 @contextlib.contextmanager
-def locked_save_folder(save: Optional[str], wait_seconds: float = 0.0):
+def locked_save_folder(
+    save: Optional[str], wait_seconds: float = 0.0, stop_reason: Callable[[], Optional[str]] = lambda: None
+):
     """Rank 0 holds the lock of the ``--save`` folder ``save`` (None: nothing to lock) for the
     ``with`` block; every rank raises the same one-line error when another trainer holds it (one on
-    another host after ``wait_seconds`` of tries: :class:`SaveDirLock`), when
+    another host after ``wait_seconds`` of tries, or when rank 0's ``stop_reason`` names a stop
+    first: :class:`SaveDirLock`), when
     ``save`` cannot be created (a file on its path, no permission) or when it is one checkpoint
     (``iter_N``) rather than a ``--save`` folder. A folder created here and left empty (a failed
     start) is removed."""
@@ -138,7 +158,7 @@ def locked_save_folder(save: Optional[str], wait_seconds: float = 0.0):
         yield
         return
     taken = {}  # rank 0's lock stays in rank 0's process: only the verdict is shared
-    on_rank_zero(lambda: taken.update(_lock(save, wait_seconds)))
+    on_rank_zero(lambda: taken.update(_lock(save, wait_seconds, stop_reason)))
     lock, created = taken.get("lock"), taken.get("created", False)
     try:
         yield
@@ -149,7 +169,7 @@ def locked_save_folder(save: Optional[str], wait_seconds: float = 0.0):
                 os.rmdir(save)
 
 
-def _lock(save: str, wait_seconds: float) -> dict:
+def _lock(save: str, wait_seconds: float, stop_reason: Callable[[], Optional[str]]) -> dict:
     """Take the lock of ``save``: ``{"lock": SaveDirLock, "created": whether save was made here}``."""
     if os.path.isfile(os.path.join(save, METADATA)):
         raise CheckpointError(
@@ -158,7 +178,7 @@ def _lock(save: str, wait_seconds: float) -> dict:
         )
     created = not os.path.exists(save)
     try:
-        return {"lock": SaveDirLock(save, wait_seconds).acquire(), "created": created}
+        return {"lock": SaveDirLock(save, wait_seconds, stop_reason).acquire(), "created": created}
     except OSError as error:
         raise CheckpointError(
             f"--save {save} cannot be created or locked ({error.strerror or error}): choose a writable folder"

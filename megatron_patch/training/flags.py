@@ -240,7 +240,8 @@ def build_parser() -> ArgumentParser:
         default=SAVE_LOCK_WAIT_S,
         metavar="SECONDS",
         help="how long to wait for the --save folder's lock when another host holds it (a failed node keeps it "
-        "until the file system's lease runs out; 0: refuse at once); a holder on this host is refused at once "
+        "until the file system's lease runs out; 0: refuse at once; a stop signal ends the wait); a holder on this "
+        "host is refused at once "
         "(default: %(default).0f)",
     )
     ckpt.add_argument(

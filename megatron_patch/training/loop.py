@@ -274,7 +274,9 @@ class Trainer:
         """Train the planned stages; returns the summary (``interrupted`` after a stop signal or the time limit)."""
         with (
             self._stop_scope,
-            locked_save_folder(self.config.checkpoints.save, self.config.checkpoints.lock_wait_seconds),
+            locked_save_folder(
+                self.config.checkpoints.save, self.config.checkpoints.lock_wait_seconds, self.stop.reason
+            ),
             self.manual_gc,
         ):
             try:

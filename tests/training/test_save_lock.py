@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -105,6 +106,26 @@ def test_the_trainer_refuses_a_lock_of_another_host_after_its_wait(cpu_world, ti
         holder.kill()
         holder.wait()
     assert f"--save {save} is in use by another trainer (host node-17" in line and "waited 1 s" in line, line
+
+
+def test_a_stop_signal_ends_the_wait_for_a_lock(cpu_world, tiny_corpus, tmp_path, capsys):
+    """A job cancelled while it waits for a failed node's lock ends within the scheduler's grace
+    period, with the refusal naming the signal, instead of waiting out --save-lock-wait."""
+    save = tmp_path / "save"
+    holder = _holder(save, host="node-17")
+    signal_soon = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        started = time.monotonic()
+        signal_soon.start()
+        line = refused_line(capsys, trainer_args(tiny_corpus, save, "--save-lock-wait", "120", train_iters=2))
+        waited = time.monotonic() - started
+    finally:
+        signal_soon.cancel()
+        holder.kill()
+        holder.wait()
+    assert "(host node-17, pid 4242, since earlier;" in line and "then SIGTERM stopped the wait" in line, line
+    assert waited < 60, waited
+    assert folders.tracker_value(str(save)) is None
 
 
 @pytest.mark.parametrize("value", ["-1", "nan"])
