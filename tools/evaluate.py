@@ -124,6 +124,8 @@ def _run(args) -> None:
 
     from megatron_patch.checkpoint import info as checkpoint_info
     from megatron_patch.checkpoint.store import check_files, layout_of
+    from megatron_patch.data.indexed import check_prefix
+    from megatron_patch.data.inputs import expand_inputs
     from megatron_patch.errors import ArgumentError
     from megatron_patch.evaluation import perplexity, token_stream
     from megatron_patch.runtime import command
@@ -135,6 +137,10 @@ def _run(args) -> None:
         raise ArgumentError(f"--json-keys {' '.join(json_keys)}: evaluate one key at a time")
     if args.max_documents is not None and args.max_documents < 1:
         raise ArgumentError(f"--max-documents {args.max_documents} must be >= 1")
+    if args.data_path:  # the data's files found before the checkpoints are read (their check is the long one)
+        check_prefix(args.data_path)
+    else:
+        expand_inputs(args.input)
     infos = _read_checkpoints(args)
     _check_outputs(args, infos)
     info = infos[0]  # the model every checkpoint shares
@@ -154,16 +160,16 @@ def _run(args) -> None:
     tokenizer = checkpoint_info.load_tokenizer(infos, args.tokenizer_model)
     for each in infos:
         checkpoint_info.check_tokenizer(tokenizer, each)
-    if args.data_path:
-        corpus = token_stream.corpus_from_prefix(args.data_path, tokenizer, args.max_documents)
-        described = {"data_path": args.data_path}
-    else:
-        corpus = token_stream.corpus_from_files(args.input, tokenizer, json_keys[0], args.max_documents)
-        described = {"input": args.input, "json_key": json_keys[0]}
     with command.command_world(args.cpu) as world_size:
         checkpoint_info.check_world(world_size, tp, pp)
-        for each in infos:  # every checkpoint's files, before the model is built and the first evaluated
+        for each in infos:  # every checkpoint's files, before the corpus is tokenized and the model built
             check_files(each.path, args.checkpoint_verify)
+        if args.data_path:
+            corpus = token_stream.corpus_from_prefix(args.data_path, tokenizer, args.max_documents)
+            described = {"data_path": args.data_path}
+        else:
+            corpus = token_stream.corpus_from_files(args.input, tokenizer, json_keys[0], args.max_documents)
+            described = {"input": args.input, "json_key": json_keys[0]}
         model = checkpoint_info.build_model(info, tp, pp, bf16=False if args.fp32 else None, virtual_pipeline=virtual)
         layout = layout_of(tp, pp, world_size // (tp * pp), virtual)
         results = []

@@ -263,7 +263,12 @@ def test_output_json_replaces_nothing_it_reads(trained, tmp_path, capsys):
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
 
 
-def test_a_corrupt_later_checkpoint_is_found_before_the_first_is_evaluated(trained, tmp_path, capsys):
+def test_a_corrupt_later_checkpoint_is_found_before_the_first_is_evaluated(trained, tmp_path, capsys, monkeypatch):
+    """... and before the corpus is tokenized (minutes for a large one)."""
+    from megatron_patch.evaluation import token_stream
+
+    tokenized = []
+    monkeypatch.setattr(token_stream, "corpus_from_files", lambda *args: tokenized.append(args))
     copy = tmp_path / "corrupt"
     shutil.copytree(trained["final"], copy)
     shard = next(copy.glob("*.distcp"))
@@ -273,5 +278,5 @@ def test_a_corrupt_later_checkpoint_is_found_before_the_first_is_evaluated(train
     argv = ["--cpu", "--load", trained["patch"], copy, "--input", data, "--output-json", *outputs]
     code, out, err = call(evaluate, argv, capsys)
     assert_one_line_error(code, err, "manifest.json says")
-    assert str(copy) in err[0] and out == ""  # the first checkpoint was not evaluated
+    assert str(copy) in err[0] and out == "" and tokenized == []  # the first checkpoint was not evaluated
     assert not any(path.exists() for path in outputs) and not leftovers(tmp_path)
