@@ -48,7 +48,7 @@ class ModelSettings:
     recompute: str = "none"
     transformer_impl: str = "auto"  # auto | local | transformer_engine
     bias_swiglu_fusion: bool = False
-    rope_fusion: bool = False
+    rope_fusion: bool = False  # local layers: RoPE inside the SDPA core attention; TE: megatron's apply_rope_fusion
     cross_entropy_fusion: bool = False
     hidden_dropout: float = 0.0  # megatron's dropout after attention and MLP, and on the embeddings
     attention_dropout: float = 0.0  # on the attention probabilities
@@ -78,6 +78,7 @@ class ModelSettings:
             recompute=self.recompute,
             calculate_per_token_loss=True,
             bias_activation_fusion=self.bias_swiglu_fusion,  # megatron's fused SwiGLU (no biases here)
+            apply_rope_fusion=self.rope_fusion and self.transformer_impl == "transformer_engine",  # TE's kernel
             hidden_dropout=self.hidden_dropout,
             attention_dropout=self.attention_dropout,
             virtual_pipeline_model_parallel_size=self.virtual_pipeline_parallel,
@@ -98,7 +99,7 @@ def build_model(
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         use_transformer_engine=TRANSFORMER_IMPLS[settings.transformer_impl],
         vp_stage=vp_stage,
-        fused_rope=settings.rope_fusion,
+        fused_rope=settings.rope_fusion and settings.transformer_impl != "transformer_engine",
         fused_cross_entropy=settings.cross_entropy_fusion,
     )
     if not cpu:

@@ -39,17 +39,13 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def resolve_transformer_impl(transformer_impl: str, rope_fusion: bool = False) -> str:
+def resolve_transformer_impl(transformer_impl: str) -> str:
     """``--transformer-impl`` as the model will be built: "local" or "transformer_engine" ("auto":
     Transformer Engine when it imports, else local), decided when the flags are read.
 
     Raises ``ArgumentError`` (one line, with the fix) for Transformer Engine asked for where it does
-    not import, and for ``--rope-fusion`` (local spec only) with Transformer Engine, named or picked.
+    not import.
     """
-    if rope_fusion and transformer_impl == "transformer_engine":
-        raise ArgumentError(
-            "--rope-fusion is for --transformer-impl local (Transformer Engine fuses RoPE itself): drop one"
-        )
     available = transformer_engine_available()
     if transformer_impl == "transformer_engine" and not available:
         raise ArgumentError(
@@ -57,11 +53,6 @@ def resolve_transformer_impl(transformer_impl: str, rope_fusion: bool = False) -
             "transformer-engine[pytorch] or use --transformer-impl local (or auto)"
         )
     if transformer_impl == "auto":
-        if rope_fusion and available:
-            raise ArgumentError(
-                "--rope-fusion is for --transformer-impl local, and --transformer-impl auto picks Transformer "
-                "Engine here (it imports, and fuses RoPE itself): add --transformer-impl local or drop --rope-fusion"
-            )
         return "transformer_engine" if available else "local"
     if transformer_impl not in ("local", "transformer_engine"):
         raise ArgumentError(f"--transformer-impl {transformer_impl!r}: use auto, local or transformer_engine")
@@ -102,8 +93,8 @@ def get_layer_spec(
     if resolve_transformer_engine(use_transformer_engine):
         if fused_rope_base is not None:
             raise ValueError(
-                "fused RoPE in the core attention (--rope-fusion) is for the local spec: add "
-                "--transformer-impl local, or drop --rope-fusion with Transformer Engine"
+                "fused RoPE in the core attention is the local spec's; with Transformer Engine, megatron's "
+                "apply_rope_fusion fuses it (what ModelSettings sets for --rope-fusion)"
             )
         return get_gpt_layer_with_transformer_engine_spec()
     return get_local_layer_spec(fused_rope_base)

@@ -91,7 +91,7 @@ def make_config(
     _check_optimizer_and_data_flags(flags)
     _check_summary_json(flags.summary_json)
     _check_tensorboard_dir(flags.tensorboard_dir)
-    transformer_impl = resolve_transformer_impl(flags.transformer_impl, flags.rope_fusion)
+    transformer_impl = resolve_transformer_impl(flags.transformer_impl)
     plan = make_plan(
         patch_size=flags.patch_size,
         patch_data_fraction=flags.patch_data_fraction,

@@ -65,7 +65,8 @@ def build_parser() -> ArgumentParser:
         "--rope-fusion",
         action="store_true",
         help="apply RoPE inside the SDPA core attention as one torch.compile'd kernel "
-        "instead of megatron's unfused RoPE (local spec; same model and checkpoints)",
+        "instead of megatron's unfused RoPE (local spec; with Transformer Engine, megatron's apply_rope_fusion; "
+        "same model and checkpoints)",
     )
     model.add_argument(
         "--cross-entropy-fusion",

@@ -71,16 +71,22 @@ def test_transformer_engine_asked_for_where_it_does_not_import(tiny_corpus, caps
     assert config.flags["transformer_impl"] == "auto"  # what checkpoints record: the flag as given
 
 
-def test_rope_fusion_where_auto_picks_transformer_engine(tiny_corpus, capsys, monkeypatch):
-    """Where TE imports, --transformer-impl auto means TE, which --rope-fusion (local spec) does not
-    combine with: refused when the flags are read, not with a traceback at model build."""
+def test_rope_fusion_where_auto_picks_transformer_engine(tiny_corpus, monkeypatch):
+    """Where TE imports, --transformer-impl auto means TE, and --rope-fusion is megatron's own
+    ``apply_rope_fusion`` (TE's kernel) rather than the local spec's fused RoPE. TE does not import
+    here, so megatron's config refuses the setting: the proof that it reaches megatron."""
     monkeypatch.setattr(specs, "transformer_engine_available", lambda: True)
-    line = refused_line(capsys, trainer_args(tiny_corpus, None, "--rope-fusion"))
-    assert "--rope-fusion" in line and "--transformer-impl auto picks Transformer Engine" in line, line
-    assert "add --transformer-impl local" in line, line
+    for impl in ("auto", "transformer_engine"):
+        argv = trainer_args(tiny_corpus, None, "--rope-fusion", "--transformer-impl", impl)
+        model = parse_args(argv, world_size=1).model
+        assert model.transformer_impl == "transformer_engine" and model.rope_fusion
+        with pytest.raises(ValueError, match="apply_rope_fusion is not available"):
+            model.transformer_config(cpu=True)
+    unfused = parse_args(trainer_args(tiny_corpus, None), world_size=1).model
+    assert unfused.transformer_impl == "transformer_engine" and not unfused.transformer_config(True).apply_rope_fusion
     config = parse_args(trainer_args(tiny_corpus, None, "--rope-fusion", "--transformer-impl", "local"), world_size=1)
     assert config.model.transformer_impl == "local"
-    assert parse_args(trainer_args(tiny_corpus, None), world_size=1).model.transformer_impl == "transformer_engine"
+    assert not config.model.transformer_config(cpu=True).apply_rope_fusion  # the local spec fuses it in SDPA
 
 
 def test_async_save_without_save_is_one_line(tiny_corpus, capsys, tmp_path):

@@ -121,15 +121,6 @@ def test_rope_fusion_flag_builds_the_same_model(model_parallel, monkeypatch, tin
             torch.testing.assert_close(grads_fused[name], grad, rtol=1e-5, atol=1e-7, msg=f"K={patch_size} {name}")
 
 
-def test_rope_fusion_with_transformer_engine_is_refused(tiny_corpus):
-    from megatron_patch.errors import ArgumentError
-
-    with pytest.raises(ArgumentError, match="--rope-fusion is for --transformer-impl local"):
-        mh.trainer_config(
-            "--rope-fusion", "--transformer-impl", "transformer_engine", tokenizer_model=tiny_corpus["tokenizer"]
-        )
-
-
 @pytest.mark.gpu
 def test_compiled_apply_rotary_on_gpu_matches_megatron_in_bf16(world, monkeypatch):
     compiled = _compiled_apply_rotary(monkeypatch)
