@@ -74,7 +74,7 @@ class PatchGPTModel(GPTModel):
             decoder_input: ``[T, b, h]`` to skip the embedding (as in GPTModel).
             labels: last stage: ``[b, T, K]`` next-patch targets from ``loss.patch_targets`` (any
                 K, 1 included), or ``[b, s]`` token labels at K=1 as GPTModel takes them; other
-                shapes at K > 1 raise ValueError.
+                shapes raise ValueError.
             patch_size: K, tokens per decoder position of this batch.
 
         Returns:
@@ -82,8 +82,16 @@ class PatchGPTModel(GPTModel):
             logits ``[b, T, V/tp]``; other stages: hidden states ``[T, b, h]``.
         """
         self.check_patch_mode(patch_size)
+        targets_shaped = labels is not None and labels.dim() == 3 and labels.shape[-1] == patch_size
+        token_labels = labels is not None and labels.dim() == 2 and patch_size == 1  # GPTModel's [b, s]
+        if labels is not None and not (targets_shaped or token_labels):
+            raise ValueError(
+                f"labels of shape {list(labels.shape)} at patch_size K={patch_size}: patch mode takes next-patch "
+                f"targets [b, T, K={patch_size}]; build them from the token labels with "
+                f"megatron_patch.loss.patch_targets(labels, loss_mask, {patch_size})"
+            )
         if patch_size == 1:
-            per_target = labels is not None and labels.dim() == 3
+            per_target = targets_shaped
             # [b, s, 1] -> [b, s]: GPTModel's own labels, so K=1 is stock megatron bit for bit
             output = super().forward(
                 input_ids,
@@ -94,12 +102,6 @@ class PatchGPTModel(GPTModel):
                 **kwargs,
             )
             return output.unsqueeze(-1) if per_target and self.post_process else output  # [b, s] -> [b, s, 1]
-        if labels is not None and (labels.dim() != 3 or labels.shape[-1] != patch_size):
-            raise ValueError(
-                f"labels of shape {list(labels.shape)} at patch_size K={patch_size}: patch mode takes next-patch "
-                f"targets [b, T, K={patch_size}]; build them from the token labels with "
-                f"megatron_patch.loss.patch_targets(labels, loss_mask, {patch_size})"
-            )
         if decoder_input is None and self.pre_process:
             token_embeddings = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [K*T, b, h]
             decoder_input = aggregate_patches(

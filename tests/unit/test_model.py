@@ -152,6 +152,9 @@ def test_bad_settings_fail_with_one_line_errors(model_parallel):
     for labels in (batch["labels"], batch["labels"].view(2, T, 4)[..., :2]):
         with pytest.raises(ValueError, match=r"labels of shape \[2, (64|16, 2)\] at patch_size K=4: .*patch_targets"):
             model(batch["tokens"], None, None, labels=labels, patch_size=4)
+    k4_targets = batch["labels"].view(2, T, 4)  # [b, K*T] -> [b, T, K]: K=4 targets given at K=1
+    with pytest.raises(ValueError, match=r"labels of shape \[2, 16, 4\] at patch_size K=1"):
+        model(batch["tokens"][:, :T], None, None, labels=k4_targets, patch_size=1)
     preset = get_preset("tiny")
     with pytest.raises(ValueError, match="does not divide the 4 attention heads") as error:
         transformer_config(preset, tensor_parallel=3)
