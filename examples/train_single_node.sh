@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Both stages of patch-level training on one node of 8 GPUs with torchrun.
+# Both stages of patch-level training on one node with torchrun: one worker per GPU of
+# CUDA_VISIBLE_DEVICES (8 when it is not set; GPUS=N wins).
 #
 #   MODEL=370m DATA=data/train_text_document TOKENIZER=tokenizers/spm32k.model \
 #   SAVE=checkpoints/370m-patch bash examples/train_single_node.sh [more trainer flags]
@@ -9,6 +10,10 @@
 # trainer flags after the script name override them. Re-running the same command resumes.
 set -euo pipefail
 MODEL=${MODEL:-370m}
+if [[ -z ${GPUS:-} && -n ${CUDA_VISIBLE_DEVICES:-} ]]; then  # e.g. a SLURM allocation of fewer GPUs
+  visible_commas=${CUDA_VISIBLE_DEVICES//[^,]/}
+  GPUS=$(( ${#visible_commas} + 1 ))
+fi
 GPUS=${GPUS:-8}
 
 # recommended layouts on 80 GB H100s (bf16, distributed optimizer; see README "Presets"); TP, PP
@@ -24,7 +29,10 @@ case "$MODEL" in
 esac
 source examples/train_args.sh
 
-# a SIGTERM (scancel, a SLURM time limit) gives the workers this long to save before torchrun kills them
+# a SIGTERM to torchrun gives the workers this long to save before it kills them. Under sbatch, ask
+# for it before the time limit with #SBATCH --signal=B:TERM@300 (B: the batch shell, which exec made
+# torchrun), or by hand with scancel --signal=TERM --full JOB; a time limit or a plain scancel
+# without it kills everything SLURM's KillWait (30 s) after its SIGTERM
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-270}
 mkdir -p "$SAVE"
 exec torchrun --standalone --nproc_per_node="$GPUS" examples/pretrain_patch_gpt.py \

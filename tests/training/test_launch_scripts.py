@@ -41,7 +41,7 @@ def _inherited() -> dict:
     """This process's environment less what the scripts read (so that a SLURM job or a shell with
     GBS set, say, does not change what the tests expect)."""
     read = ("TP", "PP", "MBS", "GBS", "GPUS", "GPUS_PER_NODE", "SEQ_LENGTH", "TRAIN_TOKENS")
-    read += ("MASTER_ADDR", "MASTER_PORT")
+    read += ("MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
     return {k: v for k, v in os.environ.items() if k not in read and not k.startswith(("SLURM_", "SRUN_"))}
 
 
@@ -203,13 +203,21 @@ def test_the_slurm_script_s_micro_batch_divides_each_rank_s_patch_sequences(
 
 
 def test_the_slurm_script_takes_its_gpus_and_cpus_from_slurm_and_refuses_a_bad_number(tmp_path):
-    slurm = dict(SCRIPTS["train_multi_node.sbatch"][1], SLURM_GPUS_PER_NODE="h100:4", SLURM_CPUS_PER_TASK="32")
+    slurm = dict(SCRIPTS["train_multi_node.sbatch"][1], SLURM_GPUS_PER_NODE="h100:4", SLURM_CPUS_ON_NODE="96")
     words = _launched_argv("train_multi_node.sbatch", "2.7b", tmp_path, slurm, "spm.model")
     assert "--nproc-per-node=4" in words
-    assert (tmp_path / "2.7b.argv.cpus").read_text() == "32"  # srun of Slurm >= 22.05 is told again
+    # every CPU of the node to the one task (srun of Slurm >= 22.05 would give it one)
+    assert (tmp_path / "2.7b.argv.cpus").read_text() == "96"
     done, _ = _run_script("train_multi_node.sbatch", "2.7b", tmp_path, dict(slurm, GBS="1024 "), "spm.model")
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == "GBS=1024  must be a positive whole number"
     done, _ = _run_script("train_multi_node.sbatch", "2.7b", tmp_path, dict(slurm, TP="3"), "spm.model")
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
         "TP=3 x PP=1 does not divide the 32 GPUs of 8 nodes of 4"
     )
+
+
+def test_the_single_node_script_starts_one_worker_per_visible_gpu(tmp_path):
+    words = _launched_argv("train_single_node.sh", "370m", tmp_path, {"CUDA_VISIBLE_DEVICES": "2,3,5"}, "spm.model")
+    assert "--nproc_per_node=3" in words
+    words = _launched_argv("train_single_node.sh", "370m", tmp_path, {}, "spm.model")
+    assert "--nproc_per_node=8" in words

@@ -35,7 +35,11 @@ status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
 exit $status
 """
-SCONTROL = "#!/usr/bin/env bash\necho 127.0.0.1\n"
+SCONTROL = """#!/usr/bin/env bash
+# stand-in for scontrol: the first node is this machine; what it is asked is recorded
+echo "$*" >> "$SCONTROL_LOG"
+echo 127.0.0.1
+"""
 # 3 steps of 16 x 32 tokens: 2 patch steps (4 sequences of 4 x 32 tokens), 1 token step
 SIZES = {
     "MODEL": "tiny",
@@ -67,11 +71,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_sbatch(tmp_path, name, corpus, nodes, gpus_per_node):
+def run_sbatch(tmp_path, name, corpus, nodes, gpus_per_node, srun=SRUN):
     """Run the SLURM script as sbatch would on ``nodes`` nodes; returns (exit code, node logs)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for tool, body in (("srun", SRUN), ("scontrol", SCONTROL)):
+    for tool, body in (("srun", srun), ("scontrol", SCONTROL)):
         (bin_dir / tool).write_text(body)
         (bin_dir / tool).chmod((bin_dir / tool).stat().st_mode | stat.S_IXUSR)
     env = dict(
@@ -87,6 +91,7 @@ def run_sbatch(tmp_path, name, corpus, nodes, gpus_per_node):
         GPUS_PER_NODE=str(gpus_per_node),
         MASTER_PORT=str(free_port()),
         NODE_LOG_PREFIX=str(tmp_path / f"{name}-node"),
+        SCONTROL_LOG=str(tmp_path / "scontrol.log"),
         OMP_NUM_THREADS="1",
         TORCHDYNAMO_DISABLE="1",
         PYTHONUNBUFFERED="1",
@@ -99,7 +104,9 @@ def run_sbatch(tmp_path, name, corpus, nodes, gpus_per_node):
         text=True,
         timeout=900,
     )
-    logs = "".join((tmp_path / f"{name}-node{node}.log").read_text() for node in range(nodes))
+    logs = "".join(
+        log.read_text() for log in (tmp_path / f"{name}-node{node}.log" for node in range(nodes)) if log.exists()
+    )
     return done.returncode, done.stderr + logs
 
 
@@ -126,3 +133,48 @@ def test_two_torchrun_agents_give_the_losses_of_one(tiny_corpus, tmp_path):
     for iteration in two:  # bit for bit: the same ranks do the same arithmetic over gloo
         assert two[iteration]["loss"] == one[iteration]["loss"], iteration
         assert two[iteration]["grad_norm"] == one[iteration]["grad_norm"], iteration
+
+
+# stand-in for srun that runs no trainer: the step ends with status $STEP_STATUS, having saved
+# iteration $STEP_SAVES (none when empty), as a pre-empted run (torchrun exits 1 after a signal even
+# when its workers saved and exited 0) or a crash would
+SRUN_OUTCOME = """#!/usr/bin/env bash
+if [[ -n $STEP_SAVES ]]; then echo "$STEP_SAVES" > "$SAVE/latest_checkpointed_iteration.txt"; fi
+exit "$STEP_STATUS"
+"""
+
+
+@pytest.mark.parametrize(
+    "saved_before, step_saves, step_status, requeued, job_status",
+    [
+        ("", "40", 1, True, 0),  # pre-empted at the time limit after its save: requeued to go on
+        ("40", "80", 1, True, 0),  # the next window, likewise
+        ("40", "", 1, False, 1),  # failed before saving anything new: ends, with the failure
+        ("40", "80", 0, False, 0),  # finished
+        ("", "", 2, False, 2),  # refused its flags
+    ],
+)
+def test_a_step_that_saved_then_stopped_requeues_the_job(
+    tiny_corpus, tmp_path, monkeypatch, saved_before, step_saves, step_status, requeued, job_status
+):
+    save = tmp_path / "run"
+    save.mkdir()
+    if saved_before:
+        (save / "latest_checkpointed_iteration.txt").write_text(saved_before + "\n")
+    monkeypatch.setenv("STEP_SAVES", step_saves)
+    monkeypatch.setenv("STEP_STATUS", str(step_status))
+    code, output = run_sbatch(tmp_path, "run", tiny_corpus, nodes=2, gpus_per_node=2, srun=SRUN_OUTCOME)
+    assert code == job_status, output
+    asked = (tmp_path / "scontrol.log").read_text().splitlines()
+    assert asked[0] == "show hostnames node[001-002]"
+    assert asked[1:] == ([f"requeue run-{os.getpid()}"] if requeued else []), asked
+    if requeued:
+        assert f"after saving iteration {step_saves} in {save}: requeueing job run-{os.getpid()}" in output, output
+
+
+def test_requeue_can_be_turned_off(tiny_corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("STEP_SAVES", "40")
+    monkeypatch.setenv("STEP_STATUS", "1")
+    monkeypatch.setenv("REQUEUE", "0")
+    code, output = run_sbatch(tmp_path, "run", tiny_corpus, nodes=2, gpus_per_node=2, srun=SRUN_OUTCOME)
+    assert code == 1 and "requeue" not in (tmp_path / "scontrol.log").read_text(), output
