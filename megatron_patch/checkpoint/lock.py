@@ -8,7 +8,9 @@ kill -9 included; the trainer's forked helpers (checkpoint writers, data workers
 records the holder (host, pid, start time) for the message the second writer prints, and is
 removed on release. ``flock`` is exclusive between the processes of one machine and, on a shared
 file system, as far as that file system implements it (NFSv4 and Lustre mounted with ``flock``
-do); across nodes of a file system that does not, the lock only guards the node it runs on.
+do); across nodes of a file system that does not, the lock only guards the node it runs on. On
+one that refuses ``flock`` outright (Lustre mounted ``noflock``, NFS without its lock service) the
+run goes on unguarded, with a warning.
 
 A node that fails outright (a crash, a power loss) cannot release its lock: the file system keeps
 it until the node's lease runs out (about 90 s on NFSv4, the client's eviction on Lustre), and a
@@ -21,6 +23,7 @@ the wait), with the same one-line refusal naming what stopped it.
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -38,6 +41,7 @@ logger = logging.getLogger(__name__)
 LOCK = ".lock"
 RETRY_S = 5.0  # between two tries while the holder is another host
 STOP_POLL_S = 0.25  # how often a stop is looked for during that pause
+NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP)  # the file system has no flock
 
 
 class SaveDirLock:
@@ -64,9 +68,37 @@ class SaveDirLock:
 
     def acquire(self) -> "SaveDirLock":
         os.makedirs(self.root, exist_ok=True)
-        started = time.monotonic()
-        report_at = started
-        while (fd := self._try_lock()) is None:
+        try:
+            fd = self._try_lock()
+        except OSError as error:
+            if error.errno not in NO_FLOCK:
+                raise
+            logger.warning(
+                "--save %s: its file system does not lock files (flock: %s), so nothing stops a second trainer "
+                "from writing into it: run one trainer per --save folder",
+                self.root,
+                error.strerror or error,
+            )
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+            return self
+        if fd is None:
+            fd = self._wait_for_lock()
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime()),
+        }
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode())
+        self._fd = fd
+        return self
+
+    def _wait_for_lock(self) -> int:
+        """Try again every :data:`RETRY_S` while the holder is another host, up to ``wait_seconds``
+        or a stop: the locked descriptor, or the one-line CheckpointError naming the holder."""
+        started = report_at = time.monotonic()
+        while True:
             holder = self._holder()
             described = f"host {holder['host']}, pid {holder['pid']}" if holder else "holder unknown"
             waited = time.monotonic() - started
@@ -93,15 +125,8 @@ class SaveDirLock:
                 )
                 report_at += 60.0
             self._pause(min(RETRY_S, self.wait_seconds - waited))
-        info = {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime()),
-        }
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(info).encode())
-        self._fd = fd
-        return self
+            if (fd := self._try_lock()) is not None:
+                return fd
 
     def _pause(self, seconds: float) -> None:
         """Sleep ``seconds``, or less once a stop is asked for."""
@@ -118,6 +143,9 @@ class SaveDirLock:
             except BlockingIOError:
                 os.close(fd)
                 return None
+            except OSError:  # no flock on this file system (NO_FLOCK), or another failure
+                os.close(fd)
+                raise
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:

@@ -3,6 +3,7 @@ holder; one whose holder is on another host (a failed node's lock, held until th
 lease runs out) waits up to --save-lock-wait, then runs or fails; the lock dies with its holder
 (kill -9 included) and leaves no file after a release."""
 
+import errno
 import json
 import os
 import signal
@@ -132,3 +133,21 @@ def test_a_stop_signal_ends_the_wait_for_a_lock(cpu_world, tiny_corpus, tmp_path
 def test_a_negative_lock_wait_is_refused(cpu_world, tiny_corpus, tmp_path, capsys, value):
     line = refused_line(capsys, trainer_args(tiny_corpus, tmp_path / "save", "--save-lock-wait", value))
     assert line == f"error: --save-lock-wait {float(value)} must be a number of seconds >= 0", line
+
+
+def test_a_file_system_without_flock_trains_unguarded_with_a_warning(
+    cpu_world, tiny_corpus, tmp_path, caplog, monkeypatch
+):
+    """Lustre mounted noflock, NFS without its lock service: flock fails with ENOLCK or ENOSYS,
+    which is no reason to refuse the run; it goes on with a warning and leaves no lock file."""
+    from megatron_patch.checkpoint import lock
+    from megatron_patch.training import cli
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(lock.fcntl, "flock", no_flock)
+    save = tmp_path / "save"
+    assert cli.main(trainer_args(tiny_corpus, save, "--eval-iters", "0", train_iters=2)) == 0
+    assert f"--save {save}: its file system does not lock files (flock: No locks available)" in caplog.text
+    assert folders.tracker_value(str(save)) == 2 and not (save / LOCK).exists()
