@@ -39,13 +39,15 @@ def init_distributed(cpu: bool, timeout_minutes: int = 30) -> None:
         raise ArgumentError("no CUDA device found: run with --cpu for CPU mode (gloo), or on a GPU node")
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
-        # `srun python ...`, one task per GPU: SLURM's variables name the rank
+    if "RANK" not in os.environ and "SLURM_STEP_NUM_TASKS" in os.environ and "MASTER_ADDR" in os.environ:
+        # `srun python ...`, one task per GPU: SLURM's variables of the step name the rank (a batch
+        # script's own shell has SLURM_PROCID and SLURM_NTASKS but no step: a python run there is alone)
         os.environ.update(
             RANK=os.environ["SLURM_PROCID"],
-            WORLD_SIZE=os.environ["SLURM_NTASKS"],
+            WORLD_SIZE=os.environ["SLURM_STEP_NUM_TASKS"],
             LOCAL_RANK=os.environ["SLURM_LOCALID"],
         )
+        os.environ.setdefault("MASTER_PORT", "29500")
     backend = "gloo" if cpu else "nccl"
     timeout = timedelta(minutes=timeout_minutes)
     if "RANK" not in os.environ:
@@ -56,8 +58,8 @@ def init_distributed(cpu: bool, timeout_minutes: int = 30) -> None:
         store = dist.HashStore()
         dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
         return
-    if not cpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not cpu:  # modulo: a task that sees only its own GPU (srun --gpus-per-task=1) takes device 0
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     dist.init_process_group(backend=backend, timeout=timeout)
 
 
