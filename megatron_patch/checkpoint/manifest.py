@@ -123,15 +123,19 @@ def read_manifest(folder: str) -> Optional[dict]:
 
 
 def check_file(folder: str, name: str, entry: dict, with_checksum: bool = True) -> Optional[str]:
-    """A one-line description of how ``folder/name`` differs from its manifest ``entry``, or None."""
+    """A one-line description of how ``folder/name`` differs from its manifest ``entry`` (or why it
+    cannot be read: an I/O error, no permission), or None."""
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         return f"{path} is missing (listed in {MANIFEST})"
-    size = os.path.getsize(path)
+    try:
+        size = os.path.getsize(path)
+        crc = crc32_of(path) if with_checksum and size == int(entry["size"]) else None
+    except OSError as error:
+        return f"{path} cannot be read ({error.strerror or error})"
     if size != int(entry["size"]):
         return f"{path} has {size} bytes, {MANIFEST} says {entry['size']} (truncated or replaced)"
-    if with_checksum:
-        crc = crc32_of(path)
+    if crc is not None:
         if crc != int(entry["crc32"]):
             return (
                 f"{path} has CRC-32 {crc:08x}, {MANIFEST} says {int(entry['crc32']):08x} (same size: overwritten bytes)"

@@ -4,6 +4,7 @@ convert_checkpoint, evaluate and export_hf with one line that names the file, be
 dist_checkpointing reads it; nothing is left behind. A checkpoint without a manifest (written
 before manifests existed) still loads, with a warning."""
 
+import errno
 import json
 import logging
 import os
@@ -87,6 +88,25 @@ def test_damaged_checkpoint_is_one_line_naming_the_file(trained, tmp_path, capsy
     code, _, err = call(tool, argv, capsys)
     assert_one_line_error(code, err, expected)
     assert os.path.join(str(source), name) in err[0]
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("tool", [convert_checkpoint, evaluate], ids=lambda t: t.__name__.split(".")[-1])
+def test_a_shard_that_cannot_be_read_is_one_line_naming_it(trained, tmp_path, capsys, monkeypatch, tool):
+    """An I/O error (a failing disk, a lost network mount) while a shard is checksummed."""
+    source = trained["patch" if tool is convert_checkpoint else "final"]
+    shard = os.path.join(source, _shard(source))
+    crc32_of = manifest.crc32_of
+
+    def failing_read(path):
+        if path == shard:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        return crc32_of(path)
+
+    monkeypatch.setattr(manifest, "crc32_of", failing_read)
+    argv, out = _argv(tool, source, tmp_path)
+    code, _, err = call(tool, argv, capsys)
+    assert_one_line_error(code, err, f"{shard} cannot be read (Input/output error): the checkpoint is corrupt")
     assert not out.exists() and not leftovers(tmp_path)
 
 
