@@ -38,6 +38,9 @@ PLAN_FLAGS = (
     "stage_split",
     "seed",  # the order of the samples, which consumed_samples counts along
 )
+# the form of the optimizer's saved state (fp32 main parameters of bf16 weights; sharded over the
+# data-parallel ranks or not), which a resume cannot convert
+STATE_FLAGS = ("bf16", "use_distributed_optimizer")
 # the corpus, per prefix of --data-path (the trainer records them): what identifies it on any path
 CORPUS_FLAGS = ("data_documents", "data_tokens", "data_lengths_sha256")
 # what a resume takes from the checkpoint's optimizer and scheduler state, whatever the flags say
@@ -200,8 +203,9 @@ def checkpoint_to_resume(checkpoints: CheckpointSettings) -> Optional[str]:
 
 def check_resumed_checkpoint(flags: dict, load: str, meta: dict, stage_names: List[str]) -> None:
     """CheckpointError unless the checkpoint ``--load`` names can resume this run: a trainer's
-    checkpoint (not the conversion tool's weights), of the same tokenizer, plan and optimizer
-    settings, and of one of this run's stages."""
+    checkpoint (not the conversion tool's weights), of the same tokenizer, plan, optimizer settings
+    and optimizer state form (``--bf16``, ``--use-distributed-optimizer``), and of one of this run's
+    stages."""
     if "conversion" in meta:
         raise CheckpointError(
             f"--load {load} is the conversion tool's output (weights only, no optimizer state): start the "
@@ -211,7 +215,7 @@ def check_resumed_checkpoint(flags: dict, load: str, meta: dict, stage_names: Li
     check_same_flags(
         flags,
         meta,
-        PLAN_FLAGS + OPTIMIZER_FLAGS,
+        PLAN_FLAGS + OPTIMIZER_FLAGS + STATE_FLAGS,
         "--load checkpoint",
         "resume with the same value (start a new --save directory to change it)",
     )

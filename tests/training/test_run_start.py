@@ -137,6 +137,8 @@ def test_a_failed_start_leaves_no_save_folder(cpu_world, tiny_corpus, tmp_path, 
         "rollback_into_the_same_save",
         "rollback_with_a_trailing_slash",
         "changed_lr",
+        "changed_optimizer_sharding",
+        "changed_dtype",
         "save_is_a_checkpoint",
         "save_is_a_file",
         "metadata_not_an_object",
@@ -229,6 +231,12 @@ def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_pat
     elif case == "changed_lr":  # the loaded optimizer would keep the old peak learning rate
         argv = trainer_args(tiny_corpus, run, "--load", str(run), "--lr", "1e-4", train_iters=3)
         expected = "was written with --lr 0.003, this run has 0.0001: resume with the same value"
+    elif case == "changed_optimizer_sharding":  # the saved optimizer state has the other form
+        argv = trainer_args(tiny_corpus, run, "--load", str(run), "--use-distributed-optimizer", train_iters=3)
+        expected = "was written with --use-distributed-optimizer False, this run has True: resume with the same value"
+    elif case == "changed_dtype":  # bf16 keeps fp32 main parameters in the optimizer state, fp32 none
+        argv = trainer_args(tiny_corpus, run, "--load", str(run), "--bf16", train_iters=3)
+        expected = "was written with --bf16 False, this run has True: resume with the same value"
     elif case == "save_is_a_checkpoint":  # a resume would later read this checkpoint's own metadata
         argv = trainer_args(tiny_corpus, folders.checkpoint_dir(str(run), 3), train_iters=3)
         expected = "is one checkpoint (it holds megatron_patch.json), not a --save folder"
