@@ -308,6 +308,7 @@ def _publish(root, partial_dir, final, iteration, keep_last, retain) -> None:
     """Rename the complete ``partial_dir`` into place, point the tracker at it, then remove killed
     saves and prune (rank 0's work)."""
     os.replace(partial_dir, final)
+    atomic_file.sync_folder(root)  # the rename on disk before the tracker names it
     atomic_file.write_text(os.path.join(root, TRACKER), f"{iteration}\n")
     remove_partial_saves(root)
     prune(root, keep_last, retain)

@@ -5,11 +5,13 @@ manifest, the metrics summary, a tool's ``--output-json``, a benchmark's JSON) g
 :func:`write_text` or :func:`write_json`, so a reader sees the old file, or the complete new
 one, never a half-written one: the text is written to ``.NAME.PID@HOST.tmp`` in the target's
 folder (the same file system, so ``os.replace`` is atomic), flushed to disk, and renamed over
-``NAME``. A failed write removes its temporary file. One left by a process killed outright
+``NAME``, and the folder is flushed too (the rename survives a power loss). A failed write removes
+its temporary file. One left by a process killed outright
 (kill -9) is removed by the next write of the same file from the same host, once its process
 has exited; a temporary file of another host (a shared file system) is never touched.
 """
 
+import errno
 import json
 import os
 import socket
@@ -66,10 +68,24 @@ def write_with(path: str, write: Callable[[str], None]) -> None:
         with open(partial, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(partial, path)
+        sync_folder(folder)
     except BaseException:
         if os.path.exists(partial):
             os.remove(partial)
         raise
+
+
+def sync_folder(folder: str) -> None:
+    """Flush ``folder``'s entries (the names renamed or created in it) to disk, where the file system
+    can (some refuse a folder's fsync: EINVAL, then nothing more can be done)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str, text: str) -> None:

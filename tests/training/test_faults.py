@@ -195,6 +195,30 @@ def test_interrupted_save_leaves_previous_checkpoint(world, model_parallel, tiny
     assert not [name for name in os.listdir(save) if name.endswith(".tmp")], os.listdir(save)
 
 
+def test_a_saved_checkpoint_is_on_disk_before_the_tracker_names_it(cpu_world, tiny_corpus, tmp_path, monkeypatch):
+    """Every file of a checkpoint is flushed to disk (megatron leaves common.pt and metadata.json
+    in the page cache), and so is the --save folder after the checkpoint's rename and before the
+    tracker's: after a power loss the tracker never names a checkpoint the disk lacks."""
+    from megatron_patch.checkpoint import manifest
+    from megatron_patch.training import cli
+
+    synced = []  # the paths fsync was called on, in order
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    save = tmp_path / "run"
+    assert cli.main(trainer_args(tiny_corpus, save, "--eval-iters", "0", train_iters=2)) == 0
+    final = folders.checkpoint_dir(str(save), 2)
+    for name in manifest.read_manifest(final):
+        assert os.path.join(final + ".tmp", name) in synced, name
+    tracker_written = max(i for i, path in enumerate(synced) if os.path.basename(path).startswith(".latest_"))
+    assert synced[tracker_written - 1] == str(save), synced  # the folder, with the checkpoint's new name
+
+
 @pytest.mark.parametrize("failing", [full_disk_in, metadata_write_fails_in], ids=["shards", "metadata"])
 def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(
     cpu_world, tiny_corpus, tmp_path, monkeypatch, capsys, failing
