@@ -11,7 +11,9 @@ A checkpoint is written to ``iter_N.tmp`` and renamed to ``iter_N`` only after e
 finished; the tracker is then replaced atomically. An interrupted save therefore leaves the
 previous checkpoint and a tracker pointing to it; a kill between the rename and the tracker
 write leaves a complete ``iter_N`` newer than the tracker, which resuming takes (and the next
-save's tracker write names). Existing complete checkpoints are never overwritten. Loading checks
+save's tracker write names). Every file of the checkpoint, and the ``--save`` folder after the
+rename, are flushed to disk before the tracker is written, so a power loss cannot leave a tracker
+naming a checkpoint the disk lacks. Existing complete checkpoints are never overwritten. Loading checks
 the files against the manifest first (``verify=False`` skips that).
 
 Data-parallel replicas hold the same model weights (and, without the distributed optimizer, the
