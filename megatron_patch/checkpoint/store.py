@@ -411,6 +411,14 @@ def load_checkpoint(
     if optimizer is not None:
         _check_optimizer_layout(ckpt, meta, layout_record(model), optimizer)
     with_rng = restore_rng and same_layout
+    if restore_rng and not same_layout and (not dist.is_initialized() or dist.get_rank() == 0):
+        logger.info(
+            "%s was saved at %s, this run is at %s: the RNG states (one per rank) are not restored, so dropout "
+            "draws other masks than the uninterrupted run would",
+            ckpt,
+            describe_layout(meta.get("layout") or {}),
+            describe_layout(layout_record(model)),
+        )
     if optimizer is not None:
         prepare_optimizer_state_for_loading(optimizer)
     request = _sharded_state(model, optimizer, scheduler, with_rng=with_rng, is_loading=True)
