@@ -171,6 +171,11 @@ def checkpoint_to_resume(checkpoints: CheckpointSettings) -> Optional[str]:
         if not save:
             return found
         if os.path.realpath(os.path.dirname(found)) != os.path.realpath(save):
+            if saved is not None and _started_from(save, load):
+                raise CheckpointError(
+                    f"--save {save} already holds this run's checkpoints (latest iteration {saved}; it started "
+                    f"from --load {load}): pass --load {save} to resume it"
+                )
             if saved is not None:
                 raise CheckpointError(
                     f"--save {save} already holds checkpoints of another run (latest iteration {saved}) than "
@@ -199,6 +204,16 @@ def checkpoint_to_resume(checkpoints: CheckpointSettings) -> Optional[str]:
             f"resume, or use an empty directory"
         )
     return None
+
+
+def _started_from(save: str, load: str) -> bool:
+    """True when the latest checkpoint of ``save`` belongs to a run that started from ``--load load``
+    (a re-run of the command that forked a run from another's checkpoint)."""
+    try:
+        recorded = ckpt.read_metadata(folders.resolve_checkpoint(save)).get("args", {}).get("load")
+    except CheckpointError:
+        return False
+    return isinstance(recorded, str) and os.path.realpath(recorded) == os.path.realpath(load)
 
 
 def check_resumed_checkpoint(flags: dict, load: str, meta: dict, stage_names: List[str]) -> None:

@@ -135,6 +135,7 @@ def test_a_failed_start_leaves_no_save_folder(cpu_world, tiny_corpus, tmp_path, 
         "pretrained_other_budget",
         "pretrained_other_tokenizer",
         "rollback_into_the_same_save",
+        "rerun_of_a_fork",
         "rollback_with_a_trailing_slash",
         "changed_lr",
         "changed_optimizer_sharding",
@@ -222,6 +223,15 @@ def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_pat
         argv = trainer_args(tiny_corpus, None, "--stage", "token", "--pretrained-checkpoint", boundary, train_iters=3)
         argv[argv.index("--tokenizer-model") + 1] = str(other) + ".model"
         expected = "was trained with another tokenizer"
+    elif case == "rerun_of_a_fork":  # a requeue of `--load RUN/iter_2 --save FORK`: FORK's checkpoints are its own
+        fork, boundary = tmp_path / "fork", folders.checkpoint_dir(str(run), 2)
+        argv = trainer_args(tiny_corpus, fork, "--load", boundary, "--eval-iters", "0", train_iters=3)
+        assert cli.main(argv) == 0
+        capsys.readouterr()
+        expected = (
+            f"--save {fork} already holds this run's checkpoints (latest iteration 3; it started from --load "
+            f"{boundary}): pass --load {fork} to resume it"
+        )
     elif case == "rollback_into_the_same_save":  # it would keep the old iteration 3 and prune its own
         argv = trainer_args(tiny_corpus, run, "--load", folders.checkpoint_dir(str(run), 2), train_iters=3)
         expected = "is iteration 2 but --save " + str(run) + " also holds the later checkpoints 3"
