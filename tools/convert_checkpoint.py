@@ -12,7 +12,8 @@ is read from the source's metadata. Run it at the target world size (any multipl
 then start the token stage with ``--stage token --pretrained-checkpoint runs/token-start``. The tool
 checks its output (logits of the converted checkpoint at the target layout against the source's
 at TP=1 PP=1; max absolute difference printed, exit 1 beyond ``--tolerance``) before renaming it
-into place. Exit codes: 0 ok, 1 check failed, 2 bad input.
+into place. Exit codes: 0 ok, 1 check failed, 2 bad input or a failed write (a full disk, a folder
+without permission: one line naming --save, the cause and the fix; --save is left as it was).
 
 A converted checkpoint converts again (to change its layout): the output keeps its patch-stage
 source's record. A token-stage source (``--load`` of a two-stage run's root names its final

@@ -23,8 +23,13 @@ The converted checkpoint checks itself before it is renamed into place: the logi
 source loaded at TP=1 PP=1 (the reference: every rank holds the whole model, in fp32) and the
 logits of the converted checkpoint re-read from disk at the target layout (fp32) must agree on a
 fixed batch within ``tolerance`` (max absolute difference).
+
+A write that fails (a full disk, a folder without permission: in megatron's write of the shards,
+the manifest, the metadata, the tracker or the final rename) is one CheckpointError, the same on
+every rank; the staged folder is removed and ``--save`` is left as it was.
 """
 
+import contextlib
 import logging
 import os
 import time
@@ -33,15 +38,17 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_patch.architecture.build import padded_vocab_size
 from megatron_patch.checkpoint import folders, manifest
 from megatron_patch.checkpoint import info as checkpoint_info
 from megatron_patch.checkpoint import store as ckpt
-from megatron_patch.errors import ArgumentError, CheckpointError, VerificationError
+from megatron_patch.errors import ArgumentError, CheckpointError, VerificationError, last_line
 from megatron_patch.evaluation.logits import fixed_tokens, forward_logits
 from megatron_patch.runtime import atomic_file
 from megatron_patch.runtime.parallel import collective_device
+from megatron_patch.runtime.rank_zero import on_rank_zero
 from megatron_patch.runtime.staged_folder import StagedFolder, check_output_folder
 
 logger = logging.getLogger(__name__)
@@ -195,11 +202,38 @@ def _verify(plan: ConversionPlan, converted: str) -> float:
     return difference.item()
 
 
+@contextlib.contextmanager
+def _writing(save: str):
+    """Around writes of the output ``save``: an ``OSError`` or torch's CheckpointException (a full
+    disk, a folder without permission) becomes the one-line CheckpointError naming ``save``, the
+    cause and the fix. Rank 0's writes go through ``on_rank_zero`` and megatron's save fails on
+    every rank, so every rank raises it (none is left waiting)."""
+    try:
+        yield
+    except (OSError, CheckpointException) as error:  # torch's CheckpointException is a BaseException
+        raise CheckpointError(
+            f"writing the converted checkpoint {save} failed ({last_line(error)}): {save} is left as it was; "
+            f"free space (or fix permissions) in {os.path.dirname(save)}, then run the conversion again"
+        ) from None
+
+
+def _write_metadata(checkpoint: str, meta: dict) -> None:
+    """Write ``checkpoint``'s ``megatron_patch.json`` (rank 0's work)."""
+    atomic_file.write_json(os.path.join(checkpoint, folders.METADATA), meta, sort_keys=True)
+
+
+def _write_records(root: str, checkpoint: str, meta: dict) -> None:
+    """Write ``checkpoint``'s metadata and ``root``'s tracker naming iteration 0 (rank 0's work)."""
+    _write_metadata(checkpoint, meta)
+    atomic_file.write_text(os.path.join(root, folders.TRACKER), "0\n")
+
+
 def convert(plan: ConversionPlan) -> ConversionResult:
     """Reshard ``plan.source``'s weights to the target layout, check them, publish ``plan.save``.
 
     Collective: every rank of the world calls it. Raises VerificationError (nothing written)
-    when the logits differ by more than the tolerance.
+    when the logits differ by more than the tolerance, and CheckpointError (the same on every
+    rank, nothing written) when a write of the output fails (:func:`_writing`).
     """
     start = time.perf_counter()
     world_size = dist.get_world_size()
@@ -223,22 +257,18 @@ def convert(plan: ConversionPlan) -> ConversionResult:
         )
     with StagedFolder(plan.save, force=plan.force, check_replace=plan.check_replaceable) as staged:
         partial_ckpt = folders.checkpoint_dir(staged.path, 0)
-        if dist.get_rank() == 0:
-            os.makedirs(partial_ckpt)
-        dist.barrier()
         model = checkpoint_info.build_model(
             source, plan.tensor_parallel, plan.pipeline_parallel, virtual_pipeline=plan.virtual_pipeline
         )
         checkpoint_info.load_weights(model, source, verify=plan.verify)
-        ckpt.write_sharded(ckpt.model_sharded_state(model), partial_ckpt)
-        del model
-        dist.barrier()
-        manifest.write_manifest(partial_ckpt)  # collective: each rank checksums its own shards
         meta = _metadata(plan, world_size)
-        if dist.get_rank() == 0:
-            atomic_file.write_json(os.path.join(partial_ckpt, folders.METADATA), meta, sort_keys=True)
-            atomic_file.write_text(os.path.join(staged.path, folders.TRACKER), "0\n")
-        dist.barrier()
+        with _writing(plan.save):
+            on_rank_zero(os.makedirs, partial_ckpt)
+            ckpt.write_sharded(ckpt.model_sharded_state(model), partial_ckpt)
+            del model
+            dist.barrier()
+            manifest.write_manifest(partial_ckpt)  # collective: each rank checksums its own shards
+            on_rank_zero(_write_records, staged.path, partial_ckpt, meta)  # every rank waits for them
         difference = _verify(plan, staged.path)
         logger.info(
             "max |logits(converted, %s) - logits(source, TP=1 PP=1)| = %.3e (tolerance %.1e)",
@@ -251,10 +281,10 @@ def convert(plan: ConversionPlan) -> ConversionResult:
                 f"converted checkpoint disagrees with {source.path}: max absolute logit difference {difference:.3e} "
                 f"> --tolerance {plan.tolerance:.1e}; nothing was written to {plan.save}"
             )
-        if dist.get_rank() == 0:  # record the check in the metadata before publishing
-            meta["conversion"].update(max_abs_logit_diff=difference, tolerance=plan.tolerance)
-            atomic_file.write_json(os.path.join(partial_ckpt, folders.METADATA), meta, sort_keys=True)
-        staged.commit()
+        meta["conversion"].update(max_abs_logit_diff=difference, tolerance=plan.tolerance)
+        with _writing(plan.save):
+            on_rank_zero(_write_metadata, partial_ckpt, meta)  # the check recorded before publishing
+            staged.commit()
     return ConversionResult(
         folders.checkpoint_dir(plan.save, 0), difference, plan.tolerance, time.perf_counter() - start, meta
     )

@@ -74,7 +74,8 @@ class StagedFolder:
         """Rank 0: move an old ``final`` aside, rename the temporary folder into place, remove the old.
 
         The old output is moved into an owned ``.NAME.replaced-XXXX`` folder, so that a kill before
-        its removal leaves a folder the next commit into the same parent removes."""
+        its removal leaves a folder the next commit into the same parent removes; a rename that
+        fails (OSError) moves it back."""
         parent, name = os.path.dirname(self.final), os.path.basename(self.final)
         replaced = None
         if os.path.exists(self.final):
@@ -88,7 +89,14 @@ class StagedFolder:
             replaced = OwnedTempDir(parent, f".{name}.replaced-")
             os.replace(self.final, os.path.join(replaced.path, name))
         self._owned.forget_owner()
-        os.replace(self.path, self.final)
+        try:
+            os.replace(self.path, self.final)
+        except OSError:
+            if replaced is not None:  # the old output back in place: a failed commit replaces nothing
+                os.replace(os.path.join(replaced.path, name), self.final)
+                shutil.rmtree(replaced.path, ignore_errors=True)
+                replaced.release()
+            raise
         self._owned.release()
         if replaced is not None:
             shutil.rmtree(replaced.path, ignore_errors=True)

@@ -1,8 +1,10 @@
 """tools/convert_checkpoint.py in a world of one: a patch-stage checkpoint becomes a token-stage
 start (weights bit for bit, metadata recorded, optimizer dropped); every bad input is one line,
-exit 2, and leaves nothing behind; a failed self-check exits 1 and leaves nothing either.
+exit 2, and leaves nothing behind; so is a write that fails (a full disk); a failed self-check
+exits 1 and leaves nothing either.
 (Resharding across TP/PP and the token stage started from the result: tests/dist.)"""
 
+import errno
 import json
 import multiprocessing
 import os
@@ -16,12 +18,13 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as checkpoint
 from megatron_patch.conversion import reshard
+from megatron_patch.runtime import atomic_file
 from megatron_patch.runtime.owned_temp import OwnedTempDir
 from megatron_patch.training import cli
 from tests.leftover_helpers import killed_owner_folder
 from tests.tools.common import assert_one_line_error, call, leftovers, model_tensors, tokenizer_of
 from tests.tools.conftest import ITERS, PAD_TO
-from tests.training.common import trainer_args
+from tests.training.common import full_disk_in, metadata_write_fails_in, trainer_args
 from tools import convert_checkpoint
 
 
@@ -267,6 +270,60 @@ def test_failed_self_check_exits_1_and_leaves_nothing(trained, tmp_path, capsys,
     code, _, err = call(convert_checkpoint, ["--cpu", "--load", trained["patch"], "--save", save], capsys)
     assert_one_line_error(code, err, "max absolute logit difference 5.000e-01", exit_code=1)
     assert not save.exists() and not leftovers(tmp_path)
+
+
+def _tracker_write_fails(monkeypatch):
+    """The write of the tracker (rank 0's, into the staged output folder) meets a full disk."""
+    write_text = atomic_file.write_text
+
+    def full_disk(path, *args, **kwargs):
+        if os.path.basename(path) == folders.TRACKER:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(atomic_file, "write_text", full_disk)
+
+
+def _rename_fails(monkeypatch):
+    """The final rename of the staged output folder into place is refused."""
+    replace = os.replace
+
+    def refused(source, target):
+        if os.path.basename(source).startswith(".out.partial-"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), source)
+        return replace(source, target)
+
+    monkeypatch.setattr(os, "replace", refused)
+
+
+WRITE_FAILURES = {  # where the write fails -> (how, the cause the line quotes)
+    "shards": (lambda patch: full_disk_in(patch, "iter_0000000"), "No space left on device"),
+    "metadata": (lambda patch: metadata_write_fails_in(patch, "iter_0000000"), "No space left on device"),
+    "tracker": (_tracker_write_fails, "No space left on device"),
+    "rename": (_rename_fails, "Permission denied"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRITE_FAILURES))
+def test_a_failed_write_is_one_line_and_leaves_the_output_as_it_was(trained, tmp_path, capsys, monkeypatch, case):
+    """A write of the output that fails (a full disk while megatron writes the shards or rank 0 the
+    metadata or the tracker; a refused rename at the end) is one line naming the output folder,
+    the cause and the fix (exit 2, no traceback); the staged folder is removed and --save is as it
+    was: absent, or an earlier conversion's output that --force was to replace."""
+    inject, cause = WRITE_FAILURES[case]
+    save = tmp_path / "out"
+    (save / "iter_0000000").mkdir(parents=True)  # an earlier conversion's output (a refused rename: moved back)
+    (save / "iter_0000000" / folders.METADATA).write_text('{"conversion": {}}')
+    (save / folders.TRACKER).write_text("0\n")
+    before = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*"))
+    argv = ["--cpu", "--load", trained["patch"], "--save", save, "--force"]
+    with monkeypatch.context() as patch:
+        inject(patch)
+        code, _, err = call(convert_checkpoint, argv, capsys)
+    assert_one_line_error(code, err, f"writing the converted checkpoint {save} failed (")
+    assert cause in err[0] and err[0].endswith("then run the conversion again"), err[0]
+    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == before
+    assert not leftovers(tmp_path)
 
 
 def test_a_completed_conversion_removes_a_killed_runs_partial_folder(trained, tmp_path, capsys):
