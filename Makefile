@@ -1,6 +1,8 @@
 # The two commands of the README. Both build .venv on first use (CPU torch 2.13.0 from the
 # machine's local wheel, megatron-core 0.16.1; see constraints-ci.txt) and reuse it after.
 PYTHON ?= python3
+# an extra package index for torch, e.g. https://download.pytorch.org/whl/cpu for the CPU build
+TORCH_INDEX ?=
 VENV := .venv
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
@@ -21,5 +23,5 @@ test: $(STAMP)
 $(STAMP): requirements.txt constraints-ci.txt setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -c constraints-ci.txt -e '.[test]'
+	$(VENV)/bin/python -m pip install -q -c constraints-ci.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e '.[test]'
 	touch $(STAMP)

@@ -22,8 +22,9 @@ Table 2: 6 epochs): token-only trains N epochs at token level, ``lambda-X`` the 
 at patch level and the rest at token level, both over all the documents, and its control only
 those last (1-X)*N epochs at token level. Without it, one pass split by documents (each token once).
 
-Data (``--data-dir``, default ``.data`` in the checkout): ``train.jsonl.xz`` (the GPU runs used a
-corpus of about 30 M tokens) for training (``tiny.jsonl.xz`` with ``--reduced``: the bundled
+Data (``--data-dir``, default ``.data`` in the checkout; what the files are and what the project
+used: README, "Data for the reproduction"): ``train.jsonl.xz`` (the GPU runs used a corpus of about
+30 M tokens) for training (``tiny.jsonl.xz`` with ``--reduced``: the bundled
 ``examples/data/tiny.jsonl.xz`` fits, 0.6 M tokens), ``valid.jsonl.xz`` and
 ``wikitext103_test.jsonl.xz`` (JSON Lines with a ``text`` field) for evaluation only. Every step
 is a project command run as a subprocess (tools/*.py, examples/pretrain_patch_gpt.py, under
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
         if not (data_dir / name).is_file():
             parser.error(
                 f"--data-dir {args.data_dir}: {data_dir / name} not found; pass the folder holding "
-                f"{s['train_file']}, valid.jsonl.xz and wikitext103_test.jsonl.xz"
+                f"{s['train_file']}, valid.jsonl.xz and wikitext103_test.jsonl.xz (README: 'Data for the reproduction')"
             )
     work = Path(args.workdir).resolve()
     made_with = {**s, "epochs": args.epochs, "train_documents": args.train_documents, "data_dir": data_dir}
