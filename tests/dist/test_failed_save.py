@@ -23,10 +23,10 @@ def _shard_unreadable_in(monkeypatch, folder_name):
 
     crc32_of = manifest.crc32_of
 
-    def unreadable(path):
+    def unreadable(path, **options):
         if os.path.basename(os.path.dirname(path)) == folder_name:
             raise OSError(errno.EIO, os.strerror(errno.EIO), path)
-        return crc32_of(path)
+        return crc32_of(path, **options)
 
     monkeypatch.setattr(manifest, "crc32_of", unreadable)
 

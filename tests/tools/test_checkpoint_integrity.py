@@ -98,10 +98,10 @@ def test_a_shard_that_cannot_be_read_is_one_line_naming_it(trained, tmp_path, ca
     shard = os.path.join(source, _shard(source))
     crc32_of = manifest.crc32_of
 
-    def failing_read(path):
+    def failing_read(path, **options):
         if path == shard:
             raise OSError(errno.EIO, os.strerror(errno.EIO), path)
-        return crc32_of(path)
+        return crc32_of(path, **options)
 
     monkeypatch.setattr(manifest, "crc32_of", failing_read)
     argv, out = _argv(tool, source, tmp_path)
