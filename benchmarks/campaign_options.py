@@ -40,6 +40,9 @@ THROUGHPUT_RUNS = {ACCUM_RUN: ALL_LEVERS, "base": [], "all": ALL_LEVERS, **LEVER
 # the runs at every --micro-batch-sizes value; each lever alone runs at the first only (against base
 # there), since a process's start-up and compiles, not its steps, take most of a run's time
 ALL_SIZES_RUNS = (ACCUM_RUN, "base", "all")
+# the runs that also profile one step per stage (throughput.py --kernel-table): which attention kernel
+# runs, and where the rest of a step's device time goes, without the levers and with them
+KERNEL_TABLE_RUNS, KERNEL_TABLE_ROWS = ("base", "all"), 25
 ACTIVATION_RUNS = {  # name: (preset, layers, recompute modes, flags)
     "370m": ("370m", None, "none,selective,full", []),
     "370m-swiglu": ("370m", None, "none", LEVERS["swiglu"]),

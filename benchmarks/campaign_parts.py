@@ -19,6 +19,8 @@ from campaign_options import (
     ALL_LEVERS,
     ALL_SIZES_RUNS,
     COST_RUNS,
+    KERNEL_TABLE_ROWS,
+    KERNEL_TABLE_RUNS,
     LEVERS,
     TESTS_RUN,
     THROUGHPUT_RUNS,
@@ -59,6 +61,7 @@ def part_throughput(c: Campaign) -> None:
         sweep = f"--micro-batch-size {sizes} --patch-sizes 1,4 --steps {steps} --warmup {warmup}"
         cmd = [PY, "benchmarks/throughput.py", *_model_flags(opts), *sweep.split(), "--num-microbatches", str(micro)]
         cmd += [*THROUGHPUT_RUNS[name], "--output-json", str(json_path)]
+        cmd += ["--kernel-table", str(KERNEL_TABLE_ROWS)] if name in KERNEL_TABLE_RUNS else []
         record, output = c.run(part, name, cmd, num_microbatches=micro)
         if record["status"] == "ok" and json_path.exists():
             record["payload"] = json.loads(json_path.read_text())

@@ -29,16 +29,19 @@ row: the median over the timed steps of each phase's per-step total, and the ste
 top-level phases (forward-backward and the optimizer phases; phase_timers.py says which nest inside
 which). The warm-up steps run with the hooks too, so they run the same code as the timed steps.
 
+``--kernel-table N`` profiles one more step of each row at the first micro-batch size, after its
+timed steps, and lists its N longest kernels with the device's busy share (``kernel_profile.py``).
+
 ``--measure-layer-activations`` instead measures activation memory for ``memory_plan.py``. The model
-is the trainer's (``build_patch_gpt_model`` with ``builders.model_config``, wrapped in megatron's
-Float16Module for bf16; no DDP or optimizer, which hold no activations), optionally cut to
-``--layers`` layers of the preset's width so that 6.7B/13B shapes fit on one GPU. Per (recompute,
-K, b) it records (1) the bytes of every tensor autograd saves for backward during one forward,
-counted once per storage, parameters excluded, and attributed to the transformer layer running when
-the tensor was first saved, or to ``pre`` (embedding) / ``post`` (final norm, output layer, loss);
-(2) on GPU, the peak allocated memory of one forward+backward above what was allocated before it
-(after one untimed forward+backward of the same shape).
-Two or more micro-batch sizes give the per-sequence slope of that peak.
+is the trainer's (``build_patch_gpt_model`` on the ``TransformerConfig`` of the trainer's own
+configuration, wrapped in megatron's Float16Module for bf16; no DDP or optimizer, which hold no
+activations), optionally cut to ``--layers`` layers of the preset's width so that 6.7B/13B shapes
+fit on one GPU. Per (recompute, K, b) it records (1) the bytes of every tensor autograd saves for
+backward during one forward, counted once per storage, parameters excluded, and attributed to the
+transformer layer running when the tensor was first saved, or to ``pre`` (embedding) / ``post``
+(final norm, output layer, loss); (2) on GPU, the peak allocated memory of one forward+backward
+above what was allocated before it (after one untimed forward+backward of the same shape). Two or
+more micro-batch sizes give the per-sequence slope of that peak.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ for path in (REPO_ROOT, Path(__file__).resolve().parent):  # the package, and co
         sys.path.insert(0, str(path))
 
 from common import command_line, enter_one_rank_world, environment, write_json  # noqa: E402
+from kernel_profile import kernel_tables  # noqa: E402
 from phase_timers import phase_table  # noqa: E402
 from throughput_options import parse_options  # noqa: E402
 from throughput_sweep import run_throughput, throughput_table  # noqa: E402
@@ -126,6 +130,10 @@ def _throughput(argv: List[str]) -> int:
             "optimizer's grad norm and clipping, the LR step.\n"
         )
         print(phase_table(payload["results"]))
+    if opts.kernel_table:
+        what = "operators by self CPU time (CPU)" if opts.cpu else "kernels by device time"
+        print(f"\n### One profiled step: the {opts.kernel_table} longest {what} (`--kernel-table`)\n")
+        print(kernel_tables(payload["results"]))
     return 0
 
 

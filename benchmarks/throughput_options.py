@@ -92,6 +92,15 @@ def build_parser() -> ArgumentParser:
         help="also time megatron's own step phases (forward-backward, optimizer, ...) through its "
         "config.timers hooks; off by default so the headline figures run without the hooks",
     )
+    p.add_argument(
+        "--kernel-table",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile one more step of each row at the first --micro-batch-size (after its timed "
+        "steps) and list its N longest kernels (CPU: operators), e.g. which attention kernel SDPA runs "
+        "(default 0: none)",
+    )
     p.add_argument("--output-json", default=None, help="also write every figure here")
     p.add_argument("--cpu", action="store_true", help="smoke mode: CPU mode (gloo), fp32, tiny preset, no MFU")
     return p
@@ -120,8 +129,11 @@ def parse_options(argv: Optional[List[str]]) -> argparse.Namespace:
         raise ArgumentError(f"--warmup {opts.warmup} must be >= 0")
     if opts.layers is not None and not opts.measure_layer_activations:
         raise ArgumentError("--layers is for --measure-layer-activations (throughput runs the whole preset)")
-    if opts.phase_times and opts.measure_layer_activations:
-        raise ArgumentError("--phase-times times throughput steps; drop it with --measure-layer-activations")
+    for flag, given in (("--phase-times", opts.phase_times), ("--kernel-table", opts.kernel_table)):
+        if given and opts.measure_layer_activations:
+            raise ArgumentError(f"{flag} is for throughput steps; drop it with --measure-layer-activations")
+    if opts.kernel_table < 0:
+        raise ArgumentError(f"--kernel-table {opts.kernel_table} must be >= 0 (kernels to list; 0: no profile)")
     if opts.layers is not None and not 1 <= opts.layers <= preset.num_layers:
         raise ArgumentError(f"--layers {opts.layers} must lie in 1..{preset.num_layers} (the preset's layers)")
     if not math.isfinite(opts.lr) or opts.lr <= 0:

@@ -1,7 +1,8 @@
 """Throughput mode of ``throughput.py``: for every (recompute, micro-batch b, K), warm-up steps and
 then timed ``train_step`` calls on the trainer's own model, optimizer and schedule; each row's step
-times, tokens/s, model TFLOP/s, MFU, peak memory, optional megatron phase times, and the patch/token
-ratio at equal b; and the markdown table of the rows. Units: seconds (ms in the table), tokens, GiB.
+times, tokens/s, model TFLOP/s, MFU, peak memory, optional megatron phase times and kernel profile
+(``kernel_profile.py``), and the patch/token ratio at equal b; and the markdown table of the rows.
+Units: seconds (ms in the table), tokens, GiB.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import statistics
 from typing import List, Optional
 
 from common import StepTimer, fmt, free_memory, step_plan, synthetic_batches, trainer_config
+from kernel_profile import profile_step
 from phase_timers import PhaseTimers, installed, outside_ms, phase_medians
 
 
@@ -110,6 +112,11 @@ def _sweep(opts, model, optimizer, scheduler, recompute, per_position, peak_tflo
             if phases is not None:  # after timer.seconds(), which synchronised: every event has completed
                 row["phases_ms"] = phase_medians(phases.per_step_ms(), phases.names)
                 row["phases_outside_ms"] = outside_ms(1e3 * median, row["phases_ms"])
+            if opts.kernel_table and b == opts.micro_batch_size[0]:  # one more step, after the timed ones
+                try:
+                    row["kernel_profile"] = profile_step(step, cuda, opts.kernel_table)
+                except torch.OutOfMemoryError as error:  # the row's figures stand; the profile is lost
+                    row["kernel_profile_error"] = "OOM: " + str(error).split("\n")[0][:160]
         if "error" in row:  # leave the model and optimizer clean for the next configuration
             for chunk in model:
                 chunk.zero_grad_buffer()

@@ -168,6 +168,8 @@ def test_rehearsal_throughput_runs_each_lever_and_the_accumulated_step(rehearsal
         assert [(r["micro_batch_size"], r["patch_size"]) for r in rows] == [(b, k) for b in sizes for k in (1, 4)]
         assert all("error" not in r and r["tokens_per_s"] > 0 for r in rows)
         assert all(r["step_s_min"] <= r["step_s_median"] <= r["step_s_max"] for r in rows)
+        profiled = [(r["micro_batch_size"], r["patch_size"]) for r in rows if r.get("kernel_profile")]
+        assert profiled == ([(2, 1), (2, 4)] if name in ("base", "all") else []), name  # where the time goes
     # the summary gives each row's min-max beside its median, and each lever's gain over base with its noise
     text = (rehearsal["out"] / "summary.md").read_text()
     assert "| step ms (median) | step ms (min-max) | vs base |" in text

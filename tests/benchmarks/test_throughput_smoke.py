@@ -99,6 +99,29 @@ def test_throughput_phase_times_from_megatron_timers(tmp_path, capsys):
         assert r["phases_outside_ms"] == pytest.approx(step_ms - top)
 
 
+@CPU_ONLY
+def test_kernel_table_profiles_one_more_step_at_the_first_micro_batch(tmp_path, capsys):
+    out = tmp_path / "tp.json"
+    argv = ["--cpu", *TINY_STEPS, "--micro-batch-size", "2,4", "--patch-sizes", "1,4", "--kernel-table", "5"]
+    assert throughput.main([*argv, "--output-json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "### One profiled step: the 5 longest operators by self CPU time (CPU) (`--kernel-table`)" in printed
+    rows = json.loads(out.read_text())["results"]
+    profiled = [(r["micro_batch_size"], r["patch_size"]) for r in rows if "kernel_profile" in r]
+    assert profiled == [(2, 1), (2, 4)]  # the first micro-batch size only
+    for row in rows[:2]:
+        profile = row["kernel_profile"]
+        kernels = profile["kernels"]
+        assert len(kernels) == 5 and [k["ms"] for k in kernels] == sorted((k["ms"] for k in kernels), reverse=True)
+        assert 0 < sum(k["ms"] for k in kernels) <= profile["kernel_ms"]
+        assert sum(k["share"] for k in kernels) == pytest.approx(sum(k["ms"] for k in kernels) / profile["kernel_ms"])
+        assert any(k["name"] == "aten::mm" for k in kernels)  # the matmuls are among the longest
+        header = f"b=2, recompute none: one profiled step of {profile['wall_ms']:.1f} ms wall"
+        assert header in printed
+    assert "| `aten::mm` |" in printed
+    assert throughput.main(["--cpu", "--kernel-table", "-1"]) == 2
+
+
 @pytest.mark.parametrize(
     "flags",
     [
