@@ -56,21 +56,17 @@ def test_cpu_mode_sends_cuda_allocations_to_the_cpu():
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
 
 
+JOIN_AND_SAY_RANK = """
+    import torch.distributed as dist
+    from megatron_patch.runtime import parallel
+    parallel.init_distributed(cpu=True)
+    print("rank", dist.get_rank(), "of", dist.get_world_size())
+"""
+
+
 def test_slurm_variables_name_the_rank():
-    result = _python(
-        """
-        import torch.distributed as dist
-        from megatron_patch.runtime import parallel
-        parallel.init_distributed(cpu=True)
-        print("rank", dist.get_rank(), "of", dist.get_world_size())
-    """,
-        SLURM_PROCID="0",
-        SLURM_NTASKS="2",
-        SLURM_STEP_NUM_TASKS="1",
-        SLURM_LOCALID="0",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT="29731",
-    )
+    slurm = dict(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="1", SLURM_LOCALID="0")
+    result = _python(JOIN_AND_SAY_RANK, **slurm, MASTER_ADDR="127.0.0.1", MASTER_PORT="29731")
     assert result.returncode == 0, result.stderr
     assert "rank 0 of 1" in result.stdout  # the step's tasks, not the job's
 
@@ -78,19 +74,8 @@ def test_slurm_variables_name_the_rank():
 def test_a_batch_script_shell_is_no_slurm_step():
     """``python tool.py`` in an sbatch script of two nodes (SLURM_PROCID 0, SLURM_NTASKS 2 and an
     exported MASTER_ADDR, but no step): a world of one, not a wait for a second rank that never comes."""
-    result = _python(
-        """
-        import torch.distributed as dist
-        from megatron_patch.runtime import parallel
-        parallel.init_distributed(cpu=True)
-        print("rank", dist.get_rank(), "of", dist.get_world_size())
-    """,
-        SLURM_PROCID="0",
-        SLURM_NTASKS="2",
-        SLURM_LOCALID="0",
-        SLURM_STEP_NUM_TASKS=None,
-        MASTER_ADDR="127.0.0.1",
-    )
+    slurm = dict(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_LOCALID="0", SLURM_STEP_NUM_TASKS=None)
+    result = _python(JOIN_AND_SAY_RANK, **slurm, MASTER_ADDR="127.0.0.1")
     assert result.returncode == 0, result.stderr
     assert "rank 0 of 1" in result.stdout
 
