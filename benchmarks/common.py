@@ -148,6 +148,8 @@ def trainer_config(opts, recompute: str):
         str(opts.seed),
         "--torch-adam-impl",
         opts.torch_adam_impl,
+        "--sdpa-backend",
+        opts.sdpa_backend,
         "--cpu" if opts.cpu else "--bf16",
     ]
     if opts.use_distributed_optimizer:

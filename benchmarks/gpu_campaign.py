@@ -12,8 +12,8 @@ part runs)::
     python benchmarks/gpu_campaign.py ... --cpu            # rehearsal: tiny preset, CPU mode, few steps
 
 Parts, in this order: ``tests`` (``pytest -m gpu`` over the files that hold GPU tests),
-``throughput`` (``throughput.py``: the four MFU levers together at 8 micro-batches per step, none
-and all four at one, then each alone), ``cost`` (the trainer, ``--stage both`` against token-only
+``throughput`` (``throughput.py``: the five MFU levers together at 8 micro-batches per step, none
+and all five at one, then each alone), ``cost`` (the trainer, ``--stage both`` against token-only
 on the same tokens of the prepared corpus, with the levers; without them if the two-stage run with
 them exits with an error) and ``activations`` (``throughput.py --measure-layer-activations``).
 Every run is a subprocess given the time its part has left and stopped there: a part's

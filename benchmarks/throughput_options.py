@@ -31,6 +31,8 @@ def _flatten(lists):
 
 
 def build_parser() -> ArgumentParser:
+    from megatron_patch.architecture.attention import SDPA_BACKEND_CHOICES  # imports megatron: not at import
+
     p = ArgumentParser(prog="benchmarks/throughput.py", description=DESCRIPTION)
     p.add_argument("--model", default=None, help="preset (default 370m; tiny with --cpu)")
     p.add_argument(
@@ -59,6 +61,12 @@ def build_parser() -> ArgumentParser:
         "--cross-entropy-fusion",
         action="store_true",
         help="as in the trainer: the fused K-way cross-entropy in both stages",
+    )
+    p.add_argument(
+        "--sdpa-backend",
+        choices=SDPA_BACKEND_CHOICES,
+        default="auto",
+        help="as in the trainer: the attention kernel SDPA tries first",
     )
     p.add_argument(
         "--torch-adam-impl",

@@ -137,6 +137,7 @@ def build_patch_gpt_model(
     vp_stage: Optional[int] = None,
     fused_rope: bool = False,
     fused_cross_entropy: bool = False,
+    sdpa_backend: str = "auto",
 ) -> PatchGPTModel:
     """A PatchGPTModel in the paper's architecture for this pipeline stage.
 
@@ -149,6 +150,8 @@ def build_patch_gpt_model(
             same function of the same weights (local spec only; checkpoints are interchangeable).
         fused_cross_entropy: score with ``fused_cross_entropy``'s K-way CE in both modes (no fp32
             logits-sized buffer; at K=1 instead of megatron's CE, equal to it within rounding).
+        sdpa_backend: the SDPA kernel the core attention tries first (``attention.SDPAttention``;
+            "auto": torch's order; local spec only).
     """
     if vocab_size % config.tensor_model_parallel_size:
         raise ValueError(
@@ -158,7 +161,11 @@ def build_patch_gpt_model(
     return PatchGPTModel(
         config=config,
         transformer_layer_spec=get_decoder_block_spec(
-            config, use_transformer_engine, vp_stage, fused_rope_base=ROPE_BASE if fused_rope else None
+            config,
+            use_transformer_engine,
+            vp_stage,
+            fused_rope_base=ROPE_BASE if fused_rope else None,
+            sdpa_backend=sdpa_backend,
         ),
         vocab_size=vocab_size,
         max_sequence_length=seq_length,

@@ -5,6 +5,11 @@ materialises the ``[b, np, s, s]`` scores in fp32 and was 4-5x slower on an H100
 megatron-core alone, before this project). SDPA dispatches to cuDNN / flash attention on GPU and to
 a fused math kernel on CPU.
 
+``backend`` names the SDPA kernel tried first (``--sdpa-backend``): torch's own order tries flash
+attention first and cuDNN's last, and cuDNN's is reported faster on Hopper GPUs; the others stay
+behind it in torch's order, so a shape the preferred kernel cannot serve (or a CPU, which has no
+cuDNN) runs as before. "auto" leaves torch's order alone.
+
 With ``rotary_base`` it also applies RoPE (``rope.apply_rotary``, one fused kernel) to the query and
 key of positions 0..s-1; the model is then built without megatron's RoPE
 (``position_embedding_type="none"``), which would apply it unfused before this module.
@@ -21,8 +26,27 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron_patch.architecture.rope import apply_rotary
+
+# torch's default order (flash, memory-efficient, math, cuDNN); a preferred backend goes before it
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
+SDPA_BACKEND_CHOICES = ("auto", *SDPA_BACKENDS)
+
+
+def sdpa_preference(backend: str) -> Optional[list]:
+    """The SDPA kernels in the order to try them, ``backend``'s first; None for "auto" (torch's order)."""
+    if backend == "auto":
+        return None
+    if backend not in SDPA_BACKENDS:
+        raise ValueError(f"SDPA backend {backend!r}: choose one of {', '.join(SDPA_BACKEND_CHOICES)}")
+    return [SDPA_BACKENDS[backend], *(kernel for name, kernel in SDPA_BACKENDS.items() if name != backend)]
 
 
 class SDPAttention(MegatronModule):
@@ -37,9 +61,9 @@ class SDPAttention(MegatronModule):
     masked gets a zero context (megatron: the mean of the values).
 
     ``rotary_base``: rotate query and key here (fused RoPE over the whole head dimension, positions
-    0..s-1, megatron's frequencies for this base); None leaves positions to the caller. Bind it
-    with ``functools.partial`` in the layer spec (megatron calls the core-attention builder with
-    its own keyword arguments only).
+    0..s-1, megatron's frequencies for this base); None leaves positions to the caller.
+    ``backend``: the SDPA kernel to try first (module doc). Bind both with ``functools.partial`` in
+    the layer spec (megatron calls the core-attention builder with its own keyword arguments only).
     """
 
     def __init__(
@@ -53,6 +77,7 @@ class SDPAttention(MegatronModule):
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
         rotary_base: Optional[float] = None,
+        backend: str = "auto",
     ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -71,6 +96,7 @@ class SDPAttention(MegatronModule):
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else self.head_dim**-0.5
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.kernel_order = sdpa_preference(backend)
         self.rotary = None
         if rotary_base is not None:
             if attention_type != "self":
@@ -118,7 +144,7 @@ class SDPAttention(MegatronModule):
         # [s, b, n, hn] -> [b, n, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout_p = self.dropout_p if self.training else 0.0
-        with self._rng_context(dropout_p):
+        with self._rng_context(dropout_p), self._kernel_context():
             context = F.scaled_dot_product_attention(
                 q,
                 k,
@@ -131,6 +157,11 @@ class SDPAttention(MegatronModule):
             )
         # [b, np, sq, hn] -> [sq, b, np, hn] -> [sq, b, np*hn]
         return context.permute(2, 0, 1, 3).reshape(seq_q, batch, -1)
+
+    def _kernel_context(self):
+        if self.kernel_order is None:
+            return contextlib.nullcontext()
+        return sdpa_kernel(self.kernel_order, set_priority=True)
 
     def _rng_context(self, dropout_p: float):
         if dropout_p > 0.0 and not self.config.sequence_parallel:

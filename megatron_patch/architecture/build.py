@@ -50,6 +50,7 @@ class ModelSettings:
     bias_swiglu_fusion: bool = False
     rope_fusion: bool = False  # local layers: RoPE inside the SDPA core attention; TE: megatron's apply_rope_fusion
     cross_entropy_fusion: bool = False
+    sdpa_backend: str = "auto"  # the SDPA kernel tried first (local layers; attention.SDPAttention)
     hidden_dropout: float = 0.0  # megatron's dropout after attention and MLP, and on the embeddings
     attention_dropout: float = 0.0  # on the attention probabilities
 
@@ -101,6 +102,7 @@ def build_model(
         vp_stage=vp_stage,
         fused_rope=settings.rope_fusion and settings.transformer_impl != "transformer_engine",
         fused_cross_entropy=settings.cross_entropy_fusion,
+        sdpa_backend=settings.sdpa_backend,
     )
     if not cpu:
         model.cuda(torch.cuda.current_device())

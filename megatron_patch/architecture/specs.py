@@ -59,17 +59,18 @@ def resolve_transformer_impl(transformer_impl: str) -> str:
     return transformer_impl
 
 
-def get_local_layer_spec(fused_rope_base: Optional[float] = None) -> ModuleSpec:
+def get_local_layer_spec(fused_rope_base: Optional[float] = None, sdpa_backend: str = "auto") -> ModuleSpec:
     """megatron's local GPT layer spec with SDPA core attention and sequence-parallel RMSNorm.
 
     ``fused_rope_base``: the core attention applies fused RoPE with this base (see module doc).
+    ``sdpa_backend``: the SDPA kernel it tries first (``attention.SDPAttention``; "auto": torch's order).
     """
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
-    core_attention = SDPAttention
-    if fused_rope_base is not None:
-        core_attention = functools.partial(SDPAttention, rotary_base=fused_rope_base)
+    options = {"rotary_base": fused_rope_base} if fused_rope_base is not None else {}
+    options.update({"backend": sdpa_backend} if sdpa_backend != "auto" else {})
+    core_attention = functools.partial(SDPAttention, **options) if options else SDPAttention
     spec.submodules.self_attention.submodules.core_attention = core_attention
     return spec
 
@@ -87,7 +88,7 @@ def resolve_transformer_engine(use_transformer_engine: Optional[bool]) -> bool:
 
 
 def get_layer_spec(
-    use_transformer_engine: Optional[bool] = None, fused_rope_base: Optional[float] = None
+    use_transformer_engine: Optional[bool] = None, fused_rope_base: Optional[float] = None, sdpa_backend: str = "auto"
 ) -> ModuleSpec:
     """The transformer-layer spec: TE when available (or asked for), else the local SDPA spec."""
     if resolve_transformer_engine(use_transformer_engine):
@@ -96,8 +97,10 @@ def get_layer_spec(
                 "fused RoPE in the core attention is the local spec's; with Transformer Engine, megatron's "
                 "apply_rope_fusion fuses it (what ModelSettings sets for --rope-fusion)"
             )
+        if sdpa_backend != "auto":
+            raise ValueError(f"sdpa_backend={sdpa_backend!r} is the local spec's: Transformer Engine picks its own")
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_local_layer_spec(fused_rope_base)
+    return get_local_layer_spec(fused_rope_base, sdpa_backend)
 
 
 def get_decoder_block_spec(
@@ -105,6 +108,7 @@ def get_decoder_block_spec(
     use_transformer_engine: Optional[bool] = None,
     vp_stage: Optional[int] = None,
     fused_rope_base: Optional[float] = None,
+    sdpa_backend: str = "auto",
 ):
     """The decoder spec for this pipeline stage: the layer spec and the final norm.
 
@@ -112,7 +116,7 @@ def get_decoder_block_spec(
     ``TransformerBlockSubmodules`` so that the final norm is ``RMSNorm`` as well.
     """
     use_transformer_engine = resolve_transformer_engine(use_transformer_engine)
-    layer_spec = get_layer_spec(use_transformer_engine, fused_rope_base)
+    layer_spec = get_layer_spec(use_transformer_engine, fused_rope_base, sdpa_backend)
     if use_transformer_engine:
         return layer_spec
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)

@@ -92,6 +92,12 @@ def make_config(
     _check_summary_json(flags.summary_json)
     _check_tensorboard_dir(flags.tensorboard_dir)
     transformer_impl = resolve_transformer_impl(flags.transformer_impl)
+    if transformer_impl == "transformer_engine" and flags.sdpa_backend != "auto":
+        raise ArgumentError(
+            f"--sdpa-backend {flags.sdpa_backend} is for the local layers' SDPA attention, and the model is built "
+            f"with Transformer Engine (--transformer-impl {flags.transformer_impl}), whose attention picks its own "
+            f"kernel: drop --sdpa-backend or add --transformer-impl local"
+        )
     plan = make_plan(
         patch_size=flags.patch_size,
         patch_data_fraction=flags.patch_data_fraction,
@@ -126,6 +132,7 @@ def make_config(
         bias_swiglu_fusion=flags.bias_swiglu_fusion,
         rope_fusion=flags.rope_fusion,
         cross_entropy_fusion=flags.cross_entropy_fusion,
+        sdpa_backend=flags.sdpa_backend,
         hidden_dropout=flags.hidden_dropout,
         attention_dropout=flags.attention_dropout,
     )

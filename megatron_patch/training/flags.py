@@ -5,6 +5,7 @@ it into the trainer's configuration.
 
 import decimal
 
+from megatron_patch.architecture.attention import SDPA_BACKEND_CHOICES
 from megatron_patch.architecture.presets import PRESETS
 from megatron_patch.runtime.command import ArgumentParser, add_checkpoint_verify_flag
 from megatron_patch.training.preemption import DEFAULT_SIGNALS
@@ -67,6 +68,14 @@ def build_parser() -> ArgumentParser:
         help="apply RoPE inside the SDPA core attention as one torch.compile'd kernel "
         "instead of megatron's unfused RoPE (local spec; with Transformer Engine, megatron's apply_rope_fusion; "
         "same model and checkpoints)",
+    )
+    model.add_argument(
+        "--sdpa-backend",
+        choices=SDPA_BACKEND_CHOICES,
+        default="auto",
+        help="the attention kernel SDPA tries first, the others after it in torch's order (local layers): "
+        "auto keeps torch's order, which tries flash attention first and cuDNN's last; cuDNN's is reported "
+        "faster on Hopper GPUs (same model and checkpoints)",
     )
     model.add_argument(
         "--cross-entropy-fusion",

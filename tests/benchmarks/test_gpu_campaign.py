@@ -152,7 +152,7 @@ def test_rehearsal_runs_every_part_and_writes_its_outputs(rehearsal):
 def test_rehearsal_throughput_runs_each_lever_and_the_accumulated_step(rehearsal):
     """all-accum, base and all at both micro-batch sizes; each lever alone at the first."""
     runs = {run["name"]: run for run in read_part(rehearsal["out"], "throughput")["runs"]}
-    assert list(runs) == ["all-accum", "base", "all", "swiglu", "rope", "ce", "adam"]
+    assert list(runs) == ["all-accum", "base", "all", "cudnn", "swiglu", "rope", "ce", "adam"]
     levers = {"swiglu": "bias_swiglu_fusion", "rope": "rope_fusion", "ce": "cross_entropy_fusion"}
     for name, run in runs.items():
         assert run["status"] == "ok", run
@@ -160,9 +160,10 @@ def test_rehearsal_throughput_runs_each_lever_and_the_accumulated_step(rehearsal
         sizes = [2, 4] if name in ("all-accum", "base", "all") else [2]
         assert settings["micro_batch_size"] == sizes and settings["patch_sizes"] == [1, 4]
         assert settings["num_microbatches"] == (8 if name == "all-accum" else 1)
-        on = {"swiglu", "rope", "ce", "adam"} if name in ("all", "all-accum") else {name}
+        on = {"cudnn", "swiglu", "rope", "ce", "adam"} if name in ("all", "all-accum") else {name}
         for lever, key in levers.items():
             assert settings[key] is (lever in on), (name, key)
+        assert settings["sdpa_backend"] == ("cudnn" if "cudnn" in on else "auto"), name
         assert settings["torch_adam_impl"] == ("fused" if "adam" in on else "foreach")
         rows = run["payload"]["results"]
         assert [(r["micro_batch_size"], r["patch_size"]) for r in rows] == [(b, k) for b in sizes for k in (1, 4)]
@@ -243,7 +244,8 @@ def test_the_cost_part_falls_back_to_no_levers_when_the_two_stage_run_fails(rehe
     for key in ("wall_ratio", "steady_ratio", "trainer_ratio"):
         assert cost["figures"][key] > 0, key
     text = (out / "summary.md").read_text()
-    assert "Fallback: with --cost-levers all (--bias-swiglu-fusion" in text and "injected by" in text
+    assert f"Fallback: with --cost-levers all ({' '.join(campaign_options.ALL_LEVERS)}" in text
+    assert "injected by" in text
     assert "## Targets" in text and "## Not finished" not in text  # a failed run is not rerun
 
 

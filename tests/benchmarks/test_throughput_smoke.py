@@ -131,6 +131,7 @@ def test_kernel_table_profiles_one_more_step_at_the_first_micro_batch(tmp_path, 
         ["--bias-swiglu-fusion", "--rope-fusion"],
         ["--torch-adam-impl", "fused"],
         ["--cross-entropy-fusion"],
+        ["--sdpa-backend", "cudnn"],
     ],
 )
 def test_fusion_flags_reach_the_trainers_arguments(flags):
@@ -144,6 +145,7 @@ def test_fusion_flags_reach_the_trainers_arguments(flags):
     assert config.model.rope_fusion is ("--rope-fusion" in flags)
     assert config.optimizer.torch_adam_impl == ("fused" if "fused" in flags else "foreach")
     assert config.model.cross_entropy_fusion is ("--cross-entropy-fusion" in flags)
+    assert config.model.sdpa_backend == ("cudnn" if "cudnn" in flags else "auto")
 
 
 def test_rates_are_the_flops_formula():

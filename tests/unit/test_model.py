@@ -279,6 +279,55 @@ def test_cross_entropy_fusion_flag_scores_both_modes_with_the_fused_loss(model_p
             assert relative_error(grads_fused[name], grad) <= 1e-5, (patch_size, name)
 
 
+def test_sdpa_backend_flag_sets_the_kernel_order_of_every_attention_call(model_parallel, monkeypatch, tiny_corpus):
+    """--sdpa-backend through the trainer's builders: every SDPA call (forward, and the backward it
+    sets up) runs with the named kernel first and torch's others after it, so a kernel the device
+    lacks (cuDNN on CPU) falls back; the model is the same function: at K=4 and K=1 the loss and
+    every gradient equal the default's bit for bit on CPU (no cuDNN: the same kernel runs)."""
+    from megatron_patch.architecture import attention
+
+    orders = []  # the priority order in force at each call
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        orders.append(torch._C._get_sdp_priority_order())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording)
+    default_order = torch._C._get_sdp_priority_order()
+    results = {}
+    for backend in ("auto", "cudnn"):
+        orders.clear()
+        _, results[backend] = mh.runs_through_trainer_builders(
+            model_parallel, ["--sdpa-backend", backend], 17, tiny_corpus["tokenizer"]
+        )
+        expected = default_order if backend == "auto" else [int(attention.SDPBackend.CUDNN_ATTENTION)]
+        assert orders and all(order[: len(expected)] == expected for order in orders), (backend, orders)
+    assert torch._C._get_sdp_priority_order() == default_order  # restored after each call
+    assert attention.sdpa_preference("math")[0] == attention.SDPBackend.MATH
+    assert sorted(map(int, attention.sdpa_preference("math"))) == sorted(map(int, attention.SDPA_BACKENDS.values()))
+    for patch_size in (4, 1):
+        (_, loss_auto, grads_auto), (_, loss_cudnn, grads_cudnn) = (
+            results["auto"][patch_size],
+            results["cudnn"][patch_size],
+        )
+        assert torch.equal(loss_cudnn, loss_auto), patch_size
+        assert all(torch.equal(grads_cudnn[name], grad) for name, grad in grads_auto.items()), patch_size
+
+
+def test_sdpa_backend_with_transformer_engine_is_refused(tiny_corpus, monkeypatch):
+    from megatron_patch.architecture import specs
+    from megatron_patch.errors import ArgumentError
+
+    monkeypatch.setattr(specs, "transformer_engine_available", lambda: True)
+    with pytest.raises(ArgumentError, match="--sdpa-backend cudnn is for the local layers' SDPA attention"):
+        mh.trainer_config("--sdpa-backend", "cudnn", tokenizer_model=tiny_corpus["tokenizer"])
+    config = mh.trainer_config(
+        "--sdpa-backend", "cudnn", "--transformer-impl", "local", tokenizer_model=tiny_corpus["tokenizer"]
+    )
+    assert config.model.sdpa_backend == "cudnn" and config.model.transformer_impl == "local"
+
+
 @pytest.mark.gpu
 def test_bf16_patch_model_forward_backward_on_gpu(model_parallel):
     from tests.loss_helpers import masked_mean
@@ -337,3 +386,14 @@ def test_sdpa_attention_matches_local_attention_bf16_on_gpu(model_parallel):
     expected = local(q, k, v, mask).float()
     got = sdpa(q, k, v, None).float()
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 2e-2
+    # --sdpa-backend cudnn (cuDNN's kernel where this GPU has it): the same output and input gradients
+    cudnn = SDPAttention(config, 1, AttnMaskType.causal, "self", backend="cudnn")
+    grads = {}
+    for name, module in (("auto", sdpa), ("cudnn", cudnn)):
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = module(*inputs, None).float()
+        assert ((out - expected).abs().max() / expected.abs().max()).item() < 2e-2, name
+        out.pow(2).sum().backward()
+        grads[name] = [t.grad.float() for t in inputs]
+    for auto, preferred in zip(grads["auto"], grads["cudnn"]):
+        assert ((preferred - auto).abs().max() / auto.abs().max()).item() < 2e-2
