@@ -200,10 +200,12 @@ def test_token_only_training_equals_stock_gpt_model(cpu_world, tiny_corpus, tmp_
         vp_stage,
         fused_rope,
         fused_cross_entropy,
+        sdpa_backend,
     ):
         from megatron_patch.architecture.specs import get_decoder_block_spec
 
         assert not fused_rope and not fused_cross_entropy  # stock megatron applies RoPE and scores itself
+        assert sdpa_backend == "auto"
 
         return StockGPT(
             config=config,
