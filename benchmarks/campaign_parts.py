@@ -107,6 +107,7 @@ def part_cost(c: Campaign) -> None:
     common += "--lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 5 --split 100,0,0 --eval-iters 0".split()
     common += ["--data-path", str(data / manifest["prefix"]), "--tokenizer-model", str(data / manifest["tokenizer"])]
     common += ["--log-interval", str(opts.cost_log_interval), "--data-cache-path", str(c.work / "data_cache")]
+    common += ["--num-workers", "2"]  # as the launch scripts: batches are read beside the steps, not between them
     failed = _cost_runs(c, part, common, levers, "")
     if failed is not None:
         record, output = failed

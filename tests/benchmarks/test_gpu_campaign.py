@@ -190,7 +190,8 @@ def test_rehearsal_cost_compares_two_stages_with_token_only_on_the_same_tokens(r
     assert {k: v["iterations"] for k, v in both["stages"].items()} == {"patch": 4, "token": 2}  # λ = 2/3 of 6 steps
     assert {k: v["iterations"] for k, v in only["stages"].items()} == {"token": 6}
     assert both["total_tokens"] == only["total_tokens"] == cost["tokens_per_run"] == 6 * 16 * 64
-    for flag in ("--bias-swiglu-fusion", "--rope-fusion", "--cross-entropy-fusion", "--torch-adam-impl fused"):
+    levers = ("--sdpa-backend cudnn", "--bias-swiglu-fusion", "--rope-fusion", "--cross-entropy-fusion")
+    for flag in (*levers, "--torch-adam-impl fused", "--num-workers 2"):
         assert all(flag in run["command"] for run in runs.values())  # the levers reach the trainer
     assert "fallback" not in cost and [run["role"] for run in runs.values()] == list(runs)
     assert "--micro-batch-size 2 --global-batch-size 16" in runs["two-stage"]["command"]
