@@ -139,6 +139,8 @@ def test_two_torchrun_agents_give_the_losses_of_one(tiny_corpus, tmp_path):
 # iteration $STEP_SAVES (none when empty), as a pre-empted run (torchrun exits 1 after a signal even
 # when its workers saved and exited 0) or a crash would
 SRUN_OUTCOME = """#!/usr/bin/env bash
+# scancel --signal=TERM --full reaches the batch shell too (its parent here)
+if [[ -n ${STEP_STOPPED_BY_HAND:-} ]]; then kill -TERM "$PPID"; sleep 0.2; fi
 if [[ -n $STEP_SAVES ]]; then echo "$STEP_SAVES" > "$SAVE/latest_checkpointed_iteration.txt"; fi
 exit "$STEP_STATUS"
 """
@@ -170,6 +172,17 @@ def test_a_step_that_saved_then_stopped_requeues_the_job(
     assert asked[1:] == ([f"requeue run-{os.getpid()}"] if requeued else []), asked
     if requeued:
         assert f"after saving iteration {step_saves} in {save}: requeueing job run-{os.getpid()}" in output, output
+
+
+def test_a_stop_by_hand_that_saved_ends_the_job_without_requeueing_it(tiny_corpus, tmp_path, monkeypatch):
+    """scancel --signal=TERM --full: the workers save and torchrun exits 1, as at the time limit, but
+    the batch shell was signalled too: the job ends (status 0) instead of being requeued."""
+    monkeypatch.setenv("STEP_SAVES", "40")
+    monkeypatch.setenv("STEP_STATUS", "1")
+    monkeypatch.setenv("STEP_STOPPED_BY_HAND", "1")
+    code, output = run_sbatch(tmp_path, "run", tiny_corpus, nodes=2, gpus_per_node=2, srun=SRUN_OUTCOME)
+    assert code == 0 and "requeue" not in (tmp_path / "scontrol.log").read_text(), output
+    assert f"stopped by hand after saving iteration 40 in {tmp_path / 'run'}: submit the script again" in output
 
 
 def test_requeue_can_be_turned_off(tiny_corpus, tmp_path, monkeypatch):
