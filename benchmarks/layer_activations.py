@@ -86,7 +86,7 @@ def run_layer_activations(opts) -> List[dict]:
             vocab,
             opts.seq_length,
             use_transformer_engine=TRANSFORMER_IMPLS[settings.transformer_impl],
-            fused_rope=settings.rope_fusion,
+            fused_rope=settings.attention_rope_fusion,
             fused_cross_entropy=settings.cross_entropy_fusion,
             sdpa_backend=settings.sdpa_backend,
         )

@@ -54,6 +54,12 @@ class ModelSettings:
     hidden_dropout: float = 0.0  # megatron's dropout after attention and MLP, and on the embeddings
     attention_dropout: float = 0.0  # on the attention probabilities
 
+    @property
+    def attention_rope_fusion(self) -> bool:
+        """``--rope-fusion`` as the local layers take it (RoPE inside the SDPA core attention);
+        with Transformer Engine it is megatron's ``apply_rope_fusion`` instead."""
+        return self.rope_fusion and self.transformer_impl != "transformer_engine"
+
     def transformer_config(self, cpu: bool) -> TransformerConfig:
         """megatron's config of this model; the loss is a sum over targets plus their count
         (``calculate_per_token_loss``), as the trainer and the evaluation reduce it.
@@ -79,7 +85,7 @@ class ModelSettings:
             recompute=self.recompute,
             calculate_per_token_loss=True,
             bias_activation_fusion=self.bias_swiglu_fusion,  # megatron's fused SwiGLU (no biases here)
-            apply_rope_fusion=self.rope_fusion and self.transformer_impl == "transformer_engine",  # TE's kernel
+            apply_rope_fusion=self.rope_fusion and not self.attention_rope_fusion,  # TE's kernel
             hidden_dropout=self.hidden_dropout,
             attention_dropout=self.attention_dropout,
             virtual_pipeline_model_parallel_size=self.virtual_pipeline_parallel,
@@ -100,7 +106,7 @@ def build_model(
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         use_transformer_engine=TRANSFORMER_IMPLS[settings.transformer_impl],
         vp_stage=vp_stage,
-        fused_rope=settings.rope_fusion and settings.transformer_impl != "transformer_engine",
+        fused_rope=settings.attention_rope_fusion,
         fused_cross_entropy=settings.cross_entropy_fusion,
         sdpa_backend=settings.sdpa_backend,
     )
