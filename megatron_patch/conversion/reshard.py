@@ -26,7 +26,10 @@ fixed batch within ``tolerance`` (max absolute difference).
 
 A write that fails (a full disk, a folder without permission: in megatron's write of the shards,
 the manifest, the metadata, the tracker or the final rename) is one CheckpointError, the same on
-every rank; the staged folder is removed and ``--save`` is left as it was.
+every rank; the staged folder is removed and ``--save`` is left as it was. One exception:
+megatron-core 0.16.1 writes ``common.pt`` on rank 0 alone before its collectives, so a failure
+there is rank 0's line while the other ranks wait in megatron's save until the launcher (torchrun)
+ends them (the trainer's saves share this).
 """
 
 import contextlib
