@@ -171,11 +171,16 @@ def checkpoint_to_resume(checkpoints: CheckpointSettings) -> Optional[str]:
         if not save:
             return found
         if os.path.realpath(os.path.dirname(found)) != os.path.realpath(save):
-            if saved is not None and _started_from(save, load):
-                raise CheckpointError(
-                    f"--save {save} already holds this run's checkpoints (latest iteration {saved}; it started "
-                    f"from --load {load}): pass --load {save} to resume it"
+            if saved is not None and _started_from(save, load):  # the same command again (a requeue)
+                logger.warning(
+                    "--save %s holds this run's checkpoints (it started from --load %s): resuming from its latest, "
+                    "iteration %s",
+                    save,
+                    load,
+                    saved,
                 )
+                folders.repair_tracker(save)
+                return folders.resolve_checkpoint(save)
             if saved is not None:
                 raise CheckpointError(
                     f"--save {save} already holds checkpoints of another run (latest iteration {saved}) than "
@@ -208,7 +213,8 @@ def checkpoint_to_resume(checkpoints: CheckpointSettings) -> Optional[str]:
 
 def _started_from(save: str, load: str) -> bool:
     """True when the latest checkpoint of ``save`` belongs to a run that started from ``--load load``
-    (a re-run of the command that forked a run from another's checkpoint)."""
+    (a re-run, e.g. requeued, of the command that forked a run from another's checkpoint: it resumes
+    from ``save``, not from ``load`` again)."""
     try:
         recorded = ckpt.read_metadata(folders.resolve_checkpoint(save)).get("args", {}).get("load")
     except CheckpointError:

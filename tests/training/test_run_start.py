@@ -66,6 +66,28 @@ def test_a_requeued_token_stage_resumes_from_load_not_from_the_pretrained_weight
     assert len(err) == 1 and "(weights only, no optimizer state): start the token stage from it with" in err[0], err
 
 
+def test_a_requeued_fork_resumes_from_its_own_save(cpu_world, tiny_corpus, tmp_path, caplog):
+    """`--load RUN/iter_N --save FORK` run again (a requeue runs the same command): it resumes from
+    FORK's latest checkpoint, not from RUN/iter_N (which would train those steps again and overwrite
+    FORK's), and ends as the uninterrupted fork does."""
+    run, fork = tmp_path / "run", tmp_path / "fork"
+    every = ("--eval-iters", "0", "--save-interval", "1", "--keep-last-checkpoints", "0")
+    assert cli.main(trainer_args(tiny_corpus, run, *every, train_iters=6)) == 0
+    boundary = folders.checkpoint_dir(str(run), 2)
+    argv = trainer_args(tiny_corpus, fork, "--load", boundary, *every, train_iters=6)
+    assert cli.main(argv) == 0
+    uninterrupted = train_records(fork)
+    assert sorted(uninterrupted) == [3, 4, 5, 6]
+    for iteration in (5, 6):  # as if killed after the save at 4
+        shutil.rmtree(folders.checkpoint_dir(str(fork), iteration))
+    (fork / folders.TRACKER).write_text("4\n")
+    assert cli.main(argv) == 0
+    assert f"--save {fork} holds this run's checkpoints (it started from --load {boundary}): resuming" in caplog.text
+    resumed = train_records(fork)
+    assert [resumed[i]["loss"] for i in (5, 6)] == [uninterrupted[i]["loss"] for i in (5, 6)]
+    assert folders.read_tracker(str(fork)) == 6
+
+
 def test_load_of_a_folder_never_created_starts_fresh(cpu_world, tiny_corpus, tmp_path, caplog):
     """A run killed during start-up never created its --save folder: a blind restart with --load
     of it starts from scratch, as with an empty folder."""
@@ -135,7 +157,6 @@ def test_a_failed_start_leaves_no_save_folder(cpu_world, tiny_corpus, tmp_path, 
         "pretrained_other_budget",
         "pretrained_other_tokenizer",
         "rollback_into_the_same_save",
-        "rerun_of_a_fork",
         "rollback_with_a_trailing_slash",
         "changed_lr",
         "changed_optimizer_sharding",
@@ -223,15 +244,6 @@ def test_bad_load_and_flags_give_one_line_errors(cpu_world, tiny_corpus, tmp_pat
         argv = trainer_args(tiny_corpus, None, "--stage", "token", "--pretrained-checkpoint", boundary, train_iters=3)
         argv[argv.index("--tokenizer-model") + 1] = str(other) + ".model"
         expected = "was trained with another tokenizer"
-    elif case == "rerun_of_a_fork":  # a requeue of `--load RUN/iter_2 --save FORK`: FORK's checkpoints are its own
-        fork, boundary = tmp_path / "fork", folders.checkpoint_dir(str(run), 2)
-        argv = trainer_args(tiny_corpus, fork, "--load", boundary, "--eval-iters", "0", train_iters=3)
-        assert cli.main(argv) == 0
-        capsys.readouterr()
-        expected = (
-            f"--save {fork} already holds this run's checkpoints (latest iteration 3; it started from --load "
-            f"{boundary}): pass --load {fork} to resume it"
-        )
     elif case == "rollback_into_the_same_save":  # it would keep the old iteration 3 and prune its own
         argv = trainer_args(tiny_corpus, run, "--load", folders.checkpoint_dir(str(run), 2), train_iters=3)
         expected = "is iteration 2 but --save " + str(run) + " also holds the later checkpoints 3"
