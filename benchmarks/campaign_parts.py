@@ -16,7 +16,6 @@ from campaign_logs import junit_counts, pytest_log_counts, throughput_partial_ro
 from campaign_options import (
     ACCUM_RUN,
     ACTIVATION_RUNS,
-    ALL_LEVERS,
     ALL_SIZES_RUNS,
     COST_RUNS,
     KERNEL_TABLE_ROWS,
@@ -31,8 +30,13 @@ from campaign_runner import REPO_ROOT, Campaign
 PY = sys.executable
 
 
+# the targets are judged without Transformer Engine, and --sdpa-backend is the local layers' (auto would
+# pick TE where it imports)
+LOCAL_LAYERS = ["--transformer-impl", "local"]
+
+
 def _model_flags(opts, model: str = "370m") -> List[str]:
-    return ["--cpu"] if opts.cpu else ["--model", model, "--seq-length", str(opts.seq_length)]
+    return LOCAL_LAYERS + (["--cpu"] if opts.cpu else ["--model", model, "--seq-length", str(opts.seq_length)])
 
 
 def part_tests(c: Campaign) -> None:
@@ -60,9 +64,14 @@ def part_throughput(c: Campaign) -> None:
             steps, warmup, micro = (opts.accum_steps, opts.accum_warmup, opts.accum_microbatches)
         sweep = f"--micro-batch-size {sizes} --patch-sizes 1,4 --steps {steps} --warmup {warmup}"
         cmd = [PY, "benchmarks/throughput.py", *_model_flags(opts), *sweep.split(), "--num-microbatches", str(micro)]
-        cmd += [*THROUGHPUT_RUNS[name], "--output-json", str(json_path)]
+        levers = lever_flags(THROUGHPUT_RUNS[name], without=c.failed_levers)
+        cmd += [*levers, "--output-json", str(json_path)]
         cmd += ["--kernel-table", str(KERNEL_TABLE_ROWS)] if name in KERNEL_TABLE_RUNS else []
         record, output = c.run(part, name, cmd, num_microbatches=micro)
+        if name in LEVERS and lever_failure(record, levers):  # a lever alone failed: left out from here on
+            reason = f"the {name} run {record['status']}: {_error_line(output)}"
+            c.failed_levers[name] = part.setdefault("dropped_levers", {})[name] = reason
+            print(f"[throughput] {reason}; the later runs and the cost part leave {name} out", flush=True)
         if record["status"] == "ok" and json_path.exists():
             record["payload"] = json.loads(json_path.read_text())
         else:
@@ -70,9 +79,14 @@ def part_throughput(c: Campaign) -> None:
         c.save()
 
 
-def lever_flags(names: List[str]) -> List[str]:
-    """The trainer flags of ``--cost-levers`` names (all, none, or lever names)."""
-    return [flag for name in names for flag in {"all": ALL_LEVERS, "none": [], **LEVERS}[name]]
+def lever_names(names: List[str]) -> List[str]:
+    """The levers ``--cost-levers``-style names (all, none, or lever names) stand for."""
+    return [lever for name in names for lever in {"all": list(LEVERS), "none": []}.get(name, [name])]
+
+
+def lever_flags(names: List[str], without=()) -> List[str]:
+    """The trainer flags of ``names`` (:func:`lever_names`), less the levers in ``without``."""
+    return [flag for lever in lever_names(names) if lever not in without for flag in LEVERS[lever]]
 
 
 def lever_failure(record: dict, levers: List[str]) -> bool:
@@ -93,13 +107,16 @@ def part_cost(c: Campaign) -> None:
     with an error (a lever's compile, say), both runs again without levers in the time left, so that
     the cost targets are still measured, and the part records which levers and why."""
     opts, manifest, data = c.opts, c.opts.manifest, Path(c.opts.data_dir)
-    levers = lever_flags(opts.cost_levers)
+    levers = lever_flags(opts.cost_levers, without=c.failed_levers)
     model = ["--model", "370m", "--bf16", "--seq-length", str(opts.seq_length)]
-    model = ["--model", "tiny", "--cpu"] if opts.cpu else model
+    model = LOCAL_LAYERS + (["--model", "tiny", "--cpu"] if opts.cpu else model)
     setting = f"{'tiny, CPU' if opts.cpu else '370m, bf16'}, {opts.cost_steps} steps of {opts.cost_global_batch} x "
     setting += f"{opts.seq_length} tokens, micro-batch {opts.cost_micro_batch}, levers: {' '.join(levers) or 'none'}"
     tokens = opts.cost_steps * opts.cost_global_batch * opts.seq_length
     part = c.begin("cost", setting=setting, data=manifest, tokens_per_run=tokens, levers=levers)
+    dropped = {name: why for name, why in c.failed_levers.items() if name in lever_names(opts.cost_levers)}
+    if dropped:  # failed alone in the throughput part
+        part["dropped_levers"] = dropped
     if manifest["plan"] != cost_plan(opts):
         part["note"] = f"data prepared for {manifest['plan']}: documents may repeat, or go unread"
     common = [PY, "examples/pretrain_patch_gpt.py", *model, "--micro-batch-size", str(opts.cost_micro_batch)]

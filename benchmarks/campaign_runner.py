@@ -17,7 +17,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 from campaign_options import ACCUM_RUN, COST_RUNS, TESTS_RUN
 from campaign_summary import summary_markdown
@@ -70,6 +70,7 @@ class Campaign:
         self.state.update(argv=list(argv), plan={part: runs[part] for part in opts.parts}, elapsed_s=0.0, parts={})
         self.part_end, self.log = math.inf, self.out / LOG_NAME
         self.log.write_text("")
+        self.failed_levers: Dict[str, str] = {}  # lever -> why: a lever whose run alone failed, left out after
 
     def begin(self, name: str, **fields) -> dict:
         """Start part ``name``: its budget, and with a deadline also what earlier parts left, but never

@@ -45,7 +45,15 @@ def _throughput_lines(part: dict) -> List[str]:
         "larger of the two rows' max - min step time over base's median. A lever helps where its gain, at K=1 "
         "and at K=4, exceeds both its noise and 1% (the runs are separate processes)."
     )
-    return [title, ""] + _table(header, rows) + ([note, ""] if gains else [])
+    return [title, ""] + _dropped_lines(part) + _table(header, rows) + ([note, ""] if gains else [])
+
+
+def _dropped_lines(part: dict) -> List[str]:
+    """The levers a part left out after each failed alone (``campaign_parts``), and why."""
+    dropped = part.get("dropped_levers", {})
+    return [f"Left out after its own run failed: {name} ({why})." for name, why in dropped.items()] + (
+        [""] if dropped else []
+    )
 
 
 def _cost_lines(part: dict) -> List[str]:
@@ -63,7 +71,7 @@ def _cost_lines(part: dict) -> List[str]:
             cells += [fmt(rate and rate["tokens_per_s"], ",.0f"), fmt(rate and rate["mfu"], ".3f", "n/a")]
             rows.append(cells + [fmt(s and s.get("peak_memory_gib"), ".2f", "n/a")])
     header = ["run", "stage", "steps", "tokens", "wall s", "tokens/s (wall)", "tokens/s (steady)", "MFU (steady)"]
-    lines = [f"## End-to-end cost in the trainer ({part['setting']})", ""]
+    lines = [f"## End-to-end cost in the trainer ({part['setting']})", ""] + _dropped_lines(part)
     if part.get("fallback"):
         fb = part["fallback"]
         lines += [

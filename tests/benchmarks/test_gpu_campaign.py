@@ -22,6 +22,7 @@ from tests.benchmarks.campaign_helpers import (
     campaign_carry,
     campaign_corpus,
     campaign_options,
+    campaign_parts,
     device_call_settings,
     device_command,
     gpu_campaign,
@@ -33,15 +34,19 @@ from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow  # whole-pipeline subprocess runs: scheduled first (tests/conftest.py)
 
-# makes the cost part's two-stage run with levers exit with an error at its start, as a lever's failed
-# compile would: a sitecustomize.py on the campaign's PYTHONPATH (its runs inherit it); nothing in the
-# campaign knows of it
+# makes the cudnn throughput run and the cost part's two-stage run with levers exit with an error at
+# their start, as a kernel's failure or a lever's failed compile would: a sitecustomize.py on the
+# campaign's PYTHONPATH (its runs inherit it); nothing in the campaign knows of it
 FAILING_LEVERS = """import os, sys
+def fail(why):
+    sys.stderr.write("error: injected by test_gpu_campaign.py: " + why + "\\n")
+    sys.stderr.flush()
+    os._exit(1)
 if sys.argv[:1] and sys.argv[0].endswith("pretrain_patch_gpt.py") and "both" in sys.argv:
     if "--bias-swiglu-fusion" in sys.argv:
-        sys.stderr.write("error: injected by test_gpu_campaign.py: the fused SwiGLU failed to compile\\n")
-        sys.stderr.flush()
-        os._exit(1)
+        fail("the fused SwiGLU failed to compile")
+if sys.argv[:1] and sys.argv[0].endswith("throughput.py") and "cudnn" in sys.argv:
+    fail("cuDNN's attention failed")
 """
 
 
@@ -60,7 +65,8 @@ def rehearsal(tmp_path_factory):
     (hook / "sitecustomize.py").write_text(FAILING_LEVERS)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
-    fallback_args = ["--parts", "cost", "--data-dir", DATA_DIR, "--out", "$OUT"]
+    fallback_args = ["--parts", "throughput,cost", "--throughput-runs", "cudnn,base", "--micro-batch-sizes", "2"]
+    fallback_args += ["--data-dir", DATA_DIR, "--out", "$OUT"]
     with open(root / "fallback.txt", "w") as printed:
         fallback = subprocess.Popen(
             rehearsal_argv(fallback_args, root / "fallback", data),
@@ -152,7 +158,7 @@ def test_rehearsal_runs_every_part_and_writes_its_outputs(rehearsal):
 def test_rehearsal_throughput_runs_each_lever_and_the_accumulated_step(rehearsal):
     """all-accum, base and all at both micro-batch sizes; each lever alone at the first."""
     runs = {run["name"]: run for run in read_part(rehearsal["out"], "throughput")["runs"]}
-    assert list(runs) == ["all-accum", "base", "all", "cudnn", "swiglu", "rope", "ce", "adam"]
+    assert list(runs) == ["cudnn", "all-accum", "base", "all", "swiglu", "rope", "ce", "adam"]
     levers = {"swiglu": "bias_swiglu_fusion", "rope": "rope_fusion", "ce": "cross_entropy_fusion"}
     for name, run in runs.items():
         assert run["status"] == "ok", run
@@ -164,6 +170,7 @@ def test_rehearsal_throughput_runs_each_lever_and_the_accumulated_step(rehearsal
         for lever, key in levers.items():
             assert settings[key] is (lever in on), (name, key)
         assert settings["sdpa_backend"] == ("cudnn" if "cudnn" in on else "auto"), name
+        assert settings["transformer_impl"] == "local", name  # never TE, where it imports
         assert settings["torch_adam_impl"] == ("fused" if "adam" in on else "foreach")
         rows = run["payload"]["results"]
         assert [(r["micro_batch_size"], r["patch_size"]) for r in rows] == [(b, k) for b in sizes for k in (1, 4)]
@@ -191,7 +198,7 @@ def test_rehearsal_cost_compares_two_stages_with_token_only_on_the_same_tokens(r
     assert {k: v["iterations"] for k, v in only["stages"].items()} == {"token": 6}
     assert both["total_tokens"] == only["total_tokens"] == cost["tokens_per_run"] == 6 * 16 * 64
     levers = ("--sdpa-backend cudnn", "--bias-swiglu-fusion", "--rope-fusion", "--cross-entropy-fusion")
-    for flag in (*levers, "--torch-adam-impl fused", "--num-workers 2"):
+    for flag in (*levers, "--torch-adam-impl fused", "--num-workers 2", "--transformer-impl local"):
         assert all(flag in run["command"] for run in runs.values())  # the levers reach the trainer
     assert "fallback" not in cost and [run["role"] for run in runs.values()] == list(runs)
     assert "--micro-batch-size 2 --global-batch-size 16" in runs["two-stage"]["command"]
@@ -229,23 +236,25 @@ def test_the_cost_part_falls_back_to_no_levers_when_the_two_stage_run_fails(rehe
     cost = read_part(out, "cost")
     runs = cost["runs"]
     assert [(r["name"], r["role"], r["status"]) for r in runs] == [
-        ("two-stage", "two-stage", "failed (exit 1)"),
+        ("two-stage", "two-stage", "failed (exit 1)"),  # without cudnn, which failed alone before
         ("two-stage (no levers)", "two-stage", "ok"),
         ("token-only (no levers)", "token-only", "ok"),
     ]
     assert "--bias-swiglu-fusion" in runs[0]["command"] and runs[0]["levers"] != "none"
+    assert "cudnn" not in runs[0]["command"] and list(cost["dropped_levers"]) == ["cudnn"]
     for run in runs[1:]:
         assert run["levers"] == "none" and "fusion" not in run["command"] and "fused" not in run["command"]
     fallback = cost["fallback"]
     assert fallback["cost_levers"] == ["all"] and fallback["rerun_with"] == "none"
-    assert fallback["flags"] == campaign_options.ALL_LEVERS and cost["levers"] == []
+    without_cudnn = campaign_parts.lever_flags(["all"], without={"cudnn"})
+    assert fallback["flags"] == without_cudnn and cost["levers"] == []
     assert fallback["reason"].startswith("the two-stage run failed (exit 1) after ")
     assert fallback["reason"].endswith("error: injected by test_gpu_campaign.py: the fused SwiGLU failed to compile")
     assert {k: v["iterations"] for k, v in runs[1]["summary"]["stages"].items()} == {"patch": 4, "token": 2}
     for key in ("wall_ratio", "steady_ratio", "trainer_ratio"):
         assert cost["figures"][key] > 0, key
     text = (out / "summary.md").read_text()
-    assert f"Fallback: with --cost-levers all ({' '.join(campaign_options.ALL_LEVERS)}" in text
+    assert f"Fallback: with --cost-levers all ({' '.join(without_cudnn)}" in text
     assert "injected by" in text
     assert "## Targets" in text and "## Not finished" not in text  # a failed run is not rerun
 
@@ -287,3 +296,17 @@ def test_what_travels_fits_the_device_limit(rehearsal):
         assert real < data and tree + carried < 64 * MIB
         lines = campaign_carry.carry_lines(REPO_ROOT, prepared)
         assert not any(line.startswith("error") for line in lines), lines
+
+
+@CPU_ONLY
+def test_a_lever_that_fails_alone_is_left_out_of_the_later_runs(rehearsal):
+    """cudnn runs first and alone (made to fail, above): the part records why, the summary says so,
+    and base still runs; the cost part's runs leave it out (test above)."""
+    throughput = read_part(rehearsal["fallback_out"], "throughput")
+    runs = {run["name"]: run for run in throughput["runs"]}
+    assert [(name, run["status"]) for name, run in runs.items()] == [("cudnn", "failed (exit 1)"), ("base", "ok")]
+    why = throughput["dropped_levers"]["cudnn"]
+    assert why.startswith("the cudnn run failed (exit 1): ")
+    assert why.endswith("injected by test_gpu_campaign.py: cuDNN's attention failed")
+    text = (rehearsal["fallback_out"] / "summary.md").read_text()
+    assert text.count("Left out after its own run failed: cudnn (the cudnn run failed (exit 1)") == 2  # both parts
