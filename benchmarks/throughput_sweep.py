@@ -115,8 +115,8 @@ def _sweep(opts, model, optimizer, scheduler, recompute, per_position, peak_tflo
             if opts.kernel_table and b == opts.micro_batch_size[0]:  # one more step, after the timed ones
                 try:
                     row["kernel_profile"] = profile_step(step, cuda, opts.kernel_table)
-                except torch.OutOfMemoryError as error:  # the row's figures stand; the profile is lost
-                    row["kernel_profile_error"] = "OOM: " + str(error).split("\n")[0][:160]
+                except (torch.OutOfMemoryError, NonFiniteLossError) as error:  # the row's figures stand
+                    row["kernel_profile_error"] = f"{type(error).__name__}: " + str(error).split("\n")[0][:160]
         if "error" in row:  # leave the model and optimizer clean for the next configuration
             for chunk in model:
                 chunk.zero_grad_buffer()

@@ -75,17 +75,23 @@ def write_with(path: str, write: Callable[[str], None]) -> None:
         raise
 
 
+# what file systems answer that cannot open or flush a folder (network and FUSE ones among them):
+# the rename stands, only its flush is not possible there
+FOLDER_SYNC_REFUSED = (errno.EINVAL, errno.EBADF, errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
 def sync_folder(folder: str) -> None:
     """Flush ``folder``'s entries (the names renamed or created in it) to disk, where the file system
-    can (some refuse a folder's fsync: EINVAL, then nothing more can be done)."""
-    fd = os.open(folder, os.O_RDONLY)
+    can; one that refuses (:data:`FOLDER_SYNC_REFUSED`) is left as it is, other errors (EIO) raise."""
     try:
-        os.fsync(fd)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as error:
-        if error.errno != errno.EINVAL:
+        if error.errno not in FOLDER_SYNC_REFUSED:
             raise
-    finally:
-        os.close(fd)
 
 
 def write_text(path: str, text: str) -> None:

@@ -58,8 +58,14 @@ def init_distributed(cpu: bool, timeout_minutes: int = 30) -> None:
         store = dist.HashStore()
         dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
         return
-    if not cpu:  # modulo: a task that sees only its own GPU (srun --gpus-per-task=1) takes device 0
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    if not cpu:
+        local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= visible and visible != 1:  # one visible GPU: a task of srun --gpus-per-task=1
+            raise ArgumentError(
+                f"local rank {local_rank} but this node shows {visible} GPU(s) (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most {visible} processes per node"
+            )
+        torch.cuda.set_device(local_rank if local_rank < visible else 0)
     dist.init_process_group(backend=backend, timeout=timeout)
 
 

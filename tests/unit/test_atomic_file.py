@@ -2,6 +2,7 @@
 new one; a failed write leaves no temporary file; a killed writer's temporary file is removed by
 the next write of the same file, and nothing of a live writer, another host or another file."""
 
+import errno
 import json
 import os
 import socket
@@ -58,3 +59,24 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
     assert not os.path.exists(killed)
     assert all(os.path.exists(path) for path in (live, other_host, other_file))
     assert json.loads((tmp_path / "summary.json").read_text()) == {"loss": 1.5}
+
+
+@pytest.mark.parametrize("refusal", [errno.EINVAL, errno.EACCES, errno.EIO])
+def test_a_folder_that_cannot_be_flushed_keeps_the_write_unless_the_disk_failed(tmp_path, monkeypatch, refusal):
+    """The folder's fsync after the rename: a file system that refuses it (EINVAL, EACCES: network and
+    FUSE ones) leaves the written file in place; an I/O error is one."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(refusal, os.strerror(refusal))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = tmp_path / "record.json"
+    if refusal == errno.EIO:
+        with pytest.raises(OSError, match=os.strerror(errno.EIO)):
+            atomic_file.write_text(str(path), "new\n")
+    else:
+        atomic_file.write_text(str(path), "new\n")
+    assert path.read_text() == "new\n"  # renamed in either case; only its flush failed
