@@ -72,10 +72,10 @@ def _model_of(info) -> str:
     return f"preset {info.preset.name}, T={info.seq_length}, {info.padded_vocab_size} vocabulary rows, {dtype}"
 
 
-def _check_outputs(args, infos: list) -> None:
+def _check_outputs(args, infos: list, inputs: list) -> None:
     """``--output-json``: one file per ``--load`` checkpoint, each distinct; none a folder, inside a
-    checkpoint or its run, or a file the call reads (its data, its tokenizer)."""
-    from megatron_patch.data.inputs import expand_inputs
+    checkpoint or its run, or a file the call reads (its data, its tokenizer; ``inputs``: the
+    ``--input`` files, ``expand_inputs``'s)."""
     from megatron_patch.errors import ArgumentError
     from megatron_patch.evaluation.report_file import check_report_path, checkpoint_folders
 
@@ -90,7 +90,7 @@ def _check_outputs(args, infos: list) -> None:
     if args.data_path:
         read_files = [("--data-path", args.data_path + extension) for extension in (".bin", ".idx")]
     else:
-        read_files = [("--input", file.path) for file in expand_inputs(args.input)]
+        read_files = [("--input", file.path) for file in inputs]
     if args.tokenizer_model:
         read_files.append(("--tokenizer-model", args.tokenizer_model))
     read_files += [("the tokenizer", info.tokenizer_model) for info in infos if info.tokenizer_model]
@@ -137,12 +137,12 @@ def _run(args) -> None:
         raise ArgumentError(f"--json-keys {' '.join(json_keys)}: evaluate one key at a time")
     if args.max_documents is not None and args.max_documents < 1:
         raise ArgumentError(f"--max-documents {args.max_documents} must be >= 1")
-    if args.data_path:  # the data's files found before the checkpoints are read (their check is the long one)
+    # the data's files found before the checkpoints are read (their check is the long one)
+    inputs = [] if args.data_path else expand_inputs(args.input)
+    if args.data_path:
         check_prefix(args.data_path)
-    else:
-        expand_inputs(args.input)
     infos = _read_checkpoints(args)
-    _check_outputs(args, infos)
+    _check_outputs(args, infos, inputs)
     info = infos[0]  # the model every checkpoint shares
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     virtual = checkpoint_info.check_layout(

@@ -68,8 +68,11 @@ def get_local_layer_spec(fused_rope_base: Optional[float] = None, sdpa_backend: 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
-    options = {"rotary_base": fused_rope_base} if fused_rope_base is not None else {}
-    options.update({"backend": sdpa_backend} if sdpa_backend != "auto" else {})
+    options = {}
+    if fused_rope_base is not None:
+        options["rotary_base"] = fused_rope_base
+    if sdpa_backend != "auto":
+        options["backend"] = sdpa_backend
     core_attention = functools.partial(SDPAttention, **options) if options else SDPAttention
     spec.submodules.self_attention.submodules.core_attention = core_attention
     return spec
