@@ -176,6 +176,7 @@ def measure(opts, work: Path) -> tuple[dict, list[dict]]:
                 str(opts.vocab_size),
                 "--output-prefix",
                 str(prefix),
+                "--force",  # a --work-dir used before holds the last run's tokenizer
             ],
             capture_output=True,
             text=True,

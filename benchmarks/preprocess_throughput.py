@@ -143,6 +143,7 @@ def measure(opts, work: Path, size: int) -> tuple[dict, list[dict], bool]:
                 str(opts.tokenizer_sample_lines),
                 "--output-prefix",
                 str(prefix),
+                "--force",  # a --work-dir used before holds the last run's tokenizer
             ],
         )
         tokenizer.update(

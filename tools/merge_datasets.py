@@ -8,8 +8,9 @@ Examples::
 
 ``--input`` takes prefixes (without .bin/.idx), each once, or one folder, whose pairs are merged in
 natural name order (``x_2`` before ``x_10``). ``--output-prefix`` is the full prefix of the merged
-pair; its folder must exist, and it must not name a pair of the input folder. The merged pair is
-written under temporary names and renamed when complete. Documents keep their order, so merging
+pair; its folder must exist, and it must not name an input pair. An existing pair there is
+replaced only with ``--force``. The merged pair is written under temporary names and renamed when
+complete. Documents keep their order, so merging
 the shards of ``tools/preprocess_data.py --partitions N --no-merge-partitions`` gives the same
 bytes as a run without partitions (without ``--no-merge-partitions`` that tool merges its shards
 itself).
@@ -33,15 +34,22 @@ import warnings
 if __package__ in (None, ""):  # run as `python tools/merge_datasets.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_patch.errors import DataError  # noqa: E402
+from megatron_patch.errors import ArgumentError, DataError  # noqa: E402
 from megatron_patch.runtime.command import ArgumentParser, run_main  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="tools/merge_datasets.py", description=__doc__.split("\n")[0])
     parser.add_argument("--input", nargs="+", required=True, help="prefixes, or one folder")
-    parser.add_argument("--output-prefix", required=True, help="prefix of the merged .bin/.idx")
-    return parser.parse_args(argv)
+    parser.add_argument("--output-prefix", required=True, help="prefix of the merged .bin/.idx (see --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing merged .bin/.idx")
+    args = parser.parse_args(argv)
+    if args.output_prefix.endswith((".bin", ".idx")):
+        raise ArgumentError(
+            f"--output-prefix '{args.output_prefix}' ends with {args.output_prefix[-4:]}, and the merge would be "
+            f"written as {os.path.basename(args.output_prefix)}.bin; give the prefix without .bin/.idx"
+        )
+    return args
 
 
 def resolve_inputs(inputs: list[str], output_prefix: str) -> list[str]:
@@ -61,9 +69,8 @@ def resolve_inputs(inputs: list[str], output_prefix: str) -> list[str]:
         prefixes = prefixes_in_folder(folders[0])
         if not prefixes:
             raise DataError(f"folder '{folders[0]}' holds no .bin/.idx pair to merge; check --input")
-        output = os.path.realpath(output_prefix + ".bin")
         for prefix in prefixes:
-            if os.path.realpath(prefix + ".bin") == output:
+            if _same_pair(prefix, output_prefix):
                 raise DataError(
                     f"folder '{folders[0]}' holds the pair {os.path.basename(prefix)} that --output-prefix "
                     f"'{output_prefix}' would overwrite; choose another --output-prefix (another name or folder)"
@@ -75,8 +82,20 @@ def resolve_inputs(inputs: list[str], output_prefix: str) -> list[str]:
         if prefix.endswith((".bin", ".idx")):
             raise DataError(f"--input '{prefix}': give the prefix without .bin/.idx")
         check_prefix(prefix)
+        if _same_pair(prefix, output_prefix):
+            raise DataError(
+                f"--output-prefix '{output_prefix}' would overwrite the input pair --input '{prefix}'; choose "
+                f"another --output-prefix (another name or folder)"
+            )
         note_named_once(named, prefix, os.path.realpath(prefix + ".bin"), "prefix")
     return list(inputs)
+
+
+def _same_pair(prefix: str, output_prefix: str) -> bool:
+    """Whether writing ``output_prefix`` would replace a file of the pair ``prefix`` (its .bin or
+    .idx, compared by realpath: a link or another spelling of the path is the same file)."""
+    inputs = {os.path.realpath(prefix + ext) for ext in (".bin", ".idx")}
+    return any(os.path.realpath(output_prefix + ext) in inputs for ext in (".bin", ".idx"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,12 +107,13 @@ def main(argv: list[str] | None = None) -> int:
 def _merge(argv: list[str] | None) -> None:
     args = parse_args(argv)
     from megatron_patch.data.indexed import merge_datasets, verify_dataset
-    from megatron_patch.data.staging import StagedOutputs, output_folder
+    from megatron_patch.data.staging import StagedOutputs, check_outputs, output_folder
 
     start = time.time()
     folder = output_folder(args.output_prefix)
-    prefixes = resolve_inputs(args.input, args.output_prefix)
-    with StagedOutputs(folder, "merge_datasets") as staged:
+    prefixes = resolve_inputs(args.input, args.output_prefix)  # refuses an output that is an input pair
+    check_outputs([args.output_prefix + ".bin", args.output_prefix + ".idx"], args.force)
+    with StagedOutputs(folder, "merge_datasets", force=args.force) as staged:
         bin_path = staged.path(args.output_prefix + ".bin")
         idx_path = staged.path(args.output_prefix + ".idx")
         counts = merge_datasets(prefixes, bin_path, idx_path)
@@ -106,6 +126,8 @@ def _merge(argv: list[str] | None) -> None:
     for prefix in prefixes:
         print(f"  from {prefix}")
     print(f"wrote {' and '.join(paths)} in {time.time() - start:.1f} s")
+    for path in staged.replaced:
+        print(f"replaced {path}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ Example::
     python tools/train_tokenizer.py --input corpus/train.jsonl.xz \\
         --vocab-size 32000 --output-prefix tokenizers/spm32k
 
-writes ``tokenizers/spm32k.model`` and ``tokenizers/spm32k.vocab`` (both atomically). Special ids:
+writes ``tokenizers/spm32k.model`` and ``tokenizers/spm32k.vocab`` (both atomically). Existing
+ones are replaced only with ``--force``: a new model gives other ids, so every ``.bin`` made with
+the old one would no longer match it. Special ids:
 0 ``<unk>``, 1 ``<s>``, 2 ``</s>`` (end of document, the tokenizer's ``eod``), 3 ``<pad>``;
 see ``megatron_patch/data/tokenizer.py``.
 
@@ -43,7 +45,7 @@ from megatron_patch.data.inputs import (  # noqa: E402
     iter_lines,
     parse_line,
 )
-from megatron_patch.data.staging import StagedOutputs, output_folder  # noqa: E402
+from megatron_patch.data.staging import StagedOutputs, check_outputs, output_folder  # noqa: E402
 from megatron_patch.errors import ArgumentError, DataError  # noqa: E402
 from megatron_patch.runtime.command import ArgumentParser, run_main  # noqa: E402
 
@@ -58,6 +60,9 @@ WHITESPACE_MARK = "\u2581"
 MAX_THREADS = 1024
 """SentencePiece's limit on ``num_threads``."""
 
+MIN_VOCAB_SIZE = 300
+"""The smallest ``--vocab-size``: the 256 byte pieces, the 4 special ones, and some merged pieces."""
+
 SPECIAL_PIECES = {"unk": (0, "<unk>"), "bos": (1, "<s>"), "eos": (2, "</s>"), "pad": (3, "<pad>")}
 
 
@@ -66,7 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--input", nargs="+", required=True, help="files or quoted globs")
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys of the text")
     parser.add_argument("--vocab-size", type=int, default=32000)
-    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.model, PREFIX.vocab")
+    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.model, PREFIX.vocab (see --force)")
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing PREFIX.model/.vocab (its .bin files no longer match)"
+    )
     parser.add_argument(
         "--input-sentence-size",
         type=int,
@@ -79,12 +87,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-threads", type=int, default=min(os.cpu_count() or 1, MAX_THREADS))
     parser.add_argument("--skip-bad-lines", action="store_true", help="skip unusable lines")
     args = parser.parse_args(argv)
-    if args.vocab_size < 300:
+    if args.vocab_size < MIN_VOCAB_SIZE:
         raise ArgumentError(
             f"--vocab-size {args.vocab_size} is too small: 256 byte pieces and 4 special pieces "
-            f"are always in the vocabulary; use at least 300 (e.g. 32000)"
+            f"are always in the vocabulary; use at least {MIN_VOCAB_SIZE} (e.g. 32000)"
         )
-    _check_range("--vocab-size", args.vocab_size, 300, 2**31 - 1, "SentencePiece's 32-bit limit; e.g. 32000")
+    _check_range("--vocab-size", args.vocab_size, MIN_VOCAB_SIZE, 2**31 - 1, "SentencePiece's 32-bit limit; e.g. 32000")
     _check_range("--seed", args.seed, 0, 2**32 - 1, "SentencePiece's seeds are unsigned 32-bit; default 1234")
     _check_range("--num-threads", args.num_threads, 1, MAX_THREADS, "SentencePiece's limit; e.g. the number of cores")
     if not 0.98 <= args.character_coverage <= 1.0:
@@ -199,6 +207,19 @@ def train(args: argparse.Namespace, sentences: list[str]) -> bytes:
                 f"special ones); raise --vocab-size above that, or lower --character-coverage (down to "
                 f"0.98) so that the rarest characters are encoded as bytes instead"
             ) from None
+        most = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", reason)
+        if most and int(most.group(1)) < MIN_VOCAB_SIZE:
+            raise DataError(
+                f"the corpus is too small for a tokenizer: SentencePiece finds at most {most.group(1)} pieces in "
+                f"its {len(sentences)} training lines, fewer than the smallest --vocab-size, {MIN_VOCAB_SIZE}; "
+                f"give more text (--input)"
+            ) from None
+        if most:
+            raise DataError(
+                f"--vocab-size {args.vocab_size} is too large for the corpus: SentencePiece finds at most "
+                f"{most.group(1)} pieces in its {len(sentences)} training lines; lower --vocab-size to "
+                f"{most.group(1)} or less, or give more text"
+            ) from None
         raise DataError(f"SentencePiece training failed: {reason}; lower --vocab-size or give more text") from None
     return model.getvalue()
 
@@ -243,8 +264,9 @@ def _train_tokenizer(argv: list[str] | None) -> None:
     start = time.time()
     args = parse_args(argv)
     folder = output_folder(args.output_prefix)
+    check_outputs([args.output_prefix + ".model", args.output_prefix + ".vocab"], args.force)
     # staged before training, so an unwritable folder is reported at once, not after it
-    with StagedOutputs(folder, "train_tokenizer") as staged:
+    with StagedOutputs(folder, "train_tokenizer", force=args.force) as staged:
         sentences, seen, bad, too_long = sample_sentences(args)
         logger.info("training on %d of %d lines", len(sentences), seen)
         proto = train(args, sentences)
@@ -261,6 +283,8 @@ def _train_tokenizer(argv: list[str] | None) -> None:
         f"{too_long} lines over {MAX_SENTENCE_BYTES} bytes left out)"
     )
     print(f"wrote {' and '.join(paths)} in {time.time() - start:.1f} s")
+    for path in staged.replaced:
+        print(f"replaced {path}")
 
 
 if __name__ == "__main__":

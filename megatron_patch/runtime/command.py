@@ -8,7 +8,9 @@ The trainer (``training/cli.py``) and every tool in ``tools/`` parse their flags
   process exits with the error type's exit code (2 bad input, 1 a failed self-check or a diverged
   run), without a traceback;
 * anything else is a bug, or a failure of torch, megatron or the machine: it is printed with its
-  traceback and one closing line naming where it was raised (exit code 1).
+  traceback and one closing line naming where it was raised (exit code 1);
+* Ctrl-C (a ``KeyboardInterrupt``) is one line ``error: interrupted; ...`` saying what was left,
+  exit code 130 (128 + SIGINT, as a shell reports it).
 
 Progress goes to stdout through ``logging`` (INFO on rank 0, WARNING elsewhere); only a tool's
 final report is printed.
@@ -16,6 +18,7 @@ final report is printed.
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -106,22 +109,37 @@ def configure_logging(name: str) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
 
 
+INTERRUPTED_EXIT_CODE = 130
+"""What a command stopped by Ctrl-C (SIGINT) returns: 128 + the signal's number, as shells report it."""
+
+
 def run_main(body: Callable[[], Optional[int]], *, io_errors_are_user_errors: bool = False) -> int:
     """Run a command's body; returns its exit code (``body``'s return value, or 0).
 
     ``io_errors_are_user_errors``: also report an ``OSError`` (a full disk, a read-only folder met
     while writing outputs) as one line, exit code 2; for tools whose outputs are staged, so nothing
-    is left behind then.
+    is left behind then, nor after Ctrl-C (which says so).
     """
     end_forked_children_with_parent()  # a command killed outright leaves no forked helper behind
     try:
         code = body()
+    except KeyboardInterrupt:
+        left = (
+            "nothing was written (outputs are renamed into place only when complete)"
+            if io_errors_are_user_errors
+            else "what it had finished (e.g. saved checkpoints, complete output files) is kept"
+        )
+        report(UserError(f"interrupted; {left}"))
+        return INTERRUPTED_EXIT_CODE
     except UserError as error:
         report(error)
         return error.exit_code
     except OSError as error:
         if not io_errors_are_user_errors:
             return _unexpected(error)
+        if error.errno == errno.ENAMETOOLONG:
+            report(DataError(f"{error.filename or 'a file name'}: {error.strerror}; shorten the output name"))
+            return DataError.exit_code
         report(
             DataError(
                 f"{error.filename or 'I/O'}: {error.strerror or error}; check the free space and "
