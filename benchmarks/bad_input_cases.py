@@ -6,6 +6,7 @@ that must not exist afterwards and the input folders that must not change
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -114,6 +115,14 @@ def build_cases(work: str, prefix: str, tokenizer: str, root: str, final: str) -
     pre("pre-bad-flag", [good], ["--bogus"], extra=["--bogus"])
     pre("pre-zero-workers", [good], ["--workers", "0"], extra=["--workers", "0"])
     pre("pre-zero-partitions", [good], ["--partitions", "0"], extra=["--partitions", "0"])
+    gz_data = gzip.compress(b'{"text": "A perfectly good document."}\n' * 20)
+    pre("pre-gzip-named-jsonl", [_write(w("gz.jsonl"), gz_data)], ["gz.jsonl", "rename it"])
+    pre("pre-plain-named-gz", [_write(w("plain.jsonl.gz"), b'{"text": "x"}\n')], ["plain.jsonl.gz", "rename it"])
+    pre("pre-pretty-json", [_write(w("pretty.json"), b'[\n  {"text": "x"}\n]\n')], ["pretty.json:1", "JSON Lines"])
+    stale = os.path.join(out, "pre-stale-shard")
+    for ext in (".bin", ".idx"):  # shard 3 of an earlier 4-partition run; names are all that is checked
+        _write(f"{stale}_3_text_document{ext}", b"")
+    pre("pre-stale-shard", [good], [f"{os.path.basename(stale)}_3_text_document"], extra=["--partitions", "2"])
 
     # ---------------------------------------------------------------- merge_datasets
     pairs = w("pairs")

@@ -14,7 +14,11 @@ EOD either), which GPT training never samples; ``--skip-empty-documents`` leaves
 index. Empty documents are counted either way. With ``--partitions N``
 the input is cut into N contiguous shards, written as ``{prefix}_{i}_{key}_document``, and merged
 into ``{prefix}_{key}_document`` (skip the merge with ``--no-merge-partitions``). Outputs are
-written under temporary names and renamed only when complete; on any error nothing is left.
+written under temporary names and renamed only when complete; on any error nothing is left. A
+run refuses to start beside earlier outputs of its prefix and keys that it would not replace
+(shards of a run with more partitions, or any shard next to an unsharded run, a merged pair next
+to ``--no-merge-partitions`` shards): they would pass for part of its output (a folder merge
+would take stale shards in). It never deletes them: remove them, or choose another ``--output-prefix``.
 See ``megatron_patch/data/preprocess.py`` for the details.
 """
 
@@ -23,17 +27,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import warnings
 
 if __package__ in (None, ""):  # run as `python tools/preprocess_data.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_patch.errors import ArgumentError  # noqa: E402
+from megatron_patch.data.staging import NAME_MAX  # noqa: E402
+from megatron_patch.errors import ArgumentError, DataError  # noqa: E402
 from megatron_patch.runtime.command import ArgumentParser, run_main  # noqa: E402
-
-NAME_MAX = 255
-"""The longest file name in bytes on common file systems (ext4, XFS, NFS, Lustre)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -121,6 +124,35 @@ def check_merge_names(keys: list[str], output_prefix: str, partitions: int) -> N
                 )
 
 
+def check_stale_outputs(keys: list[str], output_prefix: str, partitions: int, merge_partitions: bool) -> None:
+    """DataError naming earlier pairs of ``output_prefix`` and ``keys`` in its folder that this run
+    would not replace but that would pass for part of its output: shards ``PREFIX_{i}_{key}_document``
+    it does not write, and with ``--no-merge-partitions`` the merge ``PREFIX_{key}_document``. A
+    missing folder is left to the run to report."""
+    from megatron_patch.data.indexed import dataset_prefix, natural_key
+
+    folder = os.path.dirname(os.path.abspath(output_prefix))
+    if not os.path.isdir(folder):
+        return
+    shards = range(partitions) if partitions > 1 else [None]
+    written = {os.path.basename(dataset_prefix(output_prefix, key, shard)) for shard in shards for key in keys}
+    if partitions > 1 and merge_partitions:
+        written.update(os.path.basename(dataset_prefix(output_prefix, key)) for key in keys)
+    ours = re.compile(
+        rf"{re.escape(os.path.basename(output_prefix))}(_\d+)?_({'|'.join(map(re.escape, keys))})_document"
+    )
+    names = {name[: -len(".bin")] for name in os.listdir(folder) if name.endswith((".bin", ".idx"))}
+    stale = sorted((name for name in names if ours.fullmatch(name) and name not in written), key=natural_key)
+    if stale:
+        shown = ", ".join(stale[:4]) + (f" and {len(stale) - 4} more" if len(stale) > 4 else "")
+        raise DataError(
+            f"output folder '{folder}' holds {len(stale)} earlier output pair(s) of --output-prefix '{output_prefix}' "
+            f"that this run (--partitions {partitions}{'' if merge_partitions else ', --no-merge-partitions'}) would "
+            f"not replace: {shown} (.bin/.idx); left next to its outputs they would pass for part of them; remove "
+            f"them or choose another --output-prefix"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("megatron_patch").setLevel(logging.INFO)
@@ -130,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _preprocess(argv: list[str] | None) -> None:
     args = parse_args(argv)
+    check_stale_outputs(args.json_keys, args.output_prefix, args.partitions, args.merge_partitions)
     from megatron_patch.data.preprocess import PreprocessConfig, preprocess
 
     report = preprocess(PreprocessConfig(**vars(args)))

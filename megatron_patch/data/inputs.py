@@ -8,7 +8,11 @@ Unit: **one line of an input file is one document**.
 * ``.txt`` is plain text: each line (without its line break) is one document, stored under the
   first ``--json-keys`` key.
 * Any of these may be compressed: ``.gz`` (gzip), ``.xz`` (lzma), ``.zst`` (zstandard; needs the
-  ``zstandard`` module).
+  ``zstandard`` module). The first bytes of every file must agree with its name: a gzip file named
+  ``.jsonl``, or a plain one named ``.jsonl.gz``, is refused with the name to give it.
+
+Inputs are regular files (a pipe cannot be measured nor read twice) and JSON Lines, never one
+pretty-printed JSON document (a first line that is a lone ``[`` or ``{`` is refused).
 
 Files are read as bytes and decoded per line (strict UTF-8), so an invalid byte is reported with
 its file and line number. A UTF-8 byte-order mark (``EF BB BF``, as some Windows editors write)
@@ -21,6 +25,7 @@ in the main process.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import io
@@ -29,6 +34,7 @@ import logging
 import lzma
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Sequence
@@ -37,6 +43,16 @@ from megatron_patch.errors import DataError
 
 FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text"}
 COMPRESSIONS = (".gz", ".xz", ".zst")
+_MAGIC = {  # the first bytes of a compressed file, by compression
+    ".gz": ("gzip", (b"\x1f\x8b",)),
+    ".xz": ("xz", (b"\xfd7zXZ\x00", b"\x5d\x00\x00")),  # and legacy .lzma, which lzma reads too
+    ".zst": ("zstd", (b"\x28\xb5\x2f\xfd",)),
+}
+_UNREADABLE = {  # compressions the tools do not read: pattern of the first bytes -> what to tell
+    rb"BZh[1-9](1AY&SY|\x17rE8P\x90)": "bzip2-compressed, which the data tools do not read; decompress it "
+    "(bunzip2 -k FILE)",
+    rb"PK\x03\x04": "a zip archive, which the data tools do not read; unzip it and pass its files",
+}
 _GLOB_CHARS = set("*?[")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 BYTE_ORDER_MARK = b"\xef\xbb\xbf"
@@ -75,7 +91,49 @@ def describe_file(path: str) -> InputFile:
             f"input '{path}' has an unknown format; name it *.jsonl, *.json or *.txt, optionally "
             f"followed by .gz, .xz or .zst"
         )
-    return InputFile(path, fmt, compression, os.path.getsize(path))
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):  # checked before opening: opening a FIFO waits for a writer
+        raise DataError(
+            f"input '{path}' is not a regular file (a pipe, socket or device); inputs must be regular files: "
+            f"write the stream to a file first (e.g. command > corpus.jsonl)"
+        )
+    check_compression(path, compression)
+    return InputFile(path, fmt, compression, info.st_size)
+
+
+def check_compression(path: str, compression: str | None) -> None:
+    """DataError when the first bytes of ``path`` contradict its compression suffix ``compression``
+    (``.gz``, ``.xz``, ``.zst`` or None); the message names the compression found and the name to
+    give the file. Reads at most 10 bytes."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(10)
+    except OSError as err:
+        raise DataError(f"cannot open input '{path}': {err.strerror}; check the permissions") from None
+    unreadable = next((what for pattern, what in _UNREADABLE.items() if re.match(pattern, head)), None)
+    if unreadable:
+        what = unreadable.replace("FILE", f"'{path}'")
+        raise DataError(f"input '{path}' is {what}, or recompress it as .gz, .xz or .zst")
+    found = next((c for c, (_, magics) in _MAGIC.items() if head.startswith(magics)), None)
+    if found == compression:
+        return
+    stem = path[: -len(compression)] if compression else path
+    if found is not None:
+        raise DataError(
+            f"input '{path}' is {_MAGIC[found][0]}-compressed but named {compression or os.path.splitext(path)[1]}; "
+            f"rename it '{stem}{found}'"
+        )
+    name, magics = _MAGIC[compression]
+    if len(head) < len(magics[0]) and magics[0].startswith(head):
+        return  # empty, or cut off within the magic bytes: reading says it is truncated
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        raise DataError(
+            f"input '{path}' does not start like a {name} file (its first bytes are {head[:6].hex(' ')}); "
+            f"the file is damaged, re-create or re-download it"
+        ) from None
+    raise DataError(f"input '{path}' is plain text, not {name}-compressed, but named {compression}; rename it '{stem}'")
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[InputFile]:
@@ -236,8 +294,11 @@ def iter_lines(files: Sequence[InputFile]) -> Iterator[tuple[int, int, bytes, in
         line_number = 0
         try:
             for line_number, line in enumerate(stream, start=1):
-                if line_number == 1 and line.startswith(BYTE_ORDER_MARK):
-                    line = line[len(BYTE_ORDER_MARK) :]
+                if line_number == 1:
+                    if line.startswith(BYTE_ORDER_MARK):
+                        line = line[len(BYTE_ORDER_MARK) :]
+                    if file.format == "json":
+                        check_json_lines(file, line)
                 yield index, line_number, line, done + raw.tell()
         except Exception as err:
             _raise_if_read_error(file, f" after line {line_number}", err)
@@ -248,15 +309,33 @@ def iter_lines(files: Sequence[InputFile]) -> Iterator[tuple[int, int, bytes, in
         done += file.size
 
 
-def count_lines(files: Sequence[InputFile]) -> int:
-    """Number of lines (= documents) in ``files``, read in 1 MiB blocks after decompression."""
-    total = 0
+def check_json_lines(file: InputFile, first_line: bytes) -> None:
+    """DataError when ``first_line`` of a JSON file opens a pretty-printed JSON document (a lone
+    ``[`` or ``{``, or an array over several lines) instead of JSON Lines."""
+    first = first_line.strip()
+    if not (first in (b"[", b"{") or (first.startswith(b"[") and not first.endswith(b"]"))):
+        return
+    query = "'.[]'" if first.startswith(b"[") else "."
+    if file.compression is None:
+        example = f"jq -c {query} '{file.path}' > '{os.path.splitext(file.path)[0]}.jsonl'"
+    else:
+        example = f"decompress it, then jq -c {query} FILE > FILE.jsonl"
+    raise DataError(
+        f"{file.path}:1: the file starts with '{first[:20].decode('utf-8', 'replace')}' like a pretty-printed JSON "
+        f"document, but inputs must be JSON Lines (one JSON object per line); convert it, e.g. {example}"
+    )
+
+
+def count_lines_per_file(files: Sequence[InputFile]) -> list[int]:
+    """Number of lines (= documents) in each of ``files``, read in 1 MiB blocks after decompression."""
+    counts = []
     for file in files:
         stream, raw = open_binary(file)
+        lines = 0
         last = b"\n"
         try:
             while block := stream.read(1 << 20):
-                total += block.count(b"\n")
+                lines += block.count(b"\n")
                 last = block[-1:]
         except Exception as err:
             _raise_if_read_error(file, "", err)
@@ -264,8 +343,8 @@ def count_lines(files: Sequence[InputFile]) -> int:
         finally:
             stream.close()
             raw.close()
-        total += last != b"\n"  # a last line without a line break
-    return total
+        counts.append(lines + (last != b"\n"))  # a last line without a line break
+    return counts
 
 
 def _raise_if_read_error(file: InputFile, where: str, err: Exception) -> None:

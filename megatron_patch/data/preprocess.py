@@ -21,12 +21,16 @@ to Megatron-LM's. GPT datasets index sequences, so such an entry is never sample
 With ``partitions`` = N > 1 the lines are counted first and line ``j`` of ``L`` goes to shard
 ``j * N // L`` (contiguous, in order); each shard is its own pair, and the shards are then merged
 into the unsharded pair (unless ``merge_partitions`` is False), which equals a run with N = 1
-byte for byte. Everything is staged in a temporary folder and renamed only once complete.
+byte for byte. A shard without a document with text gets a warning. The lines of each file are
+read as counted, or the input changed meanwhile (a download still running): an error. Everything
+is staged in a temporary folder and renamed only once complete.
+
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -41,7 +45,7 @@ from megatron_patch.data.indexed import dataset_prefix, merge_datasets, verify_d
 from megatron_patch.data.inputs import (
     BadLineError,
     check_text_keys,
-    count_lines,
+    count_lines_per_file,
     expand_inputs,
     iter_lines,
     parse_line,
@@ -149,6 +153,7 @@ _WORKER_ENCODER: _Encoder | None = None
 
 def _init_worker(*args) -> None:
     global _WORKER_ENCODER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to report, in one line
     _WORKER_ENCODER = _Encoder(*args)
 
 
@@ -281,6 +286,17 @@ class _Writers:
         for (shard, key), builder in self.builders.items():
             builder.finalize(self.prefixes[shard, key] + ".idx")
             verify_dataset(self.prefixes[shard, key], *self.counts[shard, key])
+            if shard is not None and self.counts[shard, key][0] == 0:
+                lines = _first_line(shard + 1, len(self.shards), report.lines) - _first_line(
+                    shard, len(self.shards), report.lines
+                )
+                logger.warning(
+                    "shard %s holds no document with text (its %d input lines were all bad lines skipped or empty "
+                    "documents): training draws no sample from it; leave it out of the data blend, or use fewer "
+                    "--partitions",
+                    dataset_prefix(self.config.output_prefix, key, shard),
+                    lines,
+                )
         if len(self.shards) > 1 and self.config.merge_partitions:
             for key, stats in report.keys.items():
                 merged = self._stage(dataset_prefix(self.config.output_prefix, key))
@@ -288,6 +304,12 @@ class _Writers:
                 merge_datasets(parts, merged + ".bin", merged + ".idx")
                 documents = sum(self.counts[shard, key][2] for shard in self.shards)
                 verify_dataset(merged, stats.documents, stats.tokens, documents)
+
+
+def _first_line(shard: int, shards: int, lines: int) -> int:
+    """Index of the first of ``lines`` lines in ``shard`` of ``shards``: the least ``j`` with
+    ``j * shards // lines == shard``, i.e. ``ceil(shard * lines / shards)``."""
+    return -(-shard * lines // shards)
 
 
 def preprocess(config: PreprocessConfig) -> PreprocessReport:
@@ -302,16 +324,18 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
 
     tokenizer = SentencePieceTokenizer(config.tokenizer_model)  # DataError (one line) when unreadable
     folder = output_folder(config.output_prefix)
+    shards = list(range(config.partitions)) if config.partitions > 1 else [None]
     files = expand_inputs(config.input)
     check_text_keys(files, config.json_keys)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    total_lines = count_lines(files) if config.partitions > 1 else 0
+    counted = count_lines_per_file(files) if config.partitions > 1 else None
+    total_lines = sum(counted) if counted else 0
     if config.partitions > 1 and config.partitions > total_lines:
         raise DataError(
             f"--partitions {config.partitions} exceeds the {total_lines} input lines; "
             f"use at most {total_lines} partitions"
         )
-    shards = list(range(config.partitions)) if config.partitions > 1 else [None]
+    read = [0] * len(files)  # lines read per file, to compare with ``counted``
     report = PreprocessReport(keys={key: KeyReport() for key in config.json_keys})
     progress = _Progress(config.log_interval, sum(f.size for f in files))
     encoder_args = (config.tokenizer_model, config.json_keys, config.append_eod, dtype.__name__)
@@ -320,6 +344,9 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
         results = _ordered(_chunks(files, config.chunk_bytes), encoder_args, config.workers)
         try:
             for (file_index, first_line, disk_bytes, size), encoded in results:
+                read[file_index] += len(encoded)
+                if counted and read[file_index] > counted[file_index]:
+                    raise _changed(files[file_index].path, counted[file_index], f"at least {read[file_index]}")
                 for offset, result in enumerate(encoded):
                     # line j of L goes to shard j * N // L (contiguous, in order)
                     shard = shards[report.lines * len(shards) // total_lines if total_lines else 0]
@@ -348,6 +375,10 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
             raise
         finally:
             results.close()
+        for file, lines, expected in zip(files, read, counted or []):
+            if lines != expected:
+                writers.close()
+                raise _changed(file.path, expected, str(lines))
         for key, stats in report.keys.items():
             if stats.documents == 0:
                 raise DataError(
@@ -359,3 +390,10 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
         report.outputs = staged.commit()
     report.seconds = time.time() - start
     return report
+
+
+def _changed(path: str, counted: int, read: str) -> DataError:
+    return DataError(
+        f"input '{path}' changed while it was read (counted {counted} lines, then read {read}); wait until it is "
+        f"complete (a download or copy still running) and re-run"
+    )

@@ -1,8 +1,13 @@
-"""Which input files the data tools read, and how: each file once, and all of a .zst file or an
-error (through tools/preprocess_data.py and tools/train_tokenizer.py main)."""
+"""Which input files the data tools read, and how: each file once, all of a .zst file or an
+error, a compression that agrees with the file's name, regular files of JSON Lines only (through
+tools/preprocess_data.py and tools/train_tokenizer.py main)."""
 
+import bz2
+import gzip
 import json
+import lzma
 import os
+import threading
 
 import pytest
 
@@ -101,7 +106,7 @@ def _zst_corpus(zstandard, frames: int):
 
 
 @pytest.mark.parametrize("frames", [1, 3])
-@pytest.mark.parametrize("partitions", ["1", "2"])  # 2: lines are counted first (count_lines)
+@pytest.mark.parametrize("partitions", ["1", "2"])  # 2: lines are counted first (count_lines_per_file)
 def test_zst_is_read_whole_or_refused_when_truncated(preprocess, tmp_path, capsys, frames, partitions):
     zstandard = pytest.importorskip("zstandard")
     data = _zst_corpus(zstandard, frames)
@@ -153,3 +158,69 @@ def test_a_byte_order_mark_at_the_start_of_each_file_is_dropped(tools, tokenizer
         return b"".join((tmp_path / name / f"x_text_document{ext}").read_bytes() for ext in (".bin", ".idx"))
 
     assert run("bom", b"\xef\xbb\xbf") == run("plain", b"")
+
+
+JSONL = b'{"text": "a document"}\n{"text": "another one"}\n'
+
+
+@pytest.mark.parametrize(
+    "name, data, needles",
+    [
+        ("c.jsonl", gzip.compress(JSONL), ["is gzip-compressed but named .jsonl", "rename it '{path}.gz'"]),
+        ("c.txt", gzip.compress(JSONL), ["is gzip-compressed but named .txt", "rename it '{path}.gz'"]),
+        ("c.jsonl.gz", JSONL, ["is plain text, not gzip-compressed, but named .gz", "rename it '{stem}'"]),
+        ("c.jsonl.gz", lzma.compress(JSONL), ["is xz-compressed but named .gz", "rename it '{stem}.xz'"]),
+        ("c.jsonl.xz", gzip.compress(JSONL), ["is gzip-compressed but named .xz", "rename it '{stem}.gz'"]),
+        ("c.jsonl", bz2.compress(JSONL), ["is bzip2-compressed, which the data tools do not read", ".gz, .xz or .zst"]),
+        ("c.jsonl.gz", b"\x1f\x8c\x08" + bytes(20), ["does not start like a gzip file", "1f 8c 08", "damaged"]),
+    ],
+)
+@pytest.mark.parametrize("skip", [[], ["--skip-bad-lines"]])
+def test_compression_is_judged_by_content(preprocess, tmp_path, capsys, name, data, needles, skip):
+    """The first bytes of a file must agree with its name: a gzip file named .jsonl was read as
+    invalid UTF-8 (and with --skip-bad-lines a gzip named .txt became documents of binary
+    garbage), a plain file named .gz was called truncated."""
+    path = tmp_path / name
+    path.write_bytes(data)
+    stem = str(path)[: -len(path.suffix)]
+    fails(capsys, preprocess(path, extra=skip), f"input '{path}'", *(n.format(path=path, stem=stem) for n in needles))
+    assert_no_outputs(tmp_path / "out")
+
+
+def test_a_pipe_is_refused_as_input(preprocess, tmp_path, capsys):
+    """A FIFO (or /dev/stdin) gave "Illegal seek; the file looks truncated or corrupt"."""
+    fifo = tmp_path / "stream.jsonl"
+    os.mkfifo(fifo)
+
+    def feed():  # a writer, so that reading it would not wait for ever
+        try:
+            with open(fifo, "wb") as stream:
+                stream.write(JSONL)
+        except OSError:
+            pass
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    fails(capsys, preprocess(fifo), f"input '{fifo}' is not a regular file", "inputs must be regular files")
+    os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer go
+    writer.join(5)
+    assert_no_outputs(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "text, query",
+    [
+        ('[\n  {"text": "a"},\n  {"text": "b"}\n]\n', "'.[]'"),
+        ('[{"text": "a"},\n {"text": "b"}]\n', "'.[]'"),
+        ('{\n  "text": "a"\n}\n', "."),
+    ],
+)
+@pytest.mark.parametrize("skip", [[], ["--skip-bad-lines"]])
+def test_a_pretty_printed_json_document_is_refused(preprocess, tmp_path, capsys, text, query, skip):
+    """One JSON document over several lines was "pretty.json:1: malformed JSON ... fix or remove
+    the line"; now it names the format expected and a conversion, also with --skip-bad-lines."""
+    path = tmp_path / "pretty.json"
+    path.write_text(text)
+    needles = [f"{path}:1:", "inputs must be JSON Lines (one JSON object per line)", f"jq -c {query} '{path}'"]
+    fails(capsys, preprocess(path, extra=skip), *needles)
+    assert_no_outputs(tmp_path / "out")

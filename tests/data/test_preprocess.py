@@ -1,11 +1,15 @@
-"""tools/preprocess_data.py and tools/merge_datasets.py on good input."""
+"""tools/preprocess_data.py and tools/merge_datasets.py on good input, and the checks of
+--partitions runs: no earlier shard taken for part of a run, an input changed while read refused,
+an empty shard reported."""
 
 import gzip
 
 import numpy
 import pytest
 
+from megatron_patch.data import preprocess as preprocess_module
 from tests.data.conftest import write_jsonl
+from tests.data.test_bad_inputs import fails
 
 
 def read_documents(prefix: str) -> list[list[int]]:
@@ -150,3 +154,68 @@ def test_progress_lines(tmp_path, corpus_file, tokenizer_model, tools, caplog):
     lines = [r.getMessage() for r in caplog.records if "documents," in r.getMessage()]
     assert [line.split()[0] for line in lines] == ["10", "20", "30"]
     assert all("MB/s" in line and "tokens/s" in line and "ETA" in line for line in lines)
+
+
+def test_earlier_outputs_a_run_would_not_replace_are_refused(tmp_path, corpus_file, tokenizer_model, tools, capsys):
+    """Shards 2 and 3 of a 4-partition run left next to a 2-partition run's shards were merged as
+    part of it by a folder merge (600 documents of a 400-line corpus); now every run that would
+    leave such a pair beside its outputs refuses to start, and no file is changed."""
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def preprocess(*extra):
+        return run(
+            tools, "--input", corpus_file, "--tokenizer-model", tokenizer_model, "--output-prefix", out / "c", *extra
+        )
+
+    assert preprocess("--partitions", "4", "--no-merge-partitions") == 0
+    before = files_of(out, "c_")
+    needle = "remove them or choose another --output-prefix"
+    fails(
+        capsys, preprocess("--partitions", "2", "--no-merge-partitions"), "c_2_text_document, c_3_text_document", needle
+    )
+    fails(capsys, preprocess("--partitions", "3"), "c_3_text_document (.bin/.idx)", needle)
+    fails(capsys, preprocess(), "4 earlier output pair(s)", "c_0_text_document", needle)
+    assert files_of(out, "c_") == before
+    for shard in (2, 3):
+        for ext in (".bin", ".idx"):
+            (out / f"c_{shard}_text_document{ext}").unlink()
+    assert preprocess("--partitions", "2") == 0  # replaces shards 0 and 1, adds their merge
+    # the merge of that run beside new unmerged shards: stale
+    fails(capsys, preprocess("--partitions", "2", "--no-merge-partitions"), "1 earlier", "c_text_document", needle)
+    assert preprocess("--partitions", "2") == 0  # a re-run replaces all it wrote
+
+
+@pytest.mark.parametrize("change, read", [(-2, "then read at least 30"), (3, "then read 30")])
+def test_an_input_that_changes_while_read_is_refused(
+    tmp_path, corpus_file, tokenizer_model, tools, capsys, monkeypatch, change, read
+):
+    """The lines are counted before they are read with --partitions; a file that grew since
+    (a download still running) raised IndexError, one that shrank left the last shards empty."""
+    counted = 30 + change
+    monkeypatch.setattr(preprocess_module, "count_lines_per_file", lambda files: [counted])
+    argv = ["--input", corpus_file, "--tokenizer-model", tokenizer_model, "--partitions", "4"]
+    code = run(tools, *argv, "--output-prefix", tmp_path / "c")
+    fails(
+        capsys,
+        code,
+        f"input '{corpus_file}' changed while it was read",
+        f"(counted {counted} lines, {read})",
+        "wait until it is complete",
+    )
+    assert list(tmp_path.glob("c_*")) == []
+
+
+@pytest.mark.parametrize("skip", ["--skip-bad-lines", "--skip-empty-documents"])
+def test_a_shard_without_a_document_is_reported(tmp_path, tiny_records, tokenizer_model, tools, caplog, skip):
+    records = [{"text": r["text"]} for r in tiny_records[:4]]
+    tail = [b"{broken"] * 4 if skip == "--skip-bad-lines" else [b'{"text": ""}'] * 4
+    path = write_jsonl(tmp_path / "c.jsonl", records)
+    with open(path, "ab") as stream:
+        stream.write(b"".join(line + b"\n" for line in tail))
+    argv = ["--input", path, "--tokenizer-model", tokenizer_model, skip, "--partitions", "2", "--no-merge-partitions"]
+    with caplog.at_level("WARNING", logger="megatron_patch.data.preprocess"):
+        assert run(tools, *argv, "--output-prefix", tmp_path / "x") == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert f"shard {tmp_path / 'x'}_1_text_document holds no document with text (its 4 input lines" in warnings[0]
