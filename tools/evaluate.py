@@ -186,12 +186,14 @@ def _run(args) -> None:
 
 def _report(args, info, result, described: dict, tokenizer, layout: dict, output) -> None:
     """Print one checkpoint's results and, given ``output``, write them there as JSON (rank 0)."""
-    from megatron_patch.runtime import atomic_file
+    from megatron_patch.evaluation.report_file import write_report
 
+    conversion = info.meta.get("conversion")
     report = {
         "checkpoint": info.path,
         "iteration": info.meta.get("iteration"),
-        "stage": info.progress.get("stage"),
+        "stage": info.weights_stage,  # a converted checkpoint's: its source's
+        "converted_from": conversion.get("source") if isinstance(conversion, dict) else None,
         "model": info.preset.name,
         **described,
         "tokenizer_model": tokenizer.model_path,
@@ -205,13 +207,15 @@ def _report(args, info, result, described: dict, tokenizer, layout: dict, output
         "included) scored once",
     }
     if output:
-        atomic_file.write_json(output, report)
+        write_report(output, report)
     window = "non-overlapping"
     if result.window == "sliding":
         context = result.seq_length - result.stride + 1
         window = f"sliding, stride {result.stride} (at least {context} tokens of context)"
+    converted = f", converted from {report['converted_from']}" if report["converted_from"] else ""
     print(
-        f"checkpoint: {info.path} ({report['stage']} stage, iteration {report['iteration']}, model {info.preset.name})"
+        f"checkpoint: {info.path} ({report['stage']} stage, iteration {report['iteration']}, "
+        f"model {info.preset.name}{converted})"
     )
     print(
         f"data: {args.data_path or ' '.join(args.input)}: {result.documents} documents, {result.bytes} bytes "
@@ -236,7 +240,7 @@ def _comparison(infos: list, results: list) -> None:
     print(f"\n{'checkpoint':<60s} {'stage':>6s} {'iteration':>9s} {'loss':>8s} {'perplexity':>11s} {'bits/byte':>9s}")
     for info, result in zip(infos, results):
         print(
-            f"{info.path[-60:]:<60s} {str(info.progress.get('stage')):>6s} {str(info.meta.get('iteration')):>9s} "
+            f"{info.path[-60:]:<60s} {str(info.weights_stage):>6s} {str(info.meta.get('iteration')):>9s} "
             f"{result.loss:8.4f} {result.perplexity:11.3f} {result.bits_per_byte:9.4f}"
         )
 

@@ -127,7 +127,7 @@ def _run(args, argv: Optional[List[str]]) -> int:
     import tempfile
 
     from megatron_patch.evaluation import zero_shot
-    from megatron_patch.runtime import atomic_file
+    from megatron_patch.evaluation.report_file import write_report
 
     _check(args)
     manager = zero_shot.task_manager(args.tasks, args.include_path)  # checked before the export
@@ -159,9 +159,11 @@ def _run(args, argv: Optional[List[str]]) -> int:
     report["model"] = os.path.abspath(args.hf_model) if args.hf_model else None
     report["checkpoint"] = provenance.get("source")
     report["iteration"] = provenance.get("iteration")
-    report["stage"] = (provenance.get("progress") or {}).get("stage")
+    # the weights' stage (a converted checkpoint's is its source's); older exports recorded only progress
+    report["stage"] = provenance.get("stage", (provenance.get("progress") or {}).get("stage"))
+    report["converted_from"] = (provenance.get("conversion") or {}).get("source")
     report["command"] = ["tools/evaluate_zero_shot.py", *(sys.argv[1:] if argv is None else argv)]
-    atomic_file.write_json(args.output_json, report)
+    write_report(args.output_json, report)
     source = report["checkpoint"] or report["model"]
     print(f"model: {source} ({report['stage'] or 'unknown'} stage, iteration {report['iteration']})")
     print(

@@ -57,6 +57,13 @@ class CheckpointInfo:
         return self.meta.get("progress", {})
 
     @property
+    def weights_stage(self) -> Optional[str]:
+        """The stage that trained its weights ("patch" or "token"; None when unrecorded): for a
+        converted checkpoint (token stage, iteration 0 in :attr:`progress`) its source's, see
+        :func:`weights_stage`. What a tool reports as the checkpoint's stage."""
+        return weights_stage(self.meta)[0]
+
+    @property
     def layout(self) -> dict:
         return self.meta.get("layout", {})
 

@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron_patch.checkpoint import store as ckpt
 from megatron_patch.checkpoint.info import CheckpointInfo
 from megatron_patch.conversion.hf_folder import PROVENANCE
-from megatron_patch.errors import CheckpointError, UserError, VerificationError, last_line
+from megatron_patch.errors import CheckpointError, DataError, UserError, VerificationError, last_line
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def llama_config(info: CheckpointInfo, tokenizer, vocab_size: int, dtype: torch.
     special = {
         name: (value if value >= 0 else None)
         for name, value in (
-            ("bos_token_id", tokenizer.bos),
+            ("bos_token_id", tokenizer.eod),  # a document's start, as in training (tokenizer_files)
             ("eos_token_id", tokenizer.eod),
             ("pad_token_id", tokenizer.pad),
         )
@@ -244,12 +244,14 @@ def llama_config(info: CheckpointInfo, tokenizer, vocab_size: int, dtype: torch.
 
 def tokenizer_files(tokenizer, seq_length: int) -> Dict[str, str]:
     """tokenizer_config.json and special_tokens_map.json for the SentencePiece model (no BOS or
-    EOS added when encoding: the model was trained on raw documents separated by EOD). No BOS
-    token either: the model never saw one, and lm-eval would score a choice without context after
-    BOS where the project's zero-shot tool (and training) put EOD."""
+    EOS added when encoding: the model was trained on raw documents separated by EOD). The BOS
+    token is EOD (``</s>``), as GPT-2's is its end-of-text: every document the model saw started
+    after one, never after ``<s>``. So ``generate()`` without a prompt starts a document, and
+    lm-eval scores a choice without context after EOD, as the project's zero-shot tool does."""
     special = {
         name: tokenizer.piece(i)
         for name, i in (
+            ("bos_token", tokenizer.eod),
             ("eos_token", tokenizer.eod),
             ("unk_token", tokenizer.unk),
             ("pad_token", tokenizer.pad),
@@ -264,7 +266,7 @@ def tokenizer_files(tokenizer, seq_length: int) -> Dict[str, str]:
         "clean_up_tokenization_spaces": False,
         "legacy": False,
         "sp_model_kwargs": {},
-        "bos_token": None,  # not the class's default "<s>"
+        "bos_token": None,  # without an EOD piece: none, not the class's default "<s>"
         **special,
     }
     return {
@@ -274,30 +276,53 @@ def tokenizer_files(tokenizer, seq_length: int) -> Dict[str, str]:
 
 
 def write_folder(
-    folder: str, weights: "OrderedDict[str, torch.Tensor]", config: dict, tokenizer, seq_length: int, provenance: dict
+    folder: str,
+    weights: "OrderedDict[str, torch.Tensor]",
+    config: dict,
+    tokenizer,
+    seq_length: int,
+    provenance: dict,
+    shown_as: Optional[str] = None,
 ) -> None:
-    """Write the model files into ``folder`` (a staged, empty folder), then read them back."""
+    """Write the model files into ``folder`` (a staged, empty folder), then read them back.
+
+    A write that fails (a full disk, a file-size limit, no permission: safetensors' SafetensorError
+    or an OSError) raises DataError naming the file as ``shown_as/NAME`` (``shown_as``: the folder
+    the user asked for, default ``folder``); the caller removes the staged folder."""
     try:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
     except ImportError:
         raise UserError(
             "export_hf.py needs the safetensors package: pip install safetensors (or pip install -e .[hf])"
         ) from None
-    path = os.path.join(folder, "model.safetensors")
-    save_file(weights, path, metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # safetensors writes it private
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        f.write(json.dumps(config, indent=1) + "\n")
-    with open(os.path.join(folder, "generation_config.json"), "w") as f:
-        f.write(json.dumps({k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}, indent=1) + "\n")
-    shutil.copyfile(tokenizer.model_path, os.path.join(folder, "tokenizer.model"))
-    for name, text in tokenizer_files(tokenizer, seq_length).items():
-        with open(os.path.join(folder, name), "w") as f:
-            f.write(text)
-    with open(os.path.join(folder, PROVENANCE), "w") as f:
-        f.write(json.dumps(provenance, indent=1, sort_keys=True) + "\n")
+    texts = {
+        "config.json": json.dumps(config, indent=1) + "\n",
+        "generation_config.json": json.dumps(
+            {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}, indent=1
+        )
+        + "\n",
+        **tokenizer_files(tokenizer, seq_length),
+        PROVENANCE: json.dumps(provenance, indent=1, sort_keys=True) + "\n",
+    }
+    name = "model.safetensors"
+    try:
+        path = os.path.join(folder, name)
+        save_file(weights, path, metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)  # safetensors writes it private
+        name = "tokenizer.model"
+        shutil.copyfile(tokenizer.model_path, os.path.join(folder, name))
+        for name, text in texts.items():
+            with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+                f.write(text)
+    except (SafetensorError, OSError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else last_line(error)
+        raise DataError(
+            f"{os.path.join(shown_as or folder, name)}: the export could not be written ({reason}); "
+            f"check the free space, file-size limit (ulimit -f) and permissions there; nothing was written"
+        ) from None
     verify_folder(folder, weights)
 
 

@@ -1,11 +1,12 @@
 """The report file an evaluation tool writes (``--output-json``), checked before any work: a file
-in an existing folder that replaces nothing the tool reads."""
+in an existing folder that replaces nothing the tool reads; written whole or not at all."""
 
 import os
 from typing import Iterable, List, Tuple
 
 from megatron_patch.checkpoint import folders
-from megatron_patch.errors import ArgumentError
+from megatron_patch.errors import ArgumentError, DataError
+from megatron_patch.runtime import atomic_file
 
 
 def checkpoint_folders(load: str) -> List[Tuple[str, str]]:
@@ -40,3 +41,16 @@ def check_report_path(
             raise ArgumentError(
                 f"{flag} {path} is {source_flag} {file}, which this tool reads: name another file for the report"
             )
+
+
+def write_report(path: str, report: dict) -> None:
+    """Write ``report`` to ``--output-json path`` as JSON, atomically (a temporary name renamed when
+    complete: a failed write leaves the old file or none, never a part). A failed write (a full
+    disk, a file-size limit, no permission) raises DataError naming the file."""
+    try:
+        atomic_file.write_json(path, report)
+    except OSError as error:
+        raise DataError(
+            f"--output-json {path} could not be written ({error.strerror or error}); check the free space, "
+            f"file-size limit (ulimit -f) and permissions of its folder, or name another file"
+        ) from None

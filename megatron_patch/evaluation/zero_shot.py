@@ -242,7 +242,7 @@ def _model_args(hf_folder: str, dtype: str) -> dict:
     scored without context (mutual-information metrics, empty contexts) follows EOD, as every
     document did in training, instead of the harness's default BOS, which the model never saw."""
     args = {"pretrained": hf_folder, "dtype": dtype}
-    if is_export(hf_folder):  # exports written before they had no BOS token have one
+    if is_export(hf_folder):  # older exports name <s> as BOS; newer ones EOD, the same id as passed here
         with open(os.path.join(hf_folder, "config.json"), encoding="utf-8") as f:
             eos = json.load(f).get("eos_token_id")
         if isinstance(eos, int):  # a hand-edited config may lack it: the harness's default then

@@ -43,6 +43,17 @@ def trained(world, tiny_corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def converted(trained, tmp_path_factory):
+    """The --save root of tools/convert_checkpoint.py's output from the patch-stage checkpoint: its
+    metadata says token stage, iteration 0; its weights are the patch stage's."""
+    from tools import convert_checkpoint
+
+    save = tmp_path_factory.mktemp("converted") / "token-start"
+    assert convert_checkpoint.main(["--cpu", "--load", trained["patch"], "--save", str(save)]) == 0
+    return str(save)
+
+
+@pytest.fixture(scope="session")
 def other_texts(tiny_jsonl):
     """The bundled corpus's last 8 documents, to train a tokenizer other than the run's on."""
     with lzma.open(tiny_jsonl, "rt", encoding="utf-8") as f:

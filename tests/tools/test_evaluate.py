@@ -1,8 +1,10 @@
 """tools/evaluate.py against a float64 oracle written here from the definition: the token stream
 (EOD, each document, EOD), each target scored once in the window that first holds it, fp32 logits
 of the model (megatron's GPTModel, called directly), cross-entropy in float64
-(tests/reference.py). Bad inputs give one-line errors."""
+(tests/reference.py). A converted patch-stage checkpoint is reported as patch stage. Bad inputs
+and a failed --output-json write give one-line errors."""
 
+import errno
 import json
 import lzma
 import math
@@ -11,6 +13,7 @@ import shutil
 import pytest
 import torch
 
+from megatron_patch.runtime import atomic_file
 from tests.reference import reference_per_target_loss
 from tests.tools.common import (
     SEQ,
@@ -280,3 +283,43 @@ def test_a_corrupt_later_checkpoint_is_found_before_the_first_is_evaluated(train
     assert_one_line_error(code, err, "manifest.json says")
     assert str(copy) in err[0] and out == "" and tokenized == []  # the first checkpoint was not evaluated
     assert not any(path.exists() for path in outputs) and not leftovers(tmp_path)
+
+
+def test_a_converted_patch_checkpoint_is_reported_as_patch_stage(trained, converted, tmp_path, capsys):
+    """tools/convert_checkpoint.py's output says token stage, iteration 0; its weights are the patch
+    stage's, and score as the patch-stage checkpoint does."""
+    data = _write_jsonl(tmp_path / "eval.jsonl", TEXTS[:2])
+    outputs = [tmp_path / "converted.json", tmp_path / "patch.json"]
+    argv = ["--cpu", "--load", converted, trained["patch"], "--input", data, "--output-json", *outputs]
+    code, out, err = call(evaluate, argv, capsys)
+    assert code == 0, err
+    converted_report, patch_report = (json.load(open(path)) for path in outputs)
+    assert converted_report["stage"] == "patch" and converted_report["iteration"] == 0
+    assert converted_report["converted_from"] == trained["patch"] and patch_report["converted_from"] is None
+    assert converted_report["loss_sum_nats"] == patch_report["loss_sum_nats"]
+    assert f"(patch stage, iteration 0, model tiny, converted from {trained['patch']})" in out
+    table = out[out.index("\ncheckpoint ") :].splitlines()[2:]
+    assert [row.split()[1:3] for row in table] == [["patch", "0"], ["patch", "4"]]
+
+
+def test_a_failed_output_json_write_is_one_line_and_leaves_the_old_file(trained, tmp_path, capsys, monkeypatch):
+    """A report that cannot be written (a full disk) names the file and the fix; the half-written
+    temporary file is removed and an earlier report is left as it was."""
+    real_write_with = atomic_file.write_with
+
+    def write_with(path, write):
+        def half_then_full(partial):
+            write(partial)
+            raise OSError(errno.ENOSPC, "No space left on device", partial)
+
+        real_write_with(path, half_then_full)
+
+    monkeypatch.setattr(atomic_file, "write_with", write_with)
+    data = _write_jsonl(tmp_path / "eval.jsonl", TEXTS[:2])
+    output = tmp_path / "out.json"
+    output.write_text('{"earlier": true}\n')
+    argv = ["--cpu", "--load", trained["final"], "--input", data, "--output-json", output]
+    code, out, err = call(evaluate, argv, capsys)
+    assert_one_line_error(code, err, f"--output-json {output} could not be written (No space left on device)")
+    assert "check the free space" in err[0] and f"wrote {output}" not in out
+    assert output.read_text() == '{"earlier": true}\n' and not leftovers(tmp_path)

@@ -1,8 +1,10 @@
 """tools/evaluate_zero_shot.py: a checkpoint the tests train, exported and scored by
 lm-evaluation-harness on the shipped task, scores differently from a one-step checkpoint; the
 harness's log-likelihoods are Megatron's (float64 oracle); the shipped task is what its script
-builds; bad inputs are refused with one line."""
+builds; a converted patch-stage checkpoint is reported as patch stage; bad inputs and a failed
+write of the report are refused with one line."""
 
+import errno
 import json
 import os
 import shutil
@@ -16,6 +18,7 @@ from megatron_patch.checkpoint.store import read_metadata
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
 from megatron_patch.evaluation import zero_shot
 from megatron_patch.evaluation.next_sentence import split_sentences
+from megatron_patch.runtime import atomic_file
 from megatron_patch.training import cli
 from tests.tools.common import assert_one_line_error, call, megatron_logits, megatron_model
 from tests.training.common import trainer_args
@@ -391,6 +394,50 @@ def test_a_choice_longer_than_the_model_is_one_line(exported, tmp_path, capsys):
     assert code == 2 and len(errors) == 1 and not any("AssertionError" in line for line in err), err
     assert f"longer than the model's {SEQ} positions" in errors[0] and "--seq-length" in errors[0], errors
     assert not os.path.exists(output)
+
+
+def _short_task(folder):
+    """An --include-path folder with a one-item task whose choices fit T=32 (the ``trained`` fixture's)."""
+    folder.mkdir()
+    item = {"context": "It was morning.", "choices": ["Then it rained.", "The sea was calm."], "label": 0}
+    (folder / "items.jsonl").write_text(json.dumps(item) + "\n")
+    task = LONG_CHOICE_TASK.replace("tiny_long_choice", "tiny_short_choice")
+    (folder / "tiny_short_choice.yaml").write_text(task.format(data=folder / "items.jsonl"))
+    return ["--include-path", folder, "--tasks", "tiny_short_choice"]
+
+
+def test_a_converted_patch_checkpoint_is_reported_as_patch_stage(trained, converted, tmp_path, capsys):
+    """tools/convert_checkpoint.py's output says token stage, iteration 0; its weights are the patch
+    stage's: the export's provenance says so, and so does the report."""
+    output = tmp_path / "out.json"
+    argv = ["--cpu", "--load", converted, *_short_task(tmp_path / "tasks"), "--output-json", output]
+    code, out, err = call(evaluate_zero_shot, argv, capsys)
+    assert code == 0, err
+    report = json.load(open(output))
+    assert (report["stage"], report["iteration"], report["converted_from"]) == ("patch", 0, trained["patch"])
+    assert "(patch stage, iteration 0)" in out
+
+
+def test_a_failed_write_of_the_report_is_one_line(trained, tmp_path, capsys, monkeypatch):
+    """A report that cannot be written (a full disk) names the file and the fix; the half-written
+    temporary file is removed."""
+    real_write_with = atomic_file.write_with
+
+    def write_with(path, write):
+        def half_then_full(partial):
+            write(partial)
+            raise OSError(errno.ENOSPC, "No space left on device", partial)
+
+        real_write_with(path, half_then_full)
+
+    monkeypatch.setattr(atomic_file, "write_with", write_with)
+    output = tmp_path / "out.json"
+    argv = ["--cpu", "--load", trained["final"], *_short_task(tmp_path / "tasks"), "--output-json", output]
+    code, out, err = call(evaluate_zero_shot, argv, capsys)
+    errors = [line[line.index("error: ") :] for line in err if "error: " in line]  # and the harness's progress bars
+    assert code == 2 and len(errors) == 1, err
+    assert f"--output-json {output} could not be written (No space left on device)" in errors[0]
+    assert not output.exists() and sorted(os.listdir(tmp_path)) == ["tasks"]
 
 
 def test_paper_tasks_are_the_default():

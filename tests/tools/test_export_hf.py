@@ -1,8 +1,11 @@
 """tools/export_hf.py: the exported LlamaForCausalLM gives Megatron's logits on CPU (transformers is
-an optional test dependency), the tokenizer files load, other architectures and bad inputs are
-refused with one line."""
+an optional test dependency) and a wrong RoPE base fails the check, the tokenizer files load and
+agree with config.json, a converted patch-stage checkpoint is exported as patch stage, other
+architectures, bad inputs and failed writes are refused with one line."""
 
+import errno
 import json
+import logging
 import os
 import shutil
 
@@ -12,7 +15,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from megatron_patch.checkpoint import folders
-from megatron_patch.conversion import hf_folder
+from megatron_patch.conversion import hf_export, hf_folder
 from tests.tools.common import (
     ROWS,
     VOCAB,
@@ -43,15 +46,13 @@ def test_transformers_logits_equal_megatron_logits(trained, tmp_path, capsys, tr
             trained["root"],
             "--save",
             save,
-            "--verify-logits",
-            "--tolerance",
-            "1e-5",
+            "--verify-logits",  # default --tolerance: 1e-5 of the largest logit on CPU
             *(["--trim-vocab"] if trim else []),
         ],
         capsys,
     )
     assert code == 0, err
-    assert "logits check: max absolute difference" in out
+    assert "logits check: max difference transformers vs Megatron 0.000e+00" in out and "(tolerance 1.0e-05)" in out
     config = json.load(open(save / "config.json"))
     rows = VOCAB if trim else ROWS
     assert config["architectures"] == ["LlamaForCausalLM"] and config["vocab_size"] == rows
@@ -81,9 +82,95 @@ def test_exported_tokenizer_encodes_like_sentencepiece(trained, tmp_path, capsys
     for text in ["It was the best of times.", "Émile: 12 €\n\tindented  twice", "end"]:
         assert theirs(text)["input_ids"] == ours.tokenize(text), text
     assert theirs.eos_token_id == ours.eod and theirs.pad_token_id == ours.pad
-    # no BOS (the model never saw one): lm-eval then scores a choice without context after EOD, as
-    # training and tools/evaluate_zero_shot.py do, not after "<s>"
-    assert theirs.bos_token_id is None and theirs("It was")["input_ids"] == ours.tokenize("It was")
+    # BOS is EOD, the start of every document in training (the model never saw "<s>"): lm-eval then
+    # scores a choice without context after EOD, as tools/evaluate_zero_shot.py does; none is added
+    assert theirs.bos_token_id == ours.eod and theirs("It was")["input_ids"] == ours.tokenize("It was")
+    for name in ("config.json", "generation_config.json"):
+        config = json.load(open(save / name))
+        assert (config["bos_token_id"], config["eos_token_id"]) == (theirs.bos_token_id, theirs.eos_token_id), name
+
+
+def test_generate_without_a_prompt_starts_a_document(trained, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    save = tmp_path / "hf"
+    assert call(export_hf, ["--cpu", "--load", trained["final"], "--save", save], capsys)[0] == 0
+    model = transformers.LlamaForCausalLM.from_pretrained(str(save), torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        generated = model.generate(max_new_tokens=3, do_sample=False)
+    eod = json.load(open(save / "config.json"))["eos_token_id"]
+    assert generated.shape == (1, 4) and generated[0, 0].item() == eod
+
+
+def test_a_wrong_rope_base_fails_the_default_tolerance(trained, tmp_path, capsys, monkeypatch):
+    """RoPE base 500000 in config.json (Llama 3's) instead of the 10000 trained with changes the
+    tiny model's logits by ~8e-4 of the largest: exit 1, one line, nothing written."""
+    pytest.importorskip("transformers")
+    monkeypatch.setattr(hf_export, "ROPE_BASE", 500000.0)
+    save = tmp_path / "hf"
+    code, out, err = call(export_hf, ["--cpu", "--load", trained["final"], "--save", save, "--verify-logits"], capsys)
+    assert_one_line_error(code, err, "transformers' logits differ from Megatron's by", exit_code=1)
+    assert "> --tolerance 1.0e-05" in err[0] and out == ""
+    assert not save.exists() and not leftovers(tmp_path)
+
+
+def test_a_converted_patch_checkpoint_is_exported_as_patch_stage(trained, converted, tmp_path, capsys, caplog):
+    """tools/convert_checkpoint.py's output says token stage, iteration 0; its weights are the
+    patch stage's: warned about, printed and recorded as such, with the conversion's record."""
+    save = tmp_path / "hf"
+    with caplog.at_level(logging.WARNING):
+        code, out, err = call(export_hf, ["--cpu", "--load", converted, "--save", save], capsys)
+    assert code == 0, err
+    assert f"holds patch-stage weights (converted from {trained['patch']})" in caplog.text
+    assert "(patch stage, iteration 0," in out
+    provenance = json.load(open(save / hf_folder.PROVENANCE))
+    assert provenance["stage"] == "patch" and provenance["progress"]["stage"] == "token"
+    assert provenance["conversion"]["source"] == trained["patch"]
+    assert provenance["conversion"]["source_stage"] == "patch"
+
+
+def _safetensors_write_fails(monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def save_file(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    return "model.safetensors: the export could not be written (Error while serializing: I/O error: File too large"
+
+
+def _disk_fills(monkeypatch):
+    def copyfile(source, target):
+        with open(target, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", target)
+
+    monkeypatch.setattr(hf_export.shutil, "copyfile", copyfile)
+    return "tokenizer.model: the export could not be written (No space left on device)"
+
+
+@pytest.mark.parametrize("fail", [_safetensors_write_fails, _disk_fills], ids=["file-too-large", "disk-full"])
+@pytest.mark.parametrize("force", [False, True], ids=["new", "replacing"])
+def test_a_failed_write_is_one_line_and_leaves_nothing(trained, tmp_path, capsys, monkeypatch, fail, force):
+    """A write that fails (ulimit -f, a full disk) names the file and the fix; the staged folder is
+    removed and an earlier export that --force was to replace is left as it was."""
+    pytest.importorskip("safetensors")
+    save = tmp_path / "hf"
+    if force:
+        assert call(export_hf, ["--cpu", "--load", trained["final"], "--save", save], capsys)[0] == 0
+    before = {path.name: path.read_bytes() for path in save.iterdir()} if force else None
+    expected = fail(monkeypatch)
+    argv = ["--cpu", "--load", trained["final"], "--save", save, *(["--force"] if force else [])]
+    code, out, err = call(export_hf, argv, capsys)
+    assert_one_line_error(code, err, f"{save}/{expected}")
+    assert "check the free space, file-size limit (ulimit -f) and permissions" in err[0] and out == ""
+    assert not leftovers(tmp_path)
+    if force:
+        assert {path.name: path.read_bytes() for path in save.iterdir()} == before
+    else:
+        assert not save.exists()
 
 
 def _checkpoint_with(trained, tmp_path, edit):
