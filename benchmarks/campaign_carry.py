@@ -13,6 +13,12 @@ from typing import List, Optional
 from common import MIB, fmt
 
 CARRY_LIMIT_BYTES = 64 * MIB  # the device tool's limit on what travels (working tree + carried paths)
+WHEEL_FOLDER, WHEEL_GLOB = ".whl", "megatron_core-*-cp312-*.whl"  # what the device call installs, from where
+# benchmarks/README.md's download of that wheel, run in the repository root (tests check the two agree)
+WHEEL_DOWNLOAD = (
+    "python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "
+    "--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d .whl megatron-core==0.16.1"
+)
 
 
 def folder_bytes(path: Path) -> int:
@@ -31,15 +37,21 @@ def tree_bytes(repo: Path) -> Optional[int]:
     return sum(p.stat().st_size for p in files if p.is_file() and not p.is_symlink())
 
 
-def carry_lines(repo: Path, data_dir: Path) -> List[str]:
-    """What the device call takes along: the working tree, ``.whl`` and the prepared data."""
-    tree, wheel, data = tree_bytes(repo), folder_bytes(repo / ".whl"), folder_bytes(data_dir)
+def carry_lines(repo: Path, data_dir: Path, cpu: bool = False) -> List[str]:
+    """What the device call takes along: the working tree, ``.whl`` and the prepared data; ``error:``
+    lines, last, for what stops the call: over the limit, or (data for the GPU, not ``cpu``: the
+    rehearsal's never travels) no megatron-core wheel to install."""
+    tree, wheel, data = tree_bytes(repo), folder_bytes(repo / WHEEL_FOLDER), folder_bytes(data_dir)
     total = (tree or 0) + wheel + data
     sizes = f"working tree {fmt(None if tree is None else tree / MIB, '.1f', 'n/a (no git)')} MiB, "
     sizes += f".whl {wheel / MIB:.1f} MiB, {data_dir} {data / MIB:.1f} MiB"
     lines = [f"carry: {sizes}: {total / MIB:.1f} MiB of {CARRY_LIMIT_BYTES / MIB:.0f} MiB"]
-    if not list((repo / ".whl").glob("megatron_core-*-cp312-*.whl")):
-        lines.append("note: no megatron-core cp312 wheel in .whl/ (benchmarks/README.md says how to download it)")
     if total > CARRY_LIMIT_BYTES:
         lines.append("error: over the device tool's limit; prepare fewer tokens or carry less")
+    if not list((repo / WHEEL_FOLDER).glob(WHEEL_GLOB)):
+        missing = f"no {WHEEL_GLOB} in {repo / WHEEL_FOLDER}"
+        if cpu:
+            lines.append(f"note: {missing} (the GPU's data needs it; benchmarks/README.md says how to download it)")
+        else:
+            lines.append(f"error: {missing}, which the device call installs; in {repo}, run: {WHEEL_DOWNLOAD}")
     return lines

@@ -7,6 +7,7 @@ two-stage against token-only on the prepared corpus) and ``activations``
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import List
@@ -17,6 +18,7 @@ from campaign_options import (
     ACCUM_RUN,
     ACTIVATION_RUNS,
     ALL_SIZES_RUNS,
+    CANARY_RUN,
     COST_RUNS,
     KERNEL_TABLE_ROWS,
     KERNEL_TABLE_RUNS,
@@ -67,7 +69,8 @@ def part_throughput(c: Campaign) -> None:
         levers = lever_flags(THROUGHPUT_RUNS[name], without=c.failed_levers)
         cmd += [*levers, "--output-json", str(json_path)]
         cmd += ["--kernel-table", str(KERNEL_TABLE_ROWS)] if name in KERNEL_TABLE_RUNS else []
-        record, output = c.run(part, name, cmd, num_microbatches=micro)
+        cap = opts.canary_s if name == CANARY_RUN else math.inf  # its hang or crawl: a failure, at the cap
+        record, output = c.run(part, name, cmd, cap_s=cap, num_microbatches=micro)
         if name in LEVERS and lever_failure(record, levers):  # a lever alone failed: left out from here on
             reason = f"the {name} run {record['status']}: {_error_line(output)}"
             c.failed_levers[name] = part.setdefault("dropped_levers", {})[name] = reason
@@ -90,8 +93,9 @@ def lever_flags(names: List[str], without=()) -> List[str]:
 
 
 def lever_failure(record: dict, levers: List[str]) -> bool:
-    """Whether a run with levers exited with an error before its time was up: not a timeout, a stop
-    or a skip, which say nothing about the levers."""
+    """Whether a run with levers (or other flags a fallback drops) exited with an error or ran past
+    its own cap (:meth:`Campaign.run`): not a timeout at the part's limit, a stop or a skip, which say
+    nothing about the levers."""
     return bool(levers) and record["status"].startswith("failed")
 
 
@@ -103,15 +107,17 @@ def _error_line(output: str) -> str:
 
 
 def part_cost(c: Campaign) -> None:
-    """Two-stage, then token-only, with ``--cost-levers``; when the two-stage run with levers exits
-    with an error (a lever's compile, say), both runs again without levers in the time left, so that
-    the cost targets are still measured, and the part records which levers and why."""
+    """Two-stage, then token-only, with ``--cost-levers`` and ``--cost-num-workers``; when the
+    two-stage run with levers or workers exits with an error (a lever's compile, a data loader
+    worker's crash), both runs again without either, in the time left, so that the cost targets are
+    still measured, and the part records what it changed and why."""
     opts, manifest, data = c.opts, c.opts.manifest, Path(c.opts.data_dir)
     levers = lever_flags(opts.cost_levers, without=c.failed_levers)
     model = ["--model", "370m", "--bf16", "--seq-length", str(opts.seq_length)]
     model = LOCAL_LAYERS + (["--model", "tiny", "--cpu"] if opts.cpu else model)
     setting = f"{'tiny, CPU' if opts.cpu else '370m, bf16'}, {opts.cost_steps} steps of {opts.cost_global_batch} x "
-    setting += f"{opts.seq_length} tokens, micro-batch {opts.cost_micro_batch}, levers: {' '.join(levers) or 'none'}"
+    setting += f"{opts.seq_length} tokens, micro-batch {opts.cost_micro_batch}, {opts.cost_num_workers} data loader "
+    setting += f"workers, levers: {' '.join(levers) or 'none'}"
     tokens = opts.cost_steps * opts.cost_global_batch * opts.seq_length
     part = c.begin("cost", setting=setting, data=manifest, tokens_per_run=tokens, levers=levers)
     dropped = {name: why for name, why in c.failed_levers.items() if name in lever_names(opts.cost_levers)}
@@ -124,21 +130,26 @@ def part_cost(c: Campaign) -> None:
     common += "--lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 5 --split 100,0,0 --eval-iters 0".split()
     common += ["--data-path", str(data / manifest["prefix"]), "--tokenizer-model", str(data / manifest["tokenizer"])]
     common += ["--log-interval", str(opts.cost_log_interval), "--data-cache-path", str(c.work / "data_cache")]
-    common += ["--num-workers", "2"]  # as the launch scripts: batches are read beside the steps, not between them
-    failed = _cost_runs(c, part, common, levers, "")
+    # workers (2), as the launch scripts: batches are read beside the steps, not between them
+    workers = ["--num-workers", str(opts.cost_num_workers)]
+    # what the fallback drops, both new on the device: the levers, and the data loader's worker processes
+    droppable = levers + (workers if opts.cost_num_workers else [])
+    failed = _cost_runs(c, part, [*common, *workers], levers, "", droppable)
     if failed is not None:
         record, output = failed
         reason = f"the two-stage run {record['status']} after {record['seconds']:.0f} s: {_error_line(output)}"
+        changed = "--cost-levers none" + (" and --num-workers 0" if opts.cost_num_workers else "")
         part["fallback"] = {"cost_levers": opts.cost_levers, "flags": levers, "reason": reason, "rerun_with": "none"}
+        part["fallback"].update(num_workers=opts.cost_num_workers, rerun_num_workers=0, changed=changed)
         part["levers"] = []
-        print(f"[cost] {reason}; both runs again with --cost-levers none", flush=True)
-        _cost_runs(c, part, common, [], " (no levers)")
+        print(f"[cost] {reason}; both runs again with {changed}", flush=True)
+        _cost_runs(c, part, [*common, "--num-workers", "0"], [], " (no levers)")
 
 
-def _cost_runs(c: Campaign, part: dict, common: List[str], levers: List[str], suffix: str):
+def _cost_runs(c: Campaign, part: dict, common: List[str], levers: List[str], suffix: str, droppable=()):
     """Two-stage, then token-only (after two-stage, which alone gives the in-trainer ratio), with
     ``levers``; the part's figures from these runs. Returns (record, output) of a two-stage run that
-    failed with levers (then token-only is not run), else None."""
+    failed with ``droppable`` flags (then token-only is not run), else None."""
     two_stage, token_only = COST_RUNS
     runs = {two_stage: ["--stage", "both", "--patch-size", "4", "--patch-data-fraction", repr(2 / 3)]}
     runs[token_only] = ["--patch-size", "1"]
@@ -153,7 +164,7 @@ def _cost_runs(c: Campaign, part: dict, common: List[str], levers: List[str], su
         done[role] = record
         part["figures"] = cost_figures(done)
         c.save()
-        if role == two_stage and lever_failure(record, levers):
+        if role == two_stage and lever_failure(record, list(droppable)):
             return record, output
     return None
 

@@ -85,13 +85,17 @@ class Campaign:
         self.save()
         return part
 
-    def run(self, part: dict, name: str, cmd: List[str], **fields) -> Tuple[dict, str]:
-        """Run ``cmd`` (an argument list) in the repository root with the time the part has left,
-        its output appended to the log; returns its record (status, seconds) and output."""
+    def run(self, part: dict, name: str, cmd: List[str], cap_s: float = math.inf, **fields) -> Tuple[dict, str]:
+        """Run ``cmd`` (an argument list) in the repository root with the time the part has left, or
+        ``cap_s`` seconds where that is less, its output appended to the log; returns its record
+        (status, seconds) and output. A run stopped at its own cap is ``failed (over its N s cap)``:
+        a failure of the run, not a lack of the part's time."""
         record = {"name": name, "command": shlex.join(cmd), "status": "skipped (no time left)", "seconds": 0.0}
         part["runs"].append(dict(record, **fields))
         record = part["runs"][-1]
         left, output = self.part_end - time.monotonic(), ""
+        capped = cap_s < left
+        left = min(left, cap_s)
         if left >= 1:
             with open(self.log, "a") as log:
                 log.write(f"\n$ {record['command']}\n")
@@ -106,7 +110,9 @@ class Campaign:
                     rc = proc.wait(timeout=left)
                     record["status"] = "ok" if rc == 0 else f"failed (exit {rc})"
                 except subprocess.TimeoutExpired:
-                    record["status"] = f"timed out after {left:.0f} s"
+                    record["status"] = (
+                        f"failed (over its {left:.0f} s cap)" if capped else f"timed out after {left:.0f} s"
+                    )
                 except Stopped:
                     record["status"] = "stopped (SIGTERM)"
                     raise

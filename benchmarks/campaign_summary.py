@@ -75,8 +75,9 @@ def _cost_lines(part: dict) -> List[str]:
     if part.get("fallback"):
         fb = part["fallback"]
         lines += [
-            f"Fallback: with --cost-levers {','.join(fb['cost_levers'])} ({' '.join(fb['flags'])}) {fb['reason']}; "
-            "both runs ran again with --cost-levers none: the figures and targets below are without levers.",
+            f"Fallback: with --cost-levers {','.join(fb['cost_levers'])} ({' '.join(fb['flags']) or 'no flags'}) "
+            f"and {fb.get('num_workers', 2)} data loader workers, {fb['reason']}; both runs ran again with "
+            f"{fb.get('changed', '--cost-levers none')}: the figures and targets below are from those runs.",
             "",
         ]
     lines += _table(header + ["peak GiB"], rows)
@@ -109,7 +110,8 @@ def _activation_lines(part: dict) -> List[str]:
 
 
 UNFINISHED = ("timed out", "skipped", "stopped")  # run statuses that a second call reruns (not "failed")
-REPLACED_FLAGS = ("--parts", "--throughput-runs", "--activations-runs", "--out", "--deadline-s")
+# --time-scale too: N is seconds of device time left, which the scale would multiply
+REPLACED_FLAGS = ("--parts", "--throughput-runs", "--activations-runs", "--out", "--deadline-s", "--time-scale")
 
 
 def unfinished(state: dict) -> Dict[str, List[str]]:
@@ -127,10 +129,13 @@ def unfinished(state: dict) -> Dict[str, List[str]]:
 
 def rerun_argv(state: dict, left: Dict[str, List[str]]) -> List[str]:
     """The campaign's arguments that run just ``left`` (:func:`unfinished`): the call's own flags
-    with the parts and runs replaced, ``--cost-levers none`` after a cost fallback, ``--out $OUT``
-    and ``--deadline-s N`` (N: chosen from the device time left)."""
+    with the parts and runs replaced and ``--time-scale`` left out, what a cost fallback changed
+    (``--cost-levers none``, ``--cost-num-workers 0``), ``--out $OUT`` and ``--deadline-s N`` (N:
+    chosen from the device time left)."""
     fallback = "cost" in left and state["parts"].get("cost", {}).get("fallback")
-    replaced = REPLACED_FLAGS + (("--cost-levers",) if fallback else ())
+    changed = ["--cost-levers", "none"] if fallback else []
+    changed += ["--cost-num-workers", "0"] if fallback and fallback.get("rerun_num_workers") == 0 else []
+    replaced = REPLACED_FLAGS + tuple(changed[::2])
     args, skip = [], False
     for arg in state["argv"]:
         if skip:
@@ -142,7 +147,7 @@ def rerun_argv(state: dict, left: Dict[str, List[str]]) -> List[str]:
     args += ["--parts", ",".join(left)]
     for part in ("throughput", "activations"):
         args += [f"--{part}-runs", ",".join(left[part])] if part in left else []
-    return args + (["--cost-levers", "none"] if fallback else []) + ["--out", "$OUT", "--deadline-s", "N"]
+    return args + changed + ["--out", "$OUT", "--deadline-s", "N"]
 
 
 def _unfinished_lines(state: dict) -> List[str]:

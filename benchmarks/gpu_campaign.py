@@ -16,7 +16,8 @@ Parts, in this order: ``tests`` (``pytest -m gpu`` over the files that hold GPU 
 and all five at one, then each alone), ``cost`` (the trainer, ``--stage both`` against token-only
 on the same tokens of the prepared corpus, with the levers; without them if the two-stage run with
 them exits with an error) and ``activations`` (``throughput.py --measure-layer-activations``).
-Every run is a subprocess given the time its part has left and stopped there: a part's
+Every run is a subprocess given the time its part has left and stopped there (the first,
+``cudnn``, a canary, at most 90 s x ``--time-scale``, then counted as a failed lever): a part's
 ``--<part>-budget-s`` is reserved for it (the defaults add up to the main call's deadline, 560 s,
 less 10 s for the summary), and within ``--deadline-s`` it may also use what earlier parts left.
 OUT receives ``summary.md``, per part ``<part>.json``, rewritten under temporary names after every
@@ -76,9 +77,10 @@ def _campaign(argv: List[str]) -> int:
         prepare_corpus(
             Path(opts.corpus), Path(opts.data_dir), opts.vocab_size, cost_plan(opts), opts.cpu, argv, REPO_ROOT
         )
-        lines = carry_lines(REPO_ROOT, Path(opts.data_dir))
-        print("\n".join(lines))
-        return 1 if lines[-1].startswith("error") else 0
+        lines = carry_lines(REPO_ROOT, Path(opts.data_dir), opts.cpu)
+        for line in lines:
+            print(line, file=sys.stderr if line.startswith("error") else sys.stdout, flush=True)
+        return 1 if any(line.startswith("error") for line in lines) else 0
     if opts.unpack:
         return unpack(Path(opts.out), Path(opts.unpack))
     Path(opts.out).mkdir(parents=True, exist_ok=True)

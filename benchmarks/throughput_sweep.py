@@ -11,6 +11,7 @@ import contextlib
 import functools
 import itertools
 import statistics
+import sys
 from typing import List, Optional
 
 from common import StepTimer, fmt, free_memory, step_plan, synthetic_batches, trainer_config
@@ -112,20 +113,29 @@ def _sweep(opts, model, optimizer, scheduler, recompute, per_position, peak_tflo
             if phases is not None:  # after timer.seconds(), which synchronised: every event has completed
                 row["phases_ms"] = phase_medians(phases.per_step_ms(), phases.names)
                 row["phases_outside_ms"] = outside_ms(1e3 * median, row["phases_ms"])
-            if opts.kernel_table and b == opts.micro_batch_size[0]:  # one more step, after the timed ones
-                try:
-                    row["kernel_profile"] = profile_step(step, cuda, opts.kernel_table)
-                except (torch.OutOfMemoryError, NonFiniteLossError) as error:  # the row's figures stand
-                    row["kernel_profile_error"] = f"{type(error).__name__}: " + str(error).split("\n")[0][:160]
-        if "error" in row:  # leave the model and optimizer clean for the next configuration
+        rows.append(row)
+        # printed before the profiled step: a run stopped or killed there keeps the row in its output
+        print(f"  {_row_line(row)}", flush=True)
+        if "error" not in row and opts.kernel_table and b == opts.micro_batch_size[0]:
+            _profile(row, step, cuda, opts.kernel_table)  # one more step, after the timed ones
+        if "error" in row or "kernel_profile_error" in row:  # leave the model and optimizer clean for the next
             for chunk in model:
                 chunk.zero_grad_buffer()
             optimizer.zero_grad()
         if phases is not None:
             phases.clear()
-        rows.append(row)
-        print(f"  {_row_line(row)}", flush=True)
     return rows
+
+
+def _profile(row: dict, step, cuda: bool, top: int) -> None:
+    """``row["kernel_profile"]`` from one profiled step; any exception (the profiler's CUDA path never
+    runs on CPU) becomes ``row["kernel_profile_error"]`` and one line on stderr: the row's timings stand."""
+    try:
+        row["kernel_profile"] = profile_step(step, cuda, top)
+    except Exception as error:  # whatever it is, it costs the kernel table only
+        row["kernel_profile_error"] = f"{type(error).__name__}: " + str(error).split("\n")[0][:160]
+        where = f"recompute={row['recompute']} b={row['micro_batch_size']} K={row['patch_size']}"
+        print(f"kernel profile error at {where}: {row['kernel_profile_error']}", file=sys.stderr, flush=True)
 
 
 def _row_line(row: dict) -> str:

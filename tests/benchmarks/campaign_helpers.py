@@ -85,3 +85,28 @@ def run_campaign(argv, **kw):
 
 def read_part(out, name):
     return json.loads((out / f"{name}.json").read_text())
+
+
+def stand_in_python(monkeypatch, folder, script):
+    """A shell script in ``folder`` put in place of the python that the campaign's parts start
+    (``campaign_parts.PY``): each run's command starts it with the run's arguments (``$*``), so a
+    part's logic runs against the real runner in a second instead of the model's runs."""
+    path = folder / "python"
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+    monkeypatch.setattr(campaign_parts, "PY", str(path))
+
+
+def stand_in_campaign(tmp_path, argv):
+    """A ``Campaign`` of ``--cpu`` ``argv`` writing into ``tmp_path / "out"``, with a prepared-data
+    folder that holds only its manifest (the stand-in runs read nothing)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    plan = campaign_options.cost_plan(gpu_campaign.parse_options(["--cpu", "--parts", "tests", "--out", "o"]))
+    manifest = {"cpu": True, "plan": plan, "prefix": "campaign_text_document", "tokenizer": "campaign.model"}
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    work.mkdir()
+    argv = ["--cpu", *argv, "--data-dir", str(data), "--out", str(out)]
+    return sys.modules["campaign_runner"].Campaign(gpu_campaign.parse_options(argv), argv, work)

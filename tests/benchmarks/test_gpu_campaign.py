@@ -1,7 +1,8 @@
 """The GPU campaign (issue 16) rehearsed on CPU: the main device command of benchmarks/README.md,
 run as written there with ``--cpu`` appended (tiny preset, few steps), on a corpus prepared by the
 campaign's own ``--prepare``; the cost part's fallback without levers; the size of what the device
-call carries. (The time limits, the rerun line, the figures and the flag errors, without a rehearsal:
+call carries. (The time limits, the cudnn canary's cap, the fallback without the data loader's
+workers, the rerun line, the figures and the flag errors, without a rehearsal:
 test_gpu_campaign_summary.py.) Speed is never asserted."""
 
 import json
@@ -128,6 +129,11 @@ def test_the_gpu_tests_default_is_every_file_with_a_gpu_mark():
     assert len(campaign_options.GPU_TEST_FILES) == len(files)  # no file twice
     opts = gpu_campaign.parse_options(["--parts", "tests", "--out", "o"])
     assert opts.test_paths.split(",") == list(campaign_options.GPU_TEST_FILES)
+    # pytest runs them in this order: the trainer's (fused Adam) and the benchmark scripts' first, the
+    # files whose tests compile kernels last, so that a run cut at the part's limit loses those
+    first, compiling = campaign_options.GPU_TEST_FILES[:2], campaign_options.GPU_TEST_FILES[-2:]
+    assert first == ("tests/training/test_trainer.py", "tests/benchmarks/test_benchmarks_on_gpu.py")
+    assert compiling == ("tests/unit/test_rope.py", "tests/unit/test_fused_cross_entropy.py")
 
 
 @CPU_ONLY
@@ -244,8 +250,10 @@ def test_the_cost_part_falls_back_to_no_levers_when_the_two_stage_run_fails(rehe
     assert "cudnn" not in runs[0]["command"] and list(cost["dropped_levers"]) == ["cudnn"]
     for run in runs[1:]:
         assert run["levers"] == "none" and "fusion" not in run["command"] and "fused" not in run["command"]
+        assert "--num-workers 0" in run["command"]  # and without the data loader's workers
     fallback = cost["fallback"]
     assert fallback["cost_levers"] == ["all"] and fallback["rerun_with"] == "none"
+    assert fallback["changed"] == "--cost-levers none and --num-workers 0"
     without_cudnn = campaign_parts.lever_flags(["all"], without={"cudnn"})
     assert fallback["flags"] == without_cudnn and cost["levers"] == []
     assert fallback["reason"].startswith("the two-stage run failed (exit 1) after ")

@@ -1,9 +1,11 @@
-"""The GPU campaign's pieces without a rehearsal run: the time limits of a part, the rerun line of
-what did not finish, the lever and wall-time figures read from the runs' output, the cost part's
-fallback rule, and the one-line errors of its flags and data folder."""
+"""The GPU campaign's pieces without a rehearsal run: the time limits of a part and of the cudnn
+canary, the rerun line of what did not finish, the lever and wall-time figures read from the runs'
+output, the cost part's fallback (its runs stood in for by a shell script), and the one-line errors
+of its flags, its data folder and a missing wheel."""
 
 import shlex
 import sys
+import types
 
 import pytest
 
@@ -11,6 +13,8 @@ from tests.benchmarks.campaign_helpers import (
     ALL_PARTS,
     CAMPAIGN,
     CPU_ONLY,
+    README,
+    campaign_carry,
     campaign_logs,
     campaign_options,
     campaign_parts,
@@ -18,7 +22,20 @@ from tests.benchmarks.campaign_helpers import (
     gpu_campaign,
     read_part,
     run_campaign,
+    stand_in_campaign,
+    stand_in_python,
 )
+
+# a throughput run with cuDNN's attention hangs; every other run ends at once
+HANGING_CUDNN = """case " $* " in
+*" --sdpa-backend cudnn "*) echo "cuDNN attention: compiling"; exec sleep 120;;
+esac
+"""
+# a run with data loader workers fails as a worker's crash would; every other run ends at once
+FAILING_WORKERS = """case " $* " in
+*" --num-workers 2 "*) echo "RuntimeError: DataLoader worker (pid 4242) is killed by signal: Bus error." >&2; exit 1;;
+esac
+"""
 
 
 def test_a_run_fails_over_to_no_levers_only_when_it_failed_with_levers():
@@ -30,6 +47,93 @@ def test_a_run_fails_over_to_no_levers_only_when_it_failed_with_levers():
     for status in ("ok", "timed out after 40 s", "skipped (no time left)", "stopped (SIGTERM)"):
         assert not failure({"status": status}, levers), status
     assert not failure({"status": "failed (exit 1)"}, [])  # without levers there is nothing to fall back from
+
+
+def test_a_canary_that_hangs_is_a_failed_lever_and_leaves_the_mfu_runs_their_time(tmp_path, monkeypatch):
+    """The cudnn run, first, is stopped at its own cap (90 s x --time-scale), not at the part's end,
+    and counts as a failed lever: all-accum, base and the cost part run without it, and both parts'
+    JSON and the summary say why."""
+    assert gpu_campaign.parse_options(["--parts", "tests", "--out", "o", "--time-scale", "0.5"]).canary_s == 45
+    stand_in_python(monkeypatch, tmp_path, HANGING_CUDNN)
+    campaign = stand_in_campaign(tmp_path, ["--parts", "throughput,cost", "--throughput-runs", "cudnn,all-accum,base"])
+    assert campaign.opts.canary_s == 90 and campaign.opts.throughput_budget_s == 230
+    campaign.opts.canary_s = 1  # the test's own cap, so that it waits one second, not 90
+    campaign_parts.part_throughput(campaign)
+    campaign_parts.part_cost(campaign)
+    campaign.save()
+    runs = read_part(campaign.out, "throughput")["runs"]
+    assert [(r["name"], r["status"]) for r in runs] == [
+        ("cudnn", "failed (over its 1 s cap)"),
+        ("all-accum", "ok"),
+        ("base", "ok"),
+    ]
+    assert runs[0]["seconds"] < 10  # stopped at the cap: SIGTERM to its process group
+    assert "--sdpa-backend" not in runs[1]["command"] and "--rope-fusion" in runs[1]["command"]
+    why = "the cudnn run failed (over its 1 s cap): cuDNN attention: compiling"
+    assert read_part(campaign.out, "throughput")["dropped_levers"] == {"cudnn": why}
+    cost = read_part(campaign.out, "cost")
+    assert cost["dropped_levers"] == {"cudnn": why} and [r["status"] for r in cost["runs"]] == ["ok", "ok"]
+    assert not any("cudnn" in r["command"] for r in cost["runs"]) and "fallback" not in cost
+    text = (campaign.out / "summary.md").read_text()
+    assert text.count(f"Left out after its own run failed: cudnn ({why}).") == 2
+    assert "## Not finished" not in text  # a failed canary is not rerun: it would hang again
+
+
+@pytest.mark.parametrize("cost_levers", ["all", "none"])
+def test_the_cost_fallback_also_drops_the_data_loader_workers(tmp_path, monkeypatch, cost_levers):
+    """A two-stage run that fails in its data loader's workers, with or without levers: both runs again
+    with no levers and --num-workers 0, which the part's JSON, the summary and the rerun line say."""
+    stand_in_python(monkeypatch, tmp_path, FAILING_WORKERS)
+    campaign = stand_in_campaign(tmp_path, ["--parts", "cost", "--cost-levers", cost_levers])
+    campaign_parts.part_cost(campaign)
+    campaign.save()
+    cost = read_part(campaign.out, "cost")
+    runs = cost["runs"]
+    assert [(r["name"], r["status"]) for r in runs] == [
+        ("two-stage", "failed (exit 1)"),
+        ("two-stage (no levers)", "ok"),
+        ("token-only (no levers)", "ok"),
+    ]
+    assert "--num-workers 2" in runs[0]["command"]
+    assert all("--num-workers 0" in r["command"] and "fusion" not in r["command"] for r in runs[1:])
+    fallback = cost["fallback"]
+    assert fallback["changed"] == "--cost-levers none and --num-workers 0" and fallback["rerun_num_workers"] == 0
+    assert fallback["num_workers"] == 2 and fallback["reason"].endswith("is killed by signal: Bus error.")
+    text = (campaign.out / "summary.md").read_text()
+    flags = " ".join(campaign_parts.lever_flags([cost_levers])) or "no flags"
+    assert f"Fallback: with --cost-levers {cost_levers} ({flags}) and 2 data loader workers, the two-stage" in text
+    assert "both runs ran again with --cost-levers none and --num-workers 0: the figures" in text
+    # a rerun of the cost part after the fallback runs as the fallback did
+    argv = campaign_summary.rerun_argv(campaign.state, {"cost": ["token-only"]})
+    assert argv[argv.index("--cost-levers") :][:4] == ["--cost-levers", "none", "--cost-num-workers", "0"]
+    assert gpu_campaign.parse_options(["--cpu", "--parts", "tests", "--out", "o", "--cost-num-workers", "0"])
+
+
+def test_a_time_scale_shrinks_every_part_where_a_lower_deadline_starves_the_last(tmp_path, monkeypatch):
+    """benchmarks/README.md's advice for less device time: --time-scale S gives each part its budget
+    x S within the deadline 560 x S (less the 10 s kept for the summary, which the last part pays),
+    where --deadline-s alone leaves the earlier parts their whole budgets and the later ones nothing."""
+    runner = sys.modules["campaign_runner"]
+    clock = [1000.0]
+    monkeypatch.setattr(runner, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+
+    def part_seconds(argv):
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        out.mkdir()
+        opts = gpu_campaign.parse_options(["--parts", "tests,throughput,activations", "--out", str(out), *argv])
+        opts.parts = list(campaign_options.PARTS)  # cost too, without its data: only its budget is read
+        campaign, seconds = runner.Campaign(opts, argv, tmp_path), {}
+        for part in opts.parts:  # each part runs until its end
+            start = clock[0]
+            campaign.begin(part)
+            clock[0] = max(start, campaign.part_end)
+            seconds[part] = clock[0] - start
+        return seconds
+
+    assert part_seconds(["--deadline-s", "560"]) == campaign_options.BUDGETS
+    scaled = {"tests": 30, "throughput": 115, "cost": 112.5, "activations": 17.5 - 5}  # 5 = 10 - 10 x 0.5
+    assert part_seconds(["--deadline-s", "560", "--time-scale", "0.5"]) == pytest.approx(scaled)
+    assert part_seconds(["--deadline-s", "280"]) == {"tests": 60, "throughput": 210, "cost": 0, "activations": 0}
 
 
 @CPU_ONLY
@@ -70,9 +174,20 @@ def test_a_part_past_its_budget_stops_its_run_and_still_writes_the_summary(tmp_p
 
 def test_the_rerun_line_names_just_what_did_not_finish():
     """Timed-out, skipped and stopped runs, and parts never begun, are rerun; failed runs are not; the
-    cost part whole, by its runs' roles, with --cost-levers none after a fallback."""
+    cost part whole, by its runs' roles, with --cost-levers none after a fallback; without the call's
+    --time-scale, which would multiply the N seconds left."""
     state = {
-        "argv": ["--parts", ALL_PARTS, "--data-dir", ".campaign", "--out", "/o", "--deadline-s=560"],
+        "argv": [
+            "--parts",
+            ALL_PARTS,
+            "--data-dir",
+            ".campaign",
+            "--out",
+            "/o",
+            "--deadline-s=560",
+            "--time-scale",
+            "0.7",
+        ],
         "plan": {
             "tests": ["pytest -m gpu"],
             "throughput": ["all-accum", "base", "rope", "ce"],
@@ -237,3 +352,30 @@ def test_unusable_corpus_or_data_dir_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_prepare_for_the_gpu_without_the_wheel_ends_with_one_error_line(tmp_path, monkeypatch, capsys):
+    """--prepare (data for the GPU) ends with one ``error:`` line and exit 1 when the wheel folder holds
+    no megatron-core cp312 wheel: the folder, and the README's download command to run; the rehearsal's
+    --prepare --cpu (its data never travels) notes it; with the wheel, no error."""
+    readme = " ".join(README.read_text().replace("\\\n", " ").split())  # its lines joined
+    assert campaign_carry.WHEEL_DOWNLOAD in readme
+    monkeypatch.setattr(gpu_campaign, "prepare_corpus", lambda *args: None)  # the corpus: not this test's
+    monkeypatch.setattr(gpu_campaign, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(campaign_carry, "tree_bytes", lambda repo: 0)
+    argv = ["--prepare", "--corpus", "c.jsonl.xz", "--data-dir", str(tmp_path / "data")]
+    assert gpu_campaign.main(argv) == 1
+    printed = capsys.readouterr()
+    assert printed.out.startswith("carry: ") and printed.out.count("\n") == 1
+    folder = tmp_path / ".whl"
+    assert printed.err == (
+        f"error: no megatron_core-*-cp312-*.whl in {folder}, which the device call installs; "
+        f"in {tmp_path}, run: {campaign_carry.WHEEL_DOWNLOAD}\n"
+    )
+    assert gpu_campaign.main([*argv, "--cpu"]) == 0
+    assert "note: no megatron_core-*-cp312-*.whl" in capsys.readouterr().out
+    folder.mkdir()
+    (folder / "megatron_core-0.16.1-cp312-cp312-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl").write_bytes(b"")
+    assert gpu_campaign.main(argv) == 0
+    printed = capsys.readouterr()
+    assert printed.err == "" and printed.out.count("\n") == 1

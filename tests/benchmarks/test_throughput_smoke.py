@@ -122,6 +122,38 @@ def test_kernel_table_profiles_one_more_step_at_the_first_micro_batch(tmp_path, 
     assert throughput.main(["--cpu", "--kernel-table", "-1"]) == 2
 
 
+@CPU_ONLY
+def test_a_kernel_profile_that_raises_costs_only_its_table(tmp_path, capsys, monkeypatch):
+    """The profiler's CUDA path never runs on CPU: whatever it raises on a GPU is recorded in the row
+    as ``kernel_profile_error``, with one line on stderr, and the rows' timings and the run survive;
+    each row is printed before its profiled step (a run killed there keeps it in its output)."""
+    printed_before = []
+
+    def broken_profile(step, cuda, top):
+        printed_before.append(capsys.readouterr())
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\nsecond line")
+
+    monkeypatch.setattr(throughput_sweep, "profile_step", broken_profile)
+    out = tmp_path / "tp.json"
+    argv = ["--cpu", *TINY_STEPS, "--micro-batch-size", "2,4", "--patch-sizes", "1,4", "--kernel-table", "5"]
+    assert throughput.main([*argv, "--output-json", str(out)]) == 0
+    assert [seen.out.splitlines()[-1].strip().split(":")[0] for seen in printed_before] == [
+        "recompute=none b=2 K=1",
+        "recompute=none b=2 K=4",
+    ]
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 4 and all(positive(r["tokens_per_s"]) and "error" not in r for r in rows)
+    errors = [r.get("kernel_profile_error") for r in rows]
+    assert errors == ["RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"] * 2 + [None, None]
+    assert not any("kernel_profile" in r for r in rows)
+    err = printed_before[1].err + capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "kernel profile error" in line]
+    assert lines == [
+        "kernel profile error at recompute=none b=2 K=1: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED",
+        "kernel profile error at recompute=none b=2 K=4: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED",
+    ]
+
+
 @pytest.mark.parametrize(
     "flags",
     [
