@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export TORCHDYNAMO_DISABLE := 1
 
-.PHONY: quickstart test test-unit test-dist
+.PHONY: quickstart test
 
 quickstart: $(STAMP)
 	$(VENV)/bin/python examples/quickstart.py
