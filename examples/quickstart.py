@@ -17,24 +17,25 @@ its own ``--save`` folder, so one killed (or stopped by a signal) after a checkp
 ``--reduced`` is the same pipeline with fewer steps, evaluated on 3 of the held-out documents (what CI runs).
 """
 
-import argparse
 import json
 import lzma
 import math
-import os
 import random
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from megatron_patch.runtime import atomic_file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # pipeline.py beside it
 
-REPO = Path(__file__).resolve().parents[1]
+from pipeline import PATCH_SIZE, REPO, check_workdir, run_script, run_step, train_command, trained  # noqa: E402
+
+from megatron_patch.errors import VerificationError  # noqa: E402
+from megatron_patch.runtime import atomic_file  # noqa: E402
+from megatron_patch.runtime.command import ArgumentParser  # noqa: E402
+
 CORPUS = REPO / "examples" / "data" / "tiny.jsonl.xz"
 HELD_OUT_EVERY = 10  # every 10th document (after a seeded shuffle) is held out for evaluation
 SEED = 1234
-PATCH_SIZE, PATCH_FRACTION = 4, 2 / 3
+PATCH_FRACTION = 2 / 3
 EVAL_MICRO_BATCH = 32  # windows; at evaluate.py's default of 4 a CPU evaluation is mostly gloo calls
 
 
@@ -60,73 +61,6 @@ def settings(reduced: bool) -> dict:
         "lr": "2e-3",
         "eval_documents": None,
     }
-
-
-def check_workdir(work: Path, made_with: dict, script: str) -> None:
-    """Record in ``work/settings.json`` what ``work``'s outputs are made with, or exit with one line
-    when it holds another record: a step whose output exists is not run again, so a workdir of other
-    settings (another mode, budget or corpus) would have its results reported as this run's."""
-    made_with = json.loads(json.dumps(made_with, default=str))  # as it reads back
-    record = work / "settings.json"
-    if record.exists():
-        before = json.loads(record.read_text())
-        keys = sorted({*before, *made_with})
-        changed = [f"{k} {before.get(k)!r} -> {made_with.get(k)!r}" for k in keys if before.get(k) != made_with.get(k)]
-        if changed:
-            sys.exit(
-                f"{script}: --workdir {work} holds outputs made with other settings ({'; '.join(changed)}): "
-                f"use another --workdir, or delete it to start over"
-            )
-        return
-    work.mkdir(parents=True, exist_ok=True)
-    partial = record.with_name(record.name + ".tmp")
-    partial.write_text(json.dumps(made_with, indent=1, sort_keys=True) + "\n")
-    os.replace(partial, record)
-
-
-def trained(save: Path) -> bool:
-    """The trainer run saving to ``save`` trained to its end: its summary.json exists and is not
-    marked ``interrupted`` (the trainer writes one too when a stop signal or --exit-duration-in-mins
-    ends it early, after saving a checkpoint)."""
-    summary = save / "summary.json"
-    return summary.exists() and not json.loads(summary.read_text()).get("interrupted", True)
-
-
-def train_command(launcher: list, flags: list, save: Path) -> list:
-    """The trainer's command line for one run saving to ``save``, with ``--load`` of the same folder:
-    the trainer resumes when the folder holds a checkpoint (a re-run after a kill) and starts fresh
-    when it holds none; with ``--pretrained-checkpoint`` too, ``--load`` wins once it holds one."""
-    outputs = ["--save", save, "--load", save, "--summary-json", save / "summary.json"]
-    return [*launcher, "examples/pretrain_patch_gpt.py", *flags, *outputs]
-
-
-CPU_ENV = {"OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1"}  # each process one thread, no compiles
-
-
-def run_step(step: str, command: list, done: Path, log: Path = None, finished=Path.exists, extra_env=CPU_ENV) -> None:
-    """Run one pipeline step unless ``finished(done)`` (by default: its output ``done`` exists);
-    stream its output (or write it to ``log``); ``extra_env``: set for the step (the quick start's
-    CPU settings by default). Exits with one line when the step fails or ends unfinished."""
-    if finished(done):
-        print(f"== {step}: done already ({done.relative_to(REPO) if done.is_relative_to(REPO) else done})", flush=True)
-        return
-    print(f"== {step}: {' '.join(str(c) for c in command)}", flush=True)
-    env = dict(os.environ, **extra_env, PYTHONUNBUFFERED="1")
-    start = time.perf_counter()
-    if log is None:
-        result = subprocess.run([str(c) for c in command], cwd=REPO, env=env)
-    else:
-        with open(log, "w", encoding="utf-8") as out:
-            result = subprocess.run([str(c) for c in command], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        where = f" (output in {log})" if log else " above"
-        sys.exit(
-            f"{Path(sys.argv[0]).stem}: step '{step}' failed with exit code {result.returncode}; fix the "
-            f"error{where} and re-run"
-        )
-    if not finished(done):  # a trainer stopped by a signal saves, writes an interrupted summary and exits 0
-        sys.exit(f"{Path(sys.argv[0]).stem}: step '{step}' stopped before its end; re-run to resume it")
-    print(f"== {step}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
 def _split_corpus(work: Path) -> None:
@@ -233,7 +167,11 @@ def _torchrun(nproc: int) -> list:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    return run_script(lambda: _main(argv))
+
+
+def _main(argv) -> int:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=str(REPO / "quickstart_out"))
     parser.add_argument("--reduced", action="store_true", help="fewer steps, 3 held-out documents, same pipeline (CI)")
     args = parser.parse_args(argv)
@@ -282,13 +220,36 @@ def main(argv=None) -> int:
         outputs[(pending or evaluated)[-1]],
     )
     evaluations = {name: json.loads(outputs[name].read_text()) for name in evaluated}
-    _report(runs, evaluations)
+    held_out = sum(1 for line in data["heldout"].read_text(encoding="utf-8").splitlines() if line.strip())
+    _report(runs, evaluations, held_out, args.reduced)
     return 0
 
 
-def _report(runs: dict, evaluations: dict) -> None:
+def _outcome(difference: float, above: str, below: str) -> str:
+    """``above`` for a positive difference, ``below`` for a negative one, neither for exactly 0."""
+    return above if difference > 0 else below if difference < 0 else f"neither {above} nor {below}"
+
+
+def _same_tokens(summary: dict, evaluations: dict) -> None:
+    """VerificationError unless patch + token trained the baseline's tokens, the control the token
+    stage's, and every run was scored on the same held-out tokens: the comparisons assume it."""
+    patch, token = summary["patch_stage"]["total_tokens"], summary["token_stage"]["total_tokens"]
+    baseline, control = summary["baseline"]["total_tokens"], summary["control"]["total_tokens"]
+    scored = {name: (e["documents"], e["tokens"]) for name, e in evaluations.items()}
+    if patch + token != baseline or control != token or len(set(scored.values())) > 1:
+        raise VerificationError(
+            f"the runs are not comparable: patch + token trained {patch} + {token} tokens, the baseline "
+            f"{baseline}, the control {control} (the token stage's {token}); held-out (documents, tokens) "
+            f"scored: {scored}; remove the workdir's outputs of other settings and re-run"
+        )
+
+
+def _report(runs: dict, evaluations: dict, held_out: int, reduced: bool) -> None:
+    """The closing table and what it means, from the runs' summaries and evaluations; ``held_out``:
+    the documents of the held-out file."""
     names = ("patch_stage", "token_stage", "control", "baseline")
     summary = {name: json.loads((runs[name] / "summary.json").read_text()) for name in names}
+    _same_tokens(summary, evaluations)
     patch_seconds = summary["patch_stage"]["stages"]["patch"]["seconds"]
     token_seconds = summary["token_stage"]["stages"]["token"]["seconds"]
     control_seconds = summary["control"]["stages"]["token"]["seconds"]
@@ -297,33 +258,47 @@ def _report(runs: dict, evaluations: dict) -> None:
         summary["patch_stage"]["stages"]["patch"]["flops"] + summary["token_stage"]["stages"]["token"]["flops"]
     )
     baseline_flops = summary["baseline"]["stages"]["token"]["flops"]
-    theory = PATCH_FRACTION / PATCH_SIZE + 1 - PATCH_FRACTION
+    # the trainer's theoretical cost of each job, against token-level training of that job's own
+    # tokens (1/K for the patch stage, 1 for the token stage), weighted by the tokens: lambda/K + 1 -
+    # lambda at the lambda the steps realise, against the baseline (token-level training of them all)
+    patch_tokens, token_tokens = summary["patch_stage"]["total_tokens"], summary["token_stage"]["total_tokens"]
+    total_tokens = patch_tokens + token_tokens
+    theory = (
+        summary["patch_stage"]["theoretical_relative_cost"] * patch_tokens
+        + summary["token_stage"]["theoretical_relative_cost"] * token_tokens
+    ) / total_tokens
+    scored = evaluations["baseline"]
     rows = [
         ("patch (K=4, lambda=2/3) + token", evaluations["token_stage"], f"{patch_seconds:.1f} + {token_seconds:.1f}"),
         ("control: token stage from scratch", evaluations["control"], f"{control_seconds:.1f}"),
         ("token-only baseline, all tokens", evaluations["baseline"], f"{baseline_seconds:.1f}"),
     ]
-    print("\n== result (held-out documents, token level)")
+    print(
+        f"\n== result{' of the --reduced quick start (fewer steps)' if reduced else ''}: model {scored['model']} "
+        f"({scored['dtype']}, CPU, TP=2); token-level loss on {scored['documents']} of the {held_out} held-out "
+        f"documents ({scored['tokens']:,} tokens)"
+    )
     print(f"{'run':34s} {'loss':>8s} {'ppl':>9s} {'train s':>14s}")
     for name, evaluation, seconds in rows:
         print(f"{name:34s} {evaluation['loss']:8.4f} {math.exp(evaluation['loss']):9.2f} {seconds:>14s}")
     transfer = evaluations["control"]["loss"] - evaluations["token_stage"]["loss"]
     print(f"transfer of the patch stage = control - (patch + token) = {transfer:+.4f} nats")
     print(
-        f"relative cost of patch training: measured wall time "
-        f"{(patch_seconds + token_seconds) / baseline_seconds:.3f}, "
-        f"model FLOPs {patch_flops / baseline_flops:.3f}, theory lambda/K + 1 - lambda = {theory:.3f}"
+        f"relative cost of patch + token against the token-only baseline: measured wall time "
+        f"{(patch_seconds + token_seconds) / baseline_seconds:.3f}, model FLOPs {patch_flops / baseline_flops:.3f}, "
+        f"theory lambda/K + 1 - lambda = {theory:.3f} (the trainer's, at the realised lambda "
+        f"{patch_tokens / total_tokens:.3f})"
     )
     print(
-        f"(patch + token and the baseline train the same {summary['baseline']['total_tokens']:,} tokens, the "
-        f"control the last {summary['control']['total_tokens']:,} of them; step times exclude start-up and "
-        f"checkpointing)"
+        f"(patch + token train {patch_tokens:,} + {token_tokens:,} = {total_tokens:,} tokens, the baseline the "
+        f"same {summary['baseline']['total_tokens']:,}, the control the last {summary['control']['total_tokens']:,} "
+        f"of them; step times exclude start-up and checkpointing)"
     )
     versus = evaluations["token_stage"]["loss"] - evaluations["baseline"]["loss"]
     print(
-        f"What this means: the patch stage {'helped' if transfer > 0 else 'hurt'} the token stage that followed "
+        f"What this means: the patch stage {_outcome(transfer, 'helped', 'hurt')} the token stage that followed "
         f"it ({transfer:+.2f} nats against the same token stage from scratch), and patch + token ended "
-        f"{abs(versus):.2f} nats {'worse' if versus > 0 else 'better'} than token-only training of all the tokens; "
+        f"{abs(versus):.2f} nats {_outcome(versus, 'worse', 'better')} than token-only training of all the tokens; "
         f"the paper finds patch training pays only with hundreds of training tokens per parameter, far above "
         f"this corpus (README, 'What to expect')."
     )

@@ -31,19 +31,20 @@ is a project command run as a subprocess (tools/*.py, examples/pretrain_patch_gp
 torchrun when ``--nproc`` > 1); a step whose output exists is skipped, a training run once its
 summary.json says it trained to the end. Every run passes ``--load`` of its own ``--save`` folder, so
 a run killed (or stopped by a signal) after a checkpoint resumes from it on a re-run. The report
-(``report.md``) has a table of held-out loss / perplexity / wall time per run and a PNG of the
+(``report.md``), over every finished run of the workdir whichever invocation trained it, says what
+was measured and has a table of held-out loss / perplexity / wall time per run and a PNG of the
 token-level validation loss against training tokens and against training compute (matplotlib, if
 installed: the ``plot`` extra); ``curves.json`` holds the plotted points.
 """
 
-import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the quickstart.py and reproduce_small_*.py beside it
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # pipeline.py and reproduce_small_*.py beside it
 
-from quickstart import check_workdir, run_step, train_command, trained  # noqa: E402
+from pipeline import REPO, check_workdir, run_script, run_step, train_command, trained  # noqa: E402
 from reproduce_small_report import write_report  # noqa: E402
 from reproduce_small_runs import (  # noqa: E402
     FRACTIONS,  # noqa: F401 (tests read the runs' names, settings and flags from this script)
@@ -56,14 +57,16 @@ from reproduce_small_runs import (  # noqa: E402
     trainer_arguments,
 )
 
+from megatron_patch.errors import ArgumentError  # noqa: E402
 from megatron_patch.runtime import atomic_file  # noqa: E402
+from megatron_patch.runtime.command import ArgumentParser  # noqa: E402
+from megatron_patch.training.plan import MAX_PASSES  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".data"  # git-ignored: where the corpora are copied
 
 
 def _run(step: str, command: list, done: Path, finished=Path.exists) -> None:
-    """Run one step unless ``finished(done)`` (quickstart's ``run_step``, with the environment as it
+    """Run one step unless ``finished(done)`` (the pipeline's ``run_step``, with the environment as it
     is: the runs may use a GPU and its threads)."""
     run_step(step, command, done, finished=finished, extra_env={})
 
@@ -78,25 +81,26 @@ def _training_tokens(prefix: Path) -> int:
     return split_prefix(str(prefix), dataset.sequence_lengths, parse_split(SPLIT), 0.0).train.tokens
 
 
-def _first_documents(source: Path, count: int, folder: Path) -> Path:
-    """The first ``count`` lines of the JSONL (or .jsonl.xz) ``source`` as ``folder/train_first<count>.jsonl``
-    (written under a temporary name, renamed when complete)."""
+def _first_documents(source: Path, count: int) -> str:
+    """The first ``count`` lines of the JSONL (or .jsonl.xz) ``source``; ArgumentError when it holds fewer."""
     import lzma
 
-    target = folder / f"train_first{count}.jsonl"
-    if target.exists():
-        return target
     opener = lzma.open if source.suffix == ".xz" else open
     with opener(source, "rt", encoding="utf-8") as lines:
         kept = [line for _, line in zip(range(count), lines)]
     if len(kept) < count:
-        sys.exit(f"reproduce_small: --train-documents {count}, but {source} holds {len(kept)} documents; lower it")
-    atomic_file.write_text(target, "".join(kept))
-    return target
+        raise ArgumentError(
+            f"--train-documents {count}: {source} holds {len(kept)} documents; give at most {len(kept)}"
+        )
+    return "".join(kept)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    return run_script(lambda: _main(argv))
+
+
+def _main(argv) -> int:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=str(REPO / "repro_out"))
     parser.add_argument("--reduced", action="store_true", help="tiny model and budget (smoke test)")
     parser.add_argument("--cpu", action="store_true", help="CPU mode (fp32, gloo) instead of one GPU in bf16")
@@ -113,7 +117,7 @@ def main(argv=None) -> int:
         type=float,
         default=None,
         help="train every run for N passes over the training documents with --stage-split epochs "
-        "(the paper's multi-epoch recipe; N >= 1); default: one pass split by documents",
+        f"(the paper's multi-epoch recipe; 1 <= N <= {MAX_PASSES}); default: one pass split by documents",
     )
     parser.add_argument(
         "--train-documents",
@@ -125,26 +129,31 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--runs",
         default=",".join(RUN_NAMES),
-        help=f"comma list of runs to train, evaluate and report (default all: {','.join(RUN_NAMES)}); "
-        "a run whose outputs are in --workdir is reported without training again",
+        help=f"comma list of runs to train and evaluate (default all: {','.join(RUN_NAMES)}); a run whose "
+        "outputs are in --workdir is not trained again; the report covers every finished run of --workdir",
     )
     args = parser.parse_args(argv)
     selected = [name for name in args.runs.split(",") if name]
     unknown = sorted(set(selected) - set(RUN_NAMES))
     if unknown or not selected:
-        parser.error(
+        raise ArgumentError(
             f"--runs {args.runs!r}: unknown run {', '.join(unknown) or '(none given)'}; "
             f"choose from {','.join(RUN_NAMES)}"
         )
     if args.seeds < 1:
-        parser.error(f"--seeds {args.seeds}: give N >= 1 (seeds 1..N)")
+        raise ArgumentError(f"--seeds {args.seeds}: give N >= 1 (seeds 1..N)")
+    if args.nproc < 1:
+        raise ArgumentError(f"--nproc {args.nproc}: give N >= 1 processes per run")
     if args.train_documents is not None and args.train_documents < 1:
-        parser.error(f"--train-documents {args.train_documents}: give N >= 1")
-    if args.epochs is not None and not args.epochs >= 1:
-        parser.error(f"--epochs {args.epochs}: give N >= 1 passes (under one pass, leave it out: each token once)")
+        raise ArgumentError(f"--train-documents {args.train_documents}: give N >= 1")
+    if args.epochs is not None and not (math.isfinite(args.epochs) and 1 <= args.epochs <= MAX_PASSES):
+        raise ArgumentError(
+            f"--epochs {args.epochs:g}: give N passes from 1 to {MAX_PASSES} (under one pass, leave it out: each "
+            f"token once)"
+        )
     s = settings(args.reduced, args.cpu)
     if s["gbs"] % (PATCH_SIZE * s["mbs"] * args.nproc):
-        parser.error(
+        raise ArgumentError(
             f"--nproc {args.nproc}: the global batch of {s['gbs']} sequences must split into K={PATCH_SIZE} x "
             f"micro-batch {s['mbs']} x {args.nproc} processes; use --nproc dividing "
             f"{s['gbs'] // (PATCH_SIZE * s['mbs'])}"
@@ -152,18 +161,24 @@ def main(argv=None) -> int:
     data_dir = Path(args.data_dir).resolve()
     for name in (s["train_file"], "valid.jsonl.xz", "wikitext103_test.jsonl.xz"):
         if not (data_dir / name).is_file():
-            parser.error(
+            raise ArgumentError(
                 f"--data-dir {args.data_dir}: {data_dir / name} not found; pass the folder holding "
                 f"{s['train_file']}, valid.jsonl.xz and wikitext103_test.jsonl.xz (README: 'Data for the reproduction')"
             )
     work = Path(args.workdir).resolve()
-    made_with = {**s, "epochs": args.epochs, "train_documents": args.train_documents, "data_dir": data_dir}
+    train_file = data_dir / s["train_file"]
+    # read (and checked) before the workdir records these settings
+    first = _first_documents(train_file, args.train_documents) if args.train_documents else None
+    # the device and process count too: the report compares losses (fp32 or bf16) and wall times
+    made_with = {**s, "nproc": args.nproc, "epochs": args.epochs, "train_documents": args.train_documents}
+    made_with["data_dir"] = data_dir
     check_workdir(work, made_with, "reproduce_small")
     (work / "data").mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    train_file = data_dir / s["train_file"]
-    if args.train_documents:
-        train_file = _first_documents(train_file, args.train_documents, work / "data")
+    if first is not None:
+        train_file = work / "data" / f"train_first{args.train_documents}.jsonl"
+        if not train_file.exists():
+            atomic_file.write_text(train_file, first)
     tokenizer = work / "tokenizer.model"
     _run(
         "tokenizer",
@@ -241,7 +256,7 @@ def main(argv=None) -> int:
                 command += ["--micro-batch-size", s["eval_mbs"]]
             done = outputs[(pending or run_folders)[-1]]
             _run(f"evaluate {', '.join(pending or run_folders)} on {data_name}", command, done)
-    write_report(work, names, seeds)
+    write_report(work, names)
     return 0
 
 

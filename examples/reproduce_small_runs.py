@@ -1,15 +1,17 @@
 """The runs of the small-scale reproduction (``reproduce_small.py``): their names, the model, data and
-budget they share (full or reduced), each run's trainer flags, its theoretical cost, its folder, and
-the token budget of a multi-epoch recipe.
+budget they share (full or reduced), each run's trainer flags, its folder, and the token budget of a
+multi-epoch recipe. (A run's theoretical cost is the trainer's, in its summary.json.)
 
 A patch run ``lambda-X`` trains the first X of the tokens at patch level (K=4) and the rest at token
 level; its control ``control-lambda-X`` trains only that token stage, from random initialisation.
 """
 
 import math
+import re
 from pathlib import Path
 
-PATCH_SIZE = 4
+from pipeline import PATCH_SIZE
+
 SPLIT = "99,1,0"  # train, valid, test shares of the documents (1% for in-run validation)
 FRACTIONS = {"lambda-1_4": 0.25, "lambda-1_2": 0.5, "lambda-2_3": 2 / 3, "lambda-4_5": 0.8}
 CONTROLS = {f"control-{name}": fraction for name, fraction in FRACTIONS.items()}
@@ -17,13 +19,16 @@ RUN_NAMES = ("token-only",) + tuple(FRACTIONS) + tuple(CONTROLS)
 
 
 def settings(reduced: bool, cpu: bool) -> dict:
-    """Model, tokenizer, batch and budget of the reproduction (``reduced``: the CPU smoke run).
+    """Model, tokenizer, batch and budget of the reproduction (``reduced``: the smoke run), and the
+    device (``cpu``: fp32 on CPU, else bf16 on GPUs); what a workdir's settings record holds.
 
     The global batch is 32 sequences of 1024 tokens in every run; the micro-batch of 8 lets the
     patch stage split it as GBS/K = 8 sequences of K*T tokens (the trainer requires K x mbs | GBS).
     """
+    device = {"reduced": reduced, "cpu": cpu}
     if reduced:
         return {
+            **device,
             "model": "tiny",
             "seq_length": 64,
             "vocab": 1000,
@@ -39,6 +44,7 @@ def settings(reduced: bool, cpu: bool) -> dict:
             "train_file": "tiny.jsonl.xz",
         }
     return {
+        **device,
         "model": "repro-34m",
         "seq_length": 1024,
         "vocab": 8000,
@@ -120,17 +126,16 @@ def trainer_arguments(
     return runs
 
 
-def theoretical_cost(name: str) -> float:
-    """Model FLOPs relative to token-only training of all the tokens: lambda/K + 1 - lambda for a
-    patch run, 1 - lambda for a control (its token stage only)."""
-    if name in FRACTIONS:
-        return FRACTIONS[name] / PATCH_SIZE + 1 - FRACTIONS[name]
-    return 1 - CONTROLS[name] if name in CONTROLS else 1.0
-
-
 def run_folder(name: str, seed: int) -> str:
     """The run's folder name in --workdir (seed 1 keeps the plain name of earlier reports)."""
     return name if seed == 1 else f"{name}-seed{seed}"
+
+
+def parse_run_folder(folder: str):
+    """``(name, seed)`` of a folder ``run_folder`` names, or None for any other folder."""
+    match = re.fullmatch(r"(.+?)(?:-seed([2-9]|[1-9][0-9]+))?", folder)
+    name, seed = match[1], int(match[2] or 1)
+    return (name, seed) if name in RUN_NAMES else None
 
 
 def epoch_budget(training_tokens: int, epochs: float, tokens_per_step: int) -> int:

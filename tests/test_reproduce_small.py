@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from megatron_patch.errors import UserError
 from tests.conftest import REPO_ROOT
 from tests.test_quickstart import STAND_IN
 from tests.trainer_plan import stages
@@ -57,9 +58,9 @@ def test_every_run_passes_the_trainers_validation(reduced, cpu, tmp_path, tiny_c
 
 
 def test_a_stopped_training_run_is_not_taken_for_done(tmp_path, capsys):
-    """reproduce_small trains through the quick start's train_command (--load of the run's own
-    --save) and run_step (tested in tests/test_quickstart.py), with the environment left as it is
-    (a trainer stand-in writes the summary)."""
+    """reproduce_small trains through the pipeline's train_command (--load of the run's own --save)
+    and run_step (tested in tests/test_quickstart.py), with the environment left as it is (a trainer
+    stand-in writes the summary)."""
     repro = _reproduce_small()
     save = tmp_path / "lambda-2_3"
     launcher = [sys.executable, "-c", STAND_IN]
@@ -67,7 +68,7 @@ def test_a_stopped_training_run_is_not_taken_for_done(tmp_path, capsys):
     def train(how):
         repro._run("train lambda-2_3", repro.train_command(launcher, [how], save), save, finished=repro.trained)
 
-    with pytest.raises(SystemExit, match="step 'train lambda-2_3' stopped before its end; re-run to resume it"):
+    with pytest.raises(UserError, match="step 'train lambda-2_3' stopped before its end; re-run to resume it"):
         train("stopped")
     train("finished")
     train("stopped")  # not run again
@@ -137,14 +138,27 @@ def test_reduced_reproduction_runs_and_reports(tmp_path, reduced_data):
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = (work / "report.md").read_text()
-    assert "| lambda-2_3 | 0.500 |" in report  # theoretical cost lambda/K + 1 - lambda at K=4
-    assert "| control-lambda-2_3 | 0.333 |" in report  # 1 - lambda: the token stage alone
+    assert report.startswith("# Small-scale reproduction, --reduced smoke run (")
+    scored = {
+        data: json.loads((work / f"eval_token-only_{data}.json").read_text()) for data in ("valid", "wikitext103")
+    }
+    assert (
+        f"model tiny trained in float32; one pass over the training documents, split by documents between the "
+        f"stages; seeds 1; held-out token-level loss on {scored['valid']['documents']} documents of valid.jsonl.xz "
+        f"({scored['valid']['tokens']:,} tokens) and {scored['wikitext103']['documents']} documents of "
+        f"wikitext103_test.jsonl.xz ({scored['wikitext103']['tokens']:,} tokens) (--reduced scores only the first 4"
+    ) in report
+    # tokens, the trainer's cost against the run's own tokens (lambda/K + 1 - lambda at K=4; 1 for the
+    # control, which trains a third of the tokens), and model FLOPs against token-only's
+    assert "| token-only | 1 | 24,576 | 1.000 | 1.000 |" in report
+    assert "| lambda-2_3 | 1 | 24,576 | 0.500 | 0.500 |" in report
+    assert "| control-lambda-2_3 | 1 | 8,192 | 1.000 | 0.333 |" in report
     loss = {
         run: json.loads((work / f"eval_{run}_valid.json").read_text())["loss"]
         for run in ("token-only", "lambda-2_3", "control-lambda-2_3", "lambda-2_3-seed2", "control-lambda-2_3-seed2")
         if (work / f"eval_{run}_valid.json").exists()
     }
-    assert f"| lambda-2_3 | {loss['control-lambda-2_3'] - loss['lambda-2_3']:.4f} |" in report  # transfer, valid
+    assert f"| lambda-2_3 | 1 | {loss['control-lambda-2_3'] - loss['lambda-2_3']:.4f} |" in report  # transfer, valid
     assert "![validation loss](loss_curves.png)" in report
     assert (work / "loss_curves.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     curves = json.loads((work / "curves.json").read_text())
@@ -174,14 +188,16 @@ def test_reduced_reproduction_runs_and_reports(tmp_path, reduced_data):
     transfers = [loss["control-lambda-2_3"] - loss["lambda-2_3"], seed2["control-lambda-2_3"] - seed2["lambda-2_3"]]
     report = (work / "report.md").read_text()
     assert (
-        f"| lambda-2_3 | {statistics.fmean(transfers):.4f} ± {statistics.stdev(transfers):.4f} "
+        f"| lambda-2_3 | 1, 2 | {statistics.fmean(transfers):.4f} ± {statistics.stdev(transfers):.4f} "
         f"[{min(transfers):.4f}, {max(transfers):.4f}] |"
     ) in report
-    assert "| token-only |" not in report and "over seeds 1, 2" in report
+    # every finished run of the workdir: token-only too, trained by the first invocation
+    assert "| token-only | 1 | 24,576 |" in report and "; seeds 1, 2; " in report
+    assert "over every finished run in the workdir (token-only from earlier invocations)" in again.stdout
     # the multi-epoch recipe refuses this one-pass workdir, whose finished runs it would report
     epochs = subprocess.run(command + ["--epochs", "2"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert epochs.returncode == 1 and "== " not in epochs.stdout, epochs.stdout[-2000:]
-    assert "holds outputs made with other settings (epochs None -> 2.0)" in epochs.stderr, epochs.stderr[-2000:]
+    assert epochs.returncode == 2 and "== " not in epochs.stdout, epochs.stdout[-2000:]
+    assert "holds outputs of reproduce_small made with other settings (epochs None -> 2.0)" in epochs.stderr
 
 
 def test_unknown_run_names_are_refused(tmp_path):

@@ -45,25 +45,25 @@ def _inherited() -> dict:
     return {k: v for k, v in os.environ.items() if k not in read and not k.startswith(("SLURM_", "SRUN_"))}
 
 
-def _run_script(script, model, tmp_path, environment, tokenizer, *extra):
-    """The script run under bash with the stand-ins: (the finished process, its record file)."""
+def _run_script(script, model, tmp_path, environment, tokenizer, *extra, cwd=REPO_ROOT):
+    """The script run under bash with the stand-ins, from ``cwd``: (the finished process, its record file)."""
     bin_dir, record = tmp_path / "bin", tmp_path / f"{model}.argv"
     bin_dir.mkdir(exist_ok=True)
     _stand_ins(bin_dir)
     # what the scripts read from the environment comes from the test alone (not from a SLURM job it runs in)
-    env = dict(
-        _inherited(),
-        PATH=f"{bin_dir}:{os.environ['PATH']}",
-        LAUNCH_RECORD=str(record),
-        MODEL=model,
-        DATA="data/train_text_document",
-        TOKENIZER=str(tokenizer),
-        SAVE=str(tmp_path / model),
+    env = {
+        **_inherited(),
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "LAUNCH_RECORD": str(record),
+        "MODEL": model,
+        "DATA": "data/train_text_document",
+        "TOKENIZER": str(tokenizer),
+        "SAVE": str(tmp_path / model),
         **environment,
-    )
+    }
     done = subprocess.run(
         ["bash", str(REPO_ROOT / "examples" / script), *extra],
-        cwd=REPO_ROOT,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -79,9 +79,15 @@ def _launched_argv(script, model, tmp_path, environment, tokenizer, *extra):
     return record.read_text().split("\0")[:-1]
 
 
+def _trainer_at(words) -> int:
+    """Where the trainer script is in a launched command line (named from the repository root, or by
+    its absolute path)."""
+    return next(i for i, word in enumerate(words) if word.endswith("examples/pretrain_patch_gpt.py"))
+
+
 def _launched_trainer_argv(script, model, tmp_path, environment, tokenizer, *extra):
     words = _launched_argv(script, model, tmp_path, environment, tokenizer, *extra)
-    return words[words.index("examples/pretrain_patch_gpt.py") + 1 :]
+    return words[_trainer_at(words) + 1 :]
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
@@ -137,7 +143,7 @@ def test_one_torchrun_agent_per_node_meets_at_a_c10d_rendezvous_on_the_first_nod
     words = _launched_argv(
         "train_multi_node.sbatch", "2.7b", tmp_path, SCRIPTS["train_multi_node.sbatch"][1], "spm.model"
     )
-    launcher = words[: words.index("examples/pretrain_patch_gpt.py")]
+    launcher = words[: _trainer_at(words)]
     assert launcher[:2] == ["--ntasks-per-node=1", "--kill-on-bad-exit=1"]  # srun's options
     assert launcher[2:] == [
         "torchrun",
@@ -221,3 +227,38 @@ def test_the_single_node_script_starts_one_worker_per_visible_gpu(tmp_path):
     assert "--nproc_per_node=3" in words
     words = _launched_argv("train_single_node.sh", "370m", tmp_path, {}, "spm.model")
     assert "--nproc_per_node=8" in words
+
+
+def test_the_single_node_script_runs_from_any_folder_with_paths_relative_to_it(tmp_path):
+    """Started from another folder, the script finds its flags and the trainer beside it, and DATA,
+    SAVE and the trainer flags' paths stay relative to the caller's folder."""
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    environment = {"GPUS": "2", "SAVE": "ckpt/run"}  # and DATA=data/train_text_document
+    done, record = _run_script(
+        "train_single_node.sh", "370m", tmp_path, environment, "spm.model", "--tensorboard-dir", "tb", cwd=caller
+    )
+    assert done.returncode == 0, done.stderr
+    words = record.read_text().split("\0")[:-1]
+    trainer = words[_trainer_at(words)]
+    assert trainer == str(REPO_ROOT / "examples" / "pretrain_patch_gpt.py")
+    argv = words[_trainer_at(words) + 1 :]
+    assert (_flag(argv, "--data-path"), _flag(argv, "--save"), argv[-1]) == (
+        "data/train_text_document",
+        "ckpt/run",
+        "tb",
+    )
+    assert (caller / "ckpt" / "run").is_dir()  # made where the caller is
+
+
+@pytest.mark.parametrize(
+    "environment, message",
+    [
+        ({"CUDA_VISIBLE_DEVICES": ""}, "CUDA_VISIBLE_DEVICES is set but empty, so no GPU is visible"),
+        ({"GPUS": "0"}, "GPUS=0 must be a positive whole number"),
+    ],
+)
+def test_the_single_node_script_refuses_no_gpus_in_one_line(tmp_path, environment, message):
+    done, record = _run_script("train_single_node.sh", "370m", tmp_path, environment, "spm.model")
+    assert done.returncode == 2 and not record.exists()
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and done.stderr.startswith(message)
