@@ -166,14 +166,15 @@ JSONL = b'{"text": "a document"}\n{"text": "another one"}\n'
 @pytest.mark.parametrize(
     "name, data, needles",
     [
-        ("c.jsonl", gzip.compress(JSONL), ["is gzip-compressed but named .jsonl", "rename it '{path}.gz'"]),
-        ("c.txt", gzip.compress(JSONL), ["is gzip-compressed but named .txt", "rename it '{path}.gz'"]),
+        ("c.jsonl", gzip.compress(JSONL, mtime=0), ["is gzip-compressed but named .jsonl", "rename it '{path}.gz'"]),
+        ("c.txt", gzip.compress(JSONL, mtime=0), ["is gzip-compressed but named .txt", "rename it '{path}.gz'"]),
         ("c.jsonl.gz", JSONL, ["is plain text, not gzip-compressed, but named .gz", "rename it '{stem}'"]),
         ("c.jsonl.gz", lzma.compress(JSONL), ["is xz-compressed but named .gz", "rename it '{stem}.xz'"]),
-        ("c.jsonl.xz", gzip.compress(JSONL), ["is gzip-compressed but named .xz", "rename it '{stem}.gz'"]),
+        ("c.jsonl.xz", gzip.compress(JSONL, mtime=0), ["is gzip-compressed but named .xz", "rename it '{stem}.gz'"]),
         ("c.jsonl", bz2.compress(JSONL), ["is bzip2-compressed, which the data tools do not read", ".gz, .xz or .zst"]),
         ("c.jsonl.gz", b"\x1f\x8c\x08" + bytes(20), ["does not start like a gzip file", "1f 8c 08", "damaged"]),
     ],
+    ids=["gzip-as-jsonl", "gzip-as-txt", "plain-as-gz", "xz-as-gz", "gzip-as-xz", "bzip2", "damaged-gz"],
 )
 @pytest.mark.parametrize("skip", [[], ["--skip-bad-lines"]])
 def test_compression_is_judged_by_content(preprocess, tmp_path, capsys, name, data, needles, skip):
