@@ -1,6 +1,7 @@
-"""What the example pipelines (``quickstart.py``, ``reproduce_small.py``) share: the workdir's record of
-the settings its outputs are made with, one step run as a subprocess (skipped once its output
-exists), a trainer run's command line and when it counts as done, and how the scripts report errors.
+"""What the example pipelines (``quickstart.py``, ``reproduce_small.py``) share: the workdir's record
+of the settings its outputs are made with, one step run as a subprocess (skipped once its output
+exists, and is newer than the run it was made from), a trainer run's command line and when it counts
+as done, and how the scripts report errors.
 """
 
 import json
@@ -87,6 +88,14 @@ def trained(save: Path) -> bool:
     ends it early, after saving a checkpoint)."""
     summary = save / "summary.json"
     return summary.exists() and not json.loads(summary.read_text()).get("interrupted", True)
+
+
+def made_after_run(output: Path, save: Path) -> bool:
+    """``output`` (an evaluation or conversion of the trainer run saving to ``save``) exists and was
+    written after the run's ``summary.json``: one made before the run was trained again (its folder
+    removed and the pipeline re-run) is stale."""
+    summary = save / "summary.json"
+    return output.exists() and (not summary.exists() or output.stat().st_mtime >= summary.stat().st_mtime)
 
 
 def train_command(launcher: list, flags: list, save: Path) -> list:

@@ -26,7 +26,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # pipeline.py beside it
 
-from pipeline import PATCH_SIZE, REPO, check_workdir, run_script, run_step, train_command, trained  # noqa: E402
+from pipeline import (  # noqa: E402
+    PATCH_SIZE,
+    REPO,
+    check_workdir,
+    made_after_run,
+    run_script,
+    run_step,
+    train_command,
+    trained,
+)
 
 from megatron_patch.errors import VerificationError  # noqa: E402
 from megatron_patch.runtime import atomic_file  # noqa: E402
@@ -201,6 +210,7 @@ def _main(argv) -> int:
             "2",
         ],
         runs["token_init"],
+        finished=lambda done: made_after_run(done, runs["patch_stage"]),
     )
     token_stage = ["--patch-size", PATCH_SIZE, "--stage", "token"]
     train_step("token stage (TP=2)", "token_stage", token_stage + ["--pretrained-checkpoint", runs["token_init"]])
@@ -209,7 +219,11 @@ def _main(argv) -> int:
     train_step("baseline: the same tokens token-only (TP=2)", "baseline", ["--patch-size", "1"])
     evaluated = ("token_stage", "control", "baseline")
     outputs = {name: work / f"eval_{name}.json" for name in evaluated}
-    pending = [name for name in evaluated if not outputs[name].exists()]  # one model build for all of them
+
+    def scored(name: str) -> bool:
+        return made_after_run(outputs[name], runs[name])
+
+    pending = [name for name in evaluated if not scored(name)]  # one model build for all of them
     run_step(
         f"evaluate {', '.join(pending or evaluated)} on held-out documents (TP=2)",
         _torchrun(2)
@@ -218,6 +232,7 @@ def _main(argv) -> int:
         + ["--micro-batch-size", EVAL_MICRO_BATCH, "--output-json", *(outputs[name] for name in pending)]
         + (["--max-documents", s["eval_documents"]] if s["eval_documents"] else []),
         outputs[(pending or evaluated)[-1]],
+        finished=lambda done: all(scored(name) for name in pending),
     )
     evaluations = {name: json.loads(outputs[name].read_text()) for name in evaluated}
     held_out = sum(1 for line in data["heldout"].read_text(encoding="utf-8").splitlines() if line.strip())

@@ -44,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # pipeline.py and reproduce_small_*.py beside it
 
-from pipeline import REPO, check_workdir, run_script, run_step, train_command, trained  # noqa: E402
+from pipeline import REPO, check_workdir, made_after_run, run_script, run_step, train_command, trained  # noqa: E402
 from reproduce_small_report import write_report  # noqa: E402
 from reproduce_small_runs import (  # noqa: E402
     FRACTIONS,  # noqa: F401 (tests read the runs' names, settings and flags from this script)
@@ -246,7 +246,7 @@ def _main(argv) -> int:
         ):  # every run of the seed in one call per data set: one model build, the runs' weights in turn
             run_folders = [run_folder(name, seed) for name in names]
             outputs = {folder: work / f"eval_{folder}_{data_name}.json" for folder in run_folders}
-            pending = [folder for folder in run_folders if not outputs[folder].exists()]
+            pending = [folder for folder in run_folders if not made_after_run(outputs[folder], work / folder)]
             command = [py, "tools/evaluate.py", "--load", *(work / folder for folder in pending)]
             command += ["--input", data_file, "--tokenizer-model", tokenizer]
             command += ["--output-json", *(outputs[folder] for folder in pending)] + (["--cpu"] if args.cpu else [])
@@ -255,7 +255,14 @@ def _main(argv) -> int:
             if s["eval_mbs"]:
                 command += ["--micro-batch-size", s["eval_mbs"]]
             done = outputs[(pending or run_folders)[-1]]
-            _run(f"evaluate {', '.join(pending or run_folders)} on {data_name}", command, done)
+            _run(
+                f"evaluate {', '.join(pending or run_folders)} on {data_name}",
+                command,
+                done,
+                finished=lambda _, pending=pending, outputs=outputs: all(
+                    made_after_run(outputs[folder], work / folder) for folder in pending
+                ),
+            )
     write_report(work, names)
     return 0
 

@@ -315,3 +315,23 @@ def test_runs_scored_on_other_documents_are_not_reported_together(repro, repro_w
     (repro_work / "eval_token-only_valid.json").write_text(json.dumps(dict(evaluation, documents=10)))
     with pytest.raises(VerificationError, match="the runs' valid evaluations scored different documents"):
         _report_module(repro).write_report(repro_work, ["token-only"])
+
+
+def test_an_output_older_than_its_run_is_made_again(pipeline, tmp_path, capsys):
+    """An evaluation (or conversion) written before its run was trained again is stale: the step runs
+    again, where an output newer than the run is kept."""
+    import os
+    import sys
+
+    save, output = tmp_path / "run", tmp_path / "eval_run.json"
+    save.mkdir()
+    output.write_text("{}")
+    (save / "summary.json").write_text("{}")
+    os.utime(output, (1_000_000, 1_000_000))  # written long before the run's summary
+    write = [sys.executable, "-c", f"open({str(output)!r}, 'w').write('new')"]
+    step = dict(finished=lambda done: pipeline.made_after_run(done, save), extra_env={})
+    pipeline.run_step("evaluate", write, output, **step)
+    assert output.read_text() == "new"
+    output.write_text("kept")
+    pipeline.run_step("evaluate", write, output, **step)
+    assert output.read_text() == "kept" and "evaluate: done already" in capsys.readouterr().out
