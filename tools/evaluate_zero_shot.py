@@ -123,9 +123,9 @@ def _export(args, folder: str) -> int:
 
 
 def _run(args, argv: Optional[List[str]]) -> int:
-    import json
     import tempfile
 
+    from megatron_patch.conversion.hf_folder import read_provenance
     from megatron_patch.evaluation import zero_shot
     from megatron_patch.evaluation.report_file import write_report
 
@@ -138,6 +138,7 @@ def _run(args, argv: Optional[List[str]]) -> int:
             code = _export(args, folder)
             if code:
                 return code
+        provenance = read_provenance(folder)  # before the evaluation: a bad record costs no hours
         report = zero_shot.evaluate(
             folder,
             args.tasks,
@@ -151,11 +152,6 @@ def _run(args, argv: Optional[List[str]]) -> int:
             seed=args.seed,
             log_samples=args.log_samples,
         )
-        provenance_path = os.path.join(folder, "megatron_patch_export.json")
-        provenance = {}
-        if os.path.isfile(provenance_path):
-            with open(provenance_path, encoding="utf-8") as handle:
-                provenance = json.load(handle)
     report["model"] = os.path.abspath(args.hf_model) if args.hf_model else None
     report["checkpoint"] = provenance.get("source")
     report["iteration"] = provenance.get("iteration")

@@ -2,7 +2,10 @@
 the provenance file that marks it as an export. No torch or megatron import, so that the zero-shot
 tool can recognise an export cheaply."""
 
+import json
 import os
+
+from megatron_patch.errors import DataError
 
 PROVENANCE = "megatron_patch_export.json"  # where the export came from; marks a folder as an export
 EXPORT_FILES = (
@@ -19,3 +22,19 @@ EXPORT_FILES = (
 def is_export(folder: str) -> bool:
     """Whether ``folder`` holds an earlier export (what ``--force`` may replace)."""
     return os.path.isfile(os.path.join(folder, PROVENANCE))
+
+
+def read_provenance(folder: str) -> dict:
+    """The provenance record of the export in ``folder`` (``{}`` for a folder that is no export);
+    DataError naming the file when it cannot be read or is not a JSON object (a hand-edited one)."""
+    path = os.path.join(folder, PROVENANCE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: not a readable export record ({error}); export the checkpoint again") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: not an export record (a JSON object); export the checkpoint again")
+    return record

@@ -15,6 +15,7 @@ import torch
 
 from megatron_patch.checkpoint.folders import resolve_checkpoint
 from megatron_patch.checkpoint.store import read_metadata
+from megatron_patch.conversion.hf_folder import PROVENANCE
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
 from megatron_patch.evaluation import zero_shot
 from megatron_patch.evaluation.next_sentence import split_sentences
@@ -262,6 +263,12 @@ def test_bad_inputs_are_one_line(models, tmp_path, capsys, monkeypatch):
     (model / "config.json").write_text("{}")  # a model folder without its tokenizer
     code, _, err = call(evaluate_zero_shot, ["--hf-model", model, "--output-json", output], capsys)
     assert_one_line_error(code, err, "holds no tokenizer.model or tokenizer.json")
+    (model / "tokenizer.model").write_text("")
+    (model / PROVENANCE).write_text('{"source": ')  # a hand-edited export record, cut short
+    with monkeypatch.context() as no_evaluation:  # refused before the evaluation, not after its hours
+        no_evaluation.setattr(zero_shot, "evaluate", lambda *args, **kwargs: pytest.fail("evaluated"))
+        code, _, err = call(evaluate_zero_shot, ["--hf-model", model, "--tasks", TASK, "--output-json", output], capsys)
+    assert_one_line_error(code, err, f"{model / PROVENANCE}: not a readable export record")
     shutil.rmtree(model)
     code, _, err = call(evaluate_zero_shot, ["--cpu", "--load", models["one_step"], "--output-json", tmp_path], capsys)
     assert_one_line_error(code, err, "is a folder: name the report file to write")
