@@ -39,6 +39,9 @@ def run_throughput(opts, peak_tflops: Optional[float]) -> List[dict]:
     for recompute in opts.recompute_granularity:
         config = trainer_config(opts, recompute)
         per_position = flops_per_position(preset, opts.seq_length, config.model.padded_vocab_size)
+        per_position_causal = flops_per_position(
+            preset, opts.seq_length, config.model.padded_vocab_size, causal_attention=True
+        )
         model = build_model(config)
         optimizer = build_optimizer(config.optimizer, model)
         total_steps = len(opts.micro_batch_size) * len(opts.patch_sizes) * (opts.warmup + opts.steps)
@@ -48,7 +51,10 @@ def run_throughput(opts, peak_tflops: Optional[float]) -> List[dict]:
         # (the TransformerConfig the model was built with) and from each optimizer's own OptimizerConfig
         configs = [get_model_config(chunk) for chunk in model] + [sub.config for sub in sub_optimizers(optimizer)]
         with installed(phases, configs) if phases is not None else contextlib.nullcontext():
-            rows += _sweep(opts, model, optimizer, scheduler, recompute, per_position, peak_tflops, phases)
+            swept = _sweep(opts, model, optimizer, scheduler, recompute, per_position, peak_tflops, phases)
+        for row in swept:  # the same steps counted as current Megatron-LM counts causal attention
+            row["flops_per_position_causal"] = per_position_causal
+        rows += swept
         del model, optimizer, scheduler
         free_memory(cuda)
     _add_ratios(rows)

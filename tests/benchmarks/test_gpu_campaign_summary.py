@@ -237,6 +237,14 @@ def test_the_rerun_line_names_just_what_did_not_finish():
     assert campaign_summary.unfinished(state) == {}
 
 
+def test_the_mfu_target_also_gives_the_mfu_counting_causal_attention_as_half():
+    row = {"micro_batch_size": 16, "patch_size": 1, "stage": "token", "tokens_per_s": 1.0, "tflops": 400.0}
+    row.update(mfu=0.5, flops_per_position=100.0, flops_per_position_causal=88.0, ratio_vs_token=1.0)
+    parts = {"throughput": {"runs": [{"name": "all-accum", "num_microbatches": 8, "payload": {"results": [row]}}]}}
+    value, note = sys.modules["campaign_figures"].target_values(parts, "all-accum")["token_mfu"]
+    assert value == 0.5 and note == "b=16; 0.440 counting causal attention as half"
+
+
 def test_the_throughput_table_judges_each_lever_against_the_noise():
     """min-max beside the median; vs base: the gain at the same b and K (not against a row of other
     micro-batches per step), with the larger of the two rows' spreads over base's median as noise."""

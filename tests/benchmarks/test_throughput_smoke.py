@@ -54,6 +54,7 @@ def test_throughput_cpu_smoke(tmp_path, capsys):
         # the TFLOP/s are flops.py's formula (vocab 512 is already a multiple of 128)
         expected = flops_per_position(get_preset("tiny"), 64, 512) * 2 * 64 / r["step_s_median"] / 1e12
         assert r["tflops"] == pytest.approx(expected, rel=1e-12)
+        assert r["flops_per_position_causal"] == flops_per_position(get_preset("tiny"), 64, 512, causal_attention=True)
     assert positive(rows[1]["ratio_vs_token"])
 
 
@@ -190,6 +191,10 @@ def test_rates_are_the_flops_formula():
     h, f, s, L, V = 1024, 2752, 2048, 24, 32000
     per_layer = 2 * h * (h + 2 * h) + 2 * h * h + 2 * 3 * h * f + 2 * 2 * s * h
     assert per_position == 3 * (L * per_layer + 2 * h * V)
+    # current Megatron-LM's count: half the attention square for the causal mask, 13% fewer FLOPs here
+    causal = flops_per_position(preset, 2048, 32000, causal_attention=True)
+    assert causal == 3 * (L * (per_layer - 2 * s * h) + 2 * h * V)
+    assert causal / per_position == pytest.approx(0.885, abs=0.001)
     r = throughput_sweep.rates(per_position, positions=16 * 2048, tokens=4 * 16 * 2048, seconds=0.25, peak_tflops=800.0)
     assert r["tflops"] == pytest.approx(per_position * 16 * 2048 / 0.25 / 1e12)
     assert r["mfu"] == pytest.approx(r["tflops"] / 800.0)
