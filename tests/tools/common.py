@@ -1,6 +1,7 @@
 """Shared pieces of the checkpoint-tool tests: calling a tool's ``main``, an independent Megatron
 forward pass, plain tensors of a checkpoint, a tokenizer other than the trained one."""
 
+import errno
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ from megatron_patch.architecture.presets import get_preset, transformer_config
 from megatron_patch.checkpoint import manifest
 from megatron_patch.checkpoint.folders import METADATA, resolve_checkpoint
 from megatron_patch.model import build_patch_gpt_model
-from megatron_patch.runtime import parallel
+from megatron_patch.runtime import atomic_file, parallel
 
 VOCAB = 512  # pieces of the tiny_corpus tokenizer
 ROWS = 576  # the padded vocabulary of the trained fixture (tests/tools/conftest.py)
@@ -31,6 +32,21 @@ def assert_one_line_error(code, err, expected, exit_code=2):
     assert code == exit_code, (code, err)
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert expected in err[0], err[0]
+
+
+def fill_the_disk_halfway_through_atomic_writes(monkeypatch):
+    """Every atomic write (``atomic_file.write_with``) writes its temporary file, then meets a full
+    disk (ENOSPC), as a report written onto a filling disk would."""
+    real_write_with = atomic_file.write_with
+
+    def write_with(path, write):
+        def half_then_full(partial):
+            write(partial)
+            raise OSError(errno.ENOSPC, "No space left on device", partial)
+
+        real_write_with(path, half_then_full)
+
+    monkeypatch.setattr(atomic_file, "write_with", write_with)
 
 
 def leftovers(folder):

@@ -4,7 +4,6 @@ of the model (megatron's GPTModel, called directly), cross-entropy in float64
 (tests/reference.py). A converted patch-stage checkpoint is reported as patch stage. Bad inputs
 and a failed --output-json write give one-line errors."""
 
-import errno
 import json
 import lzma
 import math
@@ -13,12 +12,12 @@ import shutil
 import pytest
 import torch
 
-from megatron_patch.runtime import atomic_file
 from tests.reference import reference_per_target_loss
 from tests.tools.common import (
     SEQ,
     assert_one_line_error,
     call,
+    fill_the_disk_halfway_through_atomic_writes,
     leftovers,
     megatron_logits,
     megatron_model,
@@ -305,16 +304,7 @@ def test_a_converted_patch_checkpoint_is_reported_as_patch_stage(trained, conver
 def test_a_failed_output_json_write_is_one_line_and_leaves_the_old_file(trained, tmp_path, capsys, monkeypatch):
     """A report that cannot be written (a full disk) names the file and the fix; the half-written
     temporary file is removed and an earlier report is left as it was."""
-    real_write_with = atomic_file.write_with
-
-    def write_with(path, write):
-        def half_then_full(partial):
-            write(partial)
-            raise OSError(errno.ENOSPC, "No space left on device", partial)
-
-        real_write_with(path, half_then_full)
-
-    monkeypatch.setattr(atomic_file, "write_with", write_with)
+    fill_the_disk_halfway_through_atomic_writes(monkeypatch)
     data = _write_jsonl(tmp_path / "eval.jsonl", TEXTS[:2])
     output = tmp_path / "out.json"
     output.write_text('{"earlier": true}\n')

@@ -4,7 +4,6 @@ harness's log-likelihoods are Megatron's (float64 oracle); the shipped task is w
 builds; a converted patch-stage checkpoint is reported as patch stage; bad inputs and a failed
 write of the report are refused with one line."""
 
-import errno
 import json
 import os
 import shutil
@@ -19,9 +18,14 @@ from megatron_patch.conversion.hf_folder import PROVENANCE
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
 from megatron_patch.evaluation import zero_shot
 from megatron_patch.evaluation.next_sentence import split_sentences
-from megatron_patch.runtime import atomic_file
 from megatron_patch.training import cli
-from tests.tools.common import assert_one_line_error, call, megatron_logits, megatron_model
+from tests.tools.common import (
+    assert_one_line_error,
+    call,
+    fill_the_disk_halfway_through_atomic_writes,
+    megatron_logits,
+    megatron_model,
+)
 from tests.training.common import trainer_args
 from tools import build_zero_shot_task, evaluate_zero_shot
 
@@ -428,16 +432,7 @@ def test_a_converted_patch_checkpoint_is_reported_as_patch_stage(trained, conver
 def test_a_failed_write_of_the_report_is_one_line(trained, tmp_path, capsys, monkeypatch):
     """A report that cannot be written (a full disk) names the file and the fix; the half-written
     temporary file is removed."""
-    real_write_with = atomic_file.write_with
-
-    def write_with(path, write):
-        def half_then_full(partial):
-            write(partial)
-            raise OSError(errno.ENOSPC, "No space left on device", partial)
-
-        real_write_with(path, half_then_full)
-
-    monkeypatch.setattr(atomic_file, "write_with", write_with)
+    fill_the_disk_halfway_through_atomic_writes(monkeypatch)
     output = tmp_path / "out.json"
     argv = ["--cpu", "--load", trained["final"], *_short_task(tmp_path / "tasks"), "--output-json", output]
     code, out, err = call(evaluate_zero_shot, argv, capsys)
