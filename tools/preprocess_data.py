@@ -142,7 +142,16 @@ def check_stale_outputs(keys: list[str], output_prefix: str, partitions: int, me
         rf"{re.escape(os.path.basename(output_prefix))}(_\d+)?_({'|'.join(map(re.escape, keys))})_document"
     )
     names = {name[: -len(".bin")] for name in os.listdir(folder) if name.endswith((".bin", ".idx"))}
-    stale = sorted((name for name in names if ours.fullmatch(name) and name not in written), key=natural_key)
+
+    def earlier_output(name: str) -> bool:
+        """A pair of this prefix and a key: merged, or a shard of a set that has its shard 0 (so that
+        another dataset named PREFIX_2023 is not taken for shard 2023)."""
+        match = ours.fullmatch(name)
+        if not match or name in written:
+            return False
+        return match.group(1) is None or os.path.basename(dataset_prefix(output_prefix, match.group(2), 0)) in names
+
+    stale = sorted(filter(earlier_output, names), key=natural_key)
     if stale:
         shown = ", ".join(stale[:4]) + (f" and {len(stale) - 4} more" if len(stale) > 4 else "")
         raise DataError(

@@ -46,8 +46,8 @@ COMPRESSIONS = (".gz", ".xz", ".zst")
 _MAGIC = {  # the first bytes of a compressed file, by compression
     ".gz": ("gzip", (b"\x1f\x8b",)),
     ".xz": ("xz", (b"\xfd7zXZ\x00", b"\x5d\x00\x00")),  # and legacy .lzma, which lzma reads too
-    ".zst": ("zstd", (b"\x28\xb5\x2f\xfd",)),
-}
+    ".zst": ("zstd", (b"\x28\xb5\x2f\xfd",) + tuple(bytes([n, 0x2A, 0x4D, 0x18]) for n in range(0x50, 0x60))),
+}  # zstd: a frame, or a skippable frame first (pzstd writes one)
 _UNREADABLE = {  # compressions the tools do not read: pattern of the first bytes -> what to tell
     rb"BZh[1-9](1AY&SY|\x17rE8P\x90)": "bzip2-compressed, which the data tools do not read; decompress it "
     "(bunzip2 -k FILE)",

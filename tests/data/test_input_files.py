@@ -123,6 +123,16 @@ def test_zst_is_read_whole_or_refused_when_truncated(preprocess, tmp_path, capsy
         assert_no_outputs(tmp_path / "out")
 
 
+def test_zst_that_opens_with_a_skippable_frame_is_read(preprocess, tmp_path, capsys):
+    """pzstd writes a skippable frame (magic 0x184D2A50-5F) before the data: still zstd."""
+    zstandard = pytest.importorskip("zstandard")
+    skippable = bytes([0x50, 0x2A, 0x4D, 0x18]) + (4).to_bytes(4, "little") + b"pzst"
+    path = tmp_path / "c.jsonl.zst"
+    path.write_bytes(skippable + _zst_corpus(zstandard, 1))
+    assert preprocess(path) == 0
+    assert lines_read(capsys) == 5000
+
+
 def test_zst_with_trailing_garbage_is_refused(preprocess, tmp_path, capsys):
     zstandard = pytest.importorskip("zstandard")
     path = tmp_path / "c.jsonl.zst"

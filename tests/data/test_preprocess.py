@@ -3,6 +3,7 @@
 an empty shard reported."""
 
 import gzip
+import os
 
 import numpy
 import pytest
@@ -184,6 +185,13 @@ def test_earlier_outputs_a_run_would_not_replace_are_refused(tmp_path, corpus_fi
     # the merge of that run beside new unmerged shards: stale
     fails(capsys, preprocess("--partitions", "2", "--no-merge-partitions"), "1 earlier", "c_text_document", needle)
     assert preprocess("--partitions", "2") == 0  # a re-run replaces all it wrote
+    # another dataset whose name extends the prefix with digits is no shard of it (no c_0 beside it)
+    other = tmp_path / "other"
+    other.mkdir()
+    for ext in (".bin", ".idx"):
+        os.replace(out / f"c_text_document{ext}", other / f"c_2023_text_document{ext}")
+    out = other
+    assert preprocess() == 0
 
 
 @pytest.mark.parametrize("change, read", [(-2, "then read at least 30"), (3, "then read 30")])
