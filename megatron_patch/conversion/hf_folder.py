@@ -35,6 +35,10 @@ def read_provenance(folder: str) -> dict:
             record = json.load(handle)
     except (OSError, ValueError) as error:
         raise DataError(f"{path}: not a readable export record ({error}); export the checkpoint again") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{path}: not an export record (a JSON object); export the checkpoint again")
+    fields = ("progress", "conversion")  # read as objects by the report
+    if not isinstance(record, dict) or any(not isinstance(record.get(key) or {}, dict) for key in fields):
+        raise DataError(
+            f"{path}: not an export record (a JSON object whose {' and '.join(fields)} are objects); "
+            f"export the checkpoint again"
+        )
     return record

@@ -273,6 +273,11 @@ def test_bad_inputs_are_one_line(models, tmp_path, capsys, monkeypatch):
         no_evaluation.setattr(zero_shot, "evaluate", lambda *args, **kwargs: pytest.fail("evaluated"))
         code, _, err = call(evaluate_zero_shot, ["--hf-model", model, "--tasks", TASK, "--output-json", output], capsys)
     assert_one_line_error(code, err, f"{model / PROVENANCE}: not a readable export record")
+    (model / PROVENANCE).write_text('{"source": "x", "progress": "token"}')  # a field the report reads as an object
+    with monkeypatch.context() as no_evaluation:
+        no_evaluation.setattr(zero_shot, "evaluate", lambda *args, **kwargs: pytest.fail("evaluated"))
+        code, _, err = call(evaluate_zero_shot, ["--hf-model", model, "--tasks", TASK, "--output-json", output], capsys)
+    assert_one_line_error(code, err, "whose progress and conversion are objects")
     shutil.rmtree(model)
     code, _, err = call(evaluate_zero_shot, ["--cpu", "--load", models["one_step"], "--output-json", tmp_path], capsys)
     assert_one_line_error(code, err, "is a folder: name the report file to write")
