@@ -40,20 +40,23 @@ def run_script(body) -> int:
     return command.run_main(guarded, io_errors_are_user_errors=True)
 
 
-def _holds_outputs(work: Path) -> bool:
-    """``work`` holds a file other than its settings record (empty folders do not count)."""
+def _holds_outputs(work: Path, seeded: tuple = ()) -> bool:
+    """``work`` holds a file other than its settings record and the ``seeded`` inputs at its top
+    (empty folders do not count)."""
     for folder, _, files in os.walk(work):
-        if any(not (Path(folder) == work and name == RECORD) for name in files):
+        if any(not (Path(folder) == work and name in (RECORD, *seeded)) for name in files):
             return True
     return False
 
 
-def check_workdir(work: Path, made_with: dict, script: str) -> None:
+def check_workdir(work: Path, made_with: dict, script: str, seeded: tuple = ()) -> None:
     """Record in ``work/settings.json`` what ``work``'s outputs are made with (``script``'s settings),
     or raise ``ArgumentError`` (one line) when ``work`` is a file, holds outputs of other settings, or
     holds files without a record: a step whose output exists is not run again, so those outputs would
     be reported as this run's. A record beside no output (a first attempt stopped before it made
-    anything) is replaced."""
+    anything) is replaced. ``seeded``: file names the user may place in a new workdir as inputs (the
+    reproduction's ``tokenizer.model``, to share one tokenizer between runs): in a workdir without a
+    record they are no outputs."""
     made_with = json.loads(json.dumps(made_with, default=str))  # as it reads back
     record = work / RECORD
     if work.exists() and not work.is_dir():
@@ -69,12 +72,12 @@ def check_workdir(work: Path, made_with: dict, script: str) -> None:
         changed = [f"{k} {before.get(k)!r} -> {made_with.get(k)!r}" for k in keys if before.get(k) != made_with.get(k)]
         if not changed:
             return
-        if _holds_outputs(work):
+        if _holds_outputs(work):  # a seeded input too: it may have been made with the other settings
             raise ArgumentError(
                 f"--workdir {work} holds outputs of {script} made with other settings ({'; '.join(changed)}): "
                 f"use another --workdir, or remove it to start over"
             )
-    elif work.exists() and _holds_outputs(work):
+    elif work.exists() and _holds_outputs(work, seeded):
         raise ArgumentError(
             f"--workdir {work} holds files but no {RECORD} saying what made them: remove it or choose another --workdir"
         )

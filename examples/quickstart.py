@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # pipeline.py beside i
 from pipeline import (  # noqa: E402
     PATCH_SIZE,
     REPO,
+    StepError,
     check_workdir,
     made_after_run,
     run_script,
@@ -196,6 +197,12 @@ def _main(argv) -> int:
         run_step(title, train_command(_torchrun(2), common + flags, runs[name]), runs[name], finished=trained)
 
     train_step("patch stage (K=4, TP=2)", "patch_stage", ["--patch-size", PATCH_SIZE, "--stage", "patch"])
+    for derived in ("token_init", "token_stage"):  # made from the patch stage: not to be reused after a retraining
+        if runs[derived].exists() and not made_after_run(runs[derived], runs["patch_stage"]):
+            raise StepError(
+                f"{runs[derived]} is older than the patch stage's run ({runs['patch_stage']}), trained again since: "
+                f"remove {runs['token_init']} and {runs['token_stage']}, then re-run"
+            )
     run_step(
         "convert patch checkpoint -> token-stage start",
         _torchrun(2)
@@ -210,7 +217,6 @@ def _main(argv) -> int:
             "2",
         ],
         runs["token_init"],
-        finished=lambda done: made_after_run(done, runs["patch_stage"]),
     )
     token_stage = ["--patch-size", PATCH_SIZE, "--stage", "token"]
     train_step("token stage (TP=2)", "token_stage", token_stage + ["--pretrained-checkpoint", runs["token_init"]])

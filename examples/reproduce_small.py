@@ -22,6 +22,9 @@ Table 2: 6 epochs): token-only trains N epochs at token level, ``lambda-X`` the 
 at patch level and the rest at token level, both over all the documents, and its control only
 those last (1-X)*N epochs at token level. Without it, one pass split by documents (each token once).
 
+A ``tokenizer.model`` placed in a new ``--workdir`` is used instead of training one (to share one
+tokenizer between workdirs, as the GPU commands in benchmarks/README.md do).
+
 Data (``--data-dir``, default ``.data`` in the checkout; what the files are and what the project
 used: README, "Data for the reproduction"): ``train.jsonl.xz`` (the GPU runs used a corpus of about
 30 M tokens) for training (``tiny.jsonl.xz`` with ``--reduced``: the bundled
@@ -172,7 +175,7 @@ def _main(argv) -> int:
     # the device and process count too: the report compares losses (fp32 or bf16) and wall times
     made_with = {**s, "nproc": args.nproc, "epochs": args.epochs, "train_documents": args.train_documents}
     made_with["data_dir"] = data_dir
-    check_workdir(work, made_with, "reproduce_small")
+    check_workdir(work, made_with, "reproduce_small", seeded=("tokenizer.model",))  # a tokenizer given in
     (work / "data").mkdir(parents=True, exist_ok=True)
     py = sys.executable
     if first is not None:

@@ -75,6 +75,12 @@ def test_files_without_a_record_a_file_and_a_broken_record_are_refused(pipeline,
     (tmp_path / "file").write_text("")
     with pytest.raises(ArgumentError, match="is a file, not a folder: choose another --workdir"):
         pipeline.check_workdir(tmp_path / "file", {}, "demo")
+    for name in ("seeded", "unseeded"):  # a tokenizer given to the reproduction is an input, not an output
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.model").write_text("a model")
+    pipeline.check_workdir(tmp_path / "seeded", {"model": "tiny"}, "demo", seeded=("tokenizer.model",))
+    with pytest.raises(ArgumentError, match="holds files but no settings.json"):
+        pipeline.check_workdir(tmp_path / "unseeded", {"model": "tiny"}, "demo")  # where it is no input
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "settings.json").write_text("{")
     with pytest.raises(ArgumentError, match="settings.json: not a settings record"):
@@ -99,6 +105,29 @@ def test_the_quickstart_refuses_a_file_and_a_used_folder_as_workdir_in_one_line(
     assert _one_error_line(capsys).startswith(f"error: {tmp_path / 'file' / 'below'}: Not a directory")
     assert quickstart.main(["--reduced", "--no-such-flag"]) == 2
     assert "--no-such-flag" in _one_error_line(capsys)
+
+
+def test_the_quickstart_refuses_a_token_stage_made_before_the_patch_stage_was_trained_again(
+    quickstart, pipeline, tmp_path, capsys, monkeypatch
+):
+    """The conversion and the token stage are made from the patch stage: after a retraining of it
+    (its folder removed, the pipeline re-run) they are stale, and are named, not reused."""
+    import os
+
+    work = tmp_path / "w"
+    pipeline.check_workdir(work, quickstart.settings(True), "quickstart")
+    for name in ("token_init", "token_stage", "patch_stage"):
+        (work / name).mkdir()
+    os.utime(work / "token_init", (1_000_000, 1_000_000))  # made long before the patch stage's summary
+    (work / "patch_stage" / "summary.json").write_text("{}")
+    monkeypatch.setattr(quickstart, "prepare_data", lambda work, s: {})
+    monkeypatch.setattr(quickstart, "training_flags", lambda *args, **kwargs: [])
+    monkeypatch.setattr(quickstart, "run_step", lambda *args, **kwargs: None)  # every step done already
+    assert quickstart.main(["--reduced", "--workdir", str(work)]) == 1
+    assert _one_error_line(capsys) == (
+        f"error: {work / 'token_init'} is older than the patch stage's run ({work / 'patch_stage'}), trained again "
+        f"since: remove {work / 'token_init'} and {work / 'token_stage'}, then re-run"
+    )
 
 
 def _quickstart_runs(tmp_path, token_tokens=8192, documents=3):
