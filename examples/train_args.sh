@@ -1,5 +1,5 @@
 # The trainer flags of both launch scripts (examples/train_single_node.sh and
-# examples/train_multi_node.sbatch), in one place. Source it from the repository root after
+# examples/train_multi_node.sbatch), in one place. The scripts source it (from their own folder) after
 # setting:
 #
 #   MODEL TP PP MBS      preset and its layout (tensor, pipeline parallel sizes, micro-batch)
