@@ -10,13 +10,14 @@ import os
 import re
 from typing import List, Optional
 
-# the trainer's log line (megatron_patch/training/metrics.py), e.g. "[patch] iter 5/40 (global 5) | tokens
-# 1.311M | ... | 412,345 tok/s | 300.1 TFLOP/s/GPU MFU 38.0% | peak mem 27.01 GiB"; before the figure was
-# per GPU the unit had no "/GPU")
+# the trainer's log line (megatron_patch/training/metrics.py), e.g. "[patch] iter 5/40 (global 5) | stage
+# tokens 1.311M | ... | 412,345 tok/s (all GPUs) | 300.1 TFLOP/s/GPU MFU 38.0% | peak mem (max over ranks)
+# 27.01 GiB"; earlier logs said "tokens", "tok/s" and "peak mem" alone (and before the figure was per GPU
+# the unit had no "/GPU")
 TRAINER_LINE = re.compile(
     r"\[(?P<stage>patch|token)\] iter (?P<iter>\d+)/(?P<iters>\d+) \(global \d+\) \|.*?\| "
-    r"(?P<tps>[\d,]+) tok/s \| (?P<flops>[\d.]+) (?P<unit>TFLOP/s|GFLOP/s)(?:/GPU)?(?: MFU (?P<mfu>[\d.]+)%)?"
-    r"(?: \| peak mem (?P<peak>[\d.]+) GiB)?"
+    r"(?P<tps>[\d,]+) tok/s(?: \(all GPUs\))? \| (?P<flops>[\d.]+) (?P<unit>TFLOP/s|GFLOP/s)(?:/GPU)?"
+    r"(?: MFU (?P<mfu>[\d.]+)%)?(?: \| peak mem(?: \(max over ranks\))? (?P<peak>[\d.]+) GiB)?"
 )
 # throughput.py's progress line, e.g. "  recompute=none b=16 K=1: 283.1 ms, 115,855 tok/s, 303.8 TFLOP/s, ..."
 THROUGHPUT_LINE = re.compile(

@@ -187,7 +187,7 @@ def check(trial: dict, reference: dict, save: str) -> List[str]:
     if sorted(got) != sorted(want):
         problems.append(f"iterations {sorted(set(want) - set(got))} missing")
     for iteration in sorted(set(got) & set(want)):
-        for key in ("loss", "grad_norm", "lr"):
+        for key in ("loss", "patch_loss", "grad_norm", "lr"):
             if got[iteration].get(key) != want[iteration].get(key):
                 problems.append(f"iteration {iteration} {key} {got[iteration].get(key)} vs {want[iteration].get(key)}")
                 break

@@ -7,7 +7,8 @@ must write the same checkpoint, RNG states included. Compared per file of the ma
   ``metadata.json``: byte for byte, through the manifests' sizes and CRC-32s;
 * ``common.pt`` (scheduler and optimizer hyper-parameters): value by value, as torch.save's
   pickle of equal values may differ in its bytes;
-* ``megatron_patch.json``: progress (wall-clock seconds aside), model shape and layout;
+* ``megatron_patch.json``: progress (the measured wall-clock seconds and peak memory aside), model
+  shape and layout;
 * ``.metadata`` is not compared: torch stores a random save id in it; it only indexes the
   ``.distcp`` files, which are compared.
 """
@@ -43,7 +44,8 @@ def _values_differ(a, b, where: str, out: List[str]) -> None:
 def _progress(path: str) -> dict:
     with open(os.path.join(path, "megatron_patch.json")) as f:
         meta = json.load(f)
-    progress = {key: value for key, value in meta.get("progress", {}).items() if key != "seconds"}
+    measured = ("seconds", "peak_memory_gib")
+    progress = {key: value for key, value in meta.get("progress", {}).items() if key not in measured}
     return {"progress": progress, "model_shape": meta.get("model_shape"), "layout": meta.get("layout")}
 
 

@@ -72,6 +72,12 @@ class Trainer:
         self.peak_tflops = None
         if not config.cpu and config.model.bf16:
             self.peak_tflops = measure_bf16_matmul_tflops()
+            if self.rank == 0:
+                logger.info(
+                    "MFU is against the measured bf16 matmul rate, %.1f TFLOP/s per GPU (not the datasheet's "
+                    "peak); its model FLOPs count the full attention square (flops.py)",
+                    self.peak_tflops,
+                )
         checkpoints = config.checkpoints
         if stop is not None:  # held by the caller
             self.stop, self._stop_scope = stop, contextlib.nullcontext()
@@ -210,6 +216,13 @@ class Trainer:
         flag = torch.tensor([1.0 if self.stop.reason() else 0.0], device=self._device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    def _update_peak_memory(self, result: StageResult) -> None:
+        """``result``'s peak memory: the max over ranks (the last pipeline stage, with the output layer
+        and the loss, holds the most) and over the runs the stage was resumed across."""
+        peak = torch.tensor([peak_memory_gib()], dtype=torch.float64, device=self._device())
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        result.peak_memory_gib = max(peak.item(), result.peak_memory_gib or 0.0)
 
     def _device(self):
         return next(self.model[0].parameters()).device
@@ -353,12 +366,15 @@ class Trainer:
             window_steps += 1
             window_seconds += elapsed
             if stage_iteration % log.log_interval == 0 or stage_iteration == stage.iterations:
+                self._update_peak_memory(result)
                 self.metrics.log_step(
                     stage=stage.name,
                     iteration=iteration,
                     stage_iteration=stage_iteration,
                     stage_iters=stage.iterations,
+                    patch_size=stage.patch_size,
                     tokens=result.tokens,
+                    run_tokens=sum(r.tokens for r in self.results),
                     loss=loss,
                     lr=self.optimizer.param_groups[0]["lr"],
                     grad_norm=grad_norm,
@@ -366,6 +382,7 @@ class Trainer:
                     tokens_per_s=window_steps * stage.tokens_per_step / window_seconds,
                     tflops_per_gpu=window_steps * flops_per_step / window_seconds / 1e12 / dist.get_world_size(),
                     peak_tflops=self.peak_tflops,
+                    peak_memory=result.peak_memory_gib,
                 )
                 window_seconds, window_steps = 0.0, 0
             if self.pending_save is not None:
@@ -380,14 +397,14 @@ class Trainer:
                     self._close_stage(stage, result, validated)  # before the stage's last save, which records it
             except ValidationStopped:
                 stop = True  # a stage's last step: the resumed run validates these weights
+            if stop or stage_iteration == stage.iterations:
+                self._update_peak_memory(result)  # the stage's peak, in its last checkpoint's record
             if stop or stage_iteration == stage.iterations or (save_interval and iteration % save_interval == 0):
                 last = stop or iteration == self.plan.stage_ends[-1]
                 self._save(iteration, stage, stage_iteration, consumed, self.results, background=not last)
             if stop:
                 self._log_stop(iteration)
-                result.peak_memory_gib = peak_memory_gib()
                 return True
-        result.peak_memory_gib = peak_memory_gib()  # the peak only grows within a stage: read it once
         return False
 
     def _log_stop(self, iteration: int) -> None:
@@ -417,6 +434,8 @@ class Trainer:
             self.plan.stage_split,
             ", ".join(f"{r.name} stage saw {r.epochs:.3f} epochs" for r in results if r.epochs is not None),
         )
-        summary = run_summary(results, self.plan, self.flops_per_position, self.datasets.train_tokens, interrupted)
+        summary = run_summary(
+            results, self.plan, self.flops_per_position, self.datasets.train_tokens, interrupted, self.peak_tflops
+        )
         self.metrics.log_summary(summary)
         return summary

@@ -1,7 +1,8 @@
 """Training logs: a console line per log interval, a JSON-lines metrics file, TensorBoard if installed.
 
 Only the rank that owns the writer (global rank 0) writes; every logged value is already reduced
-over the world. The patch-stage loss is labelled ``patch loss``: it is the mean of K
+over the world (peak memory: the max over ranks). The patch-stage loss is labelled ``patch loss``
+(``patch_loss`` in the records, ``train/patch-loss`` in TensorBoard and W&B): it is the mean of K
 cross-entropies against the next patch and is not comparable with the token loss; validation
 losses are always token level.
 """
@@ -36,9 +37,20 @@ def reset_peak_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def format_flops(flops: float) -> str:
+    """A FLOP count in a readable unit: ``12.345 TFLOP``, ``3.210 PFLOP``, ``1.500 EFLOP``, then ``2.000e+21 FLOP``."""
+    if flops >= 1e21:
+        return f"{flops:.3e} FLOP"
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15)):
+        if flops >= scale:
+            return f"{flops / scale:.3f} {unit}"
+    return f"{flops / 1e12:.3f} TFLOP"
+
+
 def _drop_records_after(path: str, iteration: int) -> None:
-    """Keep the records of ``path`` (JSON lines) up to global ``iteration``; summaries, which carry
-    no iteration, are kept; an unreadable line (a kill mid-write) is dropped."""
+    """Keep the records of ``path`` (JSON lines) up to global ``iteration``; a summary (an earlier,
+    interrupted run's: the resumed run writes its own) and an unreadable line (a kill mid-write) are
+    dropped."""
     if not os.path.exists(path):
         return
     kept, dropped = [], 0
@@ -49,13 +61,22 @@ def _drop_records_after(path: str, iteration: int) -> None:
             except json.JSONDecodeError:
                 dropped += 1
                 continue
-            if record.get("iteration", 0) <= iteration:
+            if record.get("kind") != "summary" and record.get("iteration", 0) <= iteration:
                 kept.append(line if line.endswith("\n") else line + "\n")
             else:
                 dropped += 1
     if dropped:
         atomic_file.write_text(path, "".join(kept))
         logger.info("%s: dropped %d records after iteration %d (logged again by this run)", path, dropped, iteration)
+
+
+def tensorboard_writer_args(log_dir: str, resumed_from: int) -> dict:
+    """``SummaryWriter``'s arguments: a resumed run purges the events a killed run logged after
+    global iteration ``resumed_from`` (the checkpoint), as the resumed run logs them again."""
+    args = {"log_dir": log_dir}
+    if resumed_from:
+        args["purge_step"] = resumed_from + 1
+    return args
 
 
 class MetricsWriter:
@@ -84,7 +105,8 @@ class MetricsWriter:
     def open(self, resumed_from: int) -> None:
         """Start writing, after global iteration ``resumed_from`` (0 for a fresh run): records of
         later iterations that a killed run left in ``metrics.jsonl`` are dropped first (rewritten
-        under a temporary name), so a resumed run never logs a step twice."""
+        under a temporary name), so a resumed run never logs a step twice; TensorBoard drops them
+        too (``purge_step``) and a W&B run continues the one whose id ``--save`` holds."""
         if not self.enabled:
             return
         settings, save = self.settings, self.save
@@ -99,12 +121,14 @@ class MetricsWriter:
             except ImportError:
                 logger.warning("--tensorboard-dir given but tensorboard is not installed (pip install tensorboard)")
             else:
-                self.tensorboard = SummaryWriter(log_dir=settings.tensorboard_dir)
+                self.tensorboard = SummaryWriter(**tensorboard_writer_args(settings.tensorboard_dir, resumed_from))
         if settings.wandb_project:
             from megatron_patch.training.tracking import WandbWriter
 
             save_dir = settings.wandb_save_dir or (os.path.join(save, "wandb") if save else "wandb")
-            self.wandb = WandbWriter(settings.wandb_project, settings.wandb_exp_name, save_dir, self.run_flags)
+            self.wandb = WandbWriter(
+                settings.wandb_project, settings.wandb_exp_name, save_dir, self.run_flags, id_folder=save
+            )
 
     def _record(self, record: dict) -> None:
         if self.file is not None:
@@ -118,7 +142,9 @@ class MetricsWriter:
         iteration,
         stage_iteration,
         stage_iters,
+        patch_size,
         tokens,
+        run_tokens,
         loss,
         lr,
         grad_norm,
@@ -126,35 +152,40 @@ class MetricsWriter:
         tokens_per_s,
         tflops_per_gpu,
         peak_tflops: Optional[float],
+        peak_memory: Optional[float],
     ) -> None:
-        """One training log record. ``tokens_per_s``: the whole run's rate (all ranks);
+        """One training log record. ``tokens``: the stage's training tokens so far (it restarts at the
+        stage switch), ``run_tokens``: the run's; ``tokens_per_s``: the whole run's rate (all ranks);
         ``tflops_per_gpu``: model FLOP/s of the window divided by the world size (TFLOP/s), and MFU
-        that over ``peak_tflops``, one GPU's measured bf16 matmul ceiling."""
+        that over ``peak_tflops``, one GPU's measured bf16 matmul rate; ``peak_memory``: the stage's
+        peak so far, the max over ranks (GiB)."""
         if not self.enabled:
             return
         loss_name = "patch loss" if stage == "patch" else "loss"
         mfu = tflops_per_gpu / peak_tflops if peak_tflops else None
-        peak_memory = peak_memory_gib()
         parts = [
             f"[{stage}] iter {stage_iteration}/{stage_iters} (global {iteration})",
-            f"tokens {tokens / 1e6:.3f}M",
+            f"stage tokens {tokens / 1e6:.3f}M",
             f"{loss_name} {loss:.4f}",
             f"lr {lr:.3e}",
             f"grad norm {grad_norm:.3f}" if grad_norm is not None else "grad norm n/a",
             f"skipped {skipped}",
-            f"{tokens_per_s:,.0f} tok/s",
+            f"{tokens_per_s:,.0f} tok/s (all GPUs)",
             (f"{tflops_per_gpu:.1f} TFLOP/s/GPU" if tflops_per_gpu >= 1 else f"{tflops_per_gpu * 1e3:.2f} GFLOP/s/GPU")
             + (f" MFU {100 * mfu:.1f}%" if mfu is not None else ""),
-            f"peak mem {peak_memory:.2f} GiB",
         ]
+        if peak_memory is not None:
+            parts.append(f"peak mem (max over ranks) {peak_memory:.2f} GiB")
         logger.info(" | ".join(parts))
         record = {
             "kind": "train",
             "stage": stage,
             "iteration": iteration,
             "stage_iteration": stage_iteration,
+            "patch_size": patch_size,
             "tokens": tokens,
-            "loss": loss,
+            "run_tokens": run_tokens,
+            "patch_loss" if stage == "patch" else "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
             "skipped": skipped,
@@ -167,6 +198,8 @@ class MetricsWriter:
         self._scalars(
             {
                 "train/patch-loss" if stage == "patch" else "train/loss": loss,
+                "train/patch_size": patch_size,
+                "train/run_tokens": run_tokens,
                 "train/lr": lr,
                 "train/grad_norm": grad_norm,
                 "train/skipped": skipped,
@@ -234,12 +267,16 @@ class MetricsWriter:
     def log_summary(self, summary: dict) -> None:
         if not self.enabled:
             return
-        lines = ["summary:"]
+        lines = ["summary (interrupted: resume with --load to finish):" if summary["interrupted"] else "summary:"]
         for name, stage in summary["stages"].items():
             lines.append(
                 f"  {name:5s} stage: {stage['iterations']} steps, {stage['tokens'] / 1e6:.3f}M tokens, "
-                f"{stage['flops'] / 1e12:.3f} TFLOP, {stage['seconds']:.1f} s"
-                + (f", peak memory {stage['peak_memory_gib']:.2f} GiB" if stage.get("peak_memory_gib") else "")
+                f"{format_flops(stage['flops'])}, {stage['seconds']:.1f} s of steps"
+                + (
+                    f", peak memory (max over ranks) {stage['peak_memory_gib']:.2f} GiB"
+                    if stage.get("peak_memory_gib")
+                    else ""
+                )
                 + (f", valid loss {stage['valid_loss']:.4f}" if stage["valid_loss"] is not None else "")
             )
         if summary["relative_flops_vs_token_only"] is not None:
@@ -250,14 +287,20 @@ class MetricsWriter:
             )
         if "relative_time_vs_token_only" in summary:
             lines.append(
-                f"  wall time relative to token-only at the token stage's speed: "
+                f"  step time relative to token-only training, extrapolated from the token stage's mean step: "
                 f"{summary['relative_time_vs_token_only']:.3f}"
+            )
+        if summary.get("matmul_peak_tflops"):
+            lines.append(
+                f"  MFU is against the measured bf16 matmul rate, {summary['matmul_peak_tflops']:.1f} TFLOP/s per GPU"
             )
         logger.info("\n".join(lines))
         self._record({"kind": "summary", **summary})
         if self.summary_path:
             os.makedirs(os.path.dirname(os.path.abspath(self.summary_path)), exist_ok=True)  # checked at start
             atomic_file.write_json(self.summary_path, summary)
+        if self.wandb is not None:
+            self.wandb.write_summary(summary)
 
     def close(self) -> None:
         if self.file is not None:

@@ -28,7 +28,7 @@ class StageResult:
     last_loss: Optional[float] = None  # None: not known (no step yet; a checkpoint that did not record it)
     epochs: Optional[float] = None  # passes over the stage's documents (tokens trained on / tokens they hold)
     valid_loss: Optional[float] = None  # the stage's closing validation; None: none (yet)
-    peak_memory_gib: Optional[float] = None  # of this process's part of the stage (not kept on resume)
+    peak_memory_gib: Optional[float] = None  # the stage's peak, max over ranks (kept over a resume)
 
 
 def checkpoint_progress(
@@ -50,13 +50,14 @@ def checkpoint_progress(
         "seconds": {r.name: r.seconds for r in results},
         "last_loss": {r.name: r.last_loss for r in results},
         "valid_loss": {r.name: r.valid_loss for r in results},
+        "peak_memory_gib": {r.name: r.peak_memory_gib for r in results},
     }
 
 
 def restore_results(stages: Sequence[StagePlan], progress: dict, flops_per_position: float) -> List[StageResult]:
     """Each planned stage's result as recorded by :func:`checkpoint_progress` (steps and FLOPs
     from the tokens consumed; the losses as recorded, None from a checkpoint written before they
-    were; peak memory starts afresh)."""
+    were; each stage's peak memory so far, None where not recorded)."""
     results = []
     for stage in stages:
         result = StageResult(stage.name)
@@ -64,6 +65,7 @@ def restore_results(stages: Sequence[StagePlan], progress: dict, flops_per_posit
         result.seconds = progress["seconds"].get(stage.name, 0.0)
         result.last_loss = progress.get("last_loss", {}).get(stage.name)
         result.valid_loss = progress.get("valid_loss", {}).get(stage.name)
+        result.peak_memory_gib = progress.get("peak_memory_gib", {}).get(stage.name)
         result.iterations = result.tokens // stage.tokens_per_step
         result.flops = result.iterations * flops_per_position * stage.positions_per_step
         results.append(result)
@@ -74,18 +76,23 @@ def run_summary(
     results: Sequence[StageResult],
     plan: RunPlan,
     flops_per_position: float,
-    training_tokens: int,
+    corpus_train_tokens: int,
     interrupted: bool,
+    matmul_peak_tflops: Optional[float] = None,
 ) -> Dict[str, object]:
-    """The run's summary: per stage (steps, tokens, epochs, FLOPs, seconds, losses, peak memory),
-    the FLOPs relative to token-only training on the same tokens, the plan's theoretical cost and,
-    once the token stage has run, the wall time relative to token-only at that stage's speed."""
+    """The run's summary: per stage (steps, tokens, epochs, FLOPs, seconds, losses, peak memory
+    over ranks; the patch stage's last loss is ``last_patch_loss``), the training split's size
+    (``corpus_train_tokens``) and the tokens trained (``total_tokens``), the FLOPs relative to
+    token-only training on the same tokens, the plan's theoretical cost, the measured bf16 matmul
+    rate MFU is against (``matmul_peak_tflops``, TFLOP/s per GPU; None on CPU) and, once the token
+    stage has run, the summed step time relative to token-only training extrapolated from the token
+    stage's mean step."""
     total_tokens = sum(r.tokens for r in results)
     token_only_flops = flops_per_position * total_tokens
     summary = {
         "interrupted": interrupted,
         "stage_split": plan.stage_split,
-        "training_tokens": training_tokens,
+        "corpus_train_tokens": corpus_train_tokens,
         "stages": {
             r.name: {
                 "iterations": r.iterations,
@@ -93,7 +100,7 @@ def run_summary(
                 "epochs": r.epochs,
                 "flops": r.flops,
                 "seconds": r.seconds,
-                "last_loss": r.last_loss,
+                "last_patch_loss" if r.name == "patch" else "last_loss": r.last_loss,
                 "valid_loss": r.valid_loss,
                 "peak_memory_gib": r.peak_memory_gib,
             }
@@ -102,6 +109,7 @@ def run_summary(
         "total_tokens": total_tokens,
         "relative_flops_vs_token_only": sum(r.flops for r in results) / token_only_flops if token_only_flops else None,
         "theoretical_relative_cost": plan.theoretical_relative_cost,
+        "matmul_peak_tflops": matmul_peak_tflops,
     }
     token = next((r for r in results if r.name == "token" and r.seconds > 0), None)
     if token is not None and total_tokens:

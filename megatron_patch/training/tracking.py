@@ -9,19 +9,38 @@ The run is offline (files only, ``wandb sync <run folder>`` uploads it later) wh
 ``WANDB_MODE=offline`` or when no API key is found (``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``
 or a netrc entry for ``WANDB_BASE_URL``'s host, default api.wandb.ai, as ``wandb login`` writes);
 otherwise online. ``WANDB_MODE=disabled`` writes nothing.
+
+A run with ``--save`` keeps its W&B run id in ``<--save>/wandb_run_id`` (written at the first
+start), so a resumed run (a requeued job) continues the same W&B run (``resume="allow"``). The
+run's closing summary (summary.json's figures) goes to the W&B run's summary.
 """
 
 import logging
 import netrc
 import os
+import secrets
+import string
 import urllib.parse
 from typing import Dict, Mapping, Optional
 
 from megatron_patch.errors import ArgumentError, UserError
+from megatron_patch.runtime import atomic_file
 
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install -e .[wandb]"
+RUN_ID_FILE = "wandb_run_id"
+
+
+def read_run_id(folder: Optional[str]) -> Optional[str]:
+    """The W&B run id kept in ``folder`` (``--save``); None: none yet, or no folder."""
+    if not folder:
+        return None
+    try:
+        with open(os.path.join(folder, RUN_ID_FILE)) as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def api_key_available() -> bool:
@@ -51,9 +70,12 @@ class WandbWriter:
         experiment_name: ``--wandb-exp-name``, the run's display name.
         save_dir: ``--wandb-save-dir``; wandb writes ``<save_dir>/wandb/<run folder>``. Created.
         config: the run's settings (flags), stored as the run's config; JSON-able values.
+        id_folder: the ``--save`` folder, which keeps the run's id (None: a new W&B run each time).
     """
 
-    def __init__(self, project: str, experiment_name: str, save_dir: str, config: Mapping) -> None:
+    def __init__(
+        self, project: str, experiment_name: str, save_dir: str, config: Mapping, id_folder: Optional[str] = None
+    ) -> None:
         if not project:
             raise ArgumentError("--wandb-project is empty: name the W&B project, or leave the flag out")
         if not experiment_name:
@@ -71,6 +93,10 @@ class WandbWriter:
                 f"--wandb-save-dir {save_dir}: cannot create it ({error.strerror}); choose a writable folder"
             ) from None
         self.mode = wandb_mode()
+        run_id = read_run_id(id_folder)
+        resumed = run_id is not None
+        if id_folder and not resumed:
+            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # as wandb's
         self.run = wandb.init(
             project=project,
             name=experiment_name,
@@ -78,7 +104,10 @@ class WandbWriter:
             config=dict(config),
             mode=self.mode,
             settings=wandb.Settings(console="off", silent=True),
+            **({"id": run_id, "resume": "allow"} if run_id else {}),
         )
+        if id_folder and not resumed:
+            atomic_file.write_text(os.path.join(id_folder, RUN_ID_FILE), run_id + "\n")
         self.folder = getattr(self.run, "dir", None) and os.path.dirname(self.run.dir)
         if self.mode == "offline":
             logger.info(
@@ -86,6 +115,8 @@ class WandbWriter:
             )
         elif self.mode == "online":
             logger.info("W&B run %s: %s", experiment_name, getattr(self.run, "url", None))
+        if resumed:
+            logger.info("W&B run %s continues run id %s (%s)", experiment_name, run_id, RUN_ID_FILE)
 
     def log(self, scalars: Mapping[str, Optional[float]], step: int) -> None:
         """Log ``{tag: value}`` at global iteration ``step`` (non-decreasing over calls); None values
@@ -95,6 +126,11 @@ class WandbWriter:
         values: Dict[str, float] = {tag: float(value) for tag, value in scalars.items() if value is not None}
         if values:
             self.run.log(values, step=int(step))
+
+    def write_summary(self, summary: Mapping) -> None:
+        """The run's closing summary (summary.json's figures) as the W&B run's summary."""
+        if self.run is not None:
+            self.run.summary.update(dict(summary))
 
     def close(self) -> None:
         """Finish the run (writes its last records); calling it again does nothing."""

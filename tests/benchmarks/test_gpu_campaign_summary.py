@@ -277,15 +277,22 @@ def test_the_throughput_table_judges_each_lever_against_the_noise():
     assert "A lever helps where its gain, at K=1 and at K=4, exceeds both its noise and 1%" in lines
 
 
-@pytest.mark.parametrize("unit", ["TFLOP/s/GPU", "TFLOP/s"])  # the trainer's line now, and before it said per GPU
-def test_partial_output_is_read_back(unit):
+@pytest.mark.parametrize(
+    "tokens, rate, unit, peak",
+    [
+        ("stage tokens", "tok/s (all GPUs)", "TFLOP/s/GPU", "peak mem (max over ranks)"),  # the trainer's line now
+        ("tokens", "tok/s", "TFLOP/s/GPU", "peak mem"),  # before the units were spelled out
+        ("tokens", "tok/s", "TFLOP/s", "peak mem"),  # before the figure was per GPU
+    ],
+)
+def test_partial_output_is_read_back(tokens, rate, unit, peak):
     rows = campaign_logs.throughput_partial_rows(
         "  recompute=none b=16 K=4: 285.4 ms, 459,327 tok/s, 301.1 TFLOP/s, loss 1 -> 2\n"
     )
     assert rows[0]["tokens_per_s"] == 459327 and rows[0]["patch_size"] == 4 and rows[0]["partial"]
     line = (
-        "12:00:00 [rank 0] [token] iter 10/20 (global 50) | tokens 5.243M | loss 5.1 | lr 3.0e-04 | grad norm 0.5 "
-        f"| skipped 0 | 117,195 tok/s | 307.3 {unit} MFU 38.9% | peak mem 26.89 GiB\n"
+        f"12:00:00 [rank 0] [token] iter 10/20 (global 50) | {tokens} 5.243M | loss 5.1 | lr 3.0e-04 | grad norm 0.5 "
+        f"| skipped 0 | 117,195 {rate} | 307.3 {unit} MFU 38.9% | {peak} 26.89 GiB\n"
     )
     (window,) = campaign_logs.trainer_windows(line)
     assert window == {
@@ -388,3 +395,20 @@ def test_prepare_for_the_gpu_without_the_wheel_ends_with_one_error_line(tmp_path
     assert gpu_campaign.main(argv) == 0
     printed = capsys.readouterr()
     assert printed.err == "" and printed.out.count("\n") == 1
+
+
+def test_the_trainers_own_log_line_is_read_back(caplog):
+    """The line metrics.py writes now, not a copy of it."""
+    from types import SimpleNamespace
+
+    from megatron_patch.training.metrics import MetricsWriter
+
+    writer = MetricsWriter(SimpleNamespace(summary_json=None), None, enabled=True)
+    step = dict(stage="patch", iteration=5, stage_iteration=5, stage_iters=40, patch_size=4, tokens=1311000)
+    step.update(run_tokens=1311000, loss=6.5, lr=3e-4, grad_norm=1.0, skipped=0, tokens_per_s=412345.0)
+    step.update(tflops_per_gpu=300.1, peak_tflops=789.0, peak_memory=27.01)
+    with caplog.at_level("INFO", logger="megatron_patch.train"):
+        writer.log_step(**step)
+    (window,) = campaign_logs.trainer_windows(caplog.text)
+    assert window["tokens_per_s"] == 412345.0 and window["tflops_per_gpu"] == 300.1
+    assert window["mfu"] == pytest.approx(0.380, abs=1e-3) and window["peak_memory_gib"] == 27.01

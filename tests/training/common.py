@@ -35,12 +35,16 @@ def refused_line(capsys, argv):
 
 
 def train_records(save, kind="train"):
-    """metrics.jsonl records of ``kind``, the last record per global iteration (resumed runs repeat)."""
+    """metrics.jsonl records of ``kind``, the last record per global iteration (resumed runs repeat).
+    A patch-stage record's ``patch_loss`` is also given as ``loss`` here, so that tests can compare
+    the training loss of runs step by step whatever the stage."""
     records = {}
     with open(os.path.join(save, "metrics.jsonl")) as f:
         for line in f:
             record = json.loads(line)
             if record["kind"] == kind:
+                if "patch_loss" in record:
+                    record["loss"] = record["patch_loss"]
                 records[record["iteration"]] = record
     return records
 

@@ -96,7 +96,7 @@ def test_both_stages_read_all_training_documents_for_their_epochs(cpu_world, sho
     plan, data = trainer.plan, trainer.datasets
     W = short_corpus["train_tokens"]
     assert data.train_tokens == data.patch_tokens == data.token_tokens == W
-    assert summary["stage_split"] == "epochs" and summary["training_tokens"] == W
+    assert summary["stage_split"] == "epochs" and summary["corpus_train_tokens"] == W
     for name, planned in (("patch", plan.patch_iters), ("token", plan.token_iters)):
         stage = summary["stages"][name]
         assert stage["iterations"] == planned == plan.train_iters // 2

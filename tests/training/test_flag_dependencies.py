@@ -194,7 +194,9 @@ def test_summaries_are_json_and_keep_finished_stages_losses_across_a_resume(
     """SIGTERM in the token stage's second step: the stop saves there (exit 0, summary written);
     the resumed run's summary still holds the patch stage's last and validation losses, and every
     line of metrics.jsonl and the --summary-json file is strict JSON (before: "last_loss": NaN for
-    the stage finished before the resume, and its valid_loss null)."""
+    the stage finished before the resume, and its valid_loss null). The patch stage's loss is named
+    patch_loss; a record's "tokens" are its stage's and "run_tokens" the run's; the finished stage's
+    peak memory is kept; the interrupted run's summary record is dropped on resume."""
     save, summary_path = tmp_path / "run", tmp_path / "summary.json"
     argv = trainer_args(tiny_corpus, save, "--summary-json", str(summary_path), train_iters=ITERS)
     with monkeypatch.context() as patch:
@@ -203,20 +205,28 @@ def test_summaries_are_json_and_keep_finished_stages_losses_across_a_resume(
     stopped = _strict_json(summary_path.read_text())
     assert stopped["interrupted"] and stopped["stages"]["token"]["iterations"] == 2
     patch_stage = stopped["stages"]["patch"]
-    assert patch_stage["last_loss"] == train_records(save)[8]["loss"]
+    assert "last_loss" not in patch_stage and patch_stage["last_patch_loss"] == train_records(save)[8]["patch_loss"]
     assert patch_stage["valid_loss"] == train_records(save, "valid")[8]["loss"]
+    assert patch_stage["peak_memory_gib"] > 0
+    assert stopped["corpus_train_tokens"] > 0 and "training_tokens" not in stopped
+    with open(save / "metrics.jsonl") as f:
+        raw = {r["iteration"]: r for r in map(json.loads, f) if r["kind"] == "train"}
+    assert "loss" not in raw[8] and "patch_loss" not in raw[9]
+    assert raw[9]["tokens"] == raw[9]["run_tokens"] - raw[8]["run_tokens"]
+    assert raw[8]["tokens"] == raw[8]["run_tokens"] and (raw[8]["patch_size"], raw[9]["patch_size"]) == (4, 1)
 
     assert cli.main(argv + ["--load", str(save)]) == 0
     text = summary_path.read_text()
     resumed = _strict_json(text)
     assert not resumed["interrupted"]
-    assert resumed["stages"]["patch"]["last_loss"] == patch_stage["last_loss"]
+    assert resumed["stages"]["patch"]["last_patch_loss"] == patch_stage["last_patch_loss"]
     assert resumed["stages"]["patch"]["valid_loss"] == patch_stage["valid_loss"]
+    assert resumed["stages"]["patch"]["peak_memory_gib"] == patch_stage["peak_memory_gib"]
     assert resumed["stages"]["token"]["last_loss"] == train_records(save)[ITERS]["loss"]
     assert resumed["stages"]["token"]["valid_loss"] == train_records(save, "valid")[ITERS]["loss"]
     with open(save / "metrics.jsonl") as f:
         summaries = [record for record in map(_strict_json, f) if record["kind"] == "summary"]
-    assert [s["interrupted"] for s in summaries] == [True, False]
+    assert [s["interrupted"] for s in summaries] == [False]  # the interrupted run's was dropped
 
 
 @pytest.mark.parametrize("stop_step", [None, 8, ITERS])

@@ -135,3 +135,47 @@ def test_missing_package_and_bad_flags_are_one_line(tmp_path, monkeypatch, no_cr
         tracking.WandbWriter("proj", "run", str(tmp_path / "w"), {})
     assert "pip install -e .[wandb]" in str(error.value) and "\n" not in str(error.value)
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_resumed_run_purges_the_killed_runs_tensorboard_steps(tmp_path):
+    """A killed run logged steps 1-6 after its checkpoint at 4: the resumed run's writer (purge_step
+    5) drops 5 and 6, which it logs again, so each step holds one value."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from torch.utils.tensorboard import SummaryWriter
+
+    from megatron_patch.training.metrics import tensorboard_writer_args
+
+    assert tensorboard_writer_args("tb", 0) == {"log_dir": "tb"}  # a fresh run purges nothing
+    assert tensorboard_writer_args("tb", 4) == {"log_dir": "tb", "purge_step": 5}
+    killed = SummaryWriter(**tensorboard_writer_args(str(tmp_path), 0))
+    for step in range(1, 7):
+        killed.add_scalar("train/loss", 10.0 + step, step)
+    killed.close()
+    time.sleep(1.1)  # event file names carry the second they were made
+    resumed = SummaryWriter(**tensorboard_writer_args(str(tmp_path), 4))
+    for step in range(5, 9):
+        resumed.add_scalar("train/loss", 20.0 + step, step)
+    resumed.close()
+    events = accumulator.EventAccumulator(str(tmp_path))
+    events.Reload()
+    values = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert values == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 14.0), (5, 25.0), (6, 26.0), (7, 27.0), (8, 28.0)]
+
+
+def test_flop_totals_read_in_a_unit_of_their_size():
+    from megatron_patch.training.metrics import format_flops
+
+    assert format_flops(1.2345e13) == "12.345 TFLOP"
+    assert format_flops(3.21e15) == "3.210 PFLOP"
+    assert format_flops(4.5e19) == "45.000 EFLOP"
+    assert format_flops(2e21) == "2.000e+21 FLOP"
+
+
+def test_a_resumed_run_drops_later_records_and_the_interrupted_runs_summary(tmp_path):
+    from megatron_patch.training.metrics import _drop_records_after
+
+    path = tmp_path / "metrics.jsonl"
+    records = [{"kind": "train", "iteration": i} for i in (1, 2, 3)] + [{"kind": "summary", "interrupted": True}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "tra')
+    _drop_records_after(str(path), 2)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == records[:2]

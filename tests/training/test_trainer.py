@@ -91,6 +91,7 @@ def test_two_stages_train_and_switch_resets_optimizer_and_lr(cpu_world, tiny_cor
     assert events["train/loss"][-1][1] == pytest.approx(records[24]["loss"], rel=1e-6)
     assert dict(events["valid/loss"])[24] == pytest.approx(valid[24]["loss"], rel=1e-6)
     assert {"train/lr", "train/grad_norm", "train/skipped", "train/tokens_per_s", "train/tflops_per_gpu"} <= set(events)
+    assert dict(events["train/patch_size"]) == {i: 4.0 if i <= 16 else 1.0 for i in range(1, 25)}
 
 
 def test_fused_torch_adam_follows_foreach_and_resumes_bit_for_bit(cpu_world, tiny_corpus, tmp_path):

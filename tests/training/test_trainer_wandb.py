@@ -1,14 +1,27 @@
 """The trainer's W&B flags (Megatron's --wandb-project / --wandb-exp-name / --wandb-save-dir): an
 offline run of the tiny two-stage trainer leaves a W&B run whose history holds the same losses, per
-global iteration, as metrics.jsonl."""
+global iteration, as metrics.jsonl, and whose summary holds summary.json's figures; a resumed run
+continues the same W&B run (its id kept in --save)."""
 
 import glob
+import json
+import os
 
 import pytest
 
 from megatron_patch.training import cli
 from tests.training.common import train_records, trainer_args
-from tests.training.test_tracking import _history, _wait_for_exit_record
+from tests.training.test_tracking import _history, _records, _wait_for_exit_record
+
+
+def _summary(run_file):
+    """``{key: value}`` of the run's summary records (the last value per key)."""
+    summary = {}
+    for record in _records(run_file):
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                summary["/".join(item.nested_key) or item.key] = json.loads(item.value_json)
+    return summary
 
 
 def test_offline_wandb_run_holds_the_trainers_scalars(
@@ -39,8 +52,28 @@ def test_offline_wandb_run_holds_the_trainers_scalars(
     for iteration, record in records.items():
         tag = "train/patch-loss" if record["stage"] == "patch" else "train/loss"
         assert history[iteration][tag] == pytest.approx(record["loss"], rel=1e-6), iteration
+        assert history[iteration]["train/patch_size"] == record["patch_size"], iteration
+        assert history[iteration]["train/run_tokens"] == record["run_tokens"], iteration
     valid = train_records(save, kind="valid")
     assert valid and all(history[i]["valid/loss"] == pytest.approx(r["loss"], rel=1e-6) for i, r in valid.items())
+    summary = _last_summary(save)
+    run_summary = _summary(run_files[0])
+    assert run_summary["total_tokens"] == summary["total_tokens"]
+    assert run_summary["stages"]["patch"]["last_patch_loss"] == pytest.approx(
+        summary["stages"]["patch"]["last_patch_loss"]
+    )
+
+    # the run again with --load (nothing left to train): the same W&B run id, from --save
+    run_id = (save / "wandb_run_id").read_text().strip()
+    assert os.path.basename(run_files[0]) == f"run-{run_id}.wandb"
+    assert cli.main(argv + ["--load", str(save)]) == 0, capsys.readouterr().err
+    run_files = glob.glob(str(save / "wandb" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert sorted(os.path.basename(f) for f in run_files) == [f"run-{run_id}.wandb"] * 2, run_files
+
+
+def _last_summary(save):
+    with open(save / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if r["kind"] == "summary"][-1]
 
 
 def test_wandb_project_without_a_name_is_one_line(world, model_parallel, tiny_corpus, tmp_path, capsys):
