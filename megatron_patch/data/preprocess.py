@@ -24,7 +24,6 @@ into the unsharded pair (unless ``merge_partitions`` is False), which equals a r
 byte for byte. A shard without a document with text gets a warning. The lines of each file are
 read as counted, or the input changed meanwhile (a download still running): an error. Everything
 is staged in a temporary folder and renamed only once complete.
-
 """
 
 from __future__ import annotations
