@@ -1,8 +1,8 @@
 """tools/evaluate_zero_shot.py: a checkpoint the tests train, exported and scored by
 lm-evaluation-harness on the shipped task, scores differently from a one-step checkpoint; the
-harness's log-likelihoods are Megatron's (float64 oracle); the shipped task is what its script
-builds; a converted patch-stage checkpoint is reported as patch stage; bad inputs and a failed
-write of the report are refused with one line."""
+harness's log-likelihoods are Megatron's (float64 oracle); a converted patch-stage checkpoint is
+reported as patch stage; bad inputs and a failed write of the report are refused with one line.
+The shipped task and its builder: test_zero_shot_task.py; the reported metrics: test_zero_shot_metrics.py."""
 
 import json
 import os
@@ -17,7 +17,6 @@ from megatron_patch.checkpoint.store import read_metadata
 from megatron_patch.conversion.hf_folder import PROVENANCE
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
 from megatron_patch.evaluation import zero_shot
-from megatron_patch.evaluation.next_sentence import split_sentences
 from megatron_patch.training import cli
 from tests.tools.common import (
     assert_one_line_error,
@@ -27,7 +26,7 @@ from tests.tools.common import (
     megatron_model,
 )
 from tests.training.common import trainer_args
-from tools import build_zero_shot_task, evaluate_zero_shot
+from tools import evaluate_zero_shot
 
 pytestmark = pytest.mark.slow  # whole-pipeline subprocess runs: scheduled first (tests/conftest.py)
 
@@ -192,64 +191,6 @@ def test_a_group_from_an_include_path(exported, tmp_path, capsys):
     [group] = report["scores"]
     assert (group["task"], group["metric"], group["items"]) == ("tiny_group", "acc_norm", 5)
     assert report["average"] is None and f"| tiny_group | acc_norm | {100 * group['value']:.1f} |" in out
-
-
-def test_reported_metric_and_table():
-    mmlu = {"acc,none": 0.25, "acc_stderr,none": 0.01, "alias": "mmlu"}
-    assert zero_shot.metric_for("mmlu", mmlu) == "acc"
-    both = {"acc,none": 0.5, "acc_norm,none": 0.625, "acc_stderr,none": 0.1, "acc_norm_stderr,none": 0.1}
-    assert zero_shot.metric_for("piqa", both) == "acc_norm" and zero_shot.metric_for("other", both) == "acc_norm"
-    assert zero_shot.metric_for("winogrande", both) == "acc"  # the paper's table reports acc there
-    assert zero_shot.metric_for("gen", {"exact_match,none": 0.5, "exact_match_stderr,none": 0.1}) == "exact_match"
-    report = {
-        "scores": [
-            {"task": "a", "metric": "acc", "value": 0.25, "stderr": 0.0125, "items": 8},
-            {"task": "b", "metric": "acc_norm", "value": 0.5, "stderr": None, "items": None},
-        ],
-        "average": 0.375,
-    }
-    assert zero_shot.table(report).splitlines()[2:] == [
-        "| a | acc | 25.0 | 1.2 | 8 |",
-        "| b | acc_norm | 50.0 |  |  |",
-        "| average | | 37.5 | | |",
-    ]
-
-
-def test_the_shipped_task_is_what_its_script_builds(tmp_path, capsys):
-    output = tmp_path / "rebuilt.jsonl"
-    code, out, err = call(build_zero_shot_task, ["--output", output], capsys)
-    assert code == 0, err
-    assert output.read_bytes() == open(SHIPPED, "rb").read()
-    from megatron_patch.data.inputs import expand_inputs, iter_lines, parse_line
-
-    [corpus] = expand_inputs([build_zero_shot_task.DEFAULT_INPUT])
-    documents = [
-        " ".join(parse_line(raw, corpus.format, ["text"])["text"].split()) for _, _, raw, _ in iter_lines([corpus])
-    ]
-    for line in open(SHIPPED):
-        item = json.loads(line)
-        assert len(item["choices"]) == 4 and len(set(item["choices"])) == 4
-        # the labelled choice is the sentence that follows the passage in its document; no other is
-        assert f"{item['context']} {item['choices'][item['label']]}" in documents[item["document"]], item["id"]
-        others = [c for i, c in enumerate(item["choices"]) if i != item["label"]]
-        assert not any(f"{item['context']} {c}" in documents[item["document"]] for c in others), item["id"]
-
-
-def test_the_task_builder_refuses_an_output_it_cannot_write(tmp_path, capsys):
-    (tmp_path / "file").write_text("")
-    cases = {
-        tmp_path / "file" / "task.jsonl": "is a file, not a folder",
-        tmp_path / "missing" / "task.jsonl": "does not exist; create it first",
-        tmp_path: f"--output {tmp_path} is a folder",
-    }
-    for output, expected in cases.items():
-        code, out, err = call(build_zero_shot_task, ["--output", output], capsys)
-        assert code == 2 and len(err) == 1 and expected in err[0], err
-
-
-def test_sentence_split():
-    text = 'Mr. Elliot said "No!"  He left.\nIt was 3 p.m. when Mrs. Smith came? Yes.'
-    assert split_sentences(text) == ['Mr. Elliot said "No!"', "He left.", "It was 3 p.m. when Mrs. Smith came?", "Yes."]
 
 
 def test_bad_inputs_are_one_line(models, tmp_path, capsys, monkeypatch):
@@ -445,17 +386,3 @@ def test_a_failed_write_of_the_report_is_one_line(trained, tmp_path, capsys, mon
     assert code == 2 and len(errors) == 1, err
     assert f"--output-json {output} could not be written (No space left on device)" in errors[0]
     assert not output.exists() and sorted(os.listdir(tmp_path)) == ["tasks"]
-
-
-def test_paper_tasks_are_the_default():
-    parser = evaluate_zero_shot.build_parser()
-    args = parser.parse_args(["--load", "x", "--output-json", "y"])
-    assert args.tasks == ["mmlu", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge"]
-    assert [zero_shot.PAPER_TASKS[t] for t in args.tasks] == [
-        "acc",
-        "acc_norm",
-        "acc_norm",
-        "acc",
-        "acc_norm",
-        "acc_norm",
-    ]

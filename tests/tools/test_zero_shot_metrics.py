@@ -1,8 +1,9 @@
 """Which metric tools/evaluate_zero_shot.py reports when a task's results are keyed by filters other
 than ``none`` (gsm8k's ``exact_match,strict-match`` and ``exact_match,flexible-extract``): the
 metric is chosen with its filter, every filter's value is kept under its own name, the table and
-the average of several tasks work; a task with no numeric metric is one line. Harness-style
-result dicts through the module's functions, and one run of the tool on the tiny model."""
+the average of several tasks work; a task with no numeric metric is one line; the paper's tasks
+and their metrics are the default. Harness-style result dicts through the module's functions, and
+one run of the tool on the tiny model."""
 
 import json
 
@@ -166,3 +167,38 @@ def test_the_tool_refuses_a_group_without_a_metric(exported, tmp_path, capsys):
     assert_one_line_error(code, errors, "--tasks tiny_unscored: lm-evaluation-harness computed no numeric metric")
     assert err[-1] == errors[0] and not any("Traceback" in line for line in err), err
     assert "aggregate_metric_list" in errors[0] and not output.exists()
+
+
+def test_reported_metric_and_table():
+    mmlu = {"acc,none": 0.25, "acc_stderr,none": 0.01, "alias": "mmlu"}
+    assert zero_shot.metric_for("mmlu", mmlu) == "acc"
+    both = {"acc,none": 0.5, "acc_norm,none": 0.625, "acc_stderr,none": 0.1, "acc_norm_stderr,none": 0.1}
+    assert zero_shot.metric_for("piqa", both) == "acc_norm" and zero_shot.metric_for("other", both) == "acc_norm"
+    assert zero_shot.metric_for("winogrande", both) == "acc"  # the paper's table reports acc there
+    assert zero_shot.metric_for("gen", {"exact_match,none": 0.5, "exact_match_stderr,none": 0.1}) == "exact_match"
+    report = {
+        "scores": [
+            {"task": "a", "metric": "acc", "value": 0.25, "stderr": 0.0125, "items": 8},
+            {"task": "b", "metric": "acc_norm", "value": 0.5, "stderr": None, "items": None},
+        ],
+        "average": 0.375,
+    }
+    assert zero_shot.table(report).splitlines()[2:] == [
+        "| a | acc | 25.0 | 1.2 | 8 |",
+        "| b | acc_norm | 50.0 |  |  |",
+        "| average | | 37.5 | | |",
+    ]
+
+
+def test_paper_tasks_are_the_default():
+    parser = evaluate_zero_shot.build_parser()
+    args = parser.parse_args(["--load", "x", "--output-json", "y"])
+    assert args.tasks == ["mmlu", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge"]
+    assert [zero_shot.PAPER_TASKS[t] for t in args.tasks] == [
+        "acc",
+        "acc_norm",
+        "acc_norm",
+        "acc",
+        "acc_norm",
+        "acc_norm",
+    ]
