@@ -29,15 +29,8 @@ def run_script(body) -> int:
     """``body()`` under the project's ``run_main``: a ``UserError`` or an ``OSError`` (a full disk, a
     read-only --workdir) is one line ``error: ...`` naming the file, without a traceback; Ctrl-C says
     that the finished steps are kept. Returns the exit code."""
-
-    def guarded():
-        try:
-            return body()
-        except KeyboardInterrupt:  # run_main's own line would say nothing was written
-            command.report(UserError("interrupted; the finished steps are kept: re-run the same command to resume"))
-            return command.INTERRUPTED_EXIT_CODE
-
-    return command.run_main(guarded, io_errors_are_user_errors=True)
+    kept = "the finished steps are kept: re-run the same command to resume"
+    return command.run_main(body, io_errors_are_user_errors=True, kept_after_ctrl_c=kept)
 
 
 def _holds_outputs(work: Path, seeded: tuple = ()) -> bool:

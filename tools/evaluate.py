@@ -188,12 +188,11 @@ def _report(args, info, result, described: dict, tokenizer, layout: dict, output
     """Print one checkpoint's results and, given ``output``, write them there as JSON (rank 0)."""
     from megatron_patch.evaluation.report_file import write_report
 
-    conversion = info.meta.get("conversion")
     report = {
         "checkpoint": info.path,
         "iteration": info.meta.get("iteration"),
         "stage": info.weights_stage,  # a converted checkpoint's: its source's
-        "converted_from": conversion.get("source") if isinstance(conversion, dict) else None,
+        "converted_from": info.conversion.get("source") if info.conversion else None,
         "model": info.preset.name,
         **described,
         "tokenizer_model": tokenizer.model_path,

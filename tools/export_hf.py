@@ -98,9 +98,9 @@ def _run(args) -> None:
     tokenizer = checkpoint_info.load_tokenizer([info], args.tokenizer_model)
     checkpoint_info.check_tokenizer(tokenizer, info)
     stage = info.weights_stage  # a converted checkpoint's: its source's
-    conversion = info.meta.get("conversion")
+    conversion = info.conversion
     if stage == "patch":
-        converted = f" (converted from {conversion.get('source')})" if isinstance(conversion, dict) else ""
+        converted = f" (converted from {conversion.get('source')})" if conversion else ""
         logger.warning(
             "%s holds patch-stage weights%s: they predict the next patch, not the next token; "
             "export the final token-stage checkpoint",
@@ -126,7 +126,7 @@ def _run(args) -> None:
             "padded_vocab_size": info.padded_vocab_size,
             "tokenizer_vocab_size": tokenizer.vocab_size,
         }
-        if isinstance(conversion, dict):
+        if conversion:
             provenance["conversion"] = conversion  # tools/convert_checkpoint.py's record: source, its stage
         with StagedFolder(final, force=args.force, check_replace=check_replaceable) as staged:
             on_rank_zero(

@@ -64,6 +64,13 @@ class CheckpointInfo:
         return weights_stage(self.meta)[0]
 
     @property
+    def conversion(self) -> Optional[dict]:
+        """tools/convert_checkpoint.py's record of a converted checkpoint (its ``source`` and more);
+        None for a checkpoint the trainer saved."""
+        record = self.meta.get("conversion")
+        return record if isinstance(record, dict) else None
+
+    @property
     def layout(self) -> dict:
         return self.meta.get("layout", {})
 

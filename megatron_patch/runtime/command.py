@@ -113,18 +113,21 @@ INTERRUPTED_EXIT_CODE = 130
 """What a command stopped by Ctrl-C (SIGINT) returns: 128 + the signal's number, as shells report it."""
 
 
-def run_main(body: Callable[[], Optional[int]], *, io_errors_are_user_errors: bool = False) -> int:
+def run_main(
+    body: Callable[[], Optional[int]], *, io_errors_are_user_errors: bool = False, kept_after_ctrl_c: str = ""
+) -> int:
     """Run a command's body; returns its exit code (``body``'s return value, or 0).
 
     ``io_errors_are_user_errors``: also report an ``OSError`` (a full disk, a read-only folder met
     while writing outputs) as one line, exit code 2; for tools whose outputs are staged, so nothing
-    is left behind then, nor after Ctrl-C (which says so).
+    is left behind then, nor after Ctrl-C (which says so). ``kept_after_ctrl_c``: what the Ctrl-C
+    line says is left, where it is neither (the example pipelines keep their finished steps).
     """
     end_forked_children_with_parent()  # a command killed outright leaves no forked helper behind
     try:
         code = body()
     except KeyboardInterrupt:
-        left = (
+        left = kept_after_ctrl_c or (
             "nothing was written (outputs are renamed into place only when complete)"
             if io_errors_are_user_errors
             else "what it had finished (e.g. saved checkpoints, complete output files) is kept"
