@@ -92,9 +92,11 @@ def environment() -> dict:
 
 def uncompressed_size(path: str) -> tuple[int, int]:
     """(bytes, lines) of the decompressed input."""
-    from megatron_patch.data.inputs import describe_file, open_binary
+    from megatron_patch.data.compression import open_decompressed
+    from megatron_patch.data.inputs import describe_file
 
-    stream, raw = open_binary(describe_file(path))
+    file = describe_file(path)
+    stream, raw = open_decompressed(file.path, file.compression)
     size = lines = 0
     with stream, raw:
         while block := stream.read(1 << 22):
