@@ -20,7 +20,6 @@ from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as ckpt
 from megatron_patch.checkpoint.async_save import PendingSave
 from megatron_patch.checkpoint.lock import locked_save_folder
-from megatron_patch.data.datasets import StageDataConfig, build_stage_datasets, plan_stage_split
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
 from megatron_patch.runtime.rank_zero import on_rank_zero
 from megatron_patch.training import resume
@@ -40,6 +39,7 @@ from megatron_patch.training.plan import StagePlan
 from megatron_patch.training.preemption import StopSignals
 from megatron_patch.training.profiling import StepProfiler
 from megatron_patch.training.progress import StageResult, checkpoint_progress, restore_results, run_summary
+from megatron_patch.training.run_datasets import build_run_datasets, corpus_record, stage_data_tokens
 from megatron_patch.training.step import ValidationStopped, evaluate, train_step
 
 logger = logging.getLogger(__name__)
@@ -84,9 +84,9 @@ class Trainer:
         else:  # installed by run()
             self.stop = StopSignals(checkpoints.stop_signals, time_limit_minutes=checkpoints.exit_duration_minutes)
             self._stop_scope = self.stop
-        self.datasets = self._build_datasets()
+        self.datasets = build_run_datasets(config, self.tokenizer)
         # what checkpoints record of the run: its flags, and the corpus they name
-        self.recorded = dict(config.flags, **self._corpus_record(self.datasets.splits))
+        self.recorded = dict(config.flags, **corpus_record(self.datasets.splits))
         self.profiler = StepProfiler(config.profile, self.rank)
         self.manual_gc = ManualGC(config.manual_gc_interval)
         self.pending_save = (
@@ -94,58 +94,6 @@ class Trainer:
         )
         self._in_flight = None  # (stage name, iteration) of the save in flight
         self._iteration = 0  # the global iteration last trained
-
-    def _build_datasets(self):
-        data = self.config.data
-        config = StageDataConfig(
-            data_path=list(data.data_path),
-            split=data.split,
-            sample_tokens=self.plan.dataset_sample_tokens(),
-            patch_data_fraction=self.plan.patch_data_fraction if self.plan.patch_size > 1 else 0.0,
-            seed=self.config.seed,
-            cache_dir=data.cache_dir,
-            stage_split=self.plan.stage_split,
-        )
-        splits = plan_stage_split(config)  # before building anything: reads the .idx files only
-        resume.check_ranks_read_one_corpus(self._corpus_record(splits), data.data_path)
-        source = "--data-path " + " ".join(data.data_path)
-        self.plan.check_epoch_budget(sum(split.train_tokens for split in splits), source)
-        self.plan.check_steps_fit(self._data_tokens(splits), source)
-        datasets = build_stage_datasets(config, self.tokenizer, self.plan.dataset_samples())
-        if datasets.valid is None and self.plan.validation.iterations:
-            logger.warning(
-                "--split %s holds no validation documents: validation (--eval-iters %d) is off; give the split a "
-                "validation share to validate",
-                data.split,
-                self.plan.validation.iterations,
-            )
-        planned = self.plan.epochs(self._data_tokens(splits))
-        logger.info(
-            "--stage-split %s: %s over %d training tokens",
-            self.plan.stage_split,
-            ", ".join(f"{name} stage {epochs:.3f} epochs" for name, epochs in planned.items()),
-            datasets.train_tokens,
-        )
-        return datasets
-
-    @staticmethod
-    def _corpus_record(splits) -> dict:
-        """Each --data-path prefix's document and token counts and the digest of its document
-        lengths: what identifies the corpus on any path (``resume.CORPUS_FLAGS``)."""
-        return {
-            "data_documents": [split.documents for split in splits],
-            "data_tokens": [split.tokens for split in splits],
-            "data_lengths_sha256": [split.lengths_sha256 for split in splits],
-        }
-
-    @staticmethod
-    def _data_tokens(splits) -> dict:
-        """Tokens of the documents each stage reads, over the document ranges ``splits`` of every
-        prefix (the plan's ``epochs`` divides by them; the epochs split gives both stages all)."""
-        return {
-            "patch": sum(split.patch.tokens for split in splits),
-            "token": sum(split.token.tokens for split in splits),
-        }
 
     # ----------------------------------------------------------------- helpers
     def _dataset(self, stage: StagePlan):
@@ -426,7 +374,7 @@ class Trainer:
     def _summary(self, results, interrupted: bool) -> dict:
         if self.pending_save is not None:
             self.pending_save.wait()
-        epochs = self.plan.epochs(self._data_tokens(self.datasets.splits), {r.name: r.tokens for r in results})
+        epochs = self.plan.epochs(stage_data_tokens(self.datasets.splits), {r.name: r.tokens for r in results})
         for r in results:
             r.epochs = epochs.get(r.name)
         logger.info(

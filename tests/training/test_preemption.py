@@ -153,13 +153,13 @@ def test_a_stop_signal_outside_the_steps_is_handled(cpu_world, tiny_corpus, tmp_
     previous = signal.signal(signal.SIGTERM, lambda *_: reached.append(True))
     try:
         if when == "start-up":
-            build = loop.Trainer._build_datasets
+            build = loop.build_run_datasets
 
-            def build_then_signal(self):
+            def build_then_signal(*args):
                 os.kill(os.getpid(), signal.SIGTERM)
-                return build(self)
+                return build(*args)
 
-            monkeypatch.setattr(loop.Trainer, "_build_datasets", build_then_signal)
+            monkeypatch.setattr(loop, "build_run_datasets", build_then_signal)
         else:
             run = loop.Trainer.run
 
@@ -187,13 +187,13 @@ def test_without_save_the_stop_signals_are_left_alone(cpu_world, tiny_corpus, mo
 
     reached = []
     previous = signal.signal(signal.SIGTERM, lambda *_: reached.append(True))
-    build = loop.Trainer._build_datasets
+    build = loop.build_run_datasets
 
-    def build_then_signal(self):
+    def build_then_signal(*args):
         os.kill(os.getpid(), signal.SIGTERM)
-        return build(self)
+        return build(*args)
 
-    monkeypatch.setattr(loop.Trainer, "_build_datasets", build_then_signal)
+    monkeypatch.setattr(loop, "build_run_datasets", build_then_signal)
     try:
         assert cli.main(trainer_args(tiny_corpus, None, "--eval-iters", "0", train_iters=3)) == 0
     finally:
