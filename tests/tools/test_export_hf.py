@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 
 import pytest
@@ -52,7 +53,9 @@ def test_transformers_logits_equal_megatron_logits(trained, tmp_path, capsys, tr
         capsys,
     )
     assert code == 0, err
-    assert "logits check: max difference transformers vs Megatron 0.000e+00" in out and "(tolerance 1.0e-05)" in out
+    # float32 on both sides: equal up to the order of the sums, which transformers' releases change
+    difference = re.search(r"logits check: max difference transformers vs Megatron (\S+) of the largest logit", out)
+    assert difference and float(difference.group(1)) <= 1e-6 and "(tolerance 1.0e-05)" in out
     config = json.load(open(save / "config.json"))
     rows = VOCAB if trim else ROWS
     assert config["architectures"] == ["LlamaForCausalLM"] and config["vocab_size"] == rows
