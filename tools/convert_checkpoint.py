@@ -68,7 +68,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def body():
         args = build_parser().parse_args(argv)
-        from megatron_patch.checkpoint import store as ckpt
+        from megatron_patch.checkpoint.model_record import describe_layout
         from megatron_patch.conversion import reshard
 
         # The flags are checked against the files before joining the world (as evaluate.py and
@@ -93,11 +93,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 info = result.metadata["conversion"]
                 print(
                     f"converted {info['source']} ({info['source_stage']} stage, iteration "
-                    f"{info['source_iteration']}, {ckpt.describe_layout(info['source_layout'])})"
+                    f"{info['source_iteration']}, {describe_layout(info['source_layout'])})"
                 )
                 print(
                     f"to {result.checkpoint} (token stage, iteration 0, "
-                    f"{ckpt.describe_layout(info['target_layout'])}, weights only)"
+                    f"{describe_layout(info['target_layout'])}, weights only)"
                 )
                 print(
                     f"logits check: max absolute difference {result.max_abs_diff:.3e} "

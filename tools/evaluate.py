@@ -123,7 +123,8 @@ def _run(args) -> None:
     import logging
 
     from megatron_patch.checkpoint import info as checkpoint_info
-    from megatron_patch.checkpoint.store import check_files, layout_of
+    from megatron_patch.checkpoint.model_record import layout_of
+    from megatron_patch.checkpoint.store import check_files
     from megatron_patch.data.indexed import check_prefix
     from megatron_patch.data.inputs import expand_inputs
     from megatron_patch.errors import ArgumentError

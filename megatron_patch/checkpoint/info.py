@@ -18,6 +18,7 @@ from megatron_patch.architecture.presets import check_layout as check_preset_lay
 from megatron_patch.architecture.specs import transformer_engine_available
 from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as ckpt
+from megatron_patch.checkpoint.model_record import check_model_shape, model_shape
 from megatron_patch.errors import ArgumentError, CheckpointError, DataError
 from megatron_patch.runtime import cpu_mode, parallel
 
@@ -122,13 +123,13 @@ def read_checkpoint(path: str, flag: str = "--load", model: Optional[str] = None
         raise CheckpointError(f"{file}: {error}") from None
     vocab_size = int(shape["vocab_size"])
     # the metadata must describe the preset it names (else it was edited or is corrupt)
-    ckpt.check_model_shape(found, meta, ckpt.model_shape(preset, vocab_size))
+    check_model_shape(found, meta, model_shape(preset, vocab_size))
     if model is not None and model != preset.name:
         try:
-            expected = ckpt.model_shape(get_preset(model), vocab_size)
+            expected = model_shape(get_preset(model), vocab_size)
         except ValueError as error:
             raise ArgumentError(f"--model: {error}") from None
-        ckpt.check_model_shape(found, meta, expected)
+        check_model_shape(found, meta, expected)
         logger.warning("--model %s has the shape of the checkpoint's preset %s", model, preset.name)
     seq_length = int(args.get("seq_length") or preset.seq_length)
     return CheckpointInfo(found, meta, preset, seq_length, vocab_size, bool(args.get("bf16", False)))

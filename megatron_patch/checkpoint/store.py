@@ -68,6 +68,7 @@ from megatron_patch.checkpoint.folders import (
     repair_tracker,
     resolve_checkpoint,
 )
+from megatron_patch.checkpoint.model_record import check_model_shape, describe_layout, layout_record, parallel_sizes
 from megatron_patch.errors import CheckpointError, last_line
 from megatron_patch.runtime import atomic_file
 from megatron_patch.runtime.rank_zero import on_rank_zero
@@ -99,52 +100,6 @@ def read_metadata(ckpt: str) -> dict:
     return meta
 
 
-def model_shape(preset, padded_vocab_size: int) -> dict:
-    """What must agree between a checkpoint and the model loading it (``preset``: a ModelPreset)."""
-    return {
-        "num_layers": preset.num_layers,
-        "hidden_size": preset.hidden_size,
-        "ffn_hidden_size": preset.ffn_hidden_size,
-        "num_attention_heads": preset.num_attention_heads,
-        "num_query_groups": preset.num_query_groups or preset.num_attention_heads,
-        "vocab_size": padded_vocab_size,
-    }
-
-
-def check_model_shape(ckpt: str, meta: dict, expected: dict) -> None:
-    saved = meta.get("model_shape", {})
-    diffs = [f"{key} {saved.get(key)} vs {value}" for key, value in expected.items() if saved.get(key) != value]
-    if diffs:
-        raise CheckpointError(
-            f"checkpoint {ckpt} is of another model shape ({'; '.join(diffs)} here): "
-            f"use the checkpoint's --model preset and tokenizer"
-        )
-
-
-def _layout():
-    return (
-        parallel_state.get_pipeline_model_parallel_world_size(),
-        parallel_state.get_tensor_model_parallel_world_size(),
-        parallel_state.get_data_parallel_world_size(),
-    )
-
-
-def layout_of(tensor: int, pipeline: int, data: int, virtual_pipeline: Optional[int] = None) -> dict:
-    """A layout as checkpoints and tools record it: pipeline, tensor and data-parallel sizes, and
-    ``virtual_pipeline`` (V) only with several chunks per rank (so checkpoints without virtual
-    stages record what they always did)."""
-    record = {"pipeline": pipeline, "tensor": tensor, "data": data}
-    if virtual_pipeline is not None and virtual_pipeline > 1:
-        record["virtual_pipeline"] = virtual_pipeline
-    return record
-
-
-def layout_record(model) -> dict:
-    """This rank's layout (megatron's groups; V = the chunks of ``model``), as :func:`layout_of`."""
-    pipeline, tensor, data = _layout()
-    return layout_of(tensor, pipeline, data, len(model))
-
-
 def model_keys(model) -> list:
     """Keys of the model chunks in a checkpoint's state dict, as Megatron-LM names them: ``model``
     for one chunk, ``model0``, ``model1``, ... for one per virtual pipeline stage. Only the
@@ -165,7 +120,7 @@ def _rng_object(data) -> ShardedObject:
         parallel_state.get_tensor_model_parallel_rank(),
         parallel_state.get_data_parallel_rank(),
     )
-    return ShardedObject("rng_state", data, _layout(), offset, replica_id=0)
+    return ShardedObject("rng_state", data, parallel_sizes(), offset, replica_id=0)
 
 
 def _rng_states() -> dict:
@@ -384,12 +339,6 @@ def _check_optimizer_layout(ckpt: str, meta: dict, layout: dict, optimizer) -> N
             f"resumes at the same tensor and pipeline sizes only (this run: {describe_layout(layout)}): resume at "
             f"{describe_layout(saved)}"
         )
-
-
-def describe_layout(layout: dict) -> str:
-    """``TP=.. PP=..`` (and ``V=..`` with virtual pipeline stages) of a recorded layout."""
-    text = f"TP={layout.get('tensor')} PP={layout.get('pipeline')}"
-    return text + (f" V={layout['virtual_pipeline']}" if layout.get("virtual_pipeline") else "")
 
 
 def load_checkpoint(

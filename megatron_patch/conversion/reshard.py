@@ -47,6 +47,7 @@ from megatron_patch.architecture.build import padded_vocab_size
 from megatron_patch.checkpoint import folders, manifest
 from megatron_patch.checkpoint import info as checkpoint_info
 from megatron_patch.checkpoint import store as ckpt
+from megatron_patch.checkpoint.model_record import describe_layout, layout_of
 from megatron_patch.errors import ArgumentError, CheckpointError, VerificationError, last_line
 from megatron_patch.evaluation.logits import fixed_tokens, forward_logits
 from megatron_patch.runtime import atomic_file
@@ -123,9 +124,9 @@ class ConversionResult:
 
 
 def _layout(plan: ConversionPlan, world_size: int) -> dict:
-    """The target layout as a checkpoint records it (``store.layout_of``)."""
+    """The target layout as a checkpoint records it (``model_record.layout_of``)."""
     tp, pp = plan.tensor_parallel, plan.pipeline_parallel
-    return ckpt.layout_of(tp, pp, world_size // (tp * pp), plan.virtual_pipeline)
+    return layout_of(tp, pp, world_size // (tp * pp), plan.virtual_pipeline)
 
 
 def _metadata(plan: ConversionPlan, world_size: int) -> dict:
@@ -246,9 +247,9 @@ def convert(plan: ConversionPlan) -> ConversionResult:
         "converting %s (%s stage, %s, model %s) to %s in %s",
         source.path,
         source.progress.get("stage"),
-        ckpt.describe_layout(source.layout),
+        describe_layout(source.layout),
         source.preset.name,
-        ckpt.describe_layout(_layout(plan, world_size)),
+        describe_layout(_layout(plan, world_size)),
         plan.save,
     )
     stage, complete = checkpoint_info.weights_stage(source.meta)
@@ -275,7 +276,7 @@ def convert(plan: ConversionPlan) -> ConversionResult:
         difference = _verify(plan, staged.path)
         logger.info(
             "max |logits(converted, %s) - logits(source, TP=1 PP=1)| = %.3e (tolerance %.1e)",
-            ckpt.describe_layout(_layout(plan, world_size)),
+            describe_layout(_layout(plan, world_size)),
             difference,
             plan.tolerance,
         )

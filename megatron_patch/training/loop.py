@@ -20,6 +20,7 @@ from megatron_patch.checkpoint import folders
 from megatron_patch.checkpoint import store as ckpt
 from megatron_patch.checkpoint.async_save import PendingSave
 from megatron_patch.checkpoint.lock import locked_save_folder
+from megatron_patch.checkpoint.model_record import model_shape
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
 from megatron_patch.runtime.rank_zero import on_rank_zero
 from megatron_patch.training import resume
@@ -59,7 +60,7 @@ class Trainer:
         self.plan = config.plan
         self.rank = dist.get_rank()
         self.tokenizer = SentencePieceTokenizer(config.data.tokenizer_model)
-        self.shape = ckpt.model_shape(config.model.preset, config.model.padded_vocab_size)
+        self.shape = model_shape(config.model.preset, config.model.padded_vocab_size)
         self.model = build_model(config)
         self.optimizer = build_optimizer(config.optimizer, self.model)
         self.scheduler = None
