@@ -31,3 +31,5 @@ TRAIN_ARGS=(
   --eval-interval 1000 --eval-iters 10 --log-interval 10 --num-workers 2
   --tensorboard-dir "$SAVE/tensorboard"
 )
+# with tensor parallelism, sequence parallelism too (Megatron-LM's practice; the memory plans assume it)
+if (( TP > 1 )); then TRAIN_ARGS+=(--sequence-parallel); fi

@@ -110,6 +110,7 @@ def test_every_listed_preset_launches_a_valid_trainer_command(script, tmp_path, 
         assert 1 <= args.micro_batch_size <= mbs, model  # the SLURM script may lower it for many ranks
         assert args.bf16 and args.use_distributed_optimizer, model
         assert args.overlap_grad_reduce and args.overlap_param_gather, model
+        assert args.sequence_parallel == (tp > 1), model  # with TP, SP (the memory plans assume it)
         assert args.global_batch_size * args.seq_length == 1024 * 2048, model  # 2M tokens per step, as the paper
 
 
