@@ -351,6 +351,8 @@ class Trainer:
             if stop or stage_iteration == stage.iterations or (save_interval and iteration % save_interval == 0):
                 last = stop or iteration == self.plan.stage_ends[-1]
                 self._save(iteration, stage, stage_iteration, consumed, self.results, background=not last)
+                if not last:  # a stop asked for while saving: this checkpoint is the one to resume from
+                    stop = self._stop_flag()
             if stop:
                 self._log_stop(iteration)
                 return True

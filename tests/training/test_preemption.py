@@ -306,6 +306,29 @@ def test_a_stop_during_a_validation_cuts_it_short_and_saves(cpu_world, tiny_corp
     assert sorted(train_records(save, "valid")) == ([8, ITERS] if iteration == 4 else [4, 8, ITERS])
 
 
+def test_a_stop_during_a_periodic_save_stops_at_that_checkpoint(cpu_world, tiny_corpus, tmp_path, monkeypatch):
+    """SIGTERM while the periodic save of iteration 4 is being written: the run stops there, with
+    that checkpoint to resume from. Before, it trained step 5 and saved all over again, which on a
+    large model can outlast the time torchrun leaves the workers after the signal."""
+    from megatron_patch.training import cli
+
+    save_checkpoint, saved = checkpoint.save_checkpoint, []
+
+    def signal_while_saving(root, iteration, *args, **kwargs):
+        saved.append(iteration)
+        path = save_checkpoint(root, iteration, *args, **kwargs)
+        if iteration == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return path
+
+    save = tmp_path / "run"
+    argv = trainer_args(tiny_corpus, save, "--eval-iters", "0", "--save-interval", "4", train_iters=ITERS)
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "save_checkpoint", signal_while_saving)
+        assert cli.main(argv) == 0
+    assert saved == [4] and folders.tracker_value(str(save)) == 4 and max(train_records(save)) == 4
+
+
 def test_sigterm_to_the_job_with_data_workers_saves_and_exits_0(tiny_corpus, tmp_path):
     """--num-workers 2: a SIGTERM to the whole process group reaches the data workers too; they
     ignore it (torch's handler in a worker would end it, and the trainer would then raise in the
