@@ -163,6 +163,7 @@ def _run(args) -> None:
         checkpoint_info.check_tokenizer(tokenizer, each)
     with command.command_world(args.cpu) as world_size:
         checkpoint_info.check_world(world_size, tp, pp)
+        checkpoint_info.check_same_checkpoints(infos)
         for each in infos:  # every checkpoint's files, before the corpus is tokenized and the model built
             check_files(each.path, args.checkpoint_verify)
         if args.data_path:

@@ -109,6 +109,7 @@ def _run(args) -> None:
         )
     vocab_size = tokenizer.vocab_size if args.trim_vocab else info.padded_vocab_size
     with command.command_world(args.cpu):
+        checkpoint_info.check_same_checkpoints([info])
         tensors = hf_export.read_tensors(info, args.checkpoint_verify)
         weights = hf_export.to_llama(info, tensors, vocab_size)
         del tensors

@@ -267,6 +267,25 @@ def check_world(world_size: int, tensor_parallel: int, pipeline_parallel: int) -
         )
 
 
+def check_same_checkpoints(infos: Sequence[CheckpointInfo]) -> None:
+    """Collective: the same CheckpointError on every rank unless every rank read the same checkpoint
+    for each ``--load``. Each rank resolves a ``--save`` folder's tracker on its own before the world
+    is joined, so a training run that saves or prunes in that folder meanwhile can give the ranks
+    different checkpoints, whose shards would then be mixed."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    paths = [info.path for info in infos]
+    every_rank = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every_rank, paths)
+    for rank, other in enumerate(every_rank):
+        for first, this in zip(every_rank[0], other):
+            if this != first:
+                raise CheckpointError(
+                    f"--load resolved to {first} on rank 0 but to {this} on rank {rank} (a run saved or pruned "
+                    f"in that folder as this tool started): name the checkpoint folder itself (iter_N), or run again"
+                )
+
+
 def build_model(
     info: CheckpointInfo,
     tensor_parallel: int,

@@ -20,6 +20,12 @@ another host (or unknown) is waited for, up to ``wait_seconds`` (the trainer's
 live process (the kernel drops a dead one's lock) and is refused at once. A stop signal or the
 time limit that comes during the wait ends it at once (the scheduler's grace period is shorter than
 the wait), with the same one-line refusal naming what stopped it.
+
+Every rank writes its shards into ``--save``, but only rank 0 creates and locks it; so, once the
+lock is held, :func:`locked_save_folder` checks that every rank sees the same folder (a node-local
+disk or a missing mount on one node would otherwise fail the first save, hours later): rank 0
+writes a new file there, every rank reads it back, and a rank that does not see it stops the run
+at once, on every rank, with a line naming that rank and its host.
 """
 
 import contextlib
@@ -28,9 +34,12 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import socket
 import time
 from typing import Callable, Optional
+
+import torch.distributed as dist
 
 from megatron_patch.checkpoint.folders import METADATA
 from megatron_patch.errors import CheckpointError
@@ -39,6 +48,7 @@ from megatron_patch.runtime.rank_zero import on_rank_zero
 logger = logging.getLogger(__name__)
 
 LOCK = ".lock"
+PROBE = ".same-folder-"  # + a new random name per run: the file every rank reads back at start-up
 RETRY_S = 5.0  # between two tries while the holder is another host
 STOP_POLL_S = 0.25  # how often a stop is looked for during that pause
 NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP)  # the file system has no flock
@@ -180,8 +190,9 @@ def locked_save_folder(
     another host after ``wait_seconds`` of tries, or when rank 0's ``stop_reason`` names a stop
     first: :class:`SaveDirLock`), when
     ``save`` cannot be created (a file on its path, no permission) or when it is one checkpoint
-    (``iter_N``) rather than a ``--save`` folder. A folder created here and left empty (a failed
-    start) is removed."""
+    (``iter_N``) rather than a ``--save`` folder, and when a rank does not see the folder rank 0
+    locked (:func:`_check_same_folder`). A folder created here and left empty (a failed start) is
+    removed."""
     if not save:
         yield
         return
@@ -189,6 +200,7 @@ def locked_save_folder(
     on_rank_zero(lambda: taken.update(_lock(save, wait_seconds, stop_reason)))
     lock, created = taken.get("lock"), taken.get("created", False)
     try:
+        _check_same_folder(save)
         yield
     finally:
         if lock is not None:
@@ -211,3 +223,54 @@ def _lock(save: str, wait_seconds: float, stop_reason: Callable[[], Optional[str
         raise CheckpointError(
             f"--save {save} cannot be created or locked ({error.strerror or error}): choose a writable folder"
         ) from None
+
+
+def _check_same_folder(save: str) -> None:
+    """Collective (nothing in a world of one): the same one-line CheckpointError on every rank when
+    a rank does not see, in its ``save``, the file rank 0 has just written into its own; the file is
+    removed again. What makes a shared file system show it at once: the name is new (random), so no
+    client holds a cached "no such file" for it (nor for ``save`` itself, which no other rank has
+    looked up before: rank 0 takes the start-up decisions about it); rank 0 flushes and closes the
+    file before it names it to the others; and NFS is close-to-open consistent (a reader's open asks
+    the server), Lustre and GPFS coherent."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    root, name = on_rank_zero(lambda: (save, _write_probe(save)))
+    try:
+        try:
+            with open(os.path.join(save, name), "rb") as f:
+                sees = f.read() == name.encode()
+        except OSError:  # missing (another folder), or not readable: not the folder rank 0 wrote
+            sees = False
+        views = [None] * dist.get_world_size()
+        dist.all_gather_object(views, (sees, socket.gethostname()))  # every rank has read once it returns
+    finally:
+        if dist.get_rank() == 0:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(save, name))
+    blind = next((rank for rank, (seen, _) in enumerate(views) if not seen), None)
+    if blind is not None:
+        raise CheckpointError(
+            f"--save {root} is not the same folder on rank {blind} (host {views[blind][1]}) as on rank 0 "
+            f"({views[0][1]}): put --save on a file system every node shares"
+        )
+
+
+def _write_probe(save: str) -> str:
+    """Rank 0: write a new file into ``save`` (its content is its name), flushed to the file system; its name."""
+    name = PROBE + secrets.token_hex(8)
+    path = os.path.join(save, name)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, name.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise CheckpointError(
+            f"--save {save} cannot be written ({error.strerror or error}): choose a writable folder"
+        ) from None
+    return name

@@ -242,6 +242,7 @@ def convert(plan: ConversionPlan) -> ConversionResult:
     start = time.perf_counter()
     world_size = dist.get_world_size()
     checkpoint_info.check_world(world_size, plan.tensor_parallel, plan.pipeline_parallel)
+    checkpoint_info.check_same_checkpoints([plan.source])
     source = plan.source
     logger.info(
         "converting %s (%s stage, %s, model %s) to %s in %s",

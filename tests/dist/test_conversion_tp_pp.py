@@ -176,3 +176,27 @@ def test_evaluation_is_the_same_at_tp2_and_pp2(converted, tiny_corpus, tmp_path_
     assert tp2["tokens"] == pp2["tokens"] > 0
     assert abs(tp2["loss"] - pp2["loss"]) <= 1e-5 * pp2["loss"]
     dist.barrier()
+
+
+def test_ranks_that_read_different_checkpoints_are_refused_alike(
+    patch_checkpoint, tiny_corpus, tmp_path_factory, capsys, caplog
+):
+    """Each rank resolves ``--load ROOT`` through the tracker on its own; here rank 1 reads the patch
+    stage's checkpoint while rank 0 reads the newest, as when the training run saves in ROOT while
+    the tool starts. Both ranks stop with the same one-line error before any weights are read."""
+    root = os.path.dirname(patch_checkpoint)
+    resolve = folders.resolve_checkpoint
+    output = os.path.join(shared_tmp(tmp_path_factory, "mixed"), "eval.json")
+    argv = ["--cpu", "--load", root, "--data-path", tiny_corpus["prefix"], "--max-documents", "1"]
+    argv += ["--micro-batch-size", "8", "--output-json", output, "--tensor-model-parallel-size", "2"]
+    try:
+        if dist.get_rank() == 1:
+            folders.resolve_checkpoint = lambda path: patch_checkpoint if path == root else resolve(path)
+        assert evaluate.main(argv) != 0
+    finally:
+        folders.resolve_checkpoint = resolve
+    expected = f"--load resolved to {folders.checkpoint_dir(root, ITERS)} on rank 0 but to {patch_checkpoint} on rank 1"
+    said = capsys.readouterr().err if dist.get_rank() == 0 else caplog.text  # rank 0 prints, the others log
+    assert expected in said
+    assert not os.path.exists(output)
+    dist.barrier()
