@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from dataclasses import dataclass
 
@@ -51,13 +52,29 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
                 f"data_path {items} mixes numbers and prefixes; give 'weight prefix' pairs, "
                 f"e.g. ['0.7', 'p1', '0.3', 'p2'], or prefixes only"
             )
+        _check_listed_once(items)
         return items, None
     prefixes = items[1::2]
     if any(w is None for w in weights) or any(_as_float(p) is not None for p in prefixes):
         raise DataError(f"data_path {items} must alternate weight and prefix, e.g. ['0.7', 'p1', '0.3', 'p2']")
     if any(not math.isfinite(w) or w <= 0 for w in weights):
         raise DataError(f"data_path weights {weights} must be finite and > 0; drop prefixes of weight 0")
+    _check_listed_once(prefixes)
     return prefixes, weights
+
+
+def _check_listed_once(prefixes: list[str]) -> None:
+    """DataError for a prefix listed twice (also by another path to the same files): its documents
+    would count, and be split, twice."""
+    seen = {}
+    for prefix in prefixes:
+        real = os.path.realpath(prefix)
+        if real in seen:
+            raise DataError(
+                f"--data-path lists '{prefix}' twice{'' if seen[real] == prefix else f' (as {seen[real]!r} too)'}; "
+                f"list each prefix once (with a larger weight to draw it more often)"
+            )
+        seen[real] = prefix
 
 
 def _as_float(text: str) -> float | None:

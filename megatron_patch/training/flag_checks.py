@@ -38,6 +38,12 @@ def check_flag_ranges(flags: argparse.Namespace) -> None:
         )
     if flags.num_workers < 0:
         raise ArgumentError(f"--num-workers {flags.num_workers} must be >= 0 (0: batches are read in the trainer)")
+    cpus = os.cpu_count() or 1
+    if flags.num_workers > cpus:
+        raise ArgumentError(
+            f"--num-workers {flags.num_workers} is more than this machine's {cpus} CPUs (every rank starts that "
+            f"many reader processes): use at most {cpus} (the launch scripts use 2)"
+        )
     if not 0 <= flags.seed < SEED_LIMIT:
         raise ArgumentError(f"--seed {flags.seed} must lie in [0, {SEED_LIMIT - 1}] (numpy's range; default 1234)")
 
@@ -61,6 +67,11 @@ def check_flag_combinations(flags: argparse.Namespace, seq_length: int) -> None:
         raise ArgumentError("--stage patch needs --patch-size > 1 (K=1 is token-level training)")
     if K > 1 and not 0.0 < flags.patch_data_fraction < 1.0:
         raise ArgumentError(f"--patch-data-fraction {flags.patch_data_fraction} must lie in (0, 1); the paper uses 2/3")
+    if K == 1 and not 0.0 <= flags.patch_data_fraction < 1.0:  # unused at K=1, but a typo all the same
+        raise ArgumentError(
+            f"--patch-data-fraction {flags.patch_data_fraction} must lie in (0, 1) (and has no effect at "
+            f"--patch-size 1, token-level training): drop it, or give K > 1"
+        )
     if flags.pretrained_checkpoint and flags.stage != "token":
         raise ArgumentError("--pretrained-checkpoint is for --stage token (the patch stage starts from scratch)")
     if flags.wandb_project is not None and not flags.wandb_project.strip():
@@ -121,9 +132,10 @@ def check_flag_combinations(flags: argparse.Namespace, seq_length: int) -> None:
 
 
 def check_output_paths(flags: argparse.Namespace) -> None:
-    """``--summary-json`` and ``--tensorboard-dir`` can be created and written."""
+    """``--summary-json``, ``--tensorboard-dir`` and ``--profile-dir`` can be created and written."""
     _check_summary_json(flags.summary_json)
-    _check_tensorboard_dir(flags.tensorboard_dir)
+    _check_folder("--tensorboard-dir", flags.tensorboard_dir)
+    _check_folder("--profile-dir", flags.profile_dir)
 
 
 def _check_summary_json(path: Optional[str]) -> None:
@@ -141,11 +153,12 @@ def _check_summary_json(path: Optional[str]) -> None:
     _check_creatable("--summary-json", path, os.path.dirname(os.path.abspath(path)), "a file in a folder")
 
 
-def _check_tensorboard_dir(path: Optional[str]) -> None:
-    """``--tensorboard-dir`` is created once the model is built: a file in its place, or a folder
-    that could not be created or written, is refused now."""
+def _check_folder(flag: str, path: Optional[str]) -> None:
+    """An output folder the run creates later (``--tensorboard-dir`` once the model is built, the
+    profiler's at its window): a file in its place, or a folder that could not be created or
+    written, is refused now."""
     if path:
-        _check_creatable("--tensorboard-dir", path, os.path.abspath(path), "a folder")
+        _check_creatable(flag, path, os.path.abspath(path), "a folder")
 
 
 def _check_creatable(flag: str, path: str, folder: str, what: str) -> None:

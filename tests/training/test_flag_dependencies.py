@@ -107,6 +107,33 @@ def test_seed_outside_numpy_s_range_is_one_line(tiny_corpus, capsys, no_model, s
         assert parse_args(trainer_args(tiny_corpus, None, "--seed", good), world_size=1).seed == int(good)
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-workers", "100000"], f"--num-workers 100000 is more than this machine's {os.cpu_count()} CPUs"),
+        (["--patch-size", "1", "--patch-data-fraction", "5"], "--patch-data-fraction 5.0 must lie in (0, 1)"),
+        (["--profile", "--profile-dir", "{file}"], "--profile-dir {file}: {file} on its path is a file"),
+    ],
+    ids=["workers-beyond-the-cpus", "lambda-at-k1", "profile-dir-a-file"],
+)
+def test_values_the_run_would_fail_on_later_are_refused(tiny_corpus, tmp_path, capsys, no_model, flags, message):
+    """Before: 100000 data workers were started (the machine ran out of memory), λ = 5 at K=1 was
+    ignored, and a --profile-dir that is a file failed at the profiling window with a traceback."""
+    file = tmp_path / "a-file"
+    file.write_text("")
+    flags = [flag.format(file=file) for flag in flags]
+    line = refused_line(capsys, trainer_args(tiny_corpus, tmp_path / "run", *flags))
+    assert message.format(file=file) in line, line
+
+
+def test_a_data_prefix_listed_twice_is_refused(cpu_world, tiny_corpus, capsys):
+    """Before: its documents were counted, and trained on, twice (here the second names it by another path)."""
+    prefix = tiny_corpus["prefix"]
+    again = os.path.join(os.path.dirname(prefix), ".", os.path.basename(prefix))
+    line = refused_line(capsys, trainer_args(tiny_corpus, None, "--data-path", prefix, again))
+    assert f"--data-path lists '{again}' twice (as '{prefix}' too)" in line, line
+
+
 # ----------------------------------------------------------------- flags that would do nothing
 
 
