@@ -50,7 +50,7 @@ def _documents(path: str, key: str) -> List[str]:
     files = expand_inputs([path])
     for index, line_number, raw, _ in iter_lines(files):
         try:
-            documents.append(parse_line(raw, files[index].format, [key])[key])
+            documents.append(parse_line(raw, files[index].format, [key], key_flag="--json-key")[key])
         except BadLineError as error:
             raise DataError(f"{files[index].path}:{line_number}: {error.reason}; {error.fix}") from None
     return documents

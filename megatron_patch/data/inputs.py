@@ -232,10 +232,11 @@ def count_lines_per_file(files: Sequence[InputFile]) -> list[int]:
     return counts
 
 
-def parse_line(raw: bytes, fmt: str, keys: Sequence[str]) -> dict[str, str]:
+def parse_line(raw: bytes, fmt: str, keys: Sequence[str], key_flag: str = "--json-keys") -> dict[str, str]:
     """Decode one line into ``{key: text}``; :class:`BadLineError` if it cannot be used.
 
-    ``fmt`` is ``json`` or ``text`` (then ``keys`` holds one key). Empty texts are returned as
+    ``fmt`` is ``json`` or ``text`` (then ``keys`` holds one key); ``key_flag`` is the flag that
+    named the keys, for the fix of a missing key. Empty texts are returned as
     ``""``; deciding what to do with them is the caller's business. Every text returned is valid
     Unicode (encodes to UTF-8): invalid bytes and lone surrogate escapes are bad lines.
     """
@@ -278,7 +279,7 @@ def parse_line(raw: bytes, fmt: str, keys: Sequence[str]) -> dict[str, str]:
             present = ", ".join(f"'{k}'" for k in list(record)[:8]) or "none"
             raise BadLineError(
                 f"missing key '{key}' (keys present: {present})",
-                "set --json-keys to the key that holds the text",
+                f"set {key_flag} to the key that holds the text",
             )
         value = record[key]
         if value is None:

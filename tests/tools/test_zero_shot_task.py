@@ -46,6 +46,16 @@ def test_the_task_builder_refuses_an_output_it_cannot_write(tmp_path, capsys):
         assert code == 2 and len(err) == 1 and expected in err[0], err
 
 
+def test_a_missing_key_names_this_tool_s_flag(tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "One. Two."}\n')
+    code, out, err = call(
+        build_zero_shot_task, ["--input", corpus, "--json-key", "txt", "--output", tmp_path / "t"], capsys
+    )
+    assert code == 2 and len(err) == 1, err
+    assert f"{corpus}:1: missing key 'txt'" in err[0] and "set --json-key to the key" in err[0], err
+
+
 def test_sentence_split():
     text = 'Mr. Elliot said "No!"  He left.\nIt was 3 p.m. when Mrs. Smith came? Yes.'
     assert split_sentences(text) == ['Mr. Elliot said "No!"', "He left.", "It was 3 p.m. when Mrs. Smith came?", "Yes."]
