@@ -8,7 +8,10 @@ Only SLURM itself is replaced: ``srun`` by a stand-in that starts its command on
 (SLURM_NNODES times, in the background) and ``scontrol`` by one that names 127.0.0.1 as the
 first node. Everything else (torchrun's flags, the trainer flags of examples/train_args.sh, the
 rendezvous) is what a cluster runs; the CPU flags are appended as trainer flags after the
-script name, as a user would override them."""
+script name, as a user would override them.
+
+The requeue tests run the script with a stand-in step instead (no trainer, no torchrun): what it
+saves, how it ends and which signals reach the batch shell decide whether the job is requeued."""
 
 import json
 import os
@@ -37,8 +40,20 @@ exit $status
 """
 SCONTROL = """#!/usr/bin/env bash
 # stand-in for scontrol: the first node is this machine; what it is asked is recorded
-echo "$*" >> "$SCONTROL_LOG"
+echo "scontrol $*" >> "$SLURM_LOG"
 echo 127.0.0.1
+"""
+# stand-in for scancel: recorded; a signal for the job (neither --batch nor --full) reaches the tasks
+# of its steps, not the batch shell, as slurmstepd delivers it: here the stand-in step's one task
+SCANCEL = """#!/usr/bin/env bash
+echo "scancel $*" >> "$SLURM_LOG"
+signal=KILL
+for arg; do case $arg in --signal=*) signal=${arg#--signal=} ;; --batch|-b|--full|-f) exit 1 ;; esac; done
+kill -s "$signal" "$(cat "$STEP_TASK_PID")"
+"""
+# stand-in for torchrun in the runs of a stand-in step: only its --help is read, for the flags it knows
+TORCHRUN_HELP = """#!/usr/bin/env bash
+echo "--shutdown-timeout SHUTDOWN_TIMEOUT --signals-to-handle SIGNALS_TO_HANDLE"
 """
 # 3 steps of 16 x 32 tokens: 2 patch steps (4 sequences of 4 x 32 tokens), 1 token step
 SIZES = {
@@ -71,19 +86,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_sbatch(tmp_path, name, corpus, nodes, gpus_per_node, srun=SRUN):
-    """Run the SLURM script as sbatch would on ``nodes`` nodes; returns (exit code, node logs)."""
+def run_sbatch(tmp_path, name, corpus, nodes, gpus_per_node, srun=SRUN, extra=()):
+    """Run the SLURM script as sbatch would on ``nodes`` nodes, with ``extra`` after the CPU flags;
+    returns (exit code, node logs). With a stand-in ``srun`` (no trainer) torchrun is one too and
+    ``corpus`` may be None."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for tool, body in (("srun", srun), ("scontrol", SCONTROL)):
+    tools = {"srun": srun, "scontrol": SCONTROL, "scancel": SCANCEL}
+    if srun != SRUN:
+        tools["torchrun"] = TORCHRUN_HELP
+    for tool, body in tools.items():
         (bin_dir / tool).write_text(body)
         (bin_dir / tool).chmod((bin_dir / tool).stat().st_mode | stat.S_IXUSR)
     env = dict(
         os.environ,
         **SIZES,
         PATH=f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
-        DATA=corpus["prefix"],
-        TOKENIZER=corpus["tokenizer"],
+        DATA=corpus["prefix"] if corpus else "data/unused",
+        TOKENIZER=corpus["tokenizer"] if corpus else "unused.model",
         SAVE=str(tmp_path / name),
         SLURM_NNODES=str(nodes),
         SLURM_JOB_NODELIST="node[001-002]",
@@ -91,13 +111,14 @@ def run_sbatch(tmp_path, name, corpus, nodes, gpus_per_node, srun=SRUN):
         GPUS_PER_NODE=str(gpus_per_node),
         MASTER_PORT=str(free_port()),
         NODE_LOG_PREFIX=str(tmp_path / f"{name}-node"),
-        SCONTROL_LOG=str(tmp_path / "scontrol.log"),
+        SLURM_LOG=str(tmp_path / "slurm.log"),
+        STEP_TASK_PID=str(tmp_path / "step-task.pid"),
         OMP_NUM_THREADS="1",
         TORCHDYNAMO_DISABLE="1",
         PYTHONUNBUFFERED="1",
     )
     done = subprocess.run(
-        ["bash", "examples/train_multi_node.sbatch", *CPU_FLAGS],
+        ["bash", "examples/train_multi_node.sbatch", *CPU_FLAGS, *extra],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -135,59 +156,123 @@ def test_two_torchrun_agents_give_the_losses_of_one(tiny_corpus, tmp_path):
         assert two[iteration]["grad_norm"] == one[iteration]["grad_norm"], iteration
 
 
-# stand-in for srun that runs no trainer: the step ends with status $STEP_STATUS, having saved
-# iteration $STEP_SAVES (none when empty), as a pre-empted run (torchrun exits 1 after a signal even
-# when its workers saved and exited 0) or a crash would
+# stand-in for srun that runs no trainer: its one task saves iteration $STEP_SAVES (none when empty)
+# into the trainer's --save folder (the last --save of its command line, as argparse takes it) and
+# the step ends with status $STEP_STATUS, as a pre-empted run (torchrun exits 1 after a signal even
+# when its workers saved and exited 0) or a crash would. STEP_CUT_SHORT: that save stays an
+# iter_N.tmp (killed before its rename). STEP_REPAIRS: the tracker is rewritten to name that
+# iteration, nothing saved (a resume repairing a tracker that lagged behind a complete checkpoint).
+# STEP_STOP=slurm: SLURM's own SIGTERM reaches the batch shell too (the time limit, a pre-emption's
+# GraceTime); STEP_STOP=hand: the batch shell gets SIGUSR2 (scancel --signal=USR2 --batch) and the
+# task saves once a SIGTERM reaches it (5 s at most; else it ends with status 3, unsaved). As srun
+# does, a SIGTERM to srun itself kills the task unsaved.
 SRUN_OUTCOME = """#!/usr/bin/env bash
-# scancel --signal=TERM --full reaches the batch shell too (its parent here)
-if [[ -n ${STEP_STOPPED_BY_HAND:-} ]]; then kill -TERM "$PPID"; sleep 0.2; fi
-if [[ -n $STEP_SAVES ]]; then echo "$STEP_SAVES" > "$SAVE/latest_checkpointed_iteration.txt"; fi
-exit "$STEP_STATUS"
+args=("$@")
+for (( i = 0; i < ${#args[@]}; i++ )); do
+  case ${args[i]} in --save) save=${args[i+1]} ;; --save=*) save=${args[i]#--save=} ;; esac
+done
+shell=$PPID
+task() {
+  echo "$BASHPID" > "$STEP_TASK_PID"
+  stopped=0
+  trap 'stopped=1' TERM
+  case ${STEP_STOP:-} in
+    slurm) kill -TERM "$shell"; sleep 0.2 ;;
+    hand)
+      kill -USR2 "$shell"
+      for (( tries = 0; tries < 100 && !stopped; tries++ )); do sleep 0.05; done
+      if (( !stopped )); then exit 3; fi ;;
+  esac
+  if [[ -n ${STEP_SAVES:-} ]]; then
+    folder=$save/iter_$(printf %07d "$STEP_SAVES")${STEP_CUT_SHORT:+.tmp}
+    mkdir -p "$folder" && echo {} > "$folder/megatron_patch.json"
+    if [[ -z ${STEP_CUT_SHORT:-} ]]; then echo "$STEP_SAVES" > "$save/latest_checkpointed_iteration.txt"; fi
+  fi
+  if [[ -n ${STEP_REPAIRS:-} ]]; then echo "$STEP_REPAIRS" > "$save/latest_checkpointed_iteration.txt"; fi
+  exit "$STEP_STATUS"
+}
+task &
+task=$!
+trap 'echo "srun: forcing job termination" >&2; kill -KILL "$task"; exit 137' TERM
+wait "$task"
 """
 
 
+def saved(save, *iterations, tracker=None):
+    """Complete checkpoints of ``iterations`` in ``save``; the tracker names ``tracker`` (default: the newest)."""
+    for iteration in iterations:
+        (save / f"iter_{iteration:07d}").mkdir(parents=True)
+        (save / f"iter_{iteration:07d}" / "megatron_patch.json").write_text("{}")
+    if iterations:
+        (save / "latest_checkpointed_iteration.txt").write_text(f"{tracker or max(iterations)}\n")
+
+
+def run_step(tmp_path, monkeypatch, extra=(), **step):
+    """The script run with the stand-in step, as job run-PID (SAVE=tmp_path/run): (exit code, output,
+    what was asked of SLURM after the node list)."""
+    for variable in ("STEP_SAVES", "STEP_STATUS", "STEP_STOP", "STEP_CUT_SHORT", "STEP_REPAIRS", "REQUEUE"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in step.items():
+        monkeypatch.setenv(variable, str(value))
+    code, output = run_sbatch(tmp_path, "run", None, nodes=2, gpus_per_node=2, srun=SRUN_OUTCOME, extra=extra)
+    asked = (tmp_path / "slurm.log").read_text().splitlines()
+    assert asked[0] == "scontrol show hostnames node[001-002]", asked
+    return code, output, asked[1:]
+
+
+JOB = f"run-{os.getpid()}"
+
+
 @pytest.mark.parametrize(
-    "saved_before, step_saves, step_status, requeued, job_status",
+    "before, step, requeued, job_status",
     [
-        ("", "40", 1, True, 0),  # pre-empted at the time limit after its save: requeued to go on
-        ("40", "80", 1, True, 0),  # the next window, likewise
-        ("40", "", 1, False, 1),  # failed before saving anything new: ends, with the failure
-        ("40", "80", 0, False, 0),  # finished
-        ("", "", 2, False, 2),  # refused its flags
+        ((), {"STEP_SAVES": 40, "STEP_STATUS": 1}, 40, 0),  # pre-empted at the time limit after its save: requeued
+        ((40,), {"STEP_SAVES": 80, "STEP_STATUS": 1}, 80, 0),  # the next window, likewise
+        ((40,), {"STEP_STATUS": 1}, None, 1),  # failed before saving anything new: ends, with the failure
+        ((40,), {"STEP_SAVES": 80, "STEP_STATUS": 0}, None, 0),  # finished
+        ((), {"STEP_STATUS": 2}, None, 2),  # refused its flags
+        ((40,), {"STEP_SAVES": 80, "STEP_CUT_SHORT": 1, "STEP_STATUS": 1}, None, 1),  # its save was cut short
+        # the tracker lagged behind iter_80 (a kill before its write); the resume repaired it and then
+        # failed before a save: nothing new, not requeued
+        ((40, 80), {"STEP_REPAIRS": 80, "STEP_STATUS": 1}, None, 1),
+        # SLURM's own SIGTERM reached the batch shell too (the time limit, a pre-emption with GraceTime):
+        # not a stop by hand, so the save is resumed from
+        ((40,), {"STEP_SAVES": 80, "STEP_STATUS": 1, "STEP_STOP": "slurm"}, 80, 0),
     ],
 )
-def test_a_step_that_saved_then_stopped_requeues_the_job(
-    tiny_corpus, tmp_path, monkeypatch, saved_before, step_saves, step_status, requeued, job_status
-):
+def test_a_step_that_saved_then_stopped_requeues_the_job(tmp_path, monkeypatch, before, step, requeued, job_status):
     save = tmp_path / "run"
-    save.mkdir()
-    if saved_before:
-        (save / "latest_checkpointed_iteration.txt").write_text(saved_before + "\n")
-    monkeypatch.setenv("STEP_SAVES", step_saves)
-    monkeypatch.setenv("STEP_STATUS", str(step_status))
-    code, output = run_sbatch(tmp_path, "run", tiny_corpus, nodes=2, gpus_per_node=2, srun=SRUN_OUTCOME)
+    saved(save, *before, tracker=before[0] if before else None)  # (40, 80): the tracker lags
+    code, output, asked = run_step(tmp_path, monkeypatch, **step)
     assert code == job_status, output
-    asked = (tmp_path / "scontrol.log").read_text().splitlines()
-    assert asked[0] == "show hostnames node[001-002]"
-    assert asked[1:] == ([f"requeue run-{os.getpid()}"] if requeued else []), asked
+    assert asked == ([f"scontrol requeue {JOB}"] if requeued else []), asked
     if requeued:
-        assert f"after saving iteration {step_saves} in {save}: requeueing job run-{os.getpid()}" in output, output
+        assert f"after saving iteration {requeued} in {save}: requeueing job {JOB}" in output, output
 
 
-def test_a_stop_by_hand_that_saved_ends_the_job_without_requeueing_it(tiny_corpus, tmp_path, monkeypatch):
-    """scancel --signal=TERM --full: the workers save and torchrun exits 1, as at the time limit, but
-    the batch shell was signalled too: the job ends (status 0) instead of being requeued."""
-    monkeypatch.setenv("STEP_SAVES", "40")
-    monkeypatch.setenv("STEP_STATUS", "1")
-    monkeypatch.setenv("STEP_STOPPED_BY_HAND", "1")
-    code, output = run_sbatch(tmp_path, "run", tiny_corpus, nodes=2, gpus_per_node=2, srun=SRUN_OUTCOME)
-    assert code == 0 and "requeue" not in (tmp_path / "scontrol.log").read_text(), output
-    assert f"stopped by hand after saving iteration 40 in {tmp_path / 'run'}: submit the script again" in output
+def test_a_stop_by_hand_that_saved_ends_the_job_without_requeueing_it(tmp_path, monkeypatch):
+    """scancel --signal=USR2 --batch: the script sends the step SIGTERM through scancel (not through
+    srun, which would kill its tasks), the workers save and torchrun exits 1, as at the time limit,
+    but the job ends (status 0) instead of being requeued."""
+    saved(tmp_path / "run", 40)
+    code, output, asked = run_step(tmp_path, monkeypatch, STEP_SAVES=80, STEP_STATUS=1, STEP_STOP="hand")
+    assert code == 0, output
+    assert asked == [f"scancel --signal=TERM {JOB}"], asked
+    assert f"stopped by hand after saving iteration 80 in {tmp_path / 'run'}: submit the script again" in output
 
 
-def test_requeue_can_be_turned_off(tiny_corpus, tmp_path, monkeypatch):
-    monkeypatch.setenv("STEP_SAVES", "40")
-    monkeypatch.setenv("STEP_STATUS", "1")
-    monkeypatch.setenv("REQUEUE", "0")
-    code, output = run_sbatch(tmp_path, "run", tiny_corpus, nodes=2, gpus_per_node=2, srun=SRUN_OUTCOME)
-    assert code == 1 and "requeue" not in (tmp_path / "scontrol.log").read_text(), output
+@pytest.mark.parametrize("flags", [("--save", "{other}"), ("--save", "{run}", "--save={other}")])
+def test_a_save_folder_given_after_the_script_name_is_the_one_watched(tmp_path, monkeypatch, flags):
+    """A --save after the script name overrides train_args.sh's (the last one wins, as in argparse):
+    its checkpoints decide the requeue, not SAVE's."""
+    other = tmp_path / "other"
+    saved(other, 40)
+    extra = [flag.format(other=other, run=tmp_path / "run") for flag in flags]
+    code, output, asked = run_step(tmp_path, monkeypatch, extra, STEP_SAVES=80, STEP_STATUS=1)
+    assert code == 0 and asked == [f"scontrol requeue {JOB}"], output
+    assert f"after saving iteration 80 in {other}: requeueing job {JOB}" in output, output
+
+
+def test_requeue_can_be_turned_off(tmp_path, monkeypatch):
+    code, output, asked = run_step(tmp_path, monkeypatch, STEP_SAVES=40, STEP_STATUS=1, REQUEUE=0)
+    assert code == 1 and asked == [], output
