@@ -127,7 +127,7 @@ def read_manifest(folder: str) -> Optional[dict]:
     return files
 
 
-def check_file(folder: str, name: str, entry: dict, with_checksum: bool = True) -> Optional[str]:
+def check_file(folder: str, name: str, entry: dict) -> Optional[str]:
     """A one-line description of how ``folder/name`` differs from its manifest ``entry`` (or why it
     cannot be read: an I/O error, no permission), or None."""
     path = os.path.join(folder, name)
@@ -135,7 +135,7 @@ def check_file(folder: str, name: str, entry: dict, with_checksum: bool = True) 
         return f"{path} is missing (listed in {MANIFEST})"
     try:
         size = os.path.getsize(path)
-        crc = crc32_of(path) if with_checksum and size == int(entry["size"]) else None
+        crc = crc32_of(path) if size == int(entry["size"]) else None
     except OSError as error:
         return f"{path} cannot be read ({error.strerror or error})"
     if size != int(entry["size"]):
@@ -149,9 +149,10 @@ def check_file(folder: str, name: str, entry: dict, with_checksum: bool = True) 
 
 
 def verify(folder: str, group=None) -> bool:
-    """Check every file ``folder``'s manifest lists (sizes everywhere, checksums split over the ranks
-    of ``group``), collectively: every rank raises the same one-line ManifestError, or none does.
-    Returns False (after a warning) for a checkpoint without a manifest."""
+    """Check every file ``folder``'s manifest lists (size and checksum; the files split over the ranks
+    of ``group``, so that a thousand ranks do not each look up every file of a shared file system),
+    collectively: every rank raises the same one-line ManifestError, or none does. Returns False
+    (after a warning) for a checkpoint without a manifest."""
     distributed = dist.is_initialized() and dist.get_world_size(group) > 1
     try:
         files, problem = read_manifest(folder), None
@@ -160,8 +161,8 @@ def verify(folder: str, group=None) -> bool:
     if files is not None:
         rank = dist.get_rank(group) if distributed else 0
         world = dist.get_world_size(group) if distributed else 1
-        for index, name in enumerate(sorted(files)):
-            problem = check_file(folder, name, files[name], with_checksum=index % world == rank)
+        for name in sorted(files)[rank::world]:
+            problem = check_file(folder, name, files[name])
             if problem:
                 problem += (
                     ": the checkpoint is corrupt: load an earlier one, or pass --no-checkpoint-verify to skip the check"
