@@ -148,16 +148,22 @@ def check_file(folder: str, name: str, entry: dict) -> Optional[str]:
     return None
 
 
-def verify(folder: str, group=None) -> bool:
+def verify(folder: str, group=None, required: bool = False) -> bool:
     """Check every file ``folder``'s manifest lists (size and checksum; the files split over the ranks
     of ``group``, so that a thousand ranks do not each look up every file of a shared file system),
     collectively: every rank raises the same one-line ManifestError, or none does. Returns False
-    (after a warning) for a checkpoint without a manifest."""
+    (after a warning) for a checkpoint without a manifest, unless ``required`` (its metadata says it
+    was written with one): then that is the error."""
     distributed = dist.is_initialized() and dist.get_world_size(group) > 1
     try:
         files, problem = read_manifest(folder), None
     except ManifestError as error:
         files, problem = None, str(error)
+    if files is None and problem is None and required:
+        problem = (
+            f"{os.path.join(folder, MANIFEST)} is missing, though the checkpoint was written with one: it is "
+            f"incomplete (copied in part?); load an earlier one, or pass --no-checkpoint-verify to skip the check"
+        )
     if files is not None:
         rank = dist.get_rank(group) if distributed else 0
         world = dist.get_world_size(group) if distributed else 1

@@ -26,9 +26,17 @@ def model_shape(preset, padded_vocab_size: int) -> dict:
 
 
 def check_model_shape(ckpt: str, meta: dict, expected: dict) -> None:
+    """CheckpointError unless the checkpoint's recorded shape (``meta``) is ``expected`` (:func:`model_shape`)."""
     saved = meta.get("model_shape", {})
-    diffs = [f"{key} {saved.get(key)} vs {value}" for key, value in expected.items() if saved.get(key) != value]
-    if diffs:
+    differing = [key for key, value in expected.items() if saved.get(key) != value]
+    if differing == ["vocab_size"]:
+        raise CheckpointError(
+            f"checkpoint {ckpt} holds a vocabulary padded to {saved.get('vocab_size')} rows, this run pads to "
+            f"{expected['vocab_size']} (the padding depends on the tokenizer, --make-vocab-size-divisible-by and "
+            f"the tensor-parallel size): resume with the checkpoint's, or change TP with tools/convert_checkpoint.py"
+        )
+    if differing:
+        diffs = [f"{key} {saved.get(key)} vs {expected[key]}" for key in differing]
         raise CheckpointError(
             f"checkpoint {ckpt} is of another model shape ({'; '.join(diffs)} here): "
             f"use the checkpoint's --model preset and tokenizer"

@@ -220,6 +220,7 @@ def save_checkpoint(
         "model_shape": shape,
         "layout": layout_record(model),
         "args": {key: value for key, value in flags.items() if _is_plain(value)},
+        "manifest": True,  # written with one: loading refuses the checkpoint without it (check_files)
     }
     state = _sharded_state(model, optimizer, scheduler, with_rng=True)
     complete = functools.partial(_complete_save, root, partial_dir, final, meta, keep_last, tuple(retain))
@@ -311,10 +312,12 @@ def _is_plain(value) -> bool:
 def check_files(ckpt: str, verify: bool = True) -> None:
     """CheckpointError (one line, on every rank alike) unless ``ckpt`` holds the files
     dist_checkpointing reads and, with ``verify``, every file matches the checkpoint's manifest
-    (sizes, and CRC-32 split over the ranks). Collective when ``verify`` is set."""
+    (size and CRC-32, the files split over the ranks), which a checkpoint whose metadata says it
+    was written with one must have (one without it was copied in part). Collective when ``verify``
+    is set."""
     if verify:
         try:
-            manifest.verify(ckpt)
+            manifest.verify(ckpt, required=read_metadata(ckpt).get("manifest") is True)
         except manifest.ManifestError as error:
             raise CheckpointError(str(error)) from None
     for name in REQUIRED_FILES:

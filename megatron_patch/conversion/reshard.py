@@ -182,6 +182,7 @@ def _metadata(plan: ConversionPlan, world_size: int) -> dict:
         "layout": conversion["target_layout"],
         "args": args,
         "conversion": conversion,
+        "manifest": True,  # see store.save_checkpoint
     }
 
 

@@ -2,7 +2,8 @@
 size), a deleted common.pt or .metadata and an unreadable manifest are each refused by
 convert_checkpoint, evaluate and export_hf with one line that names the file, before
 dist_checkpointing reads it; nothing is left behind. A checkpoint without a manifest (written
-before manifests existed) still loads, with a warning."""
+before manifests existed) still loads, with a warning; one whose metadata says it was written with
+one is refused without it."""
 
 import errno
 import json
@@ -12,8 +13,9 @@ import shutil
 
 import pytest
 
-from megatron_patch.checkpoint import manifest
+from megatron_patch.checkpoint import folders, manifest
 from megatron_patch.checkpoint import store as checkpoint
+from megatron_patch.checkpoint.folders import METADATA
 from tests.tools.common import assert_one_line_error, call, leftovers
 from tools import convert_checkpoint, evaluate, export_hf
 
@@ -119,13 +121,28 @@ def test_every_file_of_a_saved_checkpoint_is_in_its_manifest(trained):
 
 
 def test_checkpoint_without_manifest_loads_with_a_warning(trained, tmp_path, capsys, caplog):
+    """A checkpoint from before manifests: neither the file nor the metadata's record of it."""
     copy = tmp_path / "old"
     shutil.copytree(trained["final"], copy)
     os.remove(copy / manifest.MANIFEST)
+    meta = json.loads((copy / METADATA).read_text())
+    del meta["manifest"]
+    (copy / METADATA).write_text(json.dumps(meta))
     _zero_4k(str(copy))  # undetectable without a manifest: shows the check is really skipped
     with caplog.at_level(logging.WARNING):
         checkpoint.check_files(str(copy))
     assert "has no manifest.json" in caplog.text
+
+
+@pytest.mark.parametrize("source", ["trained", "converted"])
+def test_a_checkpoint_written_with_a_manifest_is_refused_without_it(trained, converted, tmp_path, source):
+    """Its metadata says it had one: a copy that lacks it is incomplete (shards may be missing too)."""
+    copy = tmp_path / "partial"
+    shutil.copytree(folders.resolve_checkpoint(trained["final"] if source == "trained" else converted), copy)
+    os.remove(copy / manifest.MANIFEST)
+    with pytest.raises(checkpoint.CheckpointError, match="manifest.json is missing, though the checkpoint was written"):
+        checkpoint.check_files(str(copy))
+    checkpoint.check_files(str(copy), verify=False)  # --no-checkpoint-verify
 
 
 def test_verify_false_skips_the_checksums(trained, tmp_path):

@@ -15,7 +15,7 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-from megatron_patch.checkpoint import folders
+from megatron_patch.checkpoint import folders, manifest
 from megatron_patch.conversion import hf_export, hf_folder
 from tests.tools.common import (
     ROWS,
@@ -185,6 +185,7 @@ def _checkpoint_with(trained, tmp_path, edit):
         {k: ShardedTensor.from_rank_offsets(k, v.contiguous(), replica_id=0) for k, v in tensors.items()}, str(folder)
     )
     shutil.copy(os.path.join(trained["final"], folders.METADATA), folder)
+    manifest.write_manifest(str(folder))  # the metadata says it was written with one
     return folder
 
 
