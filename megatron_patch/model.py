@@ -121,6 +121,9 @@ class PatchGPTModel(GPTModel):
             targets.transpose(0, 1),  # [b, T, K] -> [T, b, K], sequence first as the logits
             tp_group=self.pg_collection.tp,
             fused=self.fused_cross_entropy,
+            # no range check, which waits for the device every micro-batch: the trainer's data is
+            # checked against the vocabulary when its datasets are built (data/vocab_check.py)
+            check_targets=False,
         )  # [T, b, K]
         losses = losses.transpose(0, 1).contiguous()  # [T, b, K] -> [b, T, K], batch first as GPTModel returns
         return losses if labels.dim() == 3 else losses.squeeze(-1)

@@ -70,6 +70,21 @@ def test_patch_mode_matches_plain_recomputation(model_parallel):
     torch.testing.assert_close(losses[:, : T - 1].double(), expected.transpose(0, 1), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("patch_size", [1, 4])
+def test_the_model_s_loss_does_not_wait_for_the_device(model_parallel, monkeypatch, patch_size):
+    """The loss function's range check copies the targets' min and max to the host, a sync per
+    micro-batch on a GPU; the model skips it (its data is checked when the datasets are built)."""
+
+    def synced(*args, **kwargs):
+        raise AssertionError("the target range was checked, with a device-to-host copy")
+
+    monkeypatch.setattr(torch, "aminmax", synced)
+    model = _tiny(model_parallel)
+    model.fused_cross_entropy = patch_size == 1  # token mode scores with megatron's CE unless fused
+    losses, _ = mh.forward_losses(model, mh.batches(patch_size)[0], patch_size)
+    assert torch.isfinite(losses).all()
+
+
 def test_patch_checkpoint_loads_into_token_mode_and_stock_gpt(model_parallel, tmp_path):
     patch_model = _tiny(model_parallel, seed=11)
     dist_checkpointing.save(patch_model.sharded_state_dict(), str(tmp_path))
