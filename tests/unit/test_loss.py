@@ -25,7 +25,7 @@ from tests.reference import (
 FP32_TOL = 1e-6
 BF16_GRAD_TOL = 2.0**-8 + FP32_TOL
 SEQ, BATCH, VOCAB = 5, 3, 64
-PATCH_SIZES = [1, 2, 4, 8]
+PATCH_SIZES = [1, 2, 3, 4, 8]  # 3: an odd K
 DTYPES = [torch.float32, torch.bfloat16]
 BOTH_VARIANTS = pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 
