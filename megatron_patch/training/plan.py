@@ -8,6 +8,7 @@ stage's share of the tokens::
     patch stage:  round(λN) steps of G/K samples of K*T tokens (T patches each)
     token stage:  N - round(λN) steps of G samples of T tokens
     validation:   token level, G samples of T tokens per batch, --eval-iters batches
+                  (re-read from the start each time; at most MAX_PASSES passes over its documents)
 
 Both training stages consume G*T tokens per step and the decoder always sees T positions, so the
 pipeline schedule is given T in either stage. The budget split is the same whichever stages a job
@@ -157,6 +158,25 @@ class RunPlan:
                 f"in {data_path} hold {tokens} tokens ({per_pass} samples), so tokens would repeat "
                 f"within a step: lower --seq-length or --global-batch-size, or add data"
             )
+
+    def check_validation_fits(self, valid_tokens: int, data_path: str = "--data-path", split: str = "") -> None:
+        """ArgumentError when one validation (``--eval-iters`` global batches, read from the start of
+        the validation documents each time) reads those documents, ``valid_tokens`` tokens, more
+        than ``MAX_PASSES`` times: the training stages' limit (a typo such as ``--eval-iters
+        100000``, whose every validation would re-read a few held-out documents for minutes). No
+        validation documents (validation is off, which is said) or fewer than one sample's (a
+        ``DataError`` when the datasets are built) are left to those checks."""
+        validation = self.validation
+        per_pass = max(valid_tokens - 1, 0) // validation.sample_tokens  # a sample reads L + 1 tokens
+        if not validation.iterations or not per_pass or validation.samples <= MAX_PASSES * per_pass:
+            return
+        most = MAX_PASSES * per_pass // validation.samples_per_step
+        raise ArgumentError(
+            f"--eval-iters {validation.iterations}: one validation reads the validation documents of {data_path} "
+            f"{validation.samples / per_pass:.3g} times ({validation.samples} samples of {validation.sample_tokens} "
+            f"tokens, one pass holds {per_pass}); at most {MAX_PASSES} passes: lower --eval-iters (to {most} at "
+            f"most), or give --split{' ' + split if split else ''} a larger validation share"
+        )
 
     def stage(self, name: str) -> StagePlan:
         return next(stage for stage in self.stages if stage.name == name)

@@ -163,7 +163,8 @@ def check_same_tokenizer(flags: dict, meta, source: str) -> None:
 
 def checkpoint_to_resume(checkpoints: CheckpointSettings) -> Optional[str]:
     """Rank 0: the checkpoint directory ``--load`` names, or None for a fresh start; refuses a
-    ``--save`` whose checkpoints would be mixed with this run's."""
+    ``--save`` whose checkpoints would be mixed with this run's, and a ``--load`` that holds no
+    checkpoint unless it is this run's ``--save`` (see :func:`_check_fresh_start_from`)."""
     load, save = checkpoints.load, checkpoints.save
     saved = folders.read_tracker(save) if save else None
     if load and (folders.read_tracker(load) is not None or os.path.exists(os.path.join(load, folders.METADATA))):
@@ -198,6 +199,7 @@ def checkpoint_to_resume(checkpoints: CheckpointSettings) -> Optional[str]:
         folders.repair_tracker(save)  # a kill between a save's rename and its tracker write
         return found
     if load:
+        _check_fresh_start_from(load, save)
         logger.warning(
             "--load %s holds no checkpoint yet: starting %s",
             load,
@@ -209,6 +211,28 @@ def checkpoint_to_resume(checkpoints: CheckpointSettings) -> Optional[str]:
             f"resume, or use an empty directory"
         )
     return None
+
+
+def _check_fresh_start_from(load: str, save: Optional[str]) -> None:
+    """CheckpointError unless a ``--load`` that holds no checkpoint may start the run afresh: only
+    this run's own ``--save`` folder may (empty, or not created yet: the launch scripts pass
+    ``--load X --save X`` from the first run on). A file, a folder that does not exist (a typo) or
+    another folder without checkpoints (e.g. a Hugging Face export) is a mistake, not a fresh start."""
+    if os.path.exists(load) and not os.path.isdir(load):
+        raise CheckpointError(
+            f"--load {load} is a file: name the --save folder of the run (or one iter_N folder in it) to resume from"
+        )
+    if save and os.path.realpath(load) == os.path.realpath(save):
+        return
+    if not os.path.isdir(load):
+        raise CheckpointError(
+            f"--load {load}: no such folder (and not this run's --save): name the run's --save folder, or drop "
+            f"--load to start afresh"
+        )
+    raise CheckpointError(
+        f"--load {load} holds no checkpoint (no {folders.TRACKER}, no complete iter_N, no {folders.METADATA}): "
+        f"name the run's --save folder (or one iter_N folder in it), or drop --load to start afresh"
+    )
 
 
 def _started_from(save: str, load: str) -> bool:

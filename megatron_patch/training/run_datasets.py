@@ -34,6 +34,7 @@ def build_run_datasets(config: TrainerConfig, tokenizer) -> StageDatasets:
     source = "--data-path " + " ".join(data.data_path)
     plan.check_epoch_budget(sum(split.train_tokens for split in splits), source)
     plan.check_steps_fit(stage_data_tokens(splits), source)
+    plan.check_validation_fits(sum(split.valid.tokens for split in splits), source, data.split)
     datasets = build_stage_datasets(stage_config, tokenizer, plan.dataset_samples())
     if datasets.valid is None and plan.validation.iterations:
         logger.warning(

@@ -162,3 +162,46 @@ def test_a_split_without_validation_documents_says_validation_is_off(cpu_world, 
 
     assert cli.main(trainer_args(tiny_corpus, None, "--split", "100,0,0", train_iters=2)) == 0
     assert "--split 100,0,0 holds no validation documents: validation (--eval-iters 1) is off" in caplog.text
+
+
+def test_a_validation_of_more_than_a_thousand_passes_is_refused_before_any_index_is_built(
+    tiny_corpus, capsys, monkeypatch
+):
+    """--eval-iters 100000 on the tiny corpus: each validation would re-read its few held-out
+    documents about 1,400 times (minutes per validation); refused as the training stages' budget is."""
+    from megatron_patch.training import run_datasets
+
+    def never(*args, **kwargs):
+        raise AssertionError("the datasets were built")
+
+    monkeypatch.setattr(run_datasets, "build_stage_datasets", never)
+    line = refused_line(capsys, trainer_args(tiny_corpus, None, "--eval-iters", "100000"))
+    prefix = tiny_corpus["prefix"]
+    assert line.startswith("error: --eval-iters 100000: one validation reads the validation documents of "), line
+    assert f"--data-path {prefix} 1.4e+03 times (1600000 samples of 32 tokens, one pass holds 1140)" in line, line
+    assert line.endswith(
+        "at most 1000 passes: lower --eval-iters (to 71250 at most), or give --split 97,3,0 a larger validation share"
+    ), line
+
+
+def test_validation_may_read_its_documents_up_to_a_thousand_times():
+    """The limit's edge: 10 samples of 32 tokens per pass, 16 per batch, so 625 batches are 1000
+    passes (accepted) and 626 are not; no validation, or no validation documents, is no check."""
+    from megatron_patch.errors import ArgumentError
+    from megatron_patch.training.plan import make_plan
+
+    def plan(eval_iters):
+        flags = dict(patch_size=4, patch_data_fraction=2 / 3, stages="both", seq_length=32, micro_batch_size=4)
+        return make_plan(**flags, global_batch_size=16, data_parallel_size=1, eval_iters=eval_iters, train_iters=12)
+
+    valid_tokens = 10 * 32 + 1  # a sample reads 33 tokens, the next starts at the 33rd
+    plan(625).check_validation_fits(valid_tokens, "--data-path corpus", "97,3,0")
+    plan(0).check_validation_fits(valid_tokens)
+    plan(10**6).check_validation_fits(0)
+    with pytest.raises(ArgumentError) as refused:
+        plan(626).check_validation_fits(valid_tokens, "--data-path corpus", "97,3,0")
+    assert str(refused.value) == (
+        "--eval-iters 626: one validation reads the validation documents of --data-path corpus 1e+03 times "
+        "(10016 samples of 32 tokens, one pass holds 10); at most 1000 passes: lower --eval-iters (to 625 at most), "
+        "or give --split 97,3,0 a larger validation share"
+    )

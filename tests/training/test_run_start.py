@@ -13,7 +13,7 @@ import pytest
 from megatron_patch.checkpoint import folders
 from megatron_patch.training import cli
 from tests.conftest import REPO_ROOT
-from tests.training.common import copy_corpus, train_records, trainer_args
+from tests.training.common import copy_corpus, refused_line, train_records, trainer_args
 from tools import train_tokenizer
 
 pytestmark = pytest.mark.slow  # whole-pipeline subprocess runs: scheduled first (tests/conftest.py)
@@ -309,3 +309,59 @@ def test_the_same_corpus_under_another_path_resumes_and_starts_the_token_stage(
     with caplog.at_level("WARNING"):
         assert cli.main([*argv, "--train-iters", "3"]) == 0
     assert f"--pretrained-checkpoint {boundary} {said}" in caplog.text
+
+
+@pytest.mark.parametrize("case", ["file", "typo", "hf_export", "killed_before_its_first_checkpoint"])
+def test_a_load_that_holds_no_checkpoint_is_refused_unless_it_is_the_runs_save(
+    cpu_world, tiny_corpus, tmp_path, capsys, case
+):
+    """Only the run's own --save may be a --load without a checkpoint (a fresh start, as the launch
+    scripts pass it): a file, a folder that does not exist (a typo) or another folder without a
+    checkpoint is a mistake, not a fresh start. One line, exit 2, and no --save folder left."""
+    old = tmp_path / "old"
+    (old / "iter_0000012").mkdir(parents=True)
+    if case == "file":  # a file of a checkpoint instead of its folder
+        load = old / "iter_0000012" / "common.pt"
+        load.write_bytes(b"\0" * 8)
+        expected = f"--load {load} is a file: name the --save folder of the run (or one iter_N folder in it) to resume"
+    elif case == "typo":
+        load = tmp_path / "odl"
+        expected = f"--load {load}: no such folder (and not this run's --save): name the run's --save folder, or drop"
+    else:
+        load = tmp_path / "hf"
+        load.mkdir()
+        if case == "hf_export":
+            (load / "config.json").write_text("{}")
+            (load / "model.safetensors").write_bytes(b"")
+        else:  # its metrics, and a save cut short
+            (load / "metrics.jsonl").write_text("")
+            (load / "iter_0000002.tmp").mkdir()
+        expected = (
+            f"--load {load} holds no checkpoint (no latest_checkpointed_iteration.txt, no complete iter_N, no "
+            f"megatron_patch.json): name the run's --save folder (or one iter_N folder in it), or drop --load"
+        )
+    before = sorted(str(path) for path in tmp_path.rglob("*"))
+    line = refused_line(capsys, trainer_args(tiny_corpus, tmp_path / "run", "--load", str(load), train_iters=3))
+    assert expected in line, line
+    assert sorted(str(path) for path in tmp_path.rglob("*")) == before  # no --save folder, --load as it was
+
+
+def test_load_of_the_empty_save_folder_under_another_spelling_starts_fresh(cpu_world, tiny_corpus, tmp_path, caplog):
+    """--load and --save name the same (empty) folder, one relative with a trailing slash: a fresh start."""
+    run = tmp_path / "run"
+    run.mkdir()
+    load = os.path.relpath(run) + os.sep
+    assert cli.main(trainer_args(tiny_corpus, run, "--load", load, "--eval-iters", "0", train_iters=3)) == 0
+    assert folders.read_tracker(str(run)) == 3
+    assert "holds no checkpoint yet: starting from scratch" in caplog.text
+
+
+def test_a_checkpoint_padded_to_another_vocabulary_names_the_padding(cpu_world, tiny_corpus, tmp_path, capsys):
+    """Only the padded vocabulary differs (here --make-vocab-size-divisible-by; TP pads too): the
+    message names the padding, not another preset and tokenizer, which the user has right."""
+    run = tmp_path / "run"
+    assert cli.main(trainer_args(tiny_corpus, run, "--eval-iters", "0", train_iters=3)) == 0
+    capsys.readouterr()
+    argv = trainer_args(tiny_corpus, run, "--load", str(run), "--make-vocab-size-divisible-by", "7", train_iters=3)
+    line = refused_line(capsys, argv)
+    assert "holds a vocabulary padded to" in line and "--make-vocab-size-divisible-by" in line, line
