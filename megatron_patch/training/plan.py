@@ -240,9 +240,13 @@ def make_plan(
         raise ArgumentError(f"--train-iters {train_iters} must be >= 1")
     patch_iters = round(patch_data_fraction * train_iters) if K > 1 else 0
     if K > 1 and (patch_iters == 0 or patch_iters == train_iters):
+        budget = f"--train-iters {train_iters}"
+        if train_tokens is not None:  # the flag the user gave, and the steps it makes
+            budget = (
+                f"--train-tokens {train_tokens} ({train_iters} step{'s' * (train_iters != 1)} of {tokens_per_step})"
+            )
         raise ArgumentError(
-            f"--train-iters {train_iters} with lambda={patch_data_fraction:.3f} leaves a stage "
-            f"with no steps: train longer"
+            f"{budget} with lambda={patch_data_fraction:.3f} leaves a stage with no steps: train longer"
         )
 
     def stage(name: str, stage_patch_size: int, iterations: int, first_iteration: int) -> StagePlan:

@@ -110,6 +110,14 @@ def test_the_token_budget_may_be_written_in_e_notation(tiny_corpus, capsys):
         assert "--train-tokens" in line and bad in line, line
 
 
+def test_a_token_budget_too_small_for_both_stages_names_the_budget_given(tiny_corpus, capsys):
+    """Before: the message named --train-iters, a flag the user had not given."""
+    argv = trainer_args(tiny_corpus, None, train_iters=12)
+    at = argv.index("--train-iters")
+    line = refused_line(capsys, argv[:at] + ["--train-tokens", "1000"] + argv[at + 2 :])
+    assert "--train-tokens 1000 (1 step of 512) with lambda=0.667 leaves a stage with no steps" in line, line
+
+
 @pytest.mark.parametrize(
     "extra, expected",
     [
