@@ -84,6 +84,11 @@ def _run(args) -> None:
     start = time.perf_counter()
     if args.tolerance is not None and not args.tolerance >= 0:
         raise ArgumentError(f"--tolerance {args.tolerance} must be >= 0")
+    if args.tolerance is not None and not args.verify_logits:
+        raise ArgumentError(
+            f"--tolerance {args.tolerance} is the logits check's, which runs with --verify-logits only: "
+            f"add --verify-logits or drop --tolerance"
+        )
     info = checkpoint_info.read_checkpoint(args.load, "--load", args.model)
     hf_export.check_architecture_args(info)
     final = check_output_folder(args.save, args.force, "--save")

@@ -79,6 +79,8 @@ class PreprocessConfig:
             raise DataError(f"--partitions {self.partitions} must be >= 1")
         if self.log_interval < 1:
             raise DataError(f"--log-interval {self.log_interval} must be >= 1 (documents)")
+        if self.chunk_bytes < 1:
+            raise DataError(f"--chunk-bytes {self.chunk_bytes} must be >= 1 (default {1 << 20}: 1 MiB per task)")
         if not self.json_keys or len(set(self.json_keys)) != len(self.json_keys):
             raise DataError(f"--json-keys {self.json_keys} must be non-empty and distinct")
 

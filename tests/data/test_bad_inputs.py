@@ -189,6 +189,14 @@ def test_only_empty_documents_is_an_error(preprocess, tmp_path, capsys):
     assert_no_outputs(tmp_path / "out")
 
 
+@pytest.mark.parametrize("chunk_bytes", ["0", "-5"])
+def test_a_chunk_size_below_one_byte_is_refused(preprocess, tmp_path, capsys, chunk_bytes):
+    """Before: accepted (every line became a chunk of its own)."""
+    corpus = write_lines(tmp_path / "c.jsonl", [b'{"text": "hello"}'])
+    fails(capsys, preprocess(corpus, extra=["--chunk-bytes", chunk_bytes]), f"--chunk-bytes {chunk_bytes} must be >= 1")
+    assert_no_outputs(tmp_path / "out")
+
+
 def test_missing_input_and_empty_glob(preprocess, tmp_path, capsys):
     fails(capsys, preprocess(tmp_path / "nope.jsonl"), "--input file", "nope.jsonl", "does not exist")
     fails(capsys, preprocess(str(tmp_path / "*.jsonl.xz")), "--input glob", "*.jsonl.xz", "matches no file")

@@ -220,6 +220,10 @@ BAD = {
         "unexpected tensor 'decoder.layers.self_attention.linear_qkv.bias'",
     ),
     "other-shape": (lambda t, p: ["--load", t["final"], "--model", "cpu-small"], "another model shape"),
+    "tolerance-without-check": (
+        lambda t, p: ["--load", t["final"], "--tolerance", "5"],
+        "--tolerance 5.0 is the logits check's, which runs with --verify-logits only",
+    ),
 }
 
 
@@ -230,7 +234,7 @@ def test_other_architectures_and_bad_input_are_refused(trained, tmp_path, capsys
     save = tmp_path / "hf"
     code, _, err = call(export_hf, ["--cpu", "--save", save, *make_argv(trained, tmp_path)], capsys)
     assert_one_line_error(code, err, expected)
-    if case not in ("missing", "other-shape"):
+    if case not in ("missing", "other-shape", "tolerance-without-check"):
         assert "not the paper's LLaMA-style architecture" in err[0]
     assert not save.exists() and not leftovers(tmp_path)
 
