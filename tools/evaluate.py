@@ -165,7 +165,7 @@ def _run(args) -> None:
         checkpoint_info.check_world(world_size, tp, pp)
         checkpoint_info.check_same_checkpoints(infos)
         for each in infos:  # every checkpoint's files, before the corpus is tokenized and the model built
-            check_files(each.path, args.checkpoint_verify)
+            check_files(each.path, args.checkpoint_verify, each.meta)
         if args.data_path:
             corpus = token_stream.corpus_from_prefix(args.data_path, tokenizer, args.max_documents)
             described = {"data_path": args.data_path}

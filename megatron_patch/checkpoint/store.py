@@ -309,15 +309,16 @@ def _is_plain(value) -> bool:
     )
 
 
-def check_files(ckpt: str, verify: bool = True) -> None:
+def check_files(ckpt: str, verify: bool = True, meta: Optional[dict] = None) -> None:
     """CheckpointError (one line, on every rank alike) unless ``ckpt`` holds the files
     dist_checkpointing reads and, with ``verify``, every file matches the checkpoint's manifest
     (size and CRC-32, the files split over the ranks), which a checkpoint whose metadata says it
-    was written with one must have (one without it was copied in part). Collective when ``verify``
-    is set."""
+    was written with one must have (one without it was copied in part; ``meta``: its metadata, when
+    the caller has read it already). Collective when ``verify`` is set."""
     if verify:
+        meta = read_metadata(ckpt) if meta is None else meta
         try:
-            manifest.verify(ckpt, required=read_metadata(ckpt).get("manifest") is True)
+            manifest.verify(ckpt, required=meta.get("manifest") is True)
         except manifest.ManifestError as error:
             raise CheckpointError(str(error)) from None
     for name in REQUIRED_FILES:
@@ -358,7 +359,7 @@ def load_checkpoint(
     ckpt = resolve_checkpoint(path)
     meta = read_metadata(ckpt)
     check_model_shape(ckpt, meta, shape)
-    check_files(ckpt, verify)
+    check_files(ckpt, verify, meta)
     same_layout = meta.get("layout") == layout_record(model)
     if optimizer is not None:
         _check_optimizer_layout(ckpt, meta, layout_record(model), optimizer)

@@ -104,7 +104,7 @@ def read_tensors(info: CheckpointInfo, verify: bool = True) -> Dict[str, torch.T
     The checkpoint's files are checked first (``store.check_files``: present, and with ``verify``
     of the sizes and CRC-32s its manifest records); CheckpointError (one line) otherwise, also for
     a file dist_checkpointing then fails to read."""
-    ckpt.check_files(info.path, verify)
+    ckpt.check_files(info.path, verify, info.meta)
     try:
         metadata = dist_checkpointing.load_tensors_metadata(info.path)
     except (Exception, CheckpointException) as error:  # torch's CheckpointException is a BaseException

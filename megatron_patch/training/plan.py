@@ -60,6 +60,10 @@ class StagePlan:
         """Decoder positions of one global batch (what model FLOPs scale with)."""
         return self.samples_per_step * self.decoder_length
 
+    def samples_per_pass(self, tokens: int) -> int:
+        """Samples one pass over documents of ``tokens`` tokens holds (a sample reads L + 1 tokens)."""
+        return max(tokens - 1, 0) // self.sample_tokens
+
     @property
     def samples(self) -> int:
         """Samples the whole stage reads."""
@@ -142,7 +146,7 @@ class RunPlan:
         repeat inside one step (e.g. a --seq-length far beyond what a small corpus holds)."""
         for stage in self.stages:
             tokens = data_tokens.get(stage.name, 0)
-            per_pass = max(tokens - 1, 0) // stage.sample_tokens  # a sample reads L + 1 tokens
+            per_pass = stage.samples_per_pass(tokens)
             if per_pass >= stage.samples_per_step:
                 if stage.samples > MAX_PASSES * per_pass:  # megatron's sample index would not fit in memory
                     raise ArgumentError(
@@ -167,7 +171,7 @@ class RunPlan:
         validation documents (validation is off, which is said) or fewer than one sample's (a
         ``DataError`` when the datasets are built) are left to those checks."""
         validation = self.validation
-        per_pass = max(valid_tokens - 1, 0) // validation.sample_tokens  # a sample reads L + 1 tokens
+        per_pass = validation.samples_per_pass(valid_tokens)
         if not validation.iterations or not per_pass or validation.samples <= MAX_PASSES * per_pass:
             return
         most = MAX_PASSES * per_pass // validation.samples_per_step
